@@ -1,0 +1,20 @@
+"""fdiv-kernels: fused kernels for softmax divergences over large vocabularies.
+
+    import fdiv_kernels as fk
+    loss = fk.divergence(student_logits, teacher_logits, kind="js", beta=0.5, temperature=2.0)
+"""
+
+from fdiv_kernels import nn
+from fdiv_kernels.backends import common as _common  # noqa: F401  (registers fdiv::scale_rows_)
+from fdiv_kernels.backends import torch_ref as _torch_ref  # noqa: F401  (always available)
+from fdiv_kernels.dispatch import BackendUnavailableError, describe, not_supported_reasons
+from fdiv_kernels.divergence import divergence
+from fdiv_kernels.divergences import DIVERGENCES
+
+__version__ = "0.1.0"
+KINDS = tuple(DIVERGENCES)
+
+__all__ = [
+    "BackendUnavailableError", "DIVERGENCES", "KINDS", "describe", "divergence", "nn",
+    "not_supported_reasons",
+]

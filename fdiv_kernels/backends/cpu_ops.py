@@ -1,0 +1,10 @@
+"""The cpu backend: the C++ kernels of ``fdiv_kernels._C`` (csrc/), with their fakes registered.
+
+The schemas and CPU kernels are defined in C++ (``TORCH_LIBRARY(fdiv, m)``); importing the
+extension registers them, and this module adds the fake implementations torch.compile needs.
+"""
+
+import fdiv_kernels._C  # noqa: F401  (registers torch.ops.fdiv.*_cpu)
+from fdiv_kernels.backends.common import register_fake_fwd
+
+register_fake_fwd("fdiv::divergence_fwd_cpu")

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m fdiv_kernels.bench`` (the main job) and bench/ (pytest-benchmark)."""

@@ -1,0 +1,92 @@
+"""``python -m fdiv_kernels.bench``: time every op and backend against the peers found in this run.
+
+CPU-sized shapes by default on the CPU, LLM-sized shapes on a GPU. Progress goes to stderr, the
+table to stdout; ``--json`` and ``--png`` keep the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+import torch
+
+from fdiv_kernels.bench.divergence import divergence_cases
+from fdiv_kernels.bench.measure import copy_bandwidth_gbps
+from fdiv_kernels.bench.report import format_table, metadata, run_cases, write_json, write_png
+from fdiv_kernels.divergences import DIVERGENCES
+
+DEFAULT_SHAPES = {"cpu": [(64, 128256), (256, 32000)],
+                  "cuda": [(8192, 32000), (8192, 128256), (8192, 262144)]}
+QUICK_SHAPES = [(4, 1000)]
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        n, v = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 64x128256, got {text!r}") from None
+    if n < 1 or v < 1:
+        raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {text!r}")
+    return n, v
+
+
+def _list(choices):
+    def parse(text: str) -> list[str]:
+        items = [x for x in text.split(",") if x]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {sorted(choices)}, got {text!r}")
+        return items
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fdiv_kernels.bench", description=__doc__)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--kinds", type=_list(DIVERGENCES), default=["js", "kl"],
+                   help="divergence kinds, comma separated (default: js,kl)")
+    p.add_argument("--shapes", type=_shape, nargs="+", default=None, help="NxV shapes")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--modes", type=_list({"fwd", "full"}), default=["full"],
+                   help="fwd (forward only) and/or full (forward + backward)")
+    p.add_argument("--peers", type=_list({"eager", "compile", "liger"}),
+                   default=["eager", "compile", "liger"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, no compile: a smoke run")
+    p.add_argument("--json", default=None, help="write the rows and metadata to this file")
+    p.add_argument("--png", default=None, help="write a chart of time and bandwidth against V")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES[device.type])
+    dtype = getattr(torch, args.dtype or DEFAULT_DTYPE[device.type])
+    peers = [p for p in args.peers if not (args.quick and p == "compile")]
+    cases = divergence_cases(args.kinds, shapes, dtype, device, args.modes, peers)
+    print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
+    copy_bandwidth_gbps(str(device))
+    rows = run_cases(cases)
+    command = "python -m fdiv_kernels.bench " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    meta = metadata(device, command)
+    print(f"\n{meta['device']}, torch {meta['versions']['torch']}, "
+          f"copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s")
+    print(format_table(rows))
+    if args.json:
+        write_json(args.json, meta, rows)
+    if args.png:
+        write_png(args.png, meta, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

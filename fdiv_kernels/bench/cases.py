@@ -1,0 +1,38 @@
+"""Benchmark cases: one op at one shape, the providers that compute it, its compulsory bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# A provider's setup builds fresh inputs and returns the closure that is timed.
+Setup = Callable[[], Callable[[], object]]
+
+
+@dataclass
+class Case:
+    op: str                      # e.g. "divergence:js"
+    mode: str                    # "fwd" or "full" (forward + backward)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    compulsory_bytes: int        # the bytes any implementation must move (see each op's comment)
+    providers: dict[str, Setup] = field(default_factory=dict)
+    ours: tuple[str, ...] = ()   # provider names that are this library's
+
+
+@dataclass
+class Row:
+    op: str
+    mode: str
+    backend: str
+    shape: list[int]
+    dtype: str
+    ms: float | None
+    gbps: float | None
+    bandwidth_fraction: float | None
+    peak_mem_bytes: int | None
+    ratios: dict[str, float] = field(default_factory=dict)  # peer ms / this ms (> 1: faster)
+    error: str | None = None

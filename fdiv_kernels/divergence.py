@@ -1,0 +1,137 @@
+"""``fk.divergence``: fused softmax-then-divergence from raw logits, with autograd."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fdiv_kernels import _validation as V
+from fdiv_kernels.dispatch import select
+from fdiv_kernels.divergences import KernelSpec, resolve
+
+
+def _forward_op(backend: str):
+    return getattr(torch.ops.fdiv, f"divergence_fwd_{backend}")
+
+
+class DivergenceFunction(torch.autograd.Function):
+    """Per-row divergence of (N, V) logits; the gradient is computed in the forward.
+
+    The backward scales the stored per-row gradients by the incoming gradient: in place when
+    ``inplace`` (no second pass over the logits, no second (N, V) buffer; the graph can then be
+    backpropagated once), else into a new tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, valid, base, swap, param, inv_t, backend, inplace):
+        grad_s, grad_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, gs, gt = _forward_op(backend)(
+            student, teacher, valid, base, swap, param, inv_t, grad_s, grad_t
+        )
+        ctx.save_for_backward(gs, gt)
+        ctx.grad_s, ctx.grad_t = grad_s, grad_t
+        ctx.inplace, ctx.used = inplace, False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            # create_graph=True: the stored gradient is not a differentiable function of the inputs.
+            raise RuntimeError(
+                "fdiv_kernels.divergence does not support higher-order gradients "
+                "(backward with create_graph=True)"
+            )
+        if ctx.used:
+            # The first backward scaled the stored gradients in place.
+            raise RuntimeError(
+                "fdiv_kernels.divergence: backward ran twice through the same graph "
+                "(retain_graph=True, gradcheck, jacobians); pass inplace_backward=False for that"
+            )
+        ctx.used = ctx.inplace
+        gs, gt = ctx.saved_tensors
+        if not ctx.inplace:
+            gs, gt = gs.clone(), gt.clone()
+        if ctx.grad_s:
+            torch.ops.fdiv.scale_rows_(gs, grad_loss)
+        if ctx.grad_t:
+            torch.ops.fdiv.scale_rows_(gt, grad_loss)
+        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 7)
+
+
+def divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str = "kl",
+    *,
+    beta: float | None = None,
+    alpha: float | None = None,
+    lam: float | None = None,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | Tensor | None = None,
+    backend: str = "auto",
+    inplace_backward: bool = True,
+) -> Tensor:
+    r"""Divergence between p = softmax(teacher_logits / T) and q = softmax(student_logits / T).
+
+    Both inputs are raw logits of shape (..., V); the softmax is fused into the kernel. Per row:
+
+    ====================  =================================================================
+    ``kl``                KL(p||q) = sum p (log p - log q)
+    ``reverse_kl``        KL(q||p)
+    ``js``                beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
+                          (beta=0 is KL(p||q), beta=1 is KL(q||p); default 0.5)
+    ``tv``                0.5 sum |p - q|
+    ``hellinger``         0.5 sum (sqrt p - sqrt q)^2
+    ``chi2``              sum (p - q)^2 / q
+    ``alpha``             (1 - sum p^alpha q^(1-alpha)) / (alpha (1-alpha)); alpha=1 is KL(p||q),
+                          alpha=0 is KL(q||p) (default 0.5)
+    ``skew_kl``           KL(p || lam p + (1-lam) q), lam in [0, 1) (default 0.1)
+    ``skew_reverse_kl``   KL(q || lam q + (1-lam) p)
+    ``jeffreys``          KL(p||q) + KL(q||p)
+    ====================  =================================================================
+
+    Zero-probability terms follow their limits (0 log 0 = 0); a -inf logit in both inputs adds
+    nothing; an infinite divergence is +inf; NaN in the input gives NaN.
+
+    Args:
+        labels: integer tensor of the leading shape; rows with ``labels == ignore_index`` add
+            nothing and get zero gradient.
+        reduction: "none" (shape = leading dims), "sum", or "mean" (over kept rows, or divided by
+            ``num_items_in_batch`` when given; 0 when every row is ignored).
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
+        inplace_backward: the gradient is computed in the forward and the backward scales it in
+            place, so the graph holds one (N, V) buffer per input and can be backpropagated once
+            (a second backward raises). Pass False to backpropagate repeatedly (retain_graph,
+            gradcheck, jacobians) at the cost of a second buffer during the backward.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs). Gradients flow to the student logits,
+        and to the teacher logits when they require grad; higher-order gradients raise.
+    """
+    V.check_logits("student_logits", student_logits)
+    V.check_logits("teacher_logits", teacher_logits)
+    V.check_pair(student_logits, teacher_logits)
+    spec: KernelSpec = resolve(kind, beta, alpha, lam)
+    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    reduction = V.check_reduction(reduction)
+    lead = student_logits.shape[:-1]
+    valid = V.row_mask(labels, ignore_index, lead, student_logits.device)
+
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    vocab = student_logits.shape[-1]
+    s = student_logits.to(dtype).reshape(-1, vocab).contiguous()
+    t = teacher_logits.to(dtype).reshape(-1, vocab).contiguous()
+    name = select(backend, s)
+    keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    loss = DivergenceFunction.apply(
+        s, t, keep, spec.base, spec.swap, spec.param, inv_t, name, inplace_backward
+    )
+    return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
+
+
+__all__ = ["divergence", "DivergenceFunction"]

@@ -1,0 +1,190 @@
+"""The divergence registry: every kind the library knows, in one table.
+
+Each kind reduces to a *base* kernel id plus a ``swap`` flag and one scalar parameter. A kernel only
+needs the per-element terms of its base kind, written in log space (lp = log p, lq = log q):
+
+    term(lp, lq)   the element's contribution, D = sum_i term_i
+    h = d term / d lq,   k = d term / d lp
+
+because, with q = softmax(a) and p = softmax(b),
+
+    dD/da_j = h_j - q_j * sum_i h_i,      dD/db_j = k_j - p_j * sum_i k_i.
+
+``swap`` evaluates the base kind with (p, q) exchanged and exchanges (h, k) back, which turns KL into
+reverse KL and skew KL into skew reverse KL for free.
+
+Adding a divergence: one ``Divergence`` entry here and one element function per kernel language
+(``_terms`` below for the torch backend, ``triton_kernels/divergence_terms.py``,
+``csrc/cpu/divergence_terms.h``). Kernels, dispatch, autograd and tests need no edit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+# Base kernel ids: shared by the Triton constexpr branches and the C++ switch.
+KL, JS, TV, HELLINGER, CHI2, ALPHA, SKEW_KL, JEFFREYS = range(8)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    name: str
+    base: int
+    swap: bool = False
+    param: str | None = None  # name of the scalar parameter the user passes
+    default: float = 0.0
+    # Returns an error message for a bad parameter value, else None.
+    check: Callable[[float], str | None] = lambda v: None
+    # Maps a parameter value at which the kind degenerates to another (beta=0 -> kl) to that kind.
+    degenerate: Callable[[float], str | None] = lambda v: None
+    math: str = ""
+
+
+def _unit_closed(name: str) -> Callable[[float], str | None]:
+    return lambda v: None if 0.0 <= v <= 1.0 else f"{name} must be in [0, 1], got {v}"
+
+
+def _unit_half_open(name: str) -> Callable[[float], str | None]:
+    return lambda v: None if 0.0 <= v < 1.0 else f"{name} must be in [0, 1), got {v}"
+
+
+def _finite(name: str) -> Callable[[float], str | None]:
+    return lambda v: None if math.isfinite(v) else f"{name} must be a finite real, got {v}"
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    d.name: d
+    for d in [
+        Divergence("kl", KL, math="KL(p||q) = sum p (log p - log q)"),
+        Divergence("reverse_kl", KL, swap=True, math="KL(q||p)"),
+        Divergence(
+            "js", JS, param="beta", default=0.5, check=_unit_closed("beta"),
+            degenerate=lambda b: "kl" if b == 0.0 else "reverse_kl" if b == 1.0 else None,
+            math="beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q",
+        ),
+        Divergence("tv", TV, math="0.5 sum |p - q|"),
+        Divergence("hellinger", HELLINGER, math="0.5 sum (sqrt p - sqrt q)^2"),
+        Divergence("chi2", CHI2, math="sum (p - q)^2 / q"),
+        Divergence(
+            "alpha", ALPHA, param="alpha", default=0.5, check=_finite("alpha"),
+            degenerate=lambda a: "kl" if a == 1.0 else "reverse_kl" if a == 0.0 else None,
+            math="(1 - sum p^alpha q^(1-alpha)) / (alpha (1 - alpha))",
+        ),
+        Divergence(
+            "skew_kl", SKEW_KL, param="lam", default=0.1, check=_unit_half_open("lam"),
+            degenerate=lambda v: "kl" if v == 0.0 else None,
+            math="KL(p || lam p + (1-lam) q)",
+        ),
+        Divergence(
+            "skew_reverse_kl", SKEW_KL, swap=True, param="lam", default=0.1,
+            check=_unit_half_open("lam"),
+            degenerate=lambda v: "reverse_kl" if v == 0.0 else None,
+            math="KL(q || lam q + (1-lam) p)",
+        ),
+        Divergence("jeffreys", JEFFREYS, math="KL(p||q) + KL(q||p)"),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a kernel receives: the base id, the swap flag, the scalar parameter."""
+
+    kind: str
+    base: int
+    swap: bool
+    param: float
+
+
+def resolve(kind: str, beta: float | None, alpha: float | None, lam: float | None) -> KernelSpec:
+    """Validate the kind and its parameter; fold degenerate parameters into their limit kind."""
+    if not isinstance(kind, str) or kind not in DIVERGENCES:
+        raise ValueError(f"kind must be one of {sorted(DIVERGENCES)}, got {kind!r}")
+    given = {"beta": beta, "alpha": alpha, "lam": lam}
+    d = DIVERGENCES[kind]
+    for name, value in given.items():
+        if value is not None and name != d.param:
+            raise ValueError(f"{name}= does not apply to kind={kind!r}")
+    value = given[d.param] if d.param else None
+    param = d.default if value is None else value
+    if d.param is not None:
+        if isinstance(param, bool) or not isinstance(param, (int, float)):
+            raise TypeError(f"{d.param} must be a real number, got {type(param).__name__}")
+        param = float(param)
+        err = d.check(param)
+        if err:
+            raise ValueError(err)
+        limit = d.degenerate(param)
+        if limit is not None:
+            d = DIVERGENCES[limit]
+            param = 0.0
+    return KernelSpec(d.name, d.base, d.swap, param)
+
+
+# ---------------------------------------------------------------------------------------------
+# The element terms in torch: the readable statement of what every kernel computes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _xlogy_ratio(x: Tensor, lx: Tensor, ly: Tensor) -> Tensor:
+    """x * (lx - ly) with the 0 log 0 = 0 convention (x = 0 contributes nothing)."""
+    return torch.where(x > 0, x * (lx - ly), torch.zeros_like(x))
+
+
+def _mix_log(w: float, la: Tensor, lb: Tensor) -> Tensor:
+    """log(w a + (1-w) b) in log space: never NaN when both underflow."""
+    return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
+
+
+def _terms(base: int, param: float, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    p, q = lp.exp(), lq.exp()
+    zero = torch.zeros_like(p)
+    if base == KL:
+        t = _xlogy_ratio(p, lp, lq)
+        return t, -p, torch.where(p > 0, t + p, zero)
+    if base == JS:
+        lm = _mix_log(param, lp, lq)
+        tp = param * _xlogy_ratio(p, lp, lm)
+        tq = (1.0 - param) * _xlogy_ratio(q, lq, lm)
+        return tp + tq, tq, tp
+    if base == TV:
+        sgn = torch.sign(q - p)
+        return 0.5 * (p - q).abs(), 0.5 * sgn * q, -0.5 * sgn * p
+    if base == HELLINGER:
+        g = torch.exp(0.5 * (lp + lq))
+        return 0.5 * (p + q) - g, 0.5 * (q - g), 0.5 * (p - g)
+    if base == CHI2:
+        r = torch.where(p > 0, torch.exp(2.0 * lp - lq), zero)  # p^2 / q, +inf where q = 0 < p
+        return r - 2.0 * p + q, q - r, 2.0 * (r - p)
+    if base == ALPHA:
+        a = param
+        # w = p^a q^(1-a); both zero -> 0, one zero -> exp gives 0 or +inf as the limit says.
+        w = torch.where((p > 0) | (q > 0), torch.exp(a * lp + (1.0 - a) * lq), zero)
+        return (a * p + (1.0 - a) * q - w) / (a * (1.0 - a)), (q - w) / a, (p - w) / (1.0 - a)
+    if base == SKEW_KL:
+        lm = _mix_log(param, lp, lq)
+        t = _xlogy_ratio(p, lp, lm)
+        pr = torch.where(p > 0, p * torch.exp(math.log1p(-param) + lq - lm), zero)
+        return t, -pr, torch.where(p > 0, t + pr, zero)
+    if base == JEFFREYS:
+        t = _xlogy_ratio(p, lp, lq) + _xlogy_ratio(q, lq, lp)
+        d = lq - lp
+        h = torch.where(q > 0, q * d, zero) + q - p
+        k = torch.where(p > 0, -p * d, zero) + p - q
+        return t, h, k
+    raise ValueError(f"unknown base divergence id {base}")
+
+
+def element_terms(
+    spec: KernelSpec, lp: Tensor, lq: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(term, d term/d lq, d term/d lp) for ``spec``, elementwise over log-probabilities."""
+    if spec.swap:
+        t, h, k = _terms(spec.base, spec.param, lq, lp)
+        return t, k, h
+    return _terms(spec.base, spec.param, lp, lq)

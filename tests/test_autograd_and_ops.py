@@ -1,0 +1,65 @@
+"""Registered-op contracts: float64 gradcheck, opcheck of every op, torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+from conftest import BACKENDS
+from reference import logits
+
+import fdiv_kernels as fk
+from fdiv_kernels.divergences import DIVERGENCES, resolve
+
+F64_BACKENDS = [b for b in BACKENDS if not fk.not_supported_reasons(b, torch.empty(1, dtype=torch.float64))]
+
+
+@pytest.mark.parametrize("kind", list(DIVERGENCES))
+@pytest.mark.parametrize("backend", F64_BACKENDS)
+def test_gradcheck_float64(kind, backend):
+    s = logits((3, 11), torch.float64, seed=1).requires_grad_(True)
+    t = logits((3, 11), torch.float64, seed=2).requires_grad_(True)
+    labels = torch.tensor([0, -100, 2])
+
+    def f(s, t):
+        return fk.divergence(s, t, kind, temperature=1.3, labels=labels, reduction="none",
+                             backend=backend, inplace_backward=False)
+
+    assert torch.autograd.gradcheck(f, (s, t), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _op_args(backend, grad_s, grad_t, kind="js"):
+    spec = resolve(kind, None, None, None)
+    s, t = logits((3, 40), seed=3), logits((3, 40), seed=4)
+    valid = torch.tensor([True, False, True])
+    return (s, t, valid, spec.base, spec.swap, spec.param, 0.5, grad_s, grad_t)
+
+
+@pytest.mark.parametrize("grads", [(True, False), (False, True), (True, True), (False, False)])
+def test_opcheck_forward(backend, grads):
+    op = getattr(torch.ops.fdiv, f"divergence_fwd_{backend}")
+    torch.library.opcheck(op, _op_args(backend, *grads))
+
+
+def test_opcheck_scale_rows():
+    grad = logits((3, 40), seed=5)
+    torch.library.opcheck(torch.ops.fdiv.scale_rows_, (grad, torch.tensor([0.5, 2.0, -1.0])))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_compile_fullgraph(backend):
+    """The whole loss, forward and backward, traces into one graph (no graph breaks)."""
+    torch._dynamo.reset()
+
+    def loss_fn(s, t, labels):
+        return fk.divergence(s, t, "js", beta=0.3, temperature=2.0, labels=labels,
+                             backend=backend)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    s, t = logits((4, 64), seed=6), logits((4, 64), seed=7)
+    labels = torch.tensor([1, -100, 3, 4])
+    s1 = s.clone().requires_grad_(True)
+    s2 = s.clone().requires_grad_(True)
+    a = compiled(s1, t, labels)
+    a.backward()
+    b = loss_fn(s2, t, labels)
+    b.backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(s1.grad, s2.grad)

@@ -1,0 +1,84 @@
+"""Per-element divergence terms for the Triton kernels: the only Triton code that knows the math.
+
+Every function returns (term, h, k) with h = d term / d log q and k = d term / d log p; the
+statement in torch, with the same guards, is ``fdiv_kernels.divergences._terms``. Base ids match
+``fdiv_kernels.divergences``.
+"""
+
+import triton
+import triton.language as tl
+
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _xlogy_ratio(x, lx, ly):
+    # x (lx - ly) with 0 log 0 = 0.
+    return tl.where(x > 0, x * (lx - ly), 0.0)
+
+
+@triton.jit
+def _log_mix(lp, lq, log_w, log_1mw):
+    # log(w p + (1-w) q) in log space, -inf (not NaN) when both are 0.
+    x = lp + log_w
+    y = lq + log_1mw
+    mx = tl.maximum(x, y)
+    safe = tl.where(mx == NEG_INF, 0.0, mx)
+    return tl.where(mx == NEG_INF, NEG_INF, safe + tl.log(tl.exp(x - safe) + tl.exp(y - safe)))
+
+
+@triton.jit
+def _base_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr):
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    if BASE == 0:  # KL(p||q)
+        t = _xlogy_ratio(p, lp, lq)
+        h = -p
+        k = tl.where(p > 0, t + p, 0.0)
+    elif BASE == 1:  # generalized JS
+        lm = _log_mix(lp, lq, log_w, log_1mw)
+        k = param * _xlogy_ratio(p, lp, lm)
+        h = (1.0 - param) * _xlogy_ratio(q, lq, lm)
+        t = h + k
+    elif BASE == 2:  # total variation
+        sgn = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+        t = 0.5 * tl.abs(p - q)
+        h = 0.5 * sgn * q
+        k = -0.5 * sgn * p
+    elif BASE == 3:  # squared Hellinger
+        g = tl.exp(0.5 * (lp + lq))
+        t = 0.5 * (p + q) - g
+        h = 0.5 * (q - g)
+        k = 0.5 * (p - g)
+    elif BASE == 4:  # Pearson chi^2
+        r = tl.where(p > 0, tl.exp(2.0 * lp - lq), 0.0)
+        t = r - 2.0 * p + q
+        h = q - r
+        k = 2.0 * (r - p)
+    elif BASE == 5:  # Amari alpha
+        w = tl.where((p > 0) | (q > 0), tl.exp(param * lp + (1.0 - param) * lq), 0.0)
+        t = (param * p + (1.0 - param) * q - w) / (param * (1.0 - param))
+        h = (q - w) / param
+        k = (p - w) / (1.0 - param)
+    elif BASE == 6:  # skew KL: KL(p || lam p + (1-lam) q)
+        lm = _log_mix(lp, lq, log_w, log_1mw)
+        t = _xlogy_ratio(p, lp, lm)
+        pr = tl.where(p > 0, p * tl.exp(log_1mw + lq - lm), 0.0)
+        h = -pr
+        k = tl.where(p > 0, t + pr, 0.0)
+    else:  # Jeffreys: KL(p||q) + KL(q||p)
+        d = lq - lp
+        t = _xlogy_ratio(p, lp, lq) + _xlogy_ratio(q, lq, lp)
+        h = tl.where(q > 0, q * d, 0.0) + q - p
+        k = tl.where(p > 0, -p * d, 0.0) + p - q
+    return t, h, k
+
+
+@triton.jit
+def element_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr, SWAP: tl.constexpr):
+    """(term, d/d log q, d/d log p); SWAP evaluates the base kind with p and q exchanged."""
+    if SWAP:
+        t, k, h = _base_terms(lq, lp, param, log_w, log_1mw, BASE)
+    else:
+        t, h, k = _base_terms(lp, lq, param, log_w, log_1mw, BASE)
+    return t, h, k
