@@ -2,6 +2,7 @@
 
     import fdiv_kernels as fk
     loss = fk.divergence(student_logits, teacher_logits, kind="js", beta=0.5, temperature=2.0)
+    logp = fk.token_logprobs(logits, labels)          # selective log-softmax, one pass
 """
 
 from fdiv_kernels import nn
@@ -10,11 +11,18 @@ from fdiv_kernels.backends import torch_ref as _torch_ref  # noqa: F401  (always
 from fdiv_kernels.dispatch import BackendUnavailableError, describe, not_supported_reasons
 from fdiv_kernels.divergence import divergence
 from fdiv_kernels.divergences import DIVERGENCES
+from fdiv_kernels.softmax_stats import (
+    SoftmaxStats,
+    entropy,
+    logsumexp,
+    softmax_stats,
+    token_logprobs,
+)
 
 __version__ = "0.1.0"
 KINDS = tuple(DIVERGENCES)
 
 __all__ = [
-    "BackendUnavailableError", "DIVERGENCES", "KINDS", "describe", "divergence", "nn",
-    "not_supported_reasons",
+    "BackendUnavailableError", "DIVERGENCES", "KINDS", "SoftmaxStats", "describe", "divergence",
+    "entropy", "logsumexp", "nn", "not_supported_reasons", "softmax_stats", "token_logprobs",
 ]

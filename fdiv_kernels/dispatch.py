@@ -96,17 +96,17 @@ def not_supported_reasons(backend: str, x: Tensor) -> list[str]:
     return TABLE[backend].reasons(x.device.type, x.dtype)
 
 
-def select(requested: str, x: Tensor) -> str:
-    """Resolve ``requested`` ("auto" or a backend name) for tensors like ``x``."""
+def select(requested: str, x: Tensor, op: str) -> str:
+    """Resolve ``requested`` ("auto" or a backend name) for ``op`` on tensors like ``x``."""
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a str, got {type(requested).__name__}")
-    return _select(requested, x.device.type, x.dtype)
+    return _select(requested, x.device.type, x.dtype, op)
 
 
 # A pure function of its arguments and the environment: torch.compile runs it once while tracing
 # and keeps the answer, so dispatch adds nothing to the compiled graph.
 @torch.compiler.assume_constant_result
-def _select(requested: str, device: str, dtype: torch.dtype) -> str:
+def _select(requested: str, device: str, dtype: torch.dtype, op: str) -> str:
     if requested == "auto":
         requested = os.environ.get("FDIV_BACKEND", "auto") or "auto"
     if requested != "auto" and requested not in TABLE:
@@ -119,10 +119,14 @@ def _select(requested: str, device: str, dtype: torch.dtype) -> str:
             module = TABLE[name].module
             if module:
                 importlib.import_module(module)
-            return name
+            if hasattr(torch.ops.fdiv, f"{op}_fwd_{name}"):
+                return name
+            reasons = [f"{op} is not implemented by this backend"]
         why[name] = reasons
     lines = "\n".join(f"  {name}: {'; '.join(r)}" for name, r in why.items())
-    raise BackendUnavailableError(f"no backend can run backend={requested!r} on these inputs:\n{lines}")
+    raise BackendUnavailableError(
+        f"no backend can run {op} with backend={requested!r} on these inputs:\n{lines}"
+    )
 
 
 def describe(x: Tensor) -> dict[str, list[str]]:

@@ -131,9 +131,14 @@ def resolve(kind: str, beta: float | None, alpha: float | None, lam: float | Non
 # ---------------------------------------------------------------------------------------------
 
 
+def _nz(x: Tensor, value: Tensor) -> Tensor:
+    """``value`` where x != 0, else 0: the 0 log 0 = 0 convention (a NaN x stays NaN)."""
+    return torch.where(x == 0, torch.zeros_like(value), value)
+
+
 def _xlogy_ratio(x: Tensor, lx: Tensor, ly: Tensor) -> Tensor:
     """x * (lx - ly) with the 0 log 0 = 0 convention (x = 0 contributes nothing)."""
-    return torch.where(x > 0, x * (lx - ly), torch.zeros_like(x))
+    return _nz(x, x * (lx - ly))
 
 
 def _mix_log(w: float, la: Tensor, lb: Tensor) -> Tensor:
@@ -143,10 +148,9 @@ def _mix_log(w: float, la: Tensor, lb: Tensor) -> Tensor:
 
 def _terms(base: int, param: float, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     p, q = lp.exp(), lq.exp()
-    zero = torch.zeros_like(p)
     if base == KL:
         t = _xlogy_ratio(p, lp, lq)
-        return t, -p, torch.where(p > 0, t + p, zero)
+        return t, -p, _nz(p, t + p)
     if base == JS:
         lm = _mix_log(param, lp, lq)
         tp = param * _xlogy_ratio(p, lp, lm)
@@ -159,23 +163,23 @@ def _terms(base: int, param: float, lp: Tensor, lq: Tensor) -> tuple[Tensor, Ten
         g = torch.exp(0.5 * (lp + lq))
         return 0.5 * (p + q) - g, 0.5 * (q - g), 0.5 * (p - g)
     if base == CHI2:
-        r = torch.where(p > 0, torch.exp(2.0 * lp - lq), zero)  # p^2 / q, +inf where q = 0 < p
+        r = _nz(p, torch.exp(2.0 * lp - lq))  # p^2 / q, +inf where q = 0 < p
         return r - 2.0 * p + q, q - r, 2.0 * (r - p)
     if base == ALPHA:
         a = param
         # w = p^a q^(1-a); both zero -> 0, one zero -> exp gives 0 or +inf as the limit says.
-        w = torch.where((p > 0) | (q > 0), torch.exp(a * lp + (1.0 - a) * lq), zero)
+        w = _nz(p + q, torch.exp(a * lp + (1.0 - a) * lq))
         return (a * p + (1.0 - a) * q - w) / (a * (1.0 - a)), (q - w) / a, (p - w) / (1.0 - a)
     if base == SKEW_KL:
         lm = _mix_log(param, lp, lq)
         t = _xlogy_ratio(p, lp, lm)
-        pr = torch.where(p > 0, p * torch.exp(math.log1p(-param) + lq - lm), zero)
-        return t, -pr, torch.where(p > 0, t + pr, zero)
+        pr = _nz(p, p * torch.exp(math.log1p(-param) + lq - lm))
+        return t, -pr, _nz(p, t + pr)
     if base == JEFFREYS:
         t = _xlogy_ratio(p, lp, lq) + _xlogy_ratio(q, lq, lp)
         d = lq - lp
-        h = torch.where(q > 0, q * d, zero) + q - p
-        k = torch.where(p > 0, -p * d, zero) + p - q
+        h = _nz(q, q * d) + q - p
+        k = _nz(p, -p * d) + p - q
         return t, h, k
     raise ValueError(f"unknown base divergence id {base}")
 

@@ -75,3 +75,18 @@ def logits(shape, dtype=torch.float32, *, seed: int, scale: float = 2.0) -> Tens
     """Fresh seeded random logits, never zeros; spread wide enough for peaked softmaxes."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def softmax_stats_rows(x: Tensor, labels: Tensor | None = None, temperature: float = 1.0,
+                       ignore_index: int = -100):
+    """(lse, entropy, label log-prob or None) of softmax(x / T) per row, in float64 or wider."""
+    dt = torch.promote_types(x.dtype, torch.float64)
+    a = x.to(dt) / temperature
+    lse = torch.logsumexp(a, dim=-1)
+    q = torch.softmax(a, dim=-1)
+    ent = -xlogy(q, q).sum(-1)
+    if labels is None:
+        return lse, ent, None
+    keep = labels != ignore_index
+    picked = a.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1) - lse
+    return lse, ent, torch.where(keep, picked, torch.zeros_like(picked))

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from conftest import BACKENDS
+from conftest import BACKENDS, available_backends
 from reference import logits
 
 import fdiv_kernels as fk
 from fdiv_kernels.divergences import DIVERGENCES, resolve
 
-F64_BACKENDS = [b for b in BACKENDS if not fk.not_supported_reasons(b, torch.empty(1, dtype=torch.float64))]
+F64_BACKENDS = available_backends("divergence", torch.float64)
 
 
 @pytest.mark.parametrize("kind", list(DIVERGENCES))

@@ -12,9 +12,14 @@ NEG_INF = float("-inf")
 
 
 @triton.jit
+def _nz(x, value):
+    # value where x != 0, else 0: the 0 log 0 = 0 convention (a NaN x stays NaN).
+    return tl.where(x == 0, 0.0, value)
+
+
+@triton.jit
 def _xlogy_ratio(x, lx, ly):
-    # x (lx - ly) with 0 log 0 = 0.
-    return tl.where(x > 0, x * (lx - ly), 0.0)
+    return _nz(x, x * (lx - ly))
 
 
 @triton.jit
@@ -34,7 +39,7 @@ def _base_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr):
     if BASE == 0:  # KL(p||q)
         t = _xlogy_ratio(p, lp, lq)
         h = -p
-        k = tl.where(p > 0, t + p, 0.0)
+        k = _nz(p, t + p)
     elif BASE == 1:  # generalized JS
         lm = _log_mix(lp, lq, log_w, log_1mw)
         k = param * _xlogy_ratio(p, lp, lm)
@@ -51,26 +56,26 @@ def _base_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr):
         h = 0.5 * (q - g)
         k = 0.5 * (p - g)
     elif BASE == 4:  # Pearson chi^2
-        r = tl.where(p > 0, tl.exp(2.0 * lp - lq), 0.0)
+        r = _nz(p, tl.exp(2.0 * lp - lq))
         t = r - 2.0 * p + q
         h = q - r
         k = 2.0 * (r - p)
     elif BASE == 5:  # Amari alpha
-        w = tl.where((p > 0) | (q > 0), tl.exp(param * lp + (1.0 - param) * lq), 0.0)
+        w = _nz(p + q, tl.exp(param * lp + (1.0 - param) * lq))
         t = (param * p + (1.0 - param) * q - w) / (param * (1.0 - param))
         h = (q - w) / param
         k = (p - w) / (1.0 - param)
     elif BASE == 6:  # skew KL: KL(p || lam p + (1-lam) q)
         lm = _log_mix(lp, lq, log_w, log_1mw)
         t = _xlogy_ratio(p, lp, lm)
-        pr = tl.where(p > 0, p * tl.exp(log_1mw + lq - lm), 0.0)
+        pr = _nz(p, p * tl.exp(log_1mw + lq - lm))
         h = -pr
-        k = tl.where(p > 0, t + pr, 0.0)
+        k = _nz(p, t + pr)
     else:  # Jeffreys: KL(p||q) + KL(q||p)
         d = lq - lp
         t = _xlogy_ratio(p, lp, lq) + _xlogy_ratio(q, lq, lp)
-        h = tl.where(q > 0, q * d, 0.0) + q - p
-        k = tl.where(p > 0, -p * d, 0.0) + p - q
+        h = _nz(q, q * d) + q - p
+        k = _nz(p, -p * d) + p - q
     return t, h, k
 
 

@@ -20,6 +20,23 @@ def online_update(m, s, x):
 
 
 @triton.jit
+def online_update_weighted(m, s, w, x):
+    """Also keep ``w = sum exp(x - m) (x - m)``, rescaled with the max, for the entropy.
+
+    Shifted by the running max so that entropy = log s - w / s never subtracts two large numbers.
+    """
+    m_new = tl.maximum(m, tl.max(x, 0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - shift)
+    e = tl.exp(x - shift)
+    # s > 0 implies m is finite; otherwise nothing was accumulated yet.
+    moved = tl.where(s > 0, (m - shift) * s, 0.0)
+    w = scale * (w + moved) + tl.sum(tl.where(e == 0, 0.0, e * (x - shift)), 0)
+    s = s * scale + tl.sum(e, 0)
+    return m_new, s, w
+
+
+@triton.jit
 def finalize_lse(m, s):
     """log-sum-exp from (max, sum): -inf for an all -inf row, +inf if any entry is +inf."""
     return tl.where(m == float("inf"), m, m + tl.log(s))

@@ -20,10 +20,6 @@ def fake_divergence_fwd(
     return loss, gs, gt
 
 
-def register_fake_fwd(op_name: str) -> None:
-    torch.library.register_fake(op_name)(fake_divergence_fwd)
-
-
 @torch.library.custom_op("fdiv::scale_rows_", mutates_args=("grad",))
 def scale_rows_(grad: Tensor, row_scale: Tensor) -> None:
     """grad[i, :] *= row_scale[i], in place: the backward of every fused forward.
@@ -37,3 +33,31 @@ def scale_rows_(grad: Tensor, row_scale: Tensor) -> None:
 @scale_rows_.register_fake
 def _(grad: Tensor, row_scale: Tensor) -> None:
     return None
+
+
+def fake_softmax_stats_fwd(
+    x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    n = x.shape[0]
+    f32 = dict(dtype=loss_dtype(x.dtype))
+    return (x.new_empty(n, **f32), x.new_empty(n if entropy else 0, **f32),
+            x.new_empty(n if labels is not None else 0, **f32))
+
+
+def fake_softmax_stats_bwd(
+    x: Tensor, labels: Tensor | None, lse: Tensor, entropy: Tensor, g_lse: Tensor | None,
+    g_entropy: Tensor | None, g_logprob: Tensor | None, ignore_index: int, inv_temperature: float,
+) -> Tensor:
+    return torch.empty_like(x)
+
+
+def register_fakes(backend: str) -> None:
+    """Fakes (shape/dtype functions) of the ops ``backend`` registered, for torch.compile."""
+    fakes = {
+        "divergence_fwd": fake_divergence_fwd,
+        "softmax_stats_fwd": fake_softmax_stats_fwd,
+        "softmax_stats_bwd": fake_softmax_stats_bwd,
+    }
+    for op, fake in fakes.items():
+        if hasattr(torch.ops.fdiv, f"{op}_{backend}"):
+            torch.library.register_fake(f"fdiv::{op}_{backend}")(fake)

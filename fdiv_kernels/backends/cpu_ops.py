@@ -5,6 +5,6 @@ extension registers them, and this module adds the fake implementations torch.co
 """
 
 import fdiv_kernels._C  # noqa: F401  (registers torch.ops.fdiv.*_cpu)
-from fdiv_kernels.backends.common import register_fake_fwd
+from fdiv_kernels.backends.common import register_fakes
 
-register_fake_fwd("fdiv::divergence_fwd_cpu")
+register_fakes("cpu")

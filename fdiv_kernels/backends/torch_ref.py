@@ -1,4 +1,4 @@
-"""The torch backend: the readable statement of the op, chunked over rows to bound its memory.
+"""The torch backend: the readable statement of every op, chunked over rows to bound its memory.
 
 It runs on any device and dtype (float64 included), and is the spec the other backends are tested
 against, next to the independent float64 reference in tests/.
@@ -9,22 +9,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fdiv_kernels.backends.common import loss_dtype, register_fake_fwd
+from fdiv_kernels.backends.common import loss_dtype, register_fakes
 from fdiv_kernels.divergences import KernelSpec, element_terms
 
 # Rows per chunk: the chunk's (rows, V) temporaries are the only memory beyond the outputs.
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _chunk_fwd(spec, s, t, inv_t, grad_s, grad_t):
-    ctype = loss_dtype(s.dtype)
-    lq = torch.log_softmax(s.to(ctype) * inv_t, dim=-1)
-    lp = torch.log_softmax(t.to(ctype) * inv_t, dim=-1)
-    term, h, k = element_terms(spec, lp, lq)
-    loss = term.sum(-1)
-    gs = (h - lq.exp() * h.sum(-1, keepdim=True)) * inv_t if grad_s else None
-    gt = (k - lp.exp() * k.sum(-1, keepdim=True)) * inv_t if grad_t else None
-    return loss, gs, gt
+def _chunks(n: int, v: int):
+    rows = max(1, CHUNK_ELEMENTS // max(v, 1))
+    for lo in range(0, n, rows):
+        yield slice(lo, min(n, lo + rows))
+
+
+def _zero_where(keep: Tensor, x: Tensor) -> Tensor:
+    return torch.where(keep.reshape(-1, *([1] * (x.dim() - 1))), x, torch.zeros_like(x))
 
 
 @torch.library.custom_op("fdiv::divergence_fwd_torch", mutates_args=())
@@ -33,23 +32,77 @@ def divergence_fwd_torch(
     inv_temperature: float, grad_student: bool, grad_teacher: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     spec = KernelSpec("", base, swap, param)
+    ctype = loss_dtype(student.dtype)
     N, V = student.shape
-    loss = student.new_empty(N, dtype=loss_dtype(student.dtype))
+    loss = student.new_empty(N, dtype=ctype)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
-    rows = max(1, CHUNK_ELEMENTS // max(V, 1))
-    for lo in range(0, N, rows):
-        hi = min(N, lo + rows)
-        l, cs, ct = _chunk_fwd(
-            spec, student[lo:hi], teacher[lo:hi], inv_temperature, grad_student, grad_teacher
-        )
-        keep = valid[lo:hi]
-        loss[lo:hi] = torch.where(keep, l, torch.zeros_like(l))
+    for rows in _chunks(N, V):
+        lq = torch.log_softmax(student[rows].to(ctype) * inv_temperature, dim=-1)
+        lp = torch.log_softmax(teacher[rows].to(ctype) * inv_temperature, dim=-1)
+        term, h, k = element_terms(spec, lp, lq)
+        keep = valid[rows]
+        loss[rows] = _zero_where(keep, term.sum(-1))
+        # dD/d logits = (h - q sum h) / T for the student, (k - p sum k) / T for the teacher.
         if grad_student:
-            gs[lo:hi] = torch.where(keep[:, None], cs, torch.zeros_like(cs))
+            g = (h - lq.exp() * h.sum(-1, keepdim=True)) * inv_temperature
+            gs[rows] = _zero_where(keep, g)
         if grad_teacher:
-            gt[lo:hi] = torch.where(keep[:, None], ct, torch.zeros_like(ct))
+            g = (k - lp.exp() * k.sum(-1, keepdim=True)) * inv_temperature
+            gt[rows] = _zero_where(keep, g)
     return loss, gs, gt
 
 
-register_fake_fwd("fdiv::divergence_fwd_torch")
+@torch.library.custom_op("fdiv::softmax_stats_fwd_torch", mutates_args=())
+def softmax_stats_fwd_torch(
+    x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    ctype = loss_dtype(x.dtype)
+    N, V = x.shape
+    lse = x.new_empty(N, dtype=ctype)
+    ent = x.new_empty(N if entropy else 0, dtype=ctype)
+    lp = x.new_empty(N if labels is not None else 0, dtype=ctype)
+    for rows in _chunks(N, V):
+        a = x[rows].to(ctype) * inv_temperature
+        lse[rows] = torch.logsumexp(a, dim=-1)
+        if entropy:
+            la = torch.log_softmax(a, dim=-1)
+            q = la.exp()
+            ent[rows] = -torch.where(q == 0, torch.zeros_like(q), q * la).sum(-1)
+        if labels is not None:
+            lab = labels[rows]
+            in_range = (lab >= 0) & (lab < V)
+            picked = a.gather(-1, torch.where(in_range, lab, 0).unsqueeze(-1)).squeeze(-1)
+            val = torch.where(in_range, picked - lse[rows], torch.full_like(picked, float("nan")))
+            lp[rows] = _zero_where(lab != ignore_index, val)
+    return lse, ent, lp
+
+
+@torch.library.custom_op("fdiv::softmax_stats_bwd_torch", mutates_args=())
+def softmax_stats_bwd_torch(
+    x: Tensor, labels: Tensor | None, lse: Tensor, entropy: Tensor, g_lse: Tensor | None,
+    g_entropy: Tensor | None, g_logprob: Tensor | None, ignore_index: int, inv_temperature: float,
+) -> Tensor:
+    ctype = loss_dtype(x.dtype)
+    N, V = x.shape
+    dx = torch.empty_like(x)
+    for rows in _chunks(N, V):
+        a = x[rows].to(ctype) * inv_temperature
+        la = a - lse[rows, None]
+        q = la.exp()
+        g = torch.zeros_like(a)
+        if g_lse is not None:
+            g += g_lse[rows, None] * q
+        if g_entropy is not None:
+            dh = -q * (la + entropy[rows, None])  # dH/da = -q (log q + H)
+            g += g_entropy[rows, None] * torch.where(q == 0, torch.zeros_like(dh), dh)
+        if g_logprob is not None:
+            lab = labels[rows]
+            coef = _zero_where(lab != ignore_index, g_logprob[rows])
+            onehot = torch.nn.functional.one_hot(lab.clamp(0, V - 1), V).to(ctype)
+            g += coef[:, None] * (onehot - q)
+        dx[rows] = g * inv_temperature
+    return dx
+
+
+register_fakes("torch")

@@ -1,4 +1,4 @@
-"""The triton backend: registers the Triton launcher as ``fdiv::divergence_fwd_triton``.
+"""The triton backend: the Triton launchers registered as ``fdiv::*_triton`` ops.
 
 ``custom_op`` (not ``triton_op``) so fake-tensor tracing also works under TRITON_INTERPRET=1.
 Importing this module imports Triton; the dispatch only does so when Triton is installed.
@@ -11,8 +11,14 @@ import contextlib
 import torch
 from torch import Tensor
 
-from fdiv_kernels.backends.common import register_fake_fwd
+from fdiv_kernels.backends.common import register_fakes
 from fdiv_kernels.triton_kernels.divergence import divergence_fwd
+from fdiv_kernels.triton_kernels.softmax_stats import softmax_stats_bwd, softmax_stats_fwd
+
+
+def _on(x: Tensor):
+    """Launch on the tensors' GPU, not whichever is current."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 @torch.library.custom_op("fdiv::divergence_fwd_triton", mutates_args=())
@@ -20,13 +26,31 @@ def divergence_fwd_triton(
     student: Tensor, teacher: Tensor, valid: Tensor, base: int, swap: bool, param: float,
     inv_temperature: float, grad_student: bool, grad_teacher: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # Launch on the tensors' GPU, not whichever is current.
-    on = torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext()
-    with on:
+    with _on(student):
         return divergence_fwd(
             student.contiguous(), teacher.contiguous(), valid.contiguous(), base, swap, param,
             inv_temperature, grad_student, grad_teacher,
         )
 
 
-register_fake_fwd("fdiv::divergence_fwd_triton")
+@torch.library.custom_op("fdiv::softmax_stats_fwd_triton", mutates_args=())
+def softmax_stats_fwd_triton(
+    x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    with _on(x):
+        return softmax_stats_fwd(x.contiguous(), labels, ignore_index, inv_temperature, entropy)
+
+
+@torch.library.custom_op("fdiv::softmax_stats_bwd_triton", mutates_args=())
+def softmax_stats_bwd_triton(
+    x: Tensor, labels: Tensor | None, lse: Tensor, entropy: Tensor, g_lse: Tensor | None,
+    g_entropy: Tensor | None, g_logprob: Tensor | None, ignore_index: int, inv_temperature: float,
+) -> Tensor:
+    with _on(x):
+        return softmax_stats_bwd(
+            x.contiguous(), labels, lse, entropy, g_lse, g_entropy, g_logprob, ignore_index,
+            inv_temperature,
+        )
+
+
+register_fakes("triton")

@@ -1,0 +1,243 @@
+// CPU forward of every softmax divergence: loss per row plus the logit gradients of that loss.
+//
+// One row at a time (rows spread over torch's thread pool), three passes over the row:
+//   1. online log-sum-exp of a = student * inv_T and b = teacher * inv_T (one read of each);
+//   2. the element terms: sum t (the loss), sum h, sum k; h and k parked in the gradient rows;
+//   3. grad_a = (h - q sum h) inv_T, grad_b = (k - p sum k) inv_T, in place.
+// KL with no teacher gradient skips pass 3: h = -p sums to exactly -1, so grad_a = (q - p) inv_T
+// is known in pass 2. Half-precision inputs are widened to a float row buffer first and their
+// gradients are rounded once, from float, at the end. Swap (reverse kinds) exchanges the roles
+// of student and teacher, which is all that "evaluate with (lp, lq) exchanged, exchange (h, k)"
+// amounts to.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/divergence_terms.h"
+#include "cpu/online_softmax.h"
+#include "cpu/vec_math.h"
+
+namespace fdiv_kernels {
+namespace {
+
+// The loss of one row; ga / gb receive the gradients when GA / GB.
+template <int B, bool GA, bool GB, class T>
+FDIV_INLINE double divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t n, T inv_t,
+                                  const KindConsts<T>& c) {
+  const T lse_a = row_lse(a, inv_t, n);
+  const T lse_b = row_lse(b, inv_t, n);
+  // NaN logits make the loss NaN even where the terms' guards would hide them.
+  const double poison = double(lse_a - lse_a) + double(lse_b - lse_b);
+  double sum_t = 0.0, sum_h = 0.0, sum_k = 0.0;
+
+  if constexpr (B == KL && !GB) {
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t len = std::min(kBlock, n - j0);
+      const T *ab = a + j0, *bb = b + j0;
+      T* gab = GA ? ga + j0 : nullptr;
+      T st = 0;
+#pragma omp simd reduction(+ : st)
+      for (int64_t j = 0; j < len; ++j) {
+        const T lq = ab[j] * inv_t - lse_a, lp = bb[j] * inv_t - lse_b;
+        const T q = vexp(lq), p = vexp(lp);
+        st += xlogy_ratio(p, lp, lq);
+        if constexpr (GA) gab[j] = (q - p) * inv_t;
+      }
+      sum_t += double(st);
+    }
+    return sum_t + poison;
+  }
+
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t len = std::min(kBlock, n - j0);
+    const T *ab = a + j0, *bb = b + j0;
+    T* gab = GA ? ga + j0 : nullptr;
+    T* gbb = GB ? gb + j0 : nullptr;
+    T st = 0, sh = 0, sk = 0;
+#pragma omp simd reduction(+ : st, sh, sk)
+    for (int64_t j = 0; j < len; ++j) {
+      const T lq = ab[j] * inv_t - lse_a, lp = bb[j] * inv_t - lse_b;
+      T t, h, k;
+      Terms<B>::eval(c, lp, lq, vexp(lp), vexp(lq), t, h, k);
+      st += t;
+      sh += h;
+      sk += k;
+      if constexpr (GA) gab[j] = h;
+      if constexpr (GB) gbb[j] = k;
+    }
+    sum_t += double(st);
+    sum_h += double(sh);
+    sum_k += double(sk);
+  }
+  if constexpr (GA) {
+    const T hs = T(sum_h);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) ga[j] = (ga[j] - vexp(a[j] * inv_t - lse_a) * hs) * inv_t;
+  }
+  if constexpr (GB) {
+    const T ks = T(sum_k);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) gb[j] = (gb[j] - vexp(b[j] * inv_t - lse_b) * ks) * inv_t;
+  }
+  return sum_t + poison;
+}
+
+template <class T>
+struct RowArgs {
+  const T *a, *b;
+  T *ga, *gb;  // nullptr: gradient not wanted
+  int64_t n;
+  T inv_t;
+  const KindConsts<T>* c;
+};
+
+// Compile-time dispatch over (kind, which gradients), fully inlined into the caller so that the
+// whole row kernel lands in each target clone.
+template <int B, class T>
+FDIV_INLINE double dispatch_row(int base, const RowArgs<T>& r) {
+  if constexpr (B < kNumKinds) {
+    if (base != B) return dispatch_row<B + 1>(base, r);
+    if (r.ga && r.gb) return divergence_row<B, true, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c);
+    if (r.ga) return divergence_row<B, true, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c);
+    if (r.gb) return divergence_row<B, false, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c);
+    return divergence_row<B, false, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c);
+  } else {
+    return 0.0;  // unreachable: the kind was checked on entry
+  }
+}
+
+FDIV_CLONES double row_float(int base, const RowArgs<float>& r) { return dispatch_row<0>(base, r); }
+
+double row_double(int base, const RowArgs<double>& r) { return dispatch_row<0>(base, r); }
+
+FDIV_CLONES void widen(float* dst, const at::BFloat16* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+FDIV_CLONES void widen(float* dst, const at::Half* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+FDIV_CLONES void narrow(at::BFloat16* dst, const float* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::BFloat16>(src[j]);
+}
+FDIV_CLONES void narrow(at::Half* dst, const float* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::Half>(src[j]);
+}
+
+// scalar_t: storage type; T: compute type (float for fp32/bf16/fp16, double for fp64).
+template <class scalar_t, class T>
+void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int base, bool swap,
+         double param, double inv_temperature, at::Tensor& loss, at::Tensor& gs, at::Tensor& gt,
+         bool want_s, bool want_t) {
+  constexpr bool kWide = std::is_same_v<scalar_t, T>;
+  const int64_t rows = s.size(0), n = s.size(1);
+  const scalar_t* sp = s.const_data_ptr<scalar_t>();
+  const scalar_t* tp = t.const_data_ptr<scalar_t>();
+  const bool* vp = valid.const_data_ptr<bool>();
+  T* lp = loss.mutable_data_ptr<T>();
+  scalar_t* gsp = want_s ? gs.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gtp = want_t ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+  const KindConsts<T> consts(param);
+  const T inv_t = T(inv_temperature);
+
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    // Narrow dtypes: the row pair in float, and float gradient rows (O(n) per thread).
+    std::vector<T> buf;
+    if constexpr (!kWide) buf.resize(size_t(n) * (2 + want_s + want_t));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t off = i * n;
+      scalar_t* gsr = gsp ? gsp + off : nullptr;
+      scalar_t* gtr = gtp ? gtp + off : nullptr;
+      if (!vp[i]) {
+        lp[i] = T(0);
+        if (gsr) std::fill(gsr, gsr + n, scalar_t(0));
+        if (gtr) std::fill(gtr, gtr + n, scalar_t(0));
+        continue;
+      }
+      RowArgs<T> r{nullptr, nullptr, nullptr, nullptr, n, inv_t, &consts};
+      if constexpr (kWide) {
+        r = {sp + off, tp + off, gsr, gtr, n, inv_t, &consts};
+      } else {
+        T* p = buf.data();
+        widen(p, sp + off, n);
+        widen(p + n, tp + off, n);
+        r.a = p;
+        r.b = p + n;
+        T* g = p + 2 * n;
+        if (want_s) { r.ga = g; g += n; }
+        if (want_t) r.gb = g;
+      }
+      if (swap) {
+        std::swap(r.a, r.b);
+        std::swap(r.ga, r.gb);
+      }
+      double li;
+      if constexpr (std::is_same_v<T, float>) li = row_float(base, r);
+      else li = row_double(base, r);
+      lp[i] = T(li);
+      if constexpr (!kWide) {
+        // r.ga / r.gb may have been swapped; the buffers themselves keep their owners.
+        T* g = buf.data() + 2 * n;
+        if (want_s) { narrow(gsr, g, n); g += n; }
+        if (want_t) narrow(gtr, g, n);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid, int64_t kind,
+    bool swap, double param, double inv_temperature, bool grad_student, bool grad_teacher) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "student must be 2-D (N, V), got ", student.dim(), "-D");
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher must have the shape of student ",
+                    student.sizes(), ", got ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.size(0) >= 1 && student.size(1) >= 1,
+                    "student must have N >= 1 rows and V >= 1 columns, got ", student.sizes());
+  TORCH_CHECK_VALUE(student.device().is_cpu() && teacher.device().is_cpu() &&
+                        valid.device().is_cpu(),
+                    "student, teacher and valid must be CPU tensors");
+  const auto dt = student.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                   "student must be float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_TYPE(teacher.scalar_type() == dt, "teacher must have the dtype of student (", dt,
+                   "), got ", teacher.scalar_type());
+  TORCH_CHECK_TYPE(valid.scalar_type() == at::kBool, "valid must be bool, got ", valid.scalar_type());
+  TORCH_CHECK_VALUE(valid.dim() == 1 && valid.size(0) == student.size(0),
+                    "valid must have shape (", student.size(0), ",), got ", valid.sizes());
+  TORCH_CHECK_VALUE(kind >= 0 && kind < kNumKinds, "kind must be a base divergence id in [0, ",
+                    kNumKinds, "), got ", kind);
+
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), v = valid.contiguous();
+  const auto opts = student.options();
+  at::Tensor loss = at::empty({s.size(0)}, opts.dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
+  at::Tensor gs = grad_student ? at::empty_like(s) : at::empty({0}, opts);
+  at::Tensor gt = grad_teacher ? at::empty_like(t) : at::empty({0}, opts);
+  const int base = int(kind);
+  switch (dt) {
+    case at::kFloat:
+      run<float, float>(s, t, v, base, swap, param, inv_temperature, loss, gs, gt, grad_student, grad_teacher);
+      break;
+    case at::kDouble:
+      run<double, double>(s, t, v, base, swap, param, inv_temperature, loss, gs, gt, grad_student, grad_teacher);
+      break;
+    case at::kBFloat16:
+      run<at::BFloat16, float>(s, t, v, base, swap, param, inv_temperature, loss, gs, gt, grad_student, grad_teacher);
+      break;
+    default:
+      run<at::Half, float>(s, t, v, base, swap, param, inv_temperature, loss, gs, gt, grad_student, grad_teacher);
+      break;
+  }
+  return {loss, gs, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fdiv, CPU, m) { m.impl("divergence_fwd_cpu", &divergence_fwd_cpu); }
+
+}  // namespace fdiv_kernels

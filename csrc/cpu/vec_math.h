@@ -1,0 +1,117 @@
+// Branch-free float exp/log that GCC vectorizes inside `#pragma omp simd` loops.
+//
+// libm's expf/logf are opaque calls, so a loop calling them stays scalar. These are Cephes-style
+// (range reduction + minimax polynomial, about 1 ulp) written with selects instead of branches,
+// so every lane follows the same instruction stream. Edge cases are IEEE-exact: exp(-inf) = 0,
+// exp(+inf) = inf, exp(nan) = nan, gradual underflow to denormals then 0, overflow to inf;
+// log(0) = -inf, log(inf) = inf, log(x < 0) = log(nan) = nan, denormal inputs handled.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#define FDIV_INLINE inline __attribute__((always_inline))
+
+// One binary for every x86-64 CPU: the loader picks the widest clone the CPU supports.
+// Everything a cloned function calls must be FDIV_INLINE so that it is compiled for that clone.
+#ifdef FDIV_TARGET_CLONES
+#define FDIV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FDIV_CLONES
+#endif
+
+namespace fdiv_kernels {
+
+FDIV_INLINE float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+FDIV_INLINE uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+FDIV_INLINE float vexp(float x) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  // Past these, exp(x) rounds to +inf / 0 anyway; clamping keeps the exponent arithmetic in range.
+  constexpr float kHi = 88.8f, kLo = -104.0f;
+  float xc = x > kHi ? kHi : x;
+  xc = xc < kLo ? kLo : xc;
+  // Round to nearest with the 1.5 * 2^23 trick: no libm call, so the SSE2 clone vectorizes too.
+  const float kShift = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + kShift) - kShift;
+  // ln 2 split in two: n * 0.693359375 is exact, so r carries no cancellation error.
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  // 2^n in two factors (n in [-150, 128]): each stays a normal float, and the final product
+  // rounds once, into a denormal when the result is one.
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t n1 = ni >> 1;
+  const int32_t n2 = ni - n1;
+  const float s1 = bits_float(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = bits_float(static_cast<uint32_t>(n2 + 127) << 23);
+  float res = (y * s1) * s2;
+  res = x > kHi ? kInf : res;
+  return x != x ? x : res;
+}
+
+FDIV_INLINE float vlog(float x) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  // Denormals: scale into the normal range first so the exponent field is meaningful.
+  const bool sub = x < std::numeric_limits<float>::min();
+  const float xs = sub ? x * 8388608.0f : x;
+  const uint32_t u = float_bits(xs);
+  int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 126;
+  e = sub ? e - 23 : e;
+  const float m = bits_float((u & 0x007fffffu) | 0x3f000000u);  // mantissa in [0.5, 1)
+  // Center the mantissa on 1 ([sqrt(1/2), sqrt(2))) so the polynomial argument is small.
+  const bool low = m < 0.707106781186547524f;
+  const float f = low ? (m + m) - 1.0f : m - 1.0f;
+  const float fe = static_cast<float>(low ? e - 1 : e);
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  float res = f + y;
+  res = res + fe * 0.693359375f;
+  res = x == kInf ? kInf : res;
+  res = x == 0.0f ? -kInf : res;
+  return x >= 0.0f ? res : kNaN;  // false for x < 0 and for nan
+}
+
+// log1p(y) for y >= 0 without libm, exact to ~1 ulp: Goldberg's u = 1 + y correction.
+FDIV_INLINE float vlog1p(float y) {
+  const float u = 1.0f + y;
+  const float d = u - 1.0f;
+  const float r = vlog(u) * (y / (d == 0.0f ? 1.0f : d));
+  return d == 0.0f ? y : r;
+}
+
+// float64 is the gradcheck path: accuracy over speed, so plain libm.
+FDIV_INLINE double vexp(double x) { return std::exp(x); }
+FDIV_INLINE double vlog(double x) { return std::log(x); }
+FDIV_INLINE double vlog1p(double x) { return std::log1p(x); }
+
+}  // namespace fdiv_kernels

@@ -1,0 +1,166 @@
+"""Softmax statistics from logits in one pass: log-sum-exp, entropy, token log-probabilities.
+
+All four public functions are views of one op, ``fdiv::softmax_stats_{fwd,bwd}_<backend>``:
+the forward reads each row once and saves only per-row statistics (never the softmax); the
+backward reads the row once more and writes the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from fdiv_kernels import _validation as V
+from fdiv_kernels.dispatch import select
+
+
+class SoftmaxStats(NamedTuple):
+    lse: Tensor                   # log sum exp(x / T)
+    entropy: Tensor               # -sum q log q, q = softmax(x / T)
+    label_logprob: Tensor | None  # log q[label] (0 for ignored rows); None without labels
+
+
+class SoftmaxStatsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, labels, ignore_index, inv_t, want_entropy, backend):
+        op = getattr(torch.ops.fdiv, f"softmax_stats_fwd_{backend}")
+        lse, ent, lp = op(x, labels, ignore_index, inv_t, want_entropy)
+        ctx.save_for_backward(x, labels, lse, ent)
+        ctx.ignore_index, ctx.inv_t, ctx.backend = ignore_index, inv_t, backend
+        ctx.mark_non_differentiable(*([] if want_entropy else [ent]),
+                                    *([] if labels is not None else [lp]))
+        return lse, ent, lp
+
+    @staticmethod
+    def backward(ctx, g_lse, g_ent, g_lp):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fdiv_kernels softmax statistics do not support higher-order gradients "
+                "(backward with create_graph=True)"
+            )
+        x, labels, lse, ent = ctx.saved_tensors
+        op = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{ctx.backend}")
+        # Incoming row gradients are often expanded views (stride 0): kernels want them dense.
+        g_lse = g_lse.contiguous()
+        g_ent = g_ent.contiguous() if ent.numel() else None
+        g_lp = g_lp.contiguous() if labels is not None else None
+        dx = op(x, labels, lse, ent, g_lse, g_ent, g_lp, ctx.ignore_index, ctx.inv_t)
+        return dx, None, None, None, None, None
+
+
+def _rows(name: str, x: object) -> tuple[Tensor, torch.Size]:
+    x = V.check_logits(name, x)
+    return x.reshape(-1, x.shape[-1]).contiguous(), x.shape[:-1]
+
+
+def _labels(labels: object, ignore_index: object, lead: torch.Size, x: Tensor) -> Tensor:
+    if labels is None:
+        raise TypeError("labels must be an integer tensor, got None")
+    V.row_mask(labels, ignore_index, lead, x.device)  # type, shape, device checks
+    flat = labels.reshape(-1)
+    vocab = x.shape[-1]
+    bad = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)
+    if not torch.compiler.is_compiling() and bool(bad.any()):
+        # One host sync buys a clear error; the kernels also never read outside a row.
+        example = flat[bad][0].item()
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}, got {example}"
+        )
+    return flat.contiguous()
+
+
+def softmax_stats(
+    logits: Tensor,
+    labels: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    *,
+    backend: str = "auto",
+) -> SoftmaxStats:
+    r"""Per-row statistics of q = softmax(logits / T) in one pass over the logits.
+
+    lse = log sum_j exp(x_j / T);  entropy = -sum_j q_j log q_j;  label_logprob = x_label / T - lse
+    (0 for rows whose label is ``ignore_index``). All are float32 (float64 for float64 logits)
+    with the logits' leading shape, and differentiable w.r.t. ``logits``.
+    """
+    x, lead = _rows("logits", logits)
+    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    lab = _labels(labels, ignore_index, lead, logits) if labels is not None else None
+    if labels is None:
+        V.row_mask(None, ignore_index, lead, x.device)
+    name = select(backend, x, "softmax_stats")
+    lse, ent, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, True, name)
+    return SoftmaxStats(lse.reshape(lead), ent.reshape(lead),
+                        lp.reshape(lead) if lab is not None else None)
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""log softmax(logits / T)[label] per row, without materializing log_softmax.
+
+    The "selective log-softmax" of RL and preference trainers. Ignored rows give 0 and zero
+    gradient; the backward writes (onehot - softmax) g / T in one pass from the saved per-row lse.
+    """
+    x, lead = _rows("logits", logits)
+    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    lab = _labels(labels, ignore_index, lead, logits)
+    name = select(backend, x, "softmax_stats")
+    _, _, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, False, name)
+    return lp.reshape(lead)
+
+
+def entropy(logits: Tensor, temperature: float = 1.0, *, backend: str = "auto") -> Tensor:
+    r"""Per-row entropy H = lse - sum_j q_j x_j / T of q = softmax(logits / T), with autograd."""
+    x, lead = _rows("logits", logits)
+    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    name = select(backend, x, "softmax_stats")
+    _, ent, _ = SoftmaxStatsFunction.apply(x, None, -100, inv_t, True, name)
+    return ent.reshape(lead)
+
+
+def logsumexp(
+    x: Tensor, dim: int | Sequence[int] = -1, keepdim: bool = False, *, backend: str = "auto"
+) -> Tensor:
+    r"""Drop-in for ``torch.logsumexp``: log sum exp(x) over ``dim`` in one online pass.
+
+    Any dim (or tuple of dims) and ``keepdim`` as torch's; the result has x's dtype. Reducing a
+    dim other than the last costs one transposed copy. All -inf gives -inf, any +inf gives +inf.
+    The gradient, softmax(x) * g, is recomputed from the saved lse, never stored.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating point tensor, got dtype {x.dtype}")
+    if not isinstance(keepdim, bool):
+        raise TypeError(f"keepdim must be a bool, got {type(keepdim).__name__}")
+    dims = (dim,) if isinstance(dim, int) and not isinstance(dim, bool) else dim
+    if (not isinstance(dims, (tuple, list)) or not dims
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)):
+        raise TypeError(f"dim must be an int or a non-empty sequence of ints, got {dim!r}")
+    nd = max(x.dim(), 1)
+    if any(not -nd <= d < nd for d in dims):
+        raise ValueError(f"dim {dim} is out of range for a tensor with {x.dim()} dims")
+    dims = sorted({d % nd for d in dims})
+    if x.dim() == 0:
+        return x.clone()
+    moved = x.movedim(dims, list(range(x.dim() - len(dims), x.dim())))
+    lead = moved.shape[: x.dim() - len(dims)]
+    out_shape = [1 if i in dims else s for i, s in enumerate(x.shape)] if keepdim else lead
+    width = 1
+    for d in dims:
+        width *= x.shape[d]
+    if x.numel() == 0:
+        # torch's conventions: an empty reduction is -inf; an empty batch is empty.
+        return torch.full(out_shape, float("-inf"), dtype=x.dtype, device=x.device) + x.sum() * 0
+    rows = moved.reshape(-1, width).contiguous()
+    name = select(backend, rows, "softmax_stats")
+    lse, _, _ = SoftmaxStatsFunction.apply(rows, None, -100, 1.0, False, name)
+    return lse.to(x.dtype).reshape(out_shape)

@@ -1,0 +1,131 @@
+"""Softmax statistics of rows in one pass: log-sum-exp, entropy, the label's log-probability.
+
+Forward (one read of the row): online (max, sum[, weighted sum]) -> lse = LSE(x/T),
+H = -sum q log q, logprob = x[label]/T - lse. Backward (one read, one write), from the saved
+per-row lse and H, for incoming gradients g_lse, g_H, g_lp:
+
+    dx = (g_lse q - g_H q (a - lse + H) + g_lp (onehot(label) - q)) / T,   a = x/T, q = exp(a - lse)
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fdiv_kernels.triton_kernels.online_softmax import (
+    finalize_lse,
+    online_update,
+    online_update_weighted,
+)
+
+MAX_BLOCK = 8192  # 16-bit elements per loop iteration (half for fp32); tests lower it
+
+
+@triton.jit
+def _softmax_stats_fwd_kernel(
+    # data ptrs
+    x_ptr, labels_ptr, lse_ptr, ent_ptr, lp_ptr,
+    # sizes and strides
+    V, stride_x,
+    # scalars
+    ignore_index, inv_t,
+    # features
+    ENTROPY: tl.constexpr, LABELS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    w = tl.zeros([], tl.float32)
+    for off in range(0, V, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        a = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
+        if ENTROPY:
+            m, s, w = online_update_weighted(m, s, w, a)
+        else:
+            m, s = online_update(m, s, a)
+    lse = finalize_lse(m, s)
+    tl.store(lse_ptr + row, lse)
+    if ENTROPY:
+        tl.store(ent_ptr + row, tl.log(s) - w / s)
+    if LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        kept = label != ignore_index
+        # Python rejects out-of-range labels; never read outside the row regardless.
+        in_range = (label >= 0) & (label < V)
+        xl = tl.load(x_row + tl.where(in_range, label, 0)).to(tl.float32) * inv_t
+        lp = tl.where(in_range, xl - lse, float("nan"))
+        tl.store(lp_ptr + row, tl.where(kept, lp, 0.0))
+
+
+@triton.jit
+def _softmax_stats_bwd_kernel(
+    # data ptrs
+    x_ptr, labels_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, g_lp_ptr, dx_ptr,
+    # sizes and strides
+    V, stride_x, stride_dx,
+    # scalars
+    ignore_index, inv_t,
+    # features: which incoming gradients exist
+    G_LSE: tl.constexpr, G_ENT: tl.constexpr, G_LP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    dx_row = dx_ptr + row * stride_dx
+    lse = tl.load(lse_ptr + row)
+    c_q = tl.load(g_lse_ptr + row) if G_LSE else 0.0  # coefficient of q
+    if G_ENT:
+        g_ent = tl.load(g_ent_ptr + row)
+        ent = tl.load(ent_ptr + row)
+    if G_LP:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        g_lp = tl.where(label != ignore_index, tl.load(g_lp_ptr + row), 0.0)
+        c_q -= g_lp
+    for off in range(0, V, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        a = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
+        q = tl.exp(a - lse)
+        g = c_q * q
+        if G_ENT:
+            g -= tl.where(q == 0, 0.0, g_ent * q * (a - lse + ent))
+        if G_LP:
+            g += tl.where(cols == label, g_lp, 0.0)
+        tl.store(dx_row + cols, (g * inv_t).to(dx_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _block(V: int, dtype: torch.dtype) -> tuple[int, int]:
+    cap = MAX_BLOCK // 2 if dtype.itemsize >= 4 else MAX_BLOCK
+    block = min(triton.next_power_of_2(V), cap)
+    return block, max(1, min(16, block // 512))
+
+
+def softmax_stats_fwd(x, labels, ignore_index, inv_temperature, entropy):
+    """(lse, entropy | [0], label logprob | [0]) for (N, V) contiguous x, all float32."""
+    N, V = x.shape
+    f32 = dict(dtype=torch.float32, device=x.device)
+    lse = torch.empty(N, **f32)
+    ent = torch.empty(N if entropy else 0, **f32)
+    lp = torch.empty(N if labels is not None else 0, **f32)
+    block, warps = _block(V, x.dtype)
+    _softmax_stats_fwd_kernel[(N,)](
+        x, labels if labels is not None else lse, lse, ent if entropy else lse,
+        lp if labels is not None else lse,
+        V, x.stride(0), int(ignore_index), float(inv_temperature),
+        ENTROPY=bool(entropy), LABELS=labels is not None, BLOCK=block, num_warps=warps,
+    )
+    return lse, ent, lp
+
+
+def softmax_stats_bwd(x, labels, lse, ent, g_lse, g_ent, g_lp, ignore_index, inv_temperature):
+    """dx for (N, V) contiguous x from the saved lse / entropy and the incoming row gradients."""
+    N, V = x.shape
+    dx = torch.empty_like(x)
+    block, warps = _block(V, x.dtype)
+    _softmax_stats_bwd_kernel[(N,)](
+        x, labels if labels is not None else lse, lse, ent if g_ent is not None else lse,
+        g_lse if g_lse is not None else lse, g_ent if g_ent is not None else lse,
+        g_lp if g_lp is not None else lse, dx,
+        V, x.stride(0), dx.stride(0), int(ignore_index), float(inv_temperature),
+        G_LSE=g_lse is not None, G_ENT=g_ent is not None, G_LP=g_lp is not None,
+        BLOCK=block, num_warps=warps,
+    )
+    return dx
