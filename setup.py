@@ -17,7 +17,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def cpu_extension() -> CppExtension:
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno"]
+    # C++20: what torch's own headers are written for (C++17 builds but warns in c10).
+    # -fno-trapping-math: lets GCC if-convert the kernels' selects (exp/log edge cases, zero
+    # guards) into blends; without it a loop with a guarded exp/log stays scalar. No code here
+    # relies on FP exception flags. -ffp-contract=fast: FMAs in the polynomials.
+    # -fopenmp: at::parallel_for is inline OpenMP in torch's headers; without it the rows run on
+    # one thread. It shares torch's libgomp, so torch.set_num_threads applies.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+           "-ffp-contract=fast"]
     if platform.machine() in ("x86_64", "AMD64"):
         # Per-ISA clones are chosen at load time (target_clones), so the baseline stays portable.
         cxx += ["-DFDIV_TARGET_CLONES"]
@@ -26,6 +33,7 @@ def cpu_extension() -> CppExtension:
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
 

@@ -1,7 +1,8 @@
 // CPU forward of every softmax divergence: loss per row plus the logit gradients of that loss.
 //
 // One row at a time (rows spread over torch's thread pool), three passes over the row:
-//   1. online log-sum-exp of a = student * inv_T and b = teacher * inv_T (one read of each);
+//   1. online log-sum-exp of a = student * inv_T and b = teacher * inv_T (one read of each),
+//      keeping the exps, so q and p later cost a multiply instead of an exp;
 //   2. the element terms: sum t (the loss), sum h, sum k; h and k parked in the gradient rows;
 //   3. grad_a = (h - q sum h) inv_T, grad_b = (k - p sum k) inv_T, in place.
 // KL with no teacher gradient skips pass 3: h = -p sums to exactly -1, so grad_a = (q - p) inv_T
@@ -23,65 +24,66 @@
 namespace fdiv_kernels {
 namespace {
 
+// Per-thread O(V) scratch for one row: the kept exps of both rows and their per-block shifts.
+template <class T>
+struct Scratch {
+  T *ea, *eb, *sa, *sb;
+};
+
+inline int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
+
+// g = (g - prob * total) inv_t, in place; prob = e * (its block's scale), as in the term pass.
+template <class T>
+FDIV_INLINE void finish_grad(T* g, const T* e, const T* scale, int64_t n, T total, T inv_t) {
+  for (int64_t j0 = 0, blk = 0; j0 < n; j0 += kBlock, ++blk) {
+    const int64_t len = std::min(kBlock, n - j0);
+    T* gb = g + j0;
+    const T* eb = e + j0;
+    const T c = scale[blk];
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) gb[j] = (gb[j] - eb[j] * c * total) * inv_t;
+  }
+}
+
 // The loss of one row; ga / gb receive the gradients when GA / GB.
 template <int B, bool GA, bool GB, class T>
 FDIV_INLINE double divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t n, T inv_t,
-                                  const KindConsts<T>& c) {
-  const T lse_a = row_lse(a, inv_t, n);
-  const T lse_b = row_lse(b, inv_t, n);
+                                  const KindConsts<T>& c, const Scratch<T>& w) {
+  const T lse_a = row_lse(a, inv_t, n, w.ea, w.sa);
+  const T lse_b = row_lse(b, inv_t, n, w.eb, w.sb);
+  block_scales(w.sa, num_blocks(n), lse_a, w.sa);
+  block_scales(w.sb, num_blocks(n), lse_b, w.sb);
   // NaN logits make the loss NaN even where the terms' guards would hide them.
   const double poison = double(lse_a - lse_a) + double(lse_b - lse_b);
   double sum_t = 0.0, sum_h = 0.0, sum_k = 0.0;
+  // h = -p sums to -1: the student gradient needs no second pass.
+  constexpr bool kFusedKL = B == KL && !GB;
 
-  if constexpr (B == KL && !GB) {
-    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-      const int64_t len = std::min(kBlock, n - j0);
-      const T *ab = a + j0, *bb = b + j0;
-      T* gab = GA ? ga + j0 : nullptr;
-      T st = 0;
-#pragma omp simd reduction(+ : st)
-      for (int64_t j = 0; j < len; ++j) {
-        const T lq = ab[j] * inv_t - lse_a, lp = bb[j] * inv_t - lse_b;
-        const T q = vexp(lq), p = vexp(lp);
-        st += xlogy_ratio(p, lp, lq);
-        if constexpr (GA) gab[j] = (q - p) * inv_t;
-      }
-      sum_t += double(st);
-    }
-    return sum_t + poison;
-  }
-
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+  for (int64_t j0 = 0, blk = 0; j0 < n; j0 += kBlock, ++blk) {
     const int64_t len = std::min(kBlock, n - j0);
-    const T *ab = a + j0, *bb = b + j0;
+    const T *ab = a + j0, *bb = b + j0, *eab = w.ea + j0, *ebb = w.eb + j0;
+    const T ca = w.sa[blk], cb = w.sb[blk];
     T* gab = GA ? ga + j0 : nullptr;
     T* gbb = GB ? gb + j0 : nullptr;
     T st = 0, sh = 0, sk = 0;
 #pragma omp simd reduction(+ : st, sh, sk)
     for (int64_t j = 0; j < len; ++j) {
       const T lq = ab[j] * inv_t - lse_a, lp = bb[j] * inv_t - lse_b;
-      T t, h, k;
-      Terms<B>::eval(c, lp, lq, vexp(lp), vexp(lq), t, h, k);
-      st += t;
-      sh += h;
-      sk += k;
-      if constexpr (GA) gab[j] = h;
-      if constexpr (GB) gbb[j] = k;
+      const T q = eab[j] * ca, p = ebb[j] * cb;
+      const Elem<T> e = Terms<B>::eval(c, lp, lq, p, q);
+      st += e.t;
+      sh += e.h;
+      sk += e.k;
+      if constexpr (kFusedKL && GA) gab[j] = (q - p) * inv_t;
+      else if constexpr (GA) gab[j] = e.h;
+      if constexpr (GB) gbb[j] = e.k;
     }
     sum_t += double(st);
     sum_h += double(sh);
     sum_k += double(sk);
   }
-  if constexpr (GA) {
-    const T hs = T(sum_h);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) ga[j] = (ga[j] - vexp(a[j] * inv_t - lse_a) * hs) * inv_t;
-  }
-  if constexpr (GB) {
-    const T ks = T(sum_k);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) gb[j] = (gb[j] - vexp(b[j] * inv_t - lse_b) * ks) * inv_t;
-  }
+  if constexpr (GA && !kFusedKL) finish_grad(ga, w.ea, w.sa, n, T(sum_h), inv_t);
+  if constexpr (GB) finish_grad(gb, w.eb, w.sb, n, T(sum_k), inv_t);
   return sum_t + poison;
 }
 
@@ -92,6 +94,7 @@ struct RowArgs {
   int64_t n;
   T inv_t;
   const KindConsts<T>* c;
+  Scratch<T> w;
 };
 
 // Compile-time dispatch over (kind, which gradients), fully inlined into the caller so that the
@@ -100,10 +103,10 @@ template <int B, class T>
 FDIV_INLINE double dispatch_row(int base, const RowArgs<T>& r) {
   if constexpr (B < kNumKinds) {
     if (base != B) return dispatch_row<B + 1>(base, r);
-    if (r.ga && r.gb) return divergence_row<B, true, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c);
-    if (r.ga) return divergence_row<B, true, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c);
-    if (r.gb) return divergence_row<B, false, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c);
-    return divergence_row<B, false, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c);
+    if (r.ga && r.gb) return divergence_row<B, true, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
+    if (r.ga) return divergence_row<B, true, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
+    if (r.gb) return divergence_row<B, false, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
+    return divergence_row<B, false, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
   } else {
     return 0.0;  // unreachable: the kind was checked on entry
   }
@@ -146,10 +149,15 @@ void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int 
   const KindConsts<T> consts(param);
   const T inv_t = T(inv_temperature);
 
+  const int64_t blocks = num_blocks(n);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    // Narrow dtypes: the row pair in float, and float gradient rows (O(n) per thread).
-    std::vector<T> buf;
-    if constexpr (!kWide) buf.resize(size_t(n) * (2 + want_s + want_t));
+    // Per thread, O(n): the kept exps and block shifts; for narrow dtypes also the row pair in
+    // float and float gradient rows.
+    const int64_t widened = kWide ? 0 : n * (2 + want_s + want_t);
+    std::vector<T> buf(size_t(2 * n + 2 * blocks + widened));
+    T* const base_ptr = buf.data();
+    const Scratch<T> w{base_ptr, base_ptr + n, base_ptr + 2 * n, base_ptr + 2 * n + blocks};
+    T* const wide = base_ptr + 2 * n + 2 * blocks;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t off = i * n;
       scalar_t* gsr = gsp ? gsp + off : nullptr;
@@ -160,16 +168,18 @@ void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int 
         if (gtr) std::fill(gtr, gtr + n, scalar_t(0));
         continue;
       }
-      RowArgs<T> r{nullptr, nullptr, nullptr, nullptr, n, inv_t, &consts};
+      RowArgs<T> r{nullptr, nullptr, nullptr, nullptr, n, inv_t, &consts, w};
       if constexpr (kWide) {
-        r = {sp + off, tp + off, gsr, gtr, n, inv_t, &consts};
+        r.a = sp + off;
+        r.b = tp + off;
+        r.ga = gsr;
+        r.gb = gtr;
       } else {
-        T* p = buf.data();
-        widen(p, sp + off, n);
-        widen(p + n, tp + off, n);
-        r.a = p;
-        r.b = p + n;
-        T* g = p + 2 * n;
+        widen(wide, sp + off, n);
+        widen(wide + n, tp + off, n);
+        r.a = wide;
+        r.b = wide + n;
+        T* g = wide + 2 * n;
         if (want_s) { r.ga = g; g += n; }
         if (want_t) r.gb = g;
       }
@@ -183,7 +193,7 @@ void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int 
       lp[i] = T(li);
       if constexpr (!kWide) {
         // r.ga / r.gb may have been swapped; the buffers themselves keep their owners.
-        T* g = buf.data() + 2 * n;
+        T* g = wide + 2 * n;
         if (want_s) { narrow(gsr, g, n); g += n; }
         if (want_t) narrow(gtr, g, n);
       }

@@ -38,17 +38,23 @@ FDIV_INLINE T xlogy_ratio(T x, T lx, T ly) {  // x (lx - ly), with 0 log 0 = 0
   return x > T(0) ? x * (lx - ly) : T(0);
 }
 
+// What an element function returns: returned by value, not through references, so the simd
+// loops keep it in registers.
+template <class T>
+struct Elem {
+  T t, h, k;
+};
+
 template <int B>
 struct Terms;
 
 template <>
 struct Terms<KL> {
   template <class T>
-  FDIV_INLINE static void eval(const KindConsts<T>&, T lp, T lq, T p, T q, T& t, T& h, T& k) {
+  FDIV_INLINE static Elem<T> eval(const KindConsts<T>&, T lp, T lq, T p, T q) {
     (void)q;
-    t = xlogy_ratio(p, lp, lq);
-    h = -p;
-    k = p > T(0) ? t + p : T(0);
+    const T t = xlogy_ratio(p, lp, lq);
+    return {t, -p, p > T(0) ? t + p : T(0)};
   }
 };
 
@@ -59,62 +65,52 @@ struct Terms<JS> {
   // terms, off by at most log 2 -- but then every term it feeds is weighted by w p or (1-w) q,
   // both below that same ~1e-38, so the absolute error is nil and nothing turns into inf/NaN.
   template <class T>
-  FDIV_INLINE static void eval(const KindConsts<T>& c, T lp, T lq, T p, T q, T& t, T& h, T& k) {
+  FDIV_INLINE static Elem<T> eval(const KindConsts<T>& c, T lp, T lq, T p, T q) {
     const T mix = c.w * p + c.w1 * q;
     const T la = lp + c.log_w, lb = lq + c.log_w1;
     const T lmix = vlog(mix);  // unconditional: a call under a branch would block if-conversion
     const T lm = mix >= std::numeric_limits<T>::min() ? lmix : (la > lb ? la : lb);
     const T tp = c.w * xlogy_ratio(p, lp, lm);
     const T tq = c.w1 * xlogy_ratio(q, lq, lm);
-    t = tp + tq;
-    h = tq;
-    k = tp;
+    return {tp + tq, tq, tp};
   }
 };
 
 template <>
 struct Terms<TV> {
   template <class T>
-  FDIV_INLINE static void eval(const KindConsts<T>&, T, T, T p, T q, T& t, T& h, T& k) {
+  FDIV_INLINE static Elem<T> eval(const KindConsts<T>&, T, T, T p, T q) {
     const T sgn = T(q > p) - T(q < p);
     const T d = p - q;
-    t = T(0.5) * (d < T(0) ? -d : d);
-    h = T(0.5) * sgn * q;
-    k = T(-0.5) * sgn * p;
+    return {T(0.5) * (d < T(0) ? -d : d), T(0.5) * sgn * q, T(-0.5) * sgn * p};
   }
 };
 
 template <>
 struct Terms<HELLINGER> {
   template <class T>
-  FDIV_INLINE static void eval(const KindConsts<T>&, T lp, T lq, T p, T q, T& t, T& h, T& k) {
+  FDIV_INLINE static Elem<T> eval(const KindConsts<T>&, T lp, T lq, T p, T q) {
     const T g = vexp(T(0.5) * (lp + lq));
-    t = T(0.5) * (p + q) - g;
-    h = T(0.5) * (q - g);
-    k = T(0.5) * (p - g);
+    return {T(0.5) * (p + q) - g, T(0.5) * (q - g), T(0.5) * (p - g)};
   }
 };
 
 template <>
 struct Terms<CHI2> {
   template <class T>
-  FDIV_INLINE static void eval(const KindConsts<T>&, T lp, T lq, T p, T q, T& t, T& h, T& k) {
+  FDIV_INLINE static Elem<T> eval(const KindConsts<T>&, T lp, T lq, T p, T q) {
     const T r = p > T(0) ? vexp(T(2) * lp - lq) : T(0);  // p^2 / q: +inf where q = 0 < p
-    t = r - T(2) * p + q;
-    h = q - r;
-    k = T(2) * (r - p);
+    return {r - T(2) * p + q, q - r, T(2) * (r - p)};
   }
 };
 
 template <>
 struct Terms<ALPHA> {
   template <class T>
-  FDIV_INLINE static void eval(const KindConsts<T>& c, T lp, T lq, T p, T q, T& t, T& h, T& k) {
+  FDIV_INLINE static Elem<T> eval(const KindConsts<T>& c, T lp, T lq, T p, T q) {
     // p^a q^(1-a): 0 where both vanish; where one does, exp yields the limit (0 or +inf).
     const T w = (p > T(0) || q > T(0)) ? vexp(c.w * lp + c.w1 * lq) : T(0);
-    t = (c.w * p + c.w1 * q - w) * c.inv_ww1;
-    h = (q - w) * c.inv_w;
-    k = (p - w) * c.inv_w1;
+    return {(c.w * p + c.w1 * q - w) * c.inv_ww1, (q - w) * c.inv_w, (p - w) * c.inv_w1};
   }
 };
 
@@ -123,7 +119,7 @@ struct Terms<SKEW_KL> {
   // Unlike JS, t = p (lp - lm) carries no lam factor, so a tiny lam would make the linear-space
   // shortcut inexact: lm is the true logaddexp here.
   template <class T>
-  FDIV_INLINE static void eval(const KindConsts<T>& c, T lp, T lq, T p, T q, T& t, T& h, T& k) {
+  FDIV_INLINE static Elem<T> eval(const KindConsts<T>& c, T lp, T lq, T p, T q) {
     (void)q;
     const T la = lp + c.log_w, lb = lq + c.log_w1;
     const T hi = la > lb ? la : lb;
@@ -131,21 +127,20 @@ struct Terms<SKEW_KL> {
     const T lo_minus_hi = d > T(0) ? -d : d;
     // Both -inf: hi = -inf and the guard below zeroes everything; avoid a NaN in between anyway.
     const T lm = hi + vlog1p(vexp(lo_minus_hi == lo_minus_hi ? lo_minus_hi : T(0)));
-    t = xlogy_ratio(p, lp, lm);
+    const T t = xlogy_ratio(p, lp, lm);
     const T pr = p > T(0) ? p * vexp(c.log_w1 + lq - lm) : T(0);
-    h = -pr;
-    k = p > T(0) ? t + pr : T(0);
+    return {t, -pr, p > T(0) ? t + pr : T(0)};
   }
 };
 
 template <>
 struct Terms<JEFFREYS> {
   template <class T>
-  FDIV_INLINE static void eval(const KindConsts<T>&, T lp, T lq, T p, T q, T& t, T& h, T& k) {
-    t = xlogy_ratio(p, lp, lq) + xlogy_ratio(q, lq, lp);
+  FDIV_INLINE static Elem<T> eval(const KindConsts<T>&, T lp, T lq, T p, T q) {
     const T d = lq - lp;
-    h = (q > T(0) ? q * d : T(0)) + q - p;
-    k = (p > T(0) ? -p * d : T(0)) + p - q;
+    return {xlogy_ratio(p, lp, lq) + xlogy_ratio(q, lq, lp),
+            (q > T(0) ? q * d : T(0)) + q - p,
+            (p > T(0) ? -p * d : T(0)) + p - q};
   }
 };
 

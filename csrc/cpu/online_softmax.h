@@ -1,8 +1,9 @@
 // Online log-sum-exp: one read of the row, block by block.
 //
-// Each block is small enough to stay in L1, so its max and its exp-sum are two cheap vector
-// loops over cached data while the row itself streams from memory once. The running sum is
-// rescaled whenever a block raises the max, and kept in double so a 128k-wide row loses nothing.
+// Each block's exps are taken against the running max while the block's own max is found in the
+// same loop; the running sum is rescaled whenever a block raises the max, and kept in double so
+// a 128k-wide row loses nothing. Only a block that jumps far above the running max (or the first
+// finite one) is redone against its own max.
 #pragma once
 
 #include <algorithm>
@@ -45,29 +46,74 @@ struct OnlineSoftmax {
 
 // log-sum-exp of scale * x[0:n], rounded to T. scale * x is rounded to T first, exactly as the
 // later passes form the same logits.
+//
+// The exps are kept: e[j] = exp(scale x[j] - shift[j / kBlock]), shift being the running max
+// before the block was read (or the block's own max when that is much larger). Then softmax(x)[j] = e[j] * exp(shift - lse), one scalar exp per block, so
+// the later passes get the probabilities for a multiply instead of an exp per element.
 template <class T>
-FDIV_INLINE T row_lse(const T* x, T scale, int64_t n) {
+FDIV_INLINE T row_lse(const T* x, T scale, int64_t n, T* e, T* shift) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  // A block may exceed the running max by this much and still be shifted by it: its exps stay
+  // below e^64 and a block sum below 4096 e^64, far from overflow.
+  constexpr T kSlack = T(64);
   OnlineSoftmax<T> acc;
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+  for (int64_t j0 = 0, blk = 0; j0 < n; j0 += kBlock, ++blk) {
     const T* xb = x + j0;
+    T* eb = e + j0;
     const int64_t len = std::min(kBlock, n - j0);
-    // NaN-ignoring max (NaN comparisons are false); a NaN then shows up in the sum below.
-    T bm = -std::numeric_limits<T>::infinity();
+    T m = acc.m, bm = kNegInf, bs = 0;
+    if (m != kNegInf) {
+      // Common case: one loop computes the exps against the running max and the block's max
+      // together, so the row is read once and its load latency hides behind the exps.
+#pragma omp simd reduction(max : bm) reduction(+ : bs)
+      for (int64_t j = 0; j < len; ++j) {
+        const T xj = xb[j] * scale;
+        bm = std::max(bm, xj);
+        const T ej = vexp(xj - m);
+        eb[j] = ej;
+        bs += ej;
+      }
+      if (!(bm > m + kSlack)) {
+        acc.add(static_cast<double>(bs));
+        acc.rebase(bm);
+        shift[blk] = m;
+        continue;
+      }
+    } else {
+      // No finite max yet: find this block's first. NaN-ignoring max (NaN comparisons are
+      // false); a NaN then shows up in the sum below.
 #pragma omp simd reduction(max : bm)
-    for (int64_t j = 0; j < len; ++j) bm = std::max(bm, xb[j] * scale);
-    const T m = acc.rebase(bm);
-    if (m == -std::numeric_limits<T>::infinity()) {
-      // Everything so far is -inf (or NaN): only a NaN can change the result.
-      for (int64_t j = 0; j < len; ++j)
+      for (int64_t j = 0; j < len; ++j) bm = std::max(bm, xb[j] * scale);
+    }
+    // The block raised the max by more than the slack (or is the first with a finite value):
+    // rebase on its max and redo its exps.
+    m = acc.rebase(bm);
+    shift[blk] = m;
+    if (m == kNegInf) {
+      // Everything so far is -inf (or NaN): the probabilities are 0, only a NaN matters.
+      for (int64_t j = 0; j < len; ++j) {
+        eb[j] = T(0);
         if (xb[j] != xb[j]) acc.poison();
+      }
       continue;
     }
-    T bs = 0;
+    bs = 0;
 #pragma omp simd reduction(+ : bs)
-    for (int64_t j = 0; j < len; ++j) bs += vexp(xb[j] * scale - m);
+    for (int64_t j = 0; j < len; ++j) {
+      const T ej = vexp(xb[j] * scale - m);
+      eb[j] = ej;
+      bs += ej;
+    }
     acc.add(static_cast<double>(bs));
   }
   return static_cast<T>(acc.lse());
+}
+
+// Per-block factors turning row_lse's e into probabilities: exp(shift - lse).
+template <class T>
+FDIV_INLINE void block_scales(const T* shift, int64_t blocks, T lse, T* scale) {
+  for (int64_t k = 0; k < blocks; ++k)
+    scale[k] = static_cast<T>(std::exp(static_cast<double>(shift[k]) - static_cast<double>(lse)));
 }
 
 }  // namespace fdiv_kernels

@@ -51,12 +51,31 @@ def fake_softmax_stats_bwd(
     return torch.empty_like(x)
 
 
+def fake_divergence_partials(
+    student: Tensor, teacher: Tensor, valid: Tensor, lse_student: Tensor, lse_teacher: Tensor,
+    base: int, swap: bool, param: float, inv_temperature: float,
+) -> Tensor:
+    return student.new_empty(student.shape[0], 3, dtype=loss_dtype(student.dtype))
+
+
+def fake_divergence_grads(
+    student: Tensor, teacher: Tensor, valid: Tensor, lse_student: Tensor, lse_teacher: Tensor,
+    sums: Tensor, base: int, swap: bool, param: float, inv_temperature: float,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor]:
+    gs = torch.empty_like(student) if grad_student else student.new_empty(0)
+    gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
+    return gs, gt
+
+
 def register_fakes(backend: str) -> None:
     """Fakes (shape/dtype functions) of the ops ``backend`` registered, for torch.compile."""
     fakes = {
         "divergence_fwd": fake_divergence_fwd,
         "softmax_stats_fwd": fake_softmax_stats_fwd,
         "softmax_stats_bwd": fake_softmax_stats_bwd,
+        "divergence_partials": fake_divergence_partials,
+        "divergence_grads": fake_divergence_grads,
     }
     for op, fake in fakes.items():
         if hasattr(torch.ops.fdiv, f"{op}_{backend}"):

@@ -53,6 +53,51 @@ def divergence_fwd_torch(
     return loss, gs, gt
 
 
+def _phase_terms(spec, student, teacher, lse_s, lse_t, inv_t, rows):
+    ctype = loss_dtype(student.dtype)
+    lq = student[rows].to(ctype) * inv_t - lse_s[rows, None]
+    lp = teacher[rows].to(ctype) * inv_t - lse_t[rows, None]
+    return lp, lq, element_terms(spec, lp, lq)
+
+
+@torch.library.custom_op("fdiv::divergence_partials_torch", mutates_args=())
+def divergence_partials_torch(
+    student: Tensor, teacher: Tensor, valid: Tensor, lse_student: Tensor, lse_teacher: Tensor,
+    base: int, swap: bool, param: float, inv_temperature: float,
+) -> Tensor:
+    spec = KernelSpec("", base, swap, param)
+    N, V = student.shape
+    sums = student.new_empty(N, 3, dtype=loss_dtype(student.dtype))
+    for rows in _chunks(N, V):
+        _, _, terms = _phase_terms(spec, student, teacher, lse_student, lse_teacher,
+                                   inv_temperature, rows)
+        sums[rows] = _zero_where(valid[rows], torch.stack([x.sum(-1) for x in terms], -1))
+    return sums
+
+
+@torch.library.custom_op("fdiv::divergence_grads_torch", mutates_args=())
+def divergence_grads_torch(
+    student: Tensor, teacher: Tensor, valid: Tensor, lse_student: Tensor, lse_teacher: Tensor,
+    sums: Tensor, base: int, swap: bool, param: float, inv_temperature: float,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor]:
+    spec = KernelSpec("", base, swap, param)
+    N, V = student.shape
+    gs = torch.empty_like(student) if grad_student else student.new_empty(0)
+    gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
+    for rows in _chunks(N, V):
+        lp, lq, (_, h, k) = _phase_terms(spec, student, teacher, lse_student, lse_teacher,
+                                         inv_temperature, rows)
+        keep = valid[rows]
+        if grad_student:
+            g = (h - lq.exp() * sums[rows, 1:2]) * inv_temperature
+            gs[rows] = _zero_where(keep, g)
+        if grad_teacher:
+            g = (k - lp.exp() * sums[rows, 2:3]) * inv_temperature
+            gt[rows] = _zero_where(keep, g)
+    return gs, gt
+
+
 @torch.library.custom_op("fdiv::softmax_stats_fwd_torch", mutates_args=())
 def softmax_stats_fwd_torch(
     x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, entropy: bool,

@@ -12,7 +12,11 @@ import torch
 from torch import Tensor
 
 from fdiv_kernels.backends.common import register_fakes
-from fdiv_kernels.triton_kernels.divergence import divergence_fwd
+from fdiv_kernels.triton_kernels.divergence import (
+    divergence_fwd,
+    divergence_grads,
+    divergence_partials,
+)
 from fdiv_kernels.triton_kernels.softmax_stats import softmax_stats_bwd, softmax_stats_fwd
 
 
@@ -30,6 +34,32 @@ def divergence_fwd_triton(
         return divergence_fwd(
             student.contiguous(), teacher.contiguous(), valid.contiguous(), base, swap, param,
             inv_temperature, grad_student, grad_teacher,
+        )
+
+
+@torch.library.custom_op("fdiv::divergence_partials_triton", mutates_args=())
+def divergence_partials_triton(
+    student: Tensor, teacher: Tensor, valid: Tensor, lse_student: Tensor, lse_teacher: Tensor,
+    base: int, swap: bool, param: float, inv_temperature: float,
+) -> Tensor:
+    with _on(student):
+        return divergence_partials(
+            student.contiguous(), teacher.contiguous(), valid.contiguous(),
+            lse_student.contiguous(), lse_teacher.contiguous(), base, swap, param, inv_temperature,
+        )
+
+
+@torch.library.custom_op("fdiv::divergence_grads_triton", mutates_args=())
+def divergence_grads_triton(
+    student: Tensor, teacher: Tensor, valid: Tensor, lse_student: Tensor, lse_teacher: Tensor,
+    sums: Tensor, base: int, swap: bool, param: float, inv_temperature: float,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor]:
+    with _on(student):
+        return divergence_grads(
+            student.contiguous(), teacher.contiguous(), valid.contiguous(),
+            lse_student.contiguous(), lse_teacher.contiguous(), sums.contiguous(), base, swap,
+            param, inv_temperature, grad_student, grad_teacher,
         )
 
 

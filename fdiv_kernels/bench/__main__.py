@@ -15,10 +15,14 @@ import torch
 from fdiv_kernels.bench.divergence import divergence_cases
 from fdiv_kernels.bench.measure import copy_bandwidth_gbps
 from fdiv_kernels.bench.report import format_table, metadata, run_cases, write_json, write_png
+from fdiv_kernels.bench.softmax_stats import softmax_stats_cases
 from fdiv_kernels.divergences import DIVERGENCES
 
 DEFAULT_SHAPES = {"cpu": [(64, 128256), (256, 32000)],
                   "cuda": [(8192, 32000), (8192, 128256), (8192, 262144)]}
+# The softmax-statistics targets are stated at 256 rows on the CPU.
+STATS_SHAPES = {"cpu": [(256, 128256)], "cuda": [(8192, 128256)]}
+OPS = ("divergence", "softmax_stats")
 QUICK_SHAPES = [(4, 1000)]
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
@@ -46,6 +50,8 @@ def _list(choices):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fdiv_kernels.bench", description=__doc__)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--ops", type=_list(OPS), default=list(OPS),
+                   help="op families, comma separated (default: all)")
     p.add_argument("--kinds", type=_list(DIVERGENCES), default=["js", "kl"],
                    help="divergence kinds, comma separated (default: js,kl)")
     p.add_argument("--shapes", type=_shape, nargs="+", default=None, help="NxV shapes")
@@ -69,10 +75,17 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES[device.type])
+    def shapes_for(defaults):
+        return args.shapes or (QUICK_SHAPES if args.quick else defaults[device.type])
+
     dtype = getattr(torch, args.dtype or DEFAULT_DTYPE[device.type])
     peers = [p for p in args.peers if not (args.quick and p == "compile")]
-    cases = divergence_cases(args.kinds, shapes, dtype, device, args.modes, peers)
+    cases = []
+    if "divergence" in args.ops:
+        cases += divergence_cases(args.kinds, shapes_for(DEFAULT_SHAPES), dtype, device,
+                                  args.modes, peers)
+    if "softmax_stats" in args.ops:
+        cases += softmax_stats_cases(shapes_for(STATS_SHAPES), dtype, device, peers)
     print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
     copy_bandwidth_gbps(str(device))
     rows = run_cases(cases)

@@ -1,0 +1,41 @@
+"""The divergence phases, composed over a vocabulary split in shards, equal the fused op."""
+
+import pytest
+import torch
+from conftest import BACKENDS, GRAD_TOL, LOSS_TOL, assert_close
+from reference import logits
+
+import fdiv_kernels as fk
+from fdiv_kernels import phases
+
+PHASE_BACKENDS = [b for b in BACKENDS
+                  if hasattr(torch.ops.fdiv, f"divergence_partials_{b}")]
+
+
+@pytest.mark.parametrize("backend", PHASE_BACKENDS)
+@pytest.mark.parametrize("kind,kw", [("kl", {}), ("js", {"beta": 0.3}), ("tv", {}),
+                                     ("alpha", {"alpha": -0.5}), ("skew_reverse_kl", {})])
+def test_sharded_phases_match_fused(kind, kw, backend):
+    s, t = logits((5, 301), seed=51), logits((5, 301), seed=52)
+    valid = torch.tensor([True, True, False, True, True])
+    cuts = [0, 100, 101, 301]  # uneven shards, one of a single column
+    shards = [(s[:, a:b], t[:, a:b]) for a, b in zip(cuts, cuts[1:])]
+    T = 1.4
+    lse_s = phases.combine_lse(torch.stack([phases.row_lse(x, T, backend=backend) for x, _ in shards]))
+    lse_t = phases.combine_lse(torch.stack([phases.row_lse(y, T, backend=backend) for _, y in shards]))
+    sums = sum(phases.partials(x, y, lse_s, lse_t, kind, temperature=T, valid=valid,
+                               backend=backend, **kw) for x, y in shards)
+    pieces = [phases.grads(x, y, lse_s, lse_t, sums, kind, temperature=T, valid=valid,
+                           grad_teacher=True, backend=backend, **kw) for x, y in shards]
+    gs = torch.cat([p[0] for p in pieces], -1)
+    gt = torch.cat([p[1] for p in pieces], -1)
+
+    s_ = s.clone().requires_grad_(True)
+    t_ = t.clone().requires_grad_(True)
+    labels = torch.where(valid, 0, -100)
+    loss = fk.divergence(s_, t_, kind, temperature=T, labels=labels, reduction="none",
+                         backend=backend, **kw)
+    loss.sum().backward()
+    assert_close(sums[:, 0], loss, LOSS_TOL[torch.float32], "loss")
+    assert_close(gs, s_.grad, GRAD_TOL[torch.float32], "student grad")
+    assert_close(gt, t_.grad, GRAD_TOL[torch.float32], "teacher grad")
