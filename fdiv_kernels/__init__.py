@@ -11,6 +11,7 @@ from fdiv_kernels.backends import torch_ref as _torch_ref  # noqa: F401  (always
 from fdiv_kernels.dispatch import BackendUnavailableError, describe, not_supported_reasons
 from fdiv_kernels.divergence import divergence
 from fdiv_kernels.divergences import DIVERGENCES
+from fdiv_kernels.fused_linear import fused_linear_divergence
 from fdiv_kernels.softmax_stats import (
     SoftmaxStats,
     entropy,
@@ -24,5 +25,5 @@ KINDS = tuple(DIVERGENCES)
 
 __all__ = [
     "BackendUnavailableError", "DIVERGENCES", "KINDS", "SoftmaxStats", "describe", "divergence",
-    "entropy", "logsumexp", "nn", "not_supported_reasons", "softmax_stats", "token_logprobs",
+    "entropy", "fused_linear_divergence", "logsumexp", "nn", "not_supported_reasons", "softmax_stats", "token_logprobs",
 ]

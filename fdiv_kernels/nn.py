@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from fdiv_kernels.divergence import divergence
 from fdiv_kernels.divergences import resolve
+from fdiv_kernels.fused_linear import fused_linear_divergence
 
 
 class FDivergenceLoss(nn.Module):
@@ -48,3 +49,51 @@ class FDivergenceLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class FusedLinearDivergenceLoss(nn.Module):
+    """``fk.fused_linear_divergence`` as a module, called with hidden states and lm-head weights:
+
+    ``crit(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+    student_bias=None, teacher_bias=None)``.
+    """
+
+    def __init__(
+        self,
+        kind: str = "kl",
+        *,
+        beta: float | None = None,
+        alpha: float | None = None,
+        lam: float | None = None,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        ce_weight: float = 0.0,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        resolve(kind, beta, alpha, lam)
+        self.kwargs = dict(kind=kind, beta=beta, alpha=alpha, lam=lam, temperature=temperature,
+                           ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight,
+                           chunk_size=chunk_size, backend=backend)
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        labels: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
+        return fused_linear_divergence(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels=labels,
+            student_bias=student_bias, teacher_bias=teacher_bias,
+            num_items_in_batch=num_items_in_batch, **self.kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if v is not None)

@@ -15,6 +15,11 @@ def _kl(p: Tensor, q: Tensor) -> Tensor:
     return (xlogy(p, p) - xlogy(p, q)).sum(-1)
 
 
+def divergence_from_probs(kind: str, p: Tensor, q: Tensor, param: float | None = None) -> Tensor:
+    """Per-row D(p || q) from probability rows (zero entries allowed, as constants)."""
+    return _rows(kind, p, q, param)
+
+
 def _rows(kind: str, p: Tensor, q: Tensor, param: float | None) -> Tensor:
     if kind == "kl":
         return _kl(p, q)

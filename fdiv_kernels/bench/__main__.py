@@ -13,6 +13,7 @@ import sys
 import torch
 
 from fdiv_kernels.bench.divergence import divergence_cases
+from fdiv_kernels.bench.fused_linear import fused_linear_cases
 from fdiv_kernels.bench.measure import copy_bandwidth_gbps
 from fdiv_kernels.bench.report import format_table, metadata, run_cases, write_json, write_png
 from fdiv_kernels.bench.softmax_stats import softmax_stats_cases
@@ -22,7 +23,9 @@ DEFAULT_SHAPES = {"cpu": [(64, 128256), (256, 32000)],
                   "cuda": [(8192, 32000), (8192, 128256), (8192, 262144)]}
 # The softmax-statistics targets are stated at 256 rows on the CPU.
 STATS_SHAPES = {"cpu": [(256, 128256)], "cuda": [(8192, 128256)]}
-OPS = ("divergence", "softmax_stats")
+# Fused linear: (N, H, V); the CPU target is stated at N=1024, H=256, V=32000.
+FUSED_SHAPES = {"cpu": [(1024, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
+OPS = ("divergence", "softmax_stats", "fused_linear")
 QUICK_SHAPES = [(4, 1000)]
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
@@ -86,6 +89,9 @@ def main(argv=None) -> int:
                                   args.modes, peers)
     if "softmax_stats" in args.ops:
         cases += softmax_stats_cases(shapes_for(STATS_SHAPES), dtype, device, peers)
+    if "fused_linear" in args.ops:
+        fl_shapes = [(4, 16, 1000)] if args.quick else FUSED_SHAPES[device.type]
+        cases += fused_linear_cases(fl_shapes, dtype, device, peers)
     print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
     copy_bandwidth_gbps(str(device))
     rows = run_cases(cases)

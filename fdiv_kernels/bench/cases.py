@@ -21,6 +21,8 @@ class Case:
     compulsory_bytes: int        # the bytes any implementation must move (see each op's comment)
     providers: dict[str, Setup] = field(default_factory=dict)
     ours: tuple[str, ...] = ()   # provider names that are this library's
+    # Optional per-provider measurements beyond time and memory (e.g. gradient error).
+    extra: dict[str, Callable[[], dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -35,4 +37,5 @@ class Row:
     bandwidth_fraction: float | None
     peak_mem_bytes: int | None
     ratios: dict[str, float] = field(default_factory=dict)  # peer ms / this ms (> 1: faster)
+    extra: dict[str, float] = field(default_factory=dict)
     error: str | None = None

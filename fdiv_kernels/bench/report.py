@@ -32,6 +32,8 @@ def run_cases(cases: list[Case], log=sys.stderr) -> list[Row]:
                 row.peak_mem_bytes = peak_bytes(fn, case.device)
                 row.gbps = case.compulsory_bytes / (row.ms * 1e-3) / 1e9
                 row.bandwidth_fraction = row.gbps / bw
+                if name in case.extra:
+                    row.extra = case.extra[name]()
             except Exception as e:  # noqa: BLE001 - a peer that fails (OOM, missing op) is reported
                 row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             finally:
@@ -53,7 +55,7 @@ def _fmt(x, spec, missing="-"):
 def format_table(rows: list[Row]) -> str:
     peers = sorted({p for r in rows for p in r.ratios})
     head = ["op", "mode", "shape", "dtype", "provider", "ms", "GB/s", "of copy bw", "peak MiB"]
-    head += [f"vs {p}" for p in peers]
+    head += [f"vs {p}" for p in peers] + ["notes"]
     lines = [head]
     for r in rows:
         cells = [r.op, r.mode, "x".join(map(str, r.shape)), r.dtype, r.backend,
@@ -63,6 +65,7 @@ def format_table(rows: list[Row]) -> str:
                  _fmt(r.peak_mem_bytes and r.peak_mem_bytes / 2**20, ".1f")
                  if r.peak_mem_bytes is not None else "-"]
         cells += [f"{r.ratios[p]:.2f}x" if p in r.ratios else "" for p in peers]
+        cells.append(", ".join(f"{k}={v:.2e}" for k, v in r.extra.items()))
         lines.append(cells)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]

@@ -1,0 +1,91 @@
+"""Fused linear + divergence cases: fk.fused_linear_divergence against the materialized eager
+path (logits, log_softmax, loss) and, on a GPU with Liger-Kernel, Liger's fused linear JSD.
+
+Each provider's student-hidden gradient is compared once with a float64 computation and the
+relative error is reported (``grad_rel_err``)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+import fdiv_kernels as fk
+from fdiv_kernels.bench.cases import Case
+from fdiv_kernels.dispatch import BACKENDS, BackendUnavailableError, select
+
+
+def _inputs(n, h, v, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hs = torch.randn(n, h, generator=g).to(device=device, dtype=dtype)
+    ws = (torch.randn(v, h, generator=g) * h**-0.5).to(device=device, dtype=dtype)
+    ht = torch.randn(n, h, generator=g).to(device=device, dtype=dtype)
+    wt = (torch.randn(v, h, generator=g) * h**-0.5).to(device=device, dtype=dtype)
+    return hs, ws, ht, wt
+
+
+def eager_js(hs, ws, ht, wt):
+    """What a user writes: materialize both logits, two log_softmax, the JS loss."""
+    lq = torch.log_softmax((hs @ ws.t()).float(), -1)
+    lp = torch.log_softmax((ht @ wt.t()).float(), -1)
+    lm = torch.logsumexp(torch.stack([lp, lq]), 0) - torch.log(torch.tensor(2.0))
+    return 0.5 * ((lp.exp() * (lp - lm)).sum(-1) + (lq.exp() * (lq - lm)).sum(-1)).mean()
+
+
+def _liger():
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    crit = LigerFusedLinearJSD(jsd_beta=0.5)
+    return lambda hs, ws, ht, wt: crit(hs, ws, ht, wt)
+
+
+def _grad_error(fn, args) -> float:
+    """Relative L2 error of d loss / d student hidden against float64."""
+    hs = args[0].detach().clone().requires_grad_(True)
+    fn(hs, *args[1:]).backward()
+    ref = args[0].detach().double().requires_grad_(True)
+    eager_js(ref, *(a.double() for a in args[1:])).backward()
+    return float((hs.grad.double() - ref.grad).norm() / ref.grad.norm())
+
+
+def fused_linear_cases(shapes, dtype, device, peers=("eager", "liger")):
+    cases = []
+    probe = torch.empty(1, dtype=torch.float32, device=device)
+    ours = []
+    for b in BACKENDS:
+        try:
+            select(b, probe, "divergence")
+        except BackendUnavailableError:
+            continue
+        ours.append(b)
+    for n, h, v in shapes:
+        es = torch.empty(0, dtype=dtype).element_size()
+        # read hidden + weights of both; write d hidden, d weight (student). The GEMMs dominate.
+        nbytes = (2 * n * h + 2 * v * h) * es + (n * h + v * h) * es
+        case = Case("fused_linear:js", "full", (n, h, v), dtype, device, nbytes)
+        providers = {f"fdiv-{b}": (lambda hs, ws, ht, wt, b=b: fk.fused_linear_divergence(
+            hs, ws, ht, wt, "js", backend=b)) for b in ours}
+        case.ours = tuple(providers)
+        if "eager" in peers:
+            providers["torch-eager"] = eager_js
+        liger = _liger() if device.type == "cuda" and "liger" in peers else None
+        if liger is not None:
+            providers["liger-fused-linear-jsd"] = liger
+        for name, fn in providers.items():
+            def setup(fn=fn, n=n, h=h, v=v):
+                hs, ws, ht, wt = _inputs(n, h, v, dtype, device)
+                hs.requires_grad_(True)
+                ws.requires_grad_(True)
+
+                def run():
+                    fn(hs, ws, ht, wt).backward()
+                    hs.grad = ws.grad = None
+                return run
+
+            case.providers[name] = setup
+            case.extra[name] = (lambda fn=fn, n=n, h=h, v=v: {
+                "grad_rel_err": _grad_error(fn, _inputs(min(n, 256), h, v, dtype, device))})
+        cases.append(case)
+    return cases

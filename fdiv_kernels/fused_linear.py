@@ -1,0 +1,273 @@
+"""``fk.fused_linear_divergence``: lm heads + divergence, the (N, V) logits never materialized.
+
+Rows are processed in chunks: a chunk's logits are produced in fp32 (z = h W^T + b), the fused
+divergence op returns the chunk's per-row loss and d loss / d z in one launch, and the chunk's
+contribution to the hidden and weight gradients is accumulated in fp32 before the next chunk.
+Memory beyond the gradients is one chunk of logits, so it is set by ``chunk_size`` (or a budget).
+
+For a scalar reduction the gradients are computed in the forward and the backward scales them
+by the incoming scalar; with ``reduction="none"`` the backward recomputes the chunks with the
+incoming per-row gradient as row weights (a weight gradient does not factor by row afterwards).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fdiv_kernels import _validation as V
+from fdiv_kernels.dispatch import select
+from fdiv_kernels.divergences import KernelSpec, resolve
+
+# Chunk logits budget: about five fp32 (chunk, V) buffers live at once (two logits, padding,
+# two gradients).
+CHUNK_BUDGET_BYTES = 256 << 20
+
+
+def default_chunk_size(n: int, vocab: int) -> int:
+    return max(1, min(n, CHUNK_BUDGET_BYTES // (5 * 4 * vocab)))
+
+
+def _gemm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 (fp64 for fp64) result: rounding logits to bf16 costs gradient accuracy."""
+    if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if a.is_cuda:  # 16-bit operands, fp32 accumulation and output
+        low = b.dtype if b.dtype in (torch.float16, torch.bfloat16) else a.dtype
+        return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
+    return a.float() @ b.float()  # CPU has no fp32-output 16-bit GEMM
+
+
+def _operand(w: Tensor) -> Tensor:
+    """The weight as the GEMMs use it: CPU 16-bit weights are widened once per call, not per chunk."""
+    return w.float() if w.dtype in (torch.float16, torch.bfloat16) and not w.is_cuda else w
+
+
+def _accumulate_grads(gz: Tensor, h: Tensor, w: Tensor, out: dict, rows, prefix: str) -> None:
+    """Add a chunk's d/dh, d/dW, d/db (from fp32 d loss / d z) into the fp32 accumulators."""
+    if out[prefix + "h"] is not None:
+        out[prefix + "h"][rows] = _gemm_f32(gz, w)
+    if out[prefix + "w"] is not None:
+        out[prefix + "w"] += _gemm_f32(gz.t(), h)
+    if out[prefix + "b"] is not None:
+        out[prefix + "b"] += gz.sum(0)
+
+
+def _run(ctx_args: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict]:
+    """Loss per row and the row-weighted gradients, chunk by chunk."""
+    a = ctx_args
+    hs, ws, bs, ht, wt, bt = a["hs"], a["ws"], a["bs"], a["ht"], a["wt"], a["bt"]
+    spec: KernelSpec = a["spec"]
+    n, vs, vt = hs.shape[0], ws.shape[0], wt.shape[0]
+    acc = torch.promote_types(hs.dtype, torch.float32)
+    grads = {
+        "sh": hs.new_empty(hs.shape, dtype=acc) if needs["sh"] else None,
+        "sw": ws.new_zeros(ws.shape, dtype=acc) if needs["sw"] else None,
+        "sb": hs.new_zeros(ws.shape[0], dtype=acc) if needs["sb"] else None,
+        "th": ht.new_empty(ht.shape, dtype=acc) if needs["th"] else None,
+        "tw": wt.new_zeros(wt.shape, dtype=acc) if needs["tw"] else None,
+        "tb": ht.new_zeros(wt.shape[0], dtype=acc) if needs["tb"] else None,
+    }
+    grad_s = any(needs[k] for k in ("sh", "sw", "sb"))
+    grad_t = any(needs[k] for k in ("th", "tw", "tb"))
+    fwd = getattr(torch.ops.fdiv, f"divergence_fwd_{a['backend']}")
+    loss = hs.new_empty(n, dtype=acc)
+    ws_op, wt_op = _operand(ws), _operand(wt)
+    ce_w = a["ce_weight"]
+    for lo in range(0, n, a["chunk"]):
+        rows = slice(lo, min(n, lo + a["chunk"]))
+        with torch.no_grad():
+            zs = _gemm_f32(hs[rows], ws_op.t())
+            zt = _gemm_f32(ht[rows], wt_op.t())
+            if bs is not None:
+                zs = zs + bs.to(zs.dtype)
+            if bt is not None:
+                zt = zt + bt.to(zt.dtype)
+            if vt > vs:  # entries the student head lacks have probability 0, not logit 0
+                zs_full = torch.nn.functional.pad(zs, (0, vt - vs), value=float("-inf"))
+            else:
+                zs_full = zs
+            valid = a["valid"][rows]
+            div, gzs, gzt = fwd(zs_full, zt, valid, spec.base, spec.swap, spec.param, a["inv_t"],
+                                grad_s, grad_t)
+            w_rows = row_weights[rows]
+            loss[rows] = div
+            if ce_w:
+                ce, gce = _cross_entropy(zs, a["labels"][rows], a["ignore_index"], a["backend"],
+                                         grad_s)
+                loss[rows] = (1.0 - ce_w) * div + ce_w * ce
+            if grad_s:
+                gz = gzs[:, :vs] * (1.0 - ce_w) + (gce * ce_w if ce_w else 0.0)
+                gz = gz * w_rows[:, None]
+                _accumulate_grads(gz, hs[rows], ws_op, grads, rows, "s")
+            if grad_t:
+                gz = gzt * ((1.0 - ce_w) * w_rows[:, None])
+                _accumulate_grads(gz, ht[rows], wt_op, grads, rows, "t")
+    return loss, grads
+
+
+def _cross_entropy(z: Tensor, labels: Tensor, ignore_index: int, backend: str, grad: bool):
+    """-log softmax(z)[label] per row and its logit gradient (softmax - onehot), fp32."""
+    fwd = getattr(torch.ops.fdiv, f"softmax_stats_fwd_{backend}")
+    lse, ent, lp = fwd(z, labels, ignore_index, 1.0, False)
+    if not grad:
+        return -lp, None
+    bwd = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{backend}")
+    g = torch.full_like(lp, -1.0)
+    return -lp, bwd(z, labels, lse, ent, None, None, g, ignore_index, 1.0)
+
+
+class FusedLinearDivergenceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, args, row_weights, reduction):
+        needs = dict(zip(("sh", "sw", "sb", "th", "tw", "tb"), ctx.needs_input_grad[:6]))
+        needs["sb"] = needs["sb"] and bs is not None
+        needs["tb"] = needs["tb"] and bt is not None
+        args = {**args, "hs": hs, "ws": ws, "bs": bs, "ht": ht, "wt": wt, "bt": bt}
+        ctx.reduction, ctx.needs, ctx.args = reduction, needs, args
+        if reduction == "none":
+            # Gradients need the per-row upstream gradient: recompute in the backward.
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt)
+            loss, _ = _run(args, row_weights, dict.fromkeys(needs, False))
+            return loss
+        loss, grads = _run(args, row_weights, needs)
+        ctx.grads = grads
+        return (loss * row_weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fused_linear_divergence does not support higher-order gradients")
+        if ctx.reduction == "none":
+            hs, ws, bs, ht, wt, bt = ctx.saved_tensors
+            args = {**ctx.args, "hs": hs, "ws": ws, "bs": bs, "ht": ht, "wt": wt, "bt": bt}
+            _, grads = _run(args, grad_out.contiguous().to(torch.float32), ctx.needs)
+            scale = None
+        else:
+            grads, scale = ctx.grads, grad_out
+        inputs = {"sh": "hs", "sw": "ws", "sb": "bs", "th": "ht", "tw": "wt", "tb": "bt"}
+        out = []
+        for key, name in inputs.items():
+            g = grads[key]
+            if g is None:
+                out.append(None)
+                continue
+            if scale is not None:
+                g = g * scale
+            out.append(g.to(ctx.args[name].dtype))
+        return (*out, None, None, None)
+
+
+def _check_2d(name: str, x: object, cols: int | None = None) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (V, H), got shape {tuple(x.shape)}")
+    return x
+
+
+def fused_linear_divergence(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    kind: str = "kl",
+    *,
+    beta: float | None = None,
+    alpha: float | None = None,
+    lam: float | None = None,
+    temperature: float = 1.0,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    ce_weight: float = 0.0,
+    chunk_size: int | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""D(softmax(teacher_hidden W_t^T + b_t) || softmax(student_hidden W_s^T + b_s)) per row,
+    without the (N, V) logits.
+
+    ``kind`` and its parameters, ``temperature``, ``labels`` / ``ignore_index``, ``reduction`` and
+    ``num_items_in_batch`` mean what they mean in :func:`fk.divergence`. Hidden states are
+    (..., H) with one leading shape for both; weights are (V, H) with ``Vt >= Vs`` (the student's
+    missing vocabulary entries have probability 0, i.e. logit -inf). With ``ce_weight = w`` the
+    per-row loss is (1 - w) D + w CE(student, labels) (labels required). Logits are formed in fp32
+    whatever the operand dtype; gradients (to the student's hidden, weight and bias, and the
+    teacher's when they require grad) accumulate in fp32 and return in each parameter's dtype.
+    ``chunk_size`` rows are processed at a time (default: from a memory budget).
+    """
+    hs = V.check_logits("student_hidden", student_hidden)
+    ht = V.check_logits("teacher_hidden", teacher_hidden)
+    ws = _check_2d("student_weight", student_weight)
+    wt = _check_2d("teacher_weight", teacher_weight)
+    if hs.shape[:-1] != ht.shape[:-1]:
+        raise ValueError(
+            f"student_hidden and teacher_hidden must share the leading shape (N), got "
+            f"{tuple(hs.shape[:-1])} and {tuple(ht.shape[:-1])}"
+        )
+    if ws.shape[1] != hs.shape[-1]:
+        raise ValueError(f"student_weight must be (Vs, {hs.shape[-1]}) to match student_hidden, "
+                         f"got {tuple(ws.shape)}")
+    if wt.shape[1] != ht.shape[-1]:
+        raise ValueError(f"teacher_weight must be (Vt, {ht.shape[-1]}) to match teacher_hidden, "
+                         f"got {tuple(wt.shape)}")
+    if wt.shape[0] < ws.shape[0]:
+        raise ValueError(f"teacher vocabulary must be at least the student's: Vt={wt.shape[0]} "
+                         f"< Vs={ws.shape[0]}")
+    for name, b, w in (("student_bias", student_bias, ws), ("teacher_bias", teacher_bias, wt)):
+        if b is not None and (not isinstance(b, Tensor) or b.shape != (w.shape[0],)):
+            raise ValueError(f"{name} must be a tensor of shape ({w.shape[0]},), got "
+                             f"{getattr(b, 'shape', type(b).__name__)}")
+    devices = {t.device for t in (hs, ht, ws, wt, student_bias, teacher_bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    spec = resolve(kind, beta, alpha, lam)
+    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    reduction = V.check_reduction(reduction)
+    ce_w = V.check_real("ce_weight", ce_weight)
+    if not 0.0 <= ce_w <= 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_w}")
+    lead = hs.shape[:-1]
+    n = hs[..., 0].numel()
+    valid = V.row_mask(labels, ignore_index, lead, hs.device)
+    if ce_w and labels is None:
+        raise ValueError("ce_weight > 0 needs labels")
+    if chunk_size is None:
+        chunk = default_chunk_size(n, wt.shape[0])
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    else:
+        chunk = chunk_size
+    keep = valid if valid is not None else torch.ones(n, dtype=torch.bool, device=hs.device)
+    flat_labels = labels.reshape(-1).contiguous() if labels is not None else None
+    if ce_w:
+        bad = ((flat_labels < 0) | (flat_labels >= ws.shape[0])) & (flat_labels != ignore_index)
+        if not torch.compiler.is_compiling() and bool(bad.any()):
+            raise ValueError(f"labels must be in [0, {ws.shape[0]}) or equal ignore_index")
+    probe = torch.empty(0, dtype=torch.float32, device=hs.device)
+    name = select(backend, probe, "divergence")
+    if ce_w:
+        select(name, probe, "softmax_stats")
+    # Row weights fold the reduction into the gradients: kept rows / denominator.
+    acc = torch.promote_types(hs.dtype, torch.float32)
+    weights = keep.to(acc)
+    if reduction == "mean":
+        if num_items_in_batch is not None:
+            denom = (num_items_in_batch if isinstance(num_items_in_batch, Tensor) else
+                     V.check_real("num_items_in_batch", num_items_in_batch, positive=True))
+        else:
+            denom = weights.sum().clamp(min=1)
+        weights = weights / denom
+    args = {"spec": spec, "inv_t": inv_t, "valid": keep, "labels": flat_labels,
+            "ignore_index": int(ignore_index), "ce_weight": ce_w, "chunk": chunk,
+            "backend": name}
+    out = FusedLinearDivergenceFunction.apply(
+        hs.reshape(n, -1), ws, student_bias, ht.reshape(n, -1), wt, teacher_bias, args,
+        weights, reduction,
+    )
+    return out.reshape(lead) if reduction == "none" else out
