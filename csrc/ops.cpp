@@ -10,6 +10,12 @@ TORCH_LIBRARY(fdiv, m) {
       "divergence_fwd_cpu(Tensor student, Tensor teacher, Tensor valid, int kind, bool swap, "
       "float param, float inv_temperature, bool grad_student, bool grad_teacher) "
       "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+  m.def(
+      "softmax_stats_fwd_cpu(Tensor x, Tensor? labels, int ignore_index, float inv_temperature, "
+      "bool entropy) -> (Tensor lse, Tensor entropy, Tensor label_logprob)");
+  m.def(
+      "softmax_stats_bwd_cpu(Tensor x, Tensor? labels, Tensor lse, Tensor entropy, Tensor? g_lse, "
+      "Tensor? g_entropy, Tensor? g_logprob, int ignore_index, float inv_temperature) -> Tensor");
 }
 
 extern "C" {

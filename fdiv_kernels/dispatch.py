@@ -97,7 +97,11 @@ def not_supported_reasons(backend: str, x: Tensor) -> list[str]:
 
 
 def select(requested: str, x: Tensor, op: str) -> str:
-    """Resolve ``requested`` ("auto" or a backend name) for ``op`` on tensors like ``x``."""
+    """Resolve ``requested`` ("auto" or a backend name) for ``op`` on tensors like ``x``.
+
+    ``op`` names the registered op without its backend suffix (``"divergence_fwd"``): a backend
+    qualifies once ``torch.ops.fdiv.<op>_<backend>`` exists.
+    """
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a str, got {type(requested).__name__}")
     return _select(requested, x.device.type, x.dtype, op)
@@ -119,7 +123,7 @@ def _select(requested: str, device: str, dtype: torch.dtype, op: str) -> str:
             module = TABLE[name].module
             if module:
                 importlib.import_module(module)
-            if hasattr(torch.ops.fdiv, f"{op}_fwd_{name}"):
+            if hasattr(torch.ops.fdiv, f"{op}_{name}"):
                 return name
             reasons = [f"{op} is not implemented by this backend"]
         why[name] = reasons

@@ -124,7 +124,7 @@ def divergence(
     vocab = student_logits.shape[-1]
     s = student_logits.to(dtype).reshape(-1, vocab).contiguous()
     t = teacher_logits.to(dtype).reshape(-1, vocab).contiguous()
-    name = select(backend, s, "divergence")
+    name = select(backend, s, "divergence_fwd")
     keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")

@@ -28,7 +28,7 @@ def row_lse(logits: Tensor, temperature: float = 1.0, *, backend: str = "auto") 
     """Phase 1: log sum exp(logits / T) over this shard's columns, per row (float32)."""
     x = V.check_logits("logits", logits).reshape(-1, logits.shape[-1]).contiguous()
     inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
-    name = select(backend, x, "softmax_stats")
+    name = select(backend, x, "softmax_stats_fwd")
     with torch.no_grad():
         return SoftmaxStatsFunction.apply(x, None, -100, inv_t, False, name)[0]
 
@@ -38,12 +38,18 @@ def combine_lse(shard_lse: Tensor) -> Tensor:
     return torch.logsumexp(shard_lse, dim=0)
 
 
-def _spec(kind, beta, alpha, lam) -> KernelSpec:
-    return resolve(kind, beta, alpha, lam)
-
-
-def _valid(valid: Tensor | None, n: int, device) -> Tensor:
-    return torch.ones(n, dtype=torch.bool, device=device) if valid is None else valid.reshape(-1)
+def _prepare(student, teacher, kind, beta, alpha, lam, temperature, valid, backend, phase):
+    """Checks and flattening shared by the phases; returns (op, s, t, valid, spec, inv_t)."""
+    V.check_pair(student, teacher)
+    spec: KernelSpec = resolve(kind, beta, alpha, lam)
+    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    s = student.reshape(-1, student.shape[-1]).contiguous()
+    t = teacher.reshape(-1, teacher.shape[-1]).contiguous()
+    keep = (torch.ones(s.shape[0], dtype=torch.bool, device=s.device) if valid is None
+            else valid.reshape(-1))
+    op = f"divergence_{phase}"
+    op = getattr(torch.ops.fdiv, f"{op}_{select(backend, s, op)}")
+    return op, s, t, keep, spec, inv_t
 
 
 def partials(
@@ -56,15 +62,9 @@ def partials(
 
     Summed over shards, column 0 is the loss of each row.
     """
-    V.check_pair(student, teacher)
-    spec = _spec(kind, beta, alpha, lam)
-    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
-    s = student.reshape(-1, student.shape[-1]).contiguous()
-    t = teacher.reshape(-1, teacher.shape[-1]).contiguous()
-    name = select(backend, s, "divergence")
-    op = getattr(torch.ops.fdiv, f"divergence_partials_{name}")
-    return op(s, t, _valid(valid, s.shape[0], s.device), lse_student, lse_teacher, spec.base,
-              spec.swap, spec.param, inv_t)
+    op, s, t, keep, spec, inv_t = _prepare(student, teacher, kind, beta, alpha, lam, temperature,
+                                           valid, backend, "partials")
+    return op(s, t, keep, lse_student, lse_teacher, spec.base, spec.swap, spec.param, inv_t)
 
 
 def grads(
@@ -74,14 +74,9 @@ def grads(
     grad_student: bool = True, grad_teacher: bool = False, backend: str = "auto",
 ) -> tuple[Tensor | None, Tensor | None]:
     """Phase 3: d loss_row / d logits for this shard's columns, from the all-reduced ``sums``."""
-    V.check_pair(student, teacher)
-    spec = _spec(kind, beta, alpha, lam)
-    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
-    s = student.reshape(-1, student.shape[-1]).contiguous()
-    t = teacher.reshape(-1, teacher.shape[-1]).contiguous()
-    name = select(backend, s, "divergence")
-    op = getattr(torch.ops.fdiv, f"divergence_grads_{name}")
-    gs, gt = op(s, t, _valid(valid, s.shape[0], s.device), lse_student, lse_teacher, sums,
-                spec.base, spec.swap, spec.param, inv_t, grad_student, grad_teacher)
+    op, s, t, keep, spec, inv_t = _prepare(student, teacher, kind, beta, alpha, lam, temperature,
+                                           valid, backend, "grads")
+    gs, gt = op(s, t, keep, lse_student, lse_teacher, sums, spec.base, spec.swap, spec.param,
+                inv_t, grad_student, grad_teacher)
     return (gs.reshape(student.shape) if grad_student else None,
             gt.reshape(teacher.shape) if grad_teacher else None)

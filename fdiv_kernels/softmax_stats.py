@@ -90,7 +90,7 @@ def softmax_stats(
     lab = _labels(labels, ignore_index, lead, logits) if labels is not None else None
     if labels is None:
         V.row_mask(None, ignore_index, lead, x.device)
-    name = select(backend, x, "softmax_stats")
+    name = select(backend, x, "softmax_stats_fwd")
     lse, ent, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, True, name)
     return SoftmaxStats(lse.reshape(lead), ent.reshape(lead),
                         lp.reshape(lead) if lab is not None else None)
@@ -112,7 +112,7 @@ def token_logprobs(
     x, lead = _rows("logits", logits)
     inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
     lab = _labels(labels, ignore_index, lead, logits)
-    name = select(backend, x, "softmax_stats")
+    name = select(backend, x, "softmax_stats_fwd")
     _, _, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, False, name)
     return lp.reshape(lead)
 
@@ -121,7 +121,7 @@ def entropy(logits: Tensor, temperature: float = 1.0, *, backend: str = "auto") 
     r"""Per-row entropy H = lse - sum_j q_j x_j / T of q = softmax(logits / T), with autograd."""
     x, lead = _rows("logits", logits)
     inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
-    name = select(backend, x, "softmax_stats")
+    name = select(backend, x, "softmax_stats_fwd")
     _, ent, _ = SoftmaxStatsFunction.apply(x, None, -100, inv_t, True, name)
     return ent.reshape(lead)
 
@@ -161,6 +161,6 @@ def logsumexp(
         # torch's conventions: an empty reduction is -inf; an empty batch is empty.
         return torch.full(out_shape, float("-inf"), dtype=x.dtype, device=x.device) + x.sum() * 0
     rows = moved.reshape(-1, width).contiguous()
-    name = select(backend, rows, "softmax_stats")
+    name = select(backend, rows, "softmax_stats_fwd")
     lse, _, _ = SoftmaxStatsFunction.apply(rows, None, -100, 1.0, False, name)
     return lse.to(x.dtype).reshape(out_shape)

@@ -40,14 +40,31 @@ def available_backends(op: str, dtype: torch.dtype = torch.float32) -> list[str]
     return out
 
 
-BACKENDS = available_backends("divergence")
-STATS_BACKENDS = available_backends("softmax_stats")
+BACKENDS = available_backends("divergence_fwd")
+STATS_BACKENDS = available_backends("softmax_stats_fwd")
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Each backend that implements the divergence op here."""
     return request.param
+
+
+def backend_cfg_fixture(backends: list[str], kernel_module: str):
+    """A fixture over each backend, plus Triton with its block capped (``MAX_BLOCK = 64`` in
+    ``kernel_module``) so short rows run the multi-block online loop of real vocabularies."""
+    configs = [(b, False) for b in backends] + ([("triton", True)] if "triton" in backends else [])
+
+    @pytest.fixture(params=configs, ids=[f"{b}{'-small_block' if c else ''}" for b, c in configs])
+    def backend_cfg(request, monkeypatch):
+        name, small = request.param
+        if small:
+            import importlib
+
+            monkeypatch.setattr(importlib.import_module(kernel_module), "MAX_BLOCK", 64)
+        return name
+
+    return backend_cfg
 
 
 def assert_close(actual, expected, tol, what=""):

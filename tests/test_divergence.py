@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import BACKENDS, DTYPES, GRAD_TOL, LOSS_TOL, assert_close
+from conftest import BACKENDS, DTYPES, GRAD_TOL, LOSS_TOL, assert_close, backend_cfg_fixture
 from reference import divergence_with_grads, logits
 
 import fdiv_kernels as fk
@@ -27,19 +27,7 @@ SHAPES = [
 ]
 
 
-# Each backend as it ships, plus Triton with its block capped so short rows run the multi-block
-# online loop (the regime of real vocabularies) in the interpreter.
-CONFIGS = [(b, False) for b in BACKENDS] + ([("triton", True)] if "triton" in BACKENDS else [])
-
-
-@pytest.fixture(params=CONFIGS, ids=[f"{b}{'-small_block' if c else ''}" for b, c in CONFIGS])
-def backend_cfg(request, monkeypatch):
-    name, small = request.param
-    if small:
-        import fdiv_kernels.triton_kernels.divergence as tk
-
-        monkeypatch.setattr(tk, "MAX_BLOCK", 64)
-    return name
+backend_cfg = backend_cfg_fixture(BACKENDS, "fdiv_kernels.triton_kernels.divergence")
 
 
 def _kw(kind, param):

@@ -39,3 +39,15 @@ def test_sharded_phases_match_fused(kind, kw, backend):
     assert_close(sums[:, 0], loss, LOSS_TOL[torch.float32], "loss")
     assert_close(gs, s_.grad, GRAD_TOL[torch.float32], "student grad")
     assert_close(gt, t_.grad, GRAD_TOL[torch.float32], "teacher grad")
+
+
+def test_auto_picks_a_backend_that_has_the_phase():
+    """auto skips backends lacking a phase op (the C++ CPU kernel has only the fused op)."""
+    s, t = logits((2, 30), seed=53), logits((2, 30), seed=54)
+    lse_s, lse_t = phases.row_lse(s), phases.row_lse(t)
+    sums = phases.partials(s, t, lse_s, lse_t, "js")
+    expected = fk.divergence(s, t, "js", reduction="none")
+    assert_close(sums[:, 0], expected, LOSS_TOL[torch.float32], "loss")
+    if "cpu" in BACKENDS and not hasattr(torch.ops.fdiv, "divergence_partials_cpu"):
+        with pytest.raises(fk.BackendUnavailableError, match="divergence_partials is not"):
+            phases.partials(s, t, lse_s, lse_t, "js", backend="cpu")

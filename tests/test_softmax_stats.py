@@ -4,13 +4,20 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, GRAD_TOL, LOSS_TOL, STATS_BACKENDS, assert_close, available_backends
+from conftest import (
+    DTYPES,
+    GRAD_TOL,
+    LOSS_TOL,
+    STATS_BACKENDS,
+    assert_close,
+    available_backends,
+    backend_cfg_fixture,
+)
 from reference import logits, softmax_stats_rows
 
 import fdiv_kernels as fk
 
 BACKENDS = STATS_BACKENDS
-CONFIGS = [(b, False) for b in BACKENDS] + ([("triton", True)] if "triton" in BACKENDS else [])
 
 
 @pytest.fixture(params=BACKENDS)
@@ -19,17 +26,7 @@ def backend(request):
     return request.param
 
 
-@pytest.fixture(params=CONFIGS, ids=[f"{b}{'-small_block' if c else ''}" for b, c in CONFIGS])
-def backend_cfg(request, monkeypatch):
-    """Each backend, plus Triton with a capped block so short rows run the online loop."""
-    name, small = request.param
-    if small:
-        import fdiv_kernels.triton_kernels.softmax_stats as tk
-
-        monkeypatch.setattr(tk, "MAX_BLOCK", 64)
-    return name
-
-
+backend_cfg = backend_cfg_fixture(BACKENDS, "fdiv_kernels.triton_kernels.softmax_stats")
 SHAPES = [(1, 1), (3, 17), (2, 300), (2, 3, 129)]  # V=1; one block + tail; multi-block; 3-D
 
 
@@ -154,7 +151,7 @@ def test_bad_input(call, exc, match):
         call()
 
 
-F64 = available_backends("softmax_stats", torch.float64)
+F64 = available_backends("softmax_stats_fwd", torch.float64)
 
 
 @pytest.mark.parametrize("backend", F64)

@@ -42,7 +42,122 @@ struct OnlineSoftmax {
 
   // m + log(s): -inf for an all -inf row, NaN if any element was NaN or +inf.
   FDIV_INLINE double lse() const { return static_cast<double>(m) + std::log(s); }
+
+  // Folds in the state of another stretch of the same row (any order).
+  FDIV_INLINE void merge(const OnlineSoftmax& o) {
+    rebase(o.m);
+    // o empty (m = -inf, s = 0) adds nothing; exp(-inf - -inf) would be NaN. A poisoned o
+    // (s = NaN) still poisons.
+    if (o.s != 0.0) s += o.s * std::exp(static_cast<double>(o.m) - static_cast<double>(m));
+  }
 };
+
+// OnlineSoftmax plus w = sum exp(x - m) (x - m), rescaled as the max moves: the entropy of
+// softmax(x) is then log s - w / s, shifted by the running max so that it never subtracts two
+// large numbers. (triton_kernels/online_softmax.py: online_update_weighted.)
+template <class T>
+struct OnlineEntropy {
+  T m = -std::numeric_limits<T>::infinity();
+  double s = 0.0, w = 0.0;
+
+  // Raises the max to `new_max` if larger; returns the max elements are now shifted by.
+  FDIV_INLINE T rebase(T new_max) {
+    if (new_max > m) {
+      const double d = static_cast<double>(m) - static_cast<double>(new_max);  // -inf if m = -inf
+      const double c = std::exp(d);
+      // exp(x - m') (x - m') = c exp(x - m) ((x - m) + d). Nothing accumulated yet: w stays 0.
+      w = s == 0.0 ? w : c * (w + d * s);
+      s *= c;
+      m = new_max;
+    }
+    return m;
+  }
+
+  FDIV_INLINE void poison() { s = w = std::numeric_limits<double>::quiet_NaN(); }
+
+  FDIV_INLINE void merge(const OnlineEntropy& o) {
+    OnlineEntropy b = o;
+    rebase(b.m);
+    b.rebase(m);
+    s += b.s;
+    w += b.w;
+  }
+
+  FDIV_INLINE double lse() const { return static_cast<double>(m) + std::log(s); }
+  // -sum q log q: NaN for an all -inf row (no distribution), any +inf or NaN.
+  FDIV_INLINE double entropy() const { return std::log(s) - w / s; }
+};
+
+// Online log-sum-exp of scale * x[0:n] folded into acc; as row_lse without keeping the exps.
+// The running max may lag a block's max by up to the slack (only the lse is wanted, and s is
+// kept in double), so almost every block is a single fused loop.
+template <class T>
+FDIV_INLINE void online_lse(const T* x, T scale, int64_t n, OnlineSoftmax<T>& acc) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr T kSlack = T(64);
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const T* xb = x + j0;
+    const int64_t len = std::min(kBlock, n - j0);
+    T m = acc.m, bm = kNegInf, bs = 0;
+    if (m != kNegInf) {
+#pragma omp simd reduction(max : bm) reduction(+ : bs)
+      for (int64_t j = 0; j < len; ++j) {
+        const T xj = xb[j] * scale;
+        bm = std::max(bm, xj);
+        bs += vexp(xj - m);
+      }
+      if (!(bm > m + kSlack)) {
+        acc.add(static_cast<double>(bs));
+        acc.rebase(bm);
+        continue;
+      }
+    } else {
+#pragma omp simd reduction(max : bm)
+      for (int64_t j = 0; j < len; ++j) bm = std::max(bm, xb[j] * scale);
+    }
+    m = acc.rebase(bm);
+    if (m == kNegInf) {
+      for (int64_t j = 0; j < len; ++j)
+        if (xb[j] != xb[j]) acc.poison();
+      continue;
+    }
+    bs = 0;
+#pragma omp simd reduction(+ : bs)
+    for (int64_t j = 0; j < len; ++j) bs += vexp(xb[j] * scale - m);
+    acc.add(static_cast<double>(bs));
+  }
+}
+
+// Online (max, sum, weighted sum) of scale * x[0:n] folded into acc. Each block is shifted by
+// the exact running max (block max first, from L1 on the second loop): the weighted sum must
+// not be computed against a lagging max, or log s - w / s would cancel.
+template <class T>
+FDIV_INLINE void online_lse_entropy(const T* x, T scale, int64_t n, OnlineEntropy<T>& acc) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const T* xb = x + j0;
+    const int64_t len = std::min(kBlock, n - j0);
+    T bm = kNegInf;
+#pragma omp simd reduction(max : bm)
+    for (int64_t j = 0; j < len; ++j) bm = std::max(bm, xb[j] * scale);
+    const T m = acc.rebase(bm);
+    if (m == kNegInf) {
+      for (int64_t j = 0; j < len; ++j)
+        if (xb[j] != xb[j]) acc.poison();
+      continue;
+    }
+    T bs = 0, bw = 0;
+#pragma omp simd reduction(+ : bs, bw)
+    for (int64_t j = 0; j < len; ++j) {
+      const T d = xb[j] * scale - m;
+      const T e = vexp(d);
+      bs += e;
+      bw += e == T(0) ? T(0) : e * d;  // 0 log 0 = 0 (d = -inf)
+    }
+    acc.s += static_cast<double>(bs);
+    acc.w += static_cast<double>(bw);
+  }
+}
 
 // log-sum-exp of scale * x[0:n], rounded to T. scale * x is rounded to T first, exactly as the
 // later passes form the same logits.

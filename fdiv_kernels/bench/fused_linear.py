@@ -56,7 +56,7 @@ def fused_linear_cases(shapes, dtype, device, peers=("eager", "liger")):
     ours = []
     for b in BACKENDS:
         try:
-            select(b, probe, "divergence")
+            select(b, probe, "divergence_fwd")
         except BackendUnavailableError:
             continue
         ours.append(b)

@@ -59,7 +59,7 @@ def softmax_stats_cases(shapes, dtype, device, peers=("eager", "compile")):
     cases = []
     probe = torch.empty(1, dtype=dtype, device=device)
     es = probe.element_size()
-    ours = _ours(probe, "softmax_stats")
+    ours = _ours(probe, "softmax_stats_fwd")
     for shape in shapes:
         n, v = shape
         # logsumexp forward: read x once.

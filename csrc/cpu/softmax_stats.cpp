@@ -1,0 +1,378 @@
+// CPU softmax statistics of rows: log-sum-exp, entropy and the label's log-probability (forward),
+// and the logit gradient of any combination of them (backward).
+//
+// Forward: one read of each row, online (max, sum[, weighted sum]) block by block, nothing kept.
+// Backward: one read of x and one write of dx, from the saved per-row lse / entropy:
+//   dx = (g_lse q - g_H [q > 0] q (a - lse + H) + g_lp (onehot(label) - q)) / T,
+//   a = x / T, q = exp(a - lse).
+// Work items are (row, stretch of columns): with few rows, each row is cut into stretches so that
+// every thread has work; the forward merges the stretches' partial states per row afterwards.
+// Half-precision rows are widened block by block into a per-thread float buffer (and gradients
+// narrowed from one), so the float kernels run on every dtype; float64 computes in double.
+// The statement of record is softmax_stats_{fwd,bwd}_torch in fdiv_kernels/backends/torch_ref.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "cpu/online_softmax.h"
+#include "cpu/vec_math.h"
+
+namespace fdiv_kernels {
+namespace {
+
+// How the (N, V) matrix is cut into work items: `parts` stretches of `len` columns per row.
+struct Split {
+  int64_t parts, len;
+};
+
+Split split_rows(int64_t rows, int64_t n) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Enough items (8 per thread) that an uneven count costs little; never stretches below a
+  // block, and one stretch per row once the rows alone balance.
+  const int64_t want = 8 * threads;
+  int64_t parts = rows >= want ? 1 : (want + rows - 1) / std::max<int64_t>(rows, 1);
+  parts = std::max<int64_t>(1, std::min(parts, n / kBlock));
+  // Stretch starts on a 64-element (cache line) boundary.
+  int64_t len = (n + parts - 1) / parts;
+  len = (len + 63) / 64 * 64;
+  parts = std::max<int64_t>(1, (n + len - 1) / std::max<int64_t>(len, 1));
+  return {parts, std::max<int64_t>(len, 1)};
+}
+
+// ---- element kernels, float (any storage dtype) and double ---------------------------------
+
+FDIV_INLINE void widen_block(float* dst, const at::BFloat16* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+FDIV_INLINE void widen_block(float* dst, const at::Half* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+FDIV_INLINE void narrow_block(at::BFloat16* dst, const float* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::BFloat16>(src[j]);
+}
+FDIV_INLINE void narrow_block(at::Half* dst, const float* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::Half>(src[j]);
+}
+
+// Forward over one stretch of a row into a partial state; buf: kBlock T (narrow dtypes only).
+template <bool ENT, class scalar_t, class T>
+FDIV_INLINE void fwd_stretch(const scalar_t* x, int64_t n, T scale, OnlineSoftmax<T>& lse,
+                             OnlineEntropy<T>& ent, T* buf) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    (void)buf;
+    if constexpr (ENT) online_lse_entropy(x, scale, n, ent);
+    else online_lse(x, scale, n, lse);
+  } else {
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t len = std::min(kBlock, n - j0);
+      widen_block(buf, x + j0, len);
+      if constexpr (ENT) online_lse_entropy<T>(buf, scale, len, ent);
+      else online_lse<T>(buf, scale, len, lse);
+    }
+  }
+}
+
+// Backward over one stretch: out[j] = (cq q - ge [q > 0] q (a - lse + H)) * scale.
+template <bool CQ, bool ENT, class T>
+FDIV_INLINE void bwd_block(const T* x, T* out, int64_t n, T scale, T lse, T cq, T ge, T h) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T la = x[j] * scale - lse;
+    const T q = vexp(la);
+    T g = CQ ? cq * q : T(0);
+    if constexpr (ENT) g -= ge * (q == T(0) ? T(0) : q * (la + h));
+    out[j] = g * scale;
+  }
+}
+
+struct BwdRow {
+  int64_t label;  // column of the onehot term, or -1 for none
+  double lse, cq, ge, h, glp;
+};
+
+// dx for columns [0, n) of a row stretch starting at column c0; buf: 2 kBlock floats (narrow).
+template <bool CQ, bool ENT, class scalar_t, class T>
+FDIV_INLINE void bwd_stretch(const scalar_t* x, scalar_t* dx, int64_t n, int64_t c0, T scale,
+                             const BwdRow& r, T* buf) {
+  const T lse = T(r.lse), cq = T(r.cq), ge = T(r.ge), h = T(r.h);
+  const int64_t lab = r.label - c0;  // onehot column inside the stretch, if in [0, n)
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    (void)buf;
+    bwd_block<CQ, ENT>(x, dx, n, scale, lse, cq, ge, h);
+    if (lab >= 0 && lab < n) dx[lab] += T(r.glp) * scale;
+  } else {
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t len = std::min(kBlock, n - j0);
+      widen_block(buf, x + j0, len);
+      bwd_block<CQ, ENT>(buf, buf + kBlock, len, scale, lse, cq, ge, h);
+      if (lab >= j0 && lab < j0 + len) buf[kBlock + lab - j0] += T(r.glp) * scale;
+      narrow_block(dx + j0, buf + kBlock, len);
+    }
+  }
+}
+
+// The per-ISA entry points: plain (non-template) functions, one per storage dtype, so each is a
+// target_clones function with every kernel above inlined into it.
+#define FDIV_FWD_ENTRY(scalar_t, T, ATTR)                                                    \
+  ATTR void fwd_entry(const scalar_t* x, int64_t n, T scale, bool ent,                       \
+                      OnlineSoftmax<T>& lse, OnlineEntropy<T>& en, T* buf) {                 \
+    if (ent) fwd_stretch<true>(x, n, scale, lse, en, buf);                                   \
+    else fwd_stretch<false>(x, n, scale, lse, en, buf);                                      \
+  }                                                                                          \
+  ATTR void bwd_entry(const scalar_t* x, scalar_t* dx, int64_t n, int64_t c0, T scale,       \
+                      bool cq, bool ent, const BwdRow& r, T* buf) {                          \
+    if (cq && ent) bwd_stretch<true, true>(x, dx, n, c0, scale, r, buf);                     \
+    else if (cq) bwd_stretch<true, false>(x, dx, n, c0, scale, r, buf);                      \
+    else if (ent) bwd_stretch<false, true>(x, dx, n, c0, scale, r, buf);                     \
+    else bwd_stretch<false, false>(x, dx, n, c0, scale, r, buf);                             \
+  }
+FDIV_FWD_ENTRY(float, float, FDIV_CLONES)
+FDIV_FWD_ENTRY(at::BFloat16, float, FDIV_CLONES)
+FDIV_FWD_ENTRY(at::Half, float, FDIV_CLONES)
+FDIV_FWD_ENTRY(double, double, )
+#undef FDIV_FWD_ENTRY
+
+template <class T>
+struct Partial {
+  OnlineSoftmax<T> lse;
+  OnlineEntropy<T> ent;
+};
+
+// Whether x[0:n] holds a NaN (only asked for rows whose max is +inf: rare).
+template <class scalar_t>
+bool has_nan(const scalar_t* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (std::isnan(static_cast<double>(x[j]))) return true;
+  return false;
+}
+
+template <class scalar_t, class T>
+void run_fwd(const at::Tensor& x, const at::Tensor* labels, int64_t ignore_index, T scale,
+             bool want_ent, at::Tensor& lse, at::Tensor& ent, at::Tensor& lp) {
+  constexpr bool kWide = std::is_same_v<scalar_t, T>;
+  const int64_t rows = x.size(0), n = x.size(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const Split sp = split_rows(rows, n);
+  std::vector<Partial<T>> parts(size_t(rows * sp.parts));
+  at::parallel_for(0, rows * sp.parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(kWide ? 0 : size_t(kBlock));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / sp.parts, c0 = (t % sp.parts) * sp.len;
+      const int64_t len = std::min(sp.len, n - c0);
+      if (len <= 0) continue;
+      Partial<T>& p = parts[size_t(t)];
+      fwd_entry(xp + i * n + c0, len, scale, want_ent, p.lse, p.ent, buf.data());
+    }
+  });
+
+  T* lse_p = lse.mutable_data_ptr<T>();
+  T* ent_p = want_ent ? ent.mutable_data_ptr<T>() : nullptr;
+  T* lp_p = labels ? lp.mutable_data_ptr<T>() : nullptr;
+  const bool lab64 = labels && labels->scalar_type() == at::kLong;
+  const int64_t* l64 = lab64 ? labels->const_data_ptr<int64_t>() : nullptr;
+  const int32_t* l32 = labels && !lab64 ? labels->const_data_ptr<int32_t>() : nullptr;
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Partial<T>* p = &parts[size_t(i * sp.parts)];
+      double l, h = 0.0;
+      T m;
+      if (want_ent) {
+        OnlineEntropy<T> acc = p[0].ent;
+        for (int64_t k = 1; k < sp.parts; ++k) acc.merge(p[k].ent);
+        l = acc.lse();
+        h = n == 0 ? 0.0 : acc.entropy();  // an empty row: 0 (the sum of nothing)
+        m = acc.m;
+      } else {
+        OnlineSoftmax<T> acc = p[0].lse;
+        for (int64_t k = 1; k < sp.parts; ++k) acc.merge(p[k].lse);
+        l = acc.lse();
+        m = acc.m;
+      }
+      // A +inf logit: lse = +inf unless the row also holds a NaN (s is NaN either way).
+      if (m == std::numeric_limits<T>::infinity()) l = has_nan(xp + i * n, n) ? kNaN : kInf;
+      const T lse_t = T(l);
+      lse_p[i] = lse_t;
+      if (ent_p) ent_p[i] = T(h);
+      if (lp_p) {
+        const int64_t lab = lab64 ? l64[i] : int64_t(l32[i]);
+        T v;
+        if (lab == ignore_index) v = T(0);
+        else if (lab < 0 || lab >= n) v = T(kNaN);
+        else v = static_cast<T>(xp[i * n + lab]) * scale - lse_t;
+        lp_p[i] = v;
+      }
+    }
+  });
+}
+
+template <class scalar_t, class T>
+void run_bwd(const at::Tensor& x, const at::Tensor* labels, const at::Tensor& lse,
+             const at::Tensor* ent, const at::Tensor* g_lse, const at::Tensor* g_ent,
+             const at::Tensor* g_lp, int64_t ignore_index, T scale, at::Tensor& dx) {
+  constexpr bool kWide = std::is_same_v<scalar_t, T>;
+  const int64_t rows = x.size(0), n = x.size(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const T* lse_p = lse.const_data_ptr<T>();
+  const T* ent_p = g_ent ? ent->const_data_ptr<T>() : nullptr;
+  const T* gl_p = g_lse ? g_lse->const_data_ptr<T>() : nullptr;
+  const T* ge_p = g_ent ? g_ent->const_data_ptr<T>() : nullptr;
+  const T* gp_p = g_lp ? g_lp->const_data_ptr<T>() : nullptr;
+  const bool lab64 = labels && labels->scalar_type() == at::kLong;
+  const int64_t* l64 = lab64 ? labels->const_data_ptr<int64_t>() : nullptr;
+  const int32_t* l32 = labels && !lab64 ? labels->const_data_ptr<int32_t>() : nullptr;
+  const bool cq = g_lse || g_lp, en = g_ent != nullptr;
+  if (!cq && !en) {  // no incoming gradient: dx = 0 (not 0 * q, which a NaN q would poison)
+    dx.zero_();
+    return;
+  }
+  const Split sp = split_rows(rows, n);
+  at::parallel_for(0, rows * sp.parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(kWide ? 0 : size_t(2 * kBlock));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / sp.parts, c0 = (t % sp.parts) * sp.len;
+      const int64_t len = std::min(sp.len, n - c0);
+      if (len <= 0) continue;
+      BwdRow r{-1, double(lse_p[i]), gl_p ? double(gl_p[i]) : 0.0, ge_p ? double(ge_p[i]) : 0.0,
+               ent_p ? double(ent_p[i]) : 0.0, 0.0};
+      if (gp_p) {
+        const int64_t lab = lab64 ? l64[i] : int64_t(l32[i]);
+        // Ignored rows: coefficient 0 (even for a NaN incoming gradient). As the reference's
+        // one_hot(label.clamp(0, V - 1)), an out-of-range label lands on the nearest column.
+        r.glp = lab == ignore_index ? 0.0 : double(gp_p[i]);
+        r.cq -= r.glp;
+        r.label = std::clamp<int64_t>(lab, 0, n - 1);
+      }
+      bwd_entry(xp + i * n + c0, dxp + i * n + c0, len, c0, scale, cq, en, r, buf.data());
+    }
+  });
+}
+
+at::ScalarType stats_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (N, V), got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                   "x must be float32, float64, bfloat16 or float16, got ", dt);
+}
+
+// labels: int64 / int32 of shape (N,), contiguous on return.
+at::Tensor check_labels(const at::Tensor& labels, int64_t rows) {
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+                   "labels must be int64 or int32, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.device().is_cpu(), "labels must be a CPU tensor, got ", labels.device());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == rows, "labels must have shape (", rows,
+                    ",), got ", labels.sizes());
+  return labels.contiguous();
+}
+
+// A per-row float vector (lse, entropy, incoming gradients): shape (N,), converted to `dt`.
+at::Tensor check_row_vector(const char* name, const at::Tensor& v, int64_t rows, at::ScalarType dt) {
+  TORCH_CHECK_TYPE(at::isFloatingType(v.scalar_type()), name, " must be a floating point tensor, got ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(v.device().is_cpu(), name, " must be a CPU tensor, got ", v.device());
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == rows, name, " must have shape (", rows, ",), got ",
+                    v.sizes());
+  return v.to(dt).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& labels_in, int64_t ignore_index,
+    double inv_temperature, bool entropy) {
+  check_x(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0);
+  std::optional<at::Tensor> labels;
+  if (labels_in) labels = check_labels(*labels_in, rows);
+  const auto dt = x.scalar_type();
+  const auto opts = x.options().dtype(stats_dtype(dt));
+  at::Tensor lse = at::empty({rows}, opts);
+  at::Tensor ent = at::empty({entropy ? rows : 0}, opts);
+  at::Tensor lp = at::empty({labels ? rows : 0}, opts);
+  if (rows == 0) return {lse, ent, lp};
+  const at::Tensor* lab = labels ? &*labels : nullptr;
+  switch (dt) {
+    case at::kFloat:
+      run_fwd<float, float>(x, lab, ignore_index, float(inv_temperature), entropy, lse, ent, lp);
+      break;
+    case at::kDouble:
+      run_fwd<double, double>(x, lab, ignore_index, inv_temperature, entropy, lse, ent, lp);
+      break;
+    case at::kBFloat16:
+      run_fwd<at::BFloat16, float>(x, lab, ignore_index, float(inv_temperature), entropy, lse, ent, lp);
+      break;
+    default:
+      run_fwd<at::Half, float>(x, lab, ignore_index, float(inv_temperature), entropy, lse, ent, lp);
+      break;
+  }
+  return {lse, ent, lp};
+}
+
+at::Tensor softmax_stats_bwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& labels_in,
+                                 const at::Tensor& lse_in, const at::Tensor& entropy_in,
+                                 const std::optional<at::Tensor>& g_lse_in,
+                                 const std::optional<at::Tensor>& g_entropy_in,
+                                 const std::optional<at::Tensor>& g_logprob_in,
+                                 int64_t ignore_index, double inv_temperature) {
+  check_x(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0);
+  const auto dt = x.scalar_type(), st = stats_dtype(dt);
+  const at::Tensor lse = check_row_vector("lse", lse_in, rows, st);
+  std::optional<at::Tensor> labels, ent, g_lse, g_ent, g_lp;
+  if (g_lse_in) g_lse = check_row_vector("g_lse", *g_lse_in, rows, st);
+  if (g_entropy_in) {
+    g_ent = check_row_vector("g_entropy", *g_entropy_in, rows, st);
+    ent = check_row_vector("entropy (needed with g_entropy)", entropy_in, rows, st);
+  }
+  if (g_logprob_in) {
+    TORCH_CHECK_VALUE(labels_in.has_value(), "g_logprob needs labels, got labels=None");
+    g_lp = check_row_vector("g_logprob", *g_logprob_in, rows, st);
+  }
+  if (labels_in) labels = check_labels(*labels_in, rows);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return dx;
+  auto ptr = [](const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; };
+  switch (dt) {
+    case at::kFloat:
+      run_bwd<float, float>(x, ptr(labels), lse, ptr(ent), ptr(g_lse), ptr(g_ent), ptr(g_lp),
+                            ignore_index, float(inv_temperature), dx);
+      break;
+    case at::kDouble:
+      run_bwd<double, double>(x, ptr(labels), lse, ptr(ent), ptr(g_lse), ptr(g_ent), ptr(g_lp),
+                              ignore_index, inv_temperature, dx);
+      break;
+    case at::kBFloat16:
+      run_bwd<at::BFloat16, float>(x, ptr(labels), lse, ptr(ent), ptr(g_lse), ptr(g_ent), ptr(g_lp),
+                                   ignore_index, float(inv_temperature), dx);
+      break;
+    default:
+      run_bwd<at::Half, float>(x, ptr(labels), lse, ptr(ent), ptr(g_lse), ptr(g_ent), ptr(g_lp),
+                               ignore_index, float(inv_temperature), dx);
+      break;
+  }
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fdiv, CPU, m) {
+  m.impl("softmax_stats_fwd_cpu", &softmax_stats_fwd_cpu);
+  m.impl("softmax_stats_bwd_cpu", &softmax_stats_bwd_cpu);
+}
+
+}  // namespace fdiv_kernels

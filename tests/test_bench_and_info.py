@@ -1,0 +1,43 @@
+"""The bench command and the info command run, and write what they promise."""
+
+import json
+
+import fdiv_kernels.bench.__main__ as bench
+from fdiv_kernels.info import report
+
+ROW_FIELDS = {"op", "backend", "shape", "dtype", "ms", "gbps", "bandwidth_fraction",
+              "peak_mem_bytes"}
+
+
+def test_bench_quick_writes_json_and_png(tmp_path, capsys):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    assert bench.main(["--quick", "--kinds", "js", "--json", str(out_json),
+                       "--png", str(out_png)]) == 0
+    data = json.loads(out_json.read_text())
+    assert {"device", "versions", "date", "command", "rows", "copy_bandwidth_gbps"} <= set(data)
+    assert data["copy_bandwidth_gbps"] > 0
+    ops = {r["op"] for r in data["rows"]}
+    assert {"divergence:js", "logsumexp", "token_logprobs", "fused_linear:js"} <= ops
+    for row in data["rows"]:
+        assert ROW_FIELDS <= set(row)
+        assert row["error"] is None, row
+        assert row["ms"] > 0 and 0 < row["bandwidth_fraction"]
+    ours = [r for r in data["rows"] if r["backend"].startswith("fdiv-")]
+    assert ours and all("torch-eager" in r["ratios"] for r in ours)
+    assert out_png.stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "| divergence:js" in table and "vs torch-eager" in table
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    import pytest
+
+    for argv in (["--kinds", "nope"], ["--shapes", "12"], ["--modes", "bwd"]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+
+
+def test_info_lists_every_backend():
+    text = report()
+    for name in ("triton", "cuda", "cpu", "torch"):
+        assert f"  {name}" in text
