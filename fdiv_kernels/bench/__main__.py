@@ -17,6 +17,7 @@ from fdiv_kernels.bench.fused_linear import fused_linear_cases
 from fdiv_kernels.bench.measure import copy_bandwidth_gbps
 from fdiv_kernels.bench.report import format_table, metadata, run_cases, write_json, write_png
 from fdiv_kernels.bench.softmax_stats import softmax_stats_cases
+from fdiv_kernels.dispatch import BACKENDS
 from fdiv_kernels.divergences import DIVERGENCES
 
 DEFAULT_SHAPES = {"cpu": [(64, 128256), (256, 32000)],
@@ -63,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fwd (forward only) and/or full (forward + backward)")
     p.add_argument("--peers", type=_list({"eager", "compile", "liger"}),
                    default=["eager", "compile", "liger"])
+    p.add_argument("--backends", type=_list(BACKENDS), default=None,
+                   help="this library's backends to time (default: all available but torch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="tiny shapes, no compile: a smoke run")
     p.add_argument("--json", default=None, help="write the rows and metadata to this file")
@@ -86,12 +89,13 @@ def main(argv=None) -> int:
     cases = []
     if "divergence" in args.ops:
         cases += divergence_cases(args.kinds, shapes_for(DEFAULT_SHAPES), dtype, device,
-                                  args.modes, peers)
+                                  args.modes, peers, args.backends)
     if "softmax_stats" in args.ops:
-        cases += softmax_stats_cases(shapes_for(STATS_SHAPES), dtype, device, peers)
+        cases += softmax_stats_cases(shapes_for(STATS_SHAPES), dtype, device, peers,
+                                     args.backends)
     if "fused_linear" in args.ops:
         fl_shapes = [(4, 16, 1000)] if args.quick else FUSED_SHAPES[device.type]
-        cases += fused_linear_cases(fl_shapes, dtype, device, peers)
+        cases += fused_linear_cases(fl_shapes, dtype, device, peers, args.backends)
     print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
     copy_bandwidth_gbps(str(device))
     rows = run_cases(cases)

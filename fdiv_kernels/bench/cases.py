@@ -7,6 +7,24 @@ from typing import Callable
 
 import torch
 
+from fdiv_kernels.dispatch import BACKENDS, BackendUnavailableError, select
+
+# The torch backend is the readable spec, not a contender: benchmarked only when asked for.
+DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "torch")
+
+
+def our_backends(op: str, probe: torch.Tensor, wanted=None) -> list[str]:
+    """The backends among ``wanted`` (default: all but torch) that can run ``op`` on ``probe``."""
+    names = []
+    for b in wanted or DEFAULT_BACKENDS:
+        try:
+            select(b, probe, op)
+        except BackendUnavailableError:
+            continue
+        names.append(b)
+    return names
+
+
 # A provider's setup builds fresh inputs and returns the closure that is timed.
 Setup = Callable[[], Callable[[], object]]
 

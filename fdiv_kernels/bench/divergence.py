@@ -8,8 +8,7 @@ import importlib.util
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.bench.cases import Case
-from fdiv_kernels.dispatch import BACKENDS
+from fdiv_kernels.bench.cases import Case, our_backends
 from fdiv_kernels.divergences import element_terms, resolve
 
 KIND_PARAMS = {"js": {"beta": 0.5}, "alpha": {"alpha": 0.5}, "skew_kl": {"lam": 0.1},
@@ -66,10 +65,11 @@ def _runner(loss_fn, shape, dtype, device, mode):
     return setup
 
 
-def divergence_cases(kinds, shapes, dtype, device, modes, peers=("eager", "compile", "liger")):
+def divergence_cases(kinds, shapes, dtype, device, modes, peers=("eager", "compile", "liger"),
+                     backends=None):
     cases = []
     probe = torch.empty(1, dtype=dtype, device=device)
-    ours = [b for b in BACKENDS if not fk.not_supported_reasons(b, probe)]
+    ours = our_backends("divergence_fwd", probe, backends)
     for kind in kinds:
         params = KIND_PARAMS.get(kind, {})
         for shape in shapes:

@@ -11,8 +11,7 @@ import importlib.util
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.bench.cases import Case
-from fdiv_kernels.dispatch import BACKENDS, BackendUnavailableError, select
+from fdiv_kernels.bench.cases import Case, our_backends
 
 
 def _inputs(n, h, v, dtype, device):
@@ -50,16 +49,10 @@ def _grad_error(fn, args) -> float:
     return float((hs.grad.double() - ref.grad).norm() / ref.grad.norm())
 
 
-def fused_linear_cases(shapes, dtype, device, peers=("eager", "liger")):
+def fused_linear_cases(shapes, dtype, device, peers=("eager", "liger"), backends=None):
     cases = []
     probe = torch.empty(1, dtype=torch.float32, device=device)
-    ours = []
-    for b in BACKENDS:
-        try:
-            select(b, probe, "divergence_fwd")
-        except BackendUnavailableError:
-            continue
-        ours.append(b)
+    ours = our_backends("divergence_fwd", probe, backends)
     for n, h, v in shapes:
         es = torch.empty(0, dtype=dtype).element_size()
         # read hidden + weights of both; write d hidden, d weight (student). The GEMMs dominate.

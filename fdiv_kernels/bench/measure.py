@@ -47,8 +47,23 @@ def _proc_status(key: str) -> int:
     raise KeyError(key)
 
 
+@functools.lru_cache(maxsize=None)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Memory ``fn()`` needs above what was live before it (inputs excluded); None if unknown."""
+    """Memory ``fn()`` needs above what was live before it (inputs excluded); None if unknown.
+
+    On the CPU: the resident high-water mark. Freed memory the allocator still holds would be
+    reused without showing up, so it is handed back to the OS first (``malloc_trim``).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -56,6 +71,9 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident size

@@ -7,19 +7,7 @@ from __future__ import annotations
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.bench.cases import Case
-from fdiv_kernels.dispatch import BACKENDS, BackendUnavailableError, select
-
-
-def _ours(x: torch.Tensor, op: str) -> list[str]:
-    names = []
-    for b in BACKENDS:
-        try:
-            select(b, x, op)
-        except BackendUnavailableError:
-            continue
-        names.append(b)
-    return names
+from fdiv_kernels.bench.cases import Case, our_backends
 
 
 def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -55,11 +43,11 @@ def _setup(fn, shape, dtype, device, grad, labels_needed):
     return setup
 
 
-def softmax_stats_cases(shapes, dtype, device, peers=("eager", "compile")):
+def softmax_stats_cases(shapes, dtype, device, peers=("eager", "compile"), backends=None):
     cases = []
     probe = torch.empty(1, dtype=dtype, device=device)
     es = probe.element_size()
-    ours = _ours(probe, "softmax_stats_fwd")
+    ours = our_backends("softmax_stats_fwd", probe, backends)
     for shape in shapes:
         n, v = shape
         # logsumexp forward: read x once.
