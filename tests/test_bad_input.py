@@ -84,3 +84,20 @@ def test_repeated_backward_without_inplace(backend):
     (g1,) = torch.autograd.grad(loss, s, retain_graph=True)
     (g2,) = torch.autograd.grad(2 * loss, s)
     torch.testing.assert_close(g2, 2 * g1)
+
+
+def test_missing_extension_is_reported_not_fatal(monkeypatch):
+    """Without the C++ extension the package works on the torch backend and says why."""
+    from fdiv_kernels import dispatch
+
+    real = dispatch.load_error
+
+    def fake(module):
+        return "ImportError: pretend it was not built" if module == "fdiv_kernels._C" else real(module)
+
+    monkeypatch.setattr(dispatch, "load_error", fake)
+    with pytest.raises(fk.BackendUnavailableError, match="fdiv_kernels._C is not built"):
+        fk.divergence(S, T, backend="cpu")
+    monkeypatch.delenv("FDIV_BACKEND", raising=False)
+    assert dispatch.select("auto", S, "divergence_fwd") == "torch"
+    assert "cpu" in fk.describe(S) and fk.describe(S)["cpu"]

@@ -21,6 +21,7 @@ PARAM_NAME = {"js": "beta", "alpha": "alpha", "skew_kl": "lam", "skew_reverse_kl
 # Shapes per kernel regime.
 SHAPES = [
     (1, 1),        # V = 1: every divergence is 0, every gradient 0
+    (1, 1000),     # one row, a real vocabulary
     (3, 17),       # one block, odd tail
     (2, 300),      # several blocks once tests cap the block (see backend_cfg)
     (2, 3, 129),   # 3-D input, block + 1
