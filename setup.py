@@ -1,6 +1,9 @@
 """Build fdiv-kernels: the Python package, its Triton kernels and the C++ CPU extension.
 
-The CPU extension is always built (torch's cpp_extension, no nvcc needed). Install with
+The CPU extension is always built (torch's cpp_extension, no nvcc needed). When the installed torch
+is a CUDA build and nvcc is found (CUDA_HOME), the same module fdiv_kernels._C is built as a
+CUDAExtension that also holds the CUDA kernels (csrc/cuda/, compiled for TORCH_CUDA_ARCH_LIST,
+default "8.0;9.0a"); FDIV_NO_CUDA=1 forces the CPU-only build. Install with
 ``pip install --no-build-isolation -e .`` so the build uses the torch already installed instead of
 fetching another one into an isolated environment.
 """
@@ -10,13 +13,18 @@ import os
 import platform
 
 from setuptools import setup
+import torch
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def cpu_sources() -> list:
+    return sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+
+
 def cpu_extension() -> CppExtension:
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = cpu_sources()
     # C++20: what torch's own headers are written for (C++17 builds but warns in c10).
     # -fno-trapping-math: lets GCC if-convert the kernels' selects (exp/log edge cases, zero
     # guards) into blends; without it a loop with a guarded exp/log stays scalar. No code here
@@ -38,6 +46,44 @@ def cpu_extension() -> CppExtension:
     )
 
 
+def cuda_wanted() -> bool:
+    """A CUDA torch and an nvcc: only then is anything compiled for the GPU."""
+    if os.environ.get("FDIV_NO_CUDA", "") == "1" or torch.version.cuda is None:
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+def cuda_extension():
+    """fdiv_kernels._C with the CPU sources plus csrc/cuda (kernels in .cu, torch glue in bindings.cpp)."""
+    from torch.utils.cpp_extension import CUDAExtension
+
+    # sm_80 gets the multi-pass kernels; sm_90a also the thread-block-cluster kernel.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    # nvcc on many template instantiations needs ~2-4 GB per job: bound the parallel jobs by RAM.
+    if "MAX_JOBS" not in os.environ:
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = 8 << 30
+        os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, ram // (4 << 30))))
+    base = cpu_extension()
+    sources = base.sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + [
+        os.path.join("csrc", "cuda", "bindings.cpp")
+    ]
+    cxx = base.extra_compile_args["cxx"] + ["-DFDIV_WITH_CUDA"]
+    nvcc = ["-O3", "-std=c++17", "-DFDIV_WITH_CUDA"]
+    return CUDAExtension(
+        name="fdiv_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+
+
 setup(
     name="fdiv-kernels",
     version="0.1.0",
@@ -48,10 +94,12 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0", "numpy"],
-        "bench": ["matplotlib", "pytest-benchmark>=4"],
+        # POT is the float64 oracle of the Sinkhorn tests; GeomLoss a peer (both torch-agnostic).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0", "numpy", "matplotlib", "pot",
+                 "geomloss"],
+        "bench": ["matplotlib", "pytest-benchmark>=4", "pot", "geomloss"],
     },
-    ext_modules=[cpu_extension()],
+    ext_modules=[cuda_extension() if cuda_wanted() else cpu_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
     zip_safe=False,
 )

@@ -12,6 +12,7 @@ from fdiv_kernels.dispatch import BackendUnavailableError, describe, not_support
 from fdiv_kernels.divergence import divergence
 from fdiv_kernels.divergences import DIVERGENCES
 from fdiv_kernels.fused_linear import fused_linear_divergence
+from fdiv_kernels.sinkhorn import SinkhornResult, sinkhorn, sinkhorn_divergence
 from fdiv_kernels.softmax_stats import (
     SoftmaxStats,
     entropy,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 KINDS = tuple(DIVERGENCES)
 
 __all__ = [
-    "BackendUnavailableError", "DIVERGENCES", "KINDS", "SoftmaxStats", "describe", "divergence",
+    "BackendUnavailableError", "DIVERGENCES", "KINDS", "SinkhornResult", "SoftmaxStats",
+    "describe", "divergence", "sinkhorn", "sinkhorn_divergence",
     "entropy", "fused_linear_divergence", "logsumexp", "nn", "not_supported_reasons", "softmax_stats", "token_logprobs",
 ]

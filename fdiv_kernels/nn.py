@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from fdiv_kernels.divergence import divergence
 from fdiv_kernels.divergences import resolve
 from fdiv_kernels.fused_linear import fused_linear_divergence
+from fdiv_kernels.sinkhorn import SinkhornDistillationLoss  # noqa: F401  (fk.nn.SinkhornDistillationLoss)
 
 
 class FDivergenceLoss(nn.Module):

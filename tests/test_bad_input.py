@@ -51,7 +51,7 @@ def test_devices_must_match():
 
 
 def test_unavailable_backend_names_what_is_missing():
-    with pytest.raises(fk.BackendUnavailableError, match="cuda: the CUDA C\\+\\+ kernels"):
+    with pytest.raises(fk.BackendUnavailableError, match="cuda: .*needs a CUDA device"):
         fk.divergence(S, T, backend="cuda")
 
 

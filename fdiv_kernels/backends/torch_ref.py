@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fdiv_kernels import sinkhorn_torch as _sinkhorn_torch  # noqa: F401  (fdiv::sinkhorn_*_torch)
 from fdiv_kernels.backends.common import loss_dtype, register_fakes
 from fdiv_kernels.divergences import KernelSpec, element_terms
 

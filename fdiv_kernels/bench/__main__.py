@@ -16,6 +16,9 @@ from fdiv_kernels.bench.divergence import divergence_cases
 from fdiv_kernels.bench.fused_linear import fused_linear_cases
 from fdiv_kernels.bench.measure import copy_bandwidth_gbps
 from fdiv_kernels.bench.report import format_table, metadata, run_cases, write_json, write_png
+from fdiv_kernels.bench.sinkhorn import DEFAULT_SHAPES as SINKHORN_SHAPES
+from fdiv_kernels.bench.sinkhorn import QUICK_SHAPES as SINKHORN_QUICK
+from fdiv_kernels.bench.sinkhorn import sinkhorn_cases
 from fdiv_kernels.bench.softmax_stats import softmax_stats_cases
 from fdiv_kernels.dispatch import BACKENDS
 from fdiv_kernels.divergences import DIVERGENCES
@@ -26,7 +29,7 @@ DEFAULT_SHAPES = {"cpu": [(64, 128256), (256, 32000)],
 STATS_SHAPES = {"cpu": [(256, 128256)], "cuda": [(8192, 128256)]}
 # Fused linear: (N, H, V); the CPU target is stated at N=1024, H=256, V=32000.
 FUSED_SHAPES = {"cpu": [(1024, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
-OPS = ("divergence", "softmax_stats", "fused_linear")
+OPS = ("divergence", "softmax_stats", "fused_linear", "sinkhorn")
 QUICK_SHAPES = [(4, 1000)]
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
@@ -96,6 +99,9 @@ def main(argv=None) -> int:
     if "fused_linear" in args.ops:
         fl_shapes = [(4, 16, 1000)] if args.quick else FUSED_SHAPES[device.type]
         cases += fused_linear_cases(fl_shapes, dtype, device, peers, args.backends)
+    if "sinkhorn" in args.ops:
+        cases += sinkhorn_cases(SINKHORN_QUICK if args.quick else SINKHORN_SHAPES[device.type],
+                                torch.float32, device, ("pot", "geomloss"), args.backends)
     print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
     copy_bandwidth_gbps(str(device))
     rows = run_cases(cases)

@@ -5,32 +5,22 @@ reports the final L1 marginal error (the stopping criterion) and, for ours, the 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 
 import torch
 
-import fdiv_kernels.sinkhorn as S
 from fdiv_kernels import sinkhorn_core as core
-from fdiv_kernels.bench.cases import Case
-from fdiv_kernels.dispatch import BACKENDS, BackendUnavailableError, load_error, select
+from fdiv_kernels.bench.cases import Case, our_backends
+from fdiv_kernels.dispatch import BACKENDS
+
+# The module, not fk.sinkhorn (the function of the same name once the package exports it).
+S = importlib.import_module("fdiv_kernels.sinkhorn")
 
 DEFAULT_SHAPES = {"cpu": [(64, 256, 256, 64)], "cuda": [(64, 256, 256, 64), (32, 1024, 1024, 128)]}
 QUICK_SHAPES = [(4, 32, 32, 8)]
 TOL = 1e-4
-
-
-def _ours(probe: torch.Tensor) -> list[str]:
-    if not load_error("triton"):
-        load_error("fdiv_kernels.sinkhorn_triton")
-    names = []
-    for b in BACKENDS:
-        try:
-            select(b, probe, "sinkhorn_fwd")
-        except BackendUnavailableError:
-            continue
-        names.append(b)
-    return names
 
 
 def _inputs(shape, dtype, device, seed=0):
@@ -51,10 +41,11 @@ def _holder():
     return {}
 
 
-def sinkhorn_cases(shapes, dtype, device, peers=("pot", "geomloss")):
+def sinkhorn_cases(shapes, dtype, device, peers=("pot", "geomloss"), backends=None):
     cases = []
     probe = torch.empty(1, dtype=dtype, device=device)
-    ours = _ours(probe)
+    # No compiled Sinkhorn kernel on the CPU yet: the torch backend is ours there.
+    ours = our_backends("sinkhorn_fwd", probe, backends or BACKENDS)
     for shape in shapes:
         B, n, m, d = shape
         # Compulsory bytes: read the points once (the cost is never stored).
@@ -117,20 +108,12 @@ def sinkhorn_cases(shapes, dtype, device, peers=("pot", "geomloss")):
 
                 def run():
                     out["fg"] = loss(xs, ys)
-                    out["inputs"] = (cost, eps)
                     return out["fg"]
                 return run
 
-            def geomloss_err(out=out):
-                f, g = out["fg"]
-                cost, eps = out["inputs"]
-                B_, n_, m_ = cost.shape
-                P = torch.exp((f[:, :, None] + g[:, None, :] - cost) / eps) / (n_ * m_)
-                return {"marginal_err": _marginal_error(
-                    P, torch.full((B_, n_), 1 / n_), torch.full((B_, m_), 1 / m_))}
-
+            # No marginal error for GeomLoss yet: the plan rebuilt from its returned potentials
+            # did not match its marginals in a first try (convention to check), so none is shown.
             case.providers["geomloss-tensorized"] = geomloss_setup
-            case.extra["geomloss-tensorized"] = geomloss_err
         cases.append(case)
     return cases
 

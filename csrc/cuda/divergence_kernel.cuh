@@ -1,0 +1,55 @@
+// What the two divergence kernels (divergence_multipass.cu, divergence.cu) share: the kernel
+// parameters and the per-chunk element math.
+//
+// Roles after the host has applied `swap` (as the CPU kernel does): a = the row whose softmax is
+// q (student, or teacher when swapped), b = the row whose softmax is p; ga / gb their gradients.
+#pragma once
+
+#include "cuda/device_common.cuh"
+#include "cuda/divergence_terms.cuh"
+
+namespace fdiv_cuda {
+
+struct DivParams {
+  const void* a;
+  const void* b;
+  void* ga;  // nullptr: not wanted
+  void* gb;
+  const bool* valid;
+  float* loss;
+  int64_t rows;  // rows of this launch, starting at row0
+  int64_t row0;
+  int n;         // columns
+  float inv_t;
+  KindConsts kc;
+  int chunks_per_cta;  // cluster kernel: chunks of one row held by one CTA
+};
+
+// The element terms, q and p of one chunk pair (padding: -inf logits -> all zero).
+template <int B, class S>
+FDIV_DEV void chunk_terms(const Chunk<S>& ca, const Chunk<S>& cb, float inv_t, float lse_a,
+                          float lse_b, const KindConsts& kc, float* q, float* p, Elem* e) {
+#pragma unroll
+  for (int i = 0; i < Tr<S>::kVec; ++i) {
+    const float lq = Tr<S>::to_f(ca.e[i]) * inv_t - lse_a;
+    const float lp = Tr<S>::to_f(cb.e[i]) * inv_t - lse_b;
+    q[i] = fexp(lq);
+    p[i] = fexp(lp);
+    e[i] = Terms<B>::eval(kc, lp, lq, p[i], q[i]);
+  }
+}
+
+template <class S>
+FDIV_DEV void chunk_stats(const Chunk<S>& ca, const Chunk<S>& cb, float inv_t, MS2& st) {
+  constexpr int kV = Tr<S>::kVec;
+  float xa[kV], xb[kV];
+  unpack_scaled(ca, inv_t, xa);
+  unpack_scaled(cb, inv_t, xb);
+  ms_update<kV>(st.a, xa);
+  ms_update<kV>(st.b, xb);
+}
+
+// The multi-pass kernel (any architecture, any row length).
+int launch_divergence_multipass(const DivParams& prm, int base, DType dt, cudaStream_t stream);
+
+}  // namespace fdiv_cuda

@@ -1,0 +1,119 @@
+"""Batched Sinkhorn potential updates: one log-sum-exp per row over the other side's points.
+
+    out[b, i] = LSE_j(h[b, j] - c(b, i, j) * eps_inv[b])
+
+Grid (problems, row tiles). Each program holds BLOCK_N rows and streams the other side in
+BLOCK_M tiles, computing the cost tile on the fly from the points (sqeuclidean, euclidean, l1,
+negative dot, cosine on pre-normalized points) or loading it from a dense cost (any strides, so
+the column update reads the same cost transposed without a copy), and folds it into a running
+(max, sum) with the shared ``online_update``. A problem whose ``active`` flag is 0 (converged)
+streams nothing and writes -inf, which the caller masks out.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fdiv_kernels.triton_kernels.online_softmax import finalize_lse, online_update
+
+BLOCK_N = 32
+BLOCK_M = 32
+MAX_BLOCK_D = 32
+
+
+@triton.jit
+def _sinkhorn_lse_kernel(
+    x_ptr, y_ptr, c_ptr, h_ptr, eps_inv_ptr, active_ptr, out_ptr,
+    N, M, D,
+    sxb, sxn, sxd, syb, sym, syd, scb, scn, scm, shb, sob,
+    KIND: tl.constexpr, DENSE: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    offs_i = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_i = offs_i < N
+    eps_inv = tl.load(eps_inv_ptr + pid_b).to(tl.float32)
+    m_len = M
+    if HAS_ACTIVE:
+        act = tl.load(active_ptr + pid_b)
+        m_len = tl.where(act != 0, M, 0)
+    # Tiles are (other side j, this side i): online_update reduces over axis 0, per row i.
+    run_m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    run_s = tl.zeros([BLOCK_N], tl.float32)
+    for off_j in range(0, m_len, BLOCK_M):
+        offs_j = off_j + tl.arange(0, BLOCK_M)
+        mask_j = offs_j < M
+        h = tl.load(h_ptr + pid_b * shb + offs_j, mask=mask_j, other=float("-inf")).to(tl.float32)
+        if DENSE:
+            c = tl.load(c_ptr + pid_b * scb + offs_j[:, None] * scm + offs_i[None, :] * scn,
+                        mask=mask_j[:, None] & mask_i[None, :], other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            yn = tl.zeros([BLOCK_M], tl.float32)
+            xn = tl.zeros([BLOCK_N], tl.float32)
+            for off_d in range(0, D, BLOCK_D):
+                offs_d = off_d + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < D
+                yt = tl.load(y_ptr + pid_b * syb + offs_j[:, None] * sym + offs_d[None, :] * syd,
+                             mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+                xt = tl.load(x_ptr + pid_b * sxb + offs_d[:, None] * sxd + offs_i[None, :] * sxn,
+                             mask=mask_d[:, None] & mask_i[None, :], other=0.0).to(tl.float32)
+                if KIND == 2:  # l1
+                    diff = yt[:, :, None] - xt[None, :, :]
+                    acc += tl.sum(tl.abs(diff), 1)
+                else:
+                    acc += tl.dot(yt, xt, input_precision="ieee")
+                    if KIND <= 1:
+                        yn += tl.sum(yt * yt, 1)
+                        xn += tl.sum(xt * xt, 0)
+            if KIND == 0:
+                c = tl.maximum(yn[:, None] + xn[None, :] - 2.0 * acc, 0.0)
+            elif KIND == 1:
+                c = tl.sqrt(tl.maximum(yn[:, None] + xn[None, :] - 2.0 * acc, 0.0))
+            elif KIND == 2:
+                c = acc
+            elif KIND == 3:
+                c = -acc
+            else:  # cosine, on points normalized by the launcher
+                c = 1.0 - acc
+        v = h[:, None] - c * eps_inv
+        v = tl.where(mask_j[:, None], v, float("-inf"))
+        run_m, run_s = online_update(run_m, run_s, v)
+    # A row with nothing folded in (all -inf, or a skipped problem) is -inf, without log(0).
+    seen = (run_s > 0) | (run_m == float("inf"))
+    out = tl.where(seen, finalize_lse(run_m, tl.where(seen, run_s, 1.0)), float("-inf"))
+    tl.store(out_ptr + pid_b * sob + offs_i, out, mask=mask_i)
+
+
+def sinkhorn_lse(x, y, cost, h, eps_inv, kind: int, transpose: bool, active):
+    """Launch over (B, cdiv(n, BLOCK_N)); returns (B, n) fp32 (fp64 inputs are computed in fp32)."""
+    B, M = h.shape
+    h = h.contiguous()
+    if cost is not None:
+        c = cost.transpose(1, 2) if transpose else cost
+        N = c.shape[1]
+        dense = True
+        xa = ya = c  # unused pointers
+        D = 1
+        sx = sy = (0, 0, 0)
+        sc = (c.stride(0), c.stride(1), c.stride(2))
+    else:
+        if kind == 4:
+            x = torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-12)
+            y = torch.nn.functional.normalize(y.float(), dim=-1, eps=1e-12)
+        xa, ya, c = x, y, x
+        N, D = x.shape[1], x.shape[2]
+        dense = False
+        sx, sy, sc = x.stride(), y.stride(), (0, 0, 0)
+    out = torch.empty(B, N, dtype=torch.float32, device=h.device)
+    act = active.to(torch.int8).contiguous() if active is not None else out
+    block_d = max(16, min(MAX_BLOCK_D, triton.next_power_of_2(max(D, 1))))
+    grid = (B, triton.cdiv(N, BLOCK_N))
+    _sinkhorn_lse_kernel[grid](
+        xa, ya, c, h, eps_inv.float().contiguous(), act, out,
+        N, M, D, *sx, *sy, *sc, h.stride(0), out.stride(0),
+        KIND=kind, DENSE=dense, HAS_ACTIVE=active is not None,
+        BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=block_d,
+    )
+    return out.to(h.dtype)
