@@ -19,13 +19,14 @@ from fdiv_kernels import _validation as V
 from fdiv_kernels.dispatch import select
 from fdiv_kernels.divergences import KernelSpec, resolve
 
-# Chunk logits budget: about five fp32 (chunk, V) buffers live at once (two logits, padding,
-# two gradients).
-CHUNK_BUDGET_BYTES = 256 << 20
+# Bytes of fp32 (chunk, V) buffers per chunk (about four live at once: two logits, padding or a
+# CE gradient, the divergence gradient). GPUs get more so the chunk GEMMs stay efficient.
+CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 
 
-def default_chunk_size(n: int, vocab: int) -> int:
-    return max(1, min(n, CHUNK_BUDGET_BYTES // (5 * 4 * vocab)))
+def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
+    budget = CHUNK_BUDGET_BYTES.get(device.type, CHUNK_BUDGET_BYTES["cpu"])
+    return max(1, min(n, budget // (4 * 4 * vocab)))
 
 
 def _gemm_f32(a: Tensor, b: Tensor) -> Tensor:
@@ -90,19 +91,26 @@ def _run(ctx_args: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict
             valid = a["valid"][rows]
             div, gzs, gzt = fwd(zs_full, zt, valid, spec.base, spec.swap, spec.param, a["inv_t"],
                                 grad_s, grad_t)
-            w_rows = row_weights[rows]
+            del zt, zs_full
+            w_rows = row_weights[rows, None]
             loss[rows] = div
             if ce_w:
                 ce, gce = _cross_entropy(zs, a["labels"][rows], a["ignore_index"], a["backend"],
                                          grad_s)
                 loss[rows] = (1.0 - ce_w) * div + ce_w * ce
+            del zs
+            # The chunk's buffers are scaled in place: no extra (chunk, V) temporaries.
             if grad_s:
-                gz = gzs[:, :vs] * (1.0 - ce_w) + (gce * ce_w if ce_w else 0.0)
-                gz = gz * w_rows[:, None]
+                gz = gzs[:, :vs].mul_(w_rows * (1.0 - ce_w))
+                if ce_w:
+                    gz.add_(gce.mul_(w_rows * ce_w))
+                    del gce
                 _accumulate_grads(gz, hs[rows], ws_op, grads, rows, "s")
+                del gz, gzs
             if grad_t:
-                gz = gzt * ((1.0 - ce_w) * w_rows[:, None])
+                gz = gzt.mul_(w_rows * (1.0 - ce_w))
                 _accumulate_grads(gz, ht[rows], wt_op, grads, rows, "t")
+                del gz, gzt
     return loss, grads
 
 
@@ -238,7 +246,7 @@ def fused_linear_divergence(
     if ce_w and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
     if chunk_size is None:
-        chunk = default_chunk_size(n, wt.shape[0])
+        chunk = default_chunk_size(n, wt.shape[0], hs.device)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     else:

@@ -99,7 +99,7 @@ def write_json(path: str, meta: dict, rows: list[Row]) -> None:
 
 
 def write_png(path: str, meta: dict, rows: list[Row]) -> None:
-    """Time and bandwidth fraction against V, one line per (op, mode, provider)."""
+    """Time and bandwidth fraction against V, one line per (op, mode, provider) of the (N, V) ops."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +108,7 @@ def write_png(path: str, meta: dict, rows: list[Row]) -> None:
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
     series: dict[str, list[Row]] = {}
     for r in rows:
-        if r.ms is not None:
+        if r.ms is not None and len(r.shape) == 2:  # (N, V) ops: the x axis is V
             series.setdefault(f"{r.op} {r.mode} {r.backend}", []).append(r)
     for label, rs in sorted(series.items()):
         rs.sort(key=lambda r: r.shape[-1])
