@@ -44,3 +44,17 @@ def test_info_lists_every_backend():
     text = report()
     for name in ("triton", "cuda", "cpu", "torch"):
         assert f"  {name}" in text
+
+
+def test_installed_top_level_name_is_only_fdiv_kernels():
+    """Our Triton folder installs as fdiv_kernels.triton_kernels only: a top-level
+    ``triton_kernels`` would collide with Triton's own package."""
+    import importlib.metadata
+
+    import pytest
+
+    try:
+        dist = importlib.metadata.distribution("fdiv-kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("fdiv-kernels is not installed (running from the source tree)")
+    assert (dist.read_text("top_level.txt") or "").split() == ["fdiv_kernels"]
