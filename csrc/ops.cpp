@@ -16,6 +16,9 @@ TORCH_LIBRARY(fdiv, m) {
   m.def(
       "softmax_stats_bwd_cpu(Tensor x, Tensor? labels, Tensor lse, Tensor entropy, Tensor? g_lse, "
       "Tensor? g_entropy, Tensor? g_logprob, int ignore_index, float inv_temperature) -> Tensor");
+  m.def(
+      "sinkhorn_lse_cpu(Tensor? x, Tensor? y, Tensor? cost, Tensor h, Tensor eps_inv, int kind, "
+      "bool transpose, Tensor? active) -> Tensor");
 }
 
 extern "C" {

@@ -449,6 +449,88 @@ def test_triton_solve_matches_torch(dense):
 
 
 # ---------------------------------------------------------------------------------------------
+# The C++ cpu backend (fdiv::sinkhorn_lse_cpu): the torch primitive as the oracle
+
+
+def _has_cpu_sinkhorn():
+    try:
+        select("cpu", torch.empty(1), "sinkhorn_fwd")
+        return True
+    except BackendUnavailableError:
+        return False
+
+
+needs_cpu = pytest.mark.skipif(not _has_cpu_sinkhorn(), reason="cpu sinkhorn ops not built")
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("cost_fn", list(core.COST_KINDS))
+def test_cpu_lse_matches_torch(cost_fn, dtype):
+    kind = core.COST_KINDS[cost_fn]
+    op = torch.ops.fdiv.sinkhorn_lse_cpu
+    for B, n, m, d in [(2, 37, 45, 5), (2, 70, 600, 17), (2, 1, 1, 1)]:
+        x = points(B, n, d, seed=47, dtype=dtype)
+        y = points(B, m, d, seed=48, dtype=dtype)
+        h = logits((B, m), dtype, seed=49)
+        h[0, 0] = float("-inf")  # a zero-weight point
+        h[1] = float("-inf")  # all zero weight: -inf
+        ei = torch.tensor([2.0, 5.0], dtype=dtype)
+        out = op(x, y, None, h, ei, kind, False, None)
+        # fp32: |x|^2 + |y|^2 - 2 x.y cancels, and torch's bmm may sum over d in another order
+        # (MKL's path depends on alignment): a few ulps of a cost, times eps_inv = 5.
+        tol = 1e-4 if dtype == torch.float32 else 1e-12
+        assert_close(out, core.lse_torch(x, y, None, h, ei, kind, False), tol, tol, cost_fn)
+        assert (out[1] == float("-inf")).all()
+        skipped = op(x, y, None, h, ei, kind, False, torch.tensor([True, False]))
+        assert_close(skipped[0], out[0], 0, 0, "active problem")
+        assert (skipped[1] == float("-inf")).all()
+
+
+@needs_cpu
+@pytest.mark.parametrize("cdtype", [torch.float32, torch.bfloat16, torch.float16, F64])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_cpu_lse_dense_matches_torch(transpose, cdtype):
+    dtype = F64 if cdtype == F64 else torch.float32
+    C = logits((2, 33, 40), F64, seed=50).abs().to(cdtype)
+    h = logits((2, 33 if transpose else 40), dtype, seed=51)
+    h[0, 1] = float("-inf")
+    ei = torch.tensor([1.0, 3.0], dtype=dtype)
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    assert_close(torch.ops.fdiv.sinkhorn_lse_cpu(None, None, C, h, ei, 0, transpose, None),
+                 core.lse_torch(None, None, C, h, ei, 0, transpose), tol, tol, "dense")
+
+
+@needs_cpu
+@pytest.mark.parametrize("dense", [False, True])
+def test_cpu_solve_matches_torch(dense):
+    B, n, m = 3, 20, 24
+    x = points(B, n, 4, seed=52, dtype=torch.float32)
+    y = points(B, m, 4, seed=53, dtype=torch.float32)
+    a = weights(B, n, seed=54, dtype=torch.float32)
+    kw = dict(cost=core.pairwise_cost(x, y, 0)) if dense else dict(x=x, y=y)
+    common = dict(a=a, epsilon=0.5, max_iter=6, tol=1e-4, check_every=3, reach=(None, 2.0))
+    rc = S.sinkhorn(**kw, **common, backend="cpu")
+    rr = S.sinkhorn(**kw, **common, backend="torch")
+    assert torch.equal(rc.n_iter, rr.n_iter)
+    for what in ("value", "cost", "f", "g"):
+        assert_close(getattr(rc, what), getattr(rr, what), 2e-5, 2e-5, what)
+
+
+@needs_cpu
+def test_cpu_ops_pass_opcheck():
+    x, y = points(2, 6, 3, seed=61, dtype=torch.float32), points(2, 5, 3, seed=62,
+                                                                 dtype=torch.float32)
+    h, ei = logits((2, 5), torch.float32, seed=63), torch.tensor([1.0, 2.0])
+    torch.library.opcheck(torch.ops.fdiv.sinkhorn_lse_cpu, (x, y, None, h, ei, 0, False, None))
+    la = torch.full((2, 6), -math.log(6))
+    lb = torch.full((2, 5), -math.log(5))
+    torch.library.opcheck(torch.ops.fdiv.sinkhorn_fwd_cpu,
+                          (x, y, None, la, lb, None, None, None, 0.5, 0, 0.0, 0.0, 20, 1e-6,
+                           5, 0.0, False))
+
+
+# ---------------------------------------------------------------------------------------------
 # Divergence and SinKD
 
 

@@ -8,3 +8,5 @@ import fdiv_kernels._C  # noqa: F401  (registers torch.ops.fdiv.*_cpu)
 from fdiv_kernels.backends.common import register_fakes
 
 register_fakes("cpu")
+
+from fdiv_kernels import sinkhorn_cpu as _sinkhorn_cpu  # noqa: E402,F401  (sinkhorn ops, if built)

@@ -44,7 +44,7 @@ def _holder():
 def sinkhorn_cases(shapes, dtype, device, peers=("pot", "geomloss"), backends=None):
     cases = []
     probe = torch.empty(1, dtype=dtype, device=device)
-    # No compiled Sinkhorn kernel on the CPU yet: the torch backend is ours there.
+    # On the CPU: the C++ kernels (cpu) and the torch reference.
     ours = our_backends("sinkhorn_fwd", probe, backends or BACKENDS)
     for shape in shapes:
         B, n, m, d = shape
