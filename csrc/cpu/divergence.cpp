@@ -70,7 +70,7 @@ FDIV_INLINE double divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t 
     for (int64_t j = 0; j < len; ++j) {
       const T lq = ab[j] * inv_t - lse_a, lp = bb[j] * inv_t - lse_b;
       const T q = eab[j] * ca, p = ebb[j] * cb;
-      const Elem<T> e = Terms<B>::eval(c, lp, lq, p, q);
+      const Elem<T> e = Terms<B>::template eval<CpuMath>(c, lp, lq, p, q);
       st += e.t;
       sh += e.h;
       sk += e.k;

@@ -1,147 +1,19 @@
-// The per-element divergence math: the only C++ file that knows it.
-//
-// For each base kind, in log space (lp = log p, lq = log q, p = exp(lp), q = exp(lq)):
-//   t = the element's contribution (D = sum t),  h = dt/dlq,  k = dt/dlp.
-// The statement of record is `_terms` in fdiv_kernels/divergences.py; every guard here mirrors
-// one there: an exact zero probability contributes 0 (never 0 * inf = NaN), and an infinite
-// divergence (p > 0 = q for KL) is +inf. Adding a kind: one `Terms<id>` specialization below
-// and bump kNumKinds; the kernels dispatch over 0..kNumKinds-1 by themselves.
+// The divergence element terms (csrc/common/divergence_terms.h) with the CPU's transcendental functions:
+// the branch-free polynomials of vec_math.h, which GCC vectorizes inside `omp simd` loops.
 #pragma once
 
-#include <cmath>
-#include <limits>
-
 #include "cpu/vec_math.h"
+#include "common/divergence_terms.h"
 
 namespace fdiv_kernels {
 
-enum Base : int { KL = 0, JS, TV, HELLINGER, CHI2, ALPHA, SKEW_KL, JEFFREYS };
-constexpr int kNumKinds = 8;
-
-// Everything derived from the scalar parameter, computed once per call in double.
-template <class T>
-struct KindConsts {
-  T w, w1;           // param, 1 - param
-  T log_w, log_w1;   // log(param), log1p(-param)  (-inf at the ends, never NaN)
-  T inv_w, inv_w1, inv_ww1;  // 1/param, 1/(1-param), 1/(param (1-param))
-
-  explicit KindConsts(double param)
-      : w(T(param)), w1(T(1.0 - param)),
-        log_w(T(param > 0 ? std::log(param) : -std::numeric_limits<double>::infinity())),
-        log_w1(T(param < 1 ? std::log1p(-param) : -std::numeric_limits<double>::infinity())),
-        inv_w(T(1.0 / param)), inv_w1(T(1.0 / (1.0 - param))),
-        inv_ww1(T(1.0 / (param * (1.0 - param)))) {}
-};
-
-template <class T>
-FDIV_INLINE T xlogy_ratio(T x, T lx, T ly) {  // x (lx - ly), with 0 log 0 = 0
-  return x > T(0) ? x * (lx - ly) : T(0);
-}
-
-// What an element function returns: returned by value, not through references, so the simd
-// loops keep it in registers.
-template <class T>
-struct Elem {
-  T t, h, k;
-};
-
-template <int B>
-struct Terms;
-
-template <>
-struct Terms<KL> {
+struct CpuMath {
   template <class T>
-  FDIV_INLINE static Elem<T> eval(const KindConsts<T>&, T lp, T lq, T p, T q) {
-    (void)q;
-    const T t = xlogy_ratio(p, lp, lq);
-    return {t, -p, p > T(0) ? t + p : T(0)};
-  }
-};
-
-template <>
-struct Terms<JS> {
-  // lm = log(w p + (1-w) q). Formed in linear space (one log instead of logaddexp's exp + log1p);
-  // where the mixture is below the normal range its log is replaced by the larger of the two log
-  // terms, off by at most log 2 -- but then every term it feeds is weighted by w p or (1-w) q,
-  // both below that same ~1e-38, so the absolute error is nil and nothing turns into inf/NaN.
+  FDIV_INLINE static T exp(T x) { return vexp(x); }
   template <class T>
-  FDIV_INLINE static Elem<T> eval(const KindConsts<T>& c, T lp, T lq, T p, T q) {
-    const T mix = c.w * p + c.w1 * q;
-    const T la = lp + c.log_w, lb = lq + c.log_w1;
-    const T lmix = vlog(mix);  // unconditional: a call under a branch would block if-conversion
-    const T lm = mix >= std::numeric_limits<T>::min() ? lmix : (la > lb ? la : lb);
-    const T tp = c.w * xlogy_ratio(p, lp, lm);
-    const T tq = c.w1 * xlogy_ratio(q, lq, lm);
-    return {tp + tq, tq, tp};
-  }
-};
-
-template <>
-struct Terms<TV> {
+  FDIV_INLINE static T log(T x) { return vlog(x); }
   template <class T>
-  FDIV_INLINE static Elem<T> eval(const KindConsts<T>&, T, T, T p, T q) {
-    const T sgn = T(q > p) - T(q < p);
-    const T d = p - q;
-    return {T(0.5) * (d < T(0) ? -d : d), T(0.5) * sgn * q, T(-0.5) * sgn * p};
-  }
-};
-
-template <>
-struct Terms<HELLINGER> {
-  template <class T>
-  FDIV_INLINE static Elem<T> eval(const KindConsts<T>&, T lp, T lq, T p, T q) {
-    const T g = vexp(T(0.5) * (lp + lq));
-    return {T(0.5) * (p + q) - g, T(0.5) * (q - g), T(0.5) * (p - g)};
-  }
-};
-
-template <>
-struct Terms<CHI2> {
-  template <class T>
-  FDIV_INLINE static Elem<T> eval(const KindConsts<T>&, T lp, T lq, T p, T q) {
-    const T r = p > T(0) ? vexp(T(2) * lp - lq) : T(0);  // p^2 / q: +inf where q = 0 < p
-    return {r - T(2) * p + q, q - r, T(2) * (r - p)};
-  }
-};
-
-template <>
-struct Terms<ALPHA> {
-  template <class T>
-  FDIV_INLINE static Elem<T> eval(const KindConsts<T>& c, T lp, T lq, T p, T q) {
-    // p^a q^(1-a): 0 where both vanish; where one does, exp yields the limit (0 or +inf).
-    const T w = (p > T(0) || q > T(0)) ? vexp(c.w * lp + c.w1 * lq) : T(0);
-    return {(c.w * p + c.w1 * q - w) * c.inv_ww1, (q - w) * c.inv_w, (p - w) * c.inv_w1};
-  }
-};
-
-template <>
-struct Terms<SKEW_KL> {
-  // Unlike JS, t = p (lp - lm) carries no lam factor, so a tiny lam would make the linear-space
-  // shortcut inexact: lm is the true logaddexp here.
-  template <class T>
-  FDIV_INLINE static Elem<T> eval(const KindConsts<T>& c, T lp, T lq, T p, T q) {
-    (void)q;
-    const T la = lp + c.log_w, lb = lq + c.log_w1;
-    const T hi = la > lb ? la : lb;
-    const T d = la - lb;
-    const T lo_minus_hi = d > T(0) ? -d : d;
-    // Both -inf: hi = -inf and the guard below zeroes everything; avoid a NaN in between anyway.
-    const T lm = hi + vlog1p(vexp(lo_minus_hi == lo_minus_hi ? lo_minus_hi : T(0)));
-    const T t = xlogy_ratio(p, lp, lm);
-    const T pr = p > T(0) ? p * vexp(c.log_w1 + lq - lm) : T(0);
-    return {t, -pr, p > T(0) ? t + pr : T(0)};
-  }
-};
-
-template <>
-struct Terms<JEFFREYS> {
-  template <class T>
-  FDIV_INLINE static Elem<T> eval(const KindConsts<T>&, T lp, T lq, T p, T q) {
-    const T d = lq - lp;
-    return {xlogy_ratio(p, lp, lq) + xlogy_ratio(q, lq, lp),
-            (q > T(0) ? q * d : T(0)) + q - p,
-            (p > T(0) ? -p * d : T(0)) + p - q};
-  }
+  FDIV_INLINE static T log1p(T x) { return vlog1p(x); }
 };
 
 }  // namespace fdiv_kernels

@@ -35,7 +35,7 @@ FDIV_DEV void chunk_terms(const Chunk<S>& ca, const Chunk<S>& cb, float inv_t, f
     const float lp = Tr<S>::to_f(cb.e[i]) * inv_t - lse_b;
     q[i] = fexp(lq);
     p[i] = fexp(lp);
-    e[i] = Terms<B>::eval(kc, lp, lq, p[i], q[i]);
+    e[i] = Terms<B>::template eval<GpuMath>(kc, lp, lq, p[i], q[i]);
   }
 }
 
