@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/divergence_terms.h"
+#include "cpu/convert.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
 
@@ -116,22 +117,12 @@ FDIV_CLONES double row_float(int base, const RowArgs<float>& r) { return dispatc
 
 double row_double(int base, const RowArgs<double>& r) { return dispatch_row<0>(base, r); }
 
-FDIV_CLONES void widen(float* dst, const at::BFloat16* src, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-FDIV_CLONES void widen(float* dst, const at::Half* src, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-FDIV_CLONES void narrow(at::BFloat16* dst, const float* src, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::BFloat16>(src[j]);
-}
-FDIV_CLONES void narrow(at::Half* dst, const float* src, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::Half>(src[j]);
-}
+// Per-ISA clones of the shared conversions (csrc/cpu/convert.h): called once per row, outside
+// the cloned row kernel, so they need clones of their own to use F16C / AVX-512.
+FDIV_CLONES void widen(float* dst, const at::BFloat16* src, int64_t n) { widen_block(dst, src, n); }
+FDIV_CLONES void widen(float* dst, const at::Half* src, int64_t n) { widen_block(dst, src, n); }
+FDIV_CLONES void narrow(at::BFloat16* dst, const float* src, int64_t n) { narrow_block(dst, src, n); }
+FDIV_CLONES void narrow(at::Half* dst, const float* src, int64_t n) { narrow_block(dst, src, n); }
 
 // scalar_t: storage type; T: compute type (float for fp32/bf16/fp16, double for fp64).
 template <class scalar_t, class T>

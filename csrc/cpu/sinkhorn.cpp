@@ -39,20 +39,9 @@ constexpr int64_t micro_cols() { return kV * int64_t(64 / sizeof(T)); }
 // where exp is below 2^-125, so an exp(-inf) adds at most 2^-125 to a sum >= 1, which rounds it
 // away exactly; no overflow or denormal handling needed. NaN stays NaN. About 1 ulp, as vexp.
 FDIV_INLINE float exp_le0(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float kShift = 12582912.0f;
-  const float n = (xc * 1.44269504088896341f + kShift) - kShift;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
+  const ExpReduced e = exp_reduced(x < -87.0f ? -87.0f : x);
   // n in [-126, 0]: 2^n is a normal float.
-  return y * bits_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return e.y * bits_float(static_cast<uint32_t>(static_cast<int32_t>(e.n) + 127) << 23);
 }
 FDIV_INLINE double exp_le0(double x) { return std::exp(x); }
 

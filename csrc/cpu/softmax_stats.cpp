@@ -20,6 +20,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/convert.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
 
@@ -47,22 +48,6 @@ Split split_rows(int64_t rows, int64_t n) {
 
 // ---- element kernels, float (any storage dtype) and double ---------------------------------
 
-FDIV_INLINE void widen_block(float* dst, const at::BFloat16* src, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-FDIV_INLINE void widen_block(float* dst, const at::Half* src, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-FDIV_INLINE void narrow_block(at::BFloat16* dst, const float* src, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::BFloat16>(src[j]);
-}
-FDIV_INLINE void narrow_block(at::Half* dst, const float* src, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::Half>(src[j]);
-}
 
 // Forward over one stretch of a row into a partial state; buf: kBlock T (narrow dtypes only).
 template <bool ENT, class scalar_t, class T>

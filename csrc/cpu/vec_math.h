@@ -36,12 +36,13 @@ FDIV_INLINE uint32_t float_bits(float f) {
   return u;
 }
 
-FDIV_INLINE float vexp(float x) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  // Past these, exp(x) rounds to +inf / 0 anyway; clamping keeps the exponent arithmetic in range.
-  constexpr float kHi = 88.8f, kLo = -104.0f;
-  float xc = x > kHi ? kHi : x;
-  xc = xc < kLo ? kLo : xc;
+// exp(x) = 2^n * y with n = round(x / ln 2) and y = exp(x - n ln 2) from a degree-7 polynomial:
+// the range reduction shared by the exp variants (the caller clamps x and scales by 2^n).
+struct ExpReduced {
+  float y, n;
+};
+
+FDIV_INLINE ExpReduced exp_reduced(float xc) {
   // Round to nearest with the 1.5 * 2^23 trick: no libm call, so the SSE2 clone vectorizes too.
   const float kShift = 12582912.0f;
   const float n = (xc * 1.44269504088896341f + kShift) - kShift;
@@ -54,7 +55,17 @@ FDIV_INLINE float vexp(float x) {
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
+  return {y * (r * r) + r + 1.0f, n};
+}
+
+FDIV_INLINE float vexp(float x) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  // Past these, exp(x) rounds to +inf / 0 anyway; clamping keeps the exponent arithmetic in range.
+  constexpr float kHi = 88.8f, kLo = -104.0f;
+  float xc = x > kHi ? kHi : x;
+  xc = xc < kLo ? kLo : xc;
+  const ExpReduced e = exp_reduced(xc);
+  const float y = e.y, n = e.n;
   // 2^n in two factors (n in [-150, 128]): each stays a normal float, and the final product
   // rounds once, into a denormal when the result is one.
   const int32_t ni = static_cast<int32_t>(n);
