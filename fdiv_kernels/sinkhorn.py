@@ -27,7 +27,6 @@ from fdiv_kernels.dispatch import load_error, select
 
 COST_FNS = tuple(core.COST_KINDS)
 GRADS = ("envelope", "unrolled", "implicit")
-CHECK_EVERY = 10  # iterations between on-device convergence checks (one host sync each)
 CG_ITER = 30
 
 
@@ -188,7 +187,12 @@ class _SinkhornFunction(torch.autograd.Function):
         f, g, n_iter, err = op(x, y, cost, _log(a), _log(b), f0, g0, eps0, cfg.eps, cfg.kind,
                                cfg.rho_a, cfg.rho_b, cfg.max_iter, cfg.tol, cfg.check_every,
                                cfg.scaling, cfg.symmetric)
-        total, lin = core.plan_totals(x, y, cost, a, b, f, g, cfg.eps, cfg.kind)
+        # A backend may compute the plan's totals itself (fdiv::sinkhorn_totals_<backend>).
+        totals = getattr(torch.ops.fdiv, f"sinkhorn_totals_{cfg.backend}", None)
+        if totals is not None:
+            total, lin = totals(x, y, cost, a, b, f, g, cfg.eps, cfg.kind)
+        else:
+            total, lin = core.plan_totals(x, y, cost, a, b, f, g, cfg.eps, cfg.kind)
         value = core.dual_value(a, b, f, g, total, cfg.eps, cfg.rho_a, cfg.rho_b)
         ctx.save_for_backward(x, y, cost, a, b, f, g)
         ctx.cfg = cfg
@@ -239,7 +243,7 @@ def sinkhorn(
     backend: str = "auto",
     *,
     symmetric: bool = False,
-    check_every: int = CHECK_EVERY,
+    check_every: Optional[int] = None,
 ) -> SinkhornResult:
     r"""Solve B entropic OT problems at once (B = 1 for an unbatched call).
 
@@ -253,8 +257,10 @@ def sinkhorn(
 
     Stopping: every ``check_every`` iterations the L1 marginal error is computed on the device,
     and problems under ``tol`` stop updating; ``converged`` reports which made it within
-    ``max_iter``. ``scaling`` in (0, 1): eps-scaling from the largest cost down to ``epsilon``
-    (one iteration per level). ``init=(f, g)``: warm start. ``symmetric``: averaged updates.
+    ``max_iter``. ``check_every=None``: every iteration where a backend solves whole problems
+    in one kernel (the check is free there), every 10 where a check costs a host sync.
+    ``scaling`` in (0, 1): eps-scaling from the largest cost down to ``epsilon`` (one iteration
+    per level). ``init=(f, g)``: warm start. ``symmetric``: averaged updates.
 
     grad: "envelope" (value differentiable through the final potentials, w.r.t. cost, points
     and weights), "unrolled" (autograd through exactly ``max_iter`` iterations, checkpointed per
@@ -266,7 +272,8 @@ def sinkhorn(
         raise ValueError(f"cost_fn must be one of {COST_FNS}, got {cost_fn!r}")
     eps = V.check_real("epsilon", epsilon, positive=True)
     max_iter = _int("max_iter", max_iter, 1 if grad != "unrolled" else 0)
-    check_every = _int("check_every", check_every, 1)
+    # 0: the backend's choice (every iteration in a whole-solve kernel, else every 10).
+    check_every = 0 if check_every is None else _int("check_every", check_every, 1)
     tol = V.check_real("tol", tol)
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 COST_KINDS = {"sqeuclidean": 0, "euclidean": 1, "l1": 2, "dot": 3, "cosine": 4}
+# Iterations between marginal-error checks where each check costs a host sync (the per-update
+# loop); whole-solve kernels check every iteration, the row LSE being at hand.
+CHECK_EVERY = 10
 # Elements of one (B, rows, m) block: the only memory the torch paths hold beyond O(B(n + m));
 # small enough to stay in cache (4x faster on CPU than 1 << 22).
 CHUNK_ELEMENTS = 1 << 18

@@ -17,8 +17,10 @@ from torch import Tensor
 from fdiv_kernels import sinkhorn_core as core
 
 
-def register_fwd(backend: str, lse_op: Callable) -> None:
-    """Register ``fdiv::sinkhorn_fwd_<backend>``: the solve loop of ``core`` around ``lse_op``."""
+def register_fwd(backend: str, lse_op: Callable, solve: Optional[Callable] = None) -> None:
+    """Register ``fdiv::sinkhorn_fwd_<backend>``: the solve loop of ``core`` around ``lse_op``,
+    or ``solve`` (same arguments as the op) where a backend solves whole problems itself and
+    returns None for those it leaves to the loop."""
 
     @torch.library.custom_op(f"fdiv::sinkhorn_fwd_{backend}", mutates_args=())
     def fwd(
@@ -27,8 +29,15 @@ def register_fwd(backend: str, lse_op: Callable) -> None:
         eps: float, kind: int, rho_a: float, rho_b: float, max_iter: int, tol: float,
         check_every: int, scaling: float, symmetric: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # check_every 0 (auto): every iteration where the check is free (a whole-solve kernel
+        # has the row LSE at hand), every core.CHECK_EVERY where it costs a host sync.
+        if solve is not None:
+            out = solve(x, y, cost, log_a, log_b, f0, g0, eps0, eps, kind, rho_a, rho_b, max_iter,
+                        tol, check_every or 1, scaling, symmetric)
+            if out is not None:
+                return out
         return core.solve(lse_op, x, y, cost, log_a, log_b, eps, kind, rho_a, rho_b, max_iter,
-                          tol, check_every, f0, g0, eps0, scaling, symmetric)
+                          tol, check_every or core.CHECK_EVERY, f0, g0, eps0, scaling, symmetric)
 
     @fwd.register_fake
     def _(x, y, cost, log_a, log_b, f0, g0, eps0, eps, kind, rho_a, rho_b, max_iter, tol,

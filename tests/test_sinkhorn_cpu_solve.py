@@ -1,0 +1,184 @@
+"""The cpu backend's whole-solve Sinkhorn op (fdiv::sinkhorn_solve_cpu, one problem per task,
+cost built once per problem in a per-thread scratch) and its totals op: the per-update loop of
+``sinkhorn_core.solve`` (same backend, forced) and the torch backend are the oracles."""
+
+import math
+
+import pytest
+import torch
+
+from fdiv_kernels import sinkhorn_core as core
+from fdiv_kernels.dispatch import BackendUnavailableError, select
+from reference import logits
+from test_sinkhorn import S, assert_close, centered, points, weights
+
+F64 = torch.float64
+
+try:
+    select("cpu", torch.empty(1), "sinkhorn_fwd")
+    from fdiv_kernels import sinkhorn_cpu as SC
+except (ImportError, BackendUnavailableError):
+    SC = None
+pytestmark = pytest.mark.skipif(SC is None, reason="cpu sinkhorn ops not built")
+
+
+@pytest.fixture
+def force():
+    """force(True / False): the whole-solve / per-update path of sinkhorn_fwd_cpu."""
+    yield lambda v: setattr(SC, "FORCE_WHOLE_SOLVE", v)
+    SC.FORCE_WHOLE_SOLVE = None
+
+
+def _batch(B, n, m, d, dtype=F64, seed=70):
+    # Problems of different spreads converge at different iterations.
+    scale = torch.tensor([0.5, 1.0, 2.0, 1.5][:B], dtype=dtype)[:, None, None]
+    x = points(B, n, d, seed=seed, dtype=dtype) * scale
+    y = points(B, m, d, seed=seed + 1, dtype=dtype) + 0.3
+    a = weights(B, n, seed=seed + 2, dtype=dtype)
+    if n > 1:
+        a[0, min(2, n - 1)] = 0.0  # a zero-weight point, excluded exactly
+        a = a / a.sum(-1, keepdim=True)
+    b = weights(B, m, seed=seed + 3, dtype=dtype)
+    return x, y, a, b
+
+
+def _both(force, **kw):
+    out = []
+    for whole in (True, False):
+        force(whole)
+        out.append(S.sinkhorn(backend="cpu", **kw))
+    return out
+
+
+def _assert_same(rw, rl, tol, what):
+    assert torch.equal(rw.n_iter, rl.n_iter), f"{what}: n_iter {rw.n_iter} vs {rl.n_iter}"
+    assert torch.equal(rw.converged, rl.converged), what
+    for name in ("value", "cost", "f", "g", "marginal_error"):
+        assert_close(getattr(rw, name), getattr(rl, name), tol, tol, f"{what}: {name}")
+
+
+@pytest.mark.parametrize("cost_fn", list(core.COST_KINDS))
+@pytest.mark.parametrize("shape", [(3, 13, 29, 5), (2, 3, 4, 2), (2, 1, 17, 3), (2, 40, 1, 30)])
+def test_whole_solve_matches_loop_per_cost(force, cost_fn, shape):
+    B, n, m, d = shape  # (2, 3, 4, 2): below kTinyMacs, the cost from ATen
+    x, y, a, b = _batch(B, n, m, d)
+    kw = dict(x=x, y=y, a=a, b=b, cost_fn=cost_fn, epsilon=0.2, tol=1e-9, max_iter=400,
+              check_every=3)
+    rw, rl = _both(force, **kw)
+    _assert_same(rw, rl, 1e-10, cost_fn)
+    assert rw.converged.any()
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("reach", [None, 1.0, (None, 2.0)])
+@pytest.mark.parametrize("scaling", [None, 0.5])
+def test_whole_solve_matches_loop_options(force, dense, symmetric, reach, scaling):
+    x, y, a, b = _batch(3, 11, 14, 4)
+    if reach is not None:
+        b = b * 1.7  # unbalanced: any positive mass
+    src = dict(cost=core.pairwise_cost(x, y, 0)) if dense else dict(x=x, y=y)
+    kw = dict(**src, a=a, b=b, epsilon=0.1, tol=1e-9, max_iter=300, check_every=4,
+              symmetric=symmetric, reach=reach, scaling=scaling)
+    rw, rl = _both(force, **kw)
+    _assert_same(rw, rl, 1e-10, f"dense={dense} symmetric={symmetric} reach={reach}")
+    if not symmetric and reach is None and scaling is None:
+        assert len(set(rw.n_iter.tolist())) > 1, "problems should stop at different iterations"
+
+
+def test_whole_solve_warm_start_and_not_converged(force):
+    x, y, a, b = _batch(3, 12, 10, 3)
+    kw = dict(x=x, y=y, a=a, b=b, epsilon=0.05, tol=1e-10, check_every=1)
+    force(True)
+    ref = S.sinkhorn(**kw, max_iter=5000, backend="cpu")
+    assert ref.converged.all()
+    warm = S.sinkhorn(**kw, max_iter=5000, init=(ref.f, ref.g), backend="cpu")
+    assert (warm.n_iter == 0).all()
+    short = S.sinkhorn(**kw, max_iter=3, backend="cpu")
+    assert (short.n_iter == 3).all() and not short.converged.any()
+    assert (short.marginal_error > 1e-10).all()
+    force(False)
+    _assert_same(short, S.sinkhorn(**kw, max_iter=3, backend="cpu"), 1e-10, "max_iter=3")
+
+
+def test_whole_solve_fp32_and_16bit_costs(force):
+    x, y, a, b = _batch(3, 24, 19, 6, dtype=torch.float32)
+    kw = dict(a=a, b=b, epsilon=0.2, tol=1e-5, max_iter=500, check_every=1)
+    force(True)
+    r32 = S.sinkhorn(x=x, y=y, **kw, backend="cpu")
+    r64 = S.sinkhorn(x=x.double(), y=y.double(), **{**kw, "a": a.double(), "b": b.double()},
+                     backend="torch")
+    assert r32.f.dtype == torch.float32 and r32.converged.all()
+    assert_close(centered(r32.f), centered(r64.f), 1e-4, 1e-4, "fp32 f")
+    assert_close(r32.value, r64.value, 1e-5, 1e-5, "fp32 value")
+    C = core.pairwise_cost(x, y, 0)
+    for dt in (torch.bfloat16, torch.float16):
+        c16 = C.to(dt)
+        rw = S.sinkhorn(cost=c16, **kw, backend="cpu")
+        rt = S.sinkhorn(cost=c16.double(), **{**kw, "a": a.double(), "b": b.double()},
+                        backend="torch")
+        assert_close(centered(rw.f), centered(rt.f), 1e-4, 1e-4, f"{dt} cost f")
+
+
+def test_whole_solve_nan_problem_is_reported_alone(force):
+    x, y, a, b = _batch(3, 9, 8, 2)
+    C = core.pairwise_cost(x, y, 0)
+    C[1, 2, 3] = float("nan")
+    force(True)
+    r = S.sinkhorn(cost=C, a=a, b=b, epsilon=0.5, tol=1e-8, max_iter=2000, check_every=2,
+                   backend="cpu")
+    assert r.converged.tolist() == [True, False, True]
+    assert r.marginal_error[1] == float("inf")
+    force(False)
+    rl = S.sinkhorn(cost=C, a=a, b=b, epsilon=0.5, tol=1e-8, max_iter=2000, check_every=2,
+                    backend="cpu")
+    assert torch.equal(r.n_iter, rl.n_iter)
+
+
+def test_auto_check_every_stops_sooner_at_the_same_tolerance():
+    x, y, a, b = _batch(4, 30, 26, 3, dtype=torch.float32)
+    kw = dict(x=x, y=y, a=a, b=b, epsilon=0.5, tol=1e-4, max_iter=2000, backend="cpu")
+    auto = S.sinkhorn(**kw)  # whole-solve: checks every iteration
+    every10 = S.sinkhorn(**kw, check_every=10)
+    assert auto.converged.all() and (auto.marginal_error <= 1e-4).all()
+    assert (auto.n_iter <= every10.n_iter).all() and (auto.n_iter < every10.n_iter).any()
+    assert (every10.n_iter % 10 == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("dense", [False, True])
+def test_totals_op_matches_plan_totals(dtype, dense):
+    x, y, a, b = _batch(3, 21, 33, 5, dtype=dtype)
+    f = logits((3, 21), dtype, seed=80) * 0.1
+    g = logits((3, 33), dtype, seed=81) * 0.1
+    kw = dict(x=None, y=None, cost=core.pairwise_cost(x, y, 0)) if dense else dict(x=x, y=y,
+                                                                                   cost=None)
+    got = torch.ops.fdiv.sinkhorn_totals_cpu(kw["x"], kw["y"], kw["cost"], a, b, f, g, 0.3, 0)
+    want = core.plan_totals(kw["x"], kw["y"], kw["cost"], a, b, f, g, 0.3, 0)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for gt, w in zip(got, want):
+        assert_close(gt, w, tol, tol, "totals")
+    assert got[0][0] > 0 and torch.isfinite(got[1]).all()
+
+
+def test_dispatch_rule():
+    threads = torch.get_num_threads()
+    assert SC.whole_solve(64, 256, 256, torch.float32)
+    assert SC.whole_solve(1, 100, 100, torch.float32)  # small: one task beats split updates
+    assert not SC.whole_solve(64, 4096, 4096, torch.float32)  # the scratch does not fit
+    assert SC.whole_solve(threads, 1024, 1024, torch.float32)
+    assert not SC.whole_solve(threads, 1024, 1024, F64)
+    if threads > 1:
+        assert not SC.whole_solve(1, 1024, 1024, torch.float32)  # one problem: split updates
+
+
+def test_solve_and_totals_ops_pass_opcheck():
+    x, y = points(2, 6, 3, seed=61, dtype=torch.float32), points(2, 5, 3, seed=62,
+                                                                 dtype=torch.float32)
+    la = torch.full((2, 6), -math.log(6))
+    lb = torch.full((2, 5), -math.log(5))
+    torch.library.opcheck(torch.ops.fdiv.sinkhorn_solve_cpu,
+                          (x, y, None, la, lb, None, None, None, 0.5, 0, 0.0, 0.0, 20, 1e-6,
+                           1, 0.0, False))
+    torch.library.opcheck(torch.ops.fdiv.sinkhorn_totals_cpu,
+                          (x, y, None, la.exp(), lb.exp(), la, lb, 0.5, 0))
