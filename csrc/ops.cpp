@@ -27,6 +27,11 @@ TORCH_LIBRARY(fdiv, m) {
   m.def(
       "sinkhorn_totals_cpu(Tensor? x, Tensor? y, Tensor? cost, Tensor a, Tensor b, Tensor f, "
       "Tensor g, float eps, int kind) -> (Tensor total, Tensor lin)");
+  m.def(
+      "sinkhorn_grads_cpu(Tensor? x, Tensor? y, Tensor? cost, Tensor a, Tensor b, Tensor f, "
+      "Tensor g, Tensor g_value, Tensor? lam_f, Tensor? lam_g, float eps, int kind, float rho_a, "
+      "float rho_b, bool[5] need) -> (Tensor grad_x, Tensor grad_y, Tensor grad_cost, "
+      "Tensor grad_a, Tensor grad_b)");
 }
 
 extern "C" {

@@ -215,8 +215,16 @@ class _SinkhornFunction(torch.autograd.Function):
                     cg_iter=CG_ITER)
         gv = torch.zeros_like(f[:, 0]) if g_value is None else g_value
         need = tuple(ctx.needs_input_grad[:5])
-        grads = core.dual_grads(x, y, cost, a, b, f, g, cfg.eps, cfg.kind, cfg.rho_a, cfg.rho_b,
-                                gv, lam_f, lam_g, need)
+        # A backend may apply the plan itself (fdiv::sinkhorn_grads_<backend>).
+        grads_op = getattr(torch.ops.fdiv, f"sinkhorn_grads_{cfg.backend}", None)
+        if grads_op is not None:
+            out = grads_op(x, y, cost, a, b, f, g, gv, lam_f, lam_g, cfg.eps, cfg.kind,
+                           cfg.rho_a, cfg.rho_b, list(need))
+            grads = [d if w and t is not None else None
+                     for d, w, t in zip(out, need, (x, y, cost, a, b))]
+        else:
+            grads = core.dual_grads(x, y, cost, a, b, f, g, cfg.eps, cfg.kind, cfg.rho_a,
+                                    cfg.rho_b, gv, lam_f, lam_g, need)
         grads = [d.to(t.dtype) if d is not None else None
                  for d, t in zip(grads, (x, y, cost, a, b))]
         return (*grads, None, None, None, None)

@@ -4,6 +4,8 @@ csrc/cpu/sinkhorn*.cpp):
     fdiv::sinkhorn_lse_cpu     the batched row/column LSE update (C++, cost on the fly or dense)
     fdiv::sinkhorn_solve_cpu   whole problems, one per task, cost and its transpose in a
                                per-thread scratch (C++, csrc/cpu/sinkhorn_solve.cpp)
+    fdiv::sinkhorn_totals_cpu  (sum P, <C, P>) per problem, and fdiv::sinkhorn_grads_cpu the
+                               value's gradients, both applying the plan problem by problem
     fdiv::sinkhorn_fwd_cpu     the solve: ``sinkhorn_solve_cpu`` where a problem fits the
                                scratch (``whole_solve``), else the loop of ``sinkhorn_core`` around
                                ``sinkhorn_lse_cpu``
@@ -68,3 +70,11 @@ if hasattr(torch.ops.fdiv, "sinkhorn_lse_cpu") and not hasattr(torch.ops.fdiv, "
         B = log_a.shape[0]
         return (torch.empty_like(log_a), torch.empty_like(log_b),
                 log_a.new_empty(B, dtype=torch.int32), log_a.new_empty(B))
+
+    @torch.library.register_fake("fdiv::sinkhorn_grads_cpu")
+    def _(x, y, cost, a, b, f, g, g_value, lam_f, lam_g, eps, kind, rho_a, rho_b, need):
+        def out(t, w):
+            return f.new_empty(t.shape) if w and t is not None else f.new_empty(0)
+        return (out(x if cost is None else None, need[0]),
+                out(y if cost is None else None, need[1]), out(cost, need[2]),
+                out(a, need[3]), out(b, need[4]))

@@ -4,8 +4,8 @@
 // Why: the per-half-iteration op streams the (B, n, m) cost (or rebuilds it from the points)
 // from memory on every update and pays an op call and a host sync per check. A problem of
 // n, m <= a few hundred fits in a core's cache: its cost is built once per solve in a per-thread
-// scratch (never (B, n, m)), every update reads it from cache (columns in blocks of kColBlock), each problem stops on
-// its own error with no sync, and problems run in parallel across threads.
+// scratch (never (B, n, m)), every update reads it from cache (columns in blocks of kColBlock),
+// each problem stops on its own error with no sync, and problems run in parallel across threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/sinkhorn_problem.h"
 #include "cpu/sinkhorn_tiles.h"
 #include "cpu/vec_math.h"
 
@@ -24,10 +25,6 @@ namespace fdiv_kernels {
 namespace {
 
 using namespace sinkhorn;  // NOLINT: the shared tile kernels
-
-// A lambda is a function of its own: without this it is compiled for the baseline ISA, not for
-// the target_clones clone it is called from (measured: 5x slower).
-#define FDIV_INLINE_LAMBDA __attribute__((always_inline))
 
 // Everything one problem needs; pointers into batch tensors already offset to problem b.
 template <class T>
@@ -78,20 +75,6 @@ T marginal_error(const T* f, const T* lse, const T* la, int64_t n, T ev, double 
 template <class T>
 FDIV_INLINE T tau_eps(double rho, T ev) { return rho <= 0 ? ev : T(rho) / (T(rho) + ev) * ev; }
 
-// The cost rows of one problem from its padded points, into tile (np, mp): micro kernel tiles,
-// then the per-kind finish on the m real columns of the n real rows.
-template <class T>
-FDIV_INLINE void build_cost(const T* xp, const T* yT, const T* xx, const T* yy, int64_t kind,
-                            int64_t d, int64_t n, int64_t m, int64_t np, int64_t mp, T* tile) {
-  const int64_t mc = micro_cols<T>();
-  for (int64_t r0 = 0; r0 < np; r0 += kR)
-    for (int64_t j0 = 0; j0 < mp; j0 += mc) {
-      if (kind == 2) micro<true>(xp + r0 * d, d, yT + j0, mp, tile + r0 * mp + j0, mp);
-      else micro<false>(xp + r0 * d, d, yT + j0, mp, tile + r0 * mp + j0, mp);
-    }
-  for (int64_t i = 0; i < n; ++i) finish_cost(tile + i * mp, m, kind, xx[i], yy);
-}
-
 // The whole solve of one problem (see sinkhorn_core.solve). Returns (n_iter, error).
 template <class T>
 FDIV_INLINE std::pair<int32_t, T> solve_problem(const Problem<T>& p, const Schedule& s,
@@ -109,7 +92,8 @@ FDIV_INLINE std::pair<int32_t, T> solve_problem(const Problem<T>& p, const Sched
     for (int64_t j0 = 0; j0 < m; j0 += kColBlock)
       dense_cols_item<T>(p.c + j0, ha, T(1) / ev, n, p.ldc, std::min(kColBlock, m - j0), lc + j0);
   };
-  auto update = [&](T ev) FDIV_INLINE_LAMBDA {  // one iteration at ev, rows (and columns) already reduced
+  // One iteration at ev, the rows (and, symmetric, the columns) already reduced.
+  auto update = [&](T ev) FDIV_INLINE_LAMBDA {
     const T ta = tau_eps(s.rho_a, ev), tb = tau_eps(s.rho_b, ev);
     if (s.symmetric) {
       for (int64_t i = 0; i < n; ++i) f[i] = T(0.5) * (f[i] - ta * lr[i]);
@@ -178,73 +162,10 @@ FDIV_INLINE std::pair<double, double> totals_problem(const T* c, int64_t ldc, co
                                                      const T* b, const T* f, const T* g, T eps,   \
                                                      int64_t n, int64_t m) {                      \
     return totals_problem<T>(c, ldc, a, b, f, g, eps, n, m);                                      \
-  }                                                                                               \
-  FDIV_CLONES void build_cost_entry(const T* xp, const T* yT, const T* xx, const T* yy,          \
-                                    int64_t kind, int64_t d, int64_t n, int64_t m, int64_t np,    \
-                                    int64_t mp, T* tile) {                                        \
-    build_cost<T>(xp, yT, xx, yy, kind, d, n, m, np, mp, tile);                                   \
   }
 FDIV_SOLVE_ENTRY(float)
 FDIV_SOLVE_ENTRY(double)
 #undef FDIV_SOLVE_ENTRY
-
-// The cost of a batch, one problem at a time: a dense (B, n, m) tensor, or padded points whose
-// cost is built per problem in the thread's scratch.
-struct CostSource {
-  std::optional<at::Tensor> dense;
-  std::optional<PaddedPoints> pts;
-  int64_t kind = 0, d = 0;
-};
-
-// Validates and converts: a dense cost, or points (the cost from ATen for tiny problems, as
-// sinkhorn_lse_cpu does, so the plans match torch's).
-CostSource cost_source(const std::optional<at::Tensor>& x_in, const std::optional<at::Tensor>& y_in,
-                       const std::optional<at::Tensor>& cost_in, at::ScalarType ct, int64_t B,
-                       int64_t n, int64_t m, int64_t kind) {
-  CostSource src;
-  src.kind = kind;
-  if (cost_in) {
-    src.dense = cost_in->to(ct).contiguous();
-    TORCH_CHECK_VALUE(src.dense->dim() == 3 && src.dense->size(0) == B &&
-                          src.dense->size(1) == n && src.dense->size(2) == m,
-                      "cost must be (B, n, m) matching the weights");
-    return src;
-  }
-  TORCH_CHECK_VALUE(x_in && y_in, "needs points x, y or a cost");
-  const at::Tensor x = x_in->to(ct).contiguous(), y = y_in->to(ct).contiguous();
-  TORCH_CHECK_VALUE(x.dim() == 3 && y.dim() == 3 && x.size(0) == B && y.size(0) == B &&
-                        x.size(1) == n && y.size(1) == m && x.size(2) == y.size(2),
-                    "x (B, n, d), y (B, m, d) and the weights do not match");
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= 4, "unknown cost kind ", kind);
-  src.d = x.size(2);
-  if (src.d * n * m < kTinyMacs) src.dense = pairwise_cost(x, y, kind).contiguous();
-  else if (ct == at::kDouble) src.pts = pad_points<double>(x, y, kind);
-  else src.pts = pad_points<float>(x, y, kind);
-  return src;
-}
-
-// Calls fn(b, cost rows of problem b, their stride, the thread's scratch) for every problem, in
-// parallel over problems.
-template <class T, class Fn>
-void for_each_problem(const CostSource& src, int64_t B, int64_t n, int64_t m, Fn fn) {
-  const auto& pts = src.pts;
-  const int64_t np = pts ? pts->np : n, mp = pts ? pts->mp : m, d = src.d;
-  const T* c_ = src.dense ? src.dense->data_ptr<T>() : nullptr;
-  const T* xp = pts ? pts->xp.data_ptr<T>() : nullptr;
-  const T* yT = pts ? pts->yT.data_ptr<T>() : nullptr;
-  const T* xx = pts ? pts->xx.data_ptr<T>() : nullptr;
-  const T* yy = pts ? pts->yy.data_ptr<T>() : nullptr;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> w;
-    w.reserve(n, m, np, mp, pts.has_value());
-    for (int64_t b = begin; b < end; ++b) {
-      if (pts)
-        build_cost_entry(xp + b * np * d, yT + b * d * mp, xx + b * np, yy + b * mp, src.kind, d,
-                         n, m, np, mp, w.tile.data());
-      fn(b, c_ ? c_ + b * n * m : w.tile.data(), c_ ? m : mp, w);
-    }
-  });
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_solve_cpu(
     const std::optional<at::Tensor>& x_in, const std::optional<at::Tensor>& y_in,
@@ -281,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_solve_cpu(
     scalar_t* e_ = err.data_ptr<scalar_t>();
     int32_t* it_ = n_iter.data_ptr<int32_t>();
     const double* e0 = eps0.defined() ? eps0.data_ptr<double>() : nullptr;
-    for_each_problem<scalar_t>(src, B, n, m,
+    for_each_problem<scalar_t, Scratch<scalar_t>>(src, B, n, m,
                                [&](int64_t b, const scalar_t* c, int64_t ldc, Scratch<scalar_t>& w) {
       const Problem<scalar_t> p{c, ldc, la_ + b * n, lb_ + b * m, f_ + b * n, g_ + b * m, n, m};
       Schedule sb = s;
@@ -313,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_totals_cpu(
     const scalar_t *a_ = a.data_ptr<scalar_t>(), *b_ = b.data_ptr<scalar_t>();
     const scalar_t *f_ = f.data_ptr<scalar_t>(), *g_ = g.data_ptr<scalar_t>();
     scalar_t *t_ = total.data_ptr<scalar_t>(), *l_ = lin.data_ptr<scalar_t>();
-    for_each_problem<scalar_t>(src, B, n, m,
+    for_each_problem<scalar_t, Scratch<scalar_t>>(src, B, n, m,
                                [&](int64_t bi, const scalar_t* c, int64_t ldc, Scratch<scalar_t>&) {
       const auto [tot, li] = totals_entry(c, ldc, a_ + bi * n, b_ + bi * m, f_ + bi * n,
                                           g_ + bi * m, scalar_t(eps), n, m);

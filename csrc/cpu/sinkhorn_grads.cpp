@@ -1,0 +1,220 @@
+// Gradients of the Sinkhorn value at fixed potentials (envelope, plus the implicit correction
+// when lam is given), one problem per task; the statement of record is sinkhorn_core.dual_grads.
+//
+// With E_ij = exp((f_i + g_j - C_ij) / eps), P_ij = a_i b_j E_ij, w_ij = gv + lam_f_i + lam_g_j:
+//   dC_ij = w_ij P_ij                                                      (=: Q_ij)
+//   da_i  = gv (phi_a(f_i) + eps sum b) + eps lam_f_i phi_a'(f_i) - eps sum_j w_ij b_j E_ij
+//   db_j  = gv (phi_b(g_j) + eps sum a) + eps lam_g_j phi_b'(g_j) - eps sum_i w_ij a_i E_ij
+//   dx_i  = sum_j Q_ij dc(x_i, y_j)/dx_i,  dy_j = sum_i Q_ij dc(x_i, y_j)/dy_j,
+// the point gradients through two small GEMMs per problem (Q y and Q^T x) for every kind but L1.
+// Q lives in a per-thread (n, m) scratch: the plan is applied, never stored for the batch.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu/sinkhorn_problem.h"
+#include "cpu/sinkhorn_tiles.h"
+#include "cpu/vec_math.h"
+
+namespace fdiv_kernels {
+namespace {
+
+using namespace sinkhorn;  // NOLINT: the shared per-problem machinery
+
+template <class T>
+struct GradScratch {
+  std::vector<T> tile, q, roww, colw, wg;
+  void reserve(int64_t n, int64_t m, int64_t np, int64_t mp, bool points) {
+    if (points) tile.resize(size_t(np * mp));
+    q.resize(size_t(n * m));
+    roww.resize(size_t(n));
+    colw.resize(size_t(m));
+    wg.resize(size_t(m));
+  }
+};
+
+// One problem's plan pass: Q (n, m) into q, sum_j w_ij b_j E_ij into roww (n), sum_i w_ij a_i E_ij
+// into colw (m); wg (m): scratch. kind 1 (euclidean) stores Q_ij / (2 c_ij) (0 where c_ij = 0,
+// as torch's subgradient): its point gradient then has the squared Euclidean form.
+template <class T>
+FDIV_INLINE void plan_pass(const T* c, int64_t ldc, const T* a, const T* b, const T* f, const T* g,
+                           T gv, const T* lf, const T* lg, T eps, int64_t n, int64_t m,
+                           int64_t kind, T* q, T* roww, T* colw, T* wg) {
+  const T ei = T(1) / eps;
+  for (int64_t j = 0; j < m; ++j) {
+    colw[j] = 0;
+    wg[j] = gv + (lg ? lg[j] : T(0));  // w_ij = lam_f_i + wg_j: no branch in the inner loop
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T* ci = c + i * ldc;
+    T* qi = q + i * m;
+    const T ai = a[i], fi = f[i], lfi = lf ? lf[i] : T(0);
+    T rw = 0;
+#pragma omp simd reduction(+ : rw)
+    for (int64_t j = 0; j < m; ++j) {
+      const T e = vexp((fi + g[j] - ci[j]) * ei);
+      const T w = lfi + wg[j];
+      const T wb = w * b[j] * e;
+      rw += wb;
+      colw[j] += w * ai * e;
+      qi[j] = ai * wb;
+    }
+    roww[i] = rw;
+    if (kind == 1) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) qi[j] = ci[j] > T(0) ? qi[j] / (T(2) * ci[j]) : T(0);
+    }
+  }
+}
+
+#define FDIV_GRADS_ENTRY(T)                                                                      \
+  FDIV_CLONES void plan_entry(const T* c, int64_t ldc, const T* a, const T* b, const T* f,       \
+                              const T* g, T gv, const T* lf, const T* lg, T eps, int64_t n,      \
+                              int64_t m, int64_t kind, T* q, T* roww, T* colw, T* wg) {          \
+    plan_pass<T>(c, ldc, a, b, f, g, gv, lf, lg, eps, n, m, kind, q, roww, colw, wg);           \
+  }
+FDIV_GRADS_ENTRY(float)
+FDIV_GRADS_ENTRY(double)
+#undef FDIV_GRADS_ENTRY
+
+// Point gradients of one problem from Q (n, m). x, y: (n, d), (m, d) as given (unnormalized);
+// gx, gy: (n, d), (m, d) outputs or undefined.
+template <class T>
+void point_grads(const T* q, const at::Tensor& x, const at::Tensor& y, int64_t kind,
+                 at::Tensor gx, at::Tensor gy) {
+  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
+  const at::Tensor Q = at::from_blob(const_cast<T*>(q), {n, m}, x.options());
+  if (kind == 2) {  // L1: sign(x_ik - y_jk), no GEMM form
+    const T *x_ = x.data_ptr<T>(), *y_ = y.data_ptr<T>();
+    T* gx_ = gx.defined() ? gx.data_ptr<T>() : nullptr;
+    T* gy_ = gy.defined() ? gy.data_ptr<T>() : nullptr;
+    if (gy_) std::fill(gy_, gy_ + m * d, T(0));
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t k = 0; k < d; ++k) {
+        const T xik = x_[i * d + k];
+        T acc = 0;
+        for (int64_t j = 0; j < m; ++j) {
+          const T diff = xik - y_[j * d + k];
+          const T s = diff > T(0) ? q[i * m + j] : (diff < T(0) ? -q[i * m + j] : T(0));
+          acc += s;
+          if (gy_) gy_[j * d + k] -= s;
+        }
+        if (gx_) gx_[i * d + k] = acc;
+      }
+    }
+    return;
+  }
+  if (kind == 0 || kind == 1) {  // 2 (Q 1 x - Q y); kind 1 has Q / (2c) in q
+    if (gx.defined()) gx.copy_(2 * (Q.sum(1, true) * x - at::mm(Q, y)));
+    if (gy.defined()) gy.copy_(2 * (Q.sum(0).unsqueeze(1) * y - at::mm(Q.t(), x)));
+  } else if (kind == 3) {  // -x.y
+    if (gx.defined()) gx.copy_(-at::mm(Q, y));
+    if (gy.defined()) gy.copy_(-at::mm(Q.t(), x));
+  } else {  // cosine: 1 - xh.yh through xh = x / max(|x|, 1e-12), as F.normalize
+    auto normalize_back = [](const at::Tensor& p, const at::Tensor& gh) {
+      const at::Tensor nrm = p.norm(2, {1}, true);
+      const at::Tensor den = nrm.clamp_min(1e-12);
+      const at::Tensor ph = p / den;
+      // Where |p| > 1e-12: (gh - ph (ph . gh)) / |p|; else the clamp is constant: gh / 1e-12.
+      return at::where(nrm > 1e-12, (gh - ph * (ph * gh).sum(1, true)) / den, gh / den);
+    };
+    const at::Tensor xh = x / x.norm(2, {1}, true).clamp_min(1e-12);
+    const at::Tensor yh = y / y.norm(2, {1}, true).clamp_min(1e-12);
+    if (gx.defined()) gx.copy_(normalize_back(x, -at::mm(Q, yh)));
+    if (gy.defined()) gy.copy_(normalize_back(y, -at::mm(Q.t(), xh)));
+  }
+}
+
+template <class T>
+FDIV_INLINE T phi(T f, double rho) { return rho <= 0 ? f : T(-rho) * std::expm1(-f / T(rho)); }
+template <class T>
+FDIV_INLINE T dphi(T f, double rho) { return rho <= 0 ? T(1) : std::exp(-f / T(rho)); }
+
+// da (or db, with the roles swapped) of one problem; roww: sum_j w_ij b_j E_ij.
+template <class T>
+void weight_grad(const T* f, const T* lf, const T* roww, T gv, T eps, T other_mass, double rho,
+                 int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = gv * (phi(f[i], rho) + eps * other_mass) + (lf ? eps * lf[i] * dphi(f[i], rho) : T(0))
+             - eps * roww[i];
+}
+
+at::Tensor opt_ct(const std::optional<at::Tensor>& t, at::ScalarType ct) {
+  return t ? t->to(ct).contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_grads_cpu(
+    const std::optional<at::Tensor>& x_in, const std::optional<at::Tensor>& y_in,
+    const std::optional<at::Tensor>& cost_in, const at::Tensor& a_in, const at::Tensor& b_in,
+    const at::Tensor& f_in, const at::Tensor& g_in, const at::Tensor& gv_in,
+    const std::optional<at::Tensor>& lam_f, const std::optional<at::Tensor>& lam_g, double eps,
+    int64_t kind, double rho_a, double rho_b, std::array<bool, 5> need) {
+  TORCH_CHECK_VALUE(a_in.dim() == 2 && b_in.dim() == 2 && f_in.sizes() == a_in.sizes() &&
+                        g_in.sizes() == b_in.sizes() && a_in.size(0) == b_in.size(0),
+                    "a, f (B, n) and b, g (B, m) do not match");
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0");
+  const at::ScalarType ct = f_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor a = a_in.to(ct).contiguous(), b = b_in.to(ct).contiguous();
+  const at::Tensor f = f_in.to(ct).contiguous(), g = g_in.to(ct).contiguous();
+  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
+  const at::Tensor gv = gv_in.to(ct).contiguous();
+  TORCH_CHECK_VALUE(gv.numel() == B, "g_value must be (B,)");
+  const at::Tensor lf = opt_ct(lam_f, ct), lg = opt_ct(lam_g, ct);
+  TORCH_CHECK_VALUE(!lf.defined() || lf.sizes() == f.sizes(), "lam_f must match f");
+  TORCH_CHECK_VALUE(!lg.defined() || lg.sizes() == g.sizes(), "lam_g must match g");
+  const bool points = !cost_in.has_value();
+  const at::Tensor xs = points ? opt_ct(x_in, ct) : at::Tensor();
+  const at::Tensor ys = points ? opt_ct(y_in, ct) : at::Tensor();
+  // Gradients not asked for are empty (each its own tensor: outputs must not alias).
+  auto none = [&] { return a.new_empty({0}); };
+  at::Tensor gx = need[0] && points ? at::empty_like(xs) : none();
+  at::Tensor gy = need[1] && points ? at::empty_like(ys) : none();
+  at::Tensor gc = need[2] && !points ? at::empty({B, n, m}, a.options()) : none();
+  at::Tensor ga = need[3] ? at::empty({B, n}, a.options()) : none();
+  at::Tensor gb = need[4] ? at::empty({B, m}, a.options()) : none();
+  if (B == 0 || n == 0 || m == 0) return {gx.zero_(), gy.zero_(), gc.zero_(), ga.zero_(),
+                                          gb.zero_()};
+  const CostSource src = cost_source(x_in, y_in, cost_in, ct, B, n, m, kind);
+  // The dense path has no points: the cost kind plays no part there.
+  const int64_t pkind = points ? kind : 0;
+  const at::Tensor amass = a.sum(1), bmass = b.sum(1);
+  AT_DISPATCH_FLOATING_TYPES(ct, "sinkhorn_grads_cpu", [&] {
+    using T = scalar_t;
+    const T *a_ = a.data_ptr<T>(), *b_ = b.data_ptr<T>(), *f_ = f.data_ptr<T>();
+    const T *g_ = g.data_ptr<T>(), *gv_ = gv.data_ptr<T>();
+    const T* lf_ = lf.defined() ? lf.data_ptr<T>() : nullptr;
+    const T* lg_ = lg.defined() ? lg.data_ptr<T>() : nullptr;
+    const T *am = amass.data_ptr<T>(), *bm = bmass.data_ptr<T>();
+    for_each_problem<T, GradScratch<T>>(src, B, n, m,
+                                        [&](int64_t p, const T* c, int64_t ldc, GradScratch<T>& w) {
+      const T* lfp = lf_ ? lf_ + p * n : nullptr;
+      const T* lgp = lg_ ? lg_ + p * m : nullptr;
+      plan_entry(c, ldc, a_ + p * n, b_ + p * m, f_ + p * n, g_ + p * m, gv_[p], lfp, lgp,
+                 T(eps), n, m, pkind, w.q.data(), w.roww.data(), w.colw.data(),
+                 w.wg.data());
+      if (gc.numel()) std::copy(w.q.begin(), w.q.end(), gc.data_ptr<T>() + p * n * m);
+      if (ga.numel())
+        weight_grad(f_ + p * n, lfp, w.roww.data(), gv_[p], T(eps), bm[p], rho_a, n,
+                    ga.data_ptr<T>() + p * n);
+      if (gb.numel())
+        weight_grad(g_ + p * m, lgp, w.colw.data(), gv_[p], T(eps), am[p], rho_b, m,
+                    gb.data_ptr<T>() + p * m);
+      if (gx.numel() || gy.numel())
+        point_grads<T>(w.q.data(), xs[p], ys[p], kind, gx.numel() ? gx[p] : at::Tensor(),
+                       gy.numel() ? gy[p] : at::Tensor());
+    });
+  });
+  return {gx, gy, gc, ga, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fdiv, CPU, m) { m.impl("sinkhorn_grads_cpu", &sinkhorn_grads_cpu); }
+
+}  // namespace fdiv_kernels
