@@ -32,6 +32,10 @@ TORCH_LIBRARY(fdiv, m) {
       "Tensor g, Tensor g_value, Tensor? lam_f, Tensor? lam_g, float eps, int kind, float rho_a, "
       "float rho_b, bool[5] need) -> (Tensor grad_x, Tensor grad_y, Tensor grad_cost, "
       "Tensor grad_a, Tensor grad_b)");
+  m.def(
+      "sinkhorn_plan_apply_cpu(Tensor? x, Tensor? y, Tensor? cost, Tensor a, Tensor b, "
+      "Tensor f, Tensor g, float eps, int kind, Tensor vf, Tensor vg) "
+      "-> (Tensor pv, Tensor ptv, Tensor row_sums, Tensor col_sums)");
 }
 
 extern "C" {

@@ -210,9 +210,10 @@ class _SinkhornFunction(torch.autograd.Function):
             uf = torch.zeros_like(f) if g_f is None else g_f.to(f.dtype)
             ug = torch.zeros_like(g) if g_g is None else g_g.to(g.dtype)
             with torch.no_grad():
+                apply = getattr(torch.ops.fdiv, f"sinkhorn_plan_apply_{cfg.backend}", None)
                 lam_f, lam_g = core.implicit_adjoint(
                     x, y, cost, a, b, f, g, cfg.eps, cfg.kind, cfg.rho_a, cfg.rho_b, uf, ug,
-                    cg_iter=CG_ITER)
+                    cg_iter=CG_ITER, plan_apply=apply)
         gv = torch.zeros_like(f[:, 0]) if g_value is None else g_value
         need = tuple(ctx.needs_input_grad[:5])
         # A backend may apply the plan itself (fdiv::sinkhorn_grads_<backend>).

@@ -216,13 +216,16 @@ def _plan_apply(x, y, cost, a, b, f, g, eps, kind, vf, vg):
 
 
 def implicit_adjoint(x, y, cost, a, b, f, g, eps, kind, rho_a, rho_b, uf, ug,
-                     cg_iter: int = 30, cg_tol: float = 1e-10) -> tuple[Tensor, Tensor]:
+                     cg_iter: int = 30, cg_tol: float = 1e-10,
+                     plan_apply: Optional[Callable] = None) -> tuple[Tensor, Tensor]:
     """Solve K lam = u by preconditioned CG, batched per problem, where -K / eps is the Hessian
     of the dual in (f, g): K = [[diag(P1 + eps a phi''), P], [P^T, diag(P^T 1 + eps b psi'')]].
 
     Balanced problems have the null direction (1, -1) (the potentials' additive constant): u is
     projected off it. Zero-weight points are outside the fixed point: their lam is 0.
+    ``plan_apply``: a backend's op with the signature and results of ``_plan_apply``.
     """
+    apply = plan_apply or _plan_apply
     ra, rb = a > 0, b > 0
     uf = torch.where(ra, uf, torch.zeros_like(uf))
     ug = torch.where(rb, ug, torch.zeros_like(ug))
@@ -231,8 +234,8 @@ def implicit_adjoint(x, y, cost, a, b, f, g, eps, kind, rho_a, rho_b, uf, ug,
     u = torch.cat([uf, ug], -1)
     if balanced:
         u = u - ((u * null).sum(-1, keepdim=True) / (null * null).sum(-1, keepdim=True)) * null
-    _, _, r1, c1 = _plan_apply(x, y, cost, a, b, f, g, eps, kind, torch.zeros_like(f),
-                               torch.zeros_like(g))
+    _, _, r1, c1 = apply(x, y, cost, a, b, f, g, eps, kind, torch.zeros_like(f),
+                         torch.zeros_like(g))
     df = r1 + (0 if rho_a <= 0 else eps * a * torch.exp(-f / rho_a) / rho_a)
     dg = c1 + (0 if rho_b <= 0 else eps * b * torch.exp(-g / rho_b) / rho_b)
     diag = torch.cat([df, dg], -1)
@@ -241,7 +244,7 @@ def implicit_adjoint(x, y, cost, a, b, f, g, eps, kind, rho_a, rho_b, uf, ug,
     n = f.shape[1]
 
     def K(v):
-        pv, ptv, _, _ = _plan_apply(x, y, cost, a, b, f, g, eps, kind, v[:, :n], v[:, n:])
+        pv, ptv, _, _ = apply(x, y, cost, a, b, f, g, eps, kind, v[:, :n], v[:, n:])
         out = diag * v + torch.cat([pv, ptv], -1)
         out = torch.where(mask, out, torch.zeros_like(out))
         if balanced:

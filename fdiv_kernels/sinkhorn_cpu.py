@@ -2,10 +2,12 @@
 csrc/cpu/sinkhorn*.cpp):
 
     fdiv::sinkhorn_lse_cpu     the batched row/column LSE update (C++, cost on the fly or dense)
-    fdiv::sinkhorn_solve_cpu   whole problems, one per task, cost and its transpose in a
-                               per-thread scratch (C++, csrc/cpu/sinkhorn_solve.cpp)
-    fdiv::sinkhorn_totals_cpu  (sum P, <C, P>) per problem, and fdiv::sinkhorn_grads_cpu the
-                               value's gradients, both applying the plan problem by problem
+    fdiv::sinkhorn_solve_cpu   whole problems, one per task, the cost in a per-thread scratch
+                               (C++, csrc/cpu/sinkhorn_solve.cpp)
+    fdiv::sinkhorn_totals_cpu      (sum P, <C, P>) per problem
+    fdiv::sinkhorn_grads_cpu       the value's gradients (envelope + implicit terms)
+    fdiv::sinkhorn_plan_apply_cpu  P v, P^T v, P 1, P^T 1 for the implicit gradient's CG
+                                   (all three apply the plan problem by problem, never store it)
     fdiv::sinkhorn_fwd_cpu     the solve: ``sinkhorn_solve_cpu`` where a problem fits the
                                scratch (``whole_solve``), else the loop of ``sinkhorn_core`` around
                                ``sinkhorn_lse_cpu``
@@ -78,3 +80,8 @@ if hasattr(torch.ops.fdiv, "sinkhorn_lse_cpu") and not hasattr(torch.ops.fdiv, "
         return (out(x if cost is None else None, need[0]),
                 out(y if cost is None else None, need[1]), out(cost, need[2]),
                 out(a, need[3]), out(b, need[4]))
+
+    @torch.library.register_fake("fdiv::sinkhorn_plan_apply_cpu")
+    def _(x, y, cost, a, b, f, g, eps, kind, vf, vg):
+        return (torch.empty_like(f), torch.empty_like(g), torch.empty_like(f),
+                torch.empty_like(g))

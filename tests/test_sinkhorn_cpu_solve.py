@@ -223,3 +223,26 @@ def test_grads_op_fp32_and_the_backward_uses_it():
     torch.library.opcheck(torch.ops.fdiv.sinkhorn_grads_cpu,
                           (x, y, None, a, b, r.f, r.g, torch.ones(2), None, None, 0.3, 0, 0.0,
                            0.0, [True, True, False, True, False]))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_plan_apply_op_matches_torch_and_implicit_grads_use_it(dense):
+    x, y, a, b = _batch(3, 15, 12, 4)
+    f = logits((3, 15), F64, seed=95) * 0.2
+    g = logits((3, 12), F64, seed=96) * 0.2
+    vf, vg = logits((3, 15), F64, seed=97), logits((3, 12), F64, seed=98)
+    src = (None, None, core.pairwise_cost(x, y, 0)) if dense else (x, y, None)
+    got = torch.ops.fdiv.sinkhorn_plan_apply_cpu(*src, a, b, f, g, 0.4, 0, vf, vg)
+    want = core._plan_apply(*src, a, b, f, g, 0.4, 0, vf, vg)
+    for name, gt, w in zip(("P vg", "P^T vf", "P 1", "P^T 1"), got, want):
+        assert_close(gt, w, 1e-12, 1e-14, name)
+    # The implicit gradient of f through the cpu backend equals the torch backend's.
+    outs = []
+    for backend in ("cpu", "torch"):
+        xr = x.clone().requires_grad_()
+        r = S.sinkhorn(x=xr, y=y, a=a, b=b, epsilon=0.4, tol=1e-12, max_iter=5000,
+                       grad="implicit", backend=backend)
+        outs.append(torch.autograd.grad((r.f * vf).sum() + r.value.sum(), xr)[0])
+    assert_close(outs[0], outs[1], 1e-8, 1e-10, "implicit dx")
+    torch.library.opcheck(torch.ops.fdiv.sinkhorn_plan_apply_cpu,
+                          (*src, a, b, f, g, 0.4, 0, vf, vg))
