@@ -3,11 +3,10 @@
     out[b, i] = LSE_j(h[b, j] - c(b, i, j) * eps_inv[b])
 
 Grid (problems, row tiles). Each program holds BLOCK_N rows and streams the other side in
-BLOCK_M tiles, computing the cost tile on the fly from the points (sqeuclidean, euclidean, l1,
-negative dot, cosine on pre-normalized points) or loading it from a dense cost (any strides, so
-the column update reads the same cost transposed without a copy), and folds it into a running
-(max, sum) with the shared ``online_update``. A problem whose ``active`` flag is 0 (converged)
-streams nothing and writes -inf, which the caller masks out.
+BLOCK_M tiles, getting each cost tile from ``cost_tile`` (on the fly from the points, or from a
+dense cost read in any order; shared with the whole-solve kernel of ``sinkhorn_solve``), and
+folds it into a running (max, sum) with the shared ``online_update``. A problem whose ``active``
+flag is 0 (converged) streams nothing and writes -inf, which the caller masks out.
 """
 
 import torch
@@ -19,6 +18,56 @@ from fdiv_kernels.triton_kernels.online_softmax import finalize_lse, online_upda
 BLOCK_N = 32
 BLOCK_M = 32
 MAX_BLOCK_D = 32
+
+
+@triton.jit
+def cost_tile(
+    o_ptr, s_ptr, c_ptr, offs_j, offs_i, mask_j, mask_i, D,
+    soj, sod, ssi, ssd, scj, sci,
+    KIND: tl.constexpr, DENSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The fp32 (BLOCK_M, BLOCK_N) tile c[j, i] between the other side's points j (``o_ptr``) and
+    this side's points i (``s_ptr``), pointers already at the problem; or, ``DENSE``, loaded from
+    ``c_ptr`` with strides (scj, sci), any order, so a transposed read needs no copy.
+
+    sqeuclidean |o|^2 + |s|^2 - 2 <o, s> (clamped at 0; euclidean its sqrt), l1 sum_d |o - s|
+    (a broadcast (BLOCK_M, BLOCK_D, BLOCK_N) tile: keep it small), dot -<o, s>, cosine
+    1 - <o, s> on points the launcher normalized. Entries outside the masks are meaningless:
+    the caller masks them.
+    """
+    if DENSE:
+        c = tl.load(c_ptr + offs_j[:, None] * scj + offs_i[None, :] * sci,
+                    mask=mask_j[:, None] & mask_i[None, :], other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        on = tl.zeros([BLOCK_M], tl.float32)
+        sn = tl.zeros([BLOCK_N], tl.float32)
+        for off_d in range(0, D, BLOCK_D):
+            offs_d = off_d + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            ot = tl.load(o_ptr + offs_j[:, None] * soj + offs_d[None, :] * sod,
+                         mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            st = tl.load(s_ptr + offs_d[:, None] * ssd + offs_i[None, :] * ssi,
+                         mask=mask_d[:, None] & mask_i[None, :], other=0.0).to(tl.float32)
+            if KIND == 2:  # l1
+                acc += tl.sum(tl.abs(ot[:, :, None] - st[None, :, :]), 1)
+            else:
+                acc += tl.dot(ot, st, input_precision="ieee")
+                if KIND <= 1:
+                    on += tl.sum(ot * ot, 1)
+                    sn += tl.sum(st * st, 0)
+        if KIND == 0:
+            c = tl.maximum(on[:, None] + sn[None, :] - 2.0 * acc, 0.0)
+        elif KIND == 1:
+            c = tl.sqrt(tl.maximum(on[:, None] + sn[None, :] - 2.0 * acc, 0.0))
+        elif KIND == 2:
+            c = acc
+        elif KIND == 3:
+            c = -acc
+        else:  # cosine
+            c = 1.0 - acc
+    return c
 
 
 @triton.jit
@@ -45,38 +94,9 @@ def _sinkhorn_lse_kernel(
         offs_j = off_j + tl.arange(0, BLOCK_M)
         mask_j = offs_j < M
         h = tl.load(h_ptr + pid_b * shb + offs_j, mask=mask_j, other=float("-inf")).to(tl.float32)
-        if DENSE:
-            c = tl.load(c_ptr + pid_b * scb + offs_j[:, None] * scm + offs_i[None, :] * scn,
-                        mask=mask_j[:, None] & mask_i[None, :], other=0.0).to(tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            yn = tl.zeros([BLOCK_M], tl.float32)
-            xn = tl.zeros([BLOCK_N], tl.float32)
-            for off_d in range(0, D, BLOCK_D):
-                offs_d = off_d + tl.arange(0, BLOCK_D)
-                mask_d = offs_d < D
-                yt = tl.load(y_ptr + pid_b * syb + offs_j[:, None] * sym + offs_d[None, :] * syd,
-                             mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-                xt = tl.load(x_ptr + pid_b * sxb + offs_d[:, None] * sxd + offs_i[None, :] * sxn,
-                             mask=mask_d[:, None] & mask_i[None, :], other=0.0).to(tl.float32)
-                if KIND == 2:  # l1
-                    diff = yt[:, :, None] - xt[None, :, :]
-                    acc += tl.sum(tl.abs(diff), 1)
-                else:
-                    acc += tl.dot(yt, xt, input_precision="ieee")
-                    if KIND <= 1:
-                        yn += tl.sum(yt * yt, 1)
-                        xn += tl.sum(xt * xt, 0)
-            if KIND == 0:
-                c = tl.maximum(yn[:, None] + xn[None, :] - 2.0 * acc, 0.0)
-            elif KIND == 1:
-                c = tl.sqrt(tl.maximum(yn[:, None] + xn[None, :] - 2.0 * acc, 0.0))
-            elif KIND == 2:
-                c = acc
-            elif KIND == 3:
-                c = -acc
-            else:  # cosine, on points normalized by the launcher
-                c = 1.0 - acc
+        c = cost_tile(y_ptr + pid_b * syb, x_ptr + pid_b * sxb, c_ptr + pid_b * scb,
+                      offs_j, offs_i, mask_j, mask_i, D, sym, syd, sxn, sxd, scm, scn,
+                      KIND, DENSE, BLOCK_M, BLOCK_N, BLOCK_D)
         v = h[:, None] - c * eps_inv
         v = tl.where(mask_j[:, None], v, float("-inf"))
         run_m, run_s = online_update(run_m, run_s, v)
