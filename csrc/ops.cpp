@@ -36,6 +36,17 @@ TORCH_LIBRARY(fdiv, m) {
       "sinkhorn_plan_apply_cpu(Tensor? x, Tensor? y, Tensor? cost, Tensor a, Tensor b, "
       "Tensor f, Tensor g, float eps, int kind, Tensor vf, Tensor vg) "
       "-> (Tensor pv, Tensor ptv, Tensor row_sums, Tensor col_sums)");
+  m.def(
+      "sinkhorn_unrolled_fwd_cpu(Tensor? x, Tensor? y, Tensor? cost, Tensor? a, Tensor? b, "
+      "Tensor? f0, Tensor? g0, float eps, int kind, float rho_a, float rho_b, int n_iter, "
+      "bool symmetric) -> (Tensor value, Tensor lin, Tensor f, Tensor g, Tensor err, "
+      "Tensor tape)");
+  m.def(
+      "sinkhorn_unrolled_bwd_cpu(Tensor? x, Tensor? y, Tensor? cost, Tensor? a, Tensor? b, "
+      "Tensor tape, Tensor? g_value, Tensor? g_lin, Tensor? g_f, Tensor? g_g, float eps, "
+      "int kind, float rho_a, float rho_b, int n_iter, bool symmetric, bool[5] need) "
+      "-> (Tensor grad_x, Tensor grad_y, Tensor grad_cost, Tensor grad_a, Tensor grad_b, "
+      "Tensor grad_f0, Tensor grad_g0)");
 }
 
 extern "C" {

@@ -341,7 +341,7 @@ def sinkhorn(
                a=a.to(ctype), b=b.to(ctype))
     if grad == "unrolled":
         res = _unrolled(x, y, cost, a.to(ctype), b.to(ctype), eps, kind, rho_a, rho_b,
-                        max_iter, tol, f0, g0, symmetric)
+                        max_iter, tol, f0, g0, symmetric, backend)
     else:
         if backend in ("auto", "triton") and not load_error("triton"):
             load_error("fdiv_kernels.sinkhorn_triton")  # registers the triton ops when it can
@@ -359,7 +359,18 @@ def sinkhorn(
     return SinkhornResult(value, lin, f, g, n_iter, conv, err, ctx)
 
 
-def _unrolled(x, y, cost, a, b, eps, kind, rho_a, rho_b, n_iter, tol, f0, g0, symmetric):
+def _unrolled(x, y, cost, a, b, eps, kind, rho_a, rho_b, n_iter, tol, f0, g0, symmetric,
+              backend="auto"):
+    if select(backend, x if cost is None else cost, "sinkhorn_fwd") == "cpu":
+        # One fused C++ call each way (csrc/cpu/sinkhorn_unrolled.cpp); the loop below is the
+        # spec and the path of every other backend (no other has an unrolled kernel).
+        from fdiv_kernels.sinkhorn_unrolled import unrolled_cpu
+
+        value, lin, f, g, err = unrolled_cpu(x, y, cost, a, b, f0, g0, eps, kind, rho_a, rho_b,
+                                             n_iter, symmetric)
+        n = torch.full_like(err, n_iter, dtype=torch.int32)
+        return value, lin, f, g, n, err <= tol, err
+
     from torch.utils.checkpoint import checkpoint
 
     f, g = core.unrolled(x, y, cost, a, b, eps, kind, rho_a, rho_b, n_iter, f0, g0, symmetric)
@@ -424,7 +435,8 @@ class SinkhornDistillationLoss(nn.Module):
     For logits (N, C): p_s = softmax(student / T), p_t = softmax(teacher / T) (teacher detached),
     cost C_ij = |p_s,i - p_t,j|_1 (N x N), uniform marginals, ``n_iter`` log-domain Sinkhorn
     iterations at ``epsilon``, loss = <C, P>, differentiated through the iterations.
-    Logits with more dims are flattened to rows.
+    Logits with more dims are flattened to rows. On the cpu backend the iterations and their
+    backward are one fused C++ call each (``fdiv_kernels.sinkhorn_unrolled``).
     """
 
     def __init__(self, temperature: float = 2.0, epsilon: float = 0.1, n_iter: int = 20,
@@ -444,6 +456,14 @@ class SinkhornDistillationLoss(nn.Module):
         ctype = core.compute_dtype(s.dtype)
         ps = torch.softmax(s.to(ctype) / self.temperature, -1)
         pt = torch.softmax(t.to(ctype) / self.temperature, -1)
+        if select(self.backend, ps, "sinkhorn_fwd") == "cpu":
+            # SinKD is tiny: per-call overhead is the cost, so straight to the fused op (one
+            # problem, uniform weights passed as None), skipping sinkhorn()'s checks and tensors.
+            from fdiv_kernels.sinkhorn_unrolled import unrolled_cpu
+
+            lin = unrolled_cpu(ps[None], pt[None], None, None, None, None, None, self.epsilon,
+                               core.COST_KINDS["l1"], 0.0, 0.0, self.n_iter, False)[1]
+            return lin[0]
         r = sinkhorn(x=ps, y=pt, cost_fn="l1", epsilon=self.epsilon, max_iter=self.n_iter,
                      tol=0.0, grad="unrolled", backend=self.backend)
         return r.cost

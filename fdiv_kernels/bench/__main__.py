@@ -16,6 +16,9 @@ from fdiv_kernels.bench.divergence import divergence_cases
 from fdiv_kernels.bench.fused_linear import fused_linear_cases
 from fdiv_kernels.bench.measure import copy_bandwidth_gbps
 from fdiv_kernels.bench.report import format_table, metadata, run_cases, write_json, write_png
+from fdiv_kernels.bench.sinkd import DEFAULT_SHAPES as SINKD_SHAPES
+from fdiv_kernels.bench.sinkd import QUICK_SHAPES as SINKD_QUICK
+from fdiv_kernels.bench.sinkd import sinkd_cases
 from fdiv_kernels.bench.sinkhorn import DEFAULT_SHAPES as SINKHORN_SHAPES
 from fdiv_kernels.bench.sinkhorn import QUICK_SHAPES as SINKHORN_QUICK
 from fdiv_kernels.bench.sinkhorn import sinkhorn_cases
@@ -29,7 +32,7 @@ DEFAULT_SHAPES = {"cpu": [(64, 128256), (256, 32000)],
 STATS_SHAPES = {"cpu": [(256, 128256)], "cuda": [(8192, 128256)]}
 # Fused linear: (N, H, V); the CPU target is stated at N=1024, H=256, V=32000.
 FUSED_SHAPES = {"cpu": [(1024, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
-OPS = ("divergence", "softmax_stats", "fused_linear", "sinkhorn")
+OPS = ("divergence", "softmax_stats", "fused_linear", "sinkhorn", "sinkd")
 QUICK_SHAPES = [(4, 1000)]
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
@@ -102,6 +105,10 @@ def main(argv=None) -> int:
     if "sinkhorn" in args.ops:
         cases += sinkhorn_cases(SINKHORN_QUICK if args.quick else SINKHORN_SHAPES[device.type],
                                 torch.float32, device, ("pot", "geomloss"), args.backends)
+    if "sinkd" in args.ops:
+        # SinKD: (N, C) = 32 x 3 by default (the stated target), fp32, against the eager loop.
+        cases += sinkd_cases(SINKD_QUICK if args.quick else SINKD_SHAPES, torch.float32, device,
+                             args.modes, peers, args.backends)
     print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
     copy_bandwidth_gbps(str(device))
     rows = run_cases(cases)
