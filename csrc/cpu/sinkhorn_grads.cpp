@@ -185,14 +185,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
     const at::Tensor& f_in, const at::Tensor& g_in, const at::Tensor& gv_in,
     const std::optional<at::Tensor>& lam_f, const std::optional<at::Tensor>& lam_g, double eps,
     int64_t kind, double rho_a, double rho_b, std::array<bool, 5> need) {
-  TORCH_CHECK_VALUE(a_in.dim() == 2 && b_in.dim() == 2 && f_in.sizes() == a_in.sizes() &&
-                        g_in.sizes() == b_in.sizes() && a_in.size(0) == b_in.size(0),
-                    "a, f (B, n) and b, g (B, m) do not match");
-  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0");
-  const at::ScalarType ct = f_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor a = a_in.to(ct).contiguous(), b = b_in.to(ct).contiguous();
-  const at::Tensor f = f_in.to(ct).contiguous(), g = g_in.to(ct).contiguous();
-  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
+  const PlanArgs pa = plan_args(a_in, b_in, f_in, g_in, eps);
+  const at::ScalarType ct = pa.ct;
+  const at::Tensor &a = pa.a, &b = pa.b, &f = pa.f, &g = pa.g;
+  const int64_t B = pa.B, n = pa.n, m = pa.m;
   const at::Tensor gv = gv_in.to(ct).contiguous();
   TORCH_CHECK_VALUE(gv.numel() == B, "g_value must be (B,)");
   const at::Tensor lf = opt_ct(lam_f, ct), lg = opt_ct(lam_g, ct);
@@ -248,16 +244,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_plan_apply_c
     const std::optional<at::Tensor>& cost, const at::Tensor& a_in, const at::Tensor& b_in,
     const at::Tensor& f_in, const at::Tensor& g_in, double eps, int64_t kind,
     const at::Tensor& vf_in, const at::Tensor& vg_in) {
-  TORCH_CHECK_VALUE(a_in.dim() == 2 && b_in.dim() == 2 && f_in.sizes() == a_in.sizes() &&
-                        g_in.sizes() == b_in.sizes() && vf_in.sizes() == a_in.sizes() &&
-                        vg_in.sizes() == b_in.sizes() && a_in.size(0) == b_in.size(0),
-                    "a, f, vf (B, n) and b, g, vg (B, m) do not match");
-  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0");
-  const at::ScalarType ct = f_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor a = a_in.to(ct).contiguous(), b = b_in.to(ct).contiguous();
-  const at::Tensor f = f_in.to(ct).contiguous(), g = g_in.to(ct).contiguous();
+  const PlanArgs pa = plan_args(a_in, b_in, f_in, g_in, eps);
+  const at::ScalarType ct = pa.ct;
+  const at::Tensor &a = pa.a, &b = pa.b, &f = pa.f, &g = pa.g;
+  const int64_t B = pa.B, n = pa.n, m = pa.m;
+  TORCH_CHECK_VALUE(vf_in.sizes() == f.sizes() && vg_in.sizes() == g.sizes(),
+                    "vf (B, n) and vg (B, m) must match f and g");
   const at::Tensor vf = vf_in.to(ct).contiguous(), vg = vg_in.to(ct).contiguous();
-  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
   at::Tensor pv = at::zeros_like(f), r1 = at::zeros_like(f);
   at::Tensor ptv = at::zeros_like(g), c1 = at::zeros_like(g);
   if (B == 0 || n == 0 || m == 0) return {pv, ptv, r1, c1};

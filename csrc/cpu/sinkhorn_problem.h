@@ -80,6 +80,32 @@ CostSource cost_source(const std::optional<at::Tensor>& x_in, const std::optiona
   return src;
 }
 
+// The weights and potentials every plan op takes, checked and in the compute type (float64 for
+// float64 potentials, else float32).
+struct PlanArgs {
+  at::ScalarType ct;
+  at::Tensor a, b, f, g;
+  int64_t B, n, m;
+};
+
+inline PlanArgs plan_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& f,
+                          const at::Tensor& g, double eps) {
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && f.sizes() == a.sizes() &&
+                        g.sizes() == b.sizes() && a.size(0) == b.size(0),
+                    "a, f (B, n) and b, g (B, m) do not match");
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0");
+  PlanArgs p;
+  p.ct = f.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.a = a.to(p.ct).contiguous();
+  p.b = b.to(p.ct).contiguous();
+  p.f = f.to(p.ct).contiguous();
+  p.g = g.to(p.ct).contiguous();
+  p.B = p.a.size(0);
+  p.n = p.a.size(1);
+  p.m = p.b.size(1);
+  return p;
+}
+
 // Calls fn(b, cost rows of problem b, their stride, the thread's scratch) for every problem, in
 // parallel over problems. S: the caller's per-thread scratch, with a `tile` for the cost built
 // from points and reserve(n, m, np, mp, points).

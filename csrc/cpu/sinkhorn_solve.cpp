@@ -219,14 +219,10 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_totals_cpu(
     const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& y,
     const std::optional<at::Tensor>& cost, const at::Tensor& a_in, const at::Tensor& b_in,
     const at::Tensor& f_in, const at::Tensor& g_in, double eps, int64_t kind) {
-  TORCH_CHECK_VALUE(a_in.dim() == 2 && b_in.dim() == 2 && f_in.sizes() == a_in.sizes() &&
-                        g_in.sizes() == b_in.sizes() && a_in.size(0) == b_in.size(0),
-                    "a, f (B, n) and b, g (B, m) do not match");
-  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0");
-  const at::ScalarType ct = f_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor a = a_in.to(ct).contiguous(), b = b_in.to(ct).contiguous();
-  const at::Tensor f = f_in.to(ct).contiguous(), g = g_in.to(ct).contiguous();
-  const int64_t B = a.size(0), n = a.size(1), m = b.size(1);
+  const PlanArgs pa = plan_args(a_in, b_in, f_in, g_in, eps);
+  const at::ScalarType ct = pa.ct;
+  const at::Tensor &a = pa.a, &b = pa.b, &f = pa.f, &g = pa.g;
+  const int64_t B = pa.B, n = pa.n, m = pa.m;
   at::Tensor total = at::zeros({B}, a.options()), lin = at::zeros({B}, a.options());
   if (B == 0 || n == 0 || m == 0) return {total, lin};
   const CostSource src = cost_source(x, y, cost, ct, B, n, m, kind);
