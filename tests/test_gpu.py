@@ -1,0 +1,128 @@
+"""The GPU backends (triton compiled, cuda C++) on CUDA tensors, against the float64 reference.
+
+Skipped without a GPU (CI has none). On a GPU machine, compiled Triton needs the interpreter off:
+
+    TRITON_INTERPRET=0 python -m pytest tests/test_gpu.py -q
+
+Every other test file builds CPU tensors, so this is the file that exercises the GPU paths: every
+divergence kind and dtype per GPU backend (V = 1, odd V, a V past one cluster's tile, -inf
+logits, ignored rows, N = 1), the softmax statistics, and the Sinkhorn solves against the torch
+backend on the same device. The shapes stay small except one large-V case per kind family.
+"""
+
+import math
+import os
+import zlib
+
+import pytest
+import torch
+from conftest import DTYPES, GRAD_TOL, LOSS_TOL, assert_close
+from reference import divergence_with_grads, logits, softmax_stats_rows
+from test_divergence import KIND_PARAMS, _kw
+
+import fdiv_kernels as fk
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda"
+
+
+def gpu_backends(op: str, dtype: torch.dtype = torch.float32) -> list[str]:
+    """GPU backends that can run ``op`` here; Triton only when compiled (interpreter off)."""
+    if not torch.cuda.is_available():
+        return []
+    x = torch.empty(1, dtype=dtype, device=DEV)
+    out = []
+    for name in fk.dispatch.BACKENDS:
+        if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            continue
+        try:
+            fk.dispatch.select(name, x, op)
+        except fk.BackendUnavailableError:
+            continue
+        out.append(name)
+    return out
+
+
+DIV_BACKENDS = gpu_backends("divergence_fwd")
+STATS_BACKENDS = gpu_backends("softmax_stats_fwd")
+# (rows, V): V = 1, odd small V, and V past one CTA's share of a 16-CTA cluster (not a multiple).
+SHAPES = [(1, 1), (3, 17), (2, 3, 129), (1, 128256 + 37), (4, 262144 - 5)]
+
+
+@pytest.mark.parametrize("backend", DIV_BACKENDS)
+@pytest.mark.parametrize("kind,param", KIND_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_divergence_on_gpu_matches_reference(backend, kind, param, dtype, shape):
+    seed = zlib.crc32(repr((kind, param, dtype, shape)).encode())
+    s, t = logits(shape, dtype, seed=seed), logits(shape, dtype, seed=seed + 1)
+    keep = torch.ones(shape[-1], dtype=torch.bool)
+    # A padded vocabulary on the real-vocabulary shapes: -inf in both inputs at the same columns
+    # (on tiny V, dropping columns leaves chi2 too ill-conditioned for fp32 tolerances).
+    if shape[-1] > 1000:
+        keep[[5, shape[-1] - 1]] = False
+        s[..., ~keep] = t[..., ~keep] = -math.inf
+    # The reference drops the padded columns (their terms are 0, their gradients 0).
+    ref, gs, gt = divergence_with_grads(s[..., keep], t[..., keep], kind, param, temperature=1.7)
+    sd = s.to(DEV).requires_grad_(True)
+    td = t.to(DEV).requires_grad_(True)
+    loss = fk.divergence(sd, td, kind, backend=backend, temperature=1.7, reduction="none",
+                         **_kw(kind, param))
+    loss.sum().backward()
+    assert_close(loss.cpu(), ref, LOSS_TOL[dtype], f"{backend} loss")
+    assert_close(sd.grad.cpu()[..., keep], gs, GRAD_TOL[dtype], f"{backend} student grad")
+    assert_close(td.grad.cpu()[..., keep], gt, GRAD_TOL[dtype], f"{backend} teacher grad")
+    assert (sd.grad[..., ~keep.to(DEV)] == 0).all() and (td.grad[..., ~keep.to(DEV)] == 0).all()
+
+
+@pytest.mark.parametrize("backend", DIV_BACKENDS)
+def test_ignored_rows_on_gpu(backend):
+    s, t = logits((2, 5, 1000), seed=5), logits((2, 5, 1000), seed=6)
+    labels = torch.tensor([[1, -100, 3, 4, -100], [7, 8, -100, 1, 2]])
+    ref, gs, _ = divergence_with_grads(s, t, "js", 0.5)
+    keep = labels != -100
+    sd = s.to(DEV).requires_grad_(True)
+    loss = fk.divergence(sd, t.to(DEV), "js", beta=0.5, labels=labels.to(DEV), backend=backend)
+    loss.backward()
+    want = torch.where(keep, ref, 0.0).sum() / keep.sum()
+    assert_close(loss.cpu(), want, LOSS_TOL[torch.float32], "loss")
+    assert_close(sd.grad.cpu(), gs * keep[..., None] / keep.sum(), GRAD_TOL[torch.float32], "grad")
+
+
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 128256 + 37)], ids=str)
+def test_softmax_stats_on_gpu_match_reference(backend, dtype, shape):
+    x = logits(shape, dtype, seed=11)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=torch.Generator().manual_seed(12))
+    labels[0] = -100
+    lse, ent, lp = softmax_stats_rows(x, labels, temperature=0.9)
+    out = fk.softmax_stats(x.to(DEV), labels=labels.to(DEV), temperature=0.9, backend=backend)
+    got = [t.cpu() for t in out]
+    assert_close(got[0], lse, LOSS_TOL[dtype], "lse")
+    assert_close(got[1], ent, LOSS_TOL[dtype], "entropy")
+    assert_close(got[2], lp, LOSS_TOL[dtype], "label log-prob")
+    assert_close(fk.logsumexp(x.to(DEV), dim=-1, backend=backend).cpu().float(),
+                 torch.logsumexp(x.double(), -1), (1e-2 if dtype != torch.float32 else 2e-5,
+                                                   1e-2), "logsumexp")
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 32, 8), (2, 300, 200, 16)], ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_sinkhorn_on_gpu_matches_torch_backend(shape, symmetric):
+    """The GPU sinkhorn backends (whole-solve and per-update) against the torch backend on the
+    same device, exact iteration counts included."""
+    backends = [b for b in gpu_backends("sinkhorn_fwd") if b != "torch"]
+    if not backends:
+        pytest.skip("no GPU sinkhorn backend here")
+    B, n, m, d = shape
+    x = logits((B, n, d), torch.float32, seed=13, scale=1.0).to(DEV)
+    y = logits((B, m, d), torch.float32, seed=14, scale=1.0).to(DEV)
+    kw = dict(x=x, y=y, epsilon=0.5, tol=1e-4, max_iter=500, check_every=5, symmetric=symmetric)
+    ref = fk.sinkhorn(**kw, backend="torch")
+    for b in backends:
+        r = fk.sinkhorn(**kw, backend=b)
+        assert torch.equal(r.n_iter, ref.n_iter), b
+        assert_close(r.value, ref.value, (2e-5, 2e-5), f"{b} value")
+        assert_close(r.f - r.f.mean(-1, keepdim=True), ref.f - ref.f.mean(-1, keepdim=True),
+                     (1e-4, 1e-4), f"{b} f")
