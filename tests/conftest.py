@@ -27,11 +27,15 @@ GRAD_TOL = {
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def available_backends(op: str, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Backends that can run ``op`` on CPU tensors of ``dtype`` here (the interpreter for Triton)."""
-    x = torch.empty(1, dtype=dtype)
+def available_backends(op: str, dtype: torch.dtype = torch.float32,
+                       device: str = "cpu") -> list[str]:
+    """Backends that can run ``op`` on ``device`` tensors of ``dtype`` here (on the CPU, Triton
+    runs in the interpreter; on a GPU, only compiled Triton counts)."""
+    x = torch.empty(1, dtype=dtype, device=device)
     out = []
     for name in fk.dispatch.BACKENDS:
+        if device != "cpu" and name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            continue
         try:
             fk.dispatch.select(name, x, op)
         except fk.BackendUnavailableError:

@@ -11,12 +11,11 @@ backend on the same device. The shapes stay small except one large-V case per ki
 """
 
 import math
-import os
 import zlib
 
 import pytest
 import torch
-from conftest import DTYPES, GRAD_TOL, LOSS_TOL, assert_close
+from conftest import DTYPES, GRAD_TOL, LOSS_TOL, assert_close, available_backends
 from reference import divergence_with_grads, logits, softmax_stats_rows
 from test_divergence import KIND_PARAMS, _kw
 
@@ -26,21 +25,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEV = "cuda"
 
 
-def gpu_backends(op: str, dtype: torch.dtype = torch.float32) -> list[str]:
-    """GPU backends that can run ``op`` here; Triton only when compiled (interpreter off)."""
-    if not torch.cuda.is_available():
-        return []
-    x = torch.empty(1, dtype=dtype, device=DEV)
-    out = []
-    for name in fk.dispatch.BACKENDS:
-        if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-            continue
-        try:
-            fk.dispatch.select(name, x, op)
-        except fk.BackendUnavailableError:
-            continue
-        out.append(name)
-    return out
+def gpu_backends(op: str) -> list[str]:
+    return available_backends(op, device=DEV) if torch.cuda.is_available() else []
 
 
 DIV_BACKENDS = gpu_backends("divergence_fwd")

@@ -432,20 +432,25 @@ def test_triton_lse_dense_matches_torch(transpose):
                  core.lse_torch(None, None, C, h, ei, 0, transpose), 2e-5, 2e-5, "dense")
 
 
-@needs_triton
-@pytest.mark.parametrize("dense", [False, True])
-def test_triton_solve_matches_torch(dense):
+def _assert_solve_matches_torch(backend, dense):
+    """One unbalanced fp32 solve on ``backend`` equals the torch backend's, iteration counts too."""
     B, n, m = 3, 20, 24
     x = points(B, n, 4, seed=52, dtype=torch.float32)
     y = points(B, m, 4, seed=53, dtype=torch.float32)
     a = weights(B, n, seed=54, dtype=torch.float32)
     kw = dict(cost=core.pairwise_cost(x, y, 0)) if dense else dict(x=x, y=y)
     common = dict(a=a, epsilon=0.5, max_iter=6, tol=1e-4, check_every=3, reach=(None, 2.0))
-    rt = S.sinkhorn(**kw, **common, backend="triton")
+    rb = S.sinkhorn(**kw, **common, backend=backend)
     rr = S.sinkhorn(**kw, **common, backend="torch")
-    assert torch.equal(rt.n_iter, rr.n_iter)
+    assert torch.equal(rb.n_iter, rr.n_iter)
     for what in ("value", "cost", "f", "g"):
-        assert_close(getattr(rt, what), getattr(rr, what), 2e-5, 2e-5, what)
+        assert_close(getattr(rb, what), getattr(rr, what), 2e-5, 2e-5, what)
+
+
+@needs_triton
+@pytest.mark.parametrize("dense", [False, True])
+def test_triton_solve_matches_torch(dense):
+    _assert_solve_matches_torch("triton", dense)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,17 +509,7 @@ def test_cpu_lse_dense_matches_torch(transpose, cdtype):
 @needs_cpu
 @pytest.mark.parametrize("dense", [False, True])
 def test_cpu_solve_matches_torch(dense):
-    B, n, m = 3, 20, 24
-    x = points(B, n, 4, seed=52, dtype=torch.float32)
-    y = points(B, m, 4, seed=53, dtype=torch.float32)
-    a = weights(B, n, seed=54, dtype=torch.float32)
-    kw = dict(cost=core.pairwise_cost(x, y, 0)) if dense else dict(x=x, y=y)
-    common = dict(a=a, epsilon=0.5, max_iter=6, tol=1e-4, check_every=3, reach=(None, 2.0))
-    rc = S.sinkhorn(**kw, **common, backend="cpu")
-    rr = S.sinkhorn(**kw, **common, backend="torch")
-    assert torch.equal(rc.n_iter, rr.n_iter)
-    for what in ("value", "cost", "f", "g"):
-        assert_close(getattr(rc, what), getattr(rr, what), 2e-5, 2e-5, what)
+    _assert_solve_matches_torch("cpu", dense)
 
 
 @needs_cpu
