@@ -9,11 +9,11 @@ from fdiv_kernels import nn
 from fdiv_kernels.backends import common as _common  # noqa: F401  (registers fdiv::scale_rows_)
 from fdiv_kernels.backends import torch_ref as _torch_ref  # noqa: F401  (always available)
 from fdiv_kernels.dispatch import BackendUnavailableError, describe, not_supported_reasons
-from fdiv_kernels.divergence import divergence
-from fdiv_kernels.divergences import DIVERGENCES
-from fdiv_kernels.fused_linear import fused_linear_divergence
-from fdiv_kernels.sinkhorn import SinkhornResult, sinkhorn, sinkhorn_divergence
-from fdiv_kernels.softmax_stats import (
+from fdiv_kernels._divergence import divergence
+from fdiv_kernels._kinds import DIVERGENCES
+from fdiv_kernels._fused_linear import fused_linear_divergence
+from fdiv_kernels.transport import SinkhornResult, sinkhorn, sinkhorn_divergence
+from fdiv_kernels._softmax_stats import (
     SoftmaxStats,
     entropy,
     logsumexp,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fdiv_kernels.divergence import divergence
-from fdiv_kernels.divergences import resolve
-from fdiv_kernels.fused_linear import fused_linear_divergence
-from fdiv_kernels.sinkhorn import SinkhornDistillationLoss  # noqa: F401  (fk.nn.SinkhornDistillationLoss)
+from fdiv_kernels._divergence import divergence
+from fdiv_kernels._kinds import resolve
+from fdiv_kernels._fused_linear import fused_linear_divergence
+from fdiv_kernels.transport._sinkhorn import SinkhornDistillationLoss  # noqa: F401  (fk.nn.SinkhornDistillationLoss)
 
 
 class FDivergenceLoss(nn.Module):

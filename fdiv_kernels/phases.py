@@ -20,8 +20,8 @@ from torch import Tensor
 
 from fdiv_kernels import _validation as V
 from fdiv_kernels.dispatch import select
-from fdiv_kernels.divergences import KernelSpec, resolve
-from fdiv_kernels.softmax_stats import SoftmaxStatsFunction
+from fdiv_kernels._kinds import KernelSpec, resolve
+from fdiv_kernels._softmax_stats import SoftmaxStatsFunction
 
 
 def row_lse(logits: Tensor, temperature: float = 1.0, *, backend: str = "auto") -> Tensor:

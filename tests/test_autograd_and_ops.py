@@ -6,7 +6,7 @@ from conftest import BACKENDS, available_backends
 from reference import logits
 
 import fdiv_kernels as fk
-from fdiv_kernels.divergences import DIVERGENCES, resolve
+from fdiv_kernels._kinds import DIVERGENCES, resolve
 
 F64_BACKENDS = available_backends("divergence_fwd", torch.float64)
 

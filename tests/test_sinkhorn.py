@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from fdiv_kernels import sinkhorn_core as core
+from fdiv_kernels.transport import _solver as core
 from fdiv_kernels.dispatch import BackendUnavailableError, select
 from reference import logits
 
 # The module, not fk.sinkhorn (the function of the same name once the package exports it).
-S = importlib.import_module("fdiv_kernels.sinkhorn")
+S = importlib.import_module("fdiv_kernels.transport._sinkhorn")
 
 try:
     import ot
@@ -22,7 +22,7 @@ except ImportError:  # POT is optional: its oracle tests skip
 needs_pot = pytest.mark.skipif(ot is None, reason="POT (pip install pot) is not installed")
 
 try:
-    import fdiv_kernels.sinkhorn_triton  # noqa: F401  (registers the triton ops)
+    import fdiv_kernels.transport._ops_triton  # noqa: F401  (registers the triton ops)
 
     select("triton", torch.empty(1), "sinkhorn_fwd")
     HAS_TRITON = True
@@ -404,7 +404,7 @@ def test_fp32_gradients_are_finite_and_in_input_dtype():
 @needs_triton
 @pytest.mark.parametrize("cost_fn", list(core.COST_KINDS))
 def test_triton_lse_matches_torch(cost_fn):
-    from fdiv_kernels.triton_kernels.sinkhorn import sinkhorn_lse
+    from fdiv_kernels.triton_kernels.sinkhorn_lse import sinkhorn_lse
 
     kind = core.COST_KINDS[cost_fn]
     B, n, m, d = 2, 37, 45, 5  # ragged tiles on both sides, d below the block
@@ -423,7 +423,7 @@ def test_triton_lse_matches_torch(cost_fn):
 @needs_triton
 @pytest.mark.parametrize("transpose", [False, True])
 def test_triton_lse_dense_matches_torch(transpose):
-    from fdiv_kernels.triton_kernels.sinkhorn import sinkhorn_lse
+    from fdiv_kernels.triton_kernels.sinkhorn_lse import sinkhorn_lse
 
     C = logits((2, 33, 40), torch.float32, seed=50).abs().to(torch.bfloat16)
     h = logits((2, 33 if transpose else 40), torch.float32, seed=51)

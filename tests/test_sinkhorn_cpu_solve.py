@@ -1,13 +1,13 @@
 """The cpu backend's whole-solve Sinkhorn op (fdiv::sinkhorn_solve_cpu, one problem per task,
 cost built once per problem in a per-thread scratch) and its totals op: the per-update loop of
-``sinkhorn_core.solve`` (same backend, forced) and the torch backend are the oracles."""
+``transport._solver.solve`` (same backend, forced) and the torch backend are the oracles."""
 
 import math
 
 import pytest
 import torch
 
-from fdiv_kernels import sinkhorn_core as core
+from fdiv_kernels.transport import _solver as core
 from fdiv_kernels.dispatch import BackendUnavailableError, select
 from reference import logits
 from test_sinkhorn import S, assert_close, centered, points, weights
@@ -16,7 +16,7 @@ F64 = torch.float64
 
 try:
     select("cpu", torch.empty(1), "sinkhorn_fwd")
-    from fdiv_kernels import sinkhorn_cpu as SC
+    from fdiv_kernels.transport import _ops_cpu as SC
 except (ImportError, BackendUnavailableError):
     SC = None
 pytestmark = pytest.mark.skipif(SC is None, reason="cpu sinkhorn ops not built")

@@ -8,12 +8,12 @@ import pytest
 import torch
 from test_sinkhorn import HAS_TRITON, S, assert_close, centered, points, weights
 
-from fdiv_kernels import sinkhorn_core as core
+from fdiv_kernels.transport import _solver as core
 
 F32 = torch.float32
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton sinkhorn ops unavailable")
 if HAS_TRITON:
-    import fdiv_kernels.sinkhorn_triton as ST
+    import fdiv_kernels.transport._ops_triton as ST
     import fdiv_kernels.triton_kernels.sinkhorn_solve as SK
 
 

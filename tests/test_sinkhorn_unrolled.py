@@ -9,15 +9,15 @@ import pytest
 import torch
 from reference import logits
 
-from fdiv_kernels import sinkhorn_core as core
+from fdiv_kernels.transport import _solver as core
 from fdiv_kernels.dispatch import BackendUnavailableError, select
 
-S = importlib.import_module("fdiv_kernels.sinkhorn")
+S = importlib.import_module("fdiv_kernels.transport._sinkhorn")
 F64 = torch.float64
 
 try:
     select("cpu", torch.empty(1), "sinkhorn_fwd")
-    from fdiv_kernels.sinkhorn_unrolled import UnrolledCpuFunction, unrolled_cpu
+    from fdiv_kernels.transport._unrolled import UnrolledCpuFunction, unrolled_cpu
 except (BackendUnavailableError, ImportError, AttributeError) as e:  # not built
     pytest.skip(f"the cpu backend's unrolled op is unavailable: {e}", allow_module_level=True)
 

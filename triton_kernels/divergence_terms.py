@@ -1,8 +1,8 @@
 """Per-element divergence terms for the Triton kernels: the only Triton code that knows the math.
 
 Every function returns (term, h, k) with h = d term / d log q and k = d term / d log p; the
-statement in torch, with the same guards, is ``fdiv_kernels.divergences._terms``. Base ids match
-``fdiv_kernels.divergences``.
+statement in torch, with the same guards, is ``fdiv_kernels._kinds._terms``. Base ids match
+``fdiv_kernels._kinds``.
 """
 
 import triton

@@ -1,6 +1,6 @@
 """Batched log-domain Sinkhorn, each problem solved whole in one program of one launch.
 
-The statement of record is ``fdiv_kernels.sinkhorn_core.solve`` (its conventions, schedule,
+The statement of record is ``fdiv_kernels.transport._solver.solve`` (its conventions, schedule,
 checks and counts); this runs it per problem. With lr = LSE_j(lb_j + g_j / ev - C_ij / ev),
 lc = LSE_i(la_i + f_i / ev - C_ij / ev) and t = tau ev, tau = rho / (rho + ev) (1: balanced):
 
@@ -15,7 +15,7 @@ the launcher, as ``solve`` builds it), then at eps until the error, checked ever
 ``check_every`` iterations from the row LSE of the next update, is <= tol or ``max_iter``
 iterations ran. A converged problem stops on its own (a scalar while loop, no host sync).
 
-Why: the per-update path (``sinkhorn.py``) costs two launches and a few torch ops per iteration
+Why: the per-update path (``sinkhorn_lse.py``) costs two launches and a few torch ops per iteration
 and a host sync per check, whatever the size; one program does an iteration of a problem of a
 few hundred points per side in microseconds. Cost tiles are recomputed from the points each
 pass (``cost_tile``, shared with the per-update kernel) or read from the dense cost; f, g and the
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fdiv_kernels.triton_kernels.online_softmax import finalize_lse, online_update
-from fdiv_kernels.triton_kernels.sinkhorn import MAX_BLOCK_D, cost_tile
+from fdiv_kernels.triton_kernels.sinkhorn_lse import MAX_BLOCK_D, cost_tile
 
 # Tile side cap, and 8 warps: ptxas (sm_90, compiled offline) gives 110-190 registers per thread
 # without spills for square 16..64 tiles of the dot-product costs, where 4 warps spill.
@@ -194,7 +194,7 @@ def _block(n: int) -> int:
 
 
 def eps_levels(eps0, eps: float, scaling: float, dtype: torch.dtype):
-    """(levels, B) epsilons of the eps-scaling schedule, exactly as ``sinkhorn_core.solve``
+    """(levels, B) epsilons of the eps-scaling schedule, exactly as ``transport._solver.solve``
     builds them (one level count for the batch, from its largest eps0: one host sync)."""
     if eps0 is None or scaling <= 0:
         return None

@@ -1,5 +1,5 @@
 // Gradients of the Sinkhorn value at fixed potentials (envelope, plus the implicit correction
-// when lam is given), one problem per task; the statement of record is sinkhorn_core.dual_grads.
+// when lam is given), one problem per task; the statement of record is transport._solver.dual_grads.
 //
 // With E_ij = exp((f_i + g_j - C_ij) / eps), P_ij = a_i b_j E_ij, w_ij = gv + lam_f_i + lam_g_j:
 //   dC_ij = w_ij P_ij                                                      (=: Q_ij)

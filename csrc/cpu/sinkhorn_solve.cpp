@@ -1,5 +1,5 @@
 // CPU batched Sinkhorn, one whole problem per task: the statement of record is
-// sinkhorn_core.solve (same updates, schedule, checks and counts); this runs it per problem.
+// transport._solver.solve (same updates, schedule, checks and counts); this runs it per problem.
 //
 // Why: the per-half-iteration op streams the (B, n, m) cost (or rebuilds it from the points)
 // from memory on every update and pays an op call and a host sync per check. A problem of
@@ -75,7 +75,7 @@ T marginal_error(const T* f, const T* lse, const T* la, int64_t n, T ev, double 
 template <class T>
 FDIV_INLINE T tau_eps(double rho, T ev) { return rho <= 0 ? ev : T(rho) / (T(rho) + ev) * ev; }
 
-// The whole solve of one problem (see sinkhorn_core.solve). Returns (n_iter, error).
+// The whole solve of one problem (see transport._solver.solve). Returns (n_iter, error).
 template <class T>
 FDIV_INLINE std::pair<int32_t, T> solve_problem(const Problem<T>& p, const Schedule& s,
                                                 Scratch<T>& w) {

@@ -182,7 +182,7 @@ FDIV_INLINE void dense_cols_item(const T* c, const T* h, T ei, int64_t n, int64_
                  : static_cast<T>(static_cast<double>(mx[j]) + std::log(sd[j]));
 }
 
-// sinkhorn_core.pairwise_cost, op for op (same roundings).
+// transport._solver.pairwise_cost, op for op (same roundings).
 inline at::Tensor pairwise_cost(const at::Tensor& x, const at::Tensor& y, int64_t kind) {
   if (kind == 0 || kind == 1) {
     const at::Tensor sq = ((x * x).sum(-1).unsqueeze(2) + (y * y).sum(-1).unsqueeze(1) -

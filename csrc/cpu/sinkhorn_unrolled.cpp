@@ -1,5 +1,5 @@
 // CPU Sinkhorn differentiated through exactly n_iter iterations (grad="unrolled"), one problem
-// per task: the statement of record is sinkhorn_core.unrolled + plan_totals + dual_value.
+// per task: the statement of record is transport._solver.unrolled + plan_totals + dual_value.
 //
 // Why: autograd through the torch loop records ~10 ops per half-iteration and checkpoints each
 // one, so a small problem (SinKD: 32 x 32, 20 iterations) costs milliseconds of op overhead for

@@ -9,4 +9,4 @@ from fdiv_kernels.backends.common import register_fakes
 
 register_fakes("cpu")
 
-from fdiv_kernels import sinkhorn_cpu as _sinkhorn_cpu  # noqa: E402,F401  (sinkhorn ops, if built)
+from fdiv_kernels.transport import _ops_cpu as _sinkhorn_cpu  # noqa: E402,F401  (sinkhorn ops, if built)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fdiv_kernels import sinkhorn_torch as _sinkhorn_torch  # noqa: F401  (fdiv::sinkhorn_*_torch)
+from fdiv_kernels.transport import _ops_torch as _sinkhorn_torch  # noqa: F401  (fdiv::sinkhorn_*_torch)
 from fdiv_kernels.backends.common import loss_dtype, register_fakes
-from fdiv_kernels.divergences import KernelSpec, element_terms
+from fdiv_kernels._kinds import KernelSpec, element_terms
 
 # Rows per chunk: the chunk's (rows, V) temporaries are the only memory beyond the outputs.
 CHUNK_ELEMENTS = 1 << 22

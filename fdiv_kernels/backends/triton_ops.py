@@ -11,7 +11,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from fdiv_kernels import sinkhorn_triton as _sinkhorn_triton  # noqa: F401  (fdiv::sinkhorn_*_triton)
+from fdiv_kernels.transport import _ops_triton as _sinkhorn_triton  # noqa: F401  (fdiv::sinkhorn_*_triton)
 from fdiv_kernels.backends.common import register_fakes
 from fdiv_kernels.triton_kernels.divergence import (
     divergence_fwd,

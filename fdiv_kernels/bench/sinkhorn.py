@@ -12,12 +12,12 @@ import math
 
 import torch
 
-from fdiv_kernels import sinkhorn_core as core
+from fdiv_kernels.transport import _solver as core
 from fdiv_kernels.bench.cases import Case, our_backends
 from fdiv_kernels.dispatch import BACKENDS
 
 # The module, not fk.sinkhorn (the function of the same name once the package exports it).
-S = importlib.import_module("fdiv_kernels.sinkhorn")
+S = importlib.import_module("fdiv_kernels.transport._sinkhorn")
 
 DEFAULT_SHAPES = {"cpu": [(64, 256, 256, 64)], "cuda": [(64, 256, 256, 64), (32, 1024, 1024, 128)]}
 QUICK_SHAPES = [(4, 32, 32, 8)]

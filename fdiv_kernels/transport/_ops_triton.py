@@ -3,7 +3,7 @@
     fdiv::sinkhorn_lse_triton   the batched row/column LSE update, cost on the fly
     fdiv::sinkhorn_fwd_triton   the solve: whole problems in one launch, one program each
                                 (``triton_kernels/sinkhorn_solve.py``) where ``whole_solve``
-                                says so, else the loop of ``sinkhorn_core`` around the LSE op
+                                says so, else the loop of ``transport._solver`` around the LSE op
 
 ``custom_op`` (not ``triton_op``) so fake-tensor tracing also works under TRITON_INTERPRET=1.
 """
@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fdiv_kernels.sinkhorn_torch import register_fwd, register_lse_fake
-from fdiv_kernels.triton_kernels.sinkhorn import sinkhorn_lse
+from fdiv_kernels.transport._ops_torch import register_fwd, register_lse_fake
+from fdiv_kernels.triton_kernels.sinkhorn_lse import sinkhorn_lse
 from fdiv_kernels.triton_kernels.sinkhorn_solve import sinkhorn_solve
 
 # The whole-solve rule. One program per problem runs a problem on one SM; the per-update loop

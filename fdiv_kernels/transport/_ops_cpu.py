@@ -9,7 +9,7 @@ csrc/cpu/sinkhorn*.cpp):
     fdiv::sinkhorn_plan_apply_cpu  P v, P^T v, P 1, P^T 1 for the implicit gradient's CG
                                    (all three apply the plan problem by problem, never store it)
     fdiv::sinkhorn_fwd_cpu     the solve: ``sinkhorn_solve_cpu`` where a problem fits the
-                               scratch (``whole_solve``), else the loop of ``sinkhorn_core`` around
+                               scratch (``whole_solve``), else the loop of ``transport._solver`` around
                                ``sinkhorn_lse_cpu``
 """
 
@@ -20,7 +20,7 @@ import types
 import torch
 
 import fdiv_kernels._C  # noqa: F401  (defines torch.ops.fdiv.sinkhorn_*_cpu)
-from fdiv_kernels.sinkhorn_torch import register_fwd, register_lse_fake
+from fdiv_kernels.transport._ops_torch import register_fwd, register_lse_fake
 
 # Per-thread scratch of the whole-solve path: C and C^T of one problem. 8 MiB keeps them within
 # reach of a core's L2/L3 (n = m = 1024 in fp32); beyond it the per-update op streams the cost.

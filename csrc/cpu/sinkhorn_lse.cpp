@@ -6,7 +6,7 @@
 // Each row's LSE is exact two-pass per block (block max, then the sum of exps against the
 // running max), folded into an OnlineSoftmax. -inf entries of h (zero-weight points) add exactly
 // 0; an all -inf row gives -inf. Problems with active[b] == false are skipped (output -inf), as
-// the triton kernel does. The statement of record is sinkhorn_core.lse_torch.
+// the triton kernel does. The statement of record is transport._solver.lse_torch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -196,7 +196,7 @@ at::Tensor sinkhorn_lse_cpu(const std::optional<at::Tensor>& x_in,
     if (out.numel() == 0) return out.to(h_in.scalar_type());
     if (mr == 0) return out.fill_(-std::numeric_limits<double>::infinity()).to(h_in.scalar_type());
     // Tiny problems (torch's bmm takes its naive, unfused kernel below 400 multiply-adds per
-    // matrix): the cost is built exactly as sinkhorn_core.pairwise_cost builds it, then reduced
+    // matrix): the cost is built exactly as transport._solver.pairwise_cost builds it, then reduced
     // as a dense one. A plan rebuilt from the potentials with torch's cost at eps << cost is off
     // by exp(ulp(cost) / eps) otherwise. Above that, the FMA micro kernel accumulates over d in
     // the order BLAS does for these shapes.

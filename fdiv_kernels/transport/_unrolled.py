@@ -9,7 +9,7 @@
                                       half-iteration is a row (column) softmax rebuilt from the
                                       saved LSEs
 
-``UnrolledCpuFunction`` makes the pair differentiable; ``sinkhorn_core.unrolled`` (a checkpointed
+``UnrolledCpuFunction`` makes the pair differentiable; ``transport._solver.unrolled`` (a checkpointed
 torch loop) is the statement of record and the path of every other device.
 """
 
@@ -86,7 +86,7 @@ def unrolled_cpu(x: Tensor | None, y: Tensor | None, cost: Tensor | None,
                  a: Tensor | None, b: Tensor | None, f0: Tensor | None,
                  g0: Tensor | None, eps: float, kind: int, rho_a: float, rho_b: float,
                  n_iter: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(value, <C, P>, f, g, marginal error) per problem, as ``sinkhorn_core.unrolled`` followed
+    """(value, <C, P>, f, g, marginal error) per problem, as ``transport._solver.unrolled`` followed
     by ``plan_totals`` and ``dual_value``; a, b None: uniform weights (no tensor built)."""
     return UnrolledCpuFunction.apply(x, y, cost, a, b, f0, g0, eps, kind, rho_a, rho_b, n_iter,
                                      symmetric)

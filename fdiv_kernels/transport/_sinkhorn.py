@@ -4,7 +4,7 @@
     r = fk.sinkhorn(x=x, y=y, cost_fn="sqeuclidean", epsilon=0.05)   # cost computed on the fly
     r.value, r.cost, r.f, r.g, r.n_iter, r.converged, r.marginal_error, r.plan()
 
-Log-domain updates with a running max (see ``sinkhorn_core`` for the conventions), solved by the
+Log-domain updates with a running max (see ``transport._solver`` for the conventions), solved by the
 registered op ``fdiv::sinkhorn_fwd_<backend>`` chosen by the one dispatch; gradients from the
 final potentials (envelope), through a fixed number of iterations (unrolled, checkpointed), or by
 implicit differentiation of the fixed point (CG on the dual's Hessian).
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from fdiv_kernels import _validation as V
-from fdiv_kernels import sinkhorn_core as core
-from fdiv_kernels import sinkhorn_torch as _sinkhorn_torch  # noqa: F401  (registers the ops)
+from fdiv_kernels.transport import _solver as core
+from fdiv_kernels.transport import _ops_torch as _sinkhorn_torch  # noqa: F401  (registers the ops)
 from fdiv_kernels.dispatch import load_error, select
 
 COST_FNS = tuple(core.COST_KINDS)
@@ -344,7 +344,7 @@ def sinkhorn(
                         max_iter, tol, f0, g0, symmetric, backend)
     else:
         if backend in ("auto", "triton") and not load_error("triton"):
-            load_error("fdiv_kernels.sinkhorn_triton")  # registers the triton ops when it can
+            load_error("fdiv_kernels.transport._ops_triton")  # registers the triton ops when it can
         name = select(backend, ref, "sinkhorn_fwd")
         eps0 = _max_cost(x, y, cost, kind, ctype) if scaling is not None else None
         cfg = _Config(eps, kind, rho_a, rho_b, max_iter, tol, check_every, scaling or 0.0,
@@ -364,7 +364,7 @@ def _unrolled(x, y, cost, a, b, eps, kind, rho_a, rho_b, n_iter, tol, f0, g0, sy
     if select(backend, x if cost is None else cost, "sinkhorn_fwd") == "cpu":
         # One fused C++ call each way (csrc/cpu/sinkhorn_unrolled.cpp); the loop below is the
         # spec and the path of every other backend (no other has an unrolled kernel).
-        from fdiv_kernels.sinkhorn_unrolled import unrolled_cpu
+        from fdiv_kernels.transport._unrolled import unrolled_cpu
 
         value, lin, f, g, err = unrolled_cpu(x, y, cost, a, b, f0, g0, eps, kind, rho_a, rho_b,
                                              n_iter, symmetric)
@@ -436,7 +436,7 @@ class SinkhornDistillationLoss(nn.Module):
     cost C_ij = |p_s,i - p_t,j|_1 (N x N), uniform marginals, ``n_iter`` log-domain Sinkhorn
     iterations at ``epsilon``, loss = <C, P>, differentiated through the iterations.
     Logits with more dims are flattened to rows. On the cpu backend the iterations and their
-    backward are one fused C++ call each (``fdiv_kernels.sinkhorn_unrolled``).
+    backward are one fused C++ call each (``fdiv_kernels.transport._unrolled``).
     """
 
     def __init__(self, temperature: float = 2.0, epsilon: float = 0.1, n_iter: int = 20,
@@ -459,7 +459,7 @@ class SinkhornDistillationLoss(nn.Module):
         if select(self.backend, ps, "sinkhorn_fwd") == "cpu":
             # SinKD is tiny: per-call overhead is the cost, so straight to the fused op (one
             # problem, uniform weights passed as None), skipping sinkhorn()'s checks and tensors.
-            from fdiv_kernels.sinkhorn_unrolled import unrolled_cpu
+            from fdiv_kernels.transport._unrolled import unrolled_cpu
 
             lin = unrolled_cpu(ps[None], pt[None], None, None, None, None, None, self.epsilon,
                                core.COST_KINDS["l1"], 0.0, 0.0, self.n_iter, False)[1]

@@ -4,7 +4,7 @@
     fdiv::sinkhorn_fwd_torch   the whole solve: alternating/symmetric updates, eps-scaling,
                                per-problem stopping; returns (f, g, n_iter, marginal error)
 
-``fdiv_kernels.sinkhorn_triton`` registers the same two ops for the triton backend.
+``fdiv_kernels.transport._ops_triton`` registers the same two ops for the triton backend.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from fdiv_kernels import sinkhorn_core as core
+from fdiv_kernels.transport import _solver as core
 
 
 def register_fwd(backend: str, lse_op: Callable, solve: Optional[Callable] = None) -> None:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fdiv_kernels import _validation as V
 from fdiv_kernels.dispatch import select
-from fdiv_kernels.divergences import KernelSpec, resolve
+from fdiv_kernels._kinds import KernelSpec, resolve
 
 
 def _forward_op(backend: str):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fdiv_kernels import _validation as V
 from fdiv_kernels.dispatch import select
-from fdiv_kernels.divergences import KernelSpec, resolve
+from fdiv_kernels._kinds import KernelSpec, resolve
 
 # Bytes of fp32 (chunk, V) buffers per chunk (about four live at once: two logits, padding or a
 # CE gradient, the divergence gradient). GPUs get more so the chunk GEMMs stay efficient.
