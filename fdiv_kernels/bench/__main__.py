@@ -13,7 +13,7 @@ import sys
 import torch
 
 from fdiv_kernels.bench.divergence import divergence_cases
-from fdiv_kernels.bench.fused_linear import fused_linear_cases
+from fdiv_kernels.bench.fused_linear import fused_linear_cases, fused_linear_logprobs_cases
 from fdiv_kernels.bench.measure import copy_bandwidth_gbps
 from fdiv_kernels.bench.report import format_table, metadata, run_cases, write_json, write_png
 from fdiv_kernels.bench.sinkd import DEFAULT_SHAPES as SINKD_SHAPES
@@ -32,7 +32,9 @@ DEFAULT_SHAPES = {"cpu": [(64, 128256), (256, 32000)],
 STATS_SHAPES = {"cpu": [(256, 128256)], "cuda": [(8192, 128256)]}
 # Fused linear: (N, H, V); the CPU target is stated at N=1024, H=256, V=32000.
 FUSED_SHAPES = {"cpu": [(1024, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
-OPS = ("divergence", "softmax_stats", "fused_linear", "sinkhorn", "sinkd")
+# Token log-probs from hidden states: the CPU target is stated at N=4096, H=256, V=32000.
+LOGPROBS_SHAPES = {"cpu": [(4096, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
+OPS = ("divergence", "softmax_stats", "fused_linear", "fused_linear_logprobs", "sinkhorn", "sinkd")
 QUICK_SHAPES = [(4, 1000)]
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
@@ -102,6 +104,9 @@ def main(argv=None) -> int:
     if "fused_linear" in args.ops:
         fl_shapes = [(4, 16, 1000)] if args.quick else FUSED_SHAPES[device.type]
         cases += fused_linear_cases(fl_shapes, dtype, device, peers, args.backends)
+    if "fused_linear_logprobs" in args.ops:
+        lp_shapes = [(4, 16, 1000)] if args.quick else LOGPROBS_SHAPES[device.type]
+        cases += fused_linear_logprobs_cases(lp_shapes, dtype, device, peers, args.backends)
     if "sinkhorn" in args.ops:
         cases += sinkhorn_cases(SINKHORN_QUICK if args.quick else SINKHORN_SHAPES[device.type],
                                 torch.float32, device, ("pot", "geomloss"), args.backends)

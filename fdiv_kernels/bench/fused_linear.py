@@ -82,3 +82,45 @@ def fused_linear_cases(shapes, dtype, device, peers=("eager", "liger"), backends
                 "grad_rel_err": _grad_error(fn, _inputs(min(n, 256), h, v, dtype, device))})
         cases.append(case)
     return cases
+
+
+def eager_token_logprobs(h, w, labels):
+    """What a user writes: materialize the logits, log_softmax, gather, entropy from the probs."""
+    lq = torch.log_softmax((h @ w.t()).float(), -1)
+    lp = lq.gather(-1, labels[:, None]).squeeze(-1)
+    return lp, -(lq.exp() * lq).sum(-1)
+
+
+def fused_linear_logprobs_cases(shapes, dtype, device, peers=("eager",), backends=None):
+    """fk.fused_linear_token_logprobs (with entropy) against the eager materialized path; the
+    loss is sum(logprob) + sum(entropy), so both outputs' gradients are timed."""
+    cases = []
+    probe = torch.empty(1, dtype=torch.float32, device=device)
+    ours = our_backends("softmax_stats_fwd", probe, backends)
+    for n, h, v in shapes:
+        es = torch.empty(0, dtype=dtype).element_size()
+        # read hidden, weight; write d hidden, d weight. The GEMMs dominate.
+        nbytes = 2 * (n * h + v * h) * es
+        case = Case("fused_linear_logprobs", "full", (n, h, v), dtype, device, nbytes)
+        providers = {f"fdiv-{b}": (lambda hs, ws, lab, b=b: fk.fused_linear_token_logprobs(
+            hs, ws, lab, return_entropy=True, backend=b)) for b in ours}
+        case.ours = tuple(providers)
+        if "eager" in peers:
+            providers["torch-eager"] = eager_token_logprobs
+        for name, fn in providers.items():
+            def setup(fn=fn, n=n, h=h, v=v):
+                hs, ws, _, _ = _inputs(n, h, v, dtype, device)
+                hs.requires_grad_(True)
+                ws.requires_grad_(True)
+                lab = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(1))
+                lab = lab.to(device)
+
+                def run():
+                    lp, ent = fn(hs, ws, lab)
+                    (lp.sum() + ent.sum()).backward()
+                    hs.grad = ws.grad = None
+                return run
+
+            case.providers[name] = setup
+        cases.append(case)
+    return cases
