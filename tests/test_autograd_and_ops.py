@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import BACKENDS, available_backends
+from conftest import BACKENDS
+from helpers import available_backends
 from reference import logits
 
 import fdiv_kernels as fk

@@ -4,15 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import (
-    DTYPES,
-    GRAD_TOL,
-    LOSS_TOL,
-    STATS_BACKENDS,
-    assert_close,
-    available_backends,
-    backend_cfg_fixture,
-)
+from conftest import DTYPES, GRAD_TOL, LOSS_TOL, STATS_BACKENDS
+from helpers import assert_close, available_backends, backend_cfg_fixture
 from reference import logits, softmax_stats_rows
 
 import fdiv_kernels as fk
