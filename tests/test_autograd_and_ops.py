@@ -49,3 +49,29 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(s1.grad, s2.grad)
 
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_compile_fullgraph_fused_linear(backend, reduction):
+    """fused_linear_divergence, forward and backward, traces into one graph; both of its
+    backward forms (gradients from the forward, or recomputed for a per-row upstream)."""
+    torch._dynamo.reset()
+
+    def loss_fn(hs, ws, ht, wt, labels):
+        out = fk.fused_linear_divergence(hs, ws, ht, wt, "js", beta=0.3, temperature=2.0,
+                                         labels=labels, ce_weight=0.1, chunk_size=3,
+                                         reduction=reduction, backend=backend)
+        return out if reduction == "mean" else (out * torch.arange(1.0, 8.0)).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    hs, ws = logits((7, 5), seed=8), logits((11, 5), seed=9, scale=0.7)
+    ht, wt = logits((7, 6), seed=10), logits((11, 6), seed=11, scale=0.7)
+    labels = torch.tensor([1, -100, 3, 4, 0, 10, -100])
+    results = []
+    for f in (compiled, loss_fn):
+        h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        loss = f(h, w, ht, wt, labels)
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
