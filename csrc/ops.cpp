@@ -5,17 +5,37 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+// The divergence and softmax-statistics ops exist once per C++ backend, as `<op>_<backend>`, all
+// declared from the one schema below (the Python backends' custom ops take the same arguments).
+// csrc/cpu/*.cpp implement the `_cpu` ones; csrc/cuda/bindings.cpp the `_cuda` ones, which a
+// CPU-only build neither compiles nor declares (the Python side tests for their presence).
+constexpr const char* kCppBackends[] = {
+    "cpu",
+#ifdef FDIV_WITH_CUDA
+    "cuda",
+#endif
+};
+
+// (op, schema after the name)
+constexpr const char* kPerBackendOps[][2] = {
+    {"divergence_fwd",
+     "(Tensor student, Tensor teacher, Tensor valid, int kind, bool swap, float param, "
+     "float inv_temperature, bool grad_student, bool grad_teacher) "
+     "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)"},
+    {"softmax_stats_fwd",
+     "(Tensor x, Tensor? labels, int ignore_index, float inv_temperature, bool entropy) "
+     "-> (Tensor lse, Tensor entropy, Tensor label_logprob)"},
+    {"softmax_stats_bwd",
+     "(Tensor x, Tensor? labels, Tensor lse, Tensor entropy, Tensor? g_lse, Tensor? g_entropy, "
+     "Tensor? g_logprob, int ignore_index, float inv_temperature) -> Tensor"},
+};
+
 TORCH_LIBRARY(fdiv, m) {
-  m.def(
-      "divergence_fwd_cpu(Tensor student, Tensor teacher, Tensor valid, int kind, bool swap, "
-      "float param, float inv_temperature, bool grad_student, bool grad_teacher) "
-      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
-  m.def(
-      "softmax_stats_fwd_cpu(Tensor x, Tensor? labels, int ignore_index, float inv_temperature, "
-      "bool entropy) -> (Tensor lse, Tensor entropy, Tensor label_logprob)");
-  m.def(
-      "softmax_stats_bwd_cpu(Tensor x, Tensor? labels, Tensor lse, Tensor entropy, Tensor? g_lse, "
-      "Tensor? g_entropy, Tensor? g_logprob, int ignore_index, float inv_temperature) -> Tensor");
+  for (const char* backend : kCppBackends)
+    for (const auto& op : kPerBackendOps)
+      m.def((std::string(op[0]) + "_" + backend + op[1]).c_str());
   m.def(
       "sinkhorn_lse_cpu(Tensor? x, Tensor? y, Tensor? cost, Tensor h, Tensor eps_inv, int kind, "
       "bool transpose, Tensor? active) -> Tensor");

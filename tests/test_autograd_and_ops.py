@@ -1,12 +1,15 @@
-"""Registered-op contracts: float64 gradcheck, opcheck of every op, torch.compile(fullgraph=True)."""
+"""Autograd contracts: float64 gradcheck and torch.compile(fullgraph=True), forward and backward.
+
+The opcheck of every registered op is tests/test_opcheck.py."""
 
 import pytest
 import torch
-from conftest import BACKENDS, available_backends
+from conftest import BACKENDS
+from helpers import available_backends
 from reference import logits
 
 import fdiv_kernels as fk
-from fdiv_kernels._kinds import DIVERGENCES, resolve
+from fdiv_kernels._kinds import DIVERGENCES
 
 F64_BACKENDS = available_backends("divergence_fwd", torch.float64)
 
@@ -23,24 +26,6 @@ def test_gradcheck_float64(kind, backend):
                              backend=backend, inplace_backward=False)
 
     assert torch.autograd.gradcheck(f, (s, t), eps=1e-6, atol=1e-6, rtol=1e-5)
-
-
-def _op_args(backend, grad_s, grad_t, kind="js"):
-    spec = resolve(kind, None, None, None)
-    s, t = logits((3, 40), seed=3), logits((3, 40), seed=4)
-    valid = torch.tensor([True, False, True])
-    return (s, t, valid, spec.base, spec.swap, spec.param, 0.5, grad_s, grad_t)
-
-
-@pytest.mark.parametrize("grads", [(True, False), (False, True), (True, True), (False, False)])
-def test_opcheck_forward(backend, grads):
-    op = getattr(torch.ops.fdiv, f"divergence_fwd_{backend}")
-    torch.library.opcheck(op, _op_args(backend, *grads))
-
-
-def test_opcheck_scale_rows():
-    grad = logits((3, 40), seed=5)
-    torch.library.opcheck(torch.ops.fdiv.scale_rows_, (grad, torch.tensor([0.5, 2.0, -1.0])))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
@@ -63,3 +48,30 @@ def test_compile_fullgraph(backend):
     b.backward()
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(s1.grad, s2.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_compile_fullgraph_fused_linear(backend, reduction):
+    """fused_linear_divergence, forward and backward, traces into one graph; both of its
+    backward forms (gradients from the forward, or recomputed for a per-row upstream)."""
+    torch._dynamo.reset()
+
+    def loss_fn(hs, ws, ht, wt, labels):
+        out = fk.fused_linear_divergence(hs, ws, ht, wt, "js", beta=0.3, temperature=2.0,
+                                         labels=labels, ce_weight=0.1, chunk_size=3,
+                                         reduction=reduction, backend=backend)
+        return out if reduction == "mean" else (out * torch.arange(1.0, 8.0)).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    hs, ws = logits((7, 5), seed=8), logits((11, 5), seed=9, scale=0.7)
+    ht, wt = logits((7, 6), seed=10), logits((11, 6), seed=11, scale=0.7)
+    labels = torch.tensor([1, -100, 3, 4, 0, 10, -100])
+    results = []
+    for f in (compiled, loss_fn):
+        h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        loss = f(h, w, ht, wt, labels)
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

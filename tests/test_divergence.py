@@ -5,18 +5,11 @@ import zlib
 
 import pytest
 import torch
-from conftest import BACKENDS, DTYPES, GRAD_TOL, LOSS_TOL, assert_close, backend_cfg_fixture
+from conftest import BACKENDS, DTYPES, GRAD_TOL, LOSS_TOL
+from helpers import KIND_PARAMS, assert_close, backend_cfg_fixture, kind_kwargs
 from reference import divergence_with_grads, logits
 
 import fdiv_kernels as fk
-
-# Parameters that exercise each kind away from its degenerate limits (negative and >1 alpha too).
-KIND_PARAMS = [
-    ("kl", None), ("reverse_kl", None), ("js", 0.5), ("js", 0.1), ("tv", None),
-    ("hellinger", None), ("chi2", None), ("alpha", 0.5), ("alpha", -0.5), ("alpha", 1.5),
-    ("skew_kl", 0.1), ("skew_reverse_kl", 0.3), ("jeffreys", None),
-]
-PARAM_NAME = {"js": "beta", "alpha": "alpha", "skew_kl": "lam", "skew_reverse_kl": "lam"}
 
 # Shapes per kernel regime.
 SHAPES = [
@@ -31,14 +24,10 @@ SHAPES = [
 backend_cfg = backend_cfg_fixture(BACKENDS, "fdiv_kernels.triton_kernels.divergence")
 
 
-def _kw(kind, param):
-    return {PARAM_NAME[kind]: param} if param is not None else {}
-
-
 def run(kind, param, s, t, backend, **kw):
     s = s.detach().clone().requires_grad_(True)
     t = t.detach().clone().requires_grad_(t.requires_grad)
-    loss = fk.divergence(s, t, kind, backend=backend, **_kw(kind, param), **kw)
+    loss = fk.divergence(s, t, kind, backend=backend, **kind_kwargs(kind, param), **kw)
     return loss, s, t
 
 

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import BACKENDS, assert_close
+from conftest import BACKENDS
+from helpers import assert_close
 from reference import divergence_from_probs, logits
 
 import fdiv_kernels as fk

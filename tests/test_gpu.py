@@ -15,9 +15,9 @@ import zlib
 
 import pytest
 import torch
-from conftest import DTYPES, GRAD_TOL, LOSS_TOL, assert_close, available_backends
+from conftest import DTYPES, GRAD_TOL, LOSS_TOL
+from helpers import KIND_PARAMS, assert_close, available_backends, kind_kwargs
 from reference import divergence_with_grads, logits, softmax_stats_rows
-from test_divergence import KIND_PARAMS, _kw
 
 import fdiv_kernels as fk
 
@@ -53,7 +53,7 @@ def test_divergence_on_gpu_matches_reference(backend, kind, param, dtype, shape)
     sd = s.to(DEV).requires_grad_(True)
     td = t.to(DEV).requires_grad_(True)
     loss = fk.divergence(sd, td, kind, backend=backend, temperature=1.7, reduction="none",
-                         **_kw(kind, param))
+                         **kind_kwargs(kind, param))
     loss.sum().backward()
     assert_close(loss.cpu(), ref, LOSS_TOL[dtype], f"{backend} loss")
     assert_close(sd.grad.cpu()[..., keep], gs, GRAD_TOL[dtype], f"{backend} student grad")

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import BACKENDS, GRAD_TOL, LOSS_TOL, assert_close
+from conftest import BACKENDS, GRAD_TOL, LOSS_TOL
+from helpers import assert_close
 from reference import logits
 
 import fdiv_kernels as fk

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/checks.h"
 #include "cpu/divergence_terms.h"
 #include "cpu/convert.h"
 #include "cpu/online_softmax.h"
@@ -195,28 +196,12 @@ void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid, int64_t kind,
     bool swap, double param, double inv_temperature, bool grad_student, bool grad_teacher) {
-  TORCH_CHECK_VALUE(student.dim() == 2, "student must be 2-D (N, V), got ", student.dim(), "-D");
-  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher must have the shape of student ",
-                    student.sizes(), ", got ", teacher.sizes());
-  TORCH_CHECK_VALUE(student.size(0) >= 1 && student.size(1) >= 1,
-                    "student must have N >= 1 rows and V >= 1 columns, got ", student.sizes());
-  TORCH_CHECK_VALUE(student.device().is_cpu() && teacher.device().is_cpu() &&
-                        valid.device().is_cpu(),
-                    "student, teacher and valid must be CPU tensors");
+  check_divergence_args(student, teacher, valid, kind, kCpuTarget);
   const auto dt = student.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                   "student must be float32, float64, bfloat16 or float16, got ", dt);
-  TORCH_CHECK_TYPE(teacher.scalar_type() == dt, "teacher must have the dtype of student (", dt,
-                   "), got ", teacher.scalar_type());
-  TORCH_CHECK_TYPE(valid.scalar_type() == at::kBool, "valid must be bool, got ", valid.scalar_type());
-  TORCH_CHECK_VALUE(valid.dim() == 1 && valid.size(0) == student.size(0),
-                    "valid must have shape (", student.size(0), ",), got ", valid.sizes());
-  TORCH_CHECK_VALUE(kind >= 0 && kind < kNumKinds, "kind must be a base divergence id in [0, ",
-                    kNumKinds, "), got ", kind);
 
   const at::Tensor s = student.contiguous(), t = teacher.contiguous(), v = valid.contiguous();
   const auto opts = student.options();
-  at::Tensor loss = at::empty({s.size(0)}, opts.dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
+  at::Tensor loss = at::empty({s.size(0)}, opts.dtype(stats_dtype(dt)));
   at::Tensor gs = grad_student ? at::empty_like(s) : at::empty({0}, opts);
   at::Tensor gt = grad_teacher ? at::empty_like(t) : at::empty({0}, opts);
   const int base = int(kind);

@@ -88,44 +88,72 @@ struct OnlineEntropy {
   FDIV_INLINE double entropy() const { return std::log(s) - w / s; }
 };
 
-// Online log-sum-exp of scale * x[0:n] folded into acc; as row_lse without keeping the exps.
-// The running max may lag a block's max by up to the slack (only the lse is wanted, and s is
-// kept in double), so almost every block is a single fused loop.
-template <class T>
-FDIV_INLINE void online_lse(const T* x, T scale, int64_t n, OnlineSoftmax<T>& acc) {
+// Online log-sum-exp of scale * x[0:n] folded into acc, block by block; with KEEP also the exps
+// (row_lse below). The running max may lag a block's max by up to the slack (s is kept in double),
+// so almost every block is a single fused loop.
+template <bool KEEP, class T>
+FDIV_INLINE void lse_blocks(const T* x, T scale, int64_t n, OnlineSoftmax<T>& acc, T* e,
+                            T* shift) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  // A block may exceed the running max by this much and still be shifted by it: its exps stay
+  // below e^64 and a block sum below 4096 e^64, far from overflow.
   constexpr T kSlack = T(64);
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+  for (int64_t j0 = 0, blk = 0; j0 < n; j0 += kBlock, ++blk) {
     const T* xb = x + j0;
+    T* eb = nullptr;
+    if constexpr (KEEP) eb = e + j0;
     const int64_t len = std::min(kBlock, n - j0);
     T m = acc.m, bm = kNegInf, bs = 0;
     if (m != kNegInf) {
+      // Common case: one loop computes the exps against the running max and the block's max
+      // together, so the row is read once and its load latency hides behind the exps.
 #pragma omp simd reduction(max : bm) reduction(+ : bs)
       for (int64_t j = 0; j < len; ++j) {
         const T xj = xb[j] * scale;
         bm = std::max(bm, xj);
-        bs += vexp(xj - m);
+        const T ej = vexp(xj - m);
+        if constexpr (KEEP) eb[j] = ej;
+        bs += ej;
       }
       if (!(bm > m + kSlack)) {
         acc.add(static_cast<double>(bs));
         acc.rebase(bm);
+        if constexpr (KEEP) shift[blk] = m;
         continue;
       }
     } else {
+      // No finite max yet: find this block's first. NaN-ignoring max (NaN comparisons are
+      // false); a NaN then shows up in the sum below.
 #pragma omp simd reduction(max : bm)
       for (int64_t j = 0; j < len; ++j) bm = std::max(bm, xb[j] * scale);
     }
+    // The block raised the max by more than the slack (or is the first with a finite value):
+    // rebase on its max and redo its exps.
     m = acc.rebase(bm);
+    if constexpr (KEEP) shift[blk] = m;
     if (m == kNegInf) {
-      for (int64_t j = 0; j < len; ++j)
+      // Everything so far is -inf (or NaN): the probabilities are 0, only a NaN matters.
+      for (int64_t j = 0; j < len; ++j) {
+        if constexpr (KEEP) eb[j] = T(0);
         if (xb[j] != xb[j]) acc.poison();
+      }
       continue;
     }
     bs = 0;
 #pragma omp simd reduction(+ : bs)
-    for (int64_t j = 0; j < len; ++j) bs += vexp(xb[j] * scale - m);
+    for (int64_t j = 0; j < len; ++j) {
+      const T ej = vexp(xb[j] * scale - m);
+      if constexpr (KEEP) eb[j] = ej;
+      bs += ej;
+    }
     acc.add(static_cast<double>(bs));
   }
+}
+
+// Online log-sum-exp of scale * x[0:n] folded into acc; as row_lse without keeping the exps.
+template <class T>
+FDIV_INLINE void online_lse(const T* x, T scale, int64_t n, OnlineSoftmax<T>& acc) {
+  lse_blocks<false>(x, scale, n, acc, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
 }
 
 // Online (max, sum, weighted sum) of scale * x[0:n] folded into acc. Each block is shifted by
@@ -163,64 +191,13 @@ FDIV_INLINE void online_lse_entropy(const T* x, T scale, int64_t n, OnlineEntrop
 // later passes form the same logits.
 //
 // The exps are kept: e[j] = exp(scale x[j] - shift[j / kBlock]), shift being the running max
-// before the block was read (or the block's own max when that is much larger). Then softmax(x)[j] = e[j] * exp(shift - lse), one scalar exp per block, so
-// the later passes get the probabilities for a multiply instead of an exp per element.
+// before the block was read (or the block's own max when that is much larger). Then softmax(x)[j]
+// = e[j] * exp(shift - lse), one scalar exp per block, so the later passes get the probabilities
+// for a multiply instead of an exp per element.
 template <class T>
 FDIV_INLINE T row_lse(const T* x, T scale, int64_t n, T* e, T* shift) {
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  // A block may exceed the running max by this much and still be shifted by it: its exps stay
-  // below e^64 and a block sum below 4096 e^64, far from overflow.
-  constexpr T kSlack = T(64);
   OnlineSoftmax<T> acc;
-  for (int64_t j0 = 0, blk = 0; j0 < n; j0 += kBlock, ++blk) {
-    const T* xb = x + j0;
-    T* eb = e + j0;
-    const int64_t len = std::min(kBlock, n - j0);
-    T m = acc.m, bm = kNegInf, bs = 0;
-    if (m != kNegInf) {
-      // Common case: one loop computes the exps against the running max and the block's max
-      // together, so the row is read once and its load latency hides behind the exps.
-#pragma omp simd reduction(max : bm) reduction(+ : bs)
-      for (int64_t j = 0; j < len; ++j) {
-        const T xj = xb[j] * scale;
-        bm = std::max(bm, xj);
-        const T ej = vexp(xj - m);
-        eb[j] = ej;
-        bs += ej;
-      }
-      if (!(bm > m + kSlack)) {
-        acc.add(static_cast<double>(bs));
-        acc.rebase(bm);
-        shift[blk] = m;
-        continue;
-      }
-    } else {
-      // No finite max yet: find this block's first. NaN-ignoring max (NaN comparisons are
-      // false); a NaN then shows up in the sum below.
-#pragma omp simd reduction(max : bm)
-      for (int64_t j = 0; j < len; ++j) bm = std::max(bm, xb[j] * scale);
-    }
-    // The block raised the max by more than the slack (or is the first with a finite value):
-    // rebase on its max and redo its exps.
-    m = acc.rebase(bm);
-    shift[blk] = m;
-    if (m == kNegInf) {
-      // Everything so far is -inf (or NaN): the probabilities are 0, only a NaN matters.
-      for (int64_t j = 0; j < len; ++j) {
-        eb[j] = T(0);
-        if (xb[j] != xb[j]) acc.poison();
-      }
-      continue;
-    }
-    bs = 0;
-#pragma omp simd reduction(+ : bs)
-    for (int64_t j = 0; j < len; ++j) {
-      const T ej = vexp(xb[j] * scale - m);
-      eb[j] = ej;
-      bs += ej;
-    }
-    acc.add(static_cast<double>(bs));
-  }
+  lse_blocks<true>(x, scale, n, acc, e, shift);
   return static_cast<T>(acc.lse());
 }
 

@@ -20,6 +20,7 @@
 #include <optional>
 #include <vector>
 
+#include "common/checks.h"
 #include "cpu/convert.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
@@ -203,22 +204,25 @@ void run_fwd(const at::Tensor& x, const at::Tensor* labels, int64_t ignore_index
 }
 
 template <class scalar_t, class T>
-void run_bwd(const at::Tensor& x, const at::Tensor* labels, const at::Tensor& lse,
-             const at::Tensor* ent, const at::Tensor* g_lse, const at::Tensor* g_ent,
-             const at::Tensor* g_lp, int64_t ignore_index, T scale, at::Tensor& dx) {
+void run_bwd(const at::Tensor& x, const StatsBwdInputs& in, int64_t ignore_index, T scale,
+             at::Tensor& dx) {
   constexpr bool kWide = std::is_same_v<scalar_t, T>;
   const int64_t rows = x.size(0), n = x.size(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-  const T* lse_p = lse.const_data_ptr<T>();
-  const T* ent_p = g_ent ? ent->const_data_ptr<T>() : nullptr;
-  const T* gl_p = g_lse ? g_lse->const_data_ptr<T>() : nullptr;
-  const T* ge_p = g_ent ? g_ent->const_data_ptr<T>() : nullptr;
-  const T* gp_p = g_lp ? g_lp->const_data_ptr<T>() : nullptr;
+  auto ptr = [](const std::optional<at::Tensor>& t) {
+    return t ? t->const_data_ptr<T>() : nullptr;
+  };
+  const T* lse_p = in.lse.const_data_ptr<T>();
+  const T* ent_p = ptr(in.entropy);
+  const T* gl_p = ptr(in.g_lse);
+  const T* ge_p = ptr(in.g_entropy);
+  const T* gp_p = ptr(in.g_logprob);
+  const at::Tensor* labels = in.labels ? &*in.labels : nullptr;
   const bool lab64 = labels && labels->scalar_type() == at::kLong;
   const int64_t* l64 = lab64 ? labels->const_data_ptr<int64_t>() : nullptr;
   const int32_t* l32 = labels && !lab64 ? labels->const_data_ptr<int32_t>() : nullptr;
-  const bool cq = g_lse || g_lp, en = g_ent != nullptr;
+  const bool cq = gl_p || gp_p, en = ge_p != nullptr;
   if (!cq && !en) {  // no incoming gradient: dx = 0 (not 0 * q, which a NaN q would poison)
     dx.zero_();
     return;
@@ -245,44 +249,14 @@ void run_bwd(const at::Tensor& x, const at::Tensor* labels, const at::Tensor& ls
   });
 }
 
-at::ScalarType stats_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_x(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (N, V), got ", x.dim(), "-D");
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                   "x must be float32, float64, bfloat16 or float16, got ", dt);
-}
-
-// labels: int64 / int32 of shape (N,), contiguous on return.
-at::Tensor check_labels(const at::Tensor& labels, int64_t rows) {
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-                   "labels must be int64 or int32, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.device().is_cpu(), "labels must be a CPU tensor, got ", labels.device());
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == rows, "labels must have shape (", rows,
-                    ",), got ", labels.sizes());
-  return labels.contiguous();
-}
-
-// A per-row float vector (lse, entropy, incoming gradients): shape (N,), converted to `dt`.
-at::Tensor check_row_vector(const char* name, const at::Tensor& v, int64_t rows, at::ScalarType dt) {
-  TORCH_CHECK_TYPE(at::isFloatingType(v.scalar_type()), name, " must be a floating point tensor, got ",
-                   v.scalar_type());
-  TORCH_CHECK_VALUE(v.device().is_cpu(), name, " must be a CPU tensor, got ", v.device());
-  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == rows, name, " must have shape (", rows, ",), got ",
-                    v.sizes());
-  return v.to(dt).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& labels_in, int64_t ignore_index,
     double inv_temperature, bool entropy) {
-  check_x(x_in);
+  check_logits(x_in, "x", kCpuTarget);
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0);
   std::optional<at::Tensor> labels;
-  if (labels_in) labels = check_labels(*labels_in, rows);
+  if (labels_in) labels = checked_labels(*labels_in, x);
   const auto dt = x.scalar_type();
   const auto opts = x.options().dtype(stats_dtype(dt));
   at::Tensor lse = at::empty({rows}, opts);
@@ -313,41 +287,25 @@ at::Tensor softmax_stats_bwd_cpu(const at::Tensor& x_in, const std::optional<at:
                                  const std::optional<at::Tensor>& g_entropy_in,
                                  const std::optional<at::Tensor>& g_logprob_in,
                                  int64_t ignore_index, double inv_temperature) {
-  check_x(x_in);
+  check_logits(x_in, "x", kCpuTarget);
   const at::Tensor x = x_in.contiguous();
-  const int64_t rows = x.size(0);
-  const auto dt = x.scalar_type(), st = stats_dtype(dt);
-  const at::Tensor lse = check_row_vector("lse", lse_in, rows, st);
-  std::optional<at::Tensor> labels, ent, g_lse, g_ent, g_lp;
-  if (g_lse_in) g_lse = check_row_vector("g_lse", *g_lse_in, rows, st);
-  if (g_entropy_in) {
-    g_ent = check_row_vector("g_entropy", *g_entropy_in, rows, st);
-    ent = check_row_vector("entropy (needed with g_entropy)", entropy_in, rows, st);
-  }
-  if (g_logprob_in) {
-    TORCH_CHECK_VALUE(labels_in.has_value(), "g_logprob needs labels, got labels=None");
-    g_lp = check_row_vector("g_logprob", *g_logprob_in, rows, st);
-  }
-  if (labels_in) labels = check_labels(*labels_in, rows);
+  const auto dt = x.scalar_type();
+  const StatsBwdInputs in = checked_stats_bwd_inputs(x, labels_in, lse_in, entropy_in, g_lse_in,
+                                                     g_entropy_in, g_logprob_in, stats_dtype(dt));
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
-  auto ptr = [](const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; };
   switch (dt) {
     case at::kFloat:
-      run_bwd<float, float>(x, ptr(labels), lse, ptr(ent), ptr(g_lse), ptr(g_ent), ptr(g_lp),
-                            ignore_index, float(inv_temperature), dx);
+      run_bwd<float, float>(x, in, ignore_index, float(inv_temperature), dx);
       break;
     case at::kDouble:
-      run_bwd<double, double>(x, ptr(labels), lse, ptr(ent), ptr(g_lse), ptr(g_ent), ptr(g_lp),
-                              ignore_index, inv_temperature, dx);
+      run_bwd<double, double>(x, in, ignore_index, inv_temperature, dx);
       break;
     case at::kBFloat16:
-      run_bwd<at::BFloat16, float>(x, ptr(labels), lse, ptr(ent), ptr(g_lse), ptr(g_ent), ptr(g_lp),
-                                   ignore_index, float(inv_temperature), dx);
+      run_bwd<at::BFloat16, float>(x, in, ignore_index, float(inv_temperature), dx);
       break;
     default:
-      run_bwd<at::Half, float>(x, ptr(labels), lse, ptr(ent), ptr(g_lse), ptr(g_ent), ptr(g_lp),
-                               ignore_index, float(inv_temperature), dx);
+      run_bwd<at::Half, float>(x, in, ignore_index, float(inv_temperature), dx);
       break;
   }
   return dx;

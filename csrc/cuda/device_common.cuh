@@ -238,4 +238,22 @@ inline int dispatch_dtype(DType dt, F&& f) {
 constexpr int kMaxThreads = 512;
 constexpr int kMaxWarps = kMaxThreads / 32;
 
+// Host side: the launch of a row-group kernel (a group of G threads per row, blockDim / G rows
+// per block) over `rows` rows of `cols` elements of storage S. G doubles from a warp until each
+// thread has ~4 16-byte chunks (up to kMaxThreads); a block has at least 256 threads.
+struct GroupLaunch {
+  int G, threads;
+  int64_t blocks;
+};
+
+template <class S>
+inline GroupLaunch group_launch(int64_t rows, int64_t cols) {
+  const int64_t nch = (cols + Tr<S>::kVec - 1) / Tr<S>::kVec + 1;  // chunks, worst alignment
+  int G = 32;
+  while (G < kMaxThreads && int64_t(G) * 4 < nch) G <<= 1;
+  const int threads = G > 256 ? G : 256;
+  const int64_t per_block = threads / G;
+  return {G, threads, (rows + per_block - 1) / per_block};
+}
+
 }  // namespace fdiv_cuda

@@ -114,12 +114,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) divergence_cluster_kernel(cons
     float q[kV], p[kV];
     Elem e[kV];
     chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
-#pragma unroll
-    for (int k = 0; k < kV; ++k) {
-      acc.t += e[k].t;
-      acc.h += e[k].h;
-      acc.k += e[k].k;
-    }
+    add_terms(e, acc);
   }
   acc = group_reduce(acc, nt, sum3_add, red_sum);
   if (tid == 0) pub_sum = acc;
@@ -140,19 +135,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1) divergence_cluster_kernel(cons
       Chunk<S> ca, cb;
       ca.v = sa[i];
       cb.v = sb[i];
-      float q[kV], p[kV], gv[kV];
+      float q[kV], p[kV];
       Elem e[kV];
       chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
-      if (gabase) {
-#pragma unroll
-        for (int k = 0; k < kV; ++k) gv[k] = (e[k].h - q[k] * H) * prm.inv_t;
-        store_chunk<S>(gabase, c0 + i, g, gv);
-      }
-      if (gbbase) {
-#pragma unroll
-        for (int k = 0; k < kV; ++k) gv[k] = (e[k].k - p[k] * K) * prm.inv_t;
-        store_chunk<S>(gbbase, c0 + i, g, gv);
-      }
+      store_grads<S>(gabase, gbbase, c0 + i, g, q, p, e, H, K, prm.inv_t);
     }
   }
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");

@@ -39,6 +39,37 @@ FDIV_DEV void chunk_terms(const Chunk<S>& ca, const Chunk<S>& cb, float inv_t, f
   }
 }
 
+// Adds one chunk's element terms to the row sums (sum t, sum h, sum k).
+template <int kV>
+FDIV_DEV void add_terms(const Elem (&e)[kV], Sum3& acc) {
+#pragma unroll
+  for (int i = 0; i < kV; ++i) {
+    acc.t += e[i].t;
+    acc.h += e[i].h;
+    acc.k += e[i].k;
+  }
+}
+
+// Stores chunk c of the wanted gradients (a null base: not wanted), from the row sums H = sum h,
+// K = sum k: ga = (h - q H) inv_T, gb = (k - p K) inv_T.
+template <class S>
+FDIV_DEV void store_grads(typename Tr<S>::R* gabase, typename Tr<S>::R* gbbase, int c,
+                          const RowGeom& g, const float* q, const float* p, const Elem* e, float H,
+                          float K, float inv_t) {
+  constexpr int kV = Tr<S>::kVec;
+  float gv[kV];
+  if (gabase) {
+#pragma unroll
+    for (int i = 0; i < kV; ++i) gv[i] = (e[i].h - q[i] * H) * inv_t;
+    store_chunk<S>(gabase, c, g, gv);
+  }
+  if (gbbase) {
+#pragma unroll
+    for (int i = 0; i < kV; ++i) gv[i] = (e[i].k - p[i] * K) * inv_t;
+    store_chunk<S>(gbbase, c, g, gv);
+  }
+}
+
 template <class S>
 FDIV_DEV void chunk_stats(const Chunk<S>& ca, const Chunk<S>& cb, float inv_t, MS2& st) {
   constexpr int kV = Tr<S>::kVec;

@@ -76,12 +76,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     float q[kV], p[kV];
     Elem e[kV];
     chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
-#pragma unroll
-    for (int i = 0; i < kV; ++i) {
-      acc.t += e[i].t;
-      acc.h += e[i].h;
-      acc.k += e[i].k;
-    }
+    add_terms(e, acc);
     if (fused) {
       float gv[kV];
 #pragma unroll
@@ -98,19 +93,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   const float H = acc.h, K = acc.k;
   for (int c = lane; c < g.nch; c += G) {
     const Chunk<S> ca = load_chunk<S>(abase, c, g), cb = load_chunk<S>(bbase, c, g);
-    float q[kV], p[kV], gv[kV];
+    float q[kV], p[kV];
     Elem e[kV];
     chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
-    if (gabase && !fused) {
-#pragma unroll
-      for (int i = 0; i < kV; ++i) gv[i] = (e[i].h - q[i] * H) * prm.inv_t;
-      store_chunk<S>(gabase, c, g, gv);
-    }
-    if (gbbase) {
-#pragma unroll
-      for (int i = 0; i < kV; ++i) gv[i] = (e[i].k - p[i] * K) * prm.inv_t;
-      store_chunk<S>(gbbase, c, g, gv);
-    }
+    store_grads<S>(fused ? nullptr : gabase, gbbase, c, g, q, p, e, H, K, prm.inv_t);
   }
 }
 
@@ -120,17 +106,11 @@ int launch_divergence_multipass(const DivParams& prm, int base, DType dt, cudaSt
   if (prm.rows <= 0) return 0;
   return dispatch_dtype(dt, [&](auto tag) {
     using S = decltype(tag);
-    constexpr int kV = Tr<S>::kVec;
-    const int64_t nch = (int64_t(prm.n) + kV - 1) / kV + 1;
-    // At least ~4 chunks per thread, up to 512 threads per row.
-    int G = 32;
-    while (G < kMaxThreads && int64_t(G) * 4 < nch) G <<= 1;
-    const int threads = G > 256 ? G : 256;
-    const int64_t per_block = threads / G;
-    const int64_t blocks = (prm.rows + per_block - 1) / per_block;
+    const GroupLaunch l = group_launch<S>(prm.rows, prm.n);
+    const dim3 grid(unsigned(l.blocks));
     return dispatch_kind(base, [&](auto kind) {
       constexpr int B = decltype(kind)::value;
-      divergence_multipass_kernel<B, S><<<dim3(unsigned(blocks)), threads, 0, stream>>>(prm, G);
+      divergence_multipass_kernel<B, S><<<grid, l.threads, 0, stream>>>(prm, l.G);
       return int(cudaGetLastError());
     });
   });

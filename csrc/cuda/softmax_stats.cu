@@ -80,12 +80,6 @@ struct FwdParams {
   float scale;
 };
 
-int group_size(int64_t nch) {
-  int G = 32;
-  while (G < kMaxThreads && int64_t(G) * 4 < nch) G <<= 1;
-  return G;
-}
-
 template <class S, bool ENT>
 __global__ void __launch_bounds__(kMaxThreads) softmax_stats_fwd_kernel(const FwdParams prm,
                                                                         const int G) {
@@ -203,12 +197,6 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stats_bwd_kernel(const Bw
   }
 }
 
-void launch_shape(int64_t rows, int G, int& threads, int64_t& blocks) {
-  threads = G > 256 ? G : 256;
-  const int64_t per_block = threads / G;
-  blocks = (rows + per_block - 1) / per_block;
-}
-
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
@@ -222,14 +210,12 @@ int softmax_stats_fwd(const StatsFwdLaunch& a, void* stream_ptr) {
                 a.ignore_index, float(a.inv_temperature)};
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using S = decltype(tag);
-    const int G = group_size((a.cols + Tr<S>::kVec - 1) / Tr<S>::kVec + 1);
-    int threads;
-    int64_t blocks;
-    launch_shape(a.rows, G, threads, blocks);
+    const GroupLaunch l = group_launch<S>(a.rows, a.cols);
+    const dim3 grid(unsigned(l.blocks));
     if (a.entropy)
-      softmax_stats_fwd_kernel<S, true><<<dim3(unsigned(blocks)), threads, 0, stream>>>(prm, G);
+      softmax_stats_fwd_kernel<S, true><<<grid, l.threads, 0, stream>>>(prm, l.G);
     else
-      softmax_stats_fwd_kernel<S, false><<<dim3(unsigned(blocks)), threads, 0, stream>>>(prm, G);
+      softmax_stats_fwd_kernel<S, false><<<grid, l.threads, 0, stream>>>(prm, l.G);
     return int(cudaGetLastError());
   });
 }
@@ -245,11 +231,9 @@ int softmax_stats_bwd(const StatsBwdLaunch& a, void* stream_ptr) {
                 a.rows, int(a.cols), a.ignore_index, float(a.inv_temperature)};
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using S = decltype(tag);
-    const int G = group_size((a.cols + Tr<S>::kVec - 1) / Tr<S>::kVec + 1);
-    int threads;
-    int64_t blocks;
-    launch_shape(a.rows, G, threads, blocks);
-    softmax_stats_bwd_kernel<S><<<dim3(unsigned(blocks)), threads, 0, stream>>>(prm, G);
+    const GroupLaunch l = group_launch<S>(a.rows, a.cols);
+    const dim3 grid(unsigned(l.blocks));
+    softmax_stats_bwd_kernel<S><<<grid, l.threads, 0, stream>>>(prm, l.G);
     return int(cudaGetLastError());
   });
 }

@@ -1,0 +1,244 @@
+"""torch.library.opcheck on every registered ``fdiv::`` op, enumerated from the dispatcher.
+
+The ops are read from torch's registry after importing every backend module that loads here, so
+an op added anywhere is found without editing this file; one without a sample in ``SAMPLES``
+fails ``test_opcheck`` until a sample is added. opcheck checks the schema (mutation and aliasing
+as declared), the autograd registration, the fake (meta) implementation against the real
+outputs, and AOT dispatch with dynamic shapes: what torch.compile(fullgraph=True) relies on.
+Shapes stay tiny: this is about the op contract, not the numbers (the other tests do those).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+from reference import logits
+
+import fdiv_kernels as fk
+from fdiv_kernels._kinds import resolve
+
+BACKEND_SUFFIXES = ("cpu", "cuda", "torch", "triton")
+
+
+def registered_ops() -> list[str]:
+    """Names (without ``fdiv::``) of every op registered once each loadable backend is imported."""
+    for backend in fk.dispatch.TABLE.values():
+        if backend.module and fk.dispatch.load_error(backend.module) is None:
+            importlib.import_module(backend.module)
+    names = {n.split("::", 1)[1].split(".", 1)[0] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("fdiv::")}
+    return sorted(names)
+
+
+def family(name: str) -> tuple[str, str | None]:
+    """("divergence_fwd", "cpu") for divergence_fwd_cpu; (name, None) for an op of no backend."""
+    head, _, tail = name.rpartition("_")
+    return (head, tail) if tail in BACKEND_SUFFIXES else (name, None)
+
+
+def device_for(backend: str | None) -> str:
+    if backend == "cuda" or (backend == "triton" and not fk.dispatch.triton_interpret()):
+        return "cuda"
+    return "cpu"
+
+
+# ---- samples: per op family, a function of (device, backend) giving a list of argument tuples ---
+
+
+def _divergence_args(dev):
+    spec = resolve("js", None, None, None)
+    s, t = logits((3, 40), seed=3).to(dev), logits((3, 40), seed=4).to(dev)
+    valid = torch.tensor([True, False, True], device=dev)
+    return s, t, valid, spec.base, spec.swap, spec.param
+
+
+def _divergence_fwd(dev, backend):
+    s, t, valid, base, swap, param = _divergence_args(dev)
+    return [(s, t, valid, base, swap, param, 0.5, gs, gt)
+            for gs, gt in ((True, False), (False, True), (True, True), (False, False))]
+
+
+def _phase_inputs(dev):
+    s, t, valid, base, swap, param = _divergence_args(dev)
+    inv_t = 0.5
+    lse_s, lse_t = torch.logsumexp(s * inv_t, -1), torch.logsumexp(t * inv_t, -1)
+    return s, t, valid, lse_s, lse_t, base, swap, param, inv_t
+
+
+def _divergence_partials(dev, backend):
+    return [_phase_inputs(dev)]
+
+
+def _divergence_grads(dev, backend):
+    s, t, valid, lse_s, lse_t, base, swap, param, inv_t = _phase_inputs(dev)
+    sums = logits((3, 3), seed=5).to(dev)
+    return [(s, t, valid, lse_s, lse_t, sums, base, swap, param, inv_t, gs, gt)
+            for gs, gt in ((True, False), (False, True), (True, True))]
+
+
+def _stats_inputs(dev):
+    return logits((3, 40), seed=40).to(dev), torch.tensor([1, -100, 39], device=dev)
+
+
+def _softmax_stats_fwd(dev, backend):
+    x, labels = _stats_inputs(dev)
+    return [(x, labels, -100, 0.5, True), (x, None, -100, 1.0, False)]
+
+
+def _softmax_stats_bwd(dev, backend):
+    x, labels = _stats_inputs(dev)
+    a = x * 0.5
+    lse = torch.logsumexp(a, -1)
+    ent = -(torch.softmax(a, -1) * torch.log_softmax(a, -1)).sum(-1)
+    g = torch.tensor([0.5, -1.0, 2.0], device=dev)
+    return [(x, labels, lse, ent, g, g, g, -100, 0.5),
+            (x, None, lse, ent, g, None, None, -100, 0.5)]
+
+
+def _scale_rows(dev, backend):
+    return [(logits((3, 40), seed=5).to(dev), torch.tensor([0.5, 2.0, -1.0], device=dev))]
+
+
+# Sinkhorn: B = 2 problems of n = 6 and m = 5 points in 3-D, uniform weights.
+def _points(B, n, seed, dtype):
+    return logits((B, n, 3), dtype, seed=seed, scale=1.0)
+
+
+def _weights(B, n, seed, dtype):
+    w = logits((B, n), torch.float64, seed=seed).exp()
+    return (w / w.sum(-1, keepdim=True)).to(dtype)
+
+
+def _sinkhorn_inputs(dev, dtype=torch.float32):
+    x, y = _points(2, 6, 61, dtype).to(dev), _points(2, 5, 62, dtype).to(dev)
+    la = torch.full((2, 6), -math.log(6), dtype=dtype, device=dev)
+    lb = torch.full((2, 5), -math.log(5), dtype=dtype, device=dev)
+    return x, y, la, lb
+
+
+def _sinkhorn_lse(dev, backend):
+    x, y, _, _ = _sinkhorn_inputs(dev)
+    h, h_cols = logits((2, 5), seed=63).to(dev), logits((2, 6), seed=64).to(dev)
+    ei = torch.tensor([1.0, 2.0], device=dev)
+    cost = torch.cdist(x, y) ** 2
+    # `active` all true: a backend may leave inactive problems' rows unwritten, which opcheck's
+    # eager-vs-compiled comparison would read.
+    active = torch.ones(2, dtype=torch.bool, device=dev)
+    return [(x, y, None, h, ei, 0, False, None), (x, y, None, h, ei, 0, False, active),
+            (None, None, cost, h_cols, ei, 0, True, None)]
+
+
+def _sinkhorn_fwd(dev, backend):
+    x, y, la, lb = _sinkhorn_inputs(dev)
+    # Three iterations under the Triton interpreter (each opcheck test runs the solve).
+    it, every = (3, 2) if backend == "triton" else (20, 5)
+    return [(x, y, None, la, lb, None, None, None, 0.5, 0, 0.0, 0.0, it, 1e-6, every, 0.0, False)]
+
+
+def _sinkhorn_solve(dev, backend):
+    x, y, la, lb = _sinkhorn_inputs(dev)
+    return [(x, y, None, la, lb, None, None, None, 0.5, 0, 0.0, 0.0, 20, 1e-6, 1, 0.0, False)]
+
+
+def _sinkhorn_totals(dev, backend):
+    x, y, la, lb = _sinkhorn_inputs(dev)
+    return [(x, y, None, la.exp(), lb.exp(), la, lb, 0.5, 0)]
+
+
+def _sinkhorn_grads(dev, backend):
+    x, y, la, lb = _sinkhorn_inputs(dev)
+    f, g = logits((2, 6), seed=64).to(dev) * 0.2, logits((2, 5), seed=65).to(dev) * 0.2
+    gv = torch.ones(2, device=dev)
+    return [(x, y, None, la.exp(), lb.exp(), f, g, gv, None, None, 0.3, 0, 0.0, 0.0,
+             [True, True, False, True, False])]
+
+
+def _sinkhorn_plan_apply(dev, backend):
+    F64 = torch.float64
+    x, y = _points(3, 15, 66, F64).to(dev), _points(3, 12, 67, F64).to(dev)
+    a, b = _weights(3, 15, 68, F64).to(dev), _weights(3, 12, 69, F64).to(dev)
+    f, g = logits((3, 15), F64, seed=95).to(dev) * 0.2, logits((3, 12), F64, seed=96).to(dev) * 0.2
+    vf, vg = logits((3, 15), F64, seed=97).to(dev), logits((3, 12), F64, seed=98).to(dev)
+    cost = torch.cdist(x, y) ** 2
+    return [(x, y, None, a, b, f, g, 0.4, 0, vf, vg),
+            (None, None, cost, a, b, f, g, 0.4, 0, vf, vg)]
+
+
+_UNROLLED_K = 7
+
+
+def _unrolled_inputs(dev):
+    F64 = torch.float64
+    x, y = _points(2, 6, 35, F64).to(dev), _points(2, 5, 36, F64).to(dev)
+    a, b = _weights(2, 6, 37, F64).to(dev), _weights(2, 5, 38, F64).to(dev)
+    return (x, y, None, a, b, None, None, 0.3, 0, 0.0, 0.0, _UNROLLED_K, False)
+
+
+def _sinkhorn_unrolled_fwd(dev, backend):
+    return [_unrolled_inputs(dev)]
+
+
+def _sinkhorn_unrolled_bwd(dev, backend):
+    args = _unrolled_inputs(dev)
+    x, y, _, a, b = args[:5]
+    tape = getattr(torch.ops.fdiv, f"sinkhorn_unrolled_fwd_{backend}")(*args)[5]
+    gv = torch.ones(2, dtype=torch.float64, device=dev)
+    return [(x, y, None, a, b, tape, gv, None, None, None, 0.3, 0, 0.0, 0.0, _UNROLLED_K, False,
+             [True, True, False, True, False])]
+
+
+SAMPLES = {
+    "divergence_fwd": _divergence_fwd,
+    "divergence_partials": _divergence_partials,
+    "divergence_grads": _divergence_grads,
+    "softmax_stats_fwd": _softmax_stats_fwd,
+    "softmax_stats_bwd": _softmax_stats_bwd,
+    "scale_rows_": _scale_rows,
+    "sinkhorn_lse": _sinkhorn_lse,
+    "sinkhorn_fwd": _sinkhorn_fwd,
+    "sinkhorn_solve": _sinkhorn_solve,
+    "sinkhorn_totals": _sinkhorn_totals,
+    "sinkhorn_grads": _sinkhorn_grads,
+    "sinkhorn_plan_apply": _sinkhorn_plan_apply,
+    "sinkhorn_unrolled_fwd": _sinkhorn_unrolled_fwd,
+    "sinkhorn_unrolled_bwd": _sinkhorn_unrolled_bwd,
+}
+
+OPS = registered_ops()
+
+
+@pytest.fixture
+def whole_solve_forced():
+    """The Triton Sinkhorn forward on its whole-solve kernel (its other path is the LSE op's
+    loop, which the sinkhorn_lse sample covers)."""
+    mod = importlib.import_module("fdiv_kernels.transport._ops_triton")
+    mod.FORCE_WHOLE_SOLVE = True
+    yield
+    mod.FORCE_WHOLE_SOLVE = None
+
+
+def test_registry_lists_the_ops_of_every_loaded_backend():
+    """The enumeration itself: a broken one would make test_opcheck pass vacuously."""
+    assert {"scale_rows_", "divergence_fwd_torch", "softmax_stats_fwd_torch",
+            "divergence_partials_torch", "sinkhorn_lse_torch"} <= set(OPS)
+    for name, backend in fk.dispatch.TABLE.items():
+        if not backend.reasons(device_for(name), torch.float32):  # it runs here: ops listed
+            assert any(family(op)[1] == name for op in OPS), name
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name, request):
+    fam, backend = family(name)
+    if fam not in SAMPLES:
+        pytest.fail(f"fdiv::{name} has no opcheck sample: add {fam!r} to SAMPLES in {__file__}")
+    dev = device_for(backend)
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"fdiv::{name} runs on CUDA tensors; no GPU here")
+    if name == "sinkhorn_fwd_triton":
+        request.getfixturevalue("whole_solve_forced")
+    op = getattr(torch.ops.fdiv, name)
+    for args in SAMPLES[fam](dev, backend):
+        torch.library.opcheck(op, args)
