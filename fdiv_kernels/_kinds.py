@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-# Base kernel ids: shared by the Triton constexpr branches and the C++ switch.
-KL, JS, TV, HELLINGER, CHI2, ALPHA, SKEW_KL, JEFFREYS = range(8)
+# Base kernel ids, stated once in _ids (shared with the Triton kernels and csrc/common/ids.h).
+from fdiv_kernels._ids import ALPHA, CHI2, HELLINGER, JEFFREYS, JS, KL, SKEW_KL, TV
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fdiv_kernels import _ids
 from fdiv_kernels.triton_kernels.divergence_terms import element_terms
-from fdiv_kernels.triton_kernels.online_softmax import row_lse
+from fdiv_kernels.triton_kernels.ids import KL
+from fdiv_kernels.triton_kernels.online_softmax import logsumexp_of_row
 
 # Largest block of 16-bit elements per loop iteration (half that for fp32). Tests lower it to run
 # the multi-block online loop on small rows.
@@ -97,10 +99,10 @@ def _divergence_fwd_kernel(
     gs_row = gs_ptr + row * stride_gs
     gt_row = gt_ptr + row * stride_gt
     if tl.load(valid_ptr + row) != 0:
-        lse_q = row_lse(s_row, V, inv_t, BLOCK)
-        lse_p = row_lse(t_row, V, inv_t, BLOCK)
+        lse_q = logsumexp_of_row(s_row, V, inv_t, BLOCK)
+        lse_p = logsumexp_of_row(t_row, V, inv_t, BLOCK)
         # KL's student gradient is q - p: no need to know a row sum first.
-        MERGED: tl.constexpr = BASE == 0 and not SWAP and GRAD_S and not GRAD_T
+        MERGED: tl.constexpr = BASE == KL and not SWAP and GRAD_S and not GRAD_T
         loss, H, K = _row_sums(s_row, t_row, gs_row, V, lse_q, lse_p, param, log_w, log_1mw,
                                inv_t, BASE, SWAP, MERGED, BLOCK)
         # lse - lse is 0, or NaN when a row held NaN: NaN in, NaN out.
@@ -170,7 +172,7 @@ def block_size(V: int, dtype: torch.dtype) -> tuple[int, int]:
 
 def _mix_logs(base: int, param: float) -> tuple[float, float]:
     # The mixture weight of JS / skew KL, as logs: 0 < param < 1 there.
-    if base in (1, 6) and 0.0 < param < 1.0:
+    if base in (_ids.JS, _ids.SKEW_KL) and 0.0 < param < 1.0:
         return math.log(param), math.log1p(-param)
     return 0.0, 0.0
 
@@ -226,3 +228,34 @@ def divergence_grads(student, teacher, valid, lse_s, lse_t, sums, base, swap, pa
         BLOCK=block, num_warps=warps,
     )
     return gs, gt
+
+
+def launch_variants(widths=(1000, 128256, 262144),
+                    dtypes=(torch.bfloat16, torch.float16, torch.float32)):
+    """Every launch these launchers make, per registry kind (base, swap) x gradient flags x dtype
+    x row width, as (labels, call): ``call()`` runs the launcher on a one-row CPU input. The
+    compile check (``fdiv_kernels/triton_compile_check.py``) intercepts the kernel launches, so it
+    compiles exactly what the launchers pass, with their own block and warp choice."""
+    from fdiv_kernels._kinds import DIVERGENCES
+
+    kinds = {}
+    for name, d in DIVERGENCES.items():  # one per (base, swap): the compiled code is the same
+        kinds.setdefault((d.base, d.swap), (name, d.default))
+    flags = [(True, True), (True, False), (False, True), (False, False)]
+    for V in widths:
+        for (base, swap), (name, param) in kinds.items():
+            for gs, gt in flags:
+                for dt in dtypes:
+                    def call(V=V, base=base, swap=swap, param=param, gs=gs, gt=gt, dt=dt):
+                        s = torch.randn(1, V, dtype=dt)
+                        valid = torch.ones(1, dtype=torch.bool)
+                        lse = torch.zeros(1)
+                        divergence_fwd(s, s, valid, base, swap, param, 1.0, gs, gt)
+                        if not gs and not gt:
+                            divergence_partials(s, s, valid, lse, lse, base, swap, param, 1.0)
+                        else:
+                            divergence_grads(s, s, valid, lse, lse, torch.zeros(1, 3), base, swap,
+                                             param, 1.0, gs, gt)
+                    grads = {(True, True): "s+t", (True, False): "s", (False, True): "t"}
+                    yield {"kind": name, "dtype": str(dt).removeprefix("torch."), "V": V,
+                           "grads": grads.get((gs, gt), "none")}, call

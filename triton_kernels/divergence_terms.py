@@ -1,14 +1,17 @@
 """Per-element divergence terms for the Triton kernels: the only Triton code that knows the math.
 
 Every function returns (term, h, k) with h = d term / d log q and k = d term / d log p; the
-statement in torch, with the same guards, is ``fdiv_kernels._kinds._terms``. Base ids match
-``fdiv_kernels._kinds``.
+statement in torch, with the same guards, is ``fdiv_kernels._kinds._terms``. Base ids are the
+constexpr names of ``ids.py``.
 """
 
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+from fdiv_kernels.triton_kernels.ids import ALPHA, CHI2, HELLINGER, JS, KL, SKEW_KL, TV
+
+# A constexpr: Triton's compiler rejects any other global inside @triton.jit code.
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
@@ -36,36 +39,36 @@ def _log_mix(lp, lq, log_w, log_1mw):
 def _base_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr):
     p = tl.exp(lp)
     q = tl.exp(lq)
-    if BASE == 0:  # KL(p||q)
+    if BASE == KL:  # KL(p||q)
         t = _xlogy_ratio(p, lp, lq)
         h = -p
         k = _nz(p, t + p)
-    elif BASE == 1:  # generalized JS
+    elif BASE == JS:  # generalized JS
         lm = _log_mix(lp, lq, log_w, log_1mw)
         k = param * _xlogy_ratio(p, lp, lm)
         h = (1.0 - param) * _xlogy_ratio(q, lq, lm)
         t = h + k
-    elif BASE == 2:  # total variation
+    elif BASE == TV:  # total variation
         sgn = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
         t = 0.5 * tl.abs(p - q)
         h = 0.5 * sgn * q
         k = -0.5 * sgn * p
-    elif BASE == 3:  # squared Hellinger
+    elif BASE == HELLINGER:  # squared Hellinger
         g = tl.exp(0.5 * (lp + lq))
         t = 0.5 * (p + q) - g
         h = 0.5 * (q - g)
         k = 0.5 * (p - g)
-    elif BASE == 4:  # Pearson chi^2
+    elif BASE == CHI2:  # Pearson chi^2
         r = _nz(p, tl.exp(2.0 * lp - lq))
         t = r - 2.0 * p + q
         h = q - r
         k = 2.0 * (r - p)
-    elif BASE == 5:  # Amari alpha
+    elif BASE == ALPHA:  # Amari alpha
         w = _nz(p + q, tl.exp(param * lp + (1.0 - param) * lq))
         t = (param * p + (1.0 - param) * q - w) / (param * (1.0 - param))
         h = (q - w) / param
         k = (p - w) / (1.0 - param)
-    elif BASE == 6:  # skew KL: KL(p || lam p + (1-lam) q)
+    elif BASE == SKEW_KL:  # skew KL: KL(p || lam p + (1-lam) q)
         lm = _log_mix(lp, lq, log_w, log_1mw)
         t = _xlogy_ratio(p, lp, lm)
         pr = _nz(p, p * tl.exp(log_1mw + lq - lm))

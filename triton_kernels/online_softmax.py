@@ -43,7 +43,7 @@ def finalize_lse(m, s):
 
 
 @triton.jit
-def row_lse(ptr, V, scale, BLOCK: tl.constexpr):
+def logsumexp_of_row(ptr, V, scale, BLOCK: tl.constexpr):
     """log-sum-exp of ``scale * row`` for the contiguous row at ``ptr``, in one pass."""
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fdiv_kernels import _ids
+from fdiv_kernels.triton_kernels.ids import COSINE, DOT, EUCLIDEAN, L1, SQEUCLIDEAN
 from fdiv_kernels.triton_kernels.online_softmax import finalize_lse, online_update
 
 BLOCK_N = 32
@@ -50,22 +52,22 @@ def cost_tile(
                          mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
             st = tl.load(s_ptr + offs_d[:, None] * ssd + offs_i[None, :] * ssi,
                          mask=mask_d[:, None] & mask_i[None, :], other=0.0).to(tl.float32)
-            if KIND == 2:  # l1
+            if KIND == L1:
                 acc += tl.sum(tl.abs(ot[:, :, None] - st[None, :, :]), 1)
             else:
                 acc += tl.dot(ot, st, input_precision="ieee")
-                if KIND <= 1:
+                if KIND == SQEUCLIDEAN or KIND == EUCLIDEAN:
                     on += tl.sum(ot * ot, 1)
                     sn += tl.sum(st * st, 0)
-        if KIND == 0:
+        if KIND == SQEUCLIDEAN:
             c = tl.maximum(on[:, None] + sn[None, :] - 2.0 * acc, 0.0)
-        elif KIND == 1:
+        elif KIND == EUCLIDEAN:
             c = tl.sqrt(tl.maximum(on[:, None] + sn[None, :] - 2.0 * acc, 0.0))
-        elif KIND == 2:
+        elif KIND == L1:
             c = acc
-        elif KIND == 3:
+        elif KIND == DOT:
             c = -acc
-        else:  # cosine
+        elif KIND == COSINE:  # on points the launcher normalized
             c = 1.0 - acc
     return c
 
@@ -119,7 +121,7 @@ def sinkhorn_lse(x, y, cost, h, eps_inv, kind: int, transpose: bool, active):
         sx = sy = (0, 0, 0)
         sc = (c.stride(0), c.stride(1), c.stride(2))
     else:
-        if kind == 4:
+        if kind == _ids.COSINE:
             x = torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-12)
             y = torch.nn.functional.normalize(y.float(), dim=-1, eps=1e-12)
         xa, ya, c = x, y, x
@@ -137,3 +139,30 @@ def sinkhorn_lse(x, y, cost, h, eps_inv, kind: int, transpose: bool, active):
         BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=block_d,
     )
     return out.to(h.dtype)
+
+
+def launch_variants(sizes=((10, 12), (300, 200)), dims=(3, 64),
+                    dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64)):
+    """Every launch of ``sinkhorn_lse`` per cost kind (on the fly, and a dense cost read straight
+    or transposed) x convergence mask x dtype x point dimension, as (labels, call) on CPU inputs
+    of two problems (one would specialize the batch stride): see ``divergence.launch_variants``."""
+    for n, m in sizes:
+        for dt in dtypes:
+            ht = torch.float64 if dt == torch.float64 else torch.float32  # the potentials' dtype
+            for kind in [*_ids.COSTS.values(), "dense", "dense_t"]:
+                for D in dims if not isinstance(kind, str) else (None,):
+                    for masked in (True, False):
+                        def call(n=n, m=m, dt=dt, ht=ht, kind=kind, D=D, masked=masked):
+                            h = torch.zeros(2, m, dtype=ht)
+                            active = torch.ones(2, dtype=torch.bool) if masked else None
+                            if isinstance(kind, str):
+                                shape = (2, m, n) if kind == "dense_t" else (2, n, m)
+                                sinkhorn_lse(None, None, torch.rand(shape, dtype=dt), h,
+                                             torch.ones(2, dtype=ht), _ids.SQEUCLIDEAN,
+                                             kind == "dense_t", active)
+                            else:
+                                x, y = torch.randn(2, n, D, dtype=dt), torch.randn(2, m, D, dtype=dt)
+                                sinkhorn_lse(x, y, None, h, torch.ones(2, dtype=ht), kind, False,
+                                             active)
+                        yield {"cost": kind, "dtype": str(dt).removeprefix("torch."), "D": D,
+                               "n": n, "m": m, "masked": masked}, call

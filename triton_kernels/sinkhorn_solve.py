@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fdiv_kernels import _ids
 from fdiv_kernels.triton_kernels.online_softmax import finalize_lse, online_update
 from fdiv_kernels.triton_kernels.sinkhorn_lse import MAX_BLOCK_D, cost_tile
 
@@ -233,13 +234,13 @@ def sinkhorn_solve(x, y, cost, log_a, log_b, f0, g0, eps0, eps: float, kind: int
         sc = cost.stride()
         block_d = 16
     else:
-        if kind == 4:
+        if kind == _ids.COSINE:
             x = torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-12)
             y = torch.nn.functional.normalize(y.float(), dim=-1, eps=1e-12)
         xa, ya, c = x, y, x
         D = x.shape[2]
         sx, sy, sc = x.stride(), y.stride(), (0, 0, 0)
-        if kind == 2:  # the broadcast tile, not tl.dot: any BLOCK_D, kept small
+        if kind == _ids.L1:  # the broadcast tile, not tl.dot: any BLOCK_D, kept small
             block_d = max(1, min(triton.next_power_of_2(D), L1_TILE // (bx * by)))
         else:
             block_d = max(16, min(MAX_BLOCK_D, triton.next_power_of_2(D)))
@@ -251,3 +252,29 @@ def sinkhorn_solve(x, y, cost, log_a, log_b, f0, g0, eps0, eps: float, kind: int
         BLOCK_X=bx, BLOCK_Y=by, BLOCK_D=block_d, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
     )
     return f, g, n_iter, err
+
+
+def launch_variants(sizes=((10, 12), (50, 40), (300, 256), (10, 200)), dims=(3, 64),
+                    dtypes=(torch.float32, torch.bfloat16, torch.float16)):
+    """Every launch of ``sinkhorn_solve`` per cost kind (and a dense cost) x alternating /
+    symmetric x problem size (the tile sides ``_block`` picks) x point dimension x dtype (float64
+    never takes this path), as (labels, call) on two CPU problems (one would
+    specialize B = 1): see
+    ``divergence.launch_variants``."""
+    for n, m in sizes:
+        for dt in dtypes:
+            for kind in [*_ids.COSTS.values(), "dense"]:
+                for D in dims if kind != "dense" else (None,):
+                    for symmetric in (False, True):
+                        def call(n=n, m=m, dt=dt, kind=kind, D=D, symmetric=symmetric):
+                            la, lb = torch.zeros(2, n, dtype=dt), torch.zeros(2, m, dtype=dt)
+                            if kind == "dense":
+                                x = y = None
+                                cost, kind = torch.rand(2, n, m, dtype=dt), _ids.SQEUCLIDEAN
+                            else:
+                                x, y = torch.randn(2, n, D, dtype=dt), torch.randn(2, m, D, dtype=dt)
+                                cost = None
+                            sinkhorn_solve(x, y, cost, la, lb, None, None, None, 0.1, kind, 0.0,
+                                           0.0, 10, 1e-3, 1, 0.5, symmetric)
+                        yield {"cost": kind, "dtype": str(dt).removeprefix("torch."), "D": D,
+                               "n": n, "m": m, "symmetric": symmetric}, call

@@ -129,3 +129,30 @@ def softmax_stats_bwd(x, labels, lse, ent, g_lse, g_ent, g_lp, ignore_index, inv
         BLOCK=block, num_warps=warps,
     )
     return dx
+
+
+def launch_variants(widths=(1000, 128256, 262144),
+                    dtypes=(torch.bfloat16, torch.float16, torch.float32)):
+    """Every launch of the forward (entropy x labels) and backward (which incoming gradients)
+    launchers per dtype and row width, as (labels, call) on one-row CPU inputs: see
+    ``divergence.launch_variants``."""
+    for V in widths:
+        for dt in dtypes:
+            for entropy in (True, False):
+                for has_labels in (True, False):
+                    def fwd(V=V, dt=dt, entropy=entropy, has_labels=has_labels):
+                        labels = torch.zeros(1, dtype=torch.int64) if has_labels else None
+                        softmax_stats_fwd(torch.randn(1, V, dtype=dt), labels, -100, 1.0, entropy)
+                    yield {"dtype": str(dt).removeprefix("torch."), "V": V, "entropy": entropy,
+                           "labels": has_labels}, fwd
+            for g_lse, g_ent, g_lp in [(a, b, c) for a in (1, 0) for b in (1, 0) for c in (1, 0)
+                                       if a or b or c]:
+                def bwd(V=V, dt=dt, g_lse=g_lse, g_ent=g_ent, g_lp=g_lp):
+                    row = torch.zeros(1)
+                    labels = torch.zeros(1, dtype=torch.int64) if g_lp else None
+                    softmax_stats_bwd(torch.randn(1, V, dtype=dt), labels, row, row,
+                                      row if g_lse else None, row if g_ent else None,
+                                      row if g_lp else None, -100, 1.0)
+                yield {"dtype": str(dt).removeprefix("torch."), "V": V,
+                       "grads": "+".join(n for n, on in (("lse", g_lse), ("entropy", g_ent),
+                                                         ("logprob", g_lp)) if on)}, bwd

@@ -5,7 +5,7 @@
 // The statement of record is `_terms` in fdiv_kernels/_kinds.py; every guard here mirrors
 // one there: an exact zero probability contributes 0 (never 0 * inf = NaN), and an infinite
 // divergence (p > 0 = q for KL) is +inf. Padding (lp = lq = -inf, p = q = 0) gives t = h = k = 0
-// for every kind. Adding a kind: one `Terms<id>` specialization below and bump kNumKinds.
+// for every kind. Adding a kind: one `Terms<id>` specialization below and an id in common/ids.h.
 //
 // The transcendental functions come from a policy M (M::exp, M::log, M::log1p): vectorizable
 // polynomials on the CPU (csrc/cpu/divergence_terms.h), SFU approximations on the GPU
@@ -15,6 +15,8 @@
 #include <cmath>
 #include <limits>
 
+#include "common/ids.h"
+
 #if defined(__CUDACC__)
 #define FDIV_HD __host__ __device__ __forceinline__
 #else
@@ -23,8 +25,6 @@
 
 namespace fdiv_kernels {
 
-enum Base : int { KL = 0, JS, TV, HELLINGER, CHI2, ALPHA, SKEW_KL, JEFFREYS };
-constexpr int kNumKinds = 8;
 
 // Everything derived from the scalar parameter, computed once per call (on the host) in double.
 template <class T>

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-COST_KINDS = {"sqeuclidean": 0, "euclidean": 1, "l1": 2, "dot": 3, "cosine": 4}
+from fdiv_kernels import _ids
+
+COST_KINDS = {"sqeuclidean": _ids.SQEUCLIDEAN, "euclidean": _ids.EUCLIDEAN, "l1": _ids.L1,
+              "dot": _ids.DOT, "cosine": _ids.COSINE}
 # Iterations between marginal-error checks where each check costs a host sync (the per-update
 # loop); whole-solve kernels check every iteration, the row LSE being at hand.
 CHECK_EVERY = 10

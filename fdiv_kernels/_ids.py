@@ -1,0 +1,30 @@
+"""Integer ids shared by Python, Triton and C++: divergence base kernels and Sinkhorn cost kinds.
+
+The values are stated once here. ``triton_kernels/ids.py`` wraps them as ``tl.constexpr`` (the
+only globals a ``@triton.jit`` body may read), ``csrc/common/ids.h`` holds the same enums for
+C++, and ``tests/test_ids.py`` parses that header and checks that the two agree.
+"""
+
+# Divergence base kernels (``fdiv_kernels._kinds``): each kind is a base id plus a swap flag.
+KL = 0
+JS = 1
+TV = 2
+HELLINGER = 3
+CHI2 = 4
+ALPHA = 5
+SKEW_KL = 6
+JEFFREYS = 7
+NUM_BASES = 8
+
+# Sinkhorn ground costs (``fdiv_kernels.transport._solver.COST_KINDS``).
+SQEUCLIDEAN = 0
+EUCLIDEAN = 1
+L1 = 2
+DOT = 3
+COSINE = 4
+NUM_COSTS = 5
+
+BASES = {"KL": KL, "JS": JS, "TV": TV, "HELLINGER": HELLINGER, "CHI2": CHI2, "ALPHA": ALPHA,
+         "SKEW_KL": SKEW_KL, "JEFFREYS": JEFFREYS}
+COSTS = {"SQEUCLIDEAN": SQEUCLIDEAN, "EUCLIDEAN": EUCLIDEAN, "L1": L1, "DOT": DOT,
+         "COSINE": COSINE}
