@@ -1,0 +1,17 @@
+"""Vocabulary-parallel (tensor-parallel lm head) divergences and softmax statistics.
+
+Each rank holds the columns [vocab_start, vocab_start + V_r) of the logits; per row only a few
+floats cross ranks (row LSEs, partial sums), never the (N, V) logits, and no backward
+communicates. Built on :mod:`fdiv_kernels.phases` over ``torch.distributed`` (gloo or NCCL).
+"""
+
+from fdiv_kernels.distributed._comm import Collective, count_collectives
+from fdiv_kernels.distributed._vocab_divergence import (
+    VocabParallelDivergenceFunction,
+    vocab_parallel_divergence,
+)
+
+__all__ = [
+    "Collective", "VocabParallelDivergenceFunction", "count_collectives",
+    "vocab_parallel_divergence",
+]
