@@ -10,8 +10,15 @@ from fdiv_kernels.distributed._vocab_divergence import (
     VocabParallelDivergenceFunction,
     vocab_parallel_divergence,
 )
+from fdiv_kernels.distributed._vocab_stats import (
+    VocabParallelStatsFunction,
+    vocab_parallel_entropy,
+    vocab_parallel_logsumexp,
+    vocab_parallel_token_logprobs,
+)
 
 __all__ = [
-    "Collective", "VocabParallelDivergenceFunction", "count_collectives",
-    "vocab_parallel_divergence",
+    "Collective", "VocabParallelDivergenceFunction", "VocabParallelStatsFunction",
+    "count_collectives", "vocab_parallel_divergence", "vocab_parallel_entropy",
+    "vocab_parallel_logsumexp", "vocab_parallel_token_logprobs",
 ]
