@@ -240,6 +240,55 @@ def functional_collectives_path(rank, world, ck):
     ck.close(lp, fk.token_logprobs(s, LABELS_PADDED), LOSS_TOL[F32], "token_logprobs")
 
 
+class HostSyncs(torch.overrides.TorchFunctionMode):
+    """Records the tensor-to-Python conversions (host syncs on a GPU) the wrappers make."""
+
+    SYNCS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist,
+             torch.Tensor.__int__, torch.Tensor.__float__}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@case(2)
+def data_parallel_num_items_in_batch(rank, world, ck):
+    """One global batch split over 2 ranks (rank 1's micro-batch fully masked), normalized by
+    the all-reduced count of kept rows, summed gradients = the single-process gradient."""
+    h, hw = logits((8, 6), seed=30), logits((11, 6), seed=31)
+    t, tw = logits((8, 6), seed=32), logits((11, 6), seed=33)
+    labels = torch.tensor([3, -100, 7, 1, 0, -100, -100, -100])
+    rows = slice(0, 5) if rank == 0 else slice(5, 8)  # rank 1 holds only ignored rows
+    count = (labels[rows] != -100).sum().to(torch.float32)
+    dist.all_reduce(count)  # the global count, a tensor: no host sync below
+    ops = {
+        "divergence": lambda x, w, lab, n: fk.divergence(
+            x @ w.T, t[rows] @ tw.T if n is not None else t @ tw.T, "js", labels=lab,
+            num_items_in_batch=n),
+        "fused_linear_divergence": lambda x, w, lab, n: fk.fused_linear_divergence(
+            x, w, t[rows] if n is not None else t, tw, "js", labels=lab, num_items_in_batch=n),
+    }
+    for name, op in ops.items():
+        w = leaf(hw)
+        with HostSyncs() as syncs:
+            loss = op(h[rows], w, labels[rows], count)
+            loss.backward()
+        ck.true(syncs.calls == [], f"{name}: host syncs {syncs.calls}")
+        if rank == 1:
+            ck.true(loss.requires_grad and loss.grad_fn is not None and float(loss.detach()) == 0.0,
+                    f"{name}: a fully masked rank returns a graph-connected zero")
+        grad = w.grad.clone()
+        dist.all_reduce(grad)
+        W = leaf(hw)
+        op(h, W, labels, None).backward()
+        ck.close(grad, W.grad, (0.0, 1e-6), name)
+
+
 # ------------------------------------------------------------------------------------------
 # The harness: one forked group of processes per world size, results per case.
 # ------------------------------------------------------------------------------------------
