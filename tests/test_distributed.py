@@ -240,6 +240,58 @@ def functional_collectives_path(rank, world, ck):
     ck.close(lp, fk.token_logprobs(s, LABELS_PADDED), LOSS_TOL[F32], "token_logprobs")
 
 
+@case(1, 2, 3, 4)
+def fused_linear_column_parallel(rank, world, ck):
+    """Both lm heads sharded by vocabulary rows (padding: bias -inf), chunks of 3 rows."""
+    Hs, Ht, chunk = 5, 7, 3
+    hs, ht = logits((*LEAD, Hs), seed=40), logits((*LEAD, Ht), seed=41)
+    ws, wt = logits((VOCAB, Hs), seed=42, scale=0.5), logits((VOCAB, Ht), seed=43, scale=0.5)
+    bs, bt = logits((VOCAB,), seed=44), logits((VOCAB,), seed=45)
+    bs[REAL:], bt[REAL:] = float("-inf"), float("-inf")
+    c = cols(rank, world)
+    weights = 1.0 + 0.25 * logits(LEAD, seed=46)
+    chunks = [min(chunk, N - lo) for lo in range(0, N, chunk)]
+    for kind, kw, T, reduction, reduce_dh in [
+        ("kl", {}, 1.0, "mean", True), ("js", {"beta": 0.3}, 2.0, "sum", True),
+        ("jeffreys", {}, 1.0, "none", True), ("skew_kl", {}, 2.0, "mean", False),
+    ]:
+        what = f"{kind} T={T} {reduction} reduce_hidden_grad={reduce_dh}"
+        mine = [leaf(x) for x in (hs, ws[c], bs[c], ht, wt[c], bt[c])]
+        with fkd.count_collectives() as fwd:
+            loss = fkd.vocab_parallel_fused_linear_divergence(
+                mine[0], mine[1], mine[3], mine[4], kind, temperature=T,
+                student_bias_shard=mine[2], teacher_bias_shard=mine[5], labels=LABELS_PADDED,
+                reduction=reduction, chunk_size=chunk, reduce_hidden_grad=reduce_dh, **kw)
+        with fkd.count_collectives() as bwd:
+            (loss * weights if reduction == "none" else loss).sum().backward()
+        full = [leaf(x) for x in (hs, ws, bs, ht, wt, bt)]
+        ref = fk.fused_linear_divergence(
+            full[0], full[1], full[3], full[4], kind, temperature=T, student_bias=full[2],
+            teacher_bias=full[5], labels=LABELS_PADDED, reduction=reduction, chunk_size=chunk,
+            **kw)
+        (ref * weights if reduction == "none" else ref).sum().backward()
+        if world == 1:
+            ck.true(torch.equal(loss, ref), what + " bit-identical")
+        ck.close(loss, ref, PAIR_TOL["loss"], what + " loss")
+        for i, name in enumerate(("dh_s", "dW_s", "db_s", "dh_t", "dW_t", "db_t")):
+            got, want = mine[i].grad, full[i].grad
+            if name.startswith("dh") and not reduce_dh and world > 1:
+                got = got.clone()
+                dist.all_reduce(got)  # the caller's region op
+            ck.close(got, want if name.startswith("dh") else want[c], PAIR_TOL["grad"],
+                     f"{what} {name}")
+        ncol = 1 if kind == "kl" else 3
+        per_chunk = [x for r in chunks for x in (("all_gather", (2, r)),
+                                                ("all_reduce", (r, ncol)))]
+        dh = [("all_reduce", (N, Hs)), ("all_reduce", (N, Ht))] if reduce_dh else []
+        if reduction == "none":
+            ck.collectives(fwd, world, per_chunk, what + " forward")
+            ck.collectives(bwd, world, dh, what + " backward (dh only)")
+        else:
+            ck.collectives(fwd, world, per_chunk + dh, what + " forward")
+            ck.true(bwd == [], what + f" backward collectives {bwd}")
+
+
 class HostSyncs(torch.overrides.TorchFunctionMode):
     """Records the tensor-to-Python conversions (host syncs on a GPU) the wrappers make."""
 

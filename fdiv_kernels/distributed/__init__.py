@@ -6,6 +6,10 @@ communicates. Built on :mod:`fdiv_kernels.phases` over ``torch.distributed`` (gl
 """
 
 from fdiv_kernels.distributed._comm import Collective, count_collectives
+from fdiv_kernels.distributed._fused_linear_tp import (
+    VocabParallelFusedLinearDivergenceFunction,
+    vocab_parallel_fused_linear_divergence,
+)
 from fdiv_kernels.distributed._vocab_divergence import (
     VocabParallelDivergenceFunction,
     vocab_parallel_divergence,
@@ -18,7 +22,8 @@ from fdiv_kernels.distributed._vocab_stats import (
 )
 
 __all__ = [
-    "Collective", "VocabParallelDivergenceFunction", "VocabParallelStatsFunction",
-    "count_collectives", "vocab_parallel_divergence", "vocab_parallel_entropy",
+    "Collective", "VocabParallelDivergenceFunction", "VocabParallelFusedLinearDivergenceFunction",
+    "VocabParallelStatsFunction", "count_collectives", "vocab_parallel_divergence",
+    "vocab_parallel_entropy", "vocab_parallel_fused_linear_divergence",
     "vocab_parallel_logsumexp", "vocab_parallel_token_logprobs",
 ]
