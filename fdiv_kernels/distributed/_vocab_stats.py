@@ -34,65 +34,85 @@ def _local_stats(x: Tensor, inv_t: float, backend: str, want_entropy: bool):
     return lse, ent
 
 
-class VocabParallelStatsFunction(torch.autograd.Function):
-    """One global statistic of (N, V_local) shards; 1 all_gather forward, nothing backward.
+def gather_stats(x: Tensor, local_labels: Tensor | None, keep: Tensor | None, inv_t: float,
+                 backend: str, group, world: int, want_entropy: bool):
+    """Global (lse, entropy or None, label log-prob or None) of (N, V_local) shards: one
+    all_gather of 1-3 floats per row.
 
-    ``local_labels`` (LOGPROB only) holds the label's column in this shard, or -1 where another
-    rank owns it or the row is ignored.
+    ``local_labels`` holds the label's column in this shard, or -1 where another rank owns it or
+    the row is ignored (``keep`` False).
     """
+    lse, ent = _local_stats(x, inv_t, backend, want_entropy)
+    pieces = [lse] + ([ent] if want_entropy else [])
+    if local_labels is not None:
+        owned = local_labels >= 0
+        picked = (x.gather(-1, local_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                  if x.shape[-1] else lse.new_zeros(lse.shape))
+        pieces += [torch.where(owned, picked.to(lse.dtype) * inv_t, torch.zeros_like(lse)),
+                   owned.to(lse.dtype)]
+    g = _comm.all_gather(torch.stack(pieces), group, world)  # (world, pieces, N)
+    L = phases.combine_lse(g[:, 0])
+    H = lp = None
+    if want_entropy:
+        # H = sum_r w_r (H_r + L - l_r), w_r = exp(l_r - L) the shard's probability mass:
+        # shift-invariant (no L - E[x] cancellation); shards of mass 0 add nothing.
+        w = torch.exp(g[:, 0] - L)
+        H = torch.where(w > 0, w * (g[:, 1] + L - g[:, 0]), torch.zeros_like(w)).sum(0)
+    if local_labels is not None:
+        # A label no rank owns (out of range) gives NaN, as the torch backend does.
+        lp = torch.where(g[:, -1].sum(0) == 1, g[:, -2].sum(0) - L, torch.full_like(L, torch.nan))
+        lp = torch.where(keep, lp, torch.zeros_like(lp))
+    return L, H, lp
+
+
+def local_grad(x: Tensor, local_labels: Tensor | None, keep: Tensor | None, L: Tensor,
+               H: Tensor | None,
+               g_lse: Tensor | None, g_ent: Tensor | None, g_lp: Tensor | None, inv_t: float,
+               backend: str) -> Tensor:
+    """This shard's slice of the gradient, from the global row statistics: no collective.
+
+    The registered backward op, fed the global lse and entropy, writes g_lse q + g_ent dH/dx for
+    these columns; for the label term, d lp / dx = (onehot - q) / T on the owning rank and
+    -q / T on the others, so non-owning rows move g_lp into g_lse with a minus sign.
+    """
+    if x.shape[-1] == 0:
+        return torch.zeros_like(x)
+    bwd = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{backend}")
+    as_rows = lambda g: None if g is None else g.to(L.dtype).contiguous()  # noqa: E731
+    g_lse, g_ent, g_lp = as_rows(g_lse), as_rows(g_ent), as_rows(g_lp)
+    labels = None
+    if g_lp is not None and local_labels is not None:
+        owned = local_labels >= 0  # -1: ignored row or another rank's label
+        moved = torch.where(owned | ~keep, torch.zeros_like(g_lp), -g_lp)
+        g_lse = moved if g_lse is None else g_lse + moved
+        labels = torch.where(owned, local_labels, torch.full_like(local_labels, -100))
+    else:
+        g_lp = None
+    if g_lse is None:  # the ops want at least one row gradient
+        g_lse = torch.zeros_like(L)
+    ent = H if H is not None else L.new_zeros(0)
+    return bwd(x, labels, L, ent, g_lse, g_ent if H is not None else None, g_lp, -100, inv_t)
+
+
+class VocabParallelStatsFunction(torch.autograd.Function):
+    """One global statistic of (N, V_local) shards; 1 all_gather forward, nothing backward."""
 
     @staticmethod
     def forward(ctx, x, which, local_labels, keep, inv_t, backend, group, world):
-        lse, ent = _local_stats(x, inv_t, backend, which == ENTROPY)
-        if which == LOGPROB:
-            owned = local_labels >= 0
-            picked = x.gather(-1, local_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) \
-                if x.shape[-1] else lse.new_zeros(lse.shape)
-            picked = torch.where(owned, picked.to(lse.dtype) * inv_t, torch.zeros_like(lse))
-            pieces = [lse, picked, owned.to(lse.dtype)]
-        else:
-            pieces = [lse] if ent is None else [lse, ent]
-        g = _comm.all_gather(torch.stack(pieces), group, world)  # (world, pieces, N)
-        L = phases.combine_lse(g[:, 0])
-        H = torch.zeros(0, dtype=L.dtype, device=L.device)
-        if which == ENTROPY:
-            # H = sum_r w_r (H_r + L - l_r), w_r = exp(l_r - L) the shard's probability mass:
-            # shift-invariant (no L - E[x] cancellation); shards of mass 0 add nothing.
-            w = torch.exp(g[:, 0] - L)
-            H = torch.where(w > 0, w * (g[:, 1] + L - g[:, 0]), torch.zeros_like(w)).sum(0)
-            out = H
-        elif which == LOGPROB:
-            # A label no rank owns (out of range) gives NaN, as the torch backend does.
-            lp = torch.where(g[:, 2].sum(0) == 1, g[:, 1].sum(0) - L, torch.full_like(L, torch.nan))
-            out = torch.where(keep, lp, torch.zeros_like(lp))
-        else:
-            out = L
-        ctx.save_for_backward(x, local_labels, keep, L, H)
+        labels = local_labels if which == LOGPROB else None
+        L, H, lp = gather_stats(x, labels, keep, inv_t, backend, group, world, which == ENTROPY)
+        ctx.save_for_backward(x, labels, keep, L, H)
         ctx.which, ctx.inv_t, ctx.backend = which, inv_t, backend
-        return out
+        return (L, H, lp)[which]
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError("vocab-parallel statistics do not support higher-order gradients")
-        x, local_labels, keep, L, H = ctx.saved_tensors
-        if x.shape[-1] == 0:
-            return torch.zeros_like(x), *([None] * 7)
-        g = grad.to(L.dtype).contiguous()
-        bwd = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{ctx.backend}")
-        labels, g_lse, g_ent, g_lp = None, None, None, None
-        if ctx.which == LSE:
-            g_lse = g
-        elif ctx.which == ENTROPY:
-            g_lse, g_ent = torch.zeros_like(g), g
-        else:
-            # d lp / dx = (onehot - q) / T on the owning rank, -q / T on the others.
-            owned = local_labels >= 0
-            g = torch.where(keep, g, torch.zeros_like(g))
-            labels = torch.where(owned, local_labels, torch.full_like(local_labels, -100))
-            g_lse = torch.where(owned, torch.zeros_like(g), -g)
-            g_lp = g
-        dx = bwd(x, labels, L, H, g_lse, g_ent, g_lp, -100, ctx.inv_t)
+        x, labels, keep, L, H = ctx.saved_tensors
+        g = [None, None, None]
+        g[ctx.which] = grad
+        dx = local_grad(x, labels, keep, L, H, *g, ctx.inv_t, ctx.backend)
         return dx, *([None] * 7)
 
 
