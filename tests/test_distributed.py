@@ -292,6 +292,56 @@ def fused_linear_column_parallel(rank, world, ck):
             ck.true(bwd == [], what + f" backward collectives {bwd}")
 
 
+@case(2, 3, 4)
+def dtensor_shard_last_dim(rank, world, ck):
+    """DTensors placed Shard(-1) (47 columns: uneven chunks) into the vocab-parallel ops, and
+    fk.divergence / fk.token_logprobs / fk.entropy inside loss_parallel()."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    s, t = (x[..., :47].contiguous() for x in full_pair(pad=False, seed=50))
+    weights = 1.0 + 0.25 * logits(LEAD, seed=51)
+
+    def dt(x):
+        return distribute_tensor(x, mesh, [Shard(2)]).requires_grad_(True)
+
+    S, Tt = leaf(s), leaf(t)
+    ref = fk.divergence(S, Tt, "js", labels=LABELS, temperature=2.0)
+    ref.backward()
+    X = leaf(s)
+    ref_lp = fk.token_logprobs(X, LABELS, 2.0)
+    (ref_lp * weights).sum().backward()
+    ref_ent = fk.entropy(s, 2.0)
+
+    for how in ("vocab_parallel", "loss_parallel"):
+        sd, td, xd = dt(s), dt(t), dt(s)
+        with fkd.count_collectives() as log:
+            if how == "vocab_parallel":
+                loss = fkd.vocab_parallel_divergence(sd, td, "js", labels=LABELS,
+                                                     temperature=2.0)
+                loss.backward()
+                lp = fkd.vocab_parallel_token_logprobs(xd, LABELS, 2.0)
+                (lp.to_local() * weights).sum().backward()
+                ent = fkd.vocab_parallel_entropy(dt(s), 2.0)
+            else:
+                with fkd.loss_parallel():
+                    loss = fk.divergence(sd, td, "js", labels=LABELS, temperature=2.0)
+                    loss.backward()
+                    lp = fk.token_logprobs(xd, LABELS, 2.0)
+                    (lp.to_local() * weights).sum().backward()
+                    ent = fk.entropy(dt(s), 2.0)
+        what = how
+        ck.collectives(log, world, [("all_gather", (2, N)), ("all_reduce", (N, 3)),
+                                    ("all_gather", (3, N)), ("all_gather", (2, N))], what)
+        ck.close(loss.full_tensor(), ref, PAIR_TOL["loss"], what + " divergence")
+        ck.close(sd.grad.full_tensor(), S.grad, PAIR_TOL["grad"], what + " student grad")
+        ck.close(td.grad.full_tensor(), Tt.grad, PAIR_TOL["grad"], what + " teacher grad")
+        ck.close(lp.full_tensor(), ref_lp, PAIR_TOL["loss"], what + " token_logprobs")
+        ck.close(xd.grad.full_tensor(), X.grad, PAIR_TOL["grad"], what + " token_logprobs grad")
+        ck.close(ent.full_tensor(), ref_ent, PAIR_TOL["loss"], what + " entropy")
+
+
 class HostSyncs(torch.overrides.TorchFunctionMode):
     """Records the tensor-to-Python conversions (host syncs on a GPU) the wrappers make."""
 

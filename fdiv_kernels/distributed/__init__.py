@@ -10,6 +10,7 @@ from fdiv_kernels.distributed._fused_linear_tp import (
     VocabParallelFusedLinearDivergenceFunction,
     vocab_parallel_fused_linear_divergence,
 )
+from fdiv_kernels.distributed._loss_parallel import loss_parallel
 from fdiv_kernels.distributed._vocab_divergence import (
     VocabParallelDivergenceFunction,
     vocab_parallel_divergence,
@@ -23,7 +24,7 @@ from fdiv_kernels.distributed._vocab_stats import (
 
 __all__ = [
     "Collective", "VocabParallelDivergenceFunction", "VocabParallelFusedLinearDivergenceFunction",
-    "VocabParallelStatsFunction", "count_collectives", "vocab_parallel_divergence",
+    "VocabParallelStatsFunction", "count_collectives", "loss_parallel", "vocab_parallel_divergence",
     "vocab_parallel_entropy", "vocab_parallel_fused_linear_divergence",
     "vocab_parallel_logsumexp", "vocab_parallel_token_logprobs",
 ]
