@@ -215,6 +215,11 @@ def token_logprobs_label_nobody_owns_is_nan(rank, world, ck):
     out = fkd.vocab_parallel_token_logprobs(x[..., cols(rank, world)], labels,
                                             vocab_start=CUTS[world][rank])
     ck.true(bool(torch.isnan(out[0, 0])) and not torch.isnan(out[0, 1:]).any(), "NaN row")
+    try:  # every rank raises before any collective
+        fkd.vocab_parallel_token_logprobs(x[..., cols(rank, world)], labels)
+        ck.true(False, "vocab_start=None with several ranks must raise")
+    except ValueError as e:
+        ck.true("vocab_start is required" in str(e), str(e))
 
 
 @case(2)
@@ -442,3 +447,56 @@ def test_vocab_parallel(world, name):
     for rank, results in enumerate(_run_world(world)):
         assert name in results, f"rank {rank} did not run {name}"
         assert results[name] is None, f"rank {rank}/{world}:\n{results[name]}"
+
+
+# ------------------------------------------------------------------------------------------
+# In this process (no process group): the single-rank path and the column savings.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,kw", [(k, kw) for k, kw in KIND_PARAMS if k in FROM_LOSS]
+                         + [("alpha", {"alpha": 2.5}), ("alpha", {"alpha": 0.3})])
+def test_sums_that_follow_from_the_loss(kind, kw):
+    """The identities that let these kinds all-reduce one column: sum h, sum k from D."""
+    s, t = full_pair(pad=True, seed=60)
+    s, t = s.reshape(N, VOCAB), t.reshape(N, VOCAB)
+    lse_s, lse_t = phases.row_lse(s), phases.row_lse(t)
+    sums = phases.partials(s, t, lse_s, lse_t, kind, backend="torch", **kw).double()
+    param = next(iter(kw.values()), 0.0)
+    h, k = FROM_LOSS[kind](sums[:, 0], param)
+    torch.testing.assert_close(h, sums[:, 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, sums[:, 2], rtol=1e-5, atol=1e-5)
+
+
+def test_one_rank_without_process_group_is_the_plain_op():
+    assert not dist.is_initialized()
+    s, t = full_pair(pad=True, seed=61)
+    with fkd.count_collectives() as log:
+        for kind, kw in KIND_PARAMS:
+            a = fkd.vocab_parallel_divergence(s, t, kind, labels=LABELS_PADDED, temperature=2.0,
+                                              reduction="none", **kw)
+            b = fk.divergence(s, t, kind, labels=LABELS_PADDED, temperature=2.0,
+                              reduction="none", **kw)
+            assert torch.equal(a, b), kind
+        assert torch.equal(fkd.vocab_parallel_logsumexp(s), fk.logsumexp(s, -1))
+        assert torch.equal(fkd.vocab_parallel_entropy(s, 2.0), fk.entropy(s, 2.0))
+        assert torch.equal(fkd.vocab_parallel_token_logprobs(s, LABELS_PADDED, 2.0),
+                           fk.token_logprobs(s, LABELS_PADDED, 2.0))
+        h, w = logits((N, 5), seed=62), logits((VOCAB, 5), seed=63)
+        assert torch.equal(
+            fkd.vocab_parallel_fused_linear_divergence(h, w, h, w.flip(0), "js", chunk_size=3),
+            fk.fused_linear_divergence(h, w, h, w.flip(0), "js", chunk_size=3))
+    assert log == []
+
+
+def test_bad_arguments():
+    s, t = full_pair(pad=False, seed=64)
+    with pytest.raises(ValueError, match="group was given"):
+        fkd.vocab_parallel_divergence(s, t, group=object())
+    with pytest.raises(TypeError, match="vocab_start must be an int"):
+        fkd.vocab_parallel_divergence(s, t, vocab_start=1.5)
+    with pytest.raises(ValueError, match="vocab_start must be >= 0"):
+        fkd.vocab_parallel_token_logprobs(s, LABELS, vocab_start=-1)
+    with pytest.raises(TypeError, match="reduce_hidden_grad must be a bool"):
+        fkd.vocab_parallel_fused_linear_divergence(s[0], t[0, :, :5].T, s[0], t[0, :, :5].T,
+                                                   reduce_hidden_grad=1)
