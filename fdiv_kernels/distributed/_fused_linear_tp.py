@@ -1,4 +1,4 @@
-"""``vocab_parallel_fused_linear_divergence``: a column-parallel (vocab-sharded) lm head + divergence.
+"""``vocab_parallel_fused_linear_divergence``: vocab-sharded lm heads + divergence, fused.
 
 Each rank holds rows [vocab_start, vocab_start + V_r) of both lm-head weights (one partition for
 both) and the full hidden states. Per chunk of rows it forms its (chunk, V_r) logits in fp32, the

@@ -13,6 +13,7 @@ DTensors as they would on tensors.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from fdiv_kernels import phases
 from fdiv_kernels._kinds import DIVERGENCES, KernelSpec
-from fdiv_kernels.dispatch import BACKENDS
+from fdiv_kernels.dispatch import BACKENDS, BackendUnavailableError
 from fdiv_kernels.distributed import _comm, _shards
 from fdiv_kernels.distributed._vocab_divergence import global_lse, kind_kwargs, shard_sums
 from fdiv_kernels.distributed._vocab_stats import gather_stats, local_grad
@@ -47,12 +48,14 @@ def _sharded_like(local: Tensor, like) -> object:
                               shape=like.shape, stride=like.stride())
 
 
-def _phase_backend(requested: str, x: Tensor) -> str:
-    """The requested backend when it has the phase ops, else ``auto``'s pick among those that do
-    (the C++ CPU backend has only the fused op)."""
+def _phase_backend(chosen: str, x: Tensor) -> str:
+    """The backend the public function chose when it has the phase ops, else ``auto``'s pick
+    among those that do. The handler sees only the chosen op, not whether the caller asked for it
+    or ``auto`` picked it; the C++ CPU backend, auto's pick for CPU tensors, has only the fused
+    op, so CPU DTensors run the torch phases."""
     try:
-        return _shards.pick_backend(requested, x, PHASE_OPS)
-    except Exception:  # noqa: BLE001  (BackendUnavailableError: fall back to auto's choice)
+        return _shards.pick_backend(chosen, x, PHASE_OPS)
+    except BackendUnavailableError:
         return _shards.pick_backend("auto", x, PHASE_OPS)
 
 
@@ -129,10 +132,9 @@ def _handlers() -> dict:
         for name, fn in (("divergence_fwd", _divergence_fwd),
                          ("softmax_stats_fwd", _softmax_stats_fwd),
                          ("softmax_stats_bwd", _softmax_stats_bwd)):
-            packet = getattr(torch.ops.fdiv, f"{name}_{backend}", None) \
-                if hasattr(torch.ops.fdiv, f"{name}_{backend}") else None
-            if packet is not None:
-                ops[packet.default] = (lambda f, b: lambda op, a, k: f(b, op, a, k))(fn, backend)
+            if hasattr(torch.ops.fdiv, f"{name}_{backend}"):  # backends register what they built
+                packet = getattr(torch.ops.fdiv, f"{name}_{backend}")
+                ops[packet.default] = functools.partial(fn, backend)
     ops[torch.ops.fdiv.scale_rows_.default] = _scale_rows
     return ops
 

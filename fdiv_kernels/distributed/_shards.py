@@ -6,7 +6,6 @@ import math
 import numbers
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
