@@ -173,6 +173,27 @@ def divergence_reductions_and_student_only(rank, world, ck):
         ck.collectives(fwd, world, [("all_gather", (2, N)), ("all_reduce", (N, 2))], reduction)
 
 
+@case(2, 3)
+def divergence_16_bit(rank, world, ck):
+    """bf16 / fp16 logits: fp32 statistics, gradients in the input dtype, as the plain op."""
+    c = cols(rank, world)
+    for dtype in (torch.bfloat16, torch.float16):
+        for kind in ("kl", "js"):
+            s, t = (x.to(dtype) for x in full_pair(pad=True, seed=80))
+            ss, tt = leaf(s[..., c]), leaf(t[..., c])
+            loss = fkd.vocab_parallel_divergence(ss, tt, kind, labels=LABELS_PADDED,
+                                                 temperature=2.0)
+            loss.backward()
+            S, Tt = leaf(s), leaf(t)
+            ref = fk.divergence(S, Tt, kind, labels=LABELS_PADDED, temperature=2.0)
+            ref.backward()
+            what = f"{kind} {dtype}"
+            ck.true(loss.dtype == torch.float32 and ss.grad.dtype == dtype, what + " dtypes")
+            ck.close(loss, ref, LOSS_TOL[dtype], what + " loss")
+            ck.close(ss.grad, S.grad[..., c], GRAD_TOL[dtype], what + " student grad")
+            ck.close(tt.grad, Tt.grad[..., c], GRAD_TOL[dtype], what + " teacher grad")
+
+
 @case(1, 2, 3, 4)
 def softmax_statistics(rank, world, ck):
     c = cols(rank, world)
