@@ -301,24 +301,26 @@ def fused_linear_column_parallel(rank, world, ck):
     c = cols(rank, world)
     weights = 1.0 + 0.25 * logits(LEAD, seed=46)
     chunks = [min(chunk, N - lo) for lo in range(0, N, chunk)]
-    for kind, kw, T, reduction, reduce_dh in [
-        ("kl", {}, 1.0, "mean", True), ("js", {"beta": 0.3}, 2.0, "sum", True),
-        ("jeffreys", {}, 1.0, "none", True), ("skew_kl", {}, 2.0, "mean", False),
+    for kind, kw, T, reduction, reduce_dh, ce in [
+        ("kl", {}, 1.0, "mean", True, 0.0), ("js", {"beta": 0.3}, 2.0, "sum", True, 0.0),
+        ("jeffreys", {}, 1.0, "none", True, 0.0), ("skew_kl", {}, 2.0, "mean", False, 0.0),
+        ("kl", {}, 2.0, "mean", True, 0.3), ("hellinger", {}, 1.0, "none", False, 0.6),
     ]:
-        what = f"{kind} T={T} {reduction} reduce_hidden_grad={reduce_dh}"
+        what = f"{kind} T={T} {reduction} reduce_hidden_grad={reduce_dh} ce_weight={ce}"
         mine = [leaf(x) for x in (hs, ws[c], bs[c], ht, wt[c], bt[c])]
         with fkd.count_collectives() as fwd:
             loss = fkd.vocab_parallel_fused_linear_divergence(
                 mine[0], mine[1], mine[3], mine[4], kind, temperature=T,
                 student_bias_shard=mine[2], teacher_bias_shard=mine[5], labels=LABELS_PADDED,
-                reduction=reduction, chunk_size=chunk, reduce_hidden_grad=reduce_dh, **kw)
+                reduction=reduction, chunk_size=chunk, reduce_hidden_grad=reduce_dh,
+                ce_weight=ce, vocab_start=c.start, **kw)
         with fkd.count_collectives() as bwd:
             (loss * weights if reduction == "none" else loss).sum().backward()
         full = [leaf(x) for x in (hs, ws, bs, ht, wt, bt)]
         ref = fk.fused_linear_divergence(
             full[0], full[1], full[3], full[4], kind, temperature=T, student_bias=full[2],
             teacher_bias=full[5], labels=LABELS_PADDED, reduction=reduction, chunk_size=chunk,
-            **kw)
+            ce_weight=ce, **kw)
         (ref * weights if reduction == "none" else ref).sum().backward()
         if world == 1:
             ck.true(torch.equal(loss, ref), what + " bit-identical")
@@ -330,8 +332,8 @@ def fused_linear_column_parallel(rank, world, ck):
                 dist.all_reduce(got)  # the caller's region op
             ck.close(got, want if name.startswith("dh") else want[c], PAIR_TOL["grad"],
                      f"{what} {name}")
-        ncol = 1 if kind == "kl" else 3
-        per_chunk = [x for r in chunks for x in (("all_gather", (2, r)),
+        ncol = 1 if kind in FROM_LOSS else 3
+        per_chunk = [x for r in chunks for x in (("all_gather", (5 if ce else 2, r)),
                                                 ("all_reduce", (r, ncol)))]
         dh = [("all_reduce", (N, Hs)), ("all_reduce", (N, Ht))] if reduce_dh else []
         if reduction == "none":

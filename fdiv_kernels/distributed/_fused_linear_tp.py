@@ -26,7 +26,31 @@ from fdiv_kernels._fused_linear import (
 )
 from fdiv_kernels._kinds import resolve
 from fdiv_kernels.distributed import _comm, _shards
-from fdiv_kernels.distributed._vocab_divergence import global_lse, kind_kwargs, shard_sums
+from fdiv_kernels.distributed._vocab_divergence import kind_kwargs, shard_lse, shard_sums
+from fdiv_kernels.distributed._vocab_stats import local_grad
+
+
+def _chunk_stats(zs: Tensor, zt: Tensor, labels: Tensor, keep: Tensor, a: dict) -> Tensor:
+    """(4, c) per-row statistics of a chunk: the two models' LSEs at temperature T, and with a
+    CE term the student's LSE at T = 1 and its CE. One all_gather of 2 (5 with CE) floats a row:
+    the shards' LSEs, and for CE the label logit where this rank owns the label and an owner flag.
+    """
+    inv_t, backend, ce = a["inv_t"], a["backend"], a["ce_weight"] > 0
+    local = [shard_lse(zs, inv_t, backend), shard_lse(zt, inv_t, backend)]
+    if ce:
+        owned = labels >= 0
+        picked = (zs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) if zs.shape[-1]
+                  else torch.zeros_like(local[0]))
+        local += [shard_lse(zs, 1.0, backend), torch.where(owned, picked, 0.0), owned.to(zs.dtype)]
+    g = _comm.all_gather(torch.stack(local), a["group"], a["world"])
+    out = zs.new_zeros((4, zs.shape[0]))
+    out[0], out[1] = phases.combine_lse(g[:, 0]), phases.combine_lse(g[:, 1])
+    if ce:
+        out[2] = phases.combine_lse(g[:, 2])
+        # A label no rank owns (out of range) gives NaN rather than a host sync to raise.
+        ce_rows = torch.where(g[:, 4].sum(0) == 1, out[2] - g[:, 3].sum(0), torch.nan)
+        out[3] = torch.where(keep, ce_rows, 0.0)
+    return out
 
 
 def _run(a: dict, row_weights: Tensor, needs: dict, stats: tuple[Tensor, Tensor] | None,
@@ -50,10 +74,11 @@ def _run(a: dict, row_weights: Tensor, needs: dict, stats: tuple[Tensor, Tensor]
     }
     grad_s = any(needs[k] for k in ("sh", "sw", "sb"))
     grad_t = any(needs[k] for k in ("th", "tw", "tb"))
-    lse = hs.new_empty((2, n), dtype=acc) if stats is None else stats[0]
+    lse = hs.new_empty((4, n), dtype=acc) if stats is None else stats[0]  # see _chunk_stats
     sums = hs.new_empty((n, 3), dtype=acc) if stats is None else stats[1]
     ws_op, wt_op = _operand(ws), _operand(wt)
     spec, kw, inv_t, backend = a["spec"], kind_kwargs(a["spec"]), a["inv_t"], a["backend"]
+    ce_w = a["ce_weight"]
     for lo in range(0, n, a["chunk"]):
         rows = slice(lo, min(n, lo + a["chunk"]))
         with torch.no_grad():
@@ -65,7 +90,7 @@ def _run(a: dict, row_weights: Tensor, needs: dict, stats: tuple[Tensor, Tensor]
                 zt = zt + bt.to(zt.dtype)
             keep = a["valid"][rows]
             if stats is None:
-                lse[:, rows] = global_lse([zs, zt], inv_t, backend, a["group"], a["world"])
+                lse[:, rows] = _chunk_stats(zs, zt, a["labels"][rows], keep, a)
                 sums[rows] = shard_sums(zs, zt, keep, lse[0, rows], lse[1, rows], spec, kw, inv_t,
                                         backend, a["group"], *(sums_for or (grad_s, grad_t)))
             if not (grad_s or grad_t) or width == 0:
@@ -73,6 +98,14 @@ def _run(a: dict, row_weights: Tensor, needs: dict, stats: tuple[Tensor, Tensor]
             gzs, gzt = phases.grads(zs, zt, lse[0, rows], lse[1, rows], sums[rows], spec.kind,
                                     temperature=1.0 / inv_t, valid=keep, grad_student=grad_s,
                                     grad_teacher=grad_t, backend=backend, **kw)
+            if ce_w and gzs is not None:
+                # d CE / d z = softmax(z) - onehot(label): the stats backward with g_lp = -1.
+                gce = local_grad(zs, a["labels"][rows], keep, lse[2, rows], None, None, None,
+                                 torch.full_like(lse[2, rows], -1.0), 1.0, backend)
+                gzs = gzs.mul_(1.0 - ce_w).add_(gce.mul_(ce_w))
+                del gce
+            if gzt is not None and ce_w:
+                gzt = gzt.mul_(1.0 - ce_w)
             del zs, zt
             w_rows = row_weights[rows, None]
             for gz, h, w, p in ((gzs, hs, ws_op, "s"), (gzt, ht, wt_op, "t")):
@@ -89,7 +122,8 @@ def _run(a: dict, row_weights: Tensor, needs: dict, stats: tuple[Tensor, Tensor]
         for key in ("sh", "th"):
             if grads[key] is not None:
                 grads[key] = _comm.all_reduce_sum(grads[key], a["group"])
-    return sums[:, 0].clone(), (lse, sums), grads
+    loss = sums[:, 0] * (1.0 - ce_w) + lse[3] * ce_w if ce_w else sums[:, 0].clone()
+    return loss, (lse, sums), grads
 
 
 class VocabParallelFusedLinearDivergenceFunction(torch.autograd.Function):
@@ -151,6 +185,8 @@ def vocab_parallel_fused_linear_divergence(
     labels: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    ce_weight: float = 0.0,
+    vocab_start: int | None = None,
     chunk_size: int | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
     backend: str = "auto",
@@ -170,16 +206,21 @@ def vocab_parallel_fused_linear_divergence(
     ``reduce_hidden_grad``, one all_reduce of the (N, H) hidden gradient of each model that needs
     one. Backward: none for scalar reductions (the gradients are formed in the forward); with
     ``reduction="none"`` the chunks are recomputed from the saved per-row statistics and only the
-    dh all_reduce (if ``reduce_hidden_grad``) runs there. ``ce_weight`` is not offered here.
-    One rank: exactly ``fk.fused_linear_divergence``.
+    dh all_reduce (if ``reduce_hidden_grad``) runs there. With ``ce_weight = w`` the per-row loss
+    is (1 - w) D + w CE(student, labels) as in the plain op: ``labels`` are global ids and
+    ``vocab_start`` (this rank's first id) is required; the chunk's all_gather then carries 5
+    floats a row (adding the student's T = 1 LSE, the owned label logit, an owner flag), and a
+    label no rank owns gives NaN. One rank: exactly ``fk.fused_linear_divergence``.
     """
     world, _ = _comm.world(group)
     common = dict(beta=beta, alpha=alpha, lam=lam, temperature=temperature, labels=labels,
-                  ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                  ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight,
+                  chunk_size=chunk_size,
                   num_items_in_batch=num_items_in_batch, backend=backend)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got "
                         f"{type(reduce_hidden_grad).__name__}")
+    vocab_start = _shards.check_vocab_start(vocab_start)
     if world == 1:
         return fused_linear_divergence(student_hidden, student_weight_shard, teacher_hidden,
                                        teacher_weight_shard, kind, student_bias=student_bias_shard,
@@ -209,6 +250,14 @@ def vocab_parallel_fused_linear_divergence(
     lead = hs.shape[:-1]
     n = hs[..., 0].numel()
     valid = V.row_mask(labels, ignore_index, lead, hs.device)
+    ce_w = V.check_real("ce_weight", ce_weight)
+    if not 0.0 <= ce_w <= 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_w}")
+    if ce_w and labels is None:
+        raise ValueError("ce_weight > 0 needs labels")
+    if ce_w and vocab_start is None:
+        raise ValueError("ce_weight > 0 with more than one rank needs vocab_start (the first "
+                         "global vocabulary id of this rank's shard)")
     if chunk_size is None:
         chunk = default_chunk_size(n, max(ws.shape[0], 1), hs.device)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -216,8 +265,13 @@ def vocab_parallel_fused_linear_divergence(
     else:
         chunk = chunk_size
     keep = valid if valid is not None else torch.ones(n, dtype=torch.bool, device=hs.device)
+    local_labels = torch.full((n,), -1, dtype=torch.long, device=hs.device)
+    if ce_w:  # the label's column in this shard, or -1 (another rank's label, or ignored)
+        flat = labels.reshape(-1).long() - vocab_start
+        local_labels = torch.where(keep & (flat >= 0) & (flat < ws.shape[0]), flat, -1)
     name = _shards.pick_backend(backend, torch.empty(0, device=hs.device),
-                                ("divergence_partials", "divergence_grads", "softmax_stats_fwd"))
+                                ("divergence_partials", "divergence_grads", "softmax_stats_fwd",
+                                 "softmax_stats_bwd"))
     acc = torch.promote_types(hs.dtype, torch.float32)
     weights = keep.to(acc)
     if reduction == "mean":
@@ -227,7 +281,8 @@ def vocab_parallel_fused_linear_divergence(
         else:
             denom = weights.sum().clamp(min=1)
         weights = weights / denom
-    args = {"spec": spec, "inv_t": inv_t, "valid": keep, "chunk": chunk, "backend": name,
+    args = {"spec": spec, "inv_t": inv_t, "valid": keep, "labels": local_labels,
+            "ce_weight": ce_w, "chunk": chunk, "backend": name,
             "group": group, "world": world, "reduce_hidden_grad": reduce_hidden_grad}
     out = VocabParallelFusedLinearDivergenceFunction.apply(
         hs.reshape(n, -1), ws, student_bias_shard, ht.reshape(n, -1), wt, teacher_bias_shard,

@@ -33,18 +33,20 @@ def partial_columns(kind: str, grad_student: bool, grad_teacher: bool) -> list[i
     return [0] + [1] * (grad_student and not derived) + [2] * (grad_teacher and not derived)
 
 
+def shard_lse(x: Tensor, inv_t: float, backend: str) -> Tensor:
+    """Row LSE of x / T over this shard's columns (-inf for an empty shard)."""
+    if x.shape[-1] == 0:
+        return x.new_full((x.shape[0],), float("-inf"), dtype=loss_dtype(x.dtype))
+    return phases.row_lse(x, 1.0 / inv_t, backend=backend)
+
+
 def global_lse(shards: list[Tensor], inv_t: float, backend: str, group, world: int) -> Tensor:
     """Row LSE over the whole vocabulary of each (N, V_local) shard in ``shards``: (len, N).
 
     One all_gather of the stacked local LSEs, then ``combine_lse``: one round trip for all the
     inputs, exact, and safe for shards whose row is all -inf (an empty shard counts as -inf).
     """
-    local = []
-    for x in shards:
-        if x.shape[-1] == 0:
-            local.append(x.new_full((x.shape[0],), float("-inf"), dtype=loss_dtype(x.dtype)))
-        else:
-            local.append(phases.row_lse(x, 1.0 / inv_t, backend=backend))
+    local = [shard_lse(x, inv_t, backend) for x in shards]
     gathered = _comm.all_gather(torch.stack(local), group, world)  # (world, len, N)
     return phases.combine_lse(gathered)
 
