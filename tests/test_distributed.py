@@ -173,6 +173,48 @@ def divergence_reductions_and_student_only(rank, world, ck):
         ck.collectives(fwd, world, [("all_gather", (2, N)), ("all_reduce", (N, 2))], reduction)
 
 
+def lockstep_gradcheck(fn, inputs, rank, world) -> bool:
+    """gradcheck on each rank in turn while the others replay its forwards unperturbed (a rank
+    perturbing its inputs at the same time would move the replicated output too). Before each
+    forward the checking rank broadcasts 2 (grad mode on), 1 (off) or 0 (done)."""
+    ok = True
+    for checker in range(world):
+        flag = torch.zeros(1)
+        if rank == checker:
+            def announced(*args):
+                dist.broadcast(torch.tensor([2.0 if torch.is_grad_enabled() else 1.0]), checker)
+                return fn(*args)
+            ok = torch.autograd.gradcheck(announced, inputs, raise_exception=False)
+            dist.broadcast(flag, checker)
+            continue
+        while True:
+            dist.broadcast(flag, checker)
+            if flag.item() == 0:
+                break
+            with torch.set_grad_enabled(flag.item() == 2):
+                fn(*inputs)
+    return ok
+
+
+@case(2)
+def gradcheck_float64(rank, world, ck):
+    """Float64 gradcheck of the vocab-parallel Functions. Every rank perturbs its own inputs in
+    lockstep, so the shards are even (one forward, hence one set of collectives, per element)."""
+    c = slice(3 * rank, 3 * rank + 3)
+    s, t = (logits((3, 3 * world), torch.float64, seed=90 + i)[:, c].requires_grad_()
+            for i in (0, 1))
+    labels = torch.tensor([1, -100, 3 * world - 2])
+    for name, fn in [
+        ("js", lambda a, b: fkd.vocab_parallel_divergence(
+            a, b, "js", labels=labels, temperature=2.0, reduction="none", backend="torch")),
+        ("alpha", lambda a, b: fkd.vocab_parallel_divergence(
+            a, b, "alpha", alpha=1.5, reduction="none", backend="torch")),
+        ("token_logprobs", lambda a, b: fkd.vocab_parallel_token_logprobs(
+            a, labels, 2.0, vocab_start=3 * rank, backend="torch")),
+    ]:
+        ck.true(lockstep_gradcheck(fn, (s, t), rank, world), f"gradcheck {name}")
+
+
 @case(2, 3)
 def divergence_16_bit(rank, world, ck):
     """bf16 / fp16 logits: fp32 statistics, gradients in the input dtype, as the plain op."""
