@@ -59,12 +59,19 @@ def _phase_backend(chosen: str, x: Tensor) -> str:
         return _shards.pick_backend("auto", x, PHASE_OPS)
 
 
+def _bind(op, args: tuple, kwargs: dict) -> list:
+    """The op's arguments in schema order, whether passed by position or by name."""
+    names = [a.name for a in op._schema.arguments]
+    return list(args) + [kwargs[n] if n in kwargs else a.default_value
+                         for n, a in zip(names[len(args):], op._schema.arguments[len(args):])]
+
+
 def _kind(base: int, swap: bool) -> str:
     return next(name for name, d in DIVERGENCES.items() if d.base == base and d.swap == swap)
 
 
 def _divergence_fwd(backend, op, args, kwargs):
-    student, teacher, valid, base, swap, param, inv_t, grad_s, grad_t = args
+    student, teacher, valid, base, swap, param, inv_t, grad_s, grad_t = _bind(op, args, kwargs)
     s, info = _shards.unwrap("student_logits", student)
     t, _ = _shards.unwrap("teacher_logits", teacher)
     keep = _local(valid)
@@ -95,7 +102,7 @@ def _local_labels(labels: Tensor, ignore_index: int, start: int, width: int):
 
 
 def _softmax_stats_fwd(backend, op, args, kwargs):
-    x, labels, ignore_index, inv_t, want_entropy = args
+    x, labels, ignore_index, inv_t, want_entropy = _bind(op, args, kwargs)
     xl, info = _shards.unwrap("logits", x)
     name = _phase_backend(backend, xl)
     world, _ = _comm.world(info.group)
@@ -108,7 +115,7 @@ def _softmax_stats_fwd(backend, op, args, kwargs):
 
 
 def _softmax_stats_bwd(backend, op, args, kwargs):
-    x, labels, lse, ent, g_lse, g_ent, g_lp, ignore_index, inv_t = args
+    x, labels, lse, ent, g_lse, g_ent, g_lp, ignore_index, inv_t = _bind(op, args, kwargs)
     xl, info = _shards.unwrap("logits", x)
     name = _phase_backend(backend, xl)
     local = keep = None
@@ -121,7 +128,7 @@ def _softmax_stats_bwd(backend, op, args, kwargs):
 
 
 def _scale_rows(op, args, kwargs):
-    grad, row_scale = args
+    grad, row_scale = _bind(op, args, kwargs)
     _local(grad).mul_(_local(row_scale).unsqueeze(-1))
     return None
 
