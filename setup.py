@@ -89,6 +89,7 @@ setup(
     version="0.1.0",
     description="Fused GPU/CPU kernels for softmax divergences, log-sum-exp statistics and Sinkhorn",
     packages=["fdiv_kernels", "fdiv_kernels.backends", "fdiv_kernels.bench", "fdiv_kernels.transport",
+              "fdiv_kernels.distributed",
               "fdiv_kernels.triton_kernels"],
     package_dir={"fdiv_kernels.triton_kernels": "triton_kernels"},
     python_requires=">=3.9",

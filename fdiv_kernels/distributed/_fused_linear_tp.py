@@ -1,0 +1,291 @@
+"""``vocab_parallel_fused_linear_divergence``: vocab-sharded lm heads + divergence, fused.
+
+Each rank holds rows [vocab_start, vocab_start + V_r) of both lm-head weights (one partition for
+both) and the full hidden states. Per chunk of rows it forms its (chunk, V_r) logits in fp32, the
+row statistics cross ranks (an all_gather of the chunk's 2 LSEs per row, an all_reduce of its
+partial sums), and the chunk's logit gradient updates the local dW / db and this rank's partial
+dh = dz_r W_r. The full dh is the sum over ranks of the partials: all-reduced here once at the end
+(``reduce_hidden_grad=True``), or returned partial for the caller's region op (Megatron's
+``copy_to_tensor_model_parallel_region`` / a DTensor ``Partial`` placement sums it in backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fdiv_kernels import _validation as V
+from fdiv_kernels import phases
+from fdiv_kernels._fused_linear import (
+    _check_2d,
+    _gemm_f32,
+    _operand,
+    default_chunk_size,
+    fused_linear_divergence,
+)
+from fdiv_kernels._kinds import resolve
+from fdiv_kernels.distributed import _comm, _shards
+from fdiv_kernels.distributed._vocab_divergence import kind_kwargs, shard_lse, shard_sums
+from fdiv_kernels.distributed._vocab_stats import local_grad
+
+
+def _chunk_stats(zs: Tensor, zt: Tensor, labels: Tensor, keep: Tensor, a: dict) -> Tensor:
+    """(4, c) per-row statistics of a chunk: the two models' LSEs at temperature T, and with a
+    CE term the student's LSE at T = 1 and its CE. One all_gather of 2 (5 with CE) floats a row:
+    the shards' LSEs, and for CE the label logit where this rank owns the label and an owner flag.
+    """
+    inv_t, backend, ce = a["inv_t"], a["backend"], a["ce_weight"] > 0
+    local = [shard_lse(zs, inv_t, backend), shard_lse(zt, inv_t, backend)]
+    if ce:
+        owned = labels >= 0
+        picked = (zs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) if zs.shape[-1]
+                  else torch.zeros_like(local[0]))
+        local += [shard_lse(zs, 1.0, backend), torch.where(owned, picked, 0.0), owned.to(zs.dtype)]
+    g = _comm.all_gather(torch.stack(local), a["group"], a["world"])
+    out = zs.new_zeros((4, zs.shape[0]))
+    out[0], out[1] = phases.combine_lse(g[:, 0]), phases.combine_lse(g[:, 1])
+    if ce:
+        out[2] = phases.combine_lse(g[:, 2])
+        # A label no rank owns (out of range) gives NaN rather than a host sync to raise.
+        ce_rows = torch.where(g[:, 4].sum(0) == 1, out[2] - g[:, 3].sum(0), torch.nan)
+        out[3] = torch.where(keep, ce_rows, 0.0)
+    return out
+
+
+def _run(a: dict, row_weights: Tensor, needs: dict, stats: tuple[Tensor, Tensor] | None,
+         sums_for: tuple[bool, bool] | None = None):
+    """Per-row loss, per-row (lse_s, lse_t) and sums, and the row-weighted gradients.
+
+    With ``stats`` (the saved LSEs and sums of a forward) no collective is issued but the final
+    dh all-reduce; without, each chunk issues its two, all-reducing the partial sums that the
+    gradients of ``sums_for`` = (student, teacher) need (default: those computed now).
+    """
+    hs, ws, bs, ht, wt, bt = a["hs"], a["ws"], a["bs"], a["ht"], a["wt"], a["bt"]
+    n, width = hs.shape[0], ws.shape[0]
+    acc = torch.promote_types(hs.dtype, torch.float32)
+    grads = {
+        "sh": hs.new_zeros(hs.shape, dtype=acc) if needs["sh"] else None,
+        "sw": ws.new_zeros(ws.shape, dtype=acc) if needs["sw"] else None,
+        "sb": hs.new_zeros(width, dtype=acc) if needs["sb"] else None,
+        "th": ht.new_zeros(ht.shape, dtype=acc) if needs["th"] else None,
+        "tw": wt.new_zeros(wt.shape, dtype=acc) if needs["tw"] else None,
+        "tb": ht.new_zeros(width, dtype=acc) if needs["tb"] else None,
+    }
+    grad_s = any(needs[k] for k in ("sh", "sw", "sb"))
+    grad_t = any(needs[k] for k in ("th", "tw", "tb"))
+    lse = hs.new_empty((4, n), dtype=acc) if stats is None else stats[0]  # see _chunk_stats
+    sums = hs.new_empty((n, 3), dtype=acc) if stats is None else stats[1]
+    ws_op, wt_op = _operand(ws), _operand(wt)
+    spec, kw, inv_t, backend = a["spec"], kind_kwargs(a["spec"]), a["inv_t"], a["backend"]
+    ce_w = a["ce_weight"]
+    for lo in range(0, n, a["chunk"]):
+        rows = slice(lo, min(n, lo + a["chunk"]))
+        with torch.no_grad():
+            zs = _gemm_f32(hs[rows], ws_op.t())
+            zt = _gemm_f32(ht[rows], wt_op.t())
+            if bs is not None:
+                zs = zs + bs.to(zs.dtype)
+            if bt is not None:
+                zt = zt + bt.to(zt.dtype)
+            keep = a["valid"][rows]
+            if stats is None:
+                lse[:, rows] = _chunk_stats(zs, zt, a["labels"][rows], keep, a)
+                sums[rows] = shard_sums(zs, zt, keep, lse[0, rows], lse[1, rows], spec, kw, inv_t,
+                                        backend, a["group"], *(sums_for or (grad_s, grad_t)))
+            if not (grad_s or grad_t) or width == 0:
+                continue
+            gzs, gzt = phases.grads(zs, zt, lse[0, rows], lse[1, rows], sums[rows], spec.kind,
+                                    temperature=1.0 / inv_t, valid=keep, grad_student=grad_s,
+                                    grad_teacher=grad_t, backend=backend, **kw)
+            if ce_w and gzs is not None:
+                # d CE / d z = softmax(z) - onehot(label): the stats backward with g_lp = -1.
+                gce = local_grad(zs, a["labels"][rows], keep, lse[2, rows], None, None, None,
+                                 torch.full_like(lse[2, rows], -1.0), 1.0, backend)
+                gzs = gzs.mul_(1.0 - ce_w).add_(gce.mul_(ce_w))
+                del gce
+            if gzt is not None and ce_w:
+                gzt = gzt.mul_(1.0 - ce_w)
+            del zs, zt
+            w_rows = row_weights[rows, None]
+            for gz, h, w, p in ((gzs, hs, ws_op, "s"), (gzt, ht, wt_op, "t")):
+                if gz is None:
+                    continue
+                gz = gz.mul_(w_rows)
+                if grads[p + "h"] is not None:
+                    grads[p + "h"][rows] = _gemm_f32(gz, w)  # this rank's partial of dh
+                if grads[p + "w"] is not None:
+                    grads[p + "w"] += _gemm_f32(gz.t(), h[rows])
+                if grads[p + "b"] is not None:
+                    grads[p + "b"] += gz.sum(0)
+    if a["reduce_hidden_grad"]:
+        for key in ("sh", "th"):
+            if grads[key] is not None:
+                grads[key] = _comm.all_reduce_sum(grads[key], a["group"])
+    loss = sums[:, 0] * (1.0 - ce_w) + lse[3] * ce_w if ce_w else sums[:, 0].clone()
+    return loss, (lse, sums), grads
+
+
+class VocabParallelFusedLinearDivergenceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, args, row_weights, reduction):
+        needs = dict(zip(("sh", "sw", "sb", "th", "tw", "tb"), ctx.needs_input_grad[:6]))
+        needs["sb"] = needs["sb"] and bs is not None
+        needs["tb"] = needs["tb"] and bt is not None
+        args = {**args, "hs": hs, "ws": ws, "bs": bs, "ht": ht, "wt": wt, "bt": bt}
+        ctx.reduction, ctx.needs, ctx.args = reduction, needs, args
+        if reduction == "none":
+            # Gradients need the per-row upstream gradient: the backward recomputes the chunks
+            # from the saved row statistics (no LSE / partial-sum collective a second time).
+            later = (any(needs[k] for k in ("sh", "sw", "sb")),
+                     any(needs[k] for k in ("th", "tw", "tb")))
+            loss, stats, _ = _run(args, row_weights, dict.fromkeys(needs, False), None, later)
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, *stats)
+            return loss
+        loss, _, grads = _run(args, row_weights, needs, None)
+        ctx.grads = grads
+        return (loss * row_weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("vocab_parallel_fused_linear_divergence does not support "
+                               "higher-order gradients")
+        if ctx.reduction == "none":
+            hs, ws, bs, ht, wt, bt, lse, sums = ctx.saved_tensors
+            args = {**ctx.args, "hs": hs, "ws": ws, "bs": bs, "ht": ht, "wt": wt, "bt": bt}
+            _, _, grads = _run(args, grad_out.contiguous().to(lse.dtype), ctx.needs, (lse, sums))
+            scale = None
+        else:
+            grads, scale = ctx.grads, grad_out
+        out = []
+        for key, name in (("sh", "hs"), ("sw", "ws"), ("sb", "bs"), ("th", "ht"), ("tw", "wt"),
+                          ("tb", "bt")):
+            g = grads[key]
+            if g is not None and scale is not None:
+                g = g * scale
+            out.append(None if g is None else g.to(ctx.args[name].dtype))
+        return (*out, None, None, None)
+
+
+def vocab_parallel_fused_linear_divergence(
+    student_hidden: Tensor,
+    student_weight_shard: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight_shard: Tensor,
+    kind: str = "kl",
+    *,
+    group: dist.ProcessGroup | None = None,
+    beta: float | None = None,
+    alpha: float | None = None,
+    lam: float | None = None,
+    temperature: float = 1.0,
+    student_bias_shard: Tensor | None = None,
+    teacher_bias_shard: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    ce_weight: float = 0.0,
+    vocab_start: int | None = None,
+    chunk_size: int | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    backend: str = "auto",
+    reduce_hidden_grad: bool = True,
+) -> Tensor:
+    r"""``fk.fused_linear_divergence`` with both lm heads column-parallel over ``group``.
+
+    Weights are this rank's (V_r, H) rows of each head, one vocabulary partition for both (pad
+    with bias -inf in both); hidden states are the full (..., H) on every rank. The loss equals
+    ``fk.fused_linear_divergence`` on the concatenated heads, the same on every rank, and no
+    (N, V) logits exist anywhere. dW and db are this rank's shard. dh: with
+    ``reduce_hidden_grad=True`` the full gradient (summed over ranks here); with False this
+    rank's partial z_r-gradient times W_r, for a caller whose region op sums it in backward.
+
+    Collectives per forward, per chunk of c rows: an all_gather of 2c floats and an all_reduce of
+    1-3 c floats (as :func:`vocab_parallel_divergence`), then, for a scalar ``reduction`` with
+    ``reduce_hidden_grad``, one all_reduce of the (N, H) hidden gradient of each model that needs
+    one. Backward: none for scalar reductions (the gradients are formed in the forward); with
+    ``reduction="none"`` the chunks are recomputed from the saved per-row statistics and only the
+    dh all_reduce (if ``reduce_hidden_grad``) runs there. With ``ce_weight = w`` the per-row loss
+    is (1 - w) D + w CE(student, labels) as in the plain op: ``labels`` are global ids and
+    ``vocab_start`` (this rank's first id) is required; the chunk's all_gather then carries 5
+    floats a row (adding the student's T = 1 LSE, the owned label logit, an owner flag), and a
+    label no rank owns gives NaN. One rank: exactly ``fk.fused_linear_divergence``.
+    """
+    world, _ = _comm.world(group)
+    common = dict(beta=beta, alpha=alpha, lam=lam, temperature=temperature, labels=labels,
+                  ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight,
+                  chunk_size=chunk_size,
+                  num_items_in_batch=num_items_in_batch, backend=backend)
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(f"reduce_hidden_grad must be a bool, got "
+                        f"{type(reduce_hidden_grad).__name__}")
+    vocab_start = _shards.check_vocab_start(vocab_start)
+    if world == 1:
+        return fused_linear_divergence(student_hidden, student_weight_shard, teacher_hidden,
+                                       teacher_weight_shard, kind, student_bias=student_bias_shard,
+                                       teacher_bias=teacher_bias_shard, **common)
+    hs = V.check_logits("student_hidden", student_hidden)
+    ht = V.check_logits("teacher_hidden", teacher_hidden)
+    ws = _check_2d("student_weight_shard", student_weight_shard)
+    wt = _check_2d("teacher_weight_shard", teacher_weight_shard)
+    if hs.shape[:-1] != ht.shape[:-1]:
+        raise ValueError(f"student_hidden and teacher_hidden must share the leading shape, got "
+                         f"{tuple(hs.shape[:-1])} and {tuple(ht.shape[:-1])}")
+    if ws.shape[1] != hs.shape[-1] or wt.shape[1] != ht.shape[-1]:
+        raise ValueError(f"weights must be (V_r, H) with the hidden size of their model, got "
+                         f"{tuple(ws.shape)} for H={hs.shape[-1]} and {tuple(wt.shape)} for "
+                         f"H={ht.shape[-1]}")
+    if ws.shape[0] != wt.shape[0]:
+        raise ValueError(f"student and teacher weight shards must cover the same vocabulary "
+                         f"columns, got V_r={ws.shape[0]} and V_r={wt.shape[0]}")
+    for name, b, w in (("student_bias_shard", student_bias_shard, ws),
+                       ("teacher_bias_shard", teacher_bias_shard, wt)):
+        if b is not None and (not isinstance(b, Tensor) or b.shape != (w.shape[0],)):
+            raise ValueError(f"{name} must be a tensor of shape ({w.shape[0]},), got "
+                             f"{getattr(b, 'shape', type(b).__name__)}")
+    spec = resolve(kind, beta, alpha, lam)
+    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    reduction = V.check_reduction(reduction)
+    lead = hs.shape[:-1]
+    n = hs[..., 0].numel()
+    valid = V.row_mask(labels, ignore_index, lead, hs.device)
+    ce_w = V.check_real("ce_weight", ce_weight)
+    if not 0.0 <= ce_w <= 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_w}")
+    if ce_w and labels is None:
+        raise ValueError("ce_weight > 0 needs labels")
+    if ce_w and vocab_start is None:
+        raise ValueError("ce_weight > 0 with more than one rank needs vocab_start (the first "
+                         "global vocabulary id of this rank's shard)")
+    if chunk_size is None:
+        chunk = default_chunk_size(n, max(ws.shape[0], 1), hs.device)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    else:
+        chunk = chunk_size
+    keep = valid if valid is not None else torch.ones(n, dtype=torch.bool, device=hs.device)
+    local_labels = torch.full((n,), -1, dtype=torch.long, device=hs.device)
+    if ce_w:  # the label's column in this shard, or -1 (another rank's label, or ignored)
+        flat = labels.reshape(-1).long() - vocab_start
+        local_labels = torch.where(keep & (flat >= 0) & (flat < ws.shape[0]), flat, -1)
+    name = _shards.pick_backend(backend, torch.empty(0, device=hs.device),
+                                ("divergence_partials", "divergence_grads", "softmax_stats_fwd",
+                                 "softmax_stats_bwd"))
+    acc = torch.promote_types(hs.dtype, torch.float32)
+    weights = keep.to(acc)
+    if reduction == "mean":
+        if num_items_in_batch is not None:
+            denom = (num_items_in_batch if isinstance(num_items_in_batch, Tensor) else
+                     V.check_real("num_items_in_batch", num_items_in_batch, positive=True))
+        else:
+            denom = weights.sum().clamp(min=1)
+        weights = weights / denom
+    args = {"spec": spec, "inv_t": inv_t, "valid": keep, "labels": local_labels,
+            "ce_weight": ce_w, "chunk": chunk, "backend": name,
+            "group": group, "world": world, "reduce_hidden_grad": reduce_hidden_grad}
+    out = VocabParallelFusedLinearDivergenceFunction.apply(
+        hs.reshape(n, -1), ws, student_bias_shard, ht.reshape(n, -1), wt, teacher_bias_shard,
+        args, weights, reduction,
+    )
+    return out.reshape(lead) if reduction == "none" else out

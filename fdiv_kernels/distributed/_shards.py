@@ -1,0 +1,124 @@
+"""What the vocabulary-parallel ops share: shard checks, the backend pick, DTensor unwrapping."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch import Tensor
+
+from fdiv_kernels.dispatch import select
+
+
+def check_shard(name: str, x: object) -> Tensor:
+    """Logits of one vocabulary shard, (..., V_local); V_local may be 0 (an empty shard)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point logits, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have shape (..., V) with at least one dim, got a scalar")
+    if math.prod(x.shape[:-1]) == 0:
+        raise ValueError(f"{name} must have at least one row, got shape {tuple(x.shape)}")
+    return x
+
+
+def rows(x: Tensor) -> Tensor:
+    """(N, V_local) contiguous rows; reshape(-1, 0) is ambiguous, so N comes from the shape."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+
+
+def check_vocab_start(vocab_start: object) -> int | None:
+    if vocab_start is None:
+        return None
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral):
+        raise TypeError(f"vocab_start must be an int or None, got {type(vocab_start).__name__}")
+    if vocab_start < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    return int(vocab_start)
+
+
+def pick_backend(requested: str, x: Tensor, ops: tuple[str, ...]) -> str:
+    """One backend that has every op in ``ops`` (auto skips those lacking a phase op)."""
+    probe = x.new_empty(1)  # select looks at device and dtype only; the shard may be empty
+    name = select(requested, probe, ops[0])
+    for op in ops[1:]:
+        select(name, probe, op)
+    return name
+
+
+@dataclass(frozen=True)
+class DTensorShard:
+    """Where a DTensor sharded on its last dim lives: its mesh, the mesh dim, the group, offset."""
+
+    mesh: object
+    mesh_dim: int
+    group: dist.ProcessGroup
+    vocab_start: int
+
+
+def is_dtensor(x: object) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
+def unwrap(name: str, x: Tensor) -> tuple[Tensor, DTensorShard]:
+    """The local shard of a DTensor placed Shard(-1) on one mesh dim and Replicate on the rest."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = x.device_mesh, x.placements
+    last = x.dim() - 1
+    vocab_dims = [i for i, p in enumerate(placements)
+                  if isinstance(p, Shard) and p.dim in (-1, last)]
+    others = [p for i, p in enumerate(placements) if i not in vocab_dims]
+    if len(vocab_dims) != 1 or not all(isinstance(p, Replicate) for p in others):
+        raise ValueError(
+            f"{name} must be a DTensor sharded on its last dim over one mesh dim (Shard(-1)) and "
+            f"replicated on the others, got placements {tuple(placements)}"
+        )
+    mesh_dim = vocab_dims[0]
+    _, offset = compute_local_shape_and_global_offset(x.shape, mesh, placements)
+    return x.to_local(), DTensorShard(mesh, mesh_dim, mesh.get_group(mesh_dim), int(offset[-1]))
+
+
+def unwrap_pair(student: object, teacher: object):
+    """Unwrap DTensor inputs (both or neither); returns (student, teacher, DTensorShard | None)."""
+    if not (is_dtensor(student) or is_dtensor(teacher)):
+        return student, teacher, None
+    if not (is_dtensor(student) and is_dtensor(teacher)):
+        raise TypeError("student_shard and teacher_shard must both be DTensors or both tensors")
+    s, info = unwrap("student_shard", student)
+    t, info_t = unwrap("teacher_shard", teacher)
+    if (info_t.mesh != info.mesh or info_t.mesh_dim != info.mesh_dim
+            or info_t.vocab_start != info.vocab_start or t.shape != s.shape):
+        raise ValueError("student_shard and teacher_shard must be DTensors with one placement "
+                         "and one vocabulary partition")
+    return s, t, info
+
+
+def rewrap(out: Tensor, info: DTensorShard | None):
+    """A result replicated over the ranks, as a DTensor when the inputs were DTensors."""
+    if info is None:
+        return out
+    from torch.distributed.tensor import DTensor, Replicate
+
+    placements = [Replicate()] * info.mesh.ndim
+    return DTensor.from_local(out, info.mesh, placements, run_check=False)
+
+
+def resolve_group(group, info: DTensorShard | None, vocab_start):
+    """The process group and vocab offset: from the DTensor when given, else the arguments."""
+    if info is None:
+        return group, check_vocab_start(vocab_start)
+    if group is not None and group is not info.group:
+        raise ValueError("group= must be None (or the DTensor's group) for DTensor inputs")
+    if vocab_start is not None and vocab_start != info.vocab_start:
+        raise ValueError(f"vocab_start={vocab_start} disagrees with the DTensor's offset "
+                         f"{info.vocab_start}")
+    return info.group, info.vocab_start
