@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # distillation=True: says TRL's chunked loss stays
         patch = apply_fk_to_trl()
-    print("patched:", ", ".join(patch.targets))
+    patched = patch.targets             # undo() below empties the handle
+    print("patched:", ", ".join(patched))
     losses = []
 
     class LoggedGKD(GKDTrainer):
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         patch.undo()
     print(f"GKD (fk loss): {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    return {"losses": losses, "patched": patch.targets}
+    return {"losses": losses, "patched": patched}
 
 
 if __name__ == "__main__":
