@@ -1,4 +1,4 @@
-"""Tiny randomly initialized causal LMs for the examples: built from a config, nothing downloaded."""
+"""Tiny random causal LMs for the examples, built from a config: nothing downloaded."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from fdiv_kernels.integrations import liger as fk_liger
 
 def _logits(n=13, v=203, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, v, generator=g) * 2).to(dtype), (torch.randn(n, v, generator=g) * 2).to(dtype)
+    return tuple((torch.randn(n, v, generator=g) * 2).to(dtype) for _ in range(2))
 
 
 def _labels(n, v, seed=0):

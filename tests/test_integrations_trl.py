@@ -138,7 +138,8 @@ def test_apply_fk_to_trl_rebinds_idempotent_and_undoes():
     try:
         assert GKD.generalized_jsd_loss is fk_trl.generalized_jsd_loss
         assert all(m.selective_log_softmax is fk_trl.selective_log_softmax for m in holders)
-        assert trl_utils.selective_log_softmax_and_entropy is fk_trl.selective_log_softmax_and_entropy
+        fused = fk_trl.selective_log_softmax_and_entropy
+        assert trl_utils.selective_log_softmax_and_entropy is fused
         assert again.targets == []                     # the second call changed nothing
     finally:
         again.undo()

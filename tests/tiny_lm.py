@@ -1,4 +1,4 @@
-"""Tiny randomly initialized causal LMs and batches for the integration tests (nothing downloaded)."""
+"""Tiny random causal LMs and batches for the integration tests (nothing downloaded)."""
 
 import torch
 

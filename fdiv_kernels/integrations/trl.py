@@ -7,7 +7,11 @@ Not here yet: a drop-in for ``trl.trainer.distillation_trainer._chunked_divergen
 DistillationTrainer's loss from hidden states). It applies per-model logit scale and softcap
 before the temperature and returns the student entropy sum and the valid count, which
 ``fk.fused_linear_divergence`` cannot give yet; ``apply_fk_to_trl(distillation=True)`` says so
-and leaves that trainer on TRL's kernel.
+and leaves that trainer on TRL's kernel. Likewise TRL 1.16's DPO and GRPO trainers take their
+log-probs and entropy from hidden states (``add_fused_lm_head`` -> ``ChunkedLogProbFunction``);
+that needs ``fk.fused_linear_token_logprobs`` (issue 13). The ``logprobs`` patch below covers
+the trainers and user code that call ``selective_log_softmax`` & co. on logits (ORPO, CPO, SDPO,
+SDFT, A2PO, TPO in ``trl.experimental``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def generalized_jsd_loss(
     reduction: str = "batchmean",
     num_items_in_batch: int | float | Tensor | None = None,
 ) -> Tensor:
-    r"""``GKDTrainer.generalized_jsd_loss`` on ``fk.divergence(kind="js")``: same signature, same numbers.
+    r"""``GKDTrainer.generalized_jsd_loss`` on ``fk.divergence(kind="js")``: same signature and
+    numbers.
 
     With q = softmax(student / T), p = softmax(teacher / T), m = beta p + (1 - beta) q, per row
     D = beta KL(p||m) + (1 - beta) KL(q||m); beta = 0 is KL(p||q) and beta = 1 is KL(q||p), TRL's
@@ -99,8 +104,8 @@ def selective_log_softmax(
         picked = torch.gather(logits, -1, index).to(lse.dtype) / temperature
         out = picked - lse.unsqueeze(-1)
     else:
-        raise ValueError(f"index must have shape (...) or (..., K) for logits {tuple(logits.shape)}, "
-                         f"got {tuple(index.shape)}")
+        raise ValueError(f"index must have shape (...) or (..., K) for logits "
+                         f"{tuple(logits.shape)}, got {tuple(index.shape)}")
     out = out.to(logits.dtype)
     if row_mask is not None:
         out = out.masked_fill(row_mask == 0, 0.0)
@@ -122,7 +127,7 @@ def selective_log_softmax_and_entropy(
     temperature: float = 1.0,
     row_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""TRL's ``selective_log_softmax_and_entropy`` (what GRPO/RLOO use): one ``fk.softmax_stats`` pass.
+    r"""TRL's ``selective_log_softmax_and_entropy`` on logits: one ``fk.softmax_stats`` pass.
 
     Returns (log q[index], H(q)) per row with q = softmax(logits / T), both in the logits' dtype
     and 0 where ``row_mask == 0``. Gradients flow through both (the entropy's too, unless
