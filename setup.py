@@ -89,8 +89,7 @@ setup(
     version="0.1.0",
     description="Fused GPU/CPU kernels for softmax divergences, log-sum-exp statistics and Sinkhorn",
     packages=["fdiv_kernels", "fdiv_kernels.backends", "fdiv_kernels.bench", "fdiv_kernels.transport",
-              "fdiv_kernels.distributed",
-              "fdiv_kernels.triton_kernels"],
+              "fdiv_kernels.distributed", "fdiv_kernels.integrations", "fdiv_kernels.triton_kernels"],
     package_dir={"fdiv_kernels.triton_kernels": "triton_kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
@@ -99,6 +98,8 @@ setup(
         # POT is the float64 oracle of the Sinkhorn tests; GeomLoss a peer (both torch-agnostic).
         "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0", "numpy", "matplotlib", "pot",
                  "geomloss"],
+        # The hosts fdiv_kernels.integrations plugs into (scripts/requirements-integrations.txt pins them).
+        "integrations": ["trl>=1.16", "transformers>=5", "accelerate"],
         "bench": ["matplotlib", "pytest-benchmark>=4", "pot", "geomloss"],
     },
     ext_modules=[cuda_extension() if cuda_wanted() else cpu_extension()],

@@ -5,7 +5,7 @@
     logp = fk.token_logprobs(logits, labels)          # selective log-softmax, one pass
 """
 
-from fdiv_kernels import nn
+from fdiv_kernels import losses, nn
 from fdiv_kernels.backends import common as _common  # noqa: F401  (registers fdiv::scale_rows_)
 from fdiv_kernels.backends import torch_ref as _torch_ref  # noqa: F401  (always available)
 from fdiv_kernels.dispatch import BackendUnavailableError, describe, not_supported_reasons
@@ -28,5 +28,6 @@ KINDS = tuple(DIVERGENCES)
 __all__ = [
     "BackendUnavailableError", "DIVERGENCES", "KINDS", "SinkhornResult", "SoftmaxStats",
     "describe", "divergence", "sinkhorn", "sinkhorn_divergence",
-    "entropy", "fused_linear_divergence", "fused_linear_token_logprobs", "logsumexp", "nn", "not_supported_reasons", "softmax_stats", "token_logprobs",
+    "entropy", "fused_linear_divergence", "fused_linear_token_logprobs", "logsumexp", "losses", "nn",
+    "not_supported_reasons", "softmax_stats", "token_logprobs",
 ]

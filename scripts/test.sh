@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q "setuptools>=64" wheel ninja
 python -m pip install -q --no-build-isolation -e ".[test]"
+python -m pip install -q -c scripts/constraints.txt -r scripts/requirements-integrations.txt
 python -m fdiv_kernels.info
 # Kernels run under the Triton interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1).
 python -m pytest tests -q -p no:cacheprovider "$@"

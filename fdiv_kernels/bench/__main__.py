@@ -70,8 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--modes", type=_list({"fwd", "full"}), default=["full"],
                    help="fwd (forward only) and/or full (forward + backward)")
-    p.add_argument("--peers", type=_list({"eager", "compile", "liger"}),
-                   default=["eager", "compile", "liger"])
+    p.add_argument("--peers", type=_list({"eager", "compile", "liger", "trl"}),
+                   default=["eager", "compile", "liger"],
+                   help="peers to time (default eager,compile,liger); trl: the installed TRL's "
+                        "own selective_log_softmax and chunked distillation loss")
     p.add_argument("--backends", type=_list(BACKENDS), default=None,
                    help="this library's backends to time (default: all available but torch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

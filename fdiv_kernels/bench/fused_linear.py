@@ -40,6 +40,21 @@ def _liger():
     return lambda hs, ws, ht, wt: crit(hs, ws, ht, wt)
 
 
+def _trl():
+    """TRL's DistillationTrainer loss from hidden states (trl >= 1.16), JS(0.5), as TRL calls it."""
+    if importlib.util.find_spec("trl") is None:
+        return None
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    except ImportError:
+        return None
+
+    def run(hs, ws, ht, wt):
+        mask = torch.ones(hs.shape[0], dtype=torch.long, device=hs.device)
+        return _chunked_divergence_loss(hs, ht, ws, wt, mask, beta=0.5)[0]
+    return run
+
+
 def _grad_error(fn, args) -> float:
     """Relative L2 error of d loss / d student hidden against float64."""
     hs = args[0].detach().clone().requires_grad_(True)
@@ -66,6 +81,9 @@ def fused_linear_cases(shapes, dtype, device, peers=("eager", "liger"), backends
         liger = _liger() if device.type == "cuda" and "liger" in peers else None
         if liger is not None:
             providers["liger-fused-linear-jsd"] = liger
+        trl = _trl() if "trl" in peers else None
+        if trl is not None:
+            providers["trl-chunked-divergence"] = trl
         for name, fn in providers.items():
             def setup(fn=fn, n=n, h=h, v=v):
                 hs, ws, ht, wt = _inputs(n, h, v, dtype, device)

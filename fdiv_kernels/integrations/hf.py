@@ -1,0 +1,138 @@
+"""Logit distillation from a frozen teacher in a Hugging Face ``transformers.Trainer``.
+
+``distillation_loss`` runs both models' decoders to their last hidden states and takes the
+divergence through ``fk.fused_linear_divergence`` on the lm heads, so neither model's (B, T, V)
+logits exist. ``FkDistillationTrainer`` is a ``Trainer`` whose ``compute_loss`` is that loss.
+
+Gradient accumulation and data parallelism: the loss is the sum over kept tokens divided by
+``num_items_in_batch``, the Trainer's count of label tokens over the whole accumulation window
+(and over processes with ``average_tokens_across_devices``), kept a tensor (no host sync), so
+batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+import fdiv_kernels as fk
+from fdiv_kernels.integrations._patching import require
+
+__all__ = ["FkDistillationTrainer", "distillation_loss"]
+
+_NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
+
+
+def _hidden_and_head(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Tensor, Tensor,
+                                                                         Tensor | None]:
+    """(last hidden states, lm-head weight, lm-head bias) of a causal LM, without its logits."""
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", 1.0)
+    if softcap is not None or scale not in (None, 1.0):
+        raise ValueError(
+            f"{type(model).__name__} applies a logit softcap ({softcap}) or scale ({scale}) that "
+            "fk.fused_linear_divergence does not take yet; distil such models from logits with "
+            "fk.divergence")
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder()
+    out = decoder(**{k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS})
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden, head.weight, getattr(head, "bias", None)
+
+
+def distillation_loss(
+    model: nn.Module,
+    teacher_model: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    kind: str = "kl",
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+    **kind_params: float,
+) -> Tensor:
+    r"""(1 - w) D(p_teacher || q_student) + w CE(student, labels), averaged over label tokens.
+
+    ``inputs`` is a causal-LM batch with ``labels`` (-100 = ignored, unshifted as HF passes them):
+    position i's hidden state predicts ``labels[:, i + 1]``. ``kind`` and ``kind_params``
+    (``beta``, ``alpha``, ``lam``) and ``temperature`` are ``fk.divergence``'s; ``ce_weight`` = w.
+    Divides by ``num_items_in_batch`` when given (the Trainer's token count, a tensor), else by
+    the kept tokens of this batch. The teacher runs under ``no_grad``.
+    """
+    labels = inputs["labels"]
+    hs, ws, bs = _hidden_and_head(model, inputs)
+    with torch.no_grad():
+        ht, wt, bt = _hidden_and_head(teacher_model, inputs)
+    return fk.fused_linear_divergence(
+        hs[:, :-1], ws, ht[:, :-1].detach(), wt.detach(), kind, temperature=temperature,
+        student_bias=bs, teacher_bias=None if bt is None else bt.detach(),
+        labels=labels[:, 1:], reduction="mean", ce_weight=ce_weight, chunk_size=chunk_size,
+        num_items_in_batch=num_items_in_batch, **kind_params)
+
+
+def _trainer_base():
+    return require("transformers", "transformers").Trainer
+
+
+class _LazyTrainerMeta(type):
+    """Builds the real subclass of ``transformers.Trainer`` on first use, so importing this
+    module does not import transformers."""
+
+    _cls = None
+
+    def _real(cls):
+        if cls._cls is None:
+            base = _trainer_base()
+
+            class FkDistillationTrainer(base):
+                __doc__ = _DOC
+
+                def __init__(self, *args, teacher_model: nn.Module, kind: str = "kl",
+                             temperature: float = 1.0, ce_weight: float = 0.0,
+                             kind_params: Mapping[str, float] | None = None,
+                             chunk_size: int | None = None, **kwargs) -> None:
+                    super().__init__(*args, **kwargs)
+                    self.teacher_model = teacher_model.eval().requires_grad_(False)
+                    self.teacher_model.to(self.args.device)
+                    self.kind, self.temperature, self.ce_weight = kind, temperature, ce_weight
+                    self.kind_params, self.chunk_size = dict(kind_params or {}), chunk_size
+                    # compute_loss divides by num_items_in_batch itself: have the Trainer count
+                    # it and not divide again by the accumulation steps.
+                    self.model_accepts_loss_kwargs = True
+
+                def compute_loss(self, model, inputs, return_outputs=False,
+                                 num_items_in_batch=None):
+                    loss = distillation_loss(
+                        model, self.teacher_model, inputs, kind=self.kind,
+                        temperature=self.temperature, ce_weight=self.ce_weight,
+                        num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
+                        **self.kind_params)
+                    if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                        # num_items_in_batch counts every process's tokens; DDP averages grads.
+                        loss = loss * self.accelerator.num_processes
+                    return (loss, None) if return_outputs else loss
+
+            cls._cls = FkDistillationTrainer
+        return cls._cls
+
+    def __call__(cls, *args, **kwargs):
+        return cls._real()(*args, **kwargs)
+
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, cls._real())
+
+
+_DOC = """A ``transformers.Trainer`` that distils a frozen ``teacher_model`` into ``model``.
+
+    ``FkDistillationTrainer(model=student, teacher_model=teacher, args=TrainingArguments(...),
+    train_dataset=..., kind="kl", temperature=1.0, ce_weight=0.0, kind_params={"beta": 0.5})``.
+    Its ``compute_loss`` is :func:`distillation_loss` with the Trainer's ``num_items_in_batch``.
+    """
+
+
+class FkDistillationTrainer(metaclass=_LazyTrainerMeta):
+    __doc__ = _DOC

@@ -1,0 +1,187 @@
+"""TRL drop-ins: GKD's generalized JSD, ``selective_log_softmax``, log-probs with entropy.
+
+Checked against TRL 1.16 (``tests/test_integrations_trl.py`` runs them beside TRL's own functions).
+``apply_fk_to_trl()`` rebinds TRL's names to these; no file is edited.
+
+Not here yet: a drop-in for ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (the
+DistillationTrainer's loss from hidden states). It applies per-model logit scale and softcap
+before the temperature and returns the student entropy sum and the valid count, which
+``fk.fused_linear_divergence`` cannot give yet; ``apply_fk_to_trl(distillation=True)`` says so
+and leaves that trainer on TRL's kernel. Likewise TRL 1.16's DPO and GRPO trainers take their
+log-probs and entropy from hidden states (``add_fused_lm_head`` -> ``ChunkedLogProbFunction``);
+that needs ``fk.fused_linear_token_logprobs`` (issue 13). The ``logprobs`` patch below covers
+the trainers and user code that call ``selective_log_softmax`` & co. on logits (ORPO, CPO, SDPO,
+SDFT, A2PO, TPO in ``trl.experimental``).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+from torch import Tensor
+
+import fdiv_kernels as fk
+from fdiv_kernels.integrations._patching import Patch, require
+
+__all__ = [
+    "apply_fk_to_trl", "entropy_from_logits", "generalized_jsd_loss", "selective_log_softmax",
+    "selective_log_softmax_and_entropy",
+]
+
+IGNORE_INDEX = -100  # hard-coded in TRL's GKD loss
+
+
+def generalized_jsd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    num_items_in_batch: int | float | Tensor | None = None,
+) -> Tensor:
+    r"""``GKDTrainer.generalized_jsd_loss`` on ``fk.divergence(kind="js")``: same signature and
+    numbers.
+
+    With q = softmax(student / T), p = softmax(teacher / T), m = beta p + (1 - beta) q, per row
+    D = beta KL(p||m) + (1 - beta) KL(q||m); beta = 0 is KL(p||q) and beta = 1 is KL(q||p), TRL's
+    two special cases (no T^2 factor, as in TRL). Rows whose label is -100 are dropped. Reduction,
+    in TRL's order of precedence:
+
+    - ``num_items_in_batch`` given (int or tensor, no host sync): sum over kept rows / it;
+    - ``"batchmean"``: sum / max(kept rows, 1) with labels, else sum / ``student_logits.size(0)``
+      (the batch size of a (B, T, V) input, not B*T, as TRL divides);
+    - ``"sum"``: the sum; ``"mean"``: sum / (kept rows * V), NaN when no row is kept, as in TRL;
+    - anything else: TRL returns the (rows, V) element tensor, which this cannot give without
+      materializing it; it returns the per-row divergences instead (TRL's ``.sum(-1)``): shape
+      (...) without labels, (kept rows,) with them.
+
+    The loss is float32 (TRL's is in the logits' dtype, so under bf16 this one is the more
+    accurate); gradients reach both logits in their dtypes.
+    """
+    per_row = fk.divergence(student_logits, teacher_logits, "js", beta=float(beta),
+                            temperature=temperature, labels=labels, ignore_index=IGNORE_INDEX,
+                            reduction="none")
+    kept = None if labels is None else labels != IGNORE_INDEX
+    total = per_row.sum()
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            return total / num_items_in_batch.to(device=total.device)
+        return total / num_items_in_batch
+    if reduction == "batchmean":
+        if kept is None:
+            return total / max(student_logits.size(0), 1)
+        return total / kept.sum().clamp_min(1)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        count = per_row.new_tensor(per_row.numel()) if kept is None else kept.sum()
+        return total / (count * student_logits.shape[-1])
+    return per_row if kept is None else per_row[kept]
+
+
+def selective_log_softmax(
+    logits: Tensor,
+    index: Tensor,
+    temperature: float = 1.0,
+    row_mask: Tensor | None = None,
+) -> Tensor:
+    r"""TRL's ``selective_log_softmax``: log softmax(logits / T) gathered at ``index``.
+
+    ``index`` is (...) (one token per row: ``fk.token_logprobs``, one pass, no log_softmax) or
+    (..., K) (K tokens per row: one log-sum-exp per row from ``fk.softmax_stats``, then a gather of
+    the K logits). Rows where ``row_mask == 0`` give 0. The result has ``index``'s shape and the
+    logits' dtype, as TRL's; it is computed in fp32.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if index.dim() == logits.dim() - 1:
+        out = fk.token_logprobs(logits, index, temperature=temperature)
+    elif index.dim() == logits.dim():
+        lse = fk.softmax_stats(logits, temperature=temperature).lse
+        picked = torch.gather(logits, -1, index).to(lse.dtype) / temperature
+        out = picked - lse.unsqueeze(-1)
+    else:
+        raise ValueError(f"index must have shape (...) or (..., K) for logits "
+                         f"{tuple(logits.shape)}, got {tuple(index.shape)}")
+    out = out.to(logits.dtype)
+    if row_mask is not None:
+        out = out.masked_fill(row_mask == 0, 0.0)
+    return out
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+    """TRL's ``entropy_from_logits``: -sum q log q per row, in the logits' dtype (``fk.entropy``).
+
+    ``chunk_size`` is accepted for the signature; the fused op never holds more than a row.
+    """
+    return fk.entropy(logits).to(logits.dtype)
+
+
+def selective_log_softmax_and_entropy(
+    logits: Tensor,
+    index: Tensor,
+    entropy_requires_grad: bool = True,
+    temperature: float = 1.0,
+    row_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""TRL's ``selective_log_softmax_and_entropy`` on logits: one ``fk.softmax_stats`` pass.
+
+    Returns (log q[index], H(q)) per row with q = softmax(logits / T), both in the logits' dtype
+    and 0 where ``row_mask == 0``. Gradients flow through both (the entropy's too, unless
+    ``entropy_requires_grad=False``). ``index`` is (...), one token per row.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    stats = fk.softmax_stats(logits, index, temperature=temperature)
+    logprobs, ent = stats.label_logprob.to(logits.dtype), stats.entropy.to(logits.dtype)
+    if not entropy_requires_grad:
+        ent = ent.detach()
+    if row_mask is not None:
+        logprobs = logprobs.masked_fill(row_mask == 0, 0.0)
+        ent = ent.masked_fill(row_mask == 0, 0.0)
+    return logprobs, ent
+
+
+_LOGPROB_NAMES = {
+    "selective_log_softmax": selective_log_softmax,
+    "entropy_from_logits": entropy_from_logits,
+    "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy,
+}
+
+
+def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool = True) -> Patch:
+    """Point TRL at fdiv_kernels; returns a :class:`Patch` whose ``undo()`` restores TRL.
+
+    - ``gkd``: ``GKDTrainer.generalized_jsd_loss`` (a staticmethod, called through ``self``).
+    - ``logprobs``: ``selective_log_softmax``, ``entropy_from_logits`` and
+      ``selective_log_softmax_and_entropy`` in ``trl.trainer.utils`` and in every loaded ``trl``
+      module that imported them by name (DPO/ORPO/CPO/SDPO/...); modules imported later take the
+      patched names from ``trl.trainer.utils``.
+    - ``distillation``: not available yet (see the module docstring); a warning says so.
+
+    Idempotent: a second call changes nothing (and its handle undoes nothing). Edits no file.
+    """
+    require("trl", "trl")
+    patch = Patch()
+    if gkd:
+        gkd_mod = require("trl.experimental.gkd.gkd_trainer", "trl")
+        patch.set(gkd_mod.GKDTrainer, "generalized_jsd_loss", staticmethod(generalized_jsd_loss))
+    if logprobs:
+        utils = require("trl.trainer.utils", "trl")
+        originals = {name: getattr(utils, name) for name in _LOGPROB_NAMES
+                     if getattr(utils, name, None) is not None}
+        for mod_name, mod in list(sys.modules.items()):
+            if mod is None or not (mod_name == "trl" or mod_name.startswith("trl.")):
+                continue
+            for name, original in originals.items():
+                if mod.__dict__.get(name) is original:
+                    patch.set(mod, name, _LOGPROB_NAMES[name])
+    if distillation:
+        warnings.warn(
+            "apply_fk_to_trl(distillation=True): TRL's _chunked_divergence_loss applies logit "
+            "scale/softcap and returns the student entropy, which fk.fused_linear_divergence does "
+            "not provide yet; DistillationTrainer keeps TRL's kernel", stacklevel=2)
+    return patch

@@ -1,0 +1,32 @@
+"""The integrations stay out of the core, and a missing host is named with its pip package."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def test_core_imports_no_integration_and_no_host():
+    code = ("import sys, fdiv_kernels; bad = [m for m in sys.modules if m.startswith("
+            "('fdiv_kernels.integrations', 'trl', 'transformers', 'liger_kernel'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("module,call,pip_name", [
+    ("trl", lambda: __import__("fdiv_kernels.integrations.trl", fromlist=["x"]).apply_fk_to_trl(),
+     "trl"),
+    ("liger_kernel.transformers",
+     lambda: __import__("fdiv_kernels.integrations.liger", fromlist=["x"]).apply_fk_to_liger(),
+     "liger-kernel"),
+    ("transformers",
+     lambda: __import__("fdiv_kernels.integrations.hf", fromlist=["x"]).FkDistillationTrainer(),
+     "transformers"),
+])
+def test_missing_host_names_its_pip_package(monkeypatch, module, call, pip_name):
+    import fdiv_kernels.integrations.hf as hf
+
+    monkeypatch.setattr(hf.FkDistillationTrainer, "_cls", None)   # forget a built subclass
+    monkeypatch.setitem(sys.modules, module, None)      # import of module now fails
+    with pytest.raises(ImportError, match=f"pip install {pip_name}"):
+        call()
