@@ -6,11 +6,18 @@ CUDAExtension that also holds the CUDA kernels (csrc/cuda/, compiled for TORCH_C
 default "8.0;9.0a"); FDIV_NO_CUDA=1 forces the CPU-only build. Install with
 ``pip install --no-build-isolation -e .`` so the build uses the torch already installed instead of
 fetching another one into an isolated environment.
+
+Objects are compiled (by ninja) into one persistent directory, build/temp.<platform>-<python>, for
+every way of building: ``pip install -e`` would otherwise compile in a fresh temporary directory
+each time, so the test and bench commands (scripts/) each recompiled every C++ file. ninja then
+recompiles only the sources whose text, included headers or flags changed.
 """
 
 import glob
 import os
 import platform
+import sys
+import sysconfig
 
 from setuptools import setup
 import torch
@@ -21,6 +28,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def cpu_sources() -> list:
     return sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+
+
+def headers() -> list:
+    """Every header the sources include: the build is redone when one changes (setuptools
+    otherwise compares only the .cpp/.cu files with the built library)."""
+    return sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)
+                  + glob.glob(os.path.join("csrc", "**", "*.cuh"), recursive=True))
 
 
 def cpu_extension() -> CppExtension:
@@ -39,6 +53,7 @@ def cpu_extension() -> CppExtension:
     return CppExtension(
         name="fdiv_kernels._C",
         sources=sources,
+        depends=headers(),
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],
@@ -77,11 +92,25 @@ def cuda_extension():
     return CUDAExtension(
         name="fdiv_kernels._C",
         sources=sources,
+        depends=headers(),
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
+
+
+class BuildExt(BuildExtension):
+    """torch's BuildExtension, compiling into the persistent build/temp.* directory."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        # The default name of `setup.py build_ext`, fixed for pip's editable builds too (PEP 660
+        # builds set a temporary directory here). Per platform and interpreter: objects of two
+        # Python versions never mix.
+        self.build_temp = os.path.join(
+            ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        )
 
 
 setup(
@@ -103,6 +132,6 @@ setup(
         "bench": ["matplotlib", "pytest-benchmark>=4", "pot", "geomloss"],
     },
     ext_modules=[cuda_extension() if cuda_wanted() else cpu_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    cmdclass={"build_ext": BuildExt.with_options(no_python_abi_suffix=False)},
     zip_safe=False,
 )

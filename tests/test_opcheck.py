@@ -242,3 +242,41 @@ def test_opcheck(name, request):
     op = getattr(torch.ops.fdiv, name)
     for args in SAMPLES[fam](dev, backend):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_cpp_ops_check_their_arguments(backend):
+    """The C++ ops' own checks (csrc/common/checks.h), shared by both backends: bad arguments
+    raise ValueError / TypeError naming the argument, before any kernel reads memory."""
+    if f"divergence_fwd_{backend}" not in OPS:
+        pytest.skip(f"no {backend} C++ ops in this build")
+    dev = device_for(backend)
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    div = getattr(torch.ops.fdiv, f"divergence_fwd_{backend}")
+    fwd = getattr(torch.ops.fdiv, f"softmax_stats_fwd_{backend}")
+    bwd = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{backend}")
+    s, t, valid, base, swap, param = _divergence_args(dev)
+    tail = (base, swap, param, 0.5, True, False)
+    bad_div = [
+        ((s[0], t[0], valid, *tail), ValueError, "student must be 2-D"),
+        ((s, t[:, :5], valid, *tail), ValueError, "teacher must have the shape of student"),
+        ((s, t.double(), valid, *tail), TypeError, "teacher must have the dtype of student"),
+        ((s.long(), t.long(), valid, *tail), TypeError, "student must be float32"),
+        ((s, t, valid.int(), *tail), TypeError, "valid must be bool"),
+        ((s, t, valid[:2], *tail), ValueError, "valid must have shape"),
+        ((s, t, valid, 99, swap, param, 0.5, True, False), ValueError, "kind must be a base"),
+    ]
+    for args, exc, match in bad_div:
+        with pytest.raises(exc, match=match):
+            div(*args)
+    x, labels = _stats_inputs(dev)
+    g = torch.ones(3, device=dev)
+    with pytest.raises(TypeError, match="labels must be int64 or int32"):
+        fwd(x, labels.float(), -100, 1.0, True)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        fwd(x, labels[:2], -100, 1.0, True)
+    with pytest.raises(ValueError, match="g_lse must have shape"):
+        bwd(x, None, g, g, g[:2], None, None, -100, 1.0)
+    with pytest.raises(ValueError, match="g_logprob needs labels"):
+        bwd(x, None, g, g, None, None, g, -100, 1.0)

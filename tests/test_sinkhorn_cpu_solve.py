@@ -2,8 +2,6 @@
 cost built once per problem in a per-thread scratch) and its totals op: the per-update loop of
 ``transport._solver.solve`` (same backend, forced) and the torch backend are the oracles."""
 
-import math
-
 import pytest
 import torch
 
@@ -172,18 +170,6 @@ def test_dispatch_rule():
         assert not SC.whole_solve(1, 1024, 1024, torch.float32)  # one problem: split updates
 
 
-def test_solve_and_totals_ops_pass_opcheck():
-    x, y = points(2, 6, 3, seed=61, dtype=torch.float32), points(2, 5, 3, seed=62,
-                                                                 dtype=torch.float32)
-    la = torch.full((2, 6), -math.log(6))
-    lb = torch.full((2, 5), -math.log(5))
-    torch.library.opcheck(torch.ops.fdiv.sinkhorn_solve_cpu,
-                          (x, y, None, la, lb, None, None, None, 0.5, 0, 0.0, 0.0, 20, 1e-6,
-                           1, 0.0, False))
-    torch.library.opcheck(torch.ops.fdiv.sinkhorn_totals_cpu,
-                          (x, y, None, la.exp(), lb.exp(), la, lb, 0.5, 0))
-
-
 @pytest.mark.parametrize("source", ["dense", *core.COST_KINDS])
 @pytest.mark.parametrize("reach", [(0.0, 0.0), (1.5, 0.0), (0.7, 2.0)])
 @pytest.mark.parametrize("implicit", [False, True])
@@ -220,9 +206,6 @@ def test_grads_op_fp32_and_the_backward_uses_it():
     assert gx.dtype == torch.float32
     assert_close(gx, want[0], 1e-5, 1e-7, "fp32 dx")
     assert_close(gy, want[1], 1e-5, 1e-7, "fp32 dy")
-    torch.library.opcheck(torch.ops.fdiv.sinkhorn_grads_cpu,
-                          (x, y, None, a, b, r.f, r.g, torch.ones(2), None, None, 0.3, 0, 0.0,
-                           0.0, [True, True, False, True, False]))
 
 
 @pytest.mark.parametrize("dense", [False, True])
@@ -244,5 +227,3 @@ def test_plan_apply_op_matches_torch_and_implicit_grads_use_it(dense):
                        grad="implicit", backend=backend)
         outs.append(torch.autograd.grad((r.f * vf).sum() + r.value.sum(), xr)[0])
     assert_close(outs[0], outs[1], 1e-8, 1e-10, "implicit dx")
-    torch.library.opcheck(torch.ops.fdiv.sinkhorn_plan_apply_cpu,
-                          (*src, a, b, f, g, 0.4, 0, vf, vg))

