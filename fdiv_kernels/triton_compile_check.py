@@ -151,7 +151,7 @@ def _size(v: Variant) -> tuple:
 def _values(v: Variant) -> set:
     vals = {("num_warps", v.options["num_warps"])}
     vals |= {(k, repr(x)) for k, x in v.named_constexprs().items()}
-    vals |= {("sig", tuple(sorted(v.signature.items())))}
+    vals |= {("pointers", tuple(sorted(t for t in v.signature.values() if t.startswith("*"))))}
     for labels in v.labels:
         vals |= {(k, repr(x)) for k, x in labels.items()}
     return vals
@@ -163,10 +163,8 @@ def covering_subset(variants: list[Variant]) -> list[Variant]:
     seen: dict[str, set] = {}
     out = []
     for v in sorted(variants, key=_size, reverse=True):
-        vals = {x for x in _values(v) if x[0] != "sig"} | {("dtypes", tuple(sorted(
-            t for t in v.signature.values() if t.startswith("*"))))}
-        new = vals - seen.setdefault(v.kernel, set())
-        if new:
+        vals = _values(v)
+        if vals - seen.setdefault(v.kernel, set()):
             seen[v.kernel] |= vals
             out.append(v)
     return out
@@ -307,7 +305,9 @@ def _triton_version() -> str:
 
 
 def write_table(rows: list, path: str, n_variants: int, n_compiled: int) -> None:
-    lines = [f"Triton {_triton_version()}: {n_variants} distinct launch variants; {n_compiled} "
+    lines = [f"# Triton kernel resources, {time.strftime('%Y-%m-%d')} "
+             "(`bash scripts/check_triton.sh --md PATH`: compiled, not run; no GPU)", "",
+             f"Triton {_triton_version()}: {n_variants} distinct launch variants; {n_compiled} "
              "compiled per target (the covering subset unless --all). Registers per thread, "
              "local = spilled bytes per thread, shared = static shared bytes per block.", "",
              "| kernel | arch | compiled | regs (min-max) | max local | max shared |",
