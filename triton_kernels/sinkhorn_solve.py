@@ -254,7 +254,7 @@ def sinkhorn_solve(x, y, cost, log_a, log_b, f0, g0, eps0, eps: float, kind: int
     return f, g, n_iter, err
 
 
-def launch_variants(sizes=((10, 12), (50, 40), (300, 256), (10, 200)), dims=(3, 64),
+def launch_variants(sizes=((10, 12), (20, 30), (50, 40), (300, 256), (10, 200)), dims=(3, 64),
                     dtypes=(torch.float32, torch.bfloat16, torch.float16)):
     """Every launch of ``sinkhorn_solve`` per cost kind (and a dense cost) x alternating /
     symmetric x problem size (the tile sides ``_block`` picks) x point dimension x dtype (float64
