@@ -59,9 +59,10 @@ step() {
 arch=""
 [ -n "$cap" ] && arch="$cap" && case "$cap" in 9.0|10.0|10.3|12.0) arch="${cap}a" ;; esac
 
-step build "$T_BUILD" env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
-  python -m pip install -q --no-build-isolation -e .
-step tests "$T_TESTS" env TRITON_INTERPRET=0 python -m pytest tests/test_gpu.py -q -x \
+# Then fdiv_kernels.info: what was built and what each backend can do on this machine.
+step build "$T_BUILD" bash -c "TORCH_CUDA_ARCH_LIST='$arch' MAX_JOBS=$(nproc) \
+  python -m pip install -q --no-build-isolation -e . && python -m fdiv_kernels.info"
+step tests "$T_TESTS" env TRITON_INTERPRET=0 python -m pytest tests/test_gpu.py -q -rf \
   -p no:cacheprovider
 SAN=""
 for cand in "$(command -v compute-sanitizer || true)" /usr/local/cuda/bin/compute-sanitizer \

@@ -161,7 +161,8 @@ def launch_variants(sizes=((10, 12), (300, 200)), dims=(3, 64),
                                              torch.ones(2, dtype=ht), _ids.SQEUCLIDEAN,
                                              kind == "dense_t", active)
                             else:
-                                x, y = torch.randn(2, n, D, dtype=dt), torch.randn(2, m, D, dtype=dt)
+                                x = torch.randn(2, n, D, dtype=dt)
+                                y = torch.randn(2, m, D, dtype=dt)
                                 sinkhorn_lse(x, y, None, h, torch.ones(2, dtype=ht), kind, False,
                                              active)
                         yield {"cost": kind, "dtype": str(dt).removeprefix("torch."), "D": D,

@@ -254,7 +254,7 @@ def sinkhorn_solve(x, y, cost, log_a, log_b, f0, g0, eps0, eps: float, kind: int
     return f, g, n_iter, err
 
 
-def launch_variants(sizes=((10, 12), (50, 40), (300, 256), (10, 200)), dims=(3, 64),
+def launch_variants(sizes=((10, 12), (20, 30), (50, 40), (300, 256), (10, 200)), dims=(3, 64),
                     dtypes=(torch.float32, torch.bfloat16, torch.float16)):
     """Every launch of ``sinkhorn_solve`` per cost kind (and a dense cost) x alternating /
     symmetric x problem size (the tile sides ``_block`` picks) x point dimension x dtype (float64
@@ -272,7 +272,8 @@ def launch_variants(sizes=((10, 12), (50, 40), (300, 256), (10, 200)), dims=(3, 
                                 x = y = None
                                 cost, kind = torch.rand(2, n, m, dtype=dt), _ids.SQEUCLIDEAN
                             else:
-                                x, y = torch.randn(2, n, D, dtype=dt), torch.randn(2, m, D, dtype=dt)
+                                x = torch.randn(2, n, D, dtype=dt)
+                                y = torch.randn(2, m, D, dtype=dt)
                                 cost = None
                             sinkhorn_solve(x, y, cost, la, lb, None, None, None, 0.1, kind, 0.0,
                                            0.0, 10, 1e-3, 1, 0.5, symmetric)

@@ -66,7 +66,7 @@ FDIV_INLINE void plan_pass(const T* c, int64_t ldc, const T* a, const T* b, cons
       qi[j] = ai * wb;
     }
     roww[i] = rw;
-    if (kind == 1) {
+    if (kind == EUCLIDEAN) {
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) qi[j] = ci[j] > T(0) ? qi[j] / (T(2) * ci[j]) : T(0);
     }
@@ -120,7 +120,7 @@ void point_grads(const T* q, const at::Tensor& x, const at::Tensor& y, int64_t k
                  at::Tensor gx, at::Tensor gy) {
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
   const at::Tensor Q = at::from_blob(const_cast<T*>(q), {n, m}, x.options());
-  if (kind == 2) {  // L1: sign(x_ik - y_jk), no GEMM form
+  if (kind == L1) {  // L1: sign(x_ik - y_jk), no GEMM form
     const T *x_ = x.data_ptr<T>(), *y_ = y.data_ptr<T>();
     T* gx_ = gx.defined() ? gx.data_ptr<T>() : nullptr;
     T* gy_ = gy.defined() ? gy.data_ptr<T>() : nullptr;
@@ -140,10 +140,10 @@ void point_grads(const T* q, const at::Tensor& x, const at::Tensor& y, int64_t k
     }
     return;
   }
-  if (kind == 0 || kind == 1) {  // 2 (Q 1 x - Q y); kind 1 has Q / (2c) in q
+  if (kind == SQEUCLIDEAN || kind == EUCLIDEAN) {  // 2 (Q 1 x - Q y); kind 1 has Q / (2c) in q
     if (gx.defined()) gx.copy_(2 * (Q.sum(1, true) * x - at::mm(Q, y)));
     if (gy.defined()) gy.copy_(2 * (Q.sum(0).unsqueeze(1) * y - at::mm(Q.t(), x)));
-  } else if (kind == 3) {  // -x.y
+  } else if (kind == DOT) {  // -x.y
     if (gx.defined()) gx.copy_(-at::mm(Q, y));
     if (gy.defined()) gy.copy_(-at::mm(Q.t(), x));
   } else {  // cosine: 1 - xh.yh through xh = x / max(|x|, 1e-12), as F.normalize

@@ -43,7 +43,7 @@ FDIV_INLINE void points_item(const A* x, const A* yT, const T* xx, const T* yy, 
     const int64_t lenp = std::min(kJC, mp - j0);
     for (int64_t r0 = 0; r0 < rb; r0 += kR)
       for (int64_t jj = 0; jj < lenp; jj += mc) {
-        if (kind == 2) micro<true>(x + r0 * d, d, yT + j0 + jj, mp, tile + r0 * kJC + jj, kJC);
+        if (kind == L1) micro<true>(x + r0 * d, d, yT + j0 + jj, mp, tile + r0 * kJC + jj, kJC);
         else micro<false>(x + r0 * d, d, yT + j0 + jj, mp, tile + r0 * kJC + jj, kJC);
       }
     for (int64_t r = 0; r < rows; ++r) {
@@ -190,7 +190,7 @@ at::Tensor sinkhorn_lse_cpu(const std::optional<at::Tensor>& x_in,
     TORCH_CHECK_VALUE(x.dim() == 3 && y.dim() == 3 && x.size(0) == B && y.size(0) == B &&
                           x.size(2) == y.size(2) && y.size(1) == mr,
                       "x (B, n, d), y (B, m, d) and h (B, m) do not match");
-    TORCH_CHECK_VALUE(kind >= 0 && kind <= 4, "unknown cost kind ", kind);
+    TORCH_CHECK_VALUE(kind >= 0 && kind < kNumCosts, "unknown cost kind ", kind);
     const int64_t n = x.size(1);
     out = at::empty({B, n}, h.options());
     if (out.numel() == 0) return out.to(h_in.scalar_type());

@@ -28,7 +28,7 @@ FDIV_INLINE void build_cost(const T* xp, const T* yT, const T* xx, const T* yy, 
   const int64_t mc = micro_cols<T>();
   for (int64_t r0 = 0; r0 < np; r0 += kR)
     for (int64_t j0 = 0; j0 < mp; j0 += mc) {
-      if (kind == 2) micro<true>(xp + r0 * d, d, yT + j0, mp, tile + r0 * mp + j0, mp);
+      if (kind == L1) micro<true>(xp + r0 * d, d, yT + j0, mp, tile + r0 * mp + j0, mp);
       else micro<false>(xp + r0 * d, d, yT + j0, mp, tile + r0 * mp + j0, mp);
     }
   for (int64_t i = 0; i < n; ++i) finish_cost(tile + i * mp, m, kind, xx[i], yy);
@@ -72,7 +72,7 @@ CostSource cost_source(const std::optional<at::Tensor>& x_in, const std::optiona
   TORCH_CHECK_VALUE(x.dim() == 3 && y.dim() == 3 && x.size(0) == B && y.size(0) == B &&
                         x.size(1) == n && y.size(1) == m && x.size(2) == y.size(2),
                     "x (B, n, d), y (B, m, d) and the weights do not match");
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= 4, "unknown cost kind ", kind);
+  TORCH_CHECK_VALUE(kind >= 0 && kind < kNumCosts, "unknown cost kind ", kind);
   src.d = x.size(2);
   if (src.d * n * m < kTinyMacs) src.dense = pairwise_cost(x, y, kind).contiguous();
   else if (ct == at::kDouble) src.pts = pad_points<double>(x, y, kind);

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 
+#include "common/ids.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
 
@@ -103,17 +104,17 @@ FDIV_INLINE void fold_block(const T* c, const T* h, T ei, int64_t len, OnlineSof
 // 4 cosine (points normalized beforehand).
 template <class T>
 FDIV_INLINE void finish_cost(T* c, int64_t len, int64_t kind, T xx, const T* yy) {
-  if (kind == 0 || kind == 1) {
+  if (kind == SQEUCLIDEAN || kind == EUCLIDEAN) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
       T sq = xx + yy[j] - T(2) * c[j];
       sq = sq > T(0) ? sq : T(0);
-      c[j] = kind == 0 ? sq : (sq > T(0) ? std::sqrt(sq) : T(0));
+      c[j] = kind == SQEUCLIDEAN ? sq : (sq > T(0) ? std::sqrt(sq) : T(0));
     }
-  } else if (kind == 3) {
+  } else if (kind == DOT) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) c[j] = -c[j];
-  } else if (kind == 4) {
+  } else if (kind == COSINE) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) c[j] = T(1) - c[j];
   }
@@ -184,15 +185,15 @@ FDIV_INLINE void dense_cols_item(const T* c, const T* h, T ei, int64_t n, int64_
 
 // transport._solver.pairwise_cost, op for op (same roundings).
 inline at::Tensor pairwise_cost(const at::Tensor& x, const at::Tensor& y, int64_t kind) {
-  if (kind == 0 || kind == 1) {
+  if (kind == SQEUCLIDEAN || kind == EUCLIDEAN) {
     const at::Tensor sq = ((x * x).sum(-1).unsqueeze(2) + (y * y).sum(-1).unsqueeze(1) -
                            2 * at::bmm(x, y.transpose(1, 2)))
                               .clamp_min(0);
-    if (kind == 0) return sq;
+    if (kind == SQEUCLIDEAN) return sq;
     return at::where(sq > 0, sq.clamp_min(1e-30).sqrt(), at::zeros_like(sq));
   }
-  if (kind == 2) return at::cdist(x, y, 1);
-  if (kind == 3) return -at::bmm(x, y.transpose(1, 2));
+  if (kind == L1) return at::cdist(x, y, 1);
+  if (kind == DOT) return -at::bmm(x, y.transpose(1, 2));
   const at::Tensor xn = x / x.norm(2, {-1}, true).clamp_min(1e-12).expand_as(x);
   const at::Tensor yn = y / y.norm(2, {-1}, true).clamp_min(1e-12).expand_as(y);
   return 1 - at::bmm(xn, yn.transpose(1, 2));
@@ -214,7 +215,7 @@ inline PaddedPoints pad_points(const at::Tensor& x, const at::Tensor& y, int64_t
   p.np = (n + kRB - 1) / kRB * kRB;
   p.mp = std::max<int64_t>(mc, (m + mc - 1) / mc * mc);
   at::Tensor xs = x, ys = y;
-  if (kind == 4) {
+  if (kind == COSINE) {
     xs = xs / xs.norm(2, {-1}, true).clamp_min(1e-12);
     ys = ys / ys.norm(2, {-1}, true).clamp_min(1e-12);
   }
@@ -225,7 +226,7 @@ inline PaddedPoints pad_points(const at::Tensor& x, const at::Tensor& y, int64_t
   p.yT.narrow(2, 0, m).copy_(ys.transpose(1, 2));
   p.xx = at::zeros({B, p.np}, x.options());
   p.yy = at::zeros({B, p.mp}, x.options());
-  if (kind == 0 || kind == 1) {
+  if (kind == SQEUCLIDEAN || kind == EUCLIDEAN) {
     p.xx.narrow(1, 0, n).copy_((xs * xs).sum(-1));
     p.yy.narrow(1, 0, m).copy_((ys * ys).sum(-1));
   }

@@ -79,7 +79,7 @@ FDIV_INLINE void build_cost(const T* x, const T* yT, const T* xx, const T* yy, i
     for (int64_t k = 0; k < d; ++k) {
       const T xk = x[i * d + k];
       const T* yk = yT + k * m;
-      if (kind == 2) {
+      if (kind == L1) {
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) ci[j] += std::abs(xk - yk[j]);
       } else {
@@ -316,7 +316,7 @@ void points_grads(const T* x, const T* y, T* cbar, const T* c, int64_t n, int64_
                   int64_t kind, T* gx, T* gy) {
   for (int64_t i = 0; i < n * d; ++i) if (gx) gx[i] = T(0);
   for (int64_t j = 0; j < m * d; ++j) if (gy) gy[j] = T(0);
-  if (kind == 2) {
+  if (kind == L1) {
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < m; ++j) {
         const T w = cbar[i * m + j];
@@ -329,9 +329,9 @@ void points_grads(const T* x, const T* y, T* cbar, const T* c, int64_t n, int64_
       }
     return;
   }
-  if (kind == 1)  // sqrt(sq): dC = dsq / (2 C), 0 where C = 0 (as pairwise_cost's where)
+  if (kind == EUCLIDEAN)  // sqrt(sq): dC = dsq / (2 C), 0 where C = 0 (as pairwise_cost's where)
     for (int64_t e = 0; e < n * m; ++e) cbar[e] = c[e] > 0 ? cbar[e] / (T(2) * c[e]) : T(0);
-  if (kind == 0 || kind == 1) {  // d|x - y|^2 = 2 (x - y)
+  if (kind == SQEUCLIDEAN || kind == EUCLIDEAN) {  // d|x - y|^2 = 2 (x - y)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < m; ++j) {
         const T w = T(2) * cbar[i * m + j];
@@ -345,7 +345,7 @@ void points_grads(const T* x, const T* y, T* cbar, const T* c, int64_t n, int64_
   }
   // dot and cosine: dC/dxn_i = -yn_j (cosine then projects through the normalization).
   std::vector<T> xn(x, x + n * d), yn(y, y + m * d), nx(size_t(n), T(1)), ny(size_t(m), T(1));
-  if (kind == 4) {
+  if (kind == COSINE) {
     for (int64_t i = 0; i < n; ++i) {
       T s = 0;
       for (int64_t k = 0; k < d; ++k) s += x[i * d + k] * x[i * d + k];
@@ -367,7 +367,7 @@ void points_grads(const T* x, const T* y, T* cbar, const T* c, int64_t n, int64_
         if (gy) gy[j * d + k] -= w * xn[i * d + k];
       }
     }
-  if (kind != 4) return;
+  if (kind != COSINE) return;
   // x / max(|x|, 1e-12): the projection (I - xn xn^T) / |x| above the clamp, 1 / 1e-12 below.
   auto project = [&](T* gr, const T* pn, const T* nrm, int64_t rows) {
     for (int64_t i = 0; i < rows; ++i) {
@@ -427,7 +427,7 @@ Inputs prepare(const std::optional<at::Tensor>& x, const std::optional<at::Tenso
     TORCH_CHECK_VALUE(in.x.dim() == 3 && in.y.dim() == 3 && in.x.size(0) == in.y.size(0) &&
                           in.x.size(2) == in.y.size(2),
                       "x (B, n, d) and y (B, m, d) do not match: ", in.x.sizes(), in.y.sizes());
-    TORCH_CHECK_VALUE(kind >= 0 && kind <= 4, "unknown cost kind ", kind);
+    TORCH_CHECK_VALUE(kind >= 0 && kind < kNumCosts, "unknown cost kind ", kind);
     in.B = in.x.size(0), in.n = in.x.size(1), in.m = in.y.size(1), in.d = in.x.size(2);
   }
   if (a) {
@@ -499,7 +499,7 @@ struct Scratch {
     const T* y = in.y.data_ptr<T>() + bi * m * d;
     std::copy(x, x + n * d, xs.begin());
     std::copy(y, y + m * d, ys.begin());
-    if (kind == 4) {
+    if (kind == COSINE) {
       normalize(xs.data(), n, d);
       normalize(ys.data(), m, d);
     }
