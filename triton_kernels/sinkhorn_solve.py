@@ -11,7 +11,8 @@ lc = LSE_i(la_i + f_i / ev - C_ij / ev) and t = tau ev, tau = rho / (rho + ev) (
                  points left out; NaN counts as +inf (never converged)
 
 one iteration per eps-scaling level ev_k = max(eps, eps0 scaling^k) (the (levels, B) table of
-``transport._solver.eps_schedule``, the one schedule every backend reads), then at eps until the error, checked every
+``transport._solver.eps_schedule``, the one schedule every backend reads), then at eps until the
+error, checked every
 ``check_every`` iterations from the row LSE of the next update, is <= tol or ``max_iter``
 iterations ran. A converged problem stops on its own (a scalar while loop, no host sync).
 
@@ -69,7 +70,8 @@ def _lse_pass(
             v = tl.where(mask_j[:, None], h[:, None] - c * eps_inv, float("-inf"))
             run_m, run_s = online_update(run_m, run_s, v)
         # A row with nothing folded in is -inf, without log(0) (as the per-update kernel).
-        seen = (run_s > 0) | (run_m == float("inf"))
+        # A NaN sum stays NaN (a NaN problem is then reported not converged).
+        seen = (run_s > 0) | (run_m == float("inf")) | (run_s != run_s)  # noqa: PLR0124
         lse = tl.where(seen, finalize_lse(run_m, tl.where(seen, run_s, 1.0)), float("-inf"))
         tl.store(out_ptr + offs_i, scale * lse, mask=mask_i)
 
