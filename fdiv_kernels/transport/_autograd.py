@@ -90,7 +90,7 @@ class UnrolledFunction(torch.autograd.Function):
     def backward(ctx, g_value, g_lin, g_f, g_g, _err):
         x, y, cost, a, b, tape = ctx.saved_tensors
         need = ctx.needs_input_grad[1:]
-        grads = ops_for(ctx.backend).unrolled_bwd(x, y, cost, a, b, tape, g_value, g_lin, g_f, g_g, *ctx.cfg,
-                                     list(need[:5]))
+        grads = ops_for(ctx.backend).unrolled_bwd(x, y, cost, a, b, tape, g_value, g_lin, g_f,
+                                                  g_g, *ctx.cfg, list(need[:5]))
         return (None, *(t if w else None for t, w in zip(grads, need[:7])),
                 None, None, None, None, None, None)

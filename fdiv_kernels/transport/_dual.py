@@ -178,35 +178,3 @@ def dual_grads(x, y, cost, a, b, f, g, eps, kind, rho_a, rho_b, g_value, lam_f, 
             return -eps * (p * w).sum()
         acc(plan_term, wanted)
     return grads
-    lam_f = torch.zeros_like(f) if lam_f is None else lam_f
-    lam_g = torch.zeros_like(g) if lam_g is None else lam_g
-    gv = g_value.to(ctype)
-
-    def acc(scalar, inputs_idx):
-        ins = [leaves[i] for i in inputs_idx]
-        outs = torch.autograd.grad(scalar, ins, allow_unused=True)
-        for i, d in zip(inputs_idx, outs):
-            if d is not None:
-                grads[i] = grads[i] + d
-
-    with torch.enable_grad():
-        # Separable terms: g_V (<a, phi(f)> + <b, phi(g)> + eps sum a sum b)
-        #                  + eps (<lam_f, a phi'(f)> + <lam_g, b phi'(g)>)
-        sep_idx = [i for i in (3, 4) if i in wanted]
-        if sep_idx:
-            s = (gv * ((aa * phi(f, rho_a)).sum(-1) + (bb * phi(g, rho_b)).sum(-1)
-                       + eps * aa.sum(-1) * bb.sum(-1))).sum()
-            s = s + eps * ((lam_f * aa * dphi(f, rho_a)).sum() + (lam_g * bb * dphi(g, rho_b)).sum())
-            acc(s, sep_idx)
-        B, n = f.shape
-        for rows in row_chunks(n, B * g.shape[1]):
-            xr = xx[:, rows] if xx is not None else None
-            cr = cc[:, rows] if cc is not None else None
-            c = (cr.to(ctype) if cr is not None else pairwise_cost(xr, yy, kind))
-            p = (aa[:, rows, None] * bb[:, None, :]
-                 * torch.exp((f[:, rows, None] + g[:, None, :] - c) / eps))
-            # -eps g_V sum P - eps (<lam_f, P 1> + <lam_g, P^T 1>)
-            w = gv[:, None, None] + lam_f[:, rows, None] + lam_g[:, None, :]
-            s = -eps * (p * w).sum()
-            acc(s, wanted)
-    return grads

@@ -36,7 +36,8 @@ class SinkhornResult:
 
     value: the entropic OT value <C, P> + eps KL(P | a x b) (+ the reach terms), i.e. the dual at
     (f, g), differentiable (per ``grad``). cost: the transport cost <C, P>, differentiable only
-    with grad="unrolled" (elsewhere it does not require grad: backward through it raises). f, g: the potentials, P = a b exp((f + g - C) / eps); differentiable
+    with grad="unrolled" (elsewhere it does not require grad: backward through it raises).
+    f, g: the potentials, P = a b exp((f + g - C) / eps); differentiable
     with grad="unrolled" or "implicit". marginal_error: sum_i |(P 1)_i - target_i| (plus the
     column error with symmetric updates). converged: marginal_error <= tol.
     """
@@ -93,8 +94,8 @@ def sinkhorn(
     Give either a dense ``cost`` (B, n, m) / (n, m) (any float dtype; fp32 accumulation), or
     point clouds ``x`` (B, n, d), ``y`` (B, m, d) with ``cost_fn`` one of "sqeuclidean"
     (|x - y|^2, as ``ot.dist``; the default), "euclidean", "l1", "dot" (-<x, y>), "cosine"
-    (1 - cos): then the cost is computed on the fly, never held beyond a (B, rows, m) chunk. ``a`` (B, n), ``b``
-    (B, m): non-negative weights, uniform by default; zero weights exclude points exactly.
+    (1 - cos): then the cost is computed on the fly, never held beyond a (B, rows, m) chunk.
+    ``a`` (B, n), ``b`` (B, m): non-negative weights, uniform by default; zero weights exclude points exactly.
     Balanced OT (reach=None) needs each to sum to 1; ``reach`` rho (a number, or a pair for
     (a, b), None on one side keeps it hard) relaxes the marginals by rho KL(P 1 | a).
 
@@ -210,7 +211,8 @@ def sinkhorn_divergence(
         S = OT(a, b) - (OT(a, a) + OT(b, b)) / 2 [+ eps (m(a) - m(b))^2 / 2 when unbalanced],
 
     with OT the entropic value (``sinkhorn(...).value``); 0 when x = y and a = b. All three
-    terms use symmetric (averaged) updates unless ``symmetric=False`` is given. ``debias=False`` gives OT(a, b). Other keywords go to ``sinkhorn``.
+    terms use symmetric (averaged) updates unless ``symmetric=False`` is given.
+    ``debias=False`` gives OT(a, b). Other keywords go to ``sinkhorn``.
     """
     if not isinstance(debias, bool):
         raise TypeError(f"debias must be a bool, got {type(debias).__name__}")
