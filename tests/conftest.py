@@ -72,8 +72,11 @@ def backend_cfg_fixture(backends: list[str], kernel_module: str):
 
 
 def assert_close(actual, expected, tol, what=""):
+    """``actual`` matches ``expected`` (tensors or numbers, compared in float64) within
+    ``tol = (rtol, atol)``."""
     rtol, atol = tol
     torch.testing.assert_close(
-        actual.to(torch.float64), expected.to(torch.float64), rtol=rtol, atol=atol,
+        torch.as_tensor(actual, dtype=torch.float64),
+        torch.as_tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol,
         equal_nan=True, msg=lambda m: f"{what}: {m}",
     )
