@@ -41,8 +41,8 @@ TORCH_LIBRARY(fdiv, m) {
       "bool transpose, Tensor? active) -> Tensor");
   m.def(
       "sinkhorn_solve_cpu(Tensor? x, Tensor? y, Tensor? cost, Tensor log_a, Tensor log_b, "
-      "Tensor? f0, Tensor? g0, Tensor? eps0, float eps, int kind, float rho_a, float rho_b, "
-      "int max_iter, float tol, int check_every, float scaling, bool symmetric) "
+      "Tensor? f0, Tensor? g0, Tensor? eps_levels, float eps, int kind, float rho_a, "
+      "float rho_b, int max_iter, float tol, int check_every, bool symmetric) "
       "-> (Tensor f, Tensor g, Tensor n_iter, Tensor err)");
   m.def(
       "sinkhorn_totals_cpu(Tensor? x, Tensor? y, Tensor? cost, Tensor a, Tensor b, Tensor f, "

@@ -16,7 +16,7 @@ SKEW_KL = 6
 JEFFREYS = 7
 NUM_BASES = 8
 
-# Sinkhorn ground costs (``fdiv_kernels.transport._solver.COST_KINDS``).
+# Sinkhorn ground costs (``fdiv_kernels.transport._costs.COST_KINDS``).
 SQEUCLIDEAN = 0
 EUCLIDEAN = 1
 L1 = 2

@@ -45,7 +45,9 @@ def check_real(name: str, value: object, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v) or (positive and v <= 0):
+    # Comparisons, not math.isfinite: they also trace on a symbolic float (torch.compile with
+    # dynamic=True); NaN fails both.
+    if not -math.inf < v < math.inf or (positive and v <= 0):
         raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {v}")
     return v
 

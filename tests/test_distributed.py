@@ -21,10 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import GRAD_TOL, LOSS_TOL
 
-try:  # main moved the shared test helpers from conftest into tests/helpers.py
-    from helpers import assert_close
-except ImportError:
-    from conftest import assert_close
+from helpers import assert_close
 from reference import divergence_with_grads, logits
 
 import fdiv_kernels as fk

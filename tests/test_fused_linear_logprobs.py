@@ -3,7 +3,8 @@ entropy), forward and backward through both outputs, with the logit transforms."
 
 import pytest
 import torch
-from conftest import STATS_BACKENDS, assert_close
+from conftest import STATS_BACKENDS
+from helpers import assert_close
 from reference import logits
 
 import fdiv_kernels as fk

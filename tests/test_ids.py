@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fdiv_kernels import _ids
 from fdiv_kernels._kinds import DIVERGENCES
-from fdiv_kernels.transport._solver import COST_KINDS
+from fdiv_kernels.transport._costs import COST_KINDS
 
 HEADER = Path(__file__).resolve().parents[1] / "csrc" / "common" / "ids.h"
 

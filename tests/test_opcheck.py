@@ -139,8 +139,13 @@ def _sinkhorn_fwd(dev, backend):
 
 
 def _sinkhorn_solve(dev, backend):
+    from fdiv_kernels.transport._solver import eps_schedule
+
     x, y, la, lb = _sinkhorn_inputs(dev)
-    return [(x, y, None, la, lb, None, None, None, 0.5, 0, 0.0, 0.0, 20, 1e-6, 1, 0.0, False)]
+    # Without and with an eps-scaling table (levels, B) of the one host-side schedule.
+    levels = eps_schedule(torch.tensor([8.0, 3.0], device=dev), 0.5, 0.5, torch.float32)
+    return [(x, y, None, la, lb, None, None, None, 0.5, 0, 0.0, 0.0, 20, 1e-6, 1, False),
+            (x, y, None, la, lb, None, None, levels, 0.5, 0, 0.0, 0.0, 20, 1e-6, 1, False)]
 
 
 def _sinkhorn_totals(dev, backend):

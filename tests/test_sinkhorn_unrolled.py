@@ -2,29 +2,23 @@
 against the checkpointed torch loop it replaces (``backend="torch"``, the spec), float64 unless
 stated; float64 gradcheck; fp32 / bf16 inputs; the SinKD loss against a plain eager loop."""
 
-import importlib
 import math
 
 import pytest
 import torch
+from helpers import F64, assert_close, points
 from reference import logits
 
-from fdiv_kernels.transport import _solver as core
+import fdiv_kernels as fk
 from fdiv_kernels.dispatch import BackendUnavailableError, select
-
-S = importlib.import_module("fdiv_kernels.transport._sinkhorn")
-F64 = torch.float64
+from fdiv_kernels.transport import _dual, _registry, _unrolled
+from fdiv_kernels.transport._costs import COST_KINDS, pairwise_cost
 
 try:
     select("cpu", torch.empty(1), "sinkhorn_fwd")
-    from fdiv_kernels.transport._unrolled import UnrolledCpuFunction, unrolled_cpu
-except (BackendUnavailableError, ImportError, AttributeError) as e:  # not built
+    assert _registry.ops_for("cpu").unrolled_fwd is not None
+except (BackendUnavailableError, ImportError, AssertionError) as e:  # not built
     pytest.skip(f"the cpu backend's unrolled op is unavailable: {e}", allow_module_level=True)
-
-
-def points(B, n, d, seed, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, n, d, generator=g, dtype=F64).to(dtype)
 
 
 def weights(B, n, seed, zero=()):
@@ -35,21 +29,16 @@ def weights(B, n, seed, zero=()):
     return w / w.sum(-1, keepdim=True)
 
 
-def close(a, b, rtol, atol, what):
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
-
-
 def run(backend, src, a, b, wants, seed=0, **kw):
     """Outputs and gradients of a random linear form of (value, cost, f, g) w.r.t. ``wants``."""
     leaves = {k: v.detach().clone().requires_grad_(k in wants) for k, v in src.items()}
     la = a.clone().requires_grad_("a" in wants)
     lb = b.clone().requires_grad_("b" in wants)
-    r = S.sinkhorn(**leaves, a=la, b=lb, grad="unrolled", tol=0.0, backend=backend, **kw)
+    r = fk.sinkhorn(**leaves, a=la, b=lb, grad="unrolled", tol=0.0, backend=backend, **kw)
     if backend == "cpu":  # routed to the fused op (through a select for an unbatched call)
         fn = r.value.grad_fn
         fn = fn if src[next(iter(src))].dim() == 3 else fn.next_functions[0][0]
-        assert type(fn).__name__ == "UnrolledCpuFunctionBackward"
+        assert type(fn).__name__ == "UnrolledFunctionBackward"
     g = torch.Generator().manual_seed(seed)
     w = [torch.randn(t.shape, generator=g, dtype=F64) for t in (r.value, r.cost, r.f, r.g)]
     loss = sum((wi * t.double()).sum() for wi, t in zip(w, (r.value, r.cost, r.f, r.g)))
@@ -66,7 +55,7 @@ def compare(src, a, b, wants, rtol=1e-9, atol=1e-11, skip=(), **kw):
     ours, ref = run("cpu", src, a, b, wants, **kw), run("torch", src, a, b, wants, **kw)
     for k in ours:
         if k not in skip:
-            close(ours[k], ref[k], rtol, atol, k)
+            assert_close(ours[k], ref[k], (rtol, atol), k)
     return ours, ref
 
 
@@ -74,7 +63,7 @@ def compare(src, a, b, wants, rtol=1e-9, atol=1e-11, skip=(), **kw):
 SHAPES = [(3, 7, 5, 3), (2, 1, 6, 2), (2, 6, 1, 3)]
 
 
-@pytest.mark.parametrize("cost_fn", list(core.COST_KINDS))
+@pytest.mark.parametrize("cost_fn", list(COST_KINDS))
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("reach", [None, (1.0, 0.5)])
 def test_points_match_torch_loop(cost_fn, symmetric, reach):
@@ -89,7 +78,7 @@ def test_points_match_torch_loop(cost_fn, symmetric, reach):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_dense_cost_and_sizes_match_torch_loop(shape, symmetric):
     B, n, m, d = shape
-    cost = core.pairwise_cost(points(B, n, d, 5), points(B, m, d, 6), 0)
+    cost = pairwise_cost(points(B, n, d, 5), points(B, m, d, 6), 0)
     compare({"cost": cost}, weights(B, n, 7), weights(B, m, 8), ("cost", "a", "b"),
             epsilon=0.3, max_iter=5, symmetric=symmetric)
     compare({"x": points(B, n, d, 5), "y": points(B, m, d, 6)}, weights(B, n, 7),
@@ -101,7 +90,7 @@ def test_zero_iterations_unbatched_and_noncontiguous():
     x, y = points(1, 5, 2, 9)[0], points(1, 4, 2, 10)[0]
     compare({"x": x, "y": y}, weights(1, 5, 11)[0], weights(1, 4, 12)[0], ("x", "y", "a"),
             epsilon=0.4, max_iter=0)
-    cost = core.pairwise_cost(points(2, 6, 3, 13), points(2, 5, 3, 14), 2).transpose(1, 2)
+    cost = pairwise_cost(points(2, 6, 3, 13), points(2, 5, 3, 14), 2).transpose(1, 2)
     compare({"cost": cost}, weights(2, 5, 15), weights(2, 6, 16), ("cost", "b"), epsilon=0.3,
             max_iter=4, cost_fn="l1")
 
@@ -115,11 +104,11 @@ def test_zero_weights(symmetric):
     a, b = weights(B, n, 19, zero=[(0, 2), (1, 5)]), weights(B, m, 20, zero=[(1, 0)])
     ours, ref = compare({"x": x, "y": y}, a, b, ("x", "y", "a", "b"), skip=("d/da", "d/db"),
                         epsilon=0.3, max_iter=5, symmetric=symmetric)
-    close(ours["d/da"][a > 0], ref["d/da"][a > 0], 1e-9, 1e-11, "d/da (a > 0)")
-    close(ours["d/db"][b > 0], ref["d/db"][b > 0], 1e-9, 1e-11, "d/db (b > 0)")
+    assert_close(ours["d/da"][a > 0], ref["d/da"][a > 0], (1e-9, 1e-11), "d/da (a > 0)")
+    assert_close(ours["d/db"][b > 0], ref["d/db"][b > 0], (1e-9, 1e-11), "d/db (b > 0)")
 
     def lin(av):
-        return unrolled_cpu(x, y, None, av, b, None, None, 0.3, 0, 0.0, 0.0, 5, symmetric)[1]
+        return _unrolled.fused("cpu", x, y, None, av, b, None, None, 0.3, 0, 0.0, 0.0, 5, symmetric)[1]
 
     ar = a.clone().requires_grad_()
     (da,) = torch.autograd.grad(lin(ar).sum(), ar)
@@ -128,7 +117,7 @@ def test_zero_weights(symmetric):
         ap = a.clone()
         ap[i, j] = h
         fd = (lin(ap)[i] - lin(a)[i]) / h
-        close(da[i, j], fd, 1e-5, 1e-8, f"one-sided d/da at a zero weight {(i, j)}")
+        assert_close(da[i, j], fd, (1e-5, 1e-8), f"one-sided d/da at a zero weight {(i, j)}")
 
 
 def test_warm_start_gradients_match_torch_loop():
@@ -141,19 +130,19 @@ def test_warm_start_gradients_match_torch_loop():
         for impl in ("ours", "loop"):
             fr, gr = f0.clone().requires_grad_(), g0.clone().requires_grad_()
             if impl == "ours":
-                _, lin, f, g, _ = unrolled_cpu(x, y, None, a, b, fr, gr, 0.3, 0, 0.0, 0.0, 4,
+                _, lin, f, g, _ = _unrolled.fused("cpu", x, y, None, a, b, fr, gr, 0.3, 0, 0.0, 0.0, 4,
                                                symmetric)
             else:
-                f, g = core.unrolled(x, y, None, a, b, 0.3, 0, 0.0, 0.0, 4, fr, gr, symmetric)
-                lin = core.plan_totals(x, y, None, a, b, f, g, 0.3, 0)[1]
+                f, g = _unrolled.loop(x, y, None, a, b, 0.3, 0, 0.0, 0.0, 4, fr, gr, symmetric)
+                lin = _dual.plan_totals(x, y, None, a, b, f, g, 0.3, 0)[1]
             loss = lin.sum() + (f * torch.arange(n)).sum() + g[:, 0].sum()
             outs.append(torch.autograd.grad(loss, (fr, gr), allow_unused=True))
         for o, r, what in zip(*outs, ("d/df0", "d/dg0")):
-            close(o, torch.zeros_like(o) if r is None else r, 1e-9, 1e-11, what)
-    r = S.sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.3, max_iter=3, grad="unrolled", init=(f0, g0))
-    rt = S.sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.3, max_iter=3, grad="unrolled",
+            assert_close(o, torch.zeros_like(o) if r is None else r, (1e-9, 1e-11), what)
+    r = fk.sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.3, max_iter=3, grad="unrolled", init=(f0, g0))
+    rt = fk.sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.3, max_iter=3, grad="unrolled",
                     init=(f0, g0), backend="torch")
-    close(r.f, rt.f, 1e-10, 1e-12, "warm-started f")
+    assert_close(r.f, rt.f, (1e-10, 1e-12), "warm-started f")
 
 
 @pytest.mark.parametrize("case", ["points-alternating", "points-symmetric-unbalanced",
@@ -169,15 +158,15 @@ def test_gradcheck(case):
     leaves = [t.clone().requires_grad_() for t in (x, y, a, b, f0, g0)]
     if case == "dense-l1":
         kind = 2
-        cost = core.pairwise_cost(x, y, 2).requires_grad_()
+        cost = pairwise_cost(x, y, 2).requires_grad_()
 
         def fn(cost, a, b, f0, g0):
-            return UnrolledCpuFunction.apply(None, None, cost, a, b, f0, g0, 0.4, kind, rho,
+            return _unrolled.fused("cpu", None, None, cost, a, b, f0, g0, 0.4, kind, rho,
                                              rho, 3, sym)[:4]
         inputs = [cost] + leaves[2:]
     else:
         def fn(x, y, a, b, f0, g0):
-            return UnrolledCpuFunction.apply(x, y, None, a, b, f0, g0, 0.4, kind, rho, rho, 3,
+            return _unrolled.fused("cpu", x, y, None, a, b, f0, g0, 0.4, kind, rho, rho, 3,
                                              sym)[:4]
         inputs = leaves
     assert torch.autograd.gradcheck(fn, inputs)
@@ -191,18 +180,18 @@ def test_fp32_and_bf16_inputs():
     for dtype, tol in ((torch.float32, 2e-4), (torch.bfloat16, 1e-2)):
         x, y = points(B, n, d, 33, dtype), points(B, m, d, 34, dtype)
         xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
-        r = S.sinkhorn(x=xr, y=yr, cost_fn="l1", epsilon=0.1, max_iter=20, grad="unrolled")
+        r = fk.sinkhorn(x=xr, y=yr, cost_fn="l1", epsilon=0.1, max_iter=20, grad="unrolled")
         assert r.value.dtype == torch.float32
         gx, gy = torch.autograd.grad(r.cost.sum() + r.value.sum(), (xr, yr))
         assert gx.dtype == dtype and gy.dtype == dtype
         x64, y64 = x.double().requires_grad_(), y.double().requires_grad_()
-        r64 = S.sinkhorn(x=x64, y=y64, cost_fn="l1", epsilon=0.1, max_iter=20, grad="unrolled",
+        r64 = fk.sinkhorn(x=x64, y=y64, cost_fn="l1", epsilon=0.1, max_iter=20, grad="unrolled",
                          backend="torch")
         g64 = torch.autograd.grad(r64.cost.sum() + r64.value.sum(), (x64, y64))
-        close(r.cost, r64.cost, 2e-5, 1e-7, f"{dtype} cost")
-        close(r.value, r64.value, 2e-5, 1e-7, f"{dtype} value")
+        assert_close(r.cost, r64.cost, (2e-5, 1e-7), f"{dtype} cost")
+        assert_close(r.value, r64.value, (2e-5, 1e-7), f"{dtype} value")
         for ours, ref, what in ((gx, g64[0], "d/dx"), (gy, g64[1], "d/dy")):
-            close(ours, ref, 0.0, tol * float(ref.abs().max()), f"{dtype} {what}")
+            assert_close(ours, ref, (0.0, tol * float(ref.abs().max())), f"{dtype} {what}")
 
 
 def test_tape_is_linear_in_iterations():
@@ -217,7 +206,7 @@ def test_tape_is_linear_in_iterations():
 
 def test_double_backward_raises():
     x = points(1, 4, 2, 39).requires_grad_()
-    r = S.sinkhorn(x=x, y=points(1, 3, 2, 40), max_iter=3, grad="unrolled")
+    r = fk.sinkhorn(x=x, y=points(1, 3, 2, 40), max_iter=3, grad="unrolled")
     (gx,) = torch.autograd.grad(r.cost.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         gx.sum().backward()
@@ -248,16 +237,16 @@ def test_sinkd_matches_eager_loop(dtype, tol):
     2e-7 and 7e-7), against the eager loop in float64 on the same logits."""
     s = logits((32, 3), dtype, seed=41).requires_grad_()
     t = logits((32, 3), dtype, seed=42)
-    crit = S.SinkhornDistillationLoss(temperature=2.0, epsilon=0.1, n_iter=20)
+    crit = fk.nn.SinkhornDistillationLoss(temperature=2.0, epsilon=0.1, n_iter=20)
     loss = crit(s, t)
     assert loss.grad_fn is not None and loss.dim() == 0
     (gs,) = torch.autograd.grad(loss, s)
     s64 = s.detach().double().requires_grad_()
     ref = sinkd_eager(s64, t.double())
     (gr,) = torch.autograd.grad(ref, s64)
-    close(loss, ref, tol, 0.0, "loss")
-    close(gs, gr, 0.0, tol * float(gr.abs().max()), "d/dstudent")
+    assert_close(loss, ref, (tol, 0.0), "loss")
+    assert_close(gs, gr, (0.0, tol * float(gr.abs().max())), "d/dstudent")
     # The torch-backend path (the general sinkhorn() call) agrees too, and 3-D logits flatten.
     s3 = s.detach().reshape(4, 8, 3).requires_grad_()
-    lt = S.SinkhornDistillationLoss(backend="torch")(s3, t.reshape(4, 8, 3))
-    close(lt, ref, tol, 0.0, "loss, backend=torch")
+    lt = fk.nn.SinkhornDistillationLoss(backend="torch")(s3, t.reshape(4, 8, 3))
+    assert_close(lt, ref, (tol, 0.0), "loss, backend=torch")

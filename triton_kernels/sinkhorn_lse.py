@@ -59,10 +59,13 @@ def cost_tile(
                 if KIND == SQEUCLIDEAN or KIND == EUCLIDEAN:
                     on += tl.sum(ot * ot, 1)
                     sn += tl.sum(st * st, 0)
-        if KIND == SQEUCLIDEAN:
-            c = tl.maximum(on[:, None] + sn[None, :] - 2.0 * acc, 0.0)
-        elif KIND == EUCLIDEAN:
-            c = tl.sqrt(tl.maximum(on[:, None] + sn[None, :] - 2.0 * acc, 0.0))
+        if KIND == SQEUCLIDEAN or KIND == EUCLIDEAN:
+            # Rounding negatives clamped at 0 with a where, not tl.maximum, which drops a NaN:
+            # a NaN point must make its problem NaN (then reported not converged), as in torch.
+            sq = on[:, None] + sn[None, :] - 2.0 * acc
+            c = tl.where(sq < 0.0, 0.0, sq)
+            if KIND == EUCLIDEAN:
+                c = tl.sqrt(c)
         elif KIND == L1:
             c = acc
         elif KIND == DOT:
@@ -103,7 +106,8 @@ def _sinkhorn_lse_kernel(
         v = tl.where(mask_j[:, None], v, float("-inf"))
         run_m, run_s = online_update(run_m, run_s, v)
     # A row with nothing folded in (all -inf, or a skipped problem) is -inf, without log(0).
-    seen = (run_s > 0) | (run_m == float("inf"))
+    # A NaN sum stays NaN (a NaN problem is then reported not converged).
+    seen = (run_s > 0) | (run_m == float("inf")) | (run_s != run_s)  # noqa: PLR0124
     out = tl.where(seen, finalize_lse(run_m, tl.where(seen, run_s, 1.0)), float("-inf"))
     tl.store(out_ptr + pid_b * sob + offs_i, out, mask=mask_i)
 

@@ -10,8 +10,9 @@ lc = LSE_i(la_i + f_i / ev - C_ij / ev) and t = tau ev, tau = rho / (rho + ev) (
                  (+ the columns' when symmetric), target 1 or exp(-f_i / rho), zero-weight
                  points left out; NaN counts as +inf (never converged)
 
-one iteration per eps-scaling level ev_k = max(eps, eps0 scaling^k) (the (levels, B) table from
-the launcher, as ``solve`` builds it), then at eps until the error, checked every
+one iteration per eps-scaling level ev_k = max(eps, eps0 scaling^k) (the (levels, B) table of
+``transport._solver.eps_schedule``, the one schedule every backend reads), then at eps until the
+error, checked every
 ``check_every`` iterations from the row LSE of the next update, is <= tol or ``max_iter``
 iterations ran. A converged problem stops on its own (a scalar while loop, no host sync).
 
@@ -24,7 +25,6 @@ LSE scratch live in global memory (a few KiB per problem, L2-resident), and a
 a pass that writes a vector from the next that reads it.
 """
 
-import math
 
 import torch
 import triton
@@ -71,7 +71,8 @@ def _lse_pass(
             v = tl.where(mask_j[:, None], h[:, None] - c * eps_inv, float("-inf"))
             run_m, run_s = online_update(run_m, run_s, v)
         # A row with nothing folded in is -inf, without log(0) (as the per-update kernel).
-        seen = (run_s > 0) | (run_m == float("inf"))
+        # A NaN sum stays NaN (a NaN problem is then reported not converged).
+        seen = (run_s > 0) | (run_m == float("inf")) | (run_s != run_s)  # noqa: PLR0124
         lse = tl.where(seen, finalize_lse(run_m, tl.where(seen, run_s, 1.0)), float("-inf"))
         tl.store(out_ptr + offs_i, scale * lse, mask=mask_i)
 
@@ -194,23 +195,12 @@ def _block(n: int) -> int:
     return max(16, min(MAX_BLOCK, triton.next_power_of_2(n)))
 
 
-def eps_levels(eps0, eps: float, scaling: float, dtype: torch.dtype):
-    """(levels, B) epsilons of the eps-scaling schedule, exactly as ``transport._solver.solve``
-    builds them (one level count for the batch, from its largest eps0: one host sync)."""
-    if eps0 is None or scaling <= 0:
-        return None
-    levels = math.ceil(math.log(max(float(eps0.max()), eps) / eps) / -math.log(scaling))
-    if levels <= 0:
-        return None
-    return torch.stack([torch.clamp(eps0.to(dtype) * scaling**k, min=eps)
-                        for k in range(levels)]).contiguous()
-
-
-def sinkhorn_solve(x, y, cost, log_a, log_b, f0, g0, eps0, eps: float, kind: int, rho_a: float,
-                   rho_b: float, max_iter: int, tol: float, check_every: int, scaling: float,
+def sinkhorn_solve(x, y, cost, log_a, log_b, f0, g0, eps_levels, eps: float, kind: int,
+                   rho_a: float, rho_b: float, max_iter: int, tol: float, check_every: int,
                    symmetric: bool):
     """Launch one program per problem. Returns f (B, n), g (B, m) fp32, n_iter (B,) int32,
-    error (B,) fp32. Any input dtype; everything is computed in fp32."""
+    error (B,) fp32. Any input dtype; everything is computed in fp32. ``eps_levels``: the
+    (levels, B) eps-scaling table of ``transport._solver.eps_schedule``, or None."""
     B, n = log_a.shape
     m = log_b.shape[1]
     dev = log_a.device
@@ -224,7 +214,7 @@ def sinkhorn_solve(x, y, cost, log_a, log_b, f0, g0, eps0, eps: float, kind: int
     if B == 0:
         return f, g, n_iter, err
     lr, lc = torch.empty_like(f), torch.empty_like(g)  # the LSE scratch
-    evs = eps_levels(eps0, eps, scaling, f32)
+    evs = None if eps_levels is None else eps_levels.to(f32).contiguous()
     levels = 0 if evs is None else evs.shape[0]
     bx, by = _block(n), _block(m)
     if cost is not None:

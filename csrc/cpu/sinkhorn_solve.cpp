@@ -39,8 +39,9 @@ struct Problem {
 };
 
 struct Schedule {
-  double eps, rho_a, rho_b, tol, scaling, eps0;  // eps0 < 0: no eps-scaling
-  int64_t levels, max_iter, check_every;
+  double eps, rho_a, rho_b, tol;
+  const double* levels_eps;  // this problem's eps-scaling levels (stride level_stride), or null
+  int64_t levels, level_stride, max_iter, check_every;
   bool symmetric;
 };
 
@@ -106,7 +107,7 @@ FDIV_INLINE std::pair<int32_t, T> solve_problem(const Problem<T>& p, const Sched
   };
   const T eps = T(s.eps);
   for (int64_t k = 0; k < s.levels; ++k) {
-    const T ev = std::max(T(s.eps0) * T(std::pow(s.scaling, double(k))), eps);
+    const T ev = T(s.levels_eps[k * s.level_stride]);
     rows(ev);
     if (s.symmetric) cols(ev);
     update(ev);
@@ -171,9 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_solve_cpu(
     const std::optional<at::Tensor>& x_in, const std::optional<at::Tensor>& y_in,
     const std::optional<at::Tensor>& cost_in, const at::Tensor& log_a, const at::Tensor& log_b,
     const std::optional<at::Tensor>& f0, const std::optional<at::Tensor>& g0,
-    const std::optional<at::Tensor>& eps0_in, double eps, int64_t kind, double rho_a,
-    double rho_b, int64_t max_iter, double tol, int64_t check_every, double scaling,
-    bool symmetric) {
+    const std::optional<at::Tensor>& eps_levels, double eps, int64_t kind, double rho_a,
+    double rho_b, int64_t max_iter, double tol, int64_t check_every, bool symmetric) {
   TORCH_CHECK_VALUE(log_a.dim() == 2 && log_b.dim() == 2 && log_a.size(0) == log_b.size(0),
                     "log_a (B, n) and log_b (B, m) do not match");
   TORCH_CHECK_VALUE(eps > 0 && check_every >= 1 && max_iter >= 0, "bad eps/check_every/max_iter");
@@ -185,14 +185,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_solve_cpu(
   TORCH_CHECK_VALUE(f.sizes() == la.sizes() && g.sizes() == lb.sizes(), "f0/g0 do not match");
   at::Tensor n_iter = at::zeros({B}, la.options().dtype(at::kInt));
   at::Tensor err = at::empty({B}, la.options());
-  Schedule s{eps, rho_a, rho_b, tol, scaling, -1.0, 0, max_iter, check_every, symmetric};
-  at::Tensor eps0;
-  if (eps0_in && scaling > 0) {
-    eps0 = eps0_in->to(at::kDouble).contiguous();
-    TORCH_CHECK_VALUE(eps0.dim() == 1 && eps0.size(0) == B, "eps0 must be (B,)");
-    // As core.solve: one level count for the batch, from its largest starting epsilon.
-    const double top = std::max(eps0.max().item<double>(), eps);
-    s.levels = int64_t(std::ceil(std::log(top / eps) / -std::log(scaling)));
+  Schedule s{eps, rho_a, rho_b, tol, nullptr, 0, B, max_iter, check_every, symmetric};
+  // The schedule of transport._solver.eps_schedule (levels, B), computed once on the host for
+  // every backend; the level values were rounded to the compute type there, so the round trip
+  // through double is exact.
+  at::Tensor levels;
+  if (eps_levels) {
+    levels = eps_levels->to(at::kDouble).contiguous();
+    TORCH_CHECK_VALUE(levels.dim() == 2 && levels.size(1) == B, "eps_levels must be (levels, B)");
+    s.levels = levels.size(0);
   }
   if (B == 0 || n == 0 || m == 0) return {f, g, n_iter, err.fill_(0)};
   const CostSource src = cost_source(x_in, y_in, cost_in, ct, B, n, m, kind);
@@ -201,12 +202,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_solve_cpu(
     scalar_t *f_ = f.data_ptr<scalar_t>(), *g_ = g.data_ptr<scalar_t>();
     scalar_t* e_ = err.data_ptr<scalar_t>();
     int32_t* it_ = n_iter.data_ptr<int32_t>();
-    const double* e0 = eps0.defined() ? eps0.data_ptr<double>() : nullptr;
+    const double* lv = levels.defined() ? levels.data_ptr<double>() : nullptr;
     for_each_problem<scalar_t, Scratch<scalar_t>>(src, B, n, m,
                                [&](int64_t b, const scalar_t* c, int64_t ldc, Scratch<scalar_t>& w) {
       const Problem<scalar_t> p{c, ldc, la_ + b * n, lb_ + b * m, f_ + b * n, g_ + b * m, n, m};
       Schedule sb = s;
-      sb.eps0 = e0 ? e0[b] : -1.0;
+      sb.levels_eps = lv ? lv + b : nullptr;
       const auto [iters, e] = solve_entry(p, sb, w);
       it_[b] = iters;
       e_[b] = e;

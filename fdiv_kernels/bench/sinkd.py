@@ -12,7 +12,7 @@ import torch
 
 from fdiv_kernels.bench.cases import Case, our_backends
 from fdiv_kernels.dispatch import BACKENDS
-from fdiv_kernels.transport._sinkhorn import SinkhornDistillationLoss
+from fdiv_kernels.nn import SinkhornDistillationLoss
 
 DEFAULT_SHAPES = [(32, 3)]
 QUICK_SHAPES = [(8, 3)]

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from fdiv_kernels.transport import _solver as core
+from fdiv_kernels.transport._costs import pairwise_cost
 from fdiv_kernels.bench.cases import Case, our_backends
 from fdiv_kernels.dispatch import BACKENDS
 
@@ -29,7 +29,7 @@ def _inputs(shape, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(B, n, d, generator=g).to(device=device, dtype=dtype)
     y = (torch.randn(B, m, d, generator=g) + 0.5).to(device=device, dtype=dtype)
-    cost = core.pairwise_cost(x.float(), y.float(), 0)
+    cost = pairwise_cost(x.float(), y.float(), 0)
     eps = 0.05 * float(cost.mean())
     return x, y, cost, eps
 

@@ -1,26 +1,25 @@
-"""The Sinkhorn ops of the cpu backend, registered on import (needs fdiv_kernels._C built with
-csrc/cpu/sinkhorn*.cpp):
+"""The Sinkhorn ops of the cpu backend (C++, fdiv_kernels._C built with csrc/cpu/sinkhorn_*.cpp),
+registered on import, and its capability record:
 
-    fdiv::sinkhorn_lse_cpu     the batched row/column LSE update (C++, cost on the fly or dense)
-    fdiv::sinkhorn_solve_cpu   whole problems, one per task, the cost in a per-thread scratch
-                               (C++, csrc/cpu/sinkhorn_solve.cpp)
+    fdiv::sinkhorn_lse_cpu         the batched row/column LSE update (cost on the fly or dense)
+    fdiv::sinkhorn_solve_cpu       whole problems, one per task, the cost in a per-thread scratch
+    fdiv::sinkhorn_fwd_cpu         the solve: ``sinkhorn_solve_cpu`` where a problem fits the
+                                   scratch (``whole_solve``), else the loop of ``_solver`` around
+                                   ``sinkhorn_lse_cpu``
     fdiv::sinkhorn_totals_cpu      (sum P, <C, P>) per problem
     fdiv::sinkhorn_grads_cpu       the value's gradients (envelope + implicit terms)
     fdiv::sinkhorn_plan_apply_cpu  P v, P^T v, P 1, P^T 1 for the implicit gradient's CG
-                                   (all three apply the plan problem by problem, never store it)
-    fdiv::sinkhorn_fwd_cpu     the solve: ``sinkhorn_solve_cpu`` where a problem fits the
-                               scratch (``whole_solve``), else the loop of ``transport._solver`` around
-                               ``sinkhorn_lse_cpu``
+                                   (the three apply the plan a row block at a time, never store it)
+    fdiv::sinkhorn_unrolled_{fwd,bwd}_cpu  grad="unrolled" in one call each way: the iterations
+                                   with a tape of their potentials and LSEs, and its reverse
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 import fdiv_kernels._C  # noqa: F401  (defines torch.ops.fdiv.sinkhorn_*_cpu)
-from fdiv_kernels.transport._ops_torch import register_fwd, register_lse_fake
+from fdiv_kernels.transport import _registry as registry
 
 # Per-thread scratch of the whole-solve path: C and C^T of one problem. 8 MiB keeps them within
 # reach of a core's L2/L3 (n = m = 1024 in fp32); beyond it the per-update op streams the cost.
@@ -42,46 +41,27 @@ def whole_solve(B: int, n: int, m: int, dtype: torch.dtype) -> bool:
     return fits and (B >= torch.get_num_threads() or n * m <= SMALL_PROBLEM)
 
 
-def _solve(x, y, cost, log_a, log_b, f0, g0, eps0, eps, kind, rho_a, rho_b, max_iter, tol,
-           check_every, scaling, symmetric):
+def _solve(x, y, cost, log_a, log_b, f0, g0, eps_levels, eps, kind, rho_a, rho_b, max_iter, tol,
+           check_every, symmetric):
     B, n = log_a.shape
     if not whole_solve(B, n, log_b.shape[1], log_a.dtype):
         return None
-    return torch.ops.fdiv.sinkhorn_solve_cpu(x, y, cost, log_a, log_b, f0, g0, eps0, eps, kind,
-                                             rho_a, rho_b, max_iter, tol, check_every, scaling,
+    return torch.ops.fdiv.sinkhorn_solve_cpu(x, y, cost, log_a, log_b, f0, g0, eps_levels, eps,
+                                             kind, rho_a, rho_b, max_iter, tol, check_every,
                                              symmetric)
 
 
-if hasattr(torch.ops.fdiv, "sinkhorn_lse_cpu") and not hasattr(torch.ops.fdiv, "sinkhorn_fwd_cpu"):
-    # register_lse_fake wants an object with .register_fake (a custom_op): the C++ op's stands in.
-    register_lse_fake(types.SimpleNamespace(
-        register_fake=torch.library.register_fake("fdiv::sinkhorn_lse_cpu")))
+def _lse(x, y, cost, h, eps_inv, kind, transpose, active):
+    return torch.ops.fdiv.sinkhorn_lse_cpu(x, y, cost, h, eps_inv, kind, transpose, active)
 
-    def _lse(x, y, cost, h, eps_inv, kind, transpose, active):
-        return torch.ops.fdiv.sinkhorn_lse_cpu(x, y, cost, h, eps_inv, kind, transpose, active)
 
-    register_fwd("cpu", _lse, solve=_solve)
-
-    @torch.library.register_fake("fdiv::sinkhorn_totals_cpu")
-    def _(x, y, cost, a, b, f, g, eps, kind):
-        return f.new_empty(f.shape[0]), f.new_empty(f.shape[0])
-
-    @torch.library.register_fake("fdiv::sinkhorn_solve_cpu")
-    def _(x, y, cost, log_a, log_b, f0, g0, eps0, eps, kind, rho_a, rho_b, max_iter, tol,
-          check_every, scaling, symmetric):
-        B = log_a.shape[0]
-        return (torch.empty_like(log_a), torch.empty_like(log_b),
-                log_a.new_empty(B, dtype=torch.int32), log_a.new_empty(B))
-
-    @torch.library.register_fake("fdiv::sinkhorn_grads_cpu")
-    def _(x, y, cost, a, b, f, g, g_value, lam_f, lam_g, eps, kind, rho_a, rho_b, need):
-        def out(t, w):
-            return f.new_empty(t.shape) if w and t is not None else f.new_empty(0)
-        return (out(x if cost is None else None, need[0]),
-                out(y if cost is None else None, need[1]), out(cost, need[2]),
-                out(a, need[3]), out(b, need[4]))
-
-    @torch.library.register_fake("fdiv::sinkhorn_plan_apply_cpu")
-    def _(x, y, cost, a, b, f, g, eps, kind, vf, vg):
-        return (torch.empty_like(f), torch.empty_like(g), torch.empty_like(f),
-                torch.empty_like(g))
+registry.register(registry.SinkhornOps(
+    "cpu",
+    forward=registry.register_fwd("cpu", _lse, solve=_solve),
+    totals=torch.ops.fdiv.sinkhorn_totals_cpu,
+    grads=torch.ops.fdiv.sinkhorn_grads_cpu,
+    plan_apply=torch.ops.fdiv.sinkhorn_plan_apply_cpu,
+    unrolled_fwd=torch.ops.fdiv.sinkhorn_unrolled_fwd_cpu.default,
+    unrolled_bwd=torch.ops.fdiv.sinkhorn_unrolled_bwd_cpu.default,
+))
+registry.register_fakes("cpu")

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fdiv_kernels.transport._ops_torch import register_fwd, register_lse_fake
+from fdiv_kernels.transport import _ops_torch  # noqa: F401  (fdiv::sinkhorn_grads_torch)
+from fdiv_kernels.transport import _registry as registry
 from fdiv_kernels.triton_kernels.sinkhorn_lse import sinkhorn_lse
 from fdiv_kernels.triton_kernels.sinkhorn_solve import sinkhorn_solve
 
@@ -59,22 +60,23 @@ def sinkhorn_lse_triton(
         return sinkhorn_lse(x, y, cost, h, eps_inv, kind, transpose, active)
 
 
-register_lse_fake(sinkhorn_lse_triton)
-
-
 def _lse(x, y, cost, h, eps_inv, kind, transpose, active):
     with _on(h):
         return sinkhorn_lse(x, y, cost, h, eps_inv, kind, transpose, active)
 
 
-def _solve(x, y, cost, log_a, log_b, f0, g0, eps0, eps, kind, rho_a, rho_b, max_iter, tol,
-           check_every, scaling, symmetric):
+def _solve(x, y, cost, log_a, log_b, f0, g0, eps_levels, eps, kind, rho_a, rho_b, max_iter, tol,
+           check_every, symmetric):
     B, n = log_a.shape
     if not whole_solve(B, n, log_b.shape[1], log_a.dtype):
         return None
     with _on(log_a):
-        return sinkhorn_solve(x, y, cost, log_a, log_b, f0, g0, eps0, eps, kind, rho_a, rho_b,
-                              max_iter, tol, check_every, scaling, symmetric)
+        return sinkhorn_solve(x, y, cost, log_a, log_b, f0, g0, eps_levels, eps, kind, rho_a,
+                              rho_b, max_iter, tol, check_every, symmetric)
 
 
-register_fwd("triton", _lse, solve=_solve)
+# The value's gradients: the torch backend's op (chunked torch, on the tensors' device).
+registry.register(registry.SinkhornOps(
+    "triton", forward=registry.register_fwd("triton", _lse, solve=_solve),
+    grads=torch.ops.fdiv.sinkhorn_grads_torch))
+registry.register_fakes("triton")

@@ -1,92 +1,101 @@
-"""Sinkhorn differentiated through exactly ``n_iter`` iterations on the CPU, fused in C++
-(csrc/cpu/sinkhorn_unrolled.cpp), registered on import:
+"""grad="unrolled": Sinkhorn differentiated through exactly ``n_iter`` iterations (no early stop).
 
-    fdiv::sinkhorn_unrolled_fwd_cpu   the iterations, one problem per task, the cost in a
-                                      per-thread scratch; returns the value, <C, P>, f, g, the
-                                      marginal error and a tape of every iteration's potentials
-                                      and LSEs: O(n_iter B (n + m)), never a plan
-    fdiv::sinkhorn_unrolled_bwd_cpu   reverse mode through the tape: the Jacobian of one
-                                      half-iteration is a row (column) softmax rebuilt from the
-                                      saved LSEs
-
-``UnrolledCpuFunction`` makes the pair differentiable; ``transport._solver.unrolled`` (a checkpointed
-torch loop) is the statement of record and the path of every other device.
+``loop`` is the statement of record: a differentiable torch loop checkpointed per iteration, the
+path of every backend without a fused unrolled pair. A backend with one (``SinkhornOps.
+unrolled_fwd`` / ``unrolled_bwd``, the cpu backend's csrc/cpu/sinkhorn_unrolled.cpp) runs the
+iterations and their reverse in one call each (``fused``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-import fdiv_kernels._C  # noqa: F401  (defines torch.ops.fdiv.sinkhorn_unrolled_*_cpu)
-
-_FWD = torch.ops.fdiv.sinkhorn_unrolled_fwd_cpu.default
-_BWD = torch.ops.fdiv.sinkhorn_unrolled_bwd_cpu.default
-
-
-def _ctype(x: Tensor | None, cost: Tensor | None) -> torch.dtype:
-    ref = cost if cost is not None else x
-    return torch.float64 if ref.dtype == torch.float64 else torch.float32
+from fdiv_kernels.transport import _dual as dual
+from fdiv_kernels.transport import _solver as solver
+from fdiv_kernels.transport._autograd import UnrolledFunction
+from fdiv_kernels.transport._costs import compute_dtype, pairwise_cost
+from fdiv_kernels.transport._problem import log_weights
+from fdiv_kernels.transport._registry import ops_for
 
 
-@torch.library.register_fake("fdiv::sinkhorn_unrolled_fwd_cpu")
-def _(x, y, cost, a, b, f0, g0, eps, kind, rho_a, rho_b, n_iter, symmetric):
-    B, n = (cost.shape[0], cost.shape[1]) if cost is not None else x.shape[:2]
-    m = cost.shape[2] if cost is not None else y.shape[1]
-    ref = cost if cost is not None else x
-    opt = {"dtype": _ctype(x, cost), "device": ref.device}
-    return (ref.new_empty(B, **opt), ref.new_empty(B, **opt), ref.new_empty(B, n, **opt),
-            ref.new_empty(B, m, **opt), ref.new_empty(B, **opt),
-            ref.new_empty(B, (2 * n_iter + 1) * (n + m), **opt))
+def lse_diff(x, y, cost, h, eps, kind, transpose):
+    """Differentiable LSE_j(h_j - c_ij / eps) (whole block; run under checkpoint)."""
+    if cost is not None:
+        c = (cost.transpose(1, 2) if transpose else cost).to(h.dtype)
+    else:
+        c = pairwise_cost(x.to(h.dtype), y.to(h.dtype), kind)
+    return torch.logsumexp(h[:, None, :] - c / eps, dim=-1)
 
 
-@torch.library.register_fake("fdiv::sinkhorn_unrolled_bwd_cpu")
-def _(x, y, cost, a, b, tape, g_value, g_lin, g_f, g_g, eps, kind, rho_a, rho_b, n_iter,
-      symmetric, need):
-    ct = _ctype(x, cost)
-    B, n = (cost.shape[0], cost.shape[1]) if cost is not None else x.shape[:2]
-    m = cost.shape[2] if cost is not None else y.shape[1]
+def loop(x, y, cost, a, b, eps, kind, rho_a, rho_b, n_iter, f0, g0, symmetric,
+             checkpoint: bool = True):
+    """f, g after exactly ``n_iter`` iterations, differentiable w.r.t. everything."""
+    from torch.utils.checkpoint import checkpoint as ckpt
 
-    def like(t, want, dtype=None):  # unwanted: empty (and not aliasing another output)
-        if t is None or not want:
-            return tape.new_empty(0)
-        return tape.new_empty(t.shape, dtype=dtype or t.dtype)
+    ctype = compute_dtype(a.dtype)
+    la, lb = log_weights(a), log_weights(b)
+    ta = 1.0 if rho_a <= 0 else rho_a / (rho_a + eps)
+    tb = 1.0 if rho_b <= 0 else rho_b / (rho_b + eps)
+    xs, ys = (x, y) if cost is None else (None, None)
+    B, n = a.shape
+    f = a.new_zeros(B, n, dtype=ctype) if f0 is None else f0.to(ctype)
+    g = b.new_zeros(B, b.shape[1], dtype=ctype) if g0 is None else g0.to(ctype)
 
-    return (like(x, need[0]), like(y, need[1]), like(cost, need[2]), like(a, need[3], ct),
-            like(b, need[4], ct), tape.new_empty(B, n), tape.new_empty(B, m))
+    def step(f, g, xs, ys, cost, la, lb):
+        if symmetric:
+            fn = -ta * eps * lse_diff(xs, ys, cost, lb + g / eps, eps, kind, False)
+            gn = -tb * eps * lse_diff(ys, xs, cost, la + f / eps, eps, kind, True)
+            return 0.5 * (f + fn), 0.5 * (g + gn)
+        f = -ta * eps * lse_diff(xs, ys, cost, lb + g / eps, eps, kind, False)
+        g = -tb * eps * lse_diff(ys, xs, cost, la + f / eps, eps, kind, True)
+        return f, g
 
-
-class UnrolledCpuFunction(torch.autograd.Function):
-    """(value, <C, P>, f, g, marginal error) after exactly ``n_iter`` iterations, differentiable
-    w.r.t. x, y, cost, a, b, f0, g0 (the error is not). Weights are differentiated in a, not
-    log a: a zero-weight point gets its one-sided derivative (the torch loop's log cuts it)."""
-
-    @staticmethod
-    def forward(ctx, x, y, cost, a, b, f0, g0, eps, kind, rho_a, rho_b, n_iter, symmetric):
-        value, lin, f, g, err, tape = _FWD(x, y, cost, a, b, f0, g0, eps, kind, rho_a, rho_b,
-                                           n_iter, symmetric)
-        ctx.save_for_backward(x, y, cost, a, b, tape)
-        ctx.cfg = (eps, kind, rho_a, rho_b, n_iter, symmetric)
-        ctx.mark_non_differentiable(err)
-        ctx.set_materialize_grads(False)
-        return value, lin, f, g, err
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_value, g_lin, g_f, g_g, _err):
-        x, y, cost, a, b, tape = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grads = _BWD(x, y, cost, a, b, tape, g_value, g_lin, g_f, g_g, *ctx.cfg, list(need[:5]))
-        return (*(t if w else None for t, w in zip(grads, need[:7])),
-                None, None, None, None, None, None)
+    for _ in range(n_iter):
+        if checkpoint:
+            f, g = ckpt(step, f, g, xs, ys, cost, la, lb, use_reentrant=False)
+        else:
+            f, g = step(f, g, xs, ys, cost, la, lb)
+    return f, g
 
 
-def unrolled_cpu(x: Tensor | None, y: Tensor | None, cost: Tensor | None,
-                 a: Tensor | None, b: Tensor | None, f0: Tensor | None,
-                 g0: Tensor | None, eps: float, kind: int, rho_a: float, rho_b: float,
-                 n_iter: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(value, <C, P>, f, g, marginal error) per problem, as ``transport._solver.unrolled`` followed
-    by ``plan_totals`` and ``dual_value``; a, b None: uniform weights (no tensor built)."""
-    return UnrolledCpuFunction.apply(x, y, cost, a, b, f0, g0, eps, kind, rho_a, rho_b, n_iter,
-                                     symmetric)
+def fused(backend: str, x: Tensor | None, y: Tensor | None, cost: Tensor | None,
+          a: Tensor | None, b: Tensor | None, f0: Tensor | None, g0: Tensor | None, eps: float,
+          kind: int, rho_a: float, rho_b: float, n_iter: int, symmetric: bool,
+          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(value, <C, P>, f, g, marginal error) per problem by ``backend``'s fused pair, as ``loop``
+    followed by ``plan_totals`` and ``dual_value``; a, b None: uniform weights (no tensor)."""
+    return UnrolledFunction.apply(backend, x, y, cost, a, b, f0, g0, eps, kind, rho_a, rho_b,
+                                  n_iter, symmetric)
+
+
+def solve(backend: str, x, y, cost, a, b, eps, kind, rho_a, rho_b, n_iter, tol, f0, g0,
+          symmetric):
+    """(value, <C, P>, f, g, n_iter, converged, error) after exactly ``n_iter`` iterations, on
+    ``backend``'s fused pair when it has one, else the checkpointed torch loop."""
+    if ops_for(backend).unrolled_fwd is not None:
+        value, lin, f, g, err = fused(backend, x, y, cost, a, b, f0, g0, eps, kind, rho_a, rho_b,
+                                      n_iter, symmetric)
+        n = torch.full_like(err, n_iter, dtype=torch.int32)
+        return value, lin, f, g, n, err <= tol, err
+
+    from torch.utils.checkpoint import checkpoint
+
+    f, g = loop(x, y, cost, a, b, eps, kind, rho_a, rho_b, n_iter, f0, g0, symmetric)
+
+    def totals(x, y, cost, a, b, f, g):
+        return dual.plan_totals(x, y, cost, a, b, f, g, eps, kind)
+
+    total, lin = checkpoint(totals, x, y, cost, a, b, f, g, use_reentrant=False)
+    value = dual.dual_value(a, b, f, g, total, eps, rho_a, rho_b)
+    with torch.no_grad():
+        ev = torch.full_like(a[:, 0], eps)
+        xs, ys = (x, y) if cost is None else (None, None)
+        lr = solver.lse_torch(xs, ys, cost, log_weights(b) + g / eps, 1 / ev, kind, False)
+        err = solver.marginal_error(f.detach(), lr, log_weights(a), ev, rho_a)
+        if symmetric:
+            lc = solver.lse_torch(ys, xs, cost, log_weights(a) + f / eps, 1 / ev, kind,
+                                  True)
+            err = err + solver.marginal_error(g.detach(), lc, log_weights(b), ev, rho_b)
+    n = torch.full_like(err, n_iter, dtype=torch.int32)
+    return value, lin, f, g, n, err <= tol, err
