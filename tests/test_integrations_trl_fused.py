@@ -114,6 +114,19 @@ def test_bf16_error_no_worse_than_trl():
         assert (o.double() - x.grad).abs().max() <= (r.double() - x.grad).abs().max() * 1.05 + 1e-6
 
 
+def test_autocast_logits_stay_fp32():
+    """Under bf16 autocast (TRL's default bf16=True) TRL rounds each logits tile to bf16; fk forms
+    them in fp32, so its log-probs and entropy are closer to float64."""
+    hid, w, b, t = _inputs(n=40, h=32, v=521, seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = FK.apply(hid, w, b, t, 1.0, 64, None, 1.0, ("log_probs", "entropy"))
+        ref = TRL.apply(hid, w, b, t, 1.0, 64, None, 1.0, ("log_probs", "entropy"))
+    exact = _eager64(hid, w, b, t, 1.0, None, 1.0)
+    for o, r, e in zip(ours, ref, exact):
+        assert o.dtype == torch.float32
+        assert (o.double() - e).abs().max() < 1e-5 < (r.double() - e).abs().max()
+
+
 def test_cases_fk_does_not_take_run_trls_function():
     hid, w, b, t = _inputs(n=9, v=67)
     for cap, scale in ((None, 0.0), (0.0, 1.0)):       # scale 0 (kept by TRL) and a 0.0 softcap
@@ -132,3 +145,107 @@ def test_bad_target_raises_and_ignore_index_gives_zero():
     t = t.clone()
     t[2] = -100
     assert FK.apply(hid, w, b, t, 1.0, 64, None, 1.0, ("log_probs",))[0][2] == 0
+
+
+# ---- apply_fk_to_trl reaches add_fused_lm_head ----------------------------------------------------
+
+
+def _patch():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # the distillation warning
+        return fk_trl.apply_fk_to_trl(gkd=False, distillation=False)
+
+
+def test_apply_fk_to_trl_rebinds_chunked_logprob_idempotent_and_undoes():
+    import trl.kernels
+
+    holders = [(trl_utils, "_ChunkedLogProbFunction"), (trl.kernels, "ChunkedLogProbFunction"),
+               (trl_kernel, "ChunkedLogProbFunction")]
+    assert all(getattr(m, n) is TRL for m, n in holders)
+    patch = _patch()
+    again = _patch()
+    try:
+        assert all(getattr(m, n) is FK for m, n in holders)
+        assert again.targets == []
+    finally:
+        again.undo()
+        patch.undo()
+    assert all(getattr(m, n) is TRL for m, n in holders)
+
+
+def _fused_forward(patched: bool):
+    model = tiny_lm(0, vocab=97)
+    trl_utils.add_fused_lm_head(model, temperature=0.9, outputs=ALL)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, 97, (3, 11), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[1] = -100                                    # a fully masked sequence
+    patch = _patch() if patched else None
+    try:
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.loss + 0.1 * out.entropy.sum()).backward()
+    finally:
+        if patch is not None:
+            patch.undo()
+    grads = [p.grad for p in model.parameters()]
+    return out, grads
+
+
+def test_add_fused_lm_head_forward_and_backward_same_with_patch():
+    ref, ref_grads = _fused_forward(patched=False)
+    ours, our_grads = _fused_forward(patched=True)
+    for name in ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-5,
+                                   atol=1e-5, msg=name)
+    assert torch.equal(ours.is_top1, ref.is_top1) and torch.equal(ours.label_mask, ref.label_mask)
+    assert torch.count_nonzero(ours.log_probs[1]) == 0 and ours.log_probs[0, -1] != 0
+    for o, r in zip(our_grads, ref_grads):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+# ---- Trainer level: TRL's DPOTrainer (fused head), three steps, with and without the patch ---------
+
+
+def _dpo_losses(tmp_path, patched: bool) -> list:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    losses = []
+
+    class Recording(DPOTrainer):
+        def compute_loss(self, *a, **k):
+            loss = super().compute_loss(*a, **k)
+            losses.append(loss.item())
+            return loss
+
+    g = torch.Generator().manual_seed(7)
+
+    def words(n):
+        return " ".join(f"t{i}" for i in torch.randint(3, 96, (n,), generator=g).tolist())
+
+    # Completions start with a space so the word-level tokens never merge across the boundary.
+    ds = Dataset.from_list([{"prompt": words(3 + i % 4), "chosen": " " + words(4 + i % 3),
+                             "rejected": " " + words(5 - i % 2)} for i in range(6)])
+    # bf16=False: TRL's configs default to bf16, which on the CPU runs the head under bf16 autocast,
+    # where TRL's kernel rounds the logits to bf16 and fk's keeps them fp32 (losses then differ by
+    # ~1e-5, TRL's being the less accurate: see test_autocast_logits_stay_fp32).
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3,
+                     learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+                     save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    patch = _patch() if patched else None
+    try:
+        trainer = Recording(model=tiny_lm(0), ref_model=tiny_lm(0), args=args, train_dataset=ds,
+                            processing_class=tiny_tokenizer(96))
+        trainer.train()
+    finally:
+        if patch is not None:
+            patch.undo()
+    return losses
+
+
+def test_dpo_trainer_three_steps_same_losses_with_patch(tmp_path):
+    ref = _dpo_losses(tmp_path / "ref", patched=False)
+    ours = _dpo_losses(tmp_path / "fk", patched=True)
+    assert len(ref) == len(ours) == 3 and len(set(ref)) == 3      # the policy did train
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-5, atol=1e-6)
