@@ -1,4 +1,5 @@
-"""TRL drop-ins: GKD's generalized JSD, ``selective_log_softmax``, log-probs with entropy.
+"""TRL drop-ins: GKD's generalized JSD, ``selective_log_softmax``, log-probs with entropy, and
+the fused LM head's kernel (``ChunkedLogProbFunction``).
 
 Checked against TRL 1.16 (``tests/test_integrations_trl.py`` runs them beside TRL's own functions).
 ``apply_fk_to_trl()`` rebinds TRL's names to these; no file is edited.
@@ -7,11 +8,17 @@ Not here yet: a drop-in for ``trl.trainer.distillation_trainer._chunked_divergen
 DistillationTrainer's loss from hidden states). It applies per-model logit scale and softcap
 before the temperature and returns the student entropy sum and the valid count, which
 ``fk.fused_linear_divergence`` cannot give yet; ``apply_fk_to_trl(distillation=True)`` says so
-and leaves that trainer on TRL's kernel. Likewise TRL 1.16's DPO and GRPO trainers take their
-log-probs and entropy from hidden states (``add_fused_lm_head`` -> ``ChunkedLogProbFunction``);
-that needs ``fk.fused_linear_token_logprobs`` (issue 13). The ``logprobs`` patch below covers
-the trainers and user code that call ``selective_log_softmax`` & co. on logits (ORPO, CPO, SDPO,
-SDFT, A2PO, TPO in ``trl.experimental``).
+and leaves that trainer on TRL's kernel.
+
+What ``apply_fk_to_trl(logprobs=True)`` covers in TRL 1.16:
+
+- hidden-state paths: DPO, GRPO, RLOO, KTO and SFT (and AsyncGRPO) take their per-token log-probs,
+  entropy and metrics from ``add_fused_lm_head``, which calls
+  ``trl.trainer.utils._ChunkedLogProbFunction``; the patch rebinds it (and
+  ``trl.kernels[.chunked_logprob].ChunkedLogProbFunction``) to :class:`ChunkedLogProbFunction`
+  on ``fk.fused_linear_token_logprobs``;
+- logits paths: trainers and user code calling ``selective_log_softmax`` & co. on logits (ORPO,
+  CPO, SDPO, SDFT, A2PO, TPO in ``trl.experimental``).
 """
 
 from __future__ import annotations
@@ -264,7 +271,10 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
     - ``logprobs``: ``selective_log_softmax``, ``entropy_from_logits`` and
       ``selective_log_softmax_and_entropy`` in ``trl.trainer.utils`` and in every loaded ``trl``
       module that imported them by name (DPO/ORPO/CPO/SDPO/...); modules imported later take the
-      patched names from ``trl.trainer.utils``.
+      patched names from ``trl.trainer.utils``. Also TRL's ``ChunkedLogProbFunction`` under every
+      name a loaded ``trl`` module holds it (``trl.trainer.utils._ChunkedLogProbFunction``, which
+      ``add_fused_lm_head`` calls, and ``trl.kernels``), so the fused-head trainers (DPO, GRPO,
+      RLOO, KTO, SFT) run on ``fk.fused_linear_token_logprobs``.
     - ``distillation``: not available yet (see the module docstring); a warning says so.
 
     Idempotent: a second call changes nothing (and its handle undoes nothing). Edits no file.
