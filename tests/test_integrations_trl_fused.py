@@ -204,7 +204,7 @@ def test_add_fused_lm_head_forward_and_backward_same_with_patch():
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
 
 
-# ---- Trainer level: TRL's DPOTrainer (fused head), three steps, with and without the patch ---------
+# ---- Trainer level: TRL's DPOTrainer (fused head), three steps, with and without the patch -------
 
 
 def _dpo_losses(tmp_path, patched: bool) -> list:

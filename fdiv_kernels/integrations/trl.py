@@ -33,7 +33,8 @@ import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, require
 
 __all__ = [
-    "ChunkedLogProbFunction", "apply_fk_to_trl", "entropy_from_logits", "generalized_jsd_loss", "selective_log_softmax",
+    "ChunkedLogProbFunction", "apply_fk_to_trl", "entropy_from_logits", "generalized_jsd_loss",
+    "selective_log_softmax",
     "selective_log_softmax_and_entropy",
 ]
 
