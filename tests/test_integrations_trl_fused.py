@@ -147,7 +147,7 @@ def test_bad_target_raises_and_ignore_index_gives_zero():
     assert FK.apply(hid, w, b, t, 1.0, 64, None, 1.0, ("log_probs",))[0][2] == 0
 
 
-# ---- apply_fk_to_trl reaches add_fused_lm_head ----------------------------------------------------
+# ---- apply_fk_to_trl reaches add_fused_lm_head ----------------------------------------
 
 
 def _patch():

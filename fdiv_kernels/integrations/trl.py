@@ -34,8 +34,7 @@ from fdiv_kernels.integrations._patching import Patch, require
 
 __all__ = [
     "ChunkedLogProbFunction", "apply_fk_to_trl", "entropy_from_logits", "generalized_jsd_loss",
-    "selective_log_softmax",
-    "selective_log_softmax_and_entropy",
+    "selective_log_softmax", "selective_log_softmax_and_entropy",
 ]
 
 IGNORE_INDEX = -100  # hard-coded in TRL's GKD loss
