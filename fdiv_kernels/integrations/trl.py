@@ -1,4 +1,5 @@
-"""TRL drop-ins: GKD's generalized JSD, ``selective_log_softmax``, log-probs with entropy.
+"""TRL drop-ins: GKD's generalized JSD, ``selective_log_softmax``, log-probs with entropy, and
+the fused LM head's kernel (``ChunkedLogProbFunction``).
 
 Checked against TRL 1.16 (``tests/test_integrations_trl.py`` runs them beside TRL's own functions).
 ``apply_fk_to_trl()`` rebinds TRL's names to these; no file is edited.
@@ -7,11 +8,17 @@ Not here yet: a drop-in for ``trl.trainer.distillation_trainer._chunked_divergen
 DistillationTrainer's loss from hidden states). It applies per-model logit scale and softcap
 before the temperature and returns the student entropy sum and the valid count, which
 ``fk.fused_linear_divergence`` cannot give yet; ``apply_fk_to_trl(distillation=True)`` says so
-and leaves that trainer on TRL's kernel. Likewise TRL 1.16's DPO and GRPO trainers take their
-log-probs and entropy from hidden states (``add_fused_lm_head`` -> ``ChunkedLogProbFunction``);
-that needs ``fk.fused_linear_token_logprobs`` (issue 13). The ``logprobs`` patch below covers
-the trainers and user code that call ``selective_log_softmax`` & co. on logits (ORPO, CPO, SDPO,
-SDFT, A2PO, TPO in ``trl.experimental``).
+and leaves that trainer on TRL's kernel.
+
+What ``apply_fk_to_trl(logprobs=True)`` covers in TRL 1.16:
+
+- hidden-state paths: DPO, GRPO, RLOO, KTO and SFT (and AsyncGRPO) take their per-token log-probs,
+  entropy and metrics from ``add_fused_lm_head``, which calls
+  ``trl.trainer.utils._ChunkedLogProbFunction``; the patch rebinds it (and
+  ``trl.kernels[.chunked_logprob].ChunkedLogProbFunction``) to :class:`ChunkedLogProbFunction`
+  on ``fk.fused_linear_token_logprobs``;
+- logits paths: trainers and user code calling ``selective_log_softmax`` & co. on logits (ORPO,
+  CPO, SDPO, SDFT, A2PO, TPO in ``trl.experimental``).
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, require
 
 __all__ = [
-    "apply_fk_to_trl", "entropy_from_logits", "generalized_jsd_loss", "selective_log_softmax",
-    "selective_log_softmax_and_entropy",
+    "ChunkedLogProbFunction", "apply_fk_to_trl", "entropy_from_logits", "generalized_jsd_loss",
+    "selective_log_softmax", "selective_log_softmax_and_entropy",
 ]
 
 IGNORE_INDEX = -100  # hard-coded in TRL's GKD loss
@@ -145,6 +152,111 @@ def selective_log_softmax_and_entropy(
     return logprobs, ent
 
 
+# TRL's default ``outputs``: every optional per-token field.
+_TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+class ChunkedLogProbFunction:
+    r"""Drop-in for TRL 1.16's ``trl.kernels.ChunkedLogProbFunction`` (what ``add_fused_lm_head``
+    runs for DPO, GRPO, RLOO, KTO and SFT) on ``fk.fused_linear_token_logprobs``.
+
+    ``ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size,
+    final_logit_softcapping=None, logit_scale=1.0, outputs=OPTIONAL_OUTPUTS)`` with hidden (N, H),
+    weight (V, H), bias (V,) or None, targets (N,) returns, as TRL's does,
+    ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)``, each (N,) or None when not
+    in ``outputs`` (``log_probs`` is always computed). With z = c tanh(s (h W^T + b) / c) (s =
+    ``logit_scale``, c = ``final_logit_softcapping``, tanh skipped when None) and q = softmax(z/T):
+
+        log_probs = z_t / T - log sum_j exp(z_j / T)      entropy = -sum_j q_j log q_j
+        log_sum_sq_probs = log sum_j q_j^2                 mean_logits = mean_j z_j / T
+        is_top1 = [argmax_j z_j == t]  (the first maximum, as TRL)
+
+    Gradients reach hidden, weight and bias through ``log_probs`` and ``entropy`` (TRL 1.16's
+    function differentiates its entropy too; the tests compare both gradients); the last three
+    are detached, as in TRL. Differences, all documented choices:
+
+    - the logits are formed in fp32 whatever the inputs and autocast (TRL rounds each vocabulary
+      tile to the autocast / input dtype first), so under bf16 this is the more accurate;
+    - ``chunk_size`` is TRL's vocabulary tile width; fk chunks rows by its own memory budget
+      (O(chunk V)), so it is accepted and not used;
+    - ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1`` (KTO's and SFT's metrics) are not fk
+      outputs: when requested they cost one more chunked no-grad pass over the logits;
+    - outputs are float64 for float64 inputs (TRL's are always float32);
+    - a target outside [0, V) other than -100 raises (TRL never passes one); -100 gives 0;
+    - cases fk does not take run TRL's own function unchanged: ``logit_scale <= 0``, a
+      non-positive softcap, and DeepSpeed ZeRO-3 partitioned weights (TRL re-gathers the head in
+      its backward; fk's backward would see the partition).
+    """
+
+    @staticmethod
+    def apply(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+              temperature: float, chunk_size: int, final_logit_softcapping: float | None = None,
+              logit_scale: float = 1.0, outputs: tuple[str, ...] = _TRL_OPTIONAL_OUTPUTS,
+              ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        trl_fn = _trl_chunked_logprob()
+        cap = final_logit_softcapping
+        if (logit_scale <= 0 or (cap is not None and cap <= 0)
+                or getattr(weight, "ds_id", None) is not None):
+            return trl_fn.apply(hidden, weight, bias, targets, temperature, chunk_size, cap,
+                                logit_scale, outputs)
+        want_entropy = "entropy" in outputs
+        # fk forms the logits in fp32 itself; autocast would round its GEMMs to bf16/fp16.
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = fk.fused_linear_token_logprobs(
+                hidden, weight, targets, bias=bias, temperature=temperature,
+                logit_scale=float(logit_scale), softcap=cap, ignore_index=IGNORE_INDEX,
+                return_entropy=want_entropy)
+        log_probs, entropy = out if want_entropy else (out, None)
+        extras = _logit_extras(hidden, weight, bias, targets, temperature, cap,
+                               float(logit_scale), outputs)
+        return (log_probs, entropy, *extras)
+
+
+def _trl_chunked_logprob() -> type:
+    """TRL's own ``ChunkedLogProbFunction``, found once (before any rebinding) and kept."""
+    if "fn" not in _TRL_ORIGINALS:
+        _TRL_ORIGINALS["fn"] = require("trl.kernels.chunked_logprob", "trl").ChunkedLogProbFunction
+    return _TRL_ORIGINALS["fn"]
+
+
+_TRL_ORIGINALS: dict[str, type] = {}
+
+
+@torch.no_grad()
+def _logit_extras(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                  temperature: float, cap: float | None, scale: float,
+                  outputs: tuple[str, ...]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """TRL's detached per-token metrics, log sum q^2, mean z/T and [argmax z == t], in row chunks
+    of fp32 logits (O(chunk V) memory; nothing here needs a gradient)."""
+    names = ("log_sum_sq_probs", "mean_logits", "is_top1")
+    if not any(n in outputs for n in names):
+        return None, None, None
+    n, vocab = hidden.shape[0], weight.shape[0]
+    # About 64 MiB of fp32 logits per chunk.
+    chunk = max(1, (1 << 24) // max(vocab, 1))
+    res = {k: torch.empty(n, device=hidden.device, dtype=dt) for k, dt in
+           zip(names, (torch.float32, torch.float32, torch.bool)) if k in outputs}
+    w = weight.float()
+    for lo in range(0, n, chunk):
+        rows = slice(lo, min(n, lo + chunk))
+        z = hidden[rows].float() @ w.t()
+        if bias is not None:
+            z += bias.float()
+        z.mul_(scale)
+        if cap is not None:
+            z = z.div_(cap).tanh_().mul_(cap)
+        z.div_(temperature)
+        if "log_sum_sq_probs" in res:
+            res["log_sum_sq_probs"][rows] = torch.logsumexp(
+                2 * (z - torch.logsumexp(z, -1, keepdim=True)), -1)
+        if "mean_logits" in res:
+            res["mean_logits"][rows] = z.mean(-1)
+        if "is_top1" in res:
+            # torch.argmax returns the first maximum, which is TRL's tie rule.
+            res["is_top1"][rows] = z.argmax(-1) == targets[rows]
+    return tuple(res.get(k) for k in names)
+
+
 _LOGPROB_NAMES = {
     "selective_log_softmax": selective_log_softmax,
     "entropy_from_logits": entropy_from_logits,
@@ -159,7 +271,10 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
     - ``logprobs``: ``selective_log_softmax``, ``entropy_from_logits`` and
       ``selective_log_softmax_and_entropy`` in ``trl.trainer.utils`` and in every loaded ``trl``
       module that imported them by name (DPO/ORPO/CPO/SDPO/...); modules imported later take the
-      patched names from ``trl.trainer.utils``.
+      patched names from ``trl.trainer.utils``. Also TRL's ``ChunkedLogProbFunction`` under every
+      name a loaded ``trl`` module holds it (``trl.trainer.utils._ChunkedLogProbFunction``, which
+      ``add_fused_lm_head`` calls, and ``trl.kernels``), so the fused-head trainers (DPO, GRPO,
+      RLOO, KTO, SFT) run on ``fk.fused_linear_token_logprobs``.
     - ``distillation``: not available yet (see the module docstring); a warning says so.
 
     Idempotent: a second call changes nothing (and its handle undoes nothing). Edits no file.
@@ -173,12 +288,17 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
         utils = require("trl.trainer.utils", "trl")
         originals = {name: getattr(utils, name) for name in _LOGPROB_NAMES
                      if getattr(utils, name, None) is not None}
+        trl_chunked = _trl_chunked_logprob()
         for mod_name, mod in list(sys.modules.items()):
             if mod is None or not (mod_name == "trl" or mod_name.startswith("trl.")):
                 continue
             for name, original in originals.items():
                 if mod.__dict__.get(name) is original:
                     patch.set(mod, name, _LOGPROB_NAMES[name])
+            # Under any name: trl.trainer.utils calls it as ``_ChunkedLogProbFunction``.
+            for name, value in list(mod.__dict__.items()):
+                if value is trl_chunked:
+                    patch.set(mod, name, ChunkedLogProbFunction)
     if distillation:
         warnings.warn(
             "apply_fk_to_trl(distillation=True): TRL's _chunked_divergence_loss applies logit "
