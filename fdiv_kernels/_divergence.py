@@ -23,8 +23,10 @@ class DivergenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, valid, base, swap, param, inv_t, backend, inplace):
-        grad_s, grad_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, student, teacher, valid, base, swap, param, inv_t, backend, inplace,
+                grad_enabled=True):
+        grad_s = grad_enabled and ctx.needs_input_grad[0]
+        grad_t = grad_enabled and ctx.needs_input_grad[1]
         loss, gs, gt = _forward_op(backend)(
             student, teacher, valid, base, swap, param, inv_t, grad_s, grad_t
         )
@@ -55,7 +57,7 @@ class DivergenceFunction(torch.autograd.Function):
             torch.ops.fdiv.scale_rows_(gs, grad_loss)
         if ctx.grad_t:
             torch.ops.fdiv.scale_rows_(gt, grad_loss)
-        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 7)
+        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 8)
 
 
 def divergence(
@@ -115,21 +117,29 @@ def divergence(
     V.check_logits("teacher_logits", teacher_logits)
     V.check_pair(student_logits, teacher_logits)
     spec: KernelSpec = resolve(kind, beta, alpha, lam)
-    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    inv_t = V.check_temperature(temperature, dtype)
     reduction = V.check_reduction(reduction)
+    V.check_num_items(num_items_in_batch)
     lead = student_logits.shape[:-1]
     valid = V.row_mask(labels, ignore_index, lead, student_logits.device)
 
-    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     vocab = student_logits.shape[-1]
     s = student_logits.to(dtype).reshape(-1, vocab).contiguous()
     t = teacher_logits.to(dtype).reshape(-1, vocab).contiguous()
     name = select(backend, s, "divergence_fwd")
-    keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if s.shape[0] == 0:
+        # An empty micro-batch: no rows, no loss; zero-size gradients through the graph.
+        loss = (s.sum(-1) + t.sum(-1)).to(V.loss_dtype(dtype)) * 0
+        return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
+    keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    # Inside forward() grad mode is always off: ask here whether any gradient can be wanted, so
+    # that no_grad / inference_mode calls never compute or allocate the (N, V) gradients.
     loss = DivergenceFunction.apply(
-        s, t, keep, spec.base, spec.swap, spec.param, inv_t, name, inplace_backward
+        s, t, keep, spec.base, spec.swap, spec.param, inv_t, name, inplace_backward,
+        torch.is_grad_enabled(),
     )
     return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
 
