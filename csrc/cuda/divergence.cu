@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) divergence_cluster_kernel(cons
     if (warp_lane < C) v = *cluster.map_shared_rank(&pub_ms, warp_lane);
     st = group_reduce(v, 32, ms2_merge, red_ms);  // G = 32: shuffles only
   }
-  const float lse_a = ms_lse(st.a), lse_b = ms_lse(st.b);
+  const RowShift ra = row_shift(st.a), rb = row_shift(st.b);
+  const float lse_a = ra.lse(), lse_b = rb.lse();  // only for the NaN poison below
 
   // 3. Row sums from smem.
   Sum3 acc{0.f, 0.f, 0.f};
@@ -113,7 +114,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) divergence_cluster_kernel(cons
     cb.v = sb[i];
     float q[kV], p[kV];
     Elem e[kV];
-    chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
+    chunk_terms<B, S>(ca, cb, prm.inv_t, ra, rb, prm.kc, q, p, e);
 #pragma unroll
     for (int k = 0; k < kV; ++k) {
       acc.t += e[k].t;
@@ -142,7 +143,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) divergence_cluster_kernel(cons
       cb.v = sb[i];
       float q[kV], p[kV], gv[kV];
       Elem e[kV];
-      chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
+      chunk_terms<B, S>(ca, cb, prm.inv_t, ra, rb, prm.kc, q, p, e);
       if (gabase) {
 #pragma unroll
         for (int k = 0; k < kV; ++k) gv[k] = (e[k].h - q[k] * H) * prm.inv_t;
