@@ -345,3 +345,20 @@ def test_every_op_keeps_its_precision_under_cpu_autocast(backend):
         got = fk.fused_linear_divergence(h, w, h.flip(0), w, "kl", reduction="none",
                                          backend=backend)
     assert_close(got, ref, (1e-5, 1e-6), "fused vs float64")
+
+
+# ---- the CPU backward of 16-bit gradients allocates no (N, V) fp32 temporaries ---------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_rows_16bit_cpu_in_place_without_full_temporaries(dtype):
+    from torch.profiler import ProfilerActivity, profile
+
+    g = logits((64, 32000), seed=138).to(dtype)
+    scale = torch.rand(64, generator=torch.Generator().manual_seed(139))
+    expected = (g.float() * scale[:, None]).to(dtype)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.ops.fdiv.scale_rows_(g, scale)
+    assert torch.equal(g, expected)
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    # One fp32 (N, V) temporary would be 7.8 MiB; a chunk's is 1 MiB.
+    assert biggest <= 4 * (1 << 18) + 4096, biggest
