@@ -99,10 +99,15 @@ def divergence(
     nothing; an infinite divergence is +inf; NaN in the input gives NaN.
 
     Args:
-        labels: integer tensor of the leading shape; rows with ``labels == ignore_index`` add
-            nothing and get zero gradient.
+        temperature: T > 0 with 1/T finite in the compute dtype: T >= 2.94e-39 (float32, also
+            for 16-bit inputs) or 5.6e-309 (float64); smaller raises ValueError. Logits / T must
+            also be finite (else NaN, never a wrong finite number).
+        labels: int64 or int32 tensor of the leading shape (int8/int16/uint8 are widened; a dtype
+            that cannot hold ``ignore_index``, e.g. uint8 with -100, raises TypeError); rows with
+            ``labels == ignore_index`` add nothing and get zero gradient, whatever they hold.
         reduction: "none" (shape = leading dims), "sum", or "mean" (over kept rows, or divided by
-            ``num_items_in_batch`` when given; 0 when every row is ignored).
+            ``num_items_in_batch`` when given; 0 when every row is ignored or there are no rows).
+        num_items_in_batch: a positive number or a one-element tensor.
         backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
         inplace_backward: the gradient is computed in the forward and the backward scales it in
             place, so the graph holds one (N, V) buffer per input and can be backpropagated once
@@ -111,7 +116,9 @@ def divergence(
 
     Returns:
         The loss in float32 (float64 for float64 inputs). Gradients flow to the student logits,
-        and to the teacher logits when they require grad; higher-order gradients raise.
+        and to the teacher logits when they require grad; higher-order gradients raise. Under
+        ``torch.no_grad()`` / ``inference_mode()`` no gradient is computed. Zero rows give an
+        empty result (0 for "sum"/"mean"); V = 0 raises.
     """
     V.check_logits("student_logits", student_logits)
     V.check_logits("teacher_logits", teacher_logits)
