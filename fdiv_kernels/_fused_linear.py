@@ -44,11 +44,15 @@ def _operand(w: Tensor) -> Tensor:
     return w.float() if w.dtype in (torch.float16, torch.bfloat16) and not w.is_cuda else w
 
 
-def _accumulate_grads(gz: Tensor, h: Tensor, w: Tensor, out: dict, rows, prefix: str) -> None:
+def _accumulate_grads(gz: Tensor, h: Tensor, w: Tensor, out: dict, rows, prefix: str,
+                      keep: Tensor | None) -> None:
     """Add a chunk's d/dh, d/dW, d/db (from fp32 d loss / d z) into the fp32 accumulators."""
     if out[prefix + "h"] is not None:
         out[prefix + "h"][rows] = _gemm_f32(gz, w)
     if out[prefix + "w"] is not None:
+        if keep is not None:
+            # Ignored rows are inert: their gz is 0, but 0 * a NaN hidden state would be NaN.
+            h = torch.where(keep[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
         out[prefix + "w"] += _gemm_f32(gz.t(), h)
     if out[prefix + "b"] is not None:
         out[prefix + "b"] += gz.sum(0)
@@ -107,11 +111,13 @@ def _run(ctx_args: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict
                 if ce_w:
                     gz.add_(gce.mul_(w_rows * ce_w))
                     del gce
-                _accumulate_grads(gz, hs[rows], ws_op, grads, rows, "s")
+                _accumulate_grads(gz, hs[rows], ws_op, grads, rows, "s",
+                                  valid if a["mask"] else None)
                 del gz, gzs
             if grad_t:
                 gz = gzt.mul_(w_rows * (1.0 - ce_w))
-                _accumulate_grads(gz, ht[rows], wt_op, grads, rows, "t")
+                _accumulate_grads(gz, ht[rows], wt_op, grads, rows, "t",
+                                  valid if a["mask"] else None)
                 del gz, gzt
     return loss, grads
 
@@ -279,7 +285,8 @@ def fused_linear_divergence(
         else:
             denom = weights.sum().clamp(min=1)
         weights = weights / denom
-    args = {"spec": spec, "inv_t": inv_t, "valid": keep, "labels": flat_labels,
+    args = {"spec": spec, "inv_t": inv_t, "valid": keep, "mask": valid is not None,
+            "labels": flat_labels,
             "ignore_index": int(ignore_index), "ce_weight": ce_w, "chunk": chunk,
             "backend": name}
     out = FusedLinearDivergenceFunction.apply(

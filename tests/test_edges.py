@@ -362,3 +362,22 @@ def test_scale_rows_16bit_cpu_in_place_without_full_temporaries(dtype):
     biggest = max(e.cpu_memory_usage for e in prof.events())
     # One fp32 (N, V) temporary would be 7.8 MiB; a chunk's is 1 MiB.
     assert biggest <= 4 * (1 << 18) + 4096, biggest
+
+
+def test_fused_linear_ignored_row_holding_nan_is_inert(backend):
+    g = torch.Generator().manual_seed(140)
+    h, w = torch.randn(4, 16, generator=g), torch.randn(60, 16, generator=g)
+    ht = torch.randn(4, 16, generator=g)
+    lab = torch.tensor([3, -100, 7, 1])
+    grads = []
+    for hidden in (h, torch.where(torch.arange(4)[:, None] == 1, math.nan, h)):
+        h_ = hidden.clone().requires_grad_(True)
+        w_ = w.clone().requires_grad_(True)
+        loss = fk.fused_linear_divergence(h_, w_, ht, w, "js", labels=lab, ce_weight=0.3,
+                                          backend=backend)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert torch.all(h_.grad[1] == 0)
+        grads.append((loss, w_.grad))
+    assert_close(grads[1][0], grads[0][0], (0, 0), "loss")
+    assert_close(grads[1][1], grads[0][1], (1e-6, 1e-7), "weight grad")
