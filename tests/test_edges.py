@@ -187,14 +187,21 @@ def test_sharp_softmax_error_at_torch_level(offset, temperature, backend):
 
 
 def test_huge_logits_give_no_wrong_finite_number(backend):
-    """Logits ~1e7 (negative KL before) and shifted to +3e38 next to the float32 limit."""
+    """Logits ~1e7 (negative KL before) and next to the float32 limit (+3e38: 10.7 for 0.63)."""
     s, t = logits((3, 400), seed=120), logits((3, 400), seed=121)
-    for shift in (1e7, 3e38):
-        ss, tt = (s.double() + shift).float(), (t.double() + shift).float()
-        ref, _, _ = divergence_with_grads(ss, tt, "kl")
-        got = fk.divergence(ss, tt, "kl", reduction="none", backend=backend)
+    for kind, spread, shift, temperature in [("kl", 1.0, 1e7, 1.0), ("js", 1e31, 3e38, 1.0),
+                                              ("js", 1e31, 3e38, 2.0), ("js", 3e30, 3e38, 1.0)]:
+        ss = (s.double() * spread + shift).float()
+        tt = (t.double() * spread + shift).float()
+        ref, _, _ = divergence_with_grads(ss, tt, kind, temperature=temperature)
+        got = fk.divergence(ss, tt, kind, reduction="none", backend=backend,
+                            temperature=temperature)
         assert (got >= 0).all()
-        assert_close(got, ref, (1e-4, 1e-6), f"shift {shift}")
+        assert_close(got, ref, (1e-4, 1e-6), f"{kind} shift {shift} T {temperature}")
+    # x / T overflows float32: NaN (documented), never a finite number.
+    got = fk.divergence((s.double() + 3e38).float(), (t.double() + 3e38).float(), "js",
+                        temperature=0.5, reduction="none", backend=backend)
+    assert torch.isnan(got).all()
 
 
 # ---- extreme temperatures --------------------------------------------------------------------
