@@ -251,9 +251,8 @@ def test_forward_only_without_grad_mode(mode, backend):
         got = fk.divergence(s, t, "js", backend=backend)
     assert torch.equal(got, expected)
     fwd = [a for name, a in log.calls if name.startswith("divergence_fwd")]
+    # grad_student, grad_teacher are the op's last two arguments: False, so no (N, V) buffer.
     assert fwd and all(a[-2] is False and a[-1] is False for a in fwd)
-    assert all(a[1].numel() == 0 and a[2].numel() == 0 for a in
-               [fwd_out for fwd_out in []])  # outputs: checked through the flags above
 
     w = torch.nn.Parameter(logits((90, 16), seed=126))
     h = logits((3, 16), seed=127)
