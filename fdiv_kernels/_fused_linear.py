@@ -290,8 +290,7 @@ def fused_linear_divergence(
             "ignore_index": int(ignore_index), "ce_weight": ce_w, "chunk": chunk,
             "backend": name}
     out = FusedLinearDivergenceFunction.apply(
-        hs.reshape(n, hs.shape[-1]), ws, student_bias, ht.reshape(n, ht.shape[-1]), wt, teacher_bias,
-        args,
-        weights, reduction, torch.is_grad_enabled(),
+        hs.reshape(n, hs.shape[-1]), ws, student_bias, ht.reshape(n, ht.shape[-1]), wt,
+        teacher_bias, args, weights, reduction, torch.is_grad_enabled(),
     )
     return out.reshape(lead) if reduction == "none" else out

@@ -6,15 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import (BACKENDS, GRAD_TOL, LOSS_TOL, STATS_BACKENDS, assert_close,
-                      available_backends)
-from reference import divergence_with_grads, logits, softmax_stats_rows
+from conftest import GRAD_TOL, LOSS_TOL, STATS_BACKENDS, assert_close, available_backends
+from reference import divergence_with_grads, logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fdiv_kernels as fk
 from fdiv_kernels import phases
 
-PHASE_BACKENDS = [b for b in available_backends("divergence_partials")]
+PHASE_BACKENDS = available_backends("divergence_partials")
 
 
 # ---- alpha-divergence near its limits ------------------------------------------------------

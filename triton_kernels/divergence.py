@@ -58,7 +58,8 @@ def _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w, log_1
 
 
 @triton.jit
-def _row_grads(s_row, t_row, gs_row, gt_row, V, m_q, ls_q, m_p, ls_p, H, K, param, log_w, log_1mw, inv_t,
+def _row_grads(s_row, t_row, gs_row, gt_row, V, m_q, ls_q, m_p, ls_p, H, K, param, log_w, log_1mw,
+               inv_t,
                BASE: tl.constexpr, SWAP: tl.constexpr, GRAD_S: tl.constexpr,
                GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
     for off in range(0, V, BLOCK):
