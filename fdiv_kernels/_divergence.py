@@ -23,8 +23,10 @@ class DivergenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, valid, base, swap, param, inv_t, backend, inplace):
-        grad_s, grad_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, student, teacher, valid, base, swap, param, inv_t, backend, inplace,
+                grad_enabled=True):
+        grad_s = grad_enabled and ctx.needs_input_grad[0]
+        grad_t = grad_enabled and ctx.needs_input_grad[1]
         loss, gs, gt = _forward_op(backend)(
             student, teacher, valid, base, swap, param, inv_t, grad_s, grad_t
         )
@@ -55,7 +57,7 @@ class DivergenceFunction(torch.autograd.Function):
             torch.ops.fdiv.scale_rows_(gs, grad_loss)
         if ctx.grad_t:
             torch.ops.fdiv.scale_rows_(gt, grad_loss)
-        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 7)
+        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 8)
 
 
 def divergence(
@@ -97,10 +99,15 @@ def divergence(
     nothing; an infinite divergence is +inf; NaN in the input gives NaN.
 
     Args:
-        labels: integer tensor of the leading shape; rows with ``labels == ignore_index`` add
-            nothing and get zero gradient.
+        temperature: T > 0 with 1/T finite in the compute dtype: T >= 2.94e-39 (float32, also
+            for 16-bit inputs) or 5.6e-309 (float64); smaller raises ValueError. Logits / T must
+            also be finite (else NaN, never a wrong finite number).
+        labels: int64 or int32 tensor of the leading shape (int8/int16/uint8 are widened; a dtype
+            that cannot hold ``ignore_index``, e.g. uint8 with -100, raises TypeError); rows with
+            ``labels == ignore_index`` add nothing and get zero gradient, whatever they hold.
         reduction: "none" (shape = leading dims), "sum", or "mean" (over kept rows, or divided by
-            ``num_items_in_batch`` when given; 0 when every row is ignored).
+            ``num_items_in_batch`` when given; 0 when every row is ignored or there are no rows).
+        num_items_in_batch: a positive number or a one-element tensor.
         backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
         inplace_backward: the gradient is computed in the forward and the backward scales it in
             place, so the graph holds one (N, V) buffer per input and can be backpropagated once
@@ -109,27 +116,37 @@ def divergence(
 
     Returns:
         The loss in float32 (float64 for float64 inputs). Gradients flow to the student logits,
-        and to the teacher logits when they require grad; higher-order gradients raise.
+        and to the teacher logits when they require grad; higher-order gradients raise. Under
+        ``torch.no_grad()`` / ``inference_mode()`` no gradient is computed. Zero rows give an
+        empty result (0 for "sum"/"mean"); V = 0 raises.
     """
     V.check_logits("student_logits", student_logits)
     V.check_logits("teacher_logits", teacher_logits)
     V.check_pair(student_logits, teacher_logits)
     spec: KernelSpec = resolve(kind, beta, alpha, lam)
-    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    inv_t = V.check_temperature(temperature, dtype)
     reduction = V.check_reduction(reduction)
+    V.check_num_items(num_items_in_batch)
     lead = student_logits.shape[:-1]
     valid = V.row_mask(labels, ignore_index, lead, student_logits.device)
 
-    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     vocab = student_logits.shape[-1]
     s = student_logits.to(dtype).reshape(-1, vocab).contiguous()
     t = teacher_logits.to(dtype).reshape(-1, vocab).contiguous()
     name = select(backend, s, "divergence_fwd")
-    keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if s.shape[0] == 0:
+        # An empty micro-batch: no rows, no loss; zero-size gradients through the graph.
+        loss = (s.sum(-1) + t.sum(-1)).to(V.loss_dtype(dtype)) * 0
+        return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
+    keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    # Inside forward() grad mode is always off: ask here whether any gradient can be wanted, so
+    # that no_grad / inference_mode calls never compute or allocate the (N, V) gradients.
     loss = DivergenceFunction.apply(
-        s, t, keep, spec.base, spec.swap, spec.param, inv_t, name, inplace_backward
+        s, t, keep, spec.base, spec.swap, spec.param, inv_t, name, inplace_backward,
+        torch.is_grad_enabled(),
     )
     return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
 

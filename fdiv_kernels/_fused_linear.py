@@ -44,11 +44,15 @@ def _operand(w: Tensor) -> Tensor:
     return w.float() if w.dtype in (torch.float16, torch.bfloat16) and not w.is_cuda else w
 
 
-def _accumulate_grads(gz: Tensor, h: Tensor, w: Tensor, out: dict, rows, prefix: str) -> None:
+def _accumulate_grads(gz: Tensor, h: Tensor, w: Tensor, out: dict, rows, prefix: str,
+                      keep: Tensor | None) -> None:
     """Add a chunk's d/dh, d/dW, d/db (from fp32 d loss / d z) into the fp32 accumulators."""
     if out[prefix + "h"] is not None:
         out[prefix + "h"][rows] = _gemm_f32(gz, w)
     if out[prefix + "w"] is not None:
+        if keep is not None:
+            # Ignored rows are inert: their gz is 0, but 0 * a NaN hidden state would be NaN.
+            h = torch.where(keep[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
         out[prefix + "w"] += _gemm_f32(gz.t(), h)
     if out[prefix + "b"] is not None:
         out[prefix + "b"] += gz.sum(0)
@@ -77,7 +81,9 @@ def _run(ctx_args: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict
     ce_w = a["ce_weight"]
     for lo in range(0, n, a["chunk"]):
         rows = slice(lo, min(n, lo + a["chunk"]))
-        with torch.no_grad():
+        # Autocast off: it would run these GEMMs in bf16/fp16 and round the logits, breaking the
+        # fp32-logits contract (the gradients' accuracy); _gemm_f32 picks the precision itself.
+        with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):
             zs = _gemm_f32(hs[rows], ws_op.t())
             zt = _gemm_f32(ht[rows], wt_op.t())
             if bs is not None:
@@ -105,11 +111,13 @@ def _run(ctx_args: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict
                 if ce_w:
                     gz.add_(gce.mul_(w_rows * ce_w))
                     del gce
-                _accumulate_grads(gz, hs[rows], ws_op, grads, rows, "s")
+                _accumulate_grads(gz, hs[rows], ws_op, grads, rows, "s",
+                                  valid if a["mask"] else None)
                 del gz, gzs
             if grad_t:
                 gz = gzt.mul_(w_rows * (1.0 - ce_w))
-                _accumulate_grads(gz, ht[rows], wt_op, grads, rows, "t")
+                _accumulate_grads(gz, ht[rows], wt_op, grads, rows, "t",
+                                  valid if a["mask"] else None)
                 del gz, gzt
     return loss, grads
 
@@ -127,8 +135,11 @@ def _cross_entropy(z: Tensor, labels: Tensor, ignore_index: int, backend: str, g
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, args, row_weights, reduction):
-        needs = dict(zip(("sh", "sw", "sb", "th", "tw", "tb"), ctx.needs_input_grad[:6]))
+    def forward(ctx, hs, ws, bs, ht, wt, bt, args, row_weights, reduction, grad_enabled=True):
+        # grad_enabled: grad mode at the call (always off inside forward); under no_grad nothing
+        # is computed for a backward, whatever requires_grad the parameters carry.
+        needs = dict(zip(("sh", "sw", "sb", "th", "tw", "tb"),
+                         (grad_enabled and g for g in ctx.needs_input_grad[:6])))
         needs["sb"] = needs["sb"] and bs is not None
         needs["tb"] = needs["tb"] and bt is not None
         args = {**args, "hs": hs, "ws": ws, "bs": bs, "ht": ht, "wt": wt, "bt": bt}
@@ -163,7 +174,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             if scale is not None:
                 g = g * scale
             out.append(g.to(ctx.args[name].dtype))
-        return (*out, None, None, None)
+        return (*out, None, None, None, None)
 
 
 def _check_2d(name: str, x: object, cols: int | None = None) -> Tensor:
@@ -235,8 +246,9 @@ def fused_linear_divergence(
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     spec = resolve(kind, beta, alpha, lam)
-    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    inv_t = V.check_temperature(temperature, torch.promote_types(hs.dtype, ws.dtype))
     reduction = V.check_reduction(reduction)
+    V.check_num_items(num_items_in_batch)
     ce_w = V.check_real("ce_weight", ce_weight)
     if not 0.0 <= ce_w <= 1.0:
         raise ValueError(f"ce_weight must be in [0, 1], got {ce_w}")
@@ -252,7 +264,8 @@ def fused_linear_divergence(
     else:
         chunk = chunk_size
     keep = valid if valid is not None else torch.ones(n, dtype=torch.bool, device=hs.device)
-    flat_labels = labels.reshape(-1).contiguous() if labels is not None else None
+    flat_labels = (V.check_labels(labels, ignore_index, lead, hs.device).reshape(-1).contiguous()
+                   if labels is not None else None)
     if ce_w:
         bad = ((flat_labels < 0) | (flat_labels >= ws.shape[0])) & (flat_labels != ignore_index)
         if not torch.compiler.is_compiling() and bool(bad.any()):
@@ -266,16 +279,18 @@ def fused_linear_divergence(
     weights = keep.to(acc)
     if reduction == "mean":
         if num_items_in_batch is not None:
-            denom = (num_items_in_batch if isinstance(num_items_in_batch, Tensor) else
-                     V.check_real("num_items_in_batch", num_items_in_batch, positive=True))
+            denom = V.check_num_items(num_items_in_batch)
+            if isinstance(denom, Tensor):
+                denom = denom.to(device=weights.device, dtype=weights.dtype)
         else:
             denom = weights.sum().clamp(min=1)
         weights = weights / denom
-    args = {"spec": spec, "inv_t": inv_t, "valid": keep, "labels": flat_labels,
+    args = {"spec": spec, "inv_t": inv_t, "valid": keep, "mask": valid is not None,
+            "labels": flat_labels,
             "ignore_index": int(ignore_index), "ce_weight": ce_w, "chunk": chunk,
             "backend": name}
     out = FusedLinearDivergenceFunction.apply(
-        hs.reshape(n, -1), ws, student_bias, ht.reshape(n, -1), wt, teacher_bias, args,
-        weights, reduction,
+        hs.reshape(n, hs.shape[-1]), ws, student_bias, ht.reshape(n, ht.shape[-1]), wt,
+        teacher_bias, args, weights, reduction, torch.is_grad_enabled(),
     )
     return out.reshape(lead) if reduction == "none" else out

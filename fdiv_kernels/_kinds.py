@@ -73,7 +73,7 @@ DIVERGENCES: dict[str, Divergence] = {
         Divergence(
             "alpha", ALPHA, param="alpha", default=0.5, check=_finite("alpha"),
             degenerate=lambda a: "kl" if a == 1.0 else "reverse_kl" if a == 0.0 else None,
-            math="(1 - sum p^alpha q^(1-alpha)) / (alpha (1 - alpha))",
+            math="(1 - sum p^alpha q^(1-alpha)) / (alpha (1 - alpha)); accurate as alpha -> 0, 1",
         ),
         Divergence(
             "skew_kl", SKEW_KL, param="lam", default=0.1, check=_unit_half_open("lam"),
@@ -166,10 +166,17 @@ def _terms(base: int, param: float, lp: Tensor, lq: Tensor) -> tuple[Tensor, Ten
         r = _nz(p, torch.exp(2.0 * lp - lq))  # p^2 / q, +inf where q = 0 < p
         return r - 2.0 * p + q, q - r, 2.0 * (r - p)
     if base == ALPHA:
-        a = param
-        # w = p^a q^(1-a); both zero -> 0, one zero -> exp gives 0 or +inf as the limit says.
-        w = _nz(p + q, torch.exp(a * lp + (1.0 - a) * lq))
-        return (a * p + (1.0 - a) * q - w) / (a * (1.0 - a)), (q - w) / a, (p - w) / (1.0 - a)
+        a, b = param, 1.0 - param
+        # With w = p^a q^b = q e^(a d) = p e^(-b d), d = lp - lq: q - w = -q expm1(a d) and
+        # p - w = -p expm1(-b d) have no cancellation, and expm1(a d) / a -> d as a -> 0, so h and
+        # k move continuously into reverse / forward KL's. The loss (a p + b q - w) / (a b) is
+        # regrouped as (q - p + k) / a (a >= 1/2) or (p - q + h) / b (a < 1/2): the q - p terms
+        # sum to 0, divided by the larger of a, b; 1 - sum w / (a b) would cancel as 1 / (a b).
+        d = lp - lq
+        h = _nz(q, -q * torch.expm1(a * d)) / a
+        k = _nz(p, -p * torch.expm1(-b * d)) / b
+        t = (q - p + k) / a if a >= 0.5 else (p - q + h) / b
+        return t, h, k
     if base == SKEW_KL:
         lm = _mix_log(param, lp, lq)
         t = _xlogy_ratio(p, lp, lm)

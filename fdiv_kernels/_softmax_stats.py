@@ -31,6 +31,9 @@ class SoftmaxStatsFunction(torch.autograd.Function):
         ctx.ignore_index, ctx.inv_t, ctx.backend = ignore_index, inv_t, backend
         ctx.mark_non_differentiable(*([] if want_entropy else [ent]),
                                     *([] if labels is not None else [lp]))
+        # Outputs nobody used get None, not zeros: a zero g_lse times a NaN softmax would make
+        # an ignored row's gradient NaN (token_logprobs uses only the label log-probability).
+        ctx.set_materialize_grads(False)
         return lse, ent, lp
 
     @staticmethod
@@ -41,11 +44,13 @@ class SoftmaxStatsFunction(torch.autograd.Function):
                 "(backward with create_graph=True)"
             )
         x, labels, lse, ent = ctx.saved_tensors
+        if g_lse is None and g_ent is None and g_lp is None:
+            return (None,) * 6
         op = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{ctx.backend}")
         # Incoming row gradients are often expanded views (stride 0): kernels want them dense.
-        g_lse = g_lse.contiguous()
-        g_ent = g_ent.contiguous() if ent.numel() else None
-        g_lp = g_lp.contiguous() if labels is not None else None
+        g_lse = g_lse.contiguous() if g_lse is not None else None
+        g_ent = g_ent.contiguous() if g_ent is not None and ent.numel() else None
+        g_lp = g_lp.contiguous() if g_lp is not None and labels is not None else None
         dx = op(x, labels, lse, ent, g_lse, g_ent, g_lp, ctx.ignore_index, ctx.inv_t)
         return dx, None, None, None, None, None
 
@@ -58,8 +63,9 @@ def _rows(name: str, x: object) -> tuple[Tensor, torch.Size]:
 def _labels(labels: object, ignore_index: object, lead: torch.Size, x: Tensor) -> Tensor:
     if labels is None:
         raise TypeError("labels must be an integer tensor, got None")
-    V.row_mask(labels, ignore_index, lead, x.device)  # type, shape, device checks
-    flat = labels.reshape(-1)
+    # int32 / int64 as given; narrower integer dtypes widened (or rejected if they cannot hold
+    # ignore_index), so the kernels never compare in a wrapping type.
+    flat = V.check_labels(labels, ignore_index, lead, x.device).reshape(-1)
     vocab = x.shape[-1]
     bad = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)
     if not torch.compiler.is_compiling() and bool(bad.any()):
@@ -86,7 +92,7 @@ def softmax_stats(
     with the logits' leading shape, and differentiable w.r.t. ``logits``.
     """
     x, lead = _rows("logits", logits)
-    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    inv_t = V.check_temperature(temperature, x.dtype)
     lab = _labels(labels, ignore_index, lead, logits) if labels is not None else None
     if labels is None:
         V.row_mask(None, ignore_index, lead, x.device)
@@ -110,7 +116,7 @@ def token_logprobs(
     gradient; the backward writes (onehot - softmax) g / T in one pass from the saved per-row lse.
     """
     x, lead = _rows("logits", logits)
-    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    inv_t = V.check_temperature(temperature, x.dtype)
     lab = _labels(labels, ignore_index, lead, logits)
     name = select(backend, x, "softmax_stats_fwd")
     _, _, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, False, name)
@@ -120,7 +126,7 @@ def token_logprobs(
 def entropy(logits: Tensor, temperature: float = 1.0, *, backend: str = "auto") -> Tensor:
     r"""Per-row entropy H = lse - sum_j q_j x_j / T of q = softmax(logits / T), with autograd."""
     x, lead = _rows("logits", logits)
-    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
+    inv_t = V.check_temperature(temperature, x.dtype)
     name = select(backend, x, "softmax_stats_fwd")
     _, ent, _ = SoftmaxStatsFunction.apply(x, None, -100, inv_t, True, name)
     return ent.reshape(lead)

@@ -37,7 +37,14 @@ def _rows(kind: str, p: Tensor, q: Tensor, param: float | None) -> Tensor:
         return ((p - q) ** 2 / q).sum(-1)
     if kind == "alpha":
         a = 0.5 if param is None else param
-        return (1 - (p**a * q ** (1 - a)).sum(-1)) / (a * (1 - a))
+        # 1 - sum p^a q^(1-a) = sum p (1 - (q/p)^(1-a)) = sum q (1 - (p/q)^a), written with expm1
+        # of the smaller exponent: float64 stays exact as a -> 0 or 1, where the plain form
+        # cancels as 1 / (a (1-a)). Zero entries of the weighting row add nothing.
+        x, y, e = (p, q, 1 - a) if a >= 0.5 else (q, p, a)
+        pos = x > 0
+        ratio = torch.where(pos, y, 1) / torch.where(pos, x, 1)
+        term = torch.where(pos, -x * torch.expm1(e * torch.log(ratio)), 0)
+        return term.sum(-1) / (a * (1 - a))
     if kind == "skew_kl":
         lam = 0.1 if param is None else param
         return _kl(p, lam * p + (1 - lam) * q)

@@ -52,3 +52,35 @@ def test_auto_picks_a_backend_that_has_the_phase():
     if "cpu" in BACKENDS and not hasattr(torch.ops.fdiv, "divergence_partials_cpu"):
         with pytest.raises(fk.BackendUnavailableError, match="divergence_partials is not"):
             phases.partials(s, t, lse_s, lse_t, "js", backend="cpu")
+
+
+@pytest.mark.parametrize("backend", PHASE_BACKENDS)
+def test_phases_validate_their_inputs(backend):
+    """The phases check their inputs like the public ops: a short lse or a float ``valid`` read
+    out of bounds on a GPU; each error names the argument."""
+    s, t = logits((4, 30), seed=55), logits((4, 30), seed=56)
+    lse = phases.row_lse(s, backend=backend)
+    sums = phases.partials(s, t, lse, lse, backend=backend)
+    ok = dict(backend=backend)
+    bad_partials = [
+        ((s, t, lse[:3], lse), {}, ValueError, r"lse_student must have shape \(4,\)"),
+        ((s, t, lse, lse.reshape(4, 1)), {}, ValueError, "lse_teacher must have shape"),
+        ((s, t, lse, lse.long()), {}, TypeError, "lse_teacher must be a floating point"),
+        ((s, t, lse, [0.0] * 4), {}, TypeError, "lse_teacher must be a torch.Tensor"),
+        ((s, t, lse, lse), {"valid": torch.ones(4)}, TypeError, "valid must be a bool tensor"),
+        ((s, t, lse, lse), {"valid": torch.ones(3, dtype=torch.bool)}, ValueError,
+         "valid must have the logits' leading shape"),
+        ((s, t, lse, lse.to("meta")), {}, ValueError, "lse_teacher must be on the logits' device"),
+        ((s, t[:, :7], lse, lse), {}, ValueError, "vocabulary size"),
+        ((s.long(), t, lse, lse), {}, TypeError, "student must be floating point"),
+        ((s, t, lse, lse), {"temperature": 1e-40}, ValueError, "temperature must be in"),
+    ]
+    for args, kw, exc, match in bad_partials:
+        with pytest.raises(exc, match=match):
+            phases.partials(*args, **ok, **kw)
+    with pytest.raises(ValueError, match=r"sums must have shape \(4, 3\)"):
+        phases.grads(s, t, lse, lse, sums[:, :2], **ok)
+    with pytest.raises(TypeError, match="grad_teacher must be a bool"):
+        phases.grads(s, t, lse, lse, sums, grad_teacher=1, **ok)
+    with pytest.raises(ValueError, match="V >= 1"):
+        phases.row_lse(s[:, :0], backend=backend)

@@ -21,7 +21,7 @@ import triton.language as tl
 from fdiv_kernels import _ids
 from fdiv_kernels.triton_kernels.divergence_terms import element_terms
 from fdiv_kernels.triton_kernels.ids import KL
-from fdiv_kernels.triton_kernels.online_softmax import logsumexp_of_row
+from fdiv_kernels.triton_kernels.online_softmax import row_max_logsum
 
 # Largest block of 16-bit elements per loop iteration (half that for fp32). Tests lower it to run
 # the multi-block online loop on small rows.
@@ -29,14 +29,17 @@ MAX_BLOCK = 8192
 
 
 @triton.jit
-def _log_probs(s_row, t_row, cols, V, inv_t, lse_q, lse_p):
+def _log_probs(s_row, t_row, cols, V, inv_t, m_q, ls_q, m_p, ls_p):
+    # log q = (a - m) - log s, the row max subtracted first: the error stays at fp32 rounding of
+    # the small terms for any |x / T| (x - lse cancels eps |lse| away). The phase kernels, given
+    # only the lse, pass (lse, 0).
     a = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
     b = tl.load(t_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-    return b * inv_t - lse_p, a * inv_t - lse_q
+    return (b * inv_t - m_p) - ls_p, (a * inv_t - m_q) - ls_q
 
 
 @triton.jit
-def _row_sums(s_row, t_row, gs_row, V, lse_q, lse_p, param, log_w, log_1mw, inv_t,
+def _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w, log_1mw, inv_t,
               BASE: tl.constexpr, SWAP: tl.constexpr, MERGED: tl.constexpr, BLOCK: tl.constexpr):
     """(sum term, sum h, sum k) of a row; MERGED also writes KL's student gradient q - p."""
     loss = tl.zeros([BLOCK], tl.float32)
@@ -45,7 +48,7 @@ def _row_sums(s_row, t_row, gs_row, V, lse_q, lse_p, param, log_w, log_1mw, inv_
     for off in range(0, V, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         in_row = cols < V
-        lp, lq = _log_probs(s_row, t_row, cols, V, inv_t, lse_q, lse_p)
+        lp, lq = _log_probs(s_row, t_row, cols, V, inv_t, m_q, ls_q, m_p, ls_p)
         t, h, k = element_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP)
         loss += tl.where(in_row, t, 0.0)
         h_sum += tl.where(in_row, h, 0.0)
@@ -57,13 +60,14 @@ def _row_sums(s_row, t_row, gs_row, V, lse_q, lse_p, param, log_w, log_1mw, inv_
 
 
 @triton.jit
-def _row_grads(s_row, t_row, gs_row, gt_row, V, lse_q, lse_p, H, K, param, log_w, log_1mw, inv_t,
+def _row_grads(s_row, t_row, gs_row, gt_row, V, m_q, ls_q, m_p, ls_p, H, K, param, log_w, log_1mw,
+               inv_t,
                BASE: tl.constexpr, SWAP: tl.constexpr, GRAD_S: tl.constexpr,
                GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
     for off in range(0, V, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         in_row = cols < V
-        lp, lq = _log_probs(s_row, t_row, cols, V, inv_t, lse_q, lse_p)
+        lp, lq = _log_probs(s_row, t_row, cols, V, inv_t, m_q, ls_q, m_p, ls_p)
         t, h, k = element_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP)
         if GRAD_S:
             g = (h - tl.exp(lq) * H) * inv_t
@@ -99,17 +103,19 @@ def _divergence_fwd_kernel(
     gs_row = gs_ptr + row * stride_gs
     gt_row = gt_ptr + row * stride_gt
     if tl.load(valid_ptr + row) != 0:
-        lse_q = logsumexp_of_row(s_row, V, inv_t, BLOCK)
-        lse_p = logsumexp_of_row(t_row, V, inv_t, BLOCK)
+        m_q, ls_q = row_max_logsum(s_row, V, inv_t, BLOCK)
+        m_p, ls_p = row_max_logsum(t_row, V, inv_t, BLOCK)
         # KL's student gradient is q - p: no need to know a row sum first.
         MERGED: tl.constexpr = BASE == KL and not SWAP and GRAD_S and not GRAD_T
-        loss, H, K = _row_sums(s_row, t_row, gs_row, V, lse_q, lse_p, param, log_w, log_1mw,
-                               inv_t, BASE, SWAP, MERGED, BLOCK)
+        loss, H, K = _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w,
+                               log_1mw, inv_t, BASE, SWAP, MERGED, BLOCK)
         # lse - lse is 0, or NaN when a row held NaN: NaN in, NaN out.
+        lse_q = m_q + ls_q
+        lse_p = m_p + ls_p
         tl.store(loss_ptr + row, loss + (lse_q - lse_q) + (lse_p - lse_p))
         if (GRAD_S and not MERGED) or GRAD_T:
-            _row_grads(s_row, t_row, gs_row, gt_row, V, lse_q, lse_p, H, K, param, log_w,
-                       log_1mw, inv_t, BASE, SWAP, GRAD_S, GRAD_T, BLOCK)
+            _row_grads(s_row, t_row, gs_row, gt_row, V, m_q, ls_q, m_p, ls_p, H, K, param,
+                       log_w, log_1mw, inv_t, BASE, SWAP, GRAD_S, GRAD_T, BLOCK)
     else:
         # Ignored row: no loss, zero gradient.
         tl.store(loss_ptr + row, 0.0)
@@ -134,7 +140,8 @@ def _divergence_partials_kernel(
         lse_q = tl.load(lse_q_ptr + row)
         lse_p = tl.load(lse_p_ptr + row)
         loss, H, K = _row_sums(s_ptr + row * stride_s, t_ptr + row * stride_t, s_ptr, V, lse_q,
-                               lse_p, param, log_w, log_1mw, inv_t, BASE, SWAP, False, BLOCK)
+                               0.0, lse_p, 0.0, param, log_w, log_1mw, inv_t, BASE, SWAP, False,
+                               BLOCK)
     tl.store(sums_ptr + row * 3, loss)
     tl.store(sums_ptr + row * 3 + 1, H)
     tl.store(sums_ptr + row * 3 + 2, K)
@@ -153,7 +160,7 @@ def _divergence_grads_kernel(
     gt_row = gt_ptr + row * stride_gt
     if tl.load(valid_ptr + row) != 0:
         _row_grads(s_ptr + row * stride_s, t_ptr + row * stride_t, gs_row, gt_row, V,
-                   tl.load(lse_q_ptr + row), tl.load(lse_p_ptr + row),
+                   tl.load(lse_q_ptr + row), 0.0, tl.load(lse_p_ptr + row), 0.0,
                    tl.load(sums_ptr + row * 3 + 1), tl.load(sums_ptr + row * 3 + 2),
                    param, log_w, log_1mw, inv_t, BASE, SWAP, GRAD_S, GRAD_T, BLOCK)
     else:
@@ -184,6 +191,8 @@ def divergence_fwd(student, teacher, valid, base, swap, param, inv_temperature,
     loss = torch.empty(N, dtype=torch.float32, device=student.device)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
+    if N == 0:  # an empty batch: nothing to launch (a zero grid is an error on some targets)
+        return loss, gs, gt
     block, warps = block_size(V, student.dtype)
     _divergence_fwd_kernel[(N,)](
         student, teacher, valid, loss, gs if grad_student else student,
@@ -202,6 +211,8 @@ def divergence_partials(student, teacher, valid, lse_s, lse_t, base, swap, param
     """(N, 3) float32 row sums (term, h, k) of the given columns, under the given row LSEs."""
     N, V = student.shape
     sums = torch.empty(N, 3, dtype=torch.float32, device=student.device)
+    if N == 0:
+        return sums
     block, warps = block_size(V, student.dtype)
     _divergence_partials_kernel[(N,)](
         student, teacher, valid, lse_s, lse_t, sums, V, student.stride(0), teacher.stride(0),
@@ -217,6 +228,8 @@ def divergence_grads(student, teacher, valid, lse_s, lse_t, sums, base, swap, pa
     N, V = student.shape
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
+    if N == 0:
+        return gs, gt
     block, warps = block_size(V, student.dtype)
     _divergence_grads_kernel[(N,)](
         student, teacher, valid, lse_s, lse_t, sums,

@@ -26,6 +26,22 @@ def _xlogy_ratio(x, lx, ly):
 
 
 @triton.jit
+def _expm1(x):
+    # exp(x) - 1 without cancellation near 0 (Triton has no expm1 on every target): a degree-9
+    # Taylor polynomial for |x| < 1/2 (relative error < 6e-10), exp(x) - 1 beyond (no
+    # cancellation there: <= 2.6 ulp). exp's +-inf and NaN pass through the second branch.
+    p = 1.0 + x * (1.0 / 9.0)
+    p = 1.0 + x * (1.0 / 8.0) * p
+    p = 1.0 + x * (1.0 / 7.0) * p
+    p = 1.0 + x * (1.0 / 6.0) * p
+    p = 1.0 + x * (1.0 / 5.0) * p
+    p = 1.0 + x * (1.0 / 4.0) * p
+    p = 1.0 + x * (1.0 / 3.0) * p
+    p = 1.0 + x * 0.5 * p
+    return tl.where(tl.abs(x) < 0.5, x * p, tl.exp(x) - 1.0)
+
+
+@triton.jit
 def _log_mix(lp, lq, log_w, log_1mw):
     # log(w p + (1-w) q) in log space, -inf (not NaN) when both are 0.
     x = lp + log_w
@@ -63,11 +79,11 @@ def _base_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr):
         t = r - 2.0 * p + q
         h = q - r
         k = 2.0 * (r - p)
-    elif BASE == ALPHA:  # Amari alpha
-        w = _nz(p + q, tl.exp(param * lp + (1.0 - param) * lq))
-        t = (param * p + (1.0 - param) * q - w) / (param * (1.0 - param))
-        h = (q - w) / param
-        k = (p - w) / (1.0 - param)
+    elif BASE == ALPHA:  # Amari alpha, in the expm1 form of _kinds._terms (accurate near 0 and 1)
+        d = lp - lq
+        h = _nz(q, -q * _expm1(param * d)) / param
+        k = _nz(p, -p * _expm1((param - 1.0) * d)) / (1.0 - param)
+        t = tl.where(param >= 0.5, (q - p + k) / param, (p - q + h) / (1.0 - param))
     elif BASE == SKEW_KL:  # skew KL: KL(p || lam p + (1-lam) q)
         lm = _log_mix(lp, lq, log_w, log_1mw)
         t = _xlogy_ratio(p, lp, lm)

@@ -14,8 +14,14 @@ def online_update(m, s, x):
     """Fold block ``x`` (masked entries = -inf) into the running (max, sum)."""
     m_new = tl.maximum(m, tl.max(x, 0))
     # While every entry seen is -inf, shift by 0 so exp() sees -inf and gives 0 rather than NaN.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+    # Once the max is +inf, s counts the +inf entries (exp(0) each, the rest 0) instead of
+    # turning NaN through inf - inf: then only a NaN entry makes s, and the lse, NaN.
+    big = m_new == float("inf")
+    shift = tl.where((m_new == float("-inf")) | big, 0.0, m_new)
+    xs = tl.where(big, tl.where(x == float("inf"), 0.0, tl.where(x == x, float("-inf"), x)),
+                  x - shift)
+    ms = tl.where(big, tl.where(m == float("inf"), 0.0, float("-inf")), m - shift)
+    s = s * tl.exp(ms) + tl.sum(tl.exp(xs), 0)
     return m_new, s
 
 
@@ -38,17 +44,29 @@ def online_update_weighted(m, s, w, x):
 
 @triton.jit
 def finalize_lse(m, s):
-    """log-sum-exp from (max, sum): -inf for an all -inf row, +inf if any entry is +inf."""
-    return tl.where(m == float("inf"), m, m + tl.log(s))
+    """log-sum-exp from (max, sum): -inf for an all -inf row, +inf if any entry is +inf (NaN if
+    any is NaN, as torch.logsumexp): at m = +inf, s counts the +inf entries or is NaN."""
+    return m + tl.log(s)
 
 
 @triton.jit
-def logsumexp_of_row(ptr, V, scale, BLOCK: tl.constexpr):
-    """log-sum-exp of ``scale * row`` for the contiguous row at ``ptr``, in one pass."""
+def row_max_logsum(ptr, V, scale, BLOCK: tl.constexpr):
+    """(m, log s) of ``scale * row`` at ``ptr``, one pass: m the row max, s = sum exp(x - m).
+
+    Log-probabilities formed as (x - m) - log s stay exact to fp32 rounding of the small terms,
+    however large |x| is; x - (m + log s) would lose eps |lse| (1e-3 at |x/T| ~ 1e4).
+    """
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
     for off in range(0, V, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale
         m, s = online_update(m, s, x)
-    return finalize_lse(m, s)
+    return m, tl.log(s)
+
+
+@triton.jit
+def logsumexp_of_row(ptr, V, scale, BLOCK: tl.constexpr):
+    """log-sum-exp of ``scale * row`` for the contiguous row at ``ptr``, in one pass."""
+    m, log_s = row_max_logsum(ptr, V, scale, BLOCK)
+    return m + log_s

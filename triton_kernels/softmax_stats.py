@@ -53,7 +53,10 @@ def _softmax_stats_fwd_kernel(
         # Python rejects out-of-range labels; never read outside the row regardless.
         in_range = (label >= 0) & (label < V)
         xl = tl.load(x_row + tl.where(in_range, label, 0)).to(tl.float32) * inv_t
-        lp = tl.where(in_range, xl - lse, float("nan"))
+        # (x - m) - log s, the max first (x - lse loses eps |lse|); +-inf max: the limits.
+        finite = (m != float("inf")) & (m != float("-inf"))
+        lp = tl.where(finite, (xl - tl.where(finite, m, 0.0)) - tl.log(s), xl - lse)
+        lp = tl.where(in_range, lp, float("nan"))
         tl.store(lp_ptr + row, tl.where(kept, lp, 0.0))
 
 
@@ -78,7 +81,8 @@ def _softmax_stats_bwd_kernel(
         ent = tl.load(ent_ptr + row)
     if G_LP:
         label = tl.load(labels_ptr + row).to(tl.int64)
-        g_lp = tl.where(label != ignore_index, tl.load(g_lp_ptr + row), 0.0)
+        kept = label != ignore_index
+        g_lp = tl.where(kept, tl.load(g_lp_ptr + row), 0.0)
         c_q -= g_lp
     for off in range(0, V, BLOCK):
         cols = off + tl.arange(0, BLOCK)
@@ -89,6 +93,10 @@ def _softmax_stats_bwd_kernel(
             g -= tl.where(q == 0, 0.0, g_ent * q * (a - lse + ent))
         if G_LP:
             g += tl.where(cols == label, g_lp, 0.0)
+            if not G_LSE and not G_ENT:
+                # Only the label's log-prob flows back: an ignored row is inert, zero gradient
+                # even where its logits hold NaN (0 * q would be NaN).
+                g = tl.where(kept, g, 0.0)
         tl.store(dx_row + cols, (g * inv_t).to(dx_ptr.dtype.element_ty), mask=cols < V)
 
 
@@ -105,6 +113,8 @@ def softmax_stats_fwd(x, labels, ignore_index, inv_temperature, entropy):
     lse = torch.empty(N, **f32)
     ent = torch.empty(N if entropy else 0, **f32)
     lp = torch.empty(N if labels is not None else 0, **f32)
+    if N == 0:  # an empty batch: nothing to launch
+        return lse, ent, lp
     block, warps = _block(V, x.dtype)
     _softmax_stats_fwd_kernel[(N,)](
         x, labels if labels is not None else lse, lse, ent if entropy else lse,
@@ -119,6 +129,8 @@ def softmax_stats_bwd(x, labels, lse, ent, g_lse, g_ent, g_lp, ignore_index, inv
     """dx for (N, V) contiguous x from the saved lse / entropy and the incoming row gradients."""
     N, V = x.shape
     dx = torch.empty_like(x)
+    if N == 0:
+        return dx
     block, warps = _block(V, x.dtype)
     _softmax_stats_bwd_kernel[(N,)](
         x, labels if labels is not None else lse, lse, ent if g_ent is not None else lse,

@@ -7,7 +7,7 @@
 // divergence (p > 0 = q for KL) is +inf. Padding (lp = lq = -inf, p = q = 0) gives t = h = k = 0
 // for every kind. Adding a kind: one `Terms<id>` specialization below and an id in common/ids.h.
 //
-// The transcendental functions come from a policy M (M::exp, M::log, M::log1p): vectorizable
+// The transcendental functions come from a policy M (M::exp, M::log, M::log1p, M::expm1): vectorizable
 // polynomials on the CPU (csrc/cpu/divergence_terms.h), SFU approximations on the GPU
 // (csrc/cuda/divergence_terms.cuh).
 #pragma once
@@ -113,11 +113,20 @@ struct Terms<CHI2> {
 
 template <>
 struct Terms<ALPHA> {
+  // With w = p^a q^(1-a) = q e^(a d) = p e^(-(1-a) d), d = lp - lq: q - w = -q expm1(a d) and
+  // p - w = -p expm1(-(1-a) d) never cancel, and expm1(a d) / a -> d as a -> 0, so the kind moves
+  // continuously into reverse / forward KL. The loss (a p + (1-a) q - w) / (a (1-a)) is regrouped
+  // as (q - p + k) / a (a >= 1/2) or (p - q + h) / (1-a) (a < 1/2): the q - p terms sum to 0,
+  // divided by the larger factor. (1 - sum w) / (a (1-a)) cancelled as 1 / (a (1-a)).
+  // A vanishing p or q gives the limits: expm1(-inf) = -1, expm1(+inf) = +inf.
   template <class M, class T>
   FDIV_HD static Elem<T> eval(const KindConsts<T>& c, T lp, T lq, T p, T q) {
-    // p^a q^(1-a): 0 where both vanish; where one does, exp yields the limit (0 or +inf).
-    const T w = (p > T(0) || q > T(0)) ? M::exp(c.w * lp + c.w1 * lq) : T(0);
-    return {(c.w * p + c.w1 * q - w) * c.inv_ww1, (q - w) * c.inv_w, (p - w) * c.inv_w1};
+    const T d = lp - lq;
+    const T eq = M::expm1(c.w * d), ep = M::expm1(-c.w1 * d);
+    const T h = q > T(0) ? -q * eq * c.inv_w : T(0);
+    const T k = p > T(0) ? -p * ep * c.inv_w1 : T(0);
+    const T t = c.w >= T(0.5) ? (q - p + k) * c.inv_w : (p - q + h) * c.inv_w1;
+    return {t, h, k};
   }
 };
 

@@ -51,12 +51,14 @@ FDIV_INLINE void finish_grad(T* g, const T* e, const T* scale, int64_t n, T tota
 template <int B, bool GA, bool GB, class T>
 FDIV_INLINE double divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t n, T inv_t,
                                   const KindConsts<T>& c, const Scratch<T>& w) {
-  const T lse_a = row_lse(a, inv_t, n, w.ea, w.sa);
-  const T lse_b = row_lse(b, inv_t, n, w.eb, w.sb);
-  block_scales(w.sa, num_blocks(n), lse_a, w.sa);
-  block_scales(w.sb, num_blocks(n), lse_b, w.sb);
+  const MaxLogSum<T> ra = row_lse(a, inv_t, n, w.ea, w.sa);
+  const MaxLogSum<T> rb = row_lse(b, inv_t, n, w.eb, w.sb);
+  block_scales(w.sa, num_blocks(n), ra, w.sa);
+  block_scales(w.sb, num_blocks(n), rb, w.sb);
   // NaN logits make the loss NaN even where the terms' guards would hide them.
-  const double poison = double(lse_a - lse_a) + double(lse_b - lse_b);
+  const double poison = (ra.lse() - ra.lse()) + (rb.lse() - rb.lse());
+  // log q = (a - m) - log s: the row max first (see MaxLogSum).
+  const T ma = ra.m, lsa = ra.log_s_t, mb = rb.m, lsb = rb.log_s_t;
   double sum_t = 0.0, sum_h = 0.0, sum_k = 0.0;
   // h = -p sums to -1: the student gradient needs no second pass.
   constexpr bool kFusedKL = B == KL && !GB;
@@ -70,7 +72,7 @@ FDIV_INLINE double divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t 
     T st = 0, sh = 0, sk = 0;
 #pragma omp simd reduction(+ : st, sh, sk)
     for (int64_t j = 0; j < len; ++j) {
-      const T lq = ab[j] * inv_t - lse_a, lp = bb[j] * inv_t - lse_b;
+      const T lq = (ab[j] * inv_t - ma) - lsa, lp = (bb[j] * inv_t - mb) - lsb;
       const T q = eab[j] * ca, p = ebb[j] * cb;
       const Elem<T> e = Terms<B>::template eval<CpuMath>(c, lp, lq, p, q);
       st += e.t;

@@ -187,25 +187,38 @@ FDIV_INLINE void online_lse_entropy(const T* x, T scale, int64_t n, OnlineEntrop
   }
 }
 
-// log-sum-exp of scale * x[0:n], rounded to T. scale * x is rounded to T first, exactly as the
-// later passes form the same logits.
+// Online log-sum-exp of scale * x[0:n], as (max, log sum). scale * x is rounded to T first,
+// exactly as the later passes form the same logits.
 //
 // The exps are kept: e[j] = exp(scale x[j] - shift[j / kBlock]), shift being the running max
 // before the block was read (or the block's own max when that is much larger). Then softmax(x)[j]
 // = e[j] * exp(shift - lse), one scalar exp per block, so the later passes get the probabilities
 // for a multiply instead of an exp per element.
+// The row's max m and log s, s = sum exp(x - m): log-probabilities are then formed as
+// (x - m) - log s, exact up to rounding of the small terms for any |x|; x - lse would lose
+// eps |lse| (1e-3 at |x/T| ~ 1e4, whole units at logits ~ 1e7).
 template <class T>
-FDIV_INLINE T row_lse(const T* x, T scale, int64_t n, T* e, T* shift) {
+struct MaxLogSum {
+  T m;
+  double log_s;
+  T log_s_t;  // log_s rounded once, for the element loops
+  double lse() const { return static_cast<double>(m) + log_s; }
+};
+
+template <class T>
+FDIV_INLINE MaxLogSum<T> row_lse(const T* x, T scale, int64_t n, T* e, T* shift) {
   OnlineSoftmax<T> acc;
   lse_blocks<true>(x, scale, n, acc, e, shift);
-  return static_cast<T>(acc.lse());
+  const double log_s = std::log(acc.s);
+  return {acc.m, log_s, static_cast<T>(log_s)};
 }
 
-// Per-block factors turning row_lse's e into probabilities: exp(shift - lse).
+// Per-block factors turning row_lse's e into probabilities: exp((shift - m) - log s).
 template <class T>
-FDIV_INLINE void block_scales(const T* shift, int64_t blocks, T lse, T* scale) {
+FDIV_INLINE void block_scales(const T* shift, int64_t blocks, const MaxLogSum<T>& r, T* scale) {
   for (int64_t k = 0; k < blocks; ++k)
-    scale[k] = static_cast<T>(std::exp(static_cast<double>(shift[k]) - static_cast<double>(lse)));
+    scale[k] = static_cast<T>(
+        std::exp((static_cast<double>(shift[k]) - static_cast<double>(r.m)) - r.log_s));
 }
 
 }  // namespace fdiv_kernels

@@ -172,7 +172,7 @@ void run_fwd(const at::Tensor& x, const at::Tensor* labels, int64_t ignore_index
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Partial<T>* p = &parts[size_t(i * sp.parts)];
-      double l, h = 0.0;
+      double l, h = 0.0, log_s;
       T m;
       if (want_ent) {
         OnlineEntropy<T> acc = p[0].ent;
@@ -180,11 +180,13 @@ void run_fwd(const at::Tensor& x, const at::Tensor* labels, int64_t ignore_index
         l = acc.lse();
         h = n == 0 ? 0.0 : acc.entropy();  // an empty row: 0 (the sum of nothing)
         m = acc.m;
+        log_s = std::log(acc.s);
       } else {
         OnlineSoftmax<T> acc = p[0].lse;
         for (int64_t k = 1; k < sp.parts; ++k) acc.merge(p[k].lse);
         l = acc.lse();
         m = acc.m;
+        log_s = std::log(acc.s);
       }
       // A +inf logit: lse = +inf unless the row also holds a NaN (s is NaN either way).
       if (m == std::numeric_limits<T>::infinity()) l = has_nan(xp + i * n, n) ? kNaN : kInf;
@@ -196,7 +198,10 @@ void run_fwd(const at::Tensor& x, const at::Tensor* labels, int64_t ignore_index
         T v;
         if (lab == ignore_index) v = T(0);
         else if (lab < 0 || lab >= n) v = T(kNaN);
-        else v = static_cast<T>(xp[i * n + lab]) * scale - lse_t;
+        else if (std::isfinite(static_cast<double>(m)))
+          // (x - m) - log s, the max first: x - lse would lose eps |lse|.
+          v = (static_cast<T>(xp[i * n + lab]) * scale - m) - static_cast<T>(log_s);
+        else v = static_cast<T>(xp[i * n + lab]) * scale - lse_t;  // +-inf max: the limits
         lp_p[i] = v;
       }
     }
@@ -240,6 +245,12 @@ void run_bwd(const at::Tensor& x, const StatsBwdInputs& in, int64_t ignore_index
         const int64_t lab = lab64 ? l64[i] : int64_t(l32[i]);
         // Ignored rows: coefficient 0 (even for a NaN incoming gradient). As the reference's
         // one_hot(label.clamp(0, V - 1)), an out-of-range label lands on the nearest column.
+        if (lab == ignore_index && !gl_p && !ge_p) {
+          // Only the label's log-prob flows back: an ignored row is inert, zero gradient even
+          // where its logits hold NaN (0 * q would be NaN).
+          std::fill(dxp + i * n + c0, dxp + i * n + c0 + len, scalar_t(0));
+          continue;
+        }
         r.glp = lab == ignore_index ? 0.0 : double(gp_p[i]);
         r.cq -= r.glp;
         r.label = std::clamp<int64_t>(lab, 0, n - 1);

@@ -103,14 +103,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1) divergence_cluster_kernel(cons
     if (warp_lane < C) v = *cluster.map_shared_rank(&pub_ms, warp_lane);
     st = group_reduce(v, 32, ms2_merge, red_ms);  // G = 32: shuffles only
   }
-  const float lse_a = ms_lse(st.a), lse_b = ms_lse(st.b);
+  const RowShift ra = row_shift(st.a), rb = row_shift(st.b);
+  const float lse_a = ra.lse(), lse_b = rb.lse();  // only for the NaN poison below
 
   // The terms, q and p of chunk i of this CTA's slice, from smem (passes 3 and 4).
   auto slice_terms = [&](int i, float* q, float* p, Elem* e) {
     Chunk<S> ca, cb;
     ca.v = sa[i];
     cb.v = sb[i];
-    chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
+    chunk_terms<B, S>(ca, cb, prm.inv_t, ra, rb, prm.kc, q, p, e);
   };
 
   // 3. Row sums from smem.

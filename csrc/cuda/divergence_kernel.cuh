@@ -25,14 +25,23 @@ struct DivParams {
   int chunks_per_cta;  // cluster kernel: chunks of one row held by one CTA
 };
 
+// A row's max m and log s (s = sum exp(x - m)): log-probabilities are formed as (x - m) - log s,
+// the max subtracted first, so the error stays at rounding of the small terms for any |x / T|
+// (x - lse would lose eps |lse|).
+struct RowShift {
+  float m, ls;
+  FDIV_DEV float lse() const { return m + ls; }
+};
+FDIV_DEV RowShift row_shift(MS st) { return {st.m, logf(st.s)}; }
+
 // The element terms, q and p of one chunk pair (padding: -inf logits -> all zero).
 template <int B, class S>
-FDIV_DEV void chunk_terms(const Chunk<S>& ca, const Chunk<S>& cb, float inv_t, float lse_a,
-                          float lse_b, const KindConsts& kc, float* q, float* p, Elem* e) {
+FDIV_DEV void chunk_terms(const Chunk<S>& ca, const Chunk<S>& cb, float inv_t, RowShift ra,
+                          RowShift rb, const KindConsts& kc, float* q, float* p, Elem* e) {
 #pragma unroll
   for (int i = 0; i < Tr<S>::kVec; ++i) {
-    const float lq = Tr<S>::to_f(ca.e[i]) * inv_t - lse_a;
-    const float lp = Tr<S>::to_f(cb.e[i]) * inv_t - lse_b;
+    const float lq = (Tr<S>::to_f(ca.e[i]) * inv_t - ra.m) - ra.ls;
+    const float lp = (Tr<S>::to_f(cb.e[i]) * inv_t - rb.m) - rb.ls;
     q[i] = fexp(lq);
     p[i] = fexp(lp);
     e[i] = Terms<B>::template eval<GpuMath>(kc, lp, lq, p[i], q[i]);

@@ -66,7 +66,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (two) chunk_stats<S>(ca1, cb1, prm.inv_t, st);
   }
   st = group_reduce(st, G, ms2_merge, red_ms);
-  const float lse_a = ms_lse(st.a), lse_b = ms_lse(st.b);
+  const RowShift ra = row_shift(st.a), rb = row_shift(st.b);
+  const float lse_a = ra.lse(), lse_b = rb.lse();  // only for the NaN poison below
 
   // Pass 2: the row sums. KL's h = -p sums to -1, so with only ga wanted it is final here.
   const bool fused = B == KL && gabase != nullptr && gbbase == nullptr;
@@ -75,7 +76,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const Chunk<S> ca = load_chunk<S>(abase, c, g), cb = load_chunk<S>(bbase, c, g);
     float q[kV], p[kV];
     Elem e[kV];
-    chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
+    chunk_terms<B, S>(ca, cb, prm.inv_t, ra, rb, prm.kc, q, p, e);
     add_terms(e, acc);
     if (fused) {
       float gv[kV];
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const Chunk<S> ca = load_chunk<S>(abase, c, g), cb = load_chunk<S>(bbase, c, g);
     float q[kV], p[kV];
     Elem e[kV];
-    chunk_terms<B, S>(ca, cb, prm.inv_t, lse_a, lse_b, prm.kc, q, p, e);
+    chunk_terms<B, S>(ca, cb, prm.inv_t, ra, rb, prm.kc, q, p, e);
     store_grads<S>(fused ? nullptr : gabase, gbbase, c, g, q, p, e, H, K, prm.inv_t);
   }
 }

@@ -29,6 +29,7 @@ struct GpuMath {
   FDIV_DEV static float exp(float x) { return fexp(x); }
   FDIV_DEV static float log(float x) { return flog(x); }
   FDIV_DEV static float log1p(float x) { return log1pf(x); }
+  FDIV_DEV static float expm1(float x) { return expm1f(x); }  // precise: alpha near 0 and 1
 };
 
 inline KindConsts make_consts(double param) { return KindConsts(param); }

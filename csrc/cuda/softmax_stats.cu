@@ -130,7 +130,8 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stats_fwd_kernel(const Fw
     float v;
     if (lab == prm.ignore_index) v = 0.f;
     else if (lab < 0 || lab >= prm.n) v = qnan();
-    else v = Tr<S>::to_f(xrow[lab]) * prm.scale - lse;
+    else if (st.m == pos_inf() || st.m == -pos_inf()) v = Tr<S>::to_f(xrow[lab]) * prm.scale - lse;
+    else v = (Tr<S>::to_f(xrow[lab]) * prm.scale - st.m) - ls;  // the max first: see the CPU
     prm.lp[row] = v;
   }
 }
@@ -180,6 +181,9 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stats_bwd_kernel(const Bw
     label = lab < 0 ? 0 : (lab >= prm.n ? prm.n - 1 : lab);
   }
   const int lab_col = int(label) + g.off;  // the label's position in chunk coordinates
+  // Only the label's log-prob flows back to an ignored row: inert, zero gradient even where its
+  // logits hold NaN (0 * q would be NaN).
+  const bool inert = prm.g_lp && !prm.g_lse && !has_ent && prm.labels[row] == prm.ignore_index;
 
   for (int c = lane; c < g.nch; c += G) {
     const Chunk<S> ch = load_chunk<S>(xbase, c, g);
@@ -191,7 +195,7 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_stats_bwd_kernel(const Bw
       float v = has_cq ? cq * q : 0.f;
       if (has_ent) v += ge * (q == 0.f ? 0.f : -q * (la + H));
       if (c * kV + i == lab_col) v += glp;
-      gv[i] = v * prm.scale;
+      gv[i] = inert ? 0.f : v * prm.scale;
     }
     store_chunk<S>(dbase, c, g, gv);
   }

@@ -147,6 +147,10 @@ def softmax_stats_bwd_torch(
             coef = _zero_where(lab != ignore_index, g_logprob[rows])
             onehot = torch.nn.functional.one_hot(lab.clamp(0, V - 1), V).to(ctype)
             g += coef[:, None] * (onehot - q)
+            if g_lse is None and g_entropy is None:
+                # Only the label's log-prob flows back: an ignored row is inert (zero gradient,
+                # even where its logits hold NaN and 0 * q is NaN).
+                g = _zero_where(lab != ignore_index, g)
         dx[rows] = g * inv_temperature
     return dx
 
