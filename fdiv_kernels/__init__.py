@@ -12,6 +12,7 @@ from fdiv_kernels.dispatch import BackendUnavailableError, describe, not_support
 from fdiv_kernels._divergence import divergence
 from fdiv_kernels._kinds import DIVERGENCES
 from fdiv_kernels._fused_linear import fused_linear_divergence
+from fdiv_kernels._sparse_divergence import sparse_divergence
 from fdiv_kernels.transport import SinkhornResult, sinkhorn, sinkhorn_divergence
 from fdiv_kernels._softmax_stats import (
     SoftmaxStats,
@@ -28,4 +29,5 @@ __all__ = [
     "BackendUnavailableError", "DIVERGENCES", "KINDS", "SinkhornResult", "SoftmaxStats",
     "describe", "divergence", "sinkhorn", "sinkhorn_divergence",
     "entropy", "fused_linear_divergence", "logsumexp", "nn", "not_supported_reasons", "softmax_stats", "token_logprobs",
+    "sparse_divergence",
 ]
