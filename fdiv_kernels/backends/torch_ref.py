@@ -196,7 +196,12 @@ def sparse_divergence_fwd_torch(
         keep = valid[rows]
         if tail == TAIL_BUCKET:
             mass = torch.logsumexp(lq, dim=-1).clamp(max=0.0)  # log sum_S q
-            lq_tail = _log1mexp(mass)
+            # The tail summed directly over the columns off S, not as 1 - sum_S q: exact when
+            # the support holds all but a sliver of the mass.
+            a_off = a.clone()
+            _scatter_support(a_off, idx, sup, torch.full_like(a_s, neg_inf))
+            lq_tail = torch.logsumexp(a_off, dim=-1) - lse
+            del a_off
             tt, ht, kt = element_terms(spec, teacher_tail[rows].to(ctype), lq_tail)
             row = row + tt
         if tail != TAIL_RENORMALIZE:
@@ -229,12 +234,6 @@ def sparse_divergence_fwd_torch(
         _scatter_support(g, idx, sup, vals)
         gs[rows] = _zero_where(keep, g * inv_temperature)
     return loss, gs, gt
-
-
-def _log1mexp(x: Tensor) -> Tensor:
-    from fdiv_kernels._sparse_tails import log1mexp
-
-    return log1mexp(x)
 
 
 # register_fakes("torch") above ran before this op existed.

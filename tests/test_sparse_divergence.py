@@ -1,0 +1,257 @@
+"""fk.sparse_divergence against the float64 reference: every kind x tail, backends, dtypes, edges."""
+
+import zlib
+
+import pytest
+import torch
+from conftest import DTYPES, GRAD_TOL, LOSS_TOL, assert_close, available_backends, backend_cfg_fixture
+from reference import logits, sparse_divergence_with_grads, sparse_teacher
+
+import fdiv_kernels as fk
+
+BACKENDS = available_backends("sparse_divergence_fwd")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each backend that implements the sparse divergence op here."""
+    return request.param
+
+
+backend_cfg = backend_cfg_fixture(BACKENDS, "fdiv_kernels.triton_kernels.sparse_divergence")
+
+KIND_PARAMS = [
+    ("kl", None), ("reverse_kl", None), ("js", 0.3), ("tv", None), ("hellinger", None),
+    ("chi2", None), ("alpha", 0.5), ("alpha", -0.5), ("alpha", 1.5), ("skew_kl", 0.1),
+    ("skew_reverse_kl", 0.3), ("jeffreys", None),
+]
+PARAM_NAME = {"js": "beta", "alpha": "alpha", "skew_kl": "lam", "skew_reverse_kl": "lam"}
+TAILS = ["none", "bucket", "renormalize"]
+
+
+def _kw(kind, param):
+    return {PARAM_NAME[kind]: param} if param is not None else {}
+
+
+def _mask(shape, seed, frac=0.25):
+    """Padding on ~frac of the entries, never on the first (every row keeps one entry)."""
+    m = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) > frac
+    m[..., 0] = True
+    return m
+
+
+def check(s, ids, lp, kind, param, backend, *, dtype_tol=torch.float32, mask=None,
+          teacher_grad=True, weights=None, loss_tol=None, grad_tol=None, **kw):
+    """Loss, student and teacher gradients of fk against the reference."""
+    s_ = s.detach().clone().requires_grad_(True)
+    lp_ = lp.detach().clone().requires_grad_(teacher_grad)
+    out = fk.sparse_divergence(s_, ids, lp_, kind, support_mask=mask, reduction="none",
+                               backend=backend, **_kw(kind, param), **kw)
+    w = torch.ones_like(out) if weights is None else weights
+    (out * w).sum().backward()
+    ref_kw = {k: v for k, v in kw.items() if k in ("tail", "temperature", "teacher_temperature")}
+    ref, gs, gt = sparse_divergence_with_grads(s, ids, lp, kind, param, support=mask,
+                                               weights=w, **ref_kw)
+    assert out.shape == s.shape[:-1]
+    assert out.dtype == torch.promote_types(s.dtype, torch.float32)
+    assert_close(out, ref, loss_tol or LOSS_TOL[dtype_tol], "loss")
+    assert s_.grad.dtype == s.dtype
+    assert_close(s_.grad, gs, grad_tol or GRAD_TOL[dtype_tol], "student grad")
+    if teacher_grad:
+        assert_close(lp_.grad, gt, grad_tol or GRAD_TOL[dtype_tol], "teacher grad")
+    return out, s_.grad
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("kind,param", KIND_PARAMS)
+def test_matches_reference(kind, param, tail, backend_cfg):
+    """Every kind x tail mode: random duplicate-free ids, padded entries, T != 1, 3-D input."""
+    seed = zlib.crc32(repr((kind, param, tail)).encode())
+    s = logits((2, 3, 101), seed=seed)
+    ids, lp = sparse_teacher((2, 3, 101), 8, seed=seed + 1)
+    check(s, ids, lp.float(), kind, param, backend_cfg, mask=_mask(ids.shape, seed),
+          tail=tail, temperature=1.3)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("k", [1, 8, 64])
+def test_support_sizes_and_retempering(k, tail, backend_cfg):
+    """K in {1, 8, 64}, the teacher re-tempered (T_teacher = 2 T) as DistillKit / axolotl do."""
+    s = logits((3, 157), seed=k)
+    ids, lp = sparse_teacher((3, 157), k, seed=k + 1, mass=0.7)
+    check(s, ids, lp.float(), "js", 0.4, backend_cfg, mask=_mask(ids.shape, k, 0.2),
+          tail=tail, temperature=0.8, teacher_temperature=1.6)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_student_topk_support(tail, backend_cfg):
+    """Self-distillation: the support is the student's own top-k (TRL's top-k loss)."""
+    s = logits((4, 211), seed=5)
+    ids, lp = sparse_teacher((4, 211), 16, seed=6, top=True, student=s)
+    check(s, ids, lp.float(), "reverse_kl", None, backend_cfg, tail=tail)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes(dtype, tail, backend):
+    """fp32 / bf16 / fp16 student logits and teacher log-probs; the loss stays fp32-accurate."""
+    s = logits((3, 129), dtype, seed=7)
+    ids, lp = sparse_teacher((3, 129), 8, seed=8)
+    check(s, ids, lp.to(dtype), "kl", None, backend, dtype_tol=dtype, tail=tail)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "none"])
+def test_support_holds_nearly_all_mass(tail, backend):
+    """Student and teacher put ~all mass on S (tail -> 0): finite, no NaN, close to float64."""
+    s = logits((3, 97), seed=9)
+    ids, lp = sparse_teacher((3, 97), 8, seed=10, mass=1 - 1e-6)
+    s = s.scatter_add(-1, ids, torch.full(ids.shape, 14.0))  # q_tail ~ 1e-4 .. 1e-5
+    # The teacher gradient is left out: d log p_tail / d log p_i = -p_i / p_tail ~ 1e6 amplifies
+    # the fp32 rounding of q_tail (1 - sum_S q, from an fp32 LSE) into O(0.1) errors.
+    check(s, ids, lp.float(), "kl", None, backend, tail=tail, loss_tol=(1e-4, 1e-5),
+          grad_tol=(1e-3, 1e-5), teacher_grad=False)
+    # Tail far below fp32 resolution: the tail outcome is lost to rounding, nothing is NaN.
+    s2 = s.scatter_add(-1, ids, torch.full(ids.shape, 40.0))
+    for kind in ("kl", "reverse_kl", "js"):
+        s_ = s2.clone().requires_grad_(True)
+        out = fk.sparse_divergence(s_, ids, lp.float(), kind, tail=tail, backend=backend)
+        out.backward()
+        assert torch.isfinite(out) and torch.isfinite(s_.grad).all()
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_support_holds_almost_no_mass(tail, backend):
+    """Student mass on S ~ 1e-6 and a teacher with little mass there."""
+    s = logits((3, 97), seed=11)
+    ids, lp = sparse_teacher((3, 97), 4, seed=12, mass=1e-3)
+    s = s.scatter_add(-1, ids, torch.full(ids.shape, -12.0))
+    check(s, ids, lp.float(), "js", 0.5, backend, tail=tail)
+
+
+def test_ignored_rows_and_reductions(backend):
+    s = logits((4, 5, 83), seed=13)
+    ids, lp = sparse_teacher((4, 5, 83), 6, seed=14)
+    labels = torch.randint(0, 83, (4, 5), generator=torch.Generator().manual_seed(15))
+    labels[0] = -100
+    labels[2, 1:3] = -100
+    kept = labels != -100
+    s_ = s.clone().requires_grad_(True)
+    per_row = fk.sparse_divergence(s_, ids, lp.float(), "kl", labels=labels, reduction="none",
+                                   backend=backend)
+    per_row.sum().backward()
+    ref, gs, _ = sparse_divergence_with_grads(s, ids, lp, "kl", weights=kept.double())
+    assert_close(per_row, torch.where(kept, ref, 0.0), LOSS_TOL[torch.float32], "per row")
+    assert_close(s_.grad, gs, GRAD_TOL[torch.float32], "grad")
+    assert (s_.grad[0] == 0).all()
+    args = (s, ids, lp.float(), "kl")
+    mean = fk.sparse_divergence(*args, labels=labels, backend=backend)
+    assert_close(mean, ref[kept].sum() / kept.sum(), LOSS_TOL[torch.float32], "mean")
+    nib = fk.sparse_divergence(*args, labels=labels, num_items_in_batch=torch.tensor(7.0),
+                               backend=backend)
+    assert_close(nib, ref[kept].sum() / 7, LOSS_TOL[torch.float32], "nib")
+    total = fk.sparse_divergence(*args, labels=labels, reduction="sum", backend=backend)
+    assert_close(total, ref[kept].sum(), LOSS_TOL[torch.float32], "sum")
+    # Every row ignored: 0, still differentiable, zero gradient.
+    s_ = s.clone().requires_grad_(True)
+    zero = fk.sparse_divergence(s_, ids, lp.float(), "kl", labels=torch.full_like(labels, -100),
+                                backend=backend)
+    zero.backward()
+    assert zero.item() == 0 and (s_.grad == 0).all()
+
+
+def test_padding_ids_may_repeat(backend):
+    """Padding entries carry arbitrary ids (axolotl pads with 0..K-1, colliding with real ids):
+    they neither count nor overwrite a real entry's gradient."""
+    s = logits((2, 64), seed=16)
+    ids, lp = sparse_teacher((2, 64), 6, seed=17)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    ids_pad = torch.where(mask, ids, ids[:, :1])  # padding repeats the first real id
+    lp_pad = torch.where(mask, lp, -1e4)
+    for tail in TAILS:
+        out, g = check(s, ids_pad, lp_pad.float(), "kl", None, backend, mask=mask, tail=tail)
+        out2, g2 = check(s, ids[:, :3].contiguous(), lp[:, :3].float(), "kl", None, backend,
+                         tail=tail)
+        assert_close(out[0], out2[0], LOSS_TOL[torch.float32], "padding vs truncated")
+        assert_close(g[0], g2[0], GRAD_TOL[torch.float32], "padding vs truncated grad")
+
+
+def test_properties(backend):
+    """Teacher = student on S: bucket and renormalize give 0; shift invariance of the logits."""
+    s = logits((3, 120), seed=18)
+    ids = torch.rand(3, 120, generator=torch.Generator().manual_seed(19)).argsort(-1)[:, :10]
+    lp = torch.log_softmax(s.double(), -1).gather(-1, ids)
+    for tail in ("bucket", "renormalize"):
+        out = fk.sparse_divergence(s, ids, lp.float(), "js", tail=tail, reduction="none",
+                                   backend=backend)
+        assert out.abs().max() < 1e-5
+    a = fk.sparse_divergence(s, ids, lp.float(), "kl", reduction="none", backend=backend)
+    b = fk.sparse_divergence(s + 100, ids, lp.float(), "kl", reduction="none", backend=backend)
+    assert_close(a, b, (1e-4, 1e-5), "shift")
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_gradcheck_float64(tail, backend):
+    if backend == "triton":
+        pytest.skip("the Triton kernels compute in fp32")
+    s = logits((2, 23), torch.float64, seed=20).requires_grad_(True)
+    ids, lp = sparse_teacher((2, 23), 5, seed=21, mass=0.8)
+    lp.requires_grad_(True)
+    mask = _mask(ids.shape, 22)
+
+    def f(s, lp):
+        return fk.sparse_divergence(s, ids, lp, "js", beta=0.3, tail=tail, support_mask=mask,
+                                    teacher_temperature=1.5, reduction="none", backend=backend,
+                                    inplace_backward=False)
+
+    assert torch.autograd.gradcheck(f, (s, lp))
+
+
+def test_opcheck(backend):
+    s = logits((3, 40), seed=23)
+    ids, lp = sparse_teacher((3, 40), 4, seed=24)
+    op = getattr(torch.ops.fdiv, f"sparse_divergence_fwd_{backend}")
+    for tail in (0, 1, 2):
+        args = (s, ids, lp.float(), torch.full((3,), -2.0), torch.ones(3, 4, dtype=torch.bool),
+                torch.tensor([True, False, True]), 1, False, 0.3, 0.7, tail, True, True)
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_input():
+    s = logits((2, 30), seed=25)
+    ids, lp = sparse_teacher((2, 30), 4, seed=26)
+    lp = lp.float()
+    f = fk.sparse_divergence
+    with pytest.raises(ValueError, match="teacher_ids must be in"):
+        f(s, torch.where(ids == ids[0, 0], 30, ids), lp)
+    with pytest.raises(ValueError, match="teacher_ids must be in"):
+        f(s, ids - 100, lp)
+    dup = ids.clone()
+    dup[1, 3] = dup[1, 0]
+    with pytest.raises(ValueError, match="must not repeat"):
+        f(s, dup, lp)
+    f(s, dup, lp, support_mask=torch.tensor([[True] * 4, [True] * 3 + [False]]))  # padding: ok
+    with pytest.raises(ValueError, match="more than the vocabulary"):
+        f(s[:, :3], ids[:, :4], lp)
+    with pytest.raises(ValueError, match="teacher_logprobs must have the shape"):
+        f(s, ids, lp[:, :3])
+    with pytest.raises(ValueError, match="teacher_ids must have shape"):
+        f(s, ids[:1], lp[:1])
+    with pytest.raises(ValueError, match="support_mask must have"):
+        f(s, ids, lp, support_mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="support_mask must be a bool"):
+        f(s, ids, lp, support_mask=torch.ones(2, 4))
+    with pytest.raises(TypeError, match="teacher_ids must be an int64"):
+        f(s, ids.float(), lp)
+    with pytest.raises(TypeError, match="teacher_logprobs must be floating"):
+        f(s, ids, ids)
+    with pytest.raises(ValueError, match="K >= 1"):
+        f(s, ids[:, :0], lp[:, :0])
+    with pytest.raises(ValueError, match="tail must be one of"):
+        f(s, ids, lp, tail="rest")
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        f(s, ids, lp, teacher_temperature=0.0)
+    with pytest.raises(ValueError, match="mass on the support must be at most 1"):
+        f(s, ids, lp + 0.5, tail="bucket")
+    f(s, ids, lp + 0.5, tail="renormalize")  # renormalized: any scale is fine
+    full = torch.log_softmax(torch.randn(2, 4, dtype=torch.float64), -1).float()
+    f(s, ids, full, tail="bucket")  # mass 1 up to rounding: an empty tail, no error
