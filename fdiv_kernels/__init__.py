@@ -13,6 +13,7 @@ from fdiv_kernels._divergence import divergence
 from fdiv_kernels._kinds import DIVERGENCES
 from fdiv_kernels._fused_linear import fused_linear_divergence
 from fdiv_kernels._sparse_divergence import sparse_divergence
+from fdiv_kernels._fused_linear_sparse import fused_linear_sparse_divergence
 from fdiv_kernels.transport import SinkhornResult, sinkhorn, sinkhorn_divergence
 from fdiv_kernels._softmax_stats import (
     SoftmaxStats,
@@ -29,5 +30,5 @@ __all__ = [
     "BackendUnavailableError", "DIVERGENCES", "KINDS", "SinkhornResult", "SoftmaxStats",
     "describe", "divergence", "sinkhorn", "sinkhorn_divergence",
     "entropy", "fused_linear_divergence", "logsumexp", "nn", "not_supported_reasons", "softmax_stats", "token_logprobs",
-    "sparse_divergence",
+    "sparse_divergence", "fused_linear_sparse_divergence",
 ]

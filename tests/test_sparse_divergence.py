@@ -5,7 +5,12 @@ import zlib
 import pytest
 import torch
 from conftest import DTYPES, GRAD_TOL, LOSS_TOL, assert_close, available_backends, backend_cfg_fixture
-from reference import logits, sparse_divergence_with_grads, sparse_teacher
+from reference import (
+    logits,
+    sparse_divergence_rows,
+    sparse_divergence_with_grads,
+    sparse_teacher,
+)
 
 import fdiv_kernels as fk
 
@@ -255,3 +260,68 @@ def test_bad_input():
     f(s, ids, lp + 0.5, tail="renormalize")  # renormalized: any scale is fine
     full = torch.log_softmax(torch.randn(2, 4, dtype=torch.float64), -1).float()
     f(s, ids, full, tail="bucket")  # mass 1 up to rounding: an empty tail, no error
+
+
+# ---- fused linear form ----------------------------------------------------------------------
+
+
+def _fused_reference(hs, ws, bs, ids, lp, kind, labels, ce_weight, reduction, **kw):
+    """Materialized float64 logits through the reference; (loss, grads of h, W, b, lp)."""
+    h = hs.detach().double().requires_grad_(True)
+    w = ws.detach().double().requires_grad_(True)
+    b = bs.detach().double().requires_grad_(True)
+    t = lp.detach().double().requires_grad_(True)
+    z = h @ w.t() + b
+    rows = sparse_divergence_rows(z, ids, t, kind, **kw)
+    keep = (labels != -100).double()
+    if ce_weight:
+        ce = torch.nn.functional.cross_entropy(z, labels, reduction="none", ignore_index=-100)
+        rows = (1 - ce_weight) * rows + ce_weight * ce
+    rows = rows * keep
+    loss = rows.sum() / keep.sum() if reduction == "mean" else rows
+    weights = torch.linspace(0.5, 2, rows.numel(), dtype=torch.float64)
+    out = loss if reduction == "mean" else (loss * weights).sum()
+    return loss.detach(), torch.autograd.grad(out, (h, w, b, t)), weights
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("tail", TAILS)
+def test_fused_linear_matches_reference(tail, reduction, backend):
+    g = torch.Generator().manual_seed(30)
+    n, hdim, v, k = 37, 16, 301, 8
+    hs = torch.randn(n, hdim, generator=g)
+    ws = torch.randn(v, hdim, generator=g) * 0.5
+    bs = torch.randn(v, generator=g) * 0.1
+    ids, lp = sparse_teacher((n, v), k, seed=31, mass=0.8)
+    mask = _mask(ids.shape, 32)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::5] = -100
+    ce_w = 0.3 if reduction == "mean" else 0.0
+    h_ = hs.clone().requires_grad_(True)
+    w_ = ws.clone().requires_grad_(True)
+    b_ = bs.clone().requires_grad_(True)
+    t_ = lp.float().requires_grad_(True)
+    out = fk.fused_linear_sparse_divergence(
+        h_, w_, ids, t_, "js", beta=0.3, tail=tail, support_mask=mask, student_bias=b_,
+        labels=labels, ce_weight=ce_w, reduction=reduction, chunk_size=10, temperature=1.2,
+        teacher_temperature=1.5, backend=backend)
+    ref, grads, weights = _fused_reference(
+        hs, ws, bs, ids, lp, "js", labels, ce_w, reduction, param=0.3, tail=tail,
+        support=mask, temperature=1.2, teacher_temperature=1.5)
+    (out if reduction == "mean" else (out * weights.float()).sum()).backward()
+    tol = (1e-4, 1e-5)
+    assert_close(out, ref, tol, "loss")
+    for got, want, what in zip((h_.grad, w_.grad, b_.grad, t_.grad), grads, "hWbt"):
+        assert_close(got, want, tol, f"grad {what}")
+
+
+def test_fused_linear_bad_input():
+    hs, ws = torch.randn(4, 8), torch.randn(50, 8)
+    ids, lp = sparse_teacher((4, 50), 3, seed=33)
+    f = fk.fused_linear_sparse_divergence
+    with pytest.raises(ValueError, match="student_weight must be"):
+        f(hs, ws[:, :7], ids, lp.float())
+    with pytest.raises(ValueError, match="teacher_ids must be in"):
+        f(hs, ws[:20], torch.where(ids == ids.max(), 49, ids), lp.float())
+    with pytest.raises(ValueError, match="ce_weight > 0 needs labels"):
+        f(hs, ws, ids, lp.float(), ce_weight=0.5)
