@@ -325,3 +325,145 @@ def test_fused_linear_bad_input():
         f(hs, ws[:20], torch.where(ids == ids.max(), 49, ids), lp.float())
     with pytest.raises(ValueError, match="ce_weight > 0 needs labels"):
         f(hs, ws, ids, lp.float(), ce_weight=0.5)
+
+
+# ---- parity with the hosts' formulas (transcribed: TRL, axolotl, DistillKit are not installed
+# here). Each transcription names its source; the fk call beside it is the documented mapping.
+
+
+def _trl_compute_divergence(lq, lp, alpha):
+    """trl/experimental/sdft/loss_utils.py::compute_divergence (TRL main, 2026)."""
+    F = torch.nn.functional
+    if alpha == 0.0:
+        kl = F.kl_div(lq, lp, reduction="none", log_target=True)
+    elif alpha == 1.0:
+        kl = F.kl_div(lp, lq, reduction="none", log_target=True)
+    else:
+        a = torch.tensor(alpha, dtype=lq.dtype)
+        m = torch.logsumexp(torch.stack([lq + torch.log(1 - a), lp + torch.log(a)]), dim=0)
+        kl = torch.lerp(F.kl_div(m, lq, reduction="none", log_target=True),
+                        F.kl_div(m, lp, reduction="none", log_target=True), alpha)
+    return kl.sum(-1)
+
+
+def _trl_topk_self_distillation(s, t, k, alpha, add_tail):
+    """trl/experimental/sdft/loss_utils.py::compute_topk_self_distillation_loss."""
+    def add_tail_bucket(lp):
+        log_s = torch.logsumexp(lp, dim=-1, keepdim=True).clamp(max=-1e-7)
+        return torch.cat([lp, torch.log(-torch.expm1(log_s))], dim=-1)
+
+    top, idx = torch.topk(s, k=k, dim=-1)
+    lq = top - torch.logsumexp(s, -1, keepdim=True)
+    lp = t.gather(-1, idx) - torch.logsumexp(t, -1, keepdim=True)
+    if add_tail:
+        lq, lp = add_tail_bucket(lq), add_tail_bucket(lp)
+    else:
+        lq = lq - torch.logsumexp(lq, -1, keepdim=True)
+        lp = lp - torch.logsumexp(lp, -1, keepdim=True)
+    return _trl_compute_divergence(lq, lp, alpha)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_parity_trl_topk_self_distillation(add_tail, alpha, backend):
+    """TRL's top-k self-distillation = fk on the student's top-k ids with the teacher's
+    log_softmax gathered there; add_tail -> "bucket", else "renormalize"; TRL's alpha = js beta."""
+    s = logits((2, 9, 503), seed=40)
+    t = logits((2, 9, 503), seed=41)
+    s_ = s.clone().requires_grad_(True)
+    ref = _trl_topk_self_distillation(s_, t, 16, alpha, add_tail)
+    ref.sum().backward()
+    ids = s.topk(16, dim=-1).indices
+    lp = torch.log_softmax(t, -1).gather(-1, ids)
+    s2 = s.clone().requires_grad_(True)
+    out = fk.sparse_divergence(s2, ids, lp, "js", beta=alpha,
+                               tail="bucket" if add_tail else "renormalize", reduction="none",
+                               backend=backend)
+    out.sum().backward()
+    assert_close(out, ref, (1e-5, 1e-6), "loss")
+    assert_close(s2.grad, s_.grad, (1e-4, 1e-6), "grad")
+
+
+def _axolotl_forward_kl(s, ids, lp, mask, nib=-1, kd_temperature=1.0):
+    """axolotl src/axolotl/integrations/kd/topk_logprob/forward_kl.py::loss
+    (top_k_before_softmax=0)."""
+    z = (s / kd_temperature).float()
+    lq = z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
+    valid = mask.bool()
+    lq, lp = lq[valid], lp.float()[valid]
+    per = lp.exp() * (lp - lq)
+    loss = per.sum()
+    if kd_temperature != 1.0:
+        loss = loss * kd_temperature**2
+    return loss / (nib if nib > 0 else per.size(0))
+
+
+@pytest.mark.parametrize("kd_t", [1.0, 2.0])
+def test_parity_axolotl_topk_forward_kl(kd_t, backend):
+    """axolotl's top-k forward KL = fk "kl", tail="none", normalized by the count of valid
+    (position, k) entries: reduction="mean", num_items_in_batch=support_mask.sum(); times T^2."""
+    s = logits((2, 11, 301), seed=42)
+    ids, lp = sparse_teacher((2, 11, 301), 8, seed=43, mass=1.0)  # renormalized teacher
+    mask = _mask(ids.shape, 44)
+    s_ = s.clone().requires_grad_(True)
+    ref = _axolotl_forward_kl(s_, ids, lp, mask, kd_temperature=kd_t)
+    ref.backward()
+    s2 = s.clone().requires_grad_(True)
+    out = fk.sparse_divergence(s2, ids, lp.float(), "kl", tail="none", temperature=kd_t,
+                               support_mask=mask, num_items_in_batch=mask.sum(),
+                               backend=backend) * kd_t**2
+    out.backward()
+    assert_close(out, ref, (1e-5, 1e-6), "loss")
+    assert_close(s2.grad, s_.grad, (1e-4, 1e-7), "grad")
+
+
+def _distillkit_sparse_kl(s, ids, values, mask, missing, temperature, gen_temperature, eps=1e-8):
+    """DistillKit distillkit/lossfuncs (sparse_kl_div_inner with get_target_logprobs,
+    log_target=True): the student's full-softmax log-probs at the distillation temperature on
+    the ids; the teacher re-tempered by alpha = T_gen / T (renormalized over S, plus the
+    leftover^alpha under SYMMETRIC_UNIFORM); SYMMETRIC_UNIFORM adds the missing-mass term."""
+    lq = torch.log_softmax(s / temperature, -1).gather(-1, ids)
+    if gen_temperature == temperature and missing == "symmetric_uniform":
+        lp = values
+    else:
+        a = gen_temperature / temperature
+        leftover = (1.0 - torch.logsumexp(values, -1, keepdim=True).exp()).clamp(0, 1)
+        alpha_lse = torch.logsumexp(a * values, -1, keepdim=True)
+        if missing == "symmetric_uniform":
+            lse = (alpha_lse.exp() + leftover.pow(a)).log()
+        else:
+            lse = alpha_lse
+        lp = a * values - lse
+    p = lp.exp()
+    inner = (p * (lp - lq)).sum(-1)
+    if missing == "symmetric_uniform":
+        lt = torch.log1p(-p.sum(-1).clamp(min=eps, max=1 - eps))
+        lqt = torch.log1p(-lq.exp().sum(-1).clamp(min=eps, max=1 - eps))
+        inner = inner + lt.exp() * (lt - lqt)
+    return (inner * mask).sum()
+
+
+@pytest.mark.parametrize("gen_t", [1.0, 0.7])
+@pytest.mark.parametrize("missing", ["zero", "symmetric_uniform"])
+def test_parity_distillkit_sparse_kl(missing, gen_t, backend):
+    """DistillKit's sparse KL: ZERO = fk "kl", tail="none" on the teacher renormalized over S
+    (re-tempering does that; at equal temperatures pass renormalized log-probs);
+    SYMMETRIC_UNIFORM = tail="bucket"; teacher_temperature = the generation temperature;
+    reduction="sum" over the position mask (labels)."""
+    s = logits((3, 7, 257), seed=45)
+    ids, lp = sparse_teacher((3, 7, 257), 8, seed=46, mass=0.85)
+    rows = torch.rand(3, 7, generator=torch.Generator().manual_seed(47)) > 0.3
+    s_ = s.clone().requires_grad_(True)
+    ref = _distillkit_sparse_kl(s_, ids, lp, rows.double(), missing, 1.5, gen_t * 1.5)
+    ref.backward()
+    tt = gen_t * 1.5
+    lp_in = lp if (missing == "symmetric_uniform" or tt != 1.5) else torch.log_softmax(lp, -1)
+    s2 = s.clone().requires_grad_(True)
+    out = fk.sparse_divergence(s2, ids, lp_in.float(), "kl",
+                               tail="bucket" if missing == "symmetric_uniform" else "none",
+                               temperature=1.5, teacher_temperature=tt,
+                               labels=torch.where(rows, 0, -100), reduction="sum",
+                               backend=backend)
+    out.backward()
+    assert_close(out, ref, (1e-5, 1e-5), "loss")
+    assert_close(s2.grad, s_.grad, (1e-4, 1e-6), "grad")
