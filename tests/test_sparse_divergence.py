@@ -467,3 +467,14 @@ def test_parity_distillkit_sparse_kl(missing, gen_t, backend):
     out.backward()
     assert_close(out, ref, (1e-5, 1e-5), "loss")
     assert_close(s2.grad, s_.grad, (1e-4, 1e-6), "grad")
+
+
+def test_module_form():
+    s = logits((2, 50), seed=50)
+    ids, lp = sparse_teacher((2, 50), 4, seed=51)
+    crit = fk.nn.SparseDivergenceLoss("js", beta=0.2, tail="renormalize", backend="torch")
+    want = fk.sparse_divergence(s, ids, lp.float(), "js", beta=0.2, tail="renormalize",
+                                backend="torch")
+    assert_close(crit(s, ids, lp.float()), want, (0, 0), "module")
+    with pytest.raises(ValueError, match="tail must be one of"):
+        fk.nn.SparseDivergenceLoss(tail="rest")
