@@ -55,7 +55,11 @@ TORCH_LIBRARY_FRAGMENT(fdiv, m) {
       "sparse_divergence_fwd_cpu(Tensor student, Tensor ids, Tensor teacher, Tensor teacher_tail, "
       "Tensor support, Tensor valid, int kind, bool swap, float param, float inv_temperature, "
       "int tail, bool grad_student, bool grad_teacher) "
-      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor stats)");
+  m.def(
+      "sparse_divergence_bwd_cpu(Tensor student, Tensor ids, Tensor teacher, Tensor teacher_tail, "
+      "Tensor support, Tensor valid, Tensor stats, Tensor grad_loss, int kind, bool swap, "
+      "float param, float inv_temperature, int tail) -> Tensor");
 }
 
 extern "C" {

@@ -52,7 +52,7 @@ def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tenso
             z = _gemm_f32(hs[rows], ws_op.t())
             if bs is not None:
                 z = z + bs.to(z.dtype)
-            div, gz, gt = fwd(z, a["ids"][rows], a["lp"][rows], a["lp_tail"][rows],
+            div, gz, gt, _ = fwd(z, a["ids"][rows], a["lp"][rows], a["lp_tail"][rows],
                               a["mask"][rows], a["valid"][rows], spec.base, spec.swap,
                               spec.param, a["inv_t"], a["tail"], grad_s, grad_t)
             w_rows = row_weights[rows, None]

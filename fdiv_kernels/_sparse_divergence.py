@@ -41,25 +41,31 @@ from fdiv_kernels.dispatch import select
 MASS_SLACK = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def _forward_op(backend: str):
-    return getattr(torch.ops.fdiv, f"sparse_divergence_fwd_{backend}")
+def _op(backend: str, which: str):
+    return getattr(torch.ops.fdiv, f"sparse_divergence_{which}_{backend}")
 
 
 class SparseDivergenceFunction(torch.autograd.Function):
-    """Per-row sparse divergence; gradients computed in the forward, scaled in the backward."""
+    """Per-row sparse divergence. The forward reads each student row once (its normalizer) and
+    saves two floats per row; the backward reads the row once more and writes the gradient,
+    already scaled by the incoming per-row gradient (the passes of a softmax backward). The
+    teacher gradient is O(K) per row and computed in the forward."""
 
     @staticmethod
     def forward(ctx, student, teacher, teacher_tail, ids, support, valid, spec, inv_t, tail,
-                backend, inplace):
+                backend):
         grad_s = ctx.needs_input_grad[0]
         grad_t = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        loss, gs, gt = _forward_op(backend)(
+        loss, _, gt, stats = _op(backend, "fwd")(
             student, ids, teacher, teacher_tail, support, valid, spec.base, spec.swap,
-            spec.param, inv_t, tail, grad_s, grad_t,
+            spec.param, inv_t, tail, False, grad_t,
         )
-        ctx.save_for_backward(gs, gt)
+        if grad_s:
+            ctx.save_for_backward(student, ids, teacher, teacher_tail, support, valid, stats, gt)
+        else:
+            ctx.save_for_backward(gt)
         ctx.grad_s, ctx.grad_t, ctx.k = grad_s, grad_t, ids.shape[1]
-        ctx.inplace, ctx.used = inplace, False
+        ctx.spec, ctx.inv_t, ctx.tail, ctx.backend = spec, inv_t, tail, backend
         return loss
 
     @staticmethod
@@ -67,22 +73,21 @@ class SparseDivergenceFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("fdiv_kernels.sparse_divergence does not support higher-order "
                                "gradients (backward with create_graph=True)")
-        if ctx.used:
-            raise RuntimeError(
-                "fdiv_kernels.sparse_divergence: backward ran twice through the same graph; "
-                "pass inplace_backward=False for that"
-            )
-        ctx.used = ctx.inplace
-        gs, gt = ctx.saved_tensors
         d_s = d_t = d_tail = None
         if ctx.grad_s:
-            gs = gs if ctx.inplace else gs.clone()
-            torch.ops.fdiv.scale_rows_(gs, grad_loss)
-            d_s = gs
+            student, ids, teacher, teacher_tail, support, valid, stats, gt = ctx.saved_tensors
+            spec = ctx.spec
+            d_s = _op(ctx.backend, "bwd")(
+                student, ids, teacher, teacher_tail, support, valid, stats,
+                grad_loss.to(stats.dtype).contiguous(), spec.base, spec.swap, spec.param,
+                ctx.inv_t, ctx.tail,
+            )
+        else:
+            (gt,) = ctx.saved_tensors
         if ctx.grad_t:
             gt = gt * grad_loss.to(gt.dtype).unsqueeze(-1)  # (N, K + 1): small
             d_t, d_tail = gt[:, : ctx.k], gt[:, ctx.k]
-        return d_s, d_t, d_tail, *([None] * 8)
+        return d_s, d_t, d_tail, *([None] * 7)
 
 
 def _check_ids(name: str, ids: object) -> Tensor:
@@ -221,7 +226,9 @@ def sparse_divergence(
         reduction: "none", "sum" or "mean" (over kept rows, or / ``num_items_in_batch``). For a
             per-(position, k) normalization (axolotl) pass reduction="mean" with
             ``num_items_in_batch`` = the number of kept support entries.
-        backend / inplace_backward: as in :func:`fk.divergence`.
+        backend: as in :func:`fk.divergence`.
+        inplace_backward: accepted for symmetry with :func:`fk.divergence`; the backward here
+            recomputes the gradient from per-row statistics, so it can run repeatedly.
 
     Returns:
         The loss in float32 (float64 for float64 logits). Gradients flow to the student logits
@@ -242,6 +249,7 @@ def sparse_divergence(
 
     s = student_logits.reshape(-1, vocab).contiguous()
     name = select(backend, s, "sparse_divergence_fwd")
+    select(name, s, "sparse_divergence_bwd")
     ctype = torch.promote_types(s.dtype, torch.float32)
     # The teacher side is O(K) per row: float64 keeps 1 - sum p exact enough when the support
     # holds nearly all the mass (d log p_tail / d log p_i = -p_i / p_tail is then large).
@@ -251,7 +259,7 @@ def sparse_divergence(
                                                       device=s.device)
     loss = SparseDivergenceFunction.apply(
         s, lp_k.contiguous(), lp_tail.contiguous(), ids, mask, keep, spec, 1.0 / t, tail_id,
-        name, inplace_backward,
+        name,
     )
     return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
 

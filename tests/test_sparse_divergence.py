@@ -219,6 +219,10 @@ def test_opcheck(backend):
         args = (s, ids, lp.float(), torch.full((3,), -2.0), torch.ones(3, 4, dtype=torch.bool),
                 torch.tensor([True, False, True]), 1, False, 0.3, 0.7, tail, True, True)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        stats = op(*args)[3]
+        bwd = getattr(torch.ops.fdiv, f"sparse_divergence_bwd_{backend}")
+        bargs = args[:6] + (stats, torch.tensor([0.5, 1.0, -2.0])) + args[6:11]
+        torch.library.opcheck(bwd, bargs, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bad_input():

@@ -27,7 +27,8 @@ OFF_BLOCK = 64  # columns per membership test (OFF_BLOCK x BLOCK_K compares)
 @triton.jit
 def _sparse_divergence_fwd_kernel(
     # data ptrs
-    x_ptr, ids_ptr, lp_ptr, lpt_ptr, sup_ptr, valid_ptr, loss_ptr, gs_ptr, gt_ptr,
+    x_ptr, ids_ptr, lp_ptr, lpt_ptr, sup_ptr, valid_ptr, loss_ptr, gs_ptr, gt_ptr, stats_ptr,
+    gl_ptr,
     # sizes and strides (rows contiguous)
     V, K, stride_x, stride_gs,
     # scalars
@@ -35,7 +36,10 @@ def _sparse_divergence_fwd_kernel(
     # features
     BASE: tl.constexpr, SWAP: tl.constexpr, TAIL: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, OFF_BLOCK: tl.constexpr,
+    BWD: tl.constexpr,
 ):
+    # BWD: the backward launch. The row normalizer and student tail come from the forward's
+    # stats, so the row is read once (for the gradient), which is scaled by grad_loss[row].
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: N x V may exceed 2^31
     x_row = x_ptr + row * stride_x
     gs_row = gs_ptr + row * stride_gs
@@ -45,7 +49,9 @@ def _sparse_divergence_fwd_kernel(
         sup = (tl.load(sup_ptr + row * K + kk, mask=in_k, other=0) != 0) & in_k
         ids = tl.load(ids_ptr + row * K + kk, mask=sup, other=0).to(tl.int64)
         a_s = tl.load(x_row + ids, mask=sup, other=float("-inf")).to(tl.float32) * inv_t
-        if TAIL == 2:  # renormalized: the normalizer is over S only
+        if BWD:
+            lse = tl.load(stats_ptr + row * 2)
+        elif TAIL == 2:  # renormalized: the normalizer is over S only
             m_s = tl.max(a_s, 0)
             sh = tl.where(m_s == float("-inf"), 0.0, m_s)
             lse = sh + tl.log(tl.sum(tl.where(sup, tl.exp(a_s - sh), 0.0), 0))
@@ -66,7 +72,9 @@ def _sparse_divergence_fwd_kernel(
             m_q = tl.max(lq, 0)
             shq = tl.where(m_q == float("-inf"), 0.0, m_q)
             mass = tl.minimum(shq + tl.log(tl.sum(tl.exp(lq - shq), 0)), 0.0)  # log sum_S q
-            if mass < -0.6931471805599453:
+            if BWD:
+                lq_tail = tl.load(stats_ptr + row * 2 + 1)
+            elif mass < -0.6931471805599453:
                 lq_tail = tl.log(1.0 - tl.exp(mass))
             else:
                 off = tl.zeros([OFF_BLOCK], tl.float32)
@@ -89,14 +97,23 @@ def _sparse_divergence_fwd_kernel(
             inv_qt = tl.where(use, tl.exp(-tl.maximum(lq_tail, -80.0)), 0.0)
             if GRAD_T:
                 tl.store(gt_ptr + row * (K + 1) + K, kt)
+            if not BWD:
+                tl.store(stats_ptr + row * 2 + 1, lq_tail)
         else:
             if GRAD_T:
                 tl.store(gt_ptr + row * (K + 1) + K, 0.0)
+            if not BWD:
+                tl.store(stats_ptr + row * 2 + 1, 0.0)
         if TAIL != 2:
             loss += lse - lse  # NaN logits: NaN loss
-        tl.store(loss_ptr + row, loss)
+        if not BWD:
+            tl.store(loss_ptr + row, loss)
+            tl.store(stats_ptr + row * 2, lse)
         if GRAD_T:
             tl.store(gt_ptr + row * (K + 1) + kk, k, mask=in_k)
+        rs = 1.0
+        if BWD:
+            rs = tl.load(gl_ptr + row)
         if GRAD_S:
             for off0 in range(0, V, BLOCK):
                 cols = off0 + tl.arange(0, BLOCK)
@@ -108,14 +125,17 @@ def _sparse_divergence_fwd_kernel(
                     g = -H * q
                     if TAIL == 1:
                         g += c_tail * tl.minimum(q * inv_qt, 1.0)
-                    g = g * inv_t
+                    g = g * (rs * inv_t)
                 tl.store(gs_row + cols, g.to(gs_ptr.dtype.element_ty), mask=cols < V)
             # The support entries overwrite the dense values other threads just stored.
             tl.debug_barrier()
-            g_s = (h - tl.exp(lq) * c_sup) * inv_t
+            g_s = (h - tl.exp(lq) * c_sup) * (rs * inv_t)
             tl.store(gs_row + ids, g_s.to(gs_ptr.dtype.element_ty), mask=sup)
     else:
-        tl.store(loss_ptr + row, 0.0)
+        if not BWD:
+            tl.store(loss_ptr + row, 0.0)
+            tl.store(stats_ptr + row * 2, 0.0)
+            tl.store(stats_ptr + row * 2 + 1, 0.0)
         if GRAD_T:
             tl.store(gt_ptr + row * (K + 1) + kk, tl.zeros([BLOCK_K], tl.float32), mask=in_k)
             tl.store(gt_ptr + row * (K + 1) + K, 0.0)
@@ -142,17 +162,35 @@ def sparse_divergence_fwd(student, ids, teacher, teacher_tail, support, valid, b
     loss = torch.empty(N, **f32)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty(N, K + 1, **f32) if grad_teacher else torch.empty(0, **f32)
+    stats = torch.empty(N, 2, **f32)
+    _launch(student, ids, teacher, teacher_tail, support, valid, loss, gs, gt, stats, loss,
+            base, swap, param, inv_temperature, tail, grad_student, grad_teacher, False)
+    return loss, gs, gt, stats
+
+
+def sparse_divergence_bwd(student, ids, teacher, teacher_tail, support, valid, stats, grad_loss,
+                          base, swap, param, inv_temperature, tail):
+    """d loss / d student logits times grad_loss per row, from the forward's stats."""
+    gs = torch.empty_like(student)
+    _launch(student, ids, teacher, teacher_tail, support, valid, stats, gs, stats, stats,
+            grad_loss, base, swap, param, inv_temperature, tail, True, False, True)
+    return gs
+
+
+def _launch(student, ids, teacher, teacher_tail, support, valid, loss, gs, gt, stats, grad_loss,
+            base, swap, param, inv_temperature, tail, grad_student, grad_teacher, bwd):
+    N, V = student.shape
+    K = ids.shape[1]
     block, warps = _block(V, student.dtype)
     _sparse_divergence_fwd_kernel[(N,)](
         student, ids, teacher, teacher_tail, support, valid, loss,
-        gs if grad_student else student, gt if grad_teacher else loss,
+        gs if grad_student else student, gt if grad_teacher else loss, stats, grad_loss,
         V, K, student.stride(0), gs.stride(0) if grad_student else 0,
         float(param), *_mix_logs(base, param), float(inv_temperature),
         BASE=base, SWAP=bool(swap), TAIL=int(tail), GRAD_S=bool(grad_student),
         GRAD_T=bool(grad_teacher), BLOCK=block, BLOCK_K=triton.next_power_of_2(K),
-        OFF_BLOCK=OFF_BLOCK, num_warps=warps,
+        OFF_BLOCK=OFF_BLOCK, BWD=bool(bwd), num_warps=warps,
     )
-    return loss, gs, gt
 
 
 assert (TAIL_BUCKET, TAIL_RENORMALIZE) == (1, 2)  # the constexpr branches above

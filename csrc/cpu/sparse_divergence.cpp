@@ -139,12 +139,16 @@ struct Args {
   double param, inv_t;
   int tail;
   bool grad_s, grad_t;
+  // Backward mode: the forward's per-row (lse, lq_tail) and the incoming per-row gradient; the
+  // row passes of the forward are skipped and only the gradient (times grad_loss) is written.
+  const at::Tensor* stats_in = nullptr;
+  const at::Tensor* grad_loss = nullptr;
 };
 
 template <class scalar_t, class T>
 void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const at::Tensor& lp_tail,
          const at::Tensor& support, const at::Tensor& valid, const Args& A, at::Tensor& loss,
-         at::Tensor& gs, at::Tensor& gt) {
+         at::Tensor& gs, at::Tensor& gt, at::Tensor& stats) {
   constexpr bool kWide = std::is_same_v<scalar_t, T>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t rows = x.size(0), n = x.size(1), K = ids.size(1);
@@ -154,7 +158,11 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const
   const T* ltp = lp_tail.const_data_ptr<T>();
   const bool* sp = support.const_data_ptr<bool>();
   const bool* vp = valid.const_data_ptr<bool>();
-  T* lossp = loss.mutable_data_ptr<T>();
+  const bool bwd = A.stats_in != nullptr;
+  T* lossp = bwd ? nullptr : loss.mutable_data_ptr<T>();
+  T* statp = bwd ? nullptr : stats.mutable_data_ptr<T>();
+  const T* stat_in = bwd ? A.stats_in->const_data_ptr<T>() : nullptr;
+  const T* gl = bwd ? A.grad_loss->const_data_ptr<T>() : nullptr;
   scalar_t* gsp = A.grad_s ? gs.mutable_data_ptr<scalar_t>() : nullptr;
   T* gtp = A.grad_t ? gt.mutable_data_ptr<T>() : nullptr;
   const KindConsts<T> consts(A.param);
@@ -172,7 +180,8 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const
       scalar_t* gr = gsp ? gsp + i * n : nullptr;
       T* gtr = gtp ? gtp + i * (K + 1) : nullptr;
       if (!vp[i]) {
-        lossp[i] = T(0);
+        if (lossp) lossp[i] = T(0);
+        if (statp) statp[2 * i] = statp[2 * i + 1] = T(0);
         if (gr) std::fill(gr, gr + n, scalar_t(0));
         if (gtr) std::fill(gtr, gtr + K + 1, T(0));
         continue;
@@ -180,7 +189,9 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const
       const RowReader<scalar_t, T> rd{xr, buf.data()};
       // 1. the normalizer: over the row, or over S when renormalizing.
       double lse;
-      if (renorm) {
+      if (bwd) {
+        lse = double(stat_in[2 * i]);
+      } else if (renorm) {
         double m = -std::numeric_limits<double>::infinity(), s = 0;
         for (int64_t k = 0; k < K; ++k)
           if (sr[k]) m = std::max(m, double(T(static_cast<T>(xr[idr[k]]) * inv_t)));
@@ -222,7 +233,9 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const
                                      : -std::numeric_limits<double>::infinity();
       double h_tail = 0, lq_tail = -std::numeric_limits<double>::infinity();
       if (bucket) {
-        if (mass < -0.6931471805599453 || !std::isfinite(lse)) {
+        if (bwd) {
+          lq_tail = double(stat_in[2 * i + 1]);
+        } else if (mass < -0.6931471805599453 || !std::isfinite(lse)) {
           lq_tail = log1mexp(mass);
         } else {
           for (int64_t k = 0; k < K; ++k)
@@ -243,16 +256,22 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const
         gtr[K] = T(0);
       }
       if (!renorm) loss_i += double(L - L);  // NaN logits: NaN loss
-      lossp[i] = T(loss_i);
+      if (lossp) {
+        lossp[i] = T(loss_i);
+        statp[2 * i] = L;
+        statp[2 * i + 1] = T(lq_tail);
+      }
       if (!gr) continue;
+      // The incoming gradient of the row folds into every coefficient (backward mode).
+      const double rs = gl ? double(gl[i]) : 1.0;
       // 3. the dense gradient, then the support entries.
-      double c = -H, c_tail = 0, inv_qt = 0, c_sup = H;
+      double c = -H * rs, c_tail = 0, inv_qt = 0, c_sup = H;
       if (bucket) {
         c_sup = H + h_tail;
         // The tail term off S: h_tail Q_S q_j / q_tail with the ratio clamped to 1; dropped
         // when the tail is empty or too small for 1 / q_tail to be finite.
         if (h_tail != 0 && lq_tail > -80.0) {
-          c_tail = h_tail * std::exp(mass);
+          c_tail = h_tail * std::exp(mass) * rs;
           inv_qt = std::exp(-lq_tail);
         }
       }
@@ -270,28 +289,37 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const
       for (int64_t k = 0; k < K; ++k)
         if (sr[k]) {
           const double q = std::exp(double(lq[k]));
-          gr[idr[k]] = static_cast<scalar_t>(T((double(h[k]) - q * c_sup) * double(inv_t)));
+          gr[idr[k]] = static_cast<scalar_t>(T((double(h[k]) - q * c_sup) * rs * double(inv_t)));
         }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_divergence_fwd_cpu(
-    const at::Tensor& student, const at::Tensor& ids, const at::Tensor& teacher,
-    const at::Tensor& teacher_tail, const at::Tensor& support, const at::Tensor& valid,
-    int64_t kind, bool swap, double param, double inv_temperature, int64_t tail,
-    bool grad_student, bool grad_teacher) {
+void dispatch(at::ScalarType dt, const at::Tensor& x, const at::Tensor& id, const at::Tensor& lp,
+              const at::Tensor& lt, const at::Tensor& sup, const at::Tensor& val, const Args& A,
+              at::Tensor& loss, at::Tensor& gs, at::Tensor& gt, at::Tensor& stats) {
+  switch (dt) {
+    case at::kFloat: run<float, float>(x, id, lp, lt, sup, val, A, loss, gs, gt, stats); break;
+    case at::kDouble: run<double, double>(x, id, lp, lt, sup, val, A, loss, gs, gt, stats); break;
+    case at::kBFloat16:
+      run<at::BFloat16, float>(x, id, lp, lt, sup, val, A, loss, gs, gt, stats);
+      break;
+    default: run<at::Half, float>(x, id, lp, lt, sup, val, A, loss, gs, gt, stats); break;
+  }
+}
+
+void check_inputs(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& teacher,
+                  const at::Tensor& teacher_tail, const at::Tensor& support,
+                  const at::Tensor& valid, int64_t kind, int64_t tail) {
   TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) >= 1,
                     "student must be 2-D (N, V) with V >= 1, got ", student.sizes());
   const int64_t N = student.size(0);
   TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == N, "ids must be (", N, ", K), got ",
                     ids.sizes());
-  const int64_t K = ids.size(1);
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
   const auto dt = student.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
                    "student must be float32, float64, bfloat16 or float16, got ", dt);
-  const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(teacher.sizes() == ids.sizes(), "teacher must have the shape of ids ",
                     ids.sizes(), ", got ", teacher.sizes());
   TORCH_CHECK_VALUE(support.sizes() == ids.sizes() && support.scalar_type() == at::kBool,
@@ -304,30 +332,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_divergence_fwd_cpu(
                     kind);
   TORCH_CHECK_VALUE(tail >= 0 && tail <= 2, "tail must be 0, 1 or 2, got ", tail);
   for (const at::Tensor* t : {&student, &ids, &teacher, &teacher_tail, &support, &valid})
-    TORCH_CHECK_VALUE(t->device().is_cpu(), "sparse_divergence_fwd_cpu needs CPU tensors");
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "sparse_divergence ops need CPU tensors");
+  // Ids on the support are checked by the Python API; never read outside the row regardless.
+  TORCH_CHECK_VALUE(!(support & ((ids < 0) | (ids >= student.size(1)))).any().item<bool>(),
+                    "ids must be in [0, V) on the support");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_divergence_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& ids, const at::Tensor& teacher,
+    const at::Tensor& teacher_tail, const at::Tensor& support, const at::Tensor& valid,
+    int64_t kind, bool swap, double param, double inv_temperature, int64_t tail,
+    bool grad_student, bool grad_teacher) {
+  check_inputs(student, ids, teacher, teacher_tail, support, valid, kind, tail);
+  const int64_t N = student.size(0), K = ids.size(1);
+  const auto dt = student.scalar_type();
+  const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = student.contiguous(), id = ids.contiguous(), sup = support.contiguous(),
                    val = valid.contiguous();
   const at::Tensor lp = teacher.to(ct).contiguous(), lt = teacher_tail.to(ct).contiguous();
-  // Ids on the support are checked by the Python API; never read outside the row regardless.
-  TORCH_CHECK_VALUE(!(sup & ((id < 0) | (id >= x.size(1)))).any().item<bool>(),
-                    "ids must be in [0, V) on the support");
   const auto opts = x.options();
   at::Tensor loss = at::empty({N}, opts.dtype(ct));
   at::Tensor gs = grad_student ? at::empty_like(x) : at::empty({0}, opts);
   at::Tensor gt = grad_teacher ? at::empty({N, K + 1}, opts.dtype(ct)) : at::empty({0}, opts);
-  if (N == 0) return {loss, gs, gt};
+  at::Tensor stats = at::empty({N, 2}, opts.dtype(ct));
+  if (N == 0) return {loss, gs, gt, stats};
   const Args A{int(kind), swap, param, inv_temperature, int(tail), grad_student, grad_teacher};
-  switch (dt) {
-    case at::kFloat: run<float, float>(x, id, lp, lt, sup, val, A, loss, gs, gt); break;
-    case at::kDouble: run<double, double>(x, id, lp, lt, sup, val, A, loss, gs, gt); break;
-    case at::kBFloat16: run<at::BFloat16, float>(x, id, lp, lt, sup, val, A, loss, gs, gt); break;
-    default: run<at::Half, float>(x, id, lp, lt, sup, val, A, loss, gs, gt); break;
-  }
-  return {loss, gs, gt};
+  dispatch(dt, x, id, lp, lt, sup, val, A, loss, gs, gt, stats);
+  return {loss, gs, gt, stats};
+}
+
+// d loss / d student logits, scaled per row by grad_loss, from the forward's stats: one read of
+// the row and one write (the same passes as a softmax backward).
+at::Tensor sparse_divergence_bwd_cpu(
+    const at::Tensor& student, const at::Tensor& ids, const at::Tensor& teacher,
+    const at::Tensor& teacher_tail, const at::Tensor& support, const at::Tensor& valid,
+    const at::Tensor& stats, const at::Tensor& grad_loss, int64_t kind, bool swap, double param,
+    double inv_temperature, int64_t tail) {
+  check_inputs(student, ids, teacher, teacher_tail, support, valid, kind, tail);
+  const int64_t N = student.size(0);
+  const auto ct = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({N, 2}), "stats must be (", N, ", 2), got ",
+                    stats.sizes());
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N, "grad_loss must be (", N,
+                    ",), got ", grad_loss.sizes());
+  const at::Tensor x = student.contiguous(), id = ids.contiguous(), sup = support.contiguous(),
+                   val = valid.contiguous();
+  const at::Tensor lp = teacher.to(ct).contiguous(), lt = teacher_tail.to(ct).contiguous();
+  const at::Tensor st = stats.to(ct).contiguous(), gl = grad_loss.to(ct).contiguous();
+  at::Tensor gs = at::empty_like(x), none = at::empty({0}, x.options());
+  if (N == 0) return gs;
+  Args A{int(kind), swap, param, inv_temperature, int(tail), true, false};
+  A.stats_in = &st;
+  A.grad_loss = &gl;
+  dispatch(x.scalar_type(), x, id, lp, lt, sup, val, A, none, gs, none, none);
+  return gs;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fdiv, CPU, m) { m.impl("sparse_divergence_fwd_cpu", &sparse_divergence_fwd_cpu); }
+TORCH_LIBRARY_IMPL(fdiv, CPU, m) {
+  m.impl("sparse_divergence_fwd_cpu", &sparse_divergence_fwd_cpu);
+  m.impl("sparse_divergence_bwd_cpu", &sparse_divergence_bwd_cpu);
+}
 
 }  // namespace fdiv_kernels

@@ -169,9 +169,10 @@ def sparse_divergence_fwd_torch(
     student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
     valid: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
     grad_student: bool, grad_teacher: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row loss over the K (+1 tail) outcomes, d loss / d student logits (dense) and
-    d loss / d (teacher log-probs, tail log-prob) as an (N, K + 1) tensor. See
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss over the K (+1 tail) outcomes, d loss / d student logits (dense),
+    d loss / d (teacher log-probs, tail log-prob) as an (N, K + 1) tensor, and the per-row
+    (normalizer, student tail log-prob) the backward starts from. See
     ``fdiv_kernels._sparse_divergence`` for the math."""
     spec = KernelSpec("", base, swap, param)
     ctype = loss_dtype(student.dtype)
@@ -180,6 +181,7 @@ def sparse_divergence_fwd_torch(
     loss = student.new_empty(N, dtype=ctype)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = student.new_zeros(N, K + 1, dtype=ctype) if grad_teacher else student.new_empty(0)
+    stats = student.new_zeros(N, 2, dtype=ctype)
     neg_inf = float("-inf")
     for rows in _chunks(N, V):
         a = student[rows].to(ctype) * inv_temperature
@@ -207,6 +209,9 @@ def sparse_divergence_fwd_torch(
         if tail != TAIL_RENORMALIZE:
             row = row + (lse - lse)  # NaN logits: NaN loss
         loss[rows] = _zero_where(keep, row)
+        stats[rows, 0] = _zero_where(keep, lse)
+        if tail == TAIL_BUCKET:
+            stats[rows, 1] = _zero_where(keep, lq_tail)
         if grad_teacher:
             gt[rows, :K] = _zero_where(keep, torch.where(sup, k, torch.zeros_like(k)))
             if tail == TAIL_BUCKET:
@@ -233,10 +238,27 @@ def sparse_divergence_fwd_torch(
                 vals = h - q_s * H[:, None]
         _scatter_support(g, idx, sup, vals)
         gs[rows] = _zero_where(keep, g * inv_temperature)
-    return loss, gs, gt
+    return loss, gs, gt, stats
+
+
+@torch.library.custom_op("fdiv::sparse_divergence_bwd_torch", mutates_args=())
+def sparse_divergence_bwd_torch(
+    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
+    valid: Tensor, stats: Tensor, grad_loss: Tensor, base: int, swap: bool, param: float,
+    inv_temperature: float, tail: int,
+) -> Tensor:
+    """d loss / d student logits times grad_loss per row (the spec: recomputed whole)."""
+    _, gs, _, _ = sparse_divergence_fwd_torch(student, ids, teacher, teacher_tail, support, valid,
+                                              base, swap, param, inv_temperature, tail, True,
+                                              False)
+    return (gs.to(grad_loss.dtype) * grad_loss[:, None]).to(student.dtype)
 
 
 # register_fakes("torch") above ran before this op existed.
-from fdiv_kernels.backends.common import fake_sparse_divergence_fwd  # noqa: E402
+from fdiv_kernels.backends.common import (  # noqa: E402
+    fake_sparse_divergence_bwd,
+    fake_sparse_divergence_fwd,
+)
 
 torch.library.register_fake("fdiv::sparse_divergence_fwd_torch")(fake_sparse_divergence_fwd)
+torch.library.register_fake("fdiv::sparse_divergence_bwd_torch")(fake_sparse_divergence_bwd)
