@@ -103,3 +103,43 @@ def fused_linear_sparse_cases(shapes, k, dtype, device, peers=("eager",), backen
             case.providers[name] = setup
         cases.append(case)
     return cases
+
+
+def interleaved(n: int = 1024, v: int = 128256, k: int = 64, tail: str = "bucket",
+                reps: int = 3) -> dict[str, float]:
+    """Min-of-``reps`` forward + backward seconds of fk.sparse_divergence (cpu), the eager formula
+    and fk.token_logprobs (cpu), alternated so that all three see the same load on a shared
+    machine (the ratios are what to compare)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, v, generator=g) * 2).requires_grad_(True)
+    ids, lp = _teacher(n, v, k, "cpu", g)
+    y = ids[:, 0].contiguous()
+    fns = {
+        "fk.sparse_divergence": lambda: fk.sparse_divergence(x, ids, lp, "kl", tail=tail,
+                                                             backend="cpu"),
+        "eager": lambda: eager_sparse_kl(x, ids, lp, tail),
+        "fk.token_logprobs": lambda: fk.token_logprobs(x, y, backend="cpu").mean(),
+    }
+    import time
+
+    best = dict.fromkeys(fns, float("inf"))
+    for rep in range(reps + 1):  # the first round warms up
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f().backward()
+            x.grad = None
+            if rep:
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+if __name__ == "__main__":
+    import sys
+
+    tail = sys.argv[1] if len(sys.argv) > 1 else "bucket"
+    best = interleaved(tail=tail)
+    for name, t in best.items():
+        print(f"{name:22s} {t * 1e3:8.0f} ms")
+    ours = best["fk.sparse_divergence"]
+    print(f"tail={tail}: {best['eager'] / ours:.2f}x eager, "
+          f"{best['fk.token_logprobs'] / ours:.2f}x token_logprobs")
