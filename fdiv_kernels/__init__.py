@@ -13,6 +13,8 @@ from fdiv_kernels._divergence import divergence
 from fdiv_kernels._kinds import DIVERGENCES
 from fdiv_kernels._fused_linear import fused_linear_divergence
 from fdiv_kernels._fused_linear_logprobs import fused_linear_token_logprobs
+from fdiv_kernels._sparse_divergence import sparse_divergence
+from fdiv_kernels._fused_linear_sparse import fused_linear_sparse_divergence
 from fdiv_kernels.transport import SinkhornResult, sinkhorn, sinkhorn_divergence
 from fdiv_kernels._softmax_stats import (
     SoftmaxStats,
@@ -28,6 +30,7 @@ KINDS = tuple(DIVERGENCES)
 __all__ = [
     "BackendUnavailableError", "DIVERGENCES", "KINDS", "SinkhornResult", "SoftmaxStats",
     "describe", "divergence", "sinkhorn", "sinkhorn_divergence",
-    "entropy", "fused_linear_divergence", "fused_linear_token_logprobs", "logsumexp", "losses", "nn",
-    "not_supported_reasons", "softmax_stats", "token_logprobs",
+    "entropy", "fused_linear_divergence", "fused_linear_sparse_divergence",
+    "fused_linear_token_logprobs", "logsumexp", "losses", "nn", "not_supported_reasons",
+    "softmax_stats", "sparse_divergence", "token_logprobs",
 ]

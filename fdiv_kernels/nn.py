@@ -147,3 +147,39 @@ class SinkhornDistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, epsilon={self.epsilon}, n_iter={self.n_iter}"
+
+
+class SparseDivergenceLoss(nn.Module):
+    """``fk.sparse_divergence`` as a module (a top-k teacher):
+    ``SparseDivergenceLoss("kl", tail="bucket")(student_logits, teacher_ids, teacher_logprobs,
+    support_mask=None, labels=None, num_items_in_batch=None)``."""
+
+    def __init__(self, kind: str = "kl", *, tail: str = "bucket", beta: float | None = None,
+                 alpha: float | None = None, lam: float | None = None, temperature: float = 1.0,
+                 teacher_temperature: float | None = None, ignore_index: int = -100,
+                 reduction: str = "mean", backend: str = "auto") -> None:
+        super().__init__()
+        from fdiv_kernels._sparse_tails import TAILS
+
+        resolve(kind, beta, alpha, lam)
+        if tail not in TAILS:
+            raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
+        self.kind, self.tail, self.beta, self.alpha, self.lam = kind, tail, beta, alpha, lam
+        self.temperature, self.teacher_temperature = temperature, teacher_temperature
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
+                support_mask: Tensor | None = None, labels: Tensor | None = None,
+                num_items_in_batch: int | Tensor | None = None) -> Tensor:
+        from fdiv_kernels._sparse_divergence import sparse_divergence
+
+        return sparse_divergence(
+            student_logits, teacher_ids, teacher_logprobs, self.kind, tail=self.tail,
+            beta=self.beta, alpha=self.alpha, lam=self.lam, temperature=self.temperature,
+            teacher_temperature=self.teacher_temperature, support_mask=support_mask,
+            labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, tail={self.tail!r}, temperature={self.temperature}"

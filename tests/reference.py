@@ -102,3 +102,106 @@ def softmax_stats_rows(x: Tensor, labels: Tensor | None = None, temperature: flo
     keep = labels != ignore_index
     picked = a.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1) - lse
     return lse, ent, torch.where(keep, picked, torch.zeros_like(picked))
+
+
+# ---- sparse (top-k) teacher ---------------------------------------------------------------------
+
+
+def _elementwise(kind: str, p: Tensor, q: Tensor, param: float | None) -> Tensor:
+    """Per-outcome contribution of each kind, from its definition on (possibly unnormalized)
+    probabilities; summed over a full distribution it is ``_rows``."""
+    if kind == "kl":
+        return xlogy(p, p) - xlogy(p, q)
+    if kind == "reverse_kl":
+        return xlogy(q, q) - xlogy(q, p)
+    if kind == "js":
+        b = 0.5 if param is None else param
+        m = b * p + (1 - b) * q
+        return b * (xlogy(p, p) - xlogy(p, m)) + (1 - b) * (xlogy(q, q) - xlogy(q, m))
+    if kind == "tv":
+        return 0.5 * (p - q).abs()
+    if kind == "hellinger":
+        return 0.5 * (p.sqrt() - q.sqrt()) ** 2
+    if kind == "chi2":
+        return (p - q) ** 2 / q
+    if kind == "alpha":
+        a = 0.5 if param is None else param
+        return (a * p + (1 - a) * q - p**a * q ** (1 - a)) / (a * (1 - a))
+    if kind == "skew_kl":
+        lam = 0.1 if param is None else param
+        return xlogy(p, p) - xlogy(p, lam * p + (1 - lam) * q)
+    if kind == "skew_reverse_kl":
+        lam = 0.1 if param is None else param
+        return xlogy(q, q) - xlogy(q, lam * q + (1 - lam) * p)
+    if kind == "jeffreys":
+        return (xlogy(p, p) - xlogy(p, q)) + (xlogy(q, q) - xlogy(q, p))
+    raise ValueError(kind)
+
+
+def sparse_divergence_rows(
+    student: Tensor, ids: Tensor, teacher_logprobs: Tensor, kind: str, param: float | None = None,
+    *, tail: str = "bucket", temperature: float = 1.0, teacher_temperature: float | None = None,
+    support: Tensor | None = None,
+) -> Tensor:
+    """Per-row divergence against a sparse teacher, in probability space, from the definitions:
+    q = softmax(student / T) over all V gathered at ``ids``; p = exp(teacher_logprobs);
+    re-tempered p^(T_t/T) / Z when ``teacher_temperature`` differs; "bucket" appends
+    (1 - sum p, 1 - sum q), "renormalize" divides both by their sums, "none" takes them as they
+    are. Padding entries (``support`` False) are left out."""
+    dt = torch.promote_types(student.dtype, torch.float64)
+    mask = torch.ones_like(ids, dtype=torch.bool) if support is None else support
+    q_all = torch.softmax(student.to(dt) / temperature, dim=-1)
+    one = torch.ones((), dtype=dt)
+    # Padding entries are set to p = q = 1 (a zero contribution for every kind, finite grads)
+    # after the sums below have left them out.
+    q = torch.where(mask, q_all.gather(-1, torch.where(mask, ids, 0)), 0 * one)
+    p = torch.where(mask, teacher_logprobs.to(dt).exp(), 0 * one)
+    rest = 1 - p.sum(-1, keepdim=True)
+    if teacher_temperature is not None and teacher_temperature != temperature:
+        a = teacher_temperature / temperature
+        pa = torch.where(mask, torch.where(mask, p, one) ** a, 0 * one)
+        if tail == "bucket":
+            ra = rest.clamp(min=0) ** a
+            z = pa.sum(-1, keepdim=True) + ra
+            p, rest = pa / z, ra / z
+        else:
+            p = pa / pa.sum(-1, keepdim=True)
+    if tail == "renormalize":
+        p = p / p.sum(-1, keepdim=True)
+        q = q / q.sum(-1, keepdim=True)
+    p = torch.where(mask, p, one)
+    q = torch.where(mask, q, one)
+    rows = torch.where(mask, _elementwise(kind, p, q, param), 0 * one).sum(-1)
+    if tail == "bucket":
+        q_rest = 1 - torch.where(mask, q, 0 * one).sum(-1, keepdim=True)
+        rows = rows + _elementwise(kind, rest.clamp(min=0), q_rest, param).squeeze(-1)
+    return rows
+
+
+def sparse_divergence_with_grads(student, ids, teacher_logprobs, kind, param=None, *,
+                                 weights=None, **kw):
+    """(per-row loss, d sum(w loss) / d student, d ... / d teacher_logprobs), float64."""
+    s = student.detach().to(torch.float64).requires_grad_(True)
+    t = teacher_logprobs.detach().to(torch.float64).requires_grad_(True)
+    rows = sparse_divergence_rows(s, ids, t, kind, param, **kw)
+    w = torch.ones_like(rows) if weights is None else weights.to(rows)
+    gs, gt = torch.autograd.grad((rows * w).sum(), (s, t))
+    return rows.detach(), gs, gt
+
+
+def sparse_teacher(shape, k: int, *, seed: int, top: bool = False, mass: float = 0.9,
+                   student: Tensor | None = None):
+    """(ids, teacher log-probs) with K distinct ids per row drawn at random (or the top-k of
+    ``student`` when ``top``) and log-probs holding ``mass`` in total on them, float64."""
+    g = torch.Generator().manual_seed(seed)
+    *lead, v = shape
+    n = 1
+    for d in lead:
+        n *= d
+    if top:
+        ids = student.reshape(n, v).topk(k, dim=-1).indices
+    else:
+        ids = torch.rand(n, v, generator=g).argsort(-1)[:, :k]
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) * 1.5
+    lp = torch.log_softmax(w, -1) + torch.log(torch.tensor(mass, dtype=torch.float64))
+    return ids.reshape(*lead, k), lp.reshape(*lead, k)

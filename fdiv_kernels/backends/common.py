@@ -80,6 +80,27 @@ def fake_divergence_grads(
     return gs, gt
 
 
+def fake_sparse_divergence_fwd(
+    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
+    valid: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    ctype = loss_dtype(student.dtype)
+    loss = student.new_empty(student.shape[0], dtype=ctype)
+    gs = torch.empty_like(student) if grad_student else student.new_empty(0)
+    gt = (student.new_empty(ids.shape[0], ids.shape[1] + 1, dtype=ctype) if grad_teacher
+          else student.new_empty(0))
+    return loss, gs, gt, student.new_empty(student.shape[0], 2, dtype=ctype)
+
+
+def fake_sparse_divergence_bwd(
+    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
+    valid: Tensor, stats: Tensor, grad_loss: Tensor, base: int, swap: bool, param: float,
+    inv_temperature: float, tail: int,
+) -> Tensor:
+    return torch.empty_like(student)
+
+
 def register_fakes(backend: str) -> None:
     """Fakes (shape/dtype functions) of the ops ``backend`` registered, for torch.compile."""
     fakes = {
@@ -88,6 +109,8 @@ def register_fakes(backend: str) -> None:
         "softmax_stats_bwd": fake_softmax_stats_bwd,
         "divergence_partials": fake_divergence_partials,
         "divergence_grads": fake_divergence_grads,
+        "sparse_divergence_fwd": fake_sparse_divergence_fwd,
+        "sparse_divergence_bwd": fake_sparse_divergence_bwd,
     }
     for op, fake in fakes.items():
         if hasattr(torch.ops.fdiv, f"{op}_{backend}"):

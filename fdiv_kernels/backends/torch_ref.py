@@ -156,3 +156,113 @@ def softmax_stats_bwd_torch(
 
 
 register_fakes("torch")
+
+
+# ---- sparse (top-k) teacher: fk.sparse_divergence ------------------------------------------
+from fdiv_kernels._sparse_tails import TAIL_BUCKET, TAIL_RENORMALIZE  # noqa: E402
+
+
+def _scatter_support(g: Tensor, ids: Tensor, support: Tensor, values: Tensor) -> None:
+    """g[r, ids[r, i]] = values[r, i] for the support entries only (padding ids may repeat)."""
+    r, i = support.nonzero(as_tuple=True)
+    g[r, ids[r, i]] = values[r, i].to(g.dtype)
+
+
+@torch.library.custom_op("fdiv::sparse_divergence_fwd_torch", mutates_args=())
+def sparse_divergence_fwd_torch(
+    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
+    valid: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss over the K (+1 tail) outcomes, d loss / d student logits (dense),
+    d loss / d (teacher log-probs, tail log-prob) as an (N, K + 1) tensor, and the per-row
+    (normalizer, student tail log-prob) the backward starts from. See
+    ``fdiv_kernels._sparse_divergence`` for the math."""
+    spec = KernelSpec("", base, swap, param)
+    ctype = loss_dtype(student.dtype)
+    N, V = student.shape
+    K = ids.shape[1]
+    loss = student.new_empty(N, dtype=ctype)
+    gs = torch.empty_like(student) if grad_student else student.new_empty(0)
+    gt = student.new_zeros(N, K + 1, dtype=ctype) if grad_teacher else student.new_empty(0)
+    stats = student.new_zeros(N, 2, dtype=ctype)
+    neg_inf = float("-inf")
+    for rows in _chunks(N, V):
+        a = student[rows].to(ctype) * inv_temperature
+        sup = support[rows]
+        idx = torch.where(sup, ids[rows], 0)
+        a_s = torch.where(sup, a.gather(1, idx), torch.full_like(idx, neg_inf, dtype=ctype))
+        # Renormalized: the student's normalizer is over S only (the full LSE is not needed).
+        lse = torch.logsumexp(a_s if tail == TAIL_RENORMALIZE else a, dim=-1)
+        lq = torch.where(sup, a_s - lse[:, None], a_s)
+        lp = torch.where(sup, teacher[rows].to(ctype), torch.full_like(a_s, neg_inf))
+        t, h, k = element_terms(spec, lp, lq)
+        row = t.sum(-1)
+        H = h.sum(-1)
+        keep = valid[rows]
+        if tail == TAIL_BUCKET:
+            mass = torch.logsumexp(lq, dim=-1).clamp(max=0.0)  # log sum_S q
+            # The tail summed directly over the columns off S, not as 1 - sum_S q: exact when
+            # the support holds all but a sliver of the mass.
+            a_off = a.clone()
+            _scatter_support(a_off, idx, sup, torch.full_like(a_s, neg_inf))
+            lq_tail = torch.logsumexp(a_off, dim=-1) - lse
+            del a_off
+            tt, ht, kt = element_terms(spec, teacher_tail[rows].to(ctype), lq_tail)
+            row = row + tt
+        if tail != TAIL_RENORMALIZE:
+            row = row + (lse - lse)  # NaN logits: NaN loss
+        loss[rows] = _zero_where(keep, row)
+        stats[rows, 0] = _zero_where(keep, lse)
+        if tail == TAIL_BUCKET:
+            stats[rows, 1] = _zero_where(keep, lq_tail)
+        if grad_teacher:
+            gt[rows, :K] = _zero_where(keep, torch.where(sup, k, torch.zeros_like(k)))
+            if tail == TAIL_BUCKET:
+                gt[rows, K] = _zero_where(keep, kt)
+        if not grad_student:
+            continue
+        q_s = lq.exp()
+        if tail == TAIL_RENORMALIZE:
+            g = torch.zeros_like(a)
+            vals = h - q_s * H[:, None]
+        else:
+            la = a - lse[:, None]
+            g = -H[:, None] * la.exp()
+            if tail == TAIL_BUCKET:
+                # Off S: d lq_tail / d a_j = q_j Q_S / q_tail, the ratio q_j / q_tail (<= 1)
+                # taken in log space; no tail mass (or no tail gradient): no term.
+                coef = torch.where((ht != 0) & (lq_tail > neg_inf), ht * mass.exp(),
+                                   torch.zeros_like(ht))
+                ratio = torch.exp((la - lq_tail[:, None]).clamp(max=0.0))
+                g = g + torch.where(coef[:, None] != 0, coef[:, None] * ratio,
+                                    torch.zeros_like(g))
+                vals = h - q_s * (H + ht)[:, None]
+            else:
+                vals = h - q_s * H[:, None]
+        _scatter_support(g, idx, sup, vals)
+        gs[rows] = _zero_where(keep, g * inv_temperature)
+    return loss, gs, gt, stats
+
+
+@torch.library.custom_op("fdiv::sparse_divergence_bwd_torch", mutates_args=())
+def sparse_divergence_bwd_torch(
+    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
+    valid: Tensor, stats: Tensor, grad_loss: Tensor, base: int, swap: bool, param: float,
+    inv_temperature: float, tail: int,
+) -> Tensor:
+    """d loss / d student logits times grad_loss per row (the spec: recomputed whole)."""
+    _, gs, _, _ = sparse_divergence_fwd_torch(student, ids, teacher, teacher_tail, support, valid,
+                                              base, swap, param, inv_temperature, tail, True,
+                                              False)
+    return (gs.to(grad_loss.dtype) * grad_loss[:, None]).to(student.dtype)
+
+
+# register_fakes("torch") above ran before this op existed.
+from fdiv_kernels.backends.common import (  # noqa: E402
+    fake_sparse_divergence_bwd,
+    fake_sparse_divergence_fwd,
+)
+
+torch.library.register_fake("fdiv::sparse_divergence_fwd_torch")(fake_sparse_divergence_fwd)
+torch.library.register_fake("fdiv::sparse_divergence_bwd_torch")(fake_sparse_divergence_bwd)

@@ -85,3 +85,48 @@ def softmax_stats_bwd_triton(
 
 
 register_fakes("triton")
+
+
+# ---- sparse (top-k) teacher: fk.sparse_divergence ------------------------------------------
+from fdiv_kernels.backends.common import (  # noqa: E402
+    fake_sparse_divergence_bwd,
+    fake_sparse_divergence_fwd,
+)
+from fdiv_kernels.triton_kernels.sparse_divergence import (  # noqa: E402
+    sparse_divergence_bwd,
+    sparse_divergence_fwd,
+)
+
+
+@torch.library.custom_op("fdiv::sparse_divergence_fwd_triton", mutates_args=())
+def sparse_divergence_fwd_triton(
+    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
+    valid: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with _on(student):
+        return sparse_divergence_fwd(
+            student.contiguous(), ids.contiguous(), teacher.float().contiguous(),
+            teacher_tail.float().contiguous(), support.contiguous(), valid.contiguous(), base,
+            swap, param, inv_temperature, tail, grad_student, grad_teacher,
+        )
+
+
+@torch.library.custom_op("fdiv::sparse_divergence_bwd_triton", mutates_args=())
+def sparse_divergence_bwd_triton(
+    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
+    valid: Tensor, stats: Tensor, grad_loss: Tensor, base: int, swap: bool, param: float,
+    inv_temperature: float, tail: int,
+) -> Tensor:
+    with _on(student):
+        return sparse_divergence_bwd(
+            student.contiguous(), ids.contiguous(), teacher.float().contiguous(),
+            teacher_tail.float().contiguous(), support.contiguous(), valid.contiguous(),
+            stats.float().contiguous(), grad_loss.float().contiguous(), base, swap, param,
+            inv_temperature, tail,
+        )
+
+
+# register_fakes("triton") above ran before these ops existed.
+torch.library.register_fake("fdiv::sparse_divergence_fwd_triton")(fake_sparse_divergence_fwd)
+torch.library.register_fake("fdiv::sparse_divergence_bwd_triton")(fake_sparse_divergence_bwd)

@@ -23,6 +23,7 @@ from fdiv_kernels.bench.sinkhorn import DEFAULT_SHAPES as SINKHORN_SHAPES
 from fdiv_kernels.bench.sinkhorn import QUICK_SHAPES as SINKHORN_QUICK
 from fdiv_kernels.bench.sinkhorn import sinkhorn_cases
 from fdiv_kernels.bench.softmax_stats import softmax_stats_cases
+from fdiv_kernels.bench.sparse_divergence import fused_linear_sparse_cases, sparse_divergence_cases
 from fdiv_kernels.dispatch import BACKENDS
 from fdiv_kernels._kinds import DIVERGENCES
 
@@ -34,7 +35,12 @@ STATS_SHAPES = {"cpu": [(256, 128256)], "cuda": [(8192, 128256)]}
 FUSED_SHAPES = {"cpu": [(1024, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
 # Token log-probs from hidden states: the CPU target is stated at N=4096, H=256, V=32000.
 LOGPROBS_SHAPES = {"cpu": [(4096, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
-OPS = ("divergence", "softmax_stats", "fused_linear", "fused_linear_logprobs", "sinkhorn", "sinkd")
+OPS = ("divergence", "softmax_stats", "fused_linear", "fused_linear_logprobs", "sinkhorn", "sinkd",
+       "sparse_divergence")
+# Sparse teacher: (N, V) with K = 64 ids per row, and the fused form at (N, H, V); the CPU targets
+# are stated at N=1024, V=128256 and N=1024, H=256, V=32000.
+SPARSE_SHAPES = {"cpu": [(1024, 128256)], "cuda": [(8192, 128256)]}
+SPARSE_K = 64
 QUICK_SHAPES = [(4, 1000)]
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
@@ -116,6 +122,12 @@ def main(argv=None) -> int:
         # SinKD: (N, C) = 32 x 3 by default (the stated target), fp32, against the eager loop.
         cases += sinkd_cases(SINKD_QUICK if args.quick else SINKD_SHAPES, torch.float32, device,
                              args.modes, peers, args.backends)
+    if "sparse_divergence" in args.ops:
+        k = 8 if args.quick else SPARSE_K
+        cases += sparse_divergence_cases(shapes_for(SPARSE_SHAPES), k, dtype, device, peers,
+                                         args.backends)
+        fl_shapes = [(4, 16, 1000)] if args.quick else FUSED_SHAPES[device.type]
+        cases += fused_linear_sparse_cases(fl_shapes, k, dtype, device, peers, args.backends)
     print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
     copy_bandwidth_gbps(str(device))
     rows = run_cases(cases)

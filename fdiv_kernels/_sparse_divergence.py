@@ -1,0 +1,267 @@
+r"""``fk.sparse_divergence``: a divergence against a top-k (sparse) teacher, from student logits.
+
+Per row, with a = z / T the student's scaled logits, L = LSE(a) over all V, S the support (the
+teacher's K ids minus padding), lq_i = a_i - L and lp_i the teacher's log-probs (after the tail
+convention and re-tempering of ``fdiv_kernels._sparse_tails.prepare_teacher``):
+
+* ``"none"``:        D = sum_{i in S} term(lp_i, lq_i)
+* ``"renormalize"``: as "none" with lq'_i = a_i - LSE_S(a) and lp'_i = lp_i - LSE_S(lp)
+* ``"bucket"``:      D = sum_{i in S} term(lp_i, lq_i) + term(lp_tail, lq_tail),
+                     lq_tail = log(1 - Q_S) = log1mexp(LSE_S(lq)), Q_S = sum_S q, same for p
+
+where term, h = d term / d lq and k = d term / d lp are the element terms of the kind
+(``fdiv_kernels._kinds``). The student gradient, with H = sum_S h (d/dz = d/da / T):
+
+* none:        dD/da_j = h_j [j in S] - q_j H
+* renormalize: dD/da_j = (h_j - q'_j H) [j in S]            (zero off S)
+* bucket:      dD/da_j = h_j - q_j (H + h_tail)                        for j in S
+               dD/da_j = -q_j H + h_tail Q_S q_j / q_tail              for j off S
+
+(d lq_tail / d a_j is -q_j on S and q_j Q_S / q_tail off S; the ratio q_j / q_tail <= 1 is
+clamped to 1 so that a tail lost to rounding never blows up the gradient). The teacher gradient
+is k_i on the entries and k_tail on the tail, carried back through ``prepare_teacher``.
+
+Cost per row: one online pass over the student row for L (none of this for "renormalize"), O(K)
+work on the gathered support, and the dense gradient write (a zero fill plus K stores for
+"renormalize"). Nothing of size (N, V) besides the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fdiv_kernels import _validation as V
+from fdiv_kernels._kinds import KernelSpec, resolve
+from fdiv_kernels._sparse_tails import TAIL_BUCKET, TAILS, prepare_teacher
+from fdiv_kernels.dispatch import select
+
+# Teacher mass on S above 1 that "bucket" accepts as rounding of the stored log-probs, by the
+# dtype they are stored in (a 16-bit log-prob near 0 is off by ~2^-9 relative).
+MASS_SLACK = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _op(backend: str, which: str):
+    return getattr(torch.ops.fdiv, f"sparse_divergence_{which}_{backend}")
+
+
+class SparseDivergenceFunction(torch.autograd.Function):
+    """Per-row sparse divergence. The forward reads each student row once (its normalizer) and
+    saves two floats per row; the backward reads the row once more and writes the gradient,
+    already scaled by the incoming per-row gradient (the passes of a softmax backward). The
+    teacher gradient is O(K) per row and computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, teacher_tail, ids, support, valid, spec, inv_t, tail,
+                backend):
+        grad_s = ctx.needs_input_grad[0]
+        grad_t = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        loss, _, gt, stats = _op(backend, "fwd")(
+            student, ids, teacher, teacher_tail, support, valid, spec.base, spec.swap,
+            spec.param, inv_t, tail, False, grad_t,
+        )
+        if grad_s:
+            ctx.save_for_backward(student, ids, teacher, teacher_tail, support, valid, stats, gt)
+        else:
+            ctx.save_for_backward(gt)
+        ctx.grad_s, ctx.grad_t, ctx.k = grad_s, grad_t, ids.shape[1]
+        ctx.spec, ctx.inv_t, ctx.tail, ctx.backend = spec, inv_t, tail, backend
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fdiv_kernels.sparse_divergence does not support higher-order "
+                               "gradients (backward with create_graph=True)")
+        d_s = d_t = d_tail = None
+        if ctx.grad_s:
+            student, ids, teacher, teacher_tail, support, valid, stats, gt = ctx.saved_tensors
+            spec = ctx.spec
+            d_s = _op(ctx.backend, "bwd")(
+                student, ids, teacher, teacher_tail, support, valid, stats,
+                grad_loss.to(stats.dtype).contiguous(), spec.base, spec.swap, spec.param,
+                ctx.inv_t, ctx.tail,
+            )
+        else:
+            (gt,) = ctx.saved_tensors
+        if ctx.grad_t:
+            gt = gt * grad_loss.to(gt.dtype).unsqueeze(-1)  # (N, K + 1): small
+            d_t, d_tail = gt[:, : ctx.k], gt[:, ctx.k]
+        return d_s, d_t, d_tail, *([None] * 7)
+
+
+def _check_ids(name: str, ids: object) -> Tensor:
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 (or int32) tensor of vocabulary ids, got "
+                        f"dtype {ids.dtype}")
+    return ids
+
+
+def check_sparse_teacher(
+    lead: torch.Size, vocab: int, device: torch.device, teacher_ids: object,
+    teacher_logprobs: object, support_mask: object, tail: object,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Shape/type checks of the teacher triple; returns (ids, logprobs, mask) as (N, K), tail id."""
+    ids = _check_ids("teacher_ids", teacher_ids)
+    if not isinstance(teacher_logprobs, Tensor):
+        raise TypeError(f"teacher_logprobs must be a torch.Tensor, got "
+                        f"{type(teacher_logprobs).__name__}")
+    if not teacher_logprobs.is_floating_point():
+        raise TypeError(f"teacher_logprobs must be floating point, got {teacher_logprobs.dtype}")
+    if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead:
+        raise ValueError(f"teacher_ids must have shape {tuple(lead)} + (K,) to match the "
+                         f"student's leading shape, got {tuple(ids.shape)}")
+    k = ids.shape[-1]
+    if k < 1:
+        raise ValueError("teacher_ids must hold at least one id per row (K >= 1), got K=0")
+    if k > vocab:
+        raise ValueError(f"teacher_ids has K={k} ids per row, more than the vocabulary V={vocab}")
+    if teacher_logprobs.shape != ids.shape:
+        raise ValueError(f"teacher_logprobs must have the shape of teacher_ids "
+                         f"{tuple(ids.shape)}, got {tuple(teacher_logprobs.shape)}")
+    if support_mask is None:
+        mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    else:
+        if not isinstance(support_mask, Tensor) or support_mask.dtype != torch.bool:
+            raise TypeError(f"support_mask must be a bool tensor or None, got "
+                            f"{getattr(support_mask, 'dtype', type(support_mask).__name__)}")
+        if support_mask.shape != ids.shape:
+            raise ValueError(f"support_mask must have the shape of teacher_ids "
+                             f"{tuple(ids.shape)}, got {tuple(support_mask.shape)}")
+        mask = support_mask
+    for name, t in (("teacher_ids", ids), ("teacher_logprobs", teacher_logprobs),
+                    ("support_mask", mask)):
+        if t.device != device:
+            raise ValueError(f"{name} must be on the student's device {device}, got {t.device}")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
+    n = lead.numel()
+    return (ids.reshape(n, k).to(torch.int64).contiguous(), teacher_logprobs.reshape(n, k),
+            mask.reshape(n, k).contiguous(), TAILS[tail])
+
+
+def check_sparse_values(ids: Tensor, lp: Tensor, mask: Tensor, vocab: int, tail: int) -> None:
+    """Value checks (one host sync each; skipped under torch.compile): ids in range and distinct
+    on the support, and under "bucket" a teacher mass on S of at most 1 (plus rounding)."""
+    if torch.compiler.is_compiling() or ids.numel() == 0:
+        return
+    bad = mask & ((ids < 0) | (ids >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"teacher_ids must be in [0, {vocab}) on the support, got "
+                         f"{int(ids[bad][0])}")
+    # Duplicates: sort each row's support ids (padding pushed to distinct negatives) and compare
+    # neighbours, O(N K log K).
+    pad = -1 - torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    srt = torch.where(mask, ids, pad).sort(-1).values
+    if ids.shape[1] > 1 and bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+        raise ValueError("teacher_ids must not repeat an id within a row (on the support)")
+    if tail == TAIL_BUCKET:
+        lpf = torch.where(mask, lp.detach().to(torch.promote_types(lp.dtype, torch.float32)),
+                          float("-inf"))
+        mass = torch.logsumexp(lpf, -1).exp()
+        slack = MASS_SLACK.get(lp.dtype, 1e-4)
+        over = mass > 1.0 + slack
+        if bool(over.any()):
+            raise ValueError(
+                f"teacher_logprobs: under tail='bucket' the teacher mass on the support must be "
+                f"at most 1 (+{slack} rounding), got {float(mass[over][0]):.6g}"
+            )
+
+
+def teacher_alpha(temperature: float, teacher_temperature: object) -> float | None:
+    if teacher_temperature is None:
+        return None
+    tt = V.check_real("teacher_temperature", teacher_temperature, positive=True)
+    return None if tt == temperature else tt / temperature
+
+
+def sparse_divergence(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    kind: str = "kl",
+    *,
+    tail: str = "bucket",
+    beta: float | None = None,
+    alpha: float | None = None,
+    lam: float | None = None,
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    support_mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | Tensor | None = None,
+    backend: str = "auto",
+    inplace_backward: bool = True,
+) -> Tensor:
+    r"""Divergence between a sparse teacher (top-k ids and log-probs) and the full student softmax.
+
+    q = softmax(student_logits / T) over all V; the teacher gives log p on its K ids per row
+    (``teacher_ids`` (..., K) int64, no repeats; ``teacher_logprobs`` (..., K)), e.g. the top-k
+    an inference server returns, or the student's own top-k (self-distillation): where the
+    support comes from does not matter. ``support_mask`` (..., K) bool is True on real entries and
+    False on padding (fewer than K returned). ``kind`` and beta / alpha / lam are as in
+    :func:`fk.divergence`, with the element terms summed over these outcomes per ``tail``:
+
+    ``"bucket"``       K + 1 outcomes: the support and one tail holding the rest,
+                       p_tail = 1 - sum_S p, q_tail = 1 - sum_S q (log1mexp of the support's LSE).
+                       A divergence between two distributions; the student gradient is dense.
+    ``"renormalize"``  both restricted to S and renormalized: the divergence of two K-point
+                       distributions; the student gradient is zero off S.
+    ``"none"``         sum_{i in S} term(p_i, q_i), the teacher's log-probs as given (axolotl's
+                       top-k forward KL). Not a divergence for every kind (e.g. it can be
+                       negative); for ``alpha`` the element term is Amari's form for measures,
+                       (a p + (1-a) q - p^a q^(1-a)) / (a (1-a)).
+
+    ``teacher_temperature``: the temperature the log-probs were produced at. When given and not
+    ``temperature``, the teacher is re-tempered, log p'_i = (T_teacher / T) log p_i renormalized
+    over S (over S and the tail under "bucket"), as DistillKit and axolotl do. No T^2 factor is
+    applied (multiply the loss by T^2 for hosts that do).
+
+    Args:
+        labels / ignore_index: rows whose label is ``ignore_index`` add nothing (zero gradient).
+        reduction: "none", "sum" or "mean" (over kept rows, or / ``num_items_in_batch``). For a
+            per-(position, k) normalization (axolotl) pass reduction="mean" with
+            ``num_items_in_batch`` = the number of kept support entries.
+        backend: as in :func:`fk.divergence`.
+        inplace_backward: accepted for symmetry with :func:`fk.divergence`; the backward here
+            recomputes the gradient from per-row statistics, so it can run repeatedly.
+
+    Returns:
+        The loss in float32 (float64 for float64 logits). Gradients flow to the student logits
+        and, when it requires grad, to ``teacher_logprobs``.
+    """
+    V.check_logits("student_logits", student_logits)
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    ids, lp, mask, tail_id = check_sparse_teacher(
+        lead, vocab, student_logits.device, teacher_ids, teacher_logprobs, support_mask, tail)
+    spec: KernelSpec = resolve(kind, beta, alpha, lam)
+    t = V.check_real("temperature", temperature, positive=True)
+    a = teacher_alpha(t, teacher_temperature)
+    reduction = V.check_reduction(reduction)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    valid = V.row_mask(labels, ignore_index, lead, student_logits.device)
+    check_sparse_values(ids, lp, mask, vocab, tail_id)
+
+    s = student_logits.reshape(-1, vocab).contiguous()
+    name = select(backend, s, "sparse_divergence_fwd")
+    select(name, s, "sparse_divergence_bwd")
+    ctype = torch.promote_types(s.dtype, torch.float32)
+    # The teacher side is O(K) per row: float64 keeps 1 - sum p exact enough when the support
+    # holds nearly all the mass (d log p_tail / d log p_i = -p_i / p_tail is then large).
+    lp_k, lp_tail = prepare_teacher(lp.to(torch.float64), mask, tail_id, a)
+    lp_k, lp_tail = lp_k.to(ctype), lp_tail.to(ctype)
+    keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool,
+                                                      device=s.device)
+    loss = SparseDivergenceFunction.apply(
+        s, lp_k.contiguous(), lp_tail.contiguous(), ids, mask, keep, spec, 1.0 / t, tail_id,
+        name,
+    )
+    return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
+
+
+__all__ = ["sparse_divergence", "SparseDivergenceFunction"]

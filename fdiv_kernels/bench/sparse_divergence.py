@@ -1,0 +1,145 @@
+"""Sparse (top-k) teacher cases: fk.sparse_divergence per backend against the eager formula users
+write today (log_softmax over V, gather the K ids, the loss on K + 1 outcomes) and against
+fk.token_logprobs forward + backward on the same (N, V), which makes the same passes over the
+logits (one read for the LSE, one read + one write for the gradient). The fused linear form is
+compared with materialized eager logits, chiefly for peak memory."""
+
+from __future__ import annotations
+
+import torch
+
+import fdiv_kernels as fk
+from fdiv_kernels.bench.cases import Case, our_backends
+
+
+def _teacher(n, v, k, device, g):
+    ids = torch.rand(n, v, generator=g).argsort(-1)[:, :k].to(device)
+    lp = (torch.log_softmax(torch.randn(n, k, generator=g) * 1.5, -1) + torch.log(
+        torch.tensor(0.9))).to(device)
+    return ids, lp
+
+
+def eager_sparse_kl(logits, ids, lp, tail="bucket"):
+    """What users write (TRL / DistillKit style): full log_softmax, gather, KL over the support
+    (+ the tail bucket, 1 - sum exp)."""
+    lq = torch.log_softmax(logits.float(), -1).gather(-1, ids)
+    loss = (lp.exp() * (lp - lq)).sum(-1)
+    if tail == "bucket":
+        lp_t = torch.log(-torch.expm1(torch.logsumexp(lp, -1).clamp(max=-1e-7)))
+        lq_t = torch.log(-torch.expm1(torch.logsumexp(lq, -1).clamp(max=-1e-7)))
+        loss = loss + lp_t.exp() * (lp_t - lq_t)
+    return loss.mean()
+
+
+def sparse_divergence_cases(shapes, k, dtype, device, peers=("eager",), backends=None,
+                            tails=("bucket",)):
+    cases = []
+    probe = torch.empty(1, dtype=dtype, device=device)
+    es = probe.element_size()
+    ours = our_backends("sparse_divergence_fwd", probe, backends)
+    for n, v in shapes:
+        for tail in tails:
+            # read x (LSE), read x + write dx (gradient); the K-wide teacher is negligible.
+            case = Case(f"sparse_divergence:kl:{tail}", "full", (n, v, k), dtype, device,
+                        3 * n * v * es)
+
+            def setup(fn, n=n, v=v):
+                def make():
+                    g = torch.Generator().manual_seed(0)
+                    x = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=dtype)
+                    ids, lp = _teacher(n, v, k, device, g)
+                    labels = ids[:, 0].contiguous()
+                    x.requires_grad_(True)
+
+                    def run():
+                        fn(x, ids, lp, labels).backward()
+                        x.grad = None
+                    return run
+                return make
+
+            for b in ours:
+                case.providers[f"fdiv-{b}"] = setup(
+                    lambda x, ids, lp, y, b=b, tail=tail: fk.sparse_divergence(
+                        x, ids, lp, "kl", tail=tail, backend=b))
+            case.ours = tuple(case.providers)
+            if "eager" in peers:
+                case.providers["torch-eager"] = setup(
+                    lambda x, ids, lp, y, tail=tail: eager_sparse_kl(x, ids, lp, tail))
+            for b in ours[:1]:
+                case.providers["fk-token_logprobs"] = setup(
+                    lambda x, ids, lp, y, b=b: fk.token_logprobs(x, y, backend=b).mean())
+            cases.append(case)
+    return cases
+
+
+def fused_linear_sparse_cases(shapes, k, dtype, device, peers=("eager",), backends=None):
+    cases = []
+    probe = torch.empty(1, dtype=torch.float32, device=device)
+    ours = our_backends("sparse_divergence_fwd", probe, backends)
+    for n, h, v in shapes:
+        es = torch.empty(0, dtype=dtype).element_size()
+        # read hidden + weight; write d hidden, d weight. The GEMMs dominate.
+        case = Case("fused_linear_sparse:kl", "full", (n, h, v, k), dtype, device,
+                    2 * (n * h + v * h) * es)
+        providers = {f"fdiv-{b}": (lambda hs, ws, ids, lp, b=b: fk.fused_linear_sparse_divergence(
+            hs, ws, ids, lp, "kl", backend=b)) for b in ours}
+        case.ours = tuple(providers)
+        if "eager" in peers:
+            providers["torch-eager"] = lambda hs, ws, ids, lp: eager_sparse_kl(hs @ ws.t(), ids, lp)
+        for name, fn in providers.items():
+            def setup(fn=fn, n=n, h=h, v=v):
+                g = torch.Generator().manual_seed(0)
+                hs = torch.randn(n, h, generator=g).to(device=device, dtype=dtype)
+                ws = (torch.randn(v, h, generator=g) * h**-0.5).to(device=device, dtype=dtype)
+                ids, lp = _teacher(n, v, k, device, g)
+                hs.requires_grad_(True)
+                ws.requires_grad_(True)
+
+                def run():
+                    fn(hs, ws, ids, lp).backward()
+                    hs.grad = ws.grad = None
+                return run
+
+            case.providers[name] = setup
+        cases.append(case)
+    return cases
+
+
+def interleaved(n: int = 1024, v: int = 128256, k: int = 64, tail: str = "bucket",
+                reps: int = 3) -> dict[str, float]:
+    """Min-of-``reps`` forward + backward seconds of fk.sparse_divergence (cpu), the eager formula
+    and fk.token_logprobs (cpu), alternated so that all three see the same load on a shared
+    machine (the ratios are what to compare)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, v, generator=g) * 2).requires_grad_(True)
+    ids, lp = _teacher(n, v, k, "cpu", g)
+    y = ids[:, 0].contiguous()
+    fns = {
+        "fk.sparse_divergence": lambda: fk.sparse_divergence(x, ids, lp, "kl", tail=tail,
+                                                             backend="cpu"),
+        "eager": lambda: eager_sparse_kl(x, ids, lp, tail),
+        "fk.token_logprobs": lambda: fk.token_logprobs(x, y, backend="cpu").mean(),
+    }
+    import time
+
+    best = dict.fromkeys(fns, float("inf"))
+    for rep in range(reps + 1):  # the first round warms up
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f().backward()
+            x.grad = None
+            if rep:
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+if __name__ == "__main__":
+    import sys
+
+    tail = sys.argv[1] if len(sys.argv) > 1 else "bucket"
+    best = interleaved(tail=tail)
+    for name, t in best.items():
+        print(f"{name:22s} {t * 1e3:8.0f} ms")
+    ours = best["fk.sparse_divergence"]
+    print(f"tail={tail}: {best['eager'] / ours:.2f}x eager, "
+          f"{best['fk.token_logprobs'] / ours:.2f}x token_logprobs")
