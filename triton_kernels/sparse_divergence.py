@@ -18,7 +18,7 @@ import triton.language as tl
 from fdiv_kernels._sparse_tails import TAIL_BUCKET, TAIL_RENORMALIZE
 from fdiv_kernels.triton_kernels.divergence import _mix_logs
 from fdiv_kernels.triton_kernels.divergence_terms import element_terms
-from fdiv_kernels.triton_kernels.online_softmax import row_lse
+from fdiv_kernels.triton_kernels.online_softmax import logsumexp_of_row
 
 MAX_BLOCK = 8192  # 16-bit elements per loop iteration (half for fp32); tests lower it
 OFF_BLOCK = 64  # columns per membership test (OFF_BLOCK x BLOCK_K compares)
@@ -56,7 +56,7 @@ def _sparse_divergence_fwd_kernel(
             sh = tl.where(m_s == float("-inf"), 0.0, m_s)
             lse = sh + tl.log(tl.sum(tl.where(sup, tl.exp(a_s - sh), 0.0), 0))
         else:
-            lse = row_lse(x_row, V, inv_t, BLOCK)
+            lse = logsumexp_of_row(x_row, V, inv_t, BLOCK)
         lq = tl.where(sup, a_s - lse, float("-inf"))
         lp = tl.where(sup, tl.load(lp_ptr + row * K + kk, mask=sup, other=0.0), float("-inf"))
         t, h, k = element_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP)

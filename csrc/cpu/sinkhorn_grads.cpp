@@ -6,8 +6,9 @@
 //   da_i  = gv (phi_a(f_i) + eps sum b) + eps lam_f_i phi_a'(f_i) - eps sum_j w_ij b_j E_ij
 //   db_j  = gv (phi_b(g_j) + eps sum a) + eps lam_g_j phi_b'(g_j) - eps sum_i w_ij a_i E_ij
 //   dx_i  = sum_j Q_ij dc(x_i, y_j)/dx_i,  dy_j = sum_i Q_ij dc(x_i, y_j)/dy_j,
-// the point gradients through two small GEMMs per problem (Q y and Q^T x) for every kind but L1.
-// Q lives in a per-thread (n, m) scratch: the plan is applied, never stored for the batch.
+// the point gradients through two small GEMMs per row block (Q y and Q^T x) for every kind but L1.
+// Q lives in a per-thread scratch of one row block (sinkhorn_problem.h for_each_row_block): the
+// plan is applied a block at a time, never stored, and a problem's cost never held whole.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,28 +30,24 @@ using namespace sinkhorn;  // NOLINT: the shared per-problem machinery
 
 template <class T>
 struct GradScratch {
-  std::vector<T> tile, q, roww, colw, wg;
-  void reserve(int64_t n, int64_t m, int64_t np, int64_t mp, bool points) {
-    if (points) tile.resize(size_t(np * mp));
-    q.resize(size_t(n * m));
-    roww.resize(size_t(n));
+  std::vector<T> tile, q, colw, wg;
+  void reserve(int64_t n, int64_t m, int64_t rows, int64_t mp, bool points) {
+    if (points) tile.resize(size_t(rows * mp));
+    q.resize(size_t(std::min(rows, n) * m));
     colw.resize(size_t(m));
     wg.resize(size_t(m));
   }
 };
 
-// One problem's plan pass: Q (n, m) into q, sum_j w_ij b_j E_ij into roww (n), sum_i w_ij a_i E_ij
-// into colw (m); wg (m): scratch. kind 1 (euclidean) stores Q_ij / (2 c_ij) (0 where c_ij = 0,
-// as torch's subgradient): its point gradient then has the squared Euclidean form.
+// The plan pass over n rows of one problem (a row block): Q (n, m) into q, sum_j w_ij b_j E_ij
+// into roww (n); adds sum_i w_ij a_i E_ij to colw (m); wg (m): gv + lam_g, set per problem.
+// kind 1 (euclidean) stores Q_ij / (2 c_ij) (0 where c_ij = 0, as torch's subgradient): its
+// point gradient then has the squared Euclidean form.
 template <class T>
 FDIV_INLINE void plan_pass(const T* c, int64_t ldc, const T* a, const T* b, const T* f, const T* g,
                            T gv, const T* lf, const T* lg, T eps, int64_t n, int64_t m,
                            int64_t kind, T* q, T* roww, T* colw, T* wg) {
   const T ei = T(1) / eps;
-  for (int64_t j = 0; j < m; ++j) {
-    colw[j] = 0;
-    wg[j] = gv + (lg ? lg[j] : T(0));  // w_ij = lam_f_i + wg_j: no branch in the inner loop
-  }
   for (int64_t i = 0; i < n; ++i) {
     const T* ci = c + i * ldc;
     T* qi = q + i * m;
@@ -73,14 +70,13 @@ FDIV_INLINE void plan_pass(const T* c, int64_t ldc, const T* a, const T* b, cons
   }
 }
 
-// (P vg, P^T vf, P 1, P^T 1) of one problem: the products the implicit gradient's conjugate
-// gradient needs, one pass over the plan.
+// (P vg, P^T vf, P 1, P^T 1) of n rows of one problem (a row block): the products the implicit
+// gradient's conjugate gradient needs, one pass over the plan; ptv and c1 accumulate over blocks.
 template <class T>
 FDIV_INLINE void apply_pass(const T* c, int64_t ldc, const T* a, const T* b, const T* f,
                             const T* g, const T* vf, const T* vg, T eps, int64_t n, int64_t m,
                             T* pv, T* ptv, T* r1, T* c1) {
   const T ei = T(1) / eps;
-  for (int64_t j = 0; j < m; ++j) ptv[j] = c1[j] = 0;
   for (int64_t i = 0; i < n; ++i) {
     const T* ci = c + i * ldc;
     const T ai = a[i], fi = f[i], vfi = vf[i];
@@ -112,59 +108,6 @@ FDIV_INLINE void apply_pass(const T* c, int64_t ldc, const T* a, const T* b, con
 FDIV_GRADS_ENTRY(float)
 FDIV_GRADS_ENTRY(double)
 #undef FDIV_GRADS_ENTRY
-
-// Point gradients of one problem from Q (n, m). x, y: (n, d), (m, d) as given (unnormalized);
-// gx, gy: (n, d), (m, d) outputs or undefined.
-template <class T>
-void point_grads(const T* q, const at::Tensor& x, const at::Tensor& y, int64_t kind,
-                 at::Tensor gx, at::Tensor gy) {
-  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
-  const at::Tensor Q = at::from_blob(const_cast<T*>(q), {n, m}, x.options());
-  if (kind == L1) {  // L1: sign(x_ik - y_jk), no GEMM form
-    const T *x_ = x.data_ptr<T>(), *y_ = y.data_ptr<T>();
-    T* gx_ = gx.defined() ? gx.data_ptr<T>() : nullptr;
-    T* gy_ = gy.defined() ? gy.data_ptr<T>() : nullptr;
-    if (gy_) std::fill(gy_, gy_ + m * d, T(0));
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t k = 0; k < d; ++k) {
-        const T xik = x_[i * d + k];
-        T acc = 0;
-        for (int64_t j = 0; j < m; ++j) {
-          const T diff = xik - y_[j * d + k];
-          const T s = diff > T(0) ? q[i * m + j] : (diff < T(0) ? -q[i * m + j] : T(0));
-          acc += s;
-          if (gy_) gy_[j * d + k] -= s;
-        }
-        if (gx_) gx_[i * d + k] = acc;
-      }
-    }
-    return;
-  }
-  if (kind == SQEUCLIDEAN || kind == EUCLIDEAN) {  // 2 (Q 1 x - Q y); kind 1 has Q / (2c) in q
-    if (gx.defined()) gx.copy_(2 * (Q.sum(1, true) * x - at::mm(Q, y)));
-    if (gy.defined()) gy.copy_(2 * (Q.sum(0).unsqueeze(1) * y - at::mm(Q.t(), x)));
-  } else if (kind == DOT) {  // -x.y
-    if (gx.defined()) gx.copy_(-at::mm(Q, y));
-    if (gy.defined()) gy.copy_(-at::mm(Q.t(), x));
-  } else {  // cosine: 1 - xh.yh through xh = x / max(|x|, 1e-12), as F.normalize
-    auto normalize_back = [](const at::Tensor& p, const at::Tensor& gh) {
-      const at::Tensor nrm = p.norm(2, {1}, true);
-      const at::Tensor den = nrm.clamp_min(1e-12);
-      const at::Tensor ph = p / den;
-      // Where |p| > 1e-12: (gh - ph (ph . gh)) / |p|; else the clamp is constant: gh / 1e-12.
-      return at::where(nrm > 1e-12, (gh - ph * (ph * gh).sum(1, true)) / den, gh / den);
-    };
-    const at::Tensor xh = x / x.norm(2, {1}, true).clamp_min(1e-12);
-    const at::Tensor yh = y / y.norm(2, {1}, true).clamp_min(1e-12);
-    if (gx.defined()) gx.copy_(normalize_back(x, -at::mm(Q, yh)));
-    if (gy.defined()) gy.copy_(normalize_back(y, -at::mm(Q.t(), xh)));
-  }
-}
-
-template <class T>
-FDIV_INLINE T phi(T f, double rho) { return rho <= 0 ? f : T(-rho) * std::expm1(-f / T(rho)); }
-template <class T>
-FDIV_INLINE T dphi(T f, double rho) { return rho <= 0 ? T(1) : std::exp(-f / T(rho)); }
 
 // da (or db, with the roles swapped) of one problem; roww: sum_j w_ij b_j E_ij.
 template <class T>
@@ -217,23 +160,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
     const T* lf_ = lf.defined() ? lf.data_ptr<T>() : nullptr;
     const T* lg_ = lg.defined() ? lg.data_ptr<T>() : nullptr;
     const T *am = amass.data_ptr<T>(), *bm = bmass.data_ptr<T>();
-    for_each_problem<T, GradScratch<T>>(src, B, n, m,
-                                        [&](int64_t p, const T* c, int64_t ldc, GradScratch<T>& w) {
+    // The row weights sum_j w_ij b_j E_ij: written per block, read once per problem.
+    at::Tensor roww_all = at::empty({B, n}, a.options());
+    T* rw_ = roww_all.data_ptr<T>();
+    const bool want_pts = gx.numel() || gy.numel();
+    std::vector<std::optional<PointGrads<T>>> pg(size_t(want_pts ? B : 0));
+    for_each_row_block<T, GradScratch<T>>(src, B, n, m,
+        [&](int64_t p, int64_t r0, int64_t rows, const T* c, int64_t ldc, GradScratch<T>& w) {
       const T* lfp = lf_ ? lf_ + p * n : nullptr;
       const T* lgp = lg_ ? lg_ + p * m : nullptr;
-      plan_entry(c, ldc, a_ + p * n, b_ + p * m, f_ + p * n, g_ + p * m, gv_[p], lfp, lgp,
-                 T(eps), n, m, pkind, w.q.data(), w.roww.data(), w.colw.data(),
-                 w.wg.data());
-      if (gc.numel()) std::copy(w.q.begin(), w.q.end(), gc.data_ptr<T>() + p * n * m);
+      if (r0 == 0) {
+        for (int64_t j = 0; j < m; ++j) {
+          w.colw[j] = 0;
+          w.wg[j] = gv_[p] + (lgp ? lgp[j] : T(0));  // w_ij = lam_f_i + wg_j: no inner branch
+        }
+        if (want_pts) pg[p].emplace(xs[p], ys[p], kind);
+      }
+      plan_entry(c, ldc, a_ + p * n + r0, b_ + p * m, f_ + p * n + r0, g_ + p * m, gv_[p],
+                 lfp ? lfp + r0 : nullptr, lgp, T(eps), rows, m, pkind, w.q.data(),
+                 rw_ + p * n + r0, w.colw.data(), w.wg.data());
+      if (gc.numel())
+        std::copy(w.q.begin(), w.q.begin() + rows * m, gc.data_ptr<T>() + (p * n + r0) * m);
+      if (want_pts)
+        pg[p]->add_rows(w.q.data(), r0, rows, gx.numel() ? gx[p] : at::Tensor(), gy.numel() > 0);
+      if (r0 + rows < n) return;  // the problem's last block: finish it
       if (ga.numel())
-        weight_grad(f_ + p * n, lfp, w.roww.data(), gv_[p], T(eps), bm[p], rho_a, n,
+        weight_grad(f_ + p * n, lfp, rw_ + p * n, gv_[p], T(eps), bm[p], rho_a, n,
                     ga.data_ptr<T>() + p * n);
       if (gb.numel())
         weight_grad(g_ + p * m, lgp, w.colw.data(), gv_[p], T(eps), am[p], rho_b, m,
                     gb.data_ptr<T>() + p * m);
-      if (gx.numel() || gy.numel())
-        point_grads<T>(w.q.data(), xs[p], ys[p], kind, gx.numel() ? gx[p] : at::Tensor(),
-                       gy.numel() ? gy[p] : at::Tensor());
+      if (gy.numel()) pg[p]->finish(gy[p]);
+      if (want_pts) pg[p].reset();
     });
   });
   return {gx, gy, gc, ga, gb};
@@ -261,10 +219,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_plan_apply_c
     const T *g_ = g.data_ptr<T>(), *vf_ = vf.data_ptr<T>(), *vg_ = vg.data_ptr<T>();
     T *pv_ = pv.data_ptr<T>(), *ptv_ = ptv.data_ptr<T>(), *r1_ = r1.data_ptr<T>();
     T* c1_ = c1.data_ptr<T>();
-    for_each_problem<T, GradScratch<T>>(src, B, n, m,
-                                        [&](int64_t p, const T* c, int64_t ldc, GradScratch<T>&) {
-      apply_entry(c, ldc, a_ + p * n, b_ + p * m, f_ + p * n, g_ + p * m, vf_ + p * n,
-                  vg_ + p * m, T(eps), n, m, pv_ + p * n, ptv_ + p * m, r1_ + p * n, c1_ + p * m);
+    // ptv and c1 start at zero (zeros_like) and accumulate over a problem's row blocks.
+    for_each_row_block<T, GradScratch<T>>(src, B, n, m,
+        [&](int64_t p, int64_t r0, int64_t rows, const T* c, int64_t ldc, GradScratch<T>&) {
+      apply_entry(c, ldc, a_ + p * n + r0, b_ + p * m, f_ + p * n + r0, g_ + p * m,
+                  vf_ + p * n + r0, vg_ + p * m, T(eps), rows, m, pv_ + p * n + r0, ptv_ + p * m,
+                  r1_ + p * n + r0, c1_ + p * m);
     });
   });
   return {pv, ptv, r1, c1};

@@ -130,13 +130,13 @@ FDIV_INLINE std::pair<int32_t, T> solve_problem(const Problem<T>& p, const Sched
   return {iters, error()};
 }
 
-// (sum P, <C, P>) of one problem, P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps), as
-// core.plan_totals computes them (float terms, double row sums).
+// (sum P, <C, P>) over n rows of one problem (a row block), P_ij = a_i b_j exp((f_i + g_j -
+// C_ij) / eps), as _dual.plan_totals computes them (float terms, double row sums), added to
+// acc[0], acc[1] row by row (so the sums do not depend on the blocking).
 template <class T>
-FDIV_INLINE std::pair<double, double> totals_problem(const T* c, int64_t ldc, const T* a,
-                                                     const T* b, const T* f, const T* g, T eps,
-                                                     int64_t n, int64_t m) {
-  double total = 0, lin = 0;
+FDIV_INLINE void totals_rows(const T* c, int64_t ldc, const T* a, const T* b, const T* f,
+                             const T* g, T eps, int64_t n, int64_t m, double* acc) {
+  double total = acc[0], lin = acc[1];
   const T ei = T(1) / eps;
   for (int64_t i = 0; i < n; ++i) {
     const T* ci = c + i * ldc;
@@ -151,7 +151,8 @@ FDIV_INLINE std::pair<double, double> totals_problem(const T* c, int64_t ldc, co
     total += double(s);
     lin += double(sc);
   }
-  return {total, lin};
+  acc[0] = total;
+  acc[1] = lin;
 }
 
 #define FDIV_SOLVE_ENTRY(T)                                                                       \
@@ -159,10 +160,9 @@ FDIV_INLINE std::pair<double, double> totals_problem(const T* c, int64_t ldc, co
                                                 Scratch<T>& w) {                                  \
     return solve_problem<T>(p, s, w);                                                             \
   }                                                                                               \
-  FDIV_CLONES std::pair<double, double> totals_entry(const T* c, int64_t ldc, const T* a,         \
-                                                     const T* b, const T* f, const T* g, T eps,   \
-                                                     int64_t n, int64_t m) {                      \
-    return totals_problem<T>(c, ldc, a, b, f, g, eps, n, m);                                      \
+  FDIV_CLONES void totals_entry(const T* c, int64_t ldc, const T* a, const T* b, const T* f,     \
+                                const T* g, T eps, int64_t n, int64_t m, double* acc) {          \
+    totals_rows<T>(c, ldc, a, b, f, g, eps, n, m, acc);                                           \
   }
 FDIV_SOLVE_ENTRY(float)
 FDIV_SOLVE_ENTRY(double)
@@ -231,12 +231,16 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_totals_cpu(
     const scalar_t *a_ = a.data_ptr<scalar_t>(), *b_ = b.data_ptr<scalar_t>();
     const scalar_t *f_ = f.data_ptr<scalar_t>(), *g_ = g.data_ptr<scalar_t>();
     scalar_t *t_ = total.data_ptr<scalar_t>(), *l_ = lin.data_ptr<scalar_t>();
-    for_each_problem<scalar_t, Scratch<scalar_t>>(src, B, n, m,
-                               [&](int64_t bi, const scalar_t* c, int64_t ldc, Scratch<scalar_t>&) {
-      const auto [tot, li] = totals_entry(c, ldc, a_ + bi * n, b_ + bi * m, f_ + bi * n,
-                                          g_ + bi * m, scalar_t(eps), n, m);
-      t_[bi] = scalar_t(tot);
-      l_[bi] = scalar_t(li);
+    std::vector<double> acc(size_t(2 * B), 0.0);  // each problem's running sums, its own thread's
+    for_each_row_block<scalar_t, Scratch<scalar_t>>(src, B, n, m,
+        [&](int64_t bi, int64_t r0, int64_t rows, const scalar_t* c, int64_t ldc,
+            Scratch<scalar_t>&) {
+      double* s = acc.data() + 2 * bi;
+      totals_entry(c, ldc, a_ + bi * n + r0, b_ + bi * m, f_ + bi * n + r0, g_ + bi * m,
+                   scalar_t(eps), rows, m, s);
+      if (r0 + rows < n) return;
+      t_[bi] = scalar_t(s[0]);
+      l_[bi] = scalar_t(s[1]);
     });
   });
   return {total, lin};

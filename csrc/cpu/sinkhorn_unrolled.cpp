@@ -16,6 +16,8 @@
 //   value = <a, phi_a(f)> + <b, phi_b(g)> - eps (sum P - sum a sum b).
 // Weights come as a, b (None: uniform): their gradient is taken in a, not log a, so a point of
 // zero weight gets its one-sided derivative (the exps are formed without the log weight).
+// The cost rows of a problem (row stride ldc), the loop over problems, the dual's phi and the
+// point gradients are the shared ones of sinkhorn_problem.h (as the solve and gradient ops).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,19 +31,20 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/sinkhorn_problem.h"
 #include "cpu/sinkhorn_tiles.h"
 #include "cpu/vec_math.h"
 
 namespace fdiv_kernels {
 namespace {
 
-using namespace sinkhorn;  // NOLINT: exp_le0, finish_cost
+using namespace sinkhorn;  // NOLINT: the shared cost, per-problem loop, phi and point gradients
 
 template <class T>
 struct Params {
   T eps, ei, ka, kb, half;  // half: the weight of the LSE step, 1/2 when symmetric
   double rho_a, rho_b;
-  int64_t n, m, K;
+  int64_t n, m, K, ldc;     // ldc: the row stride of the cost rows
   bool symmetric;
 };
 
@@ -53,11 +56,6 @@ struct Tape {
       : f(t), g(t + (K + 1) * n), lr(t + (K + 1) * (n + m)), lc(t + (K + 1) * (n + m) + K * n) {}
 };
 
-template <class T>
-FDIV_INLINE T phi(T f, double rho) { return rho <= 0 ? f : T(-rho) * std::expm1(-f / T(rho)); }
-template <class T>
-FDIV_INLINE T dphi(T f, double rho) { return rho <= 0 ? T(1) : std::exp(-f / T(rho)); }
-
 // Per-problem weights: a (n,), la = log a (-inf where a = 0); uniform when src is null.
 template <class T>
 void weights(const T* src, int64_t n, T* a, T* la) {
@@ -67,38 +65,15 @@ void weights(const T* src, int64_t n, T* a, T* la) {
   }
 }
 
-// The (n, m) cost of one problem from points x (n, d), y transposed (d, m): kind 0
-// sqeuclidean, 1 euclidean (both as |x|^2 + |y|^2 - 2 x.y clamped at 0, as pairwise_cost),
-// 2 l1, 3 dot (-x.y), 4 cosine (points normalized beforehand).
+// The row update's LSEs out[i] = LSE_j(h_j - c_ij ei) of an (n, m) cost of row stride ldc, two
+// passes per row (max, then the sum of exps against it); the logs are taken together at the end,
+// in one vectorized loop rather than one libm call per row. An all -inf row is -inf. mx: n.
 template <class T>
-FDIV_INLINE void build_cost(const T* x, const T* yT, const T* xx, const T* yy, int64_t n,
-                            int64_t m, int64_t d, int64_t kind, T* c) {
-  for (int64_t i = 0; i < n; ++i) {
-    T* ci = c + i * m;
-    for (int64_t j = 0; j < m; ++j) ci[j] = T(0);
-    for (int64_t k = 0; k < d; ++k) {
-      const T xk = x[i * d + k];
-      const T* yk = yT + k * m;
-      if (kind == L1) {
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) ci[j] += std::abs(xk - yk[j]);
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) ci[j] += xk * yk[j];
-      }
-    }
-    finish_cost(ci, m, kind, xx[i], yy);
-  }
-}
-
-// Row LSEs out[i] = LSE_j(h_j - c_ij ei) of an (n, m) cost, two passes per row (max, then the
-// sum of exps against it); the logs are taken together at the end, in one vectorized loop
-// rather than one libm call per row. An all -inf row is -inf. mx: n.
-template <class T>
-FDIV_INLINE void row_lse(const T* c, const T* h, T ei, int64_t n, int64_t m, T* out, T* mx) {
+FDIV_INLINE void cost_rows_lse(const T* c, int64_t ldc, const T* h, T ei, int64_t n, int64_t m,
+                               T* out, T* mx) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < n; ++i) {
-    const T* ci = c + i * m;
+    const T* ci = c + i * ldc;
     T bm = kNegInf;
 #pragma omp simd reduction(max : bm)
     for (int64_t j = 0; j < m; ++j) bm = std::max(bm, h[j] - ci[j] * ei);
@@ -114,22 +89,23 @@ FDIV_INLINE void row_lse(const T* c, const T* h, T ei, int64_t n, int64_t m, T* 
     out[i] = mx[i] == kNegInf ? kNegInf : mx[i] + vlog(out[i]);
 }
 
-// Column LSEs out[j] = LSE_i(h_i - c_ij ei), rows streamed (the cost is row-major), zero-weight
-// rows (h_i = -inf) skipped. mx: m.
+// The column update's LSEs out[j] = LSE_i(h_i - c_ij ei), rows streamed (the cost is row-major,
+// row stride ldc), zero-weight rows (h_i = -inf) skipped. mx: m.
 template <class T>
-FDIV_INLINE void col_lse(const T* c, const T* h, T ei, int64_t n, int64_t m, T* out, T* mx) {
+FDIV_INLINE void cost_cols_lse(const T* c, int64_t ldc, const T* h, T ei, int64_t n, int64_t m,
+                               T* out, T* mx) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < m; ++j) mx[j] = kNegInf, out[j] = T(0);
   for (int64_t i = 0; i < n; ++i) {
     if (h[i] == kNegInf) continue;
-    const T* ci = c + i * m;
+    const T* ci = c + i * ldc;
     const T hi = h[i];
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) mx[j] = std::max(mx[j], hi - ci[j] * ei);
   }
   for (int64_t i = 0; i < n; ++i) {
     if (h[i] == kNegInf) continue;
-    const T* ci = c + i * m;
+    const T* ci = c + i * ldc;
     const T hi = h[i];
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) out[j] += exp_le0(hi - ci[j] * ei - mx[j]);
@@ -154,12 +130,12 @@ FDIV_INLINE void forward_problem(const T* c, const T* a, const T* la, const T* b
     T* lr = tp.lr + (k - 1) * n;
     T* lc = tp.lc + (k - 1) * m;
     for (int64_t j = 0; j < m; ++j) h[j] = lb[j] + gp[j] * ei;
-    row_lse(c, h, ei, n, m, lr, buf);
+    cost_rows_lse(c, p.ldc, h, ei, n, m, lr, buf);
     for (int64_t i = 0; i < n; ++i)
       fk[i] = p.symmetric ? p.half * (fp[i] - p.ka * lr[i]) : -p.ka * lr[i];
     const T* fc = p.symmetric ? fp : fk;  // the f the column update reads
     for (int64_t i = 0; i < n; ++i) h[i] = la[i] + fc[i] * ei;
-    col_lse(c, h, ei, n, m, lc, buf);
+    cost_cols_lse(c, p.ldc, h, ei, n, m, lc, buf);
     for (int64_t j = 0; j < m; ++j)
       gk[j] = p.symmetric ? p.half * (gp[j] - p.kb * lc[j]) : -p.kb * lc[j];
   }
@@ -171,7 +147,7 @@ FDIV_INLINE void forward_problem(const T* c, const T* a, const T* la, const T* b
   T total = 0, lin = 0, err = 0, sa = 0, sb = 0, val = 0;
   for (int64_t i = 0; i < n; ++i) {
     if (!(a[i] > 0)) continue;  // zero weight: no mass, no error term
-    const T* ci = c + i * m;
+    const T* ci = c + i * p.ldc;
     const T fi = f[i], ai = a[i];
     T rs = 0, li = 0;
 #pragma omp simd reduction(+ : rs, li)
@@ -239,7 +215,7 @@ FDIV_INLINE void backward_problem(const T* c, const T* a, const T* b, const Para
       u[j] = T(0);
     }
     for (int64_t i = 0; i < n; ++i) {
-      const T* ci = c + i * m;
+      const T* ci = c + i * p.ldc;
       T* cb = ad.cbar ? ad.cbar + i * m : nullptr;
       const T fi = f[i], ai = a[i];
       T s = 0;
@@ -274,7 +250,7 @@ FDIV_INLINE void backward_problem(const T* c, const T* a, const T* b, const Para
     const T* lc = tp.lc + (k - 1) * m;
     for (int64_t j = 0; j < m; ++j) u[j] = T(0);
     for (int64_t i = 0; i < n; ++i) {
-      const T* ci = c + i * m;
+      const T* ci = c + i * p.ldc;
       const T ai = a[i], fi = fc[i] * ei, li = lr[i];
       T t = 0;
 #pragma omp simd reduction(+ : t)
@@ -309,82 +285,6 @@ FDIV_INLINE void backward_problem(const T* c, const T* a, const T* b, const Para
   }
 }
 
-// Points gradients from the cost's: xbar_i = sum_j cbar_ij dc(x_i, y_j)/dx_i, and for y.
-// x, y (n, d), (m, d) as given (cosine: not normalized); cbar is overwritten (euclidean).
-template <class T>
-void points_grads(const T* x, const T* y, T* cbar, const T* c, int64_t n, int64_t m, int64_t d,
-                  int64_t kind, T* gx, T* gy) {
-  for (int64_t i = 0; i < n * d; ++i) if (gx) gx[i] = T(0);
-  for (int64_t j = 0; j < m * d; ++j) if (gy) gy[j] = T(0);
-  if (kind == L1) {
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < m; ++j) {
-        const T w = cbar[i * m + j];
-        for (int64_t k = 0; k < d; ++k) {
-          const T df = x[i * d + k] - y[j * d + k];
-          const T s = df > 0 ? w : (df < 0 ? -w : T(0));
-          if (gx) gx[i * d + k] += s;
-          if (gy) gy[j * d + k] -= s;
-        }
-      }
-    return;
-  }
-  if (kind == EUCLIDEAN)  // sqrt(sq): dC = dsq / (2 C), 0 where C = 0 (as pairwise_cost's where)
-    for (int64_t e = 0; e < n * m; ++e) cbar[e] = c[e] > 0 ? cbar[e] / (T(2) * c[e]) : T(0);
-  if (kind == SQEUCLIDEAN || kind == EUCLIDEAN) {  // d|x - y|^2 = 2 (x - y)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < m; ++j) {
-        const T w = T(2) * cbar[i * m + j];
-        for (int64_t k = 0; k < d; ++k) {
-          const T df = w * (x[i * d + k] - y[j * d + k]);
-          if (gx) gx[i * d + k] += df;
-          if (gy) gy[j * d + k] -= df;
-        }
-      }
-    return;
-  }
-  // dot and cosine: dC/dxn_i = -yn_j (cosine then projects through the normalization).
-  std::vector<T> xn(x, x + n * d), yn(y, y + m * d), nx(size_t(n), T(1)), ny(size_t(m), T(1));
-  if (kind == COSINE) {
-    for (int64_t i = 0; i < n; ++i) {
-      T s = 0;
-      for (int64_t k = 0; k < d; ++k) s += x[i * d + k] * x[i * d + k];
-      nx[i] = std::max(std::sqrt(s), T(1e-12));
-      for (int64_t k = 0; k < d; ++k) xn[i * d + k] /= nx[i];
-    }
-    for (int64_t j = 0; j < m; ++j) {
-      T s = 0;
-      for (int64_t k = 0; k < d; ++k) s += y[j * d + k] * y[j * d + k];
-      ny[j] = std::max(std::sqrt(s), T(1e-12));
-      for (int64_t k = 0; k < d; ++k) yn[j * d + k] /= ny[j];
-    }
-  }
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < m; ++j) {
-      const T w = cbar[i * m + j];
-      for (int64_t k = 0; k < d; ++k) {
-        if (gx) gx[i * d + k] -= w * yn[j * d + k];
-        if (gy) gy[j * d + k] -= w * xn[i * d + k];
-      }
-    }
-  if (kind != COSINE) return;
-  // x / max(|x|, 1e-12): the projection (I - xn xn^T) / |x| above the clamp, 1 / 1e-12 below.
-  auto project = [&](T* gr, const T* pn, const T* nrm, int64_t rows) {
-    for (int64_t i = 0; i < rows; ++i) {
-      T* v = gr + i * d;
-      if (nrm[i] > T(1e-12)) {
-        T dotp = 0;
-        for (int64_t k = 0; k < d; ++k) dotp += v[k] * pn[i * d + k];
-        for (int64_t k = 0; k < d; ++k) v[k] = (v[k] - dotp * pn[i * d + k]) / nrm[i];
-      } else {
-        for (int64_t k = 0; k < d; ++k) v[k] /= nrm[i];
-      }
-    }
-  };
-  if (gx) project(gx, xn.data(), nx.data(), n);
-  if (gy) project(gy, yn.data(), ny.data(), m);
-}
-
 // Per-ISA entry points (target_clones); everything they call is inlined into them.
 #define FDIV_UNROLLED_ENTRY(T, ATTR)                                                            \
   ATTR void forward_entry(const T* c, const T* a, const T* la, const T* b, const T* lb,          \
@@ -394,62 +294,50 @@ void points_grads(const T* x, const T* y, T* cbar, const T* c, int64_t n, int64_
   ATTR void backward_entry(const T* c, const T* a, const T* b, const Params<T>& p, Tape<T> tp,   \
                            Adjoint<T> ad, T* fnew, T* u, T* q) {                                 \
     backward_problem<T>(c, a, b, p, tp, ad, fnew, u, q);                                         \
-  }                                                                                              \
-  ATTR void cost_entry(const T* x, const T* yT, const T* xx, const T* yy, int64_t n, int64_t m,  \
-                       int64_t d, int64_t kind, T* c) {                                          \
-    build_cost<T>(x, yT, xx, yy, n, m, d, kind, c);                                              \
   }
 FDIV_UNROLLED_ENTRY(float, FDIV_CLONES)
 FDIV_UNROLLED_ENTRY(double, FDIV_CLONES)
 #undef FDIV_UNROLLED_ENTRY
 
-// The inputs of both ops in the compute type, contiguous, with the sizes checked.
+// The inputs of both ops: the cost source (dense, or padded points whose cost each task builds,
+// as the solve and gradient ops), the weights in the compute type (undefined: uniform).
 struct Inputs {
-  at::Tensor x, y, cost, a, b;  // undefined when absent
+  CostSource src;
+  at::Tensor a, b;
   at::ScalarType ct;
-  int64_t B, n, m, d;
+  int64_t B, n, m;
 };
 
 Inputs prepare(const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& y,
                const std::optional<at::Tensor>& cost, const std::optional<at::Tensor>& a,
                const std::optional<at::Tensor>& b, int64_t kind) {
+  TORCH_CHECK_VALUE(cost || (x && y), "sinkhorn_unrolled needs points x, y or a cost");
   Inputs in;
   const at::Tensor& ref = cost ? *cost : *x;
-  TORCH_CHECK_VALUE(cost || (x && y), "sinkhorn_unrolled needs points x, y or a cost");
   in.ct = ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (cost) {
-    in.cost = cost->to(in.ct).contiguous();
-    TORCH_CHECK_VALUE(in.cost.dim() == 3, "cost must be (B, n, m), got ", in.cost.sizes());
-    in.B = in.cost.size(0), in.n = in.cost.size(1), in.m = in.cost.size(2), in.d = 0;
-  } else {
-    in.x = x->to(in.ct).contiguous();
-    in.y = y->to(in.ct).contiguous();
-    TORCH_CHECK_VALUE(in.x.dim() == 3 && in.y.dim() == 3 && in.x.size(0) == in.y.size(0) &&
-                          in.x.size(2) == in.y.size(2),
-                      "x (B, n, d) and y (B, m, d) do not match: ", in.x.sizes(), in.y.sizes());
-    TORCH_CHECK_VALUE(kind >= 0 && kind < kNumCosts, "unknown cost kind ", kind);
-    in.B = in.x.size(0), in.n = in.x.size(1), in.m = in.y.size(1), in.d = in.x.size(2);
-  }
-  if (a) {
-    in.a = a->to(in.ct).contiguous();
-    TORCH_CHECK_VALUE(in.a.dim() == 2 && in.a.size(0) == in.B && in.a.size(1) == in.n,
-                      "a must be (B, n), got ", in.a.sizes());
-  }
-  if (b) {
-    in.b = b->to(in.ct).contiguous();
-    TORCH_CHECK_VALUE(in.b.dim() == 2 && in.b.size(0) == in.B && in.b.size(1) == in.m,
-                      "b must be (B, m), got ", in.b.sizes());
-  }
+  TORCH_CHECK_VALUE(ref.dim() == 3 && (cost || y->dim() == 3),
+                    "cost (B, n, m) or points x (B, n, d), y (B, m, d) expected");
+  in.B = ref.size(0), in.n = ref.size(1), in.m = cost ? cost->size(2) : y->size(1);
+  in.src = cost_source(x, y, cost, in.ct, in.B, in.n, in.m, kind);
+  auto weights_in = [&](const std::optional<at::Tensor>& w, int64_t len, const char* name) {
+    if (!w) return at::Tensor();
+    at::Tensor t = w->to(in.ct).contiguous();
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == in.B && t.size(1) == len, name,
+                      " must be (B, ", len, "), got ", t.sizes());
+    return t;
+  };
+  in.a = weights_in(a, in.n, "a");
+  in.b = weights_in(b, in.m, "b");
   return in;
 }
 
 template <class T>
 Params<T> params(const Inputs& in, double eps, double rho_a, double rho_b, int64_t K,
-                 bool symmetric) {
+                 bool symmetric, int64_t ldc) {
   const double ta = rho_a <= 0 ? 1.0 : rho_a / (rho_a + eps);
   const double tb = rho_b <= 0 ? 1.0 : rho_b / (rho_b + eps);
   return Params<T>{T(eps), T(1.0 / eps), T(ta * eps), T(tb * eps), T(symmetric ? 0.5 : 1.0),
-                   rho_a, rho_b, in.n, in.m, K, symmetric};
+                   rho_a, rho_b, in.n, in.m, K, ldc, symmetric};
 }
 
 // 64-byte aligned vectors: GCC peels vectorized reductions up to an alignment boundary, so
@@ -471,62 +359,16 @@ struct Aligned {
 template <class T>
 using AVec = std::vector<T, Aligned<T>>;
 
-// Per-thread scratch: one problem's cost (points only), weights, and vectors.
+// Per-thread scratch (for_each_problem): the cost tile built from points, one problem's weights
+// and vectors; cbar, the (n, m) cost gradient, only where the point gradients need it.
 template <class T>
 struct Scratch {
-  AVec<T> c, yT, xx, yy, xs, ys, a, la, b, lb, h, buf, v1, v2, v3, cbar;
-  Scratch(const Inputs& in, bool with_cbar) {
-    const int64_t n = in.n, m = in.m, d = in.d;
-    if (!in.cost.defined()) {
-      c.resize(size_t(n * m));
-      yT.resize(size_t(d * m));
-      xx.resize(size_t(n));
-      yy.resize(size_t(m));
-      xs.resize(size_t(n * d));
-      ys.resize(size_t(m * d));
-    }
+  AVec<T> tile, a, la, b, lb, h, buf, v1, v2, v3, cbar;
+  void reserve(int64_t n, int64_t m, int64_t np, int64_t mp, bool points) {
+    if (points) tile.resize(size_t(np * mp));
     a.resize(size_t(n)), la.resize(size_t(n)), b.resize(size_t(m)), lb.resize(size_t(m));
     h.resize(size_t(std::max(n, m))), buf.resize(size_t(std::max(n, m)));
     v1.resize(size_t(std::max(n, m))), v2.resize(size_t(m)), v3.resize(size_t(m));
-    if (with_cbar) cbar.resize(size_t(n * m));
-  }
-
-  // Problem bi's cost: the dense input, or built here from the points.
-  const T* cost(const Inputs& in, int64_t bi, int64_t kind) {
-    const int64_t n = in.n, m = in.m, d = in.d;
-    if (in.cost.defined()) return in.cost.data_ptr<T>() + bi * n * m;
-    const T* x = in.x.data_ptr<T>() + bi * n * d;
-    const T* y = in.y.data_ptr<T>() + bi * m * d;
-    std::copy(x, x + n * d, xs.begin());
-    std::copy(y, y + m * d, ys.begin());
-    if (kind == COSINE) {
-      normalize(xs.data(), n, d);
-      normalize(ys.data(), m, d);
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      T s = 0;
-      for (int64_t k = 0; k < d; ++k) s += xs[i * d + k] * xs[i * d + k];
-      xx[i] = s;
-    }
-    for (int64_t j = 0; j < m; ++j) {
-      T s = 0;
-      for (int64_t k = 0; k < d; ++k) {
-        s += ys[j * d + k] * ys[j * d + k];
-        yT[k * m + j] = ys[j * d + k];
-      }
-      yy[j] = s;
-    }
-    cost_entry(xs.data(), yT.data(), xx.data(), yy.data(), n, m, d, kind, c.data());
-    return c.data();
-  }
-
-  static void normalize(T* p, int64_t rows, int64_t d) {
-    for (int64_t i = 0; i < rows; ++i) {
-      T s = 0;
-      for (int64_t k = 0; k < d; ++k) s += p[i * d + k] * p[i * d + k];
-      const T nr = std::max(std::sqrt(s), T(1e-12));
-      for (int64_t k = 0; k < d; ++k) p[i * d + k] /= nr;
-    }
   }
 
   void load_weights(const Inputs& in, int64_t bi) {
@@ -536,14 +378,6 @@ struct Scratch {
                lb.data());
   }
 };
-
-// Problems in parallel; one problem runs on the calling thread (an OpenMP region costs
-// microseconds, the whole SinKD forward is ~50).
-template <class F>
-void for_problems(int64_t B, const F& body) {
-  if (B <= 1) body(int64_t(0), B);
-  else at::parallel_for(0, B, 1, body);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 sinkhorn_unrolled_fwd_cpu(const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& y,
@@ -567,24 +401,21 @@ sinkhorn_unrolled_fwd_cpu(const std::optional<at::Tensor>& x, const std::optiona
   TORCH_CHECK_VALUE(!g0.defined() || g0.numel() == B * m, "g0 must be (B, m)");
   AT_DISPATCH_FLOATING_TYPES(in.ct, "sinkhorn_unrolled_fwd_cpu", [&] {
     using T = scalar_t;
-    const Params<T> p = params<T>(in, eps, rho_a, rho_b, K, symmetric);
     T* tape_ = tape.data_ptr<T>();
     T* out_[3] = {value.data_ptr<T>(), lin.data_ptr<T>(), err.data_ptr<T>()};
     const T* f0_ = f0.defined() ? f0.data_ptr<T>() : nullptr;
     const T* g0_ = g0.defined() ? g0.data_ptr<T>() : nullptr;
-    for_problems(B, [&](int64_t begin, int64_t end) {
-      Scratch<T> s(in, false);
-      for (int64_t bi = begin; bi < end; ++bi) {
-        const T* c = s.cost(in, bi, kind);
-        s.load_weights(in, bi);
-        Tape<T> tp(tape_ + bi * per, n, m, K);
-        for (int64_t i = 0; i < n; ++i) tp.f[i] = f0_ ? f0_[bi * n + i] : T(0);
-        for (int64_t j = 0; j < m; ++j) tp.g[j] = g0_ ? g0_[bi * m + j] : T(0);
-        T res[3];
-        forward_entry(c, s.a.data(), s.la.data(), s.b.data(), s.lb.data(), p, tp, res,
-                      s.h.data(), s.buf.data(), s.v2.data());
-        for (int r = 0; r < 3; ++r) out_[r][bi] = res[r];
-      }
+    for_each_problem<T, Scratch<T>>(in.src, B, n, m,
+                                    [&](int64_t bi, const T* c, int64_t ldc, Scratch<T>& s) {
+      const Params<T> p = params<T>(in, eps, rho_a, rho_b, K, symmetric, ldc);
+      s.load_weights(in, bi);
+      Tape<T> tp(tape_ + bi * per, n, m, K);
+      for (int64_t i = 0; i < n; ++i) tp.f[i] = f0_ ? f0_[bi * n + i] : T(0);
+      for (int64_t j = 0; j < m; ++j) tp.g[j] = g0_ ? g0_[bi * m + j] : T(0);
+      T res[3];
+      forward_entry(c, s.a.data(), s.la.data(), s.b.data(), s.lb.data(), p, tp, res, s.h.data(),
+                    s.buf.data(), s.v2.data());
+      for (int r = 0; r < 3; ++r) out_[r][bi] = res[r];
     });
   });
   // The final potentials: their own tensors (outputs of the autograd graph), copied off the tape.
@@ -605,7 +436,7 @@ sinkhorn_unrolled_bwd_cpu(const std::optional<at::Tensor>& x, const std::optiona
                           double rho_a, double rho_b, int64_t n_iter,
                           bool symmetric, std::array<bool, 5> need) {  // need: x, y, cost, a, b
   const Inputs in = prepare(x, y, cost, a_in, b_in, kind);
-  const int64_t B = in.B, n = in.n, m = in.m, d = in.d, K = n_iter;
+  const int64_t B = in.B, n = in.n, m = in.m, K = n_iter;
   const int64_t per = (2 * K + 1) * (n + m);
   const at::Tensor tape = tape_in.to(in.ct).contiguous();
   TORCH_CHECK_VALUE(tape.numel() == B * per, "tape does not match the problem sizes");
@@ -617,45 +448,53 @@ sinkhorn_unrolled_bwd_cpu(const std::optional<at::Tensor>& x, const std::optiona
     return r;
   };
   const at::Tensor gv = vec(g_value, 1), gl = vec(g_lin, 1), gf = vec(g_f, n), gg = vec(g_g, m);
-  const bool want_x = need[0] && in.x.defined(), want_y = need[1] && in.x.defined();
-  const bool want_c = need[2] && in.cost.defined();
+  const bool points = !cost.has_value();
+  const bool want_x = need[0] && points, want_y = need[1] && points;
+  const bool want_c = need[2] && !points;
   const bool want_a = need[3] && in.a.defined(), want_b = need[4] && in.b.defined();
-  const bool with_cbar = want_x || want_y || want_c;
+  // The points as given (the cost read them normalized for cosine): their gradients' inputs.
+  const at::Tensor xs = want_x || want_y ? x->to(in.ct).contiguous() : at::Tensor();
+  const at::Tensor ys = want_x || want_y ? y->to(in.ct).contiguous() : at::Tensor();
   // Unwanted gradients come back empty (a fixed number of outputs keeps the schema simple).
   auto alloc = [&](bool want, at::IntArrayRef sizes) {
     return at::empty(want ? sizes : at::IntArrayRef{0}, opt);
   };
+  const int64_t d = points ? x->size(2) : 0;
   at::Tensor gx = alloc(want_x, {B, n, d}), gy = alloc(want_y, {B, m, d});
   at::Tensor gc = alloc(want_c, {B, n, m}), ga = alloc(want_a, {B, n}), gb = alloc(want_b, {B, m});
   at::Tensor gf0 = at::empty({B, n}, opt), gg0 = at::empty({B, m}, opt);
   AT_DISPATCH_FLOATING_TYPES(in.ct, "sinkhorn_unrolled_bwd_cpu", [&] {
     using T = scalar_t;
-    const Params<T> p = params<T>(in, eps, rho_a, rho_b, K, symmetric);
     const T* tape_ = tape.data_ptr<T>();
-    for_problems(B, [&](int64_t begin, int64_t end) {
-      Scratch<T> s(in, with_cbar && !want_c);
-      for (int64_t bi = begin; bi < end; ++bi) {
-        const T* c = s.cost(in, bi, kind);
-        s.load_weights(in, bi);
-        Tape<T> tp(const_cast<T*>(tape_) + bi * per, n, m, K);
-        Adjoint<T> ad;
-        ad.gv = gv.defined() ? gv.data_ptr<T>()[bi] : T(0);
-        ad.gl = gl.defined() ? gl.data_ptr<T>()[bi] : T(0);
-        ad.gf = gf.defined() ? gf.data_ptr<T>() + bi * n : nullptr;
-        ad.gg = gg.defined() ? gg.data_ptr<T>() + bi * m : nullptr;
-        ad.cbar = want_c ? gc.data_ptr<T>() + bi * n * m : (with_cbar ? s.cbar.data() : nullptr);
-        ad.abar = want_a ? ga.data_ptr<T>() + bi * n : nullptr;
-        ad.bbar = want_b ? gb.data_ptr<T>() + bi * m : nullptr;
-        ad.fbar = gf0.data_ptr<T>() + bi * n;
-        ad.gbar = gg0.data_ptr<T>() + bi * m;
-        backward_entry(c, s.a.data(), s.b.data(), p, tp, ad, s.v1.data(), s.v2.data(),
-                       s.v3.data());
-        if (want_x || want_y)
-          points_grads<T>(in.x.data_ptr<T>() + bi * n * d, in.y.data_ptr<T>() + bi * m * d,
-                          ad.cbar, c, n, m, d, kind,
-                          want_x ? gx.data_ptr<T>() + bi * n * d : nullptr,
-                          want_y ? gy.data_ptr<T>() + bi * m * d : nullptr);
-      }
+    for_each_problem<T, Scratch<T>>(in.src, B, n, m,
+                                    [&](int64_t bi, const T* c, int64_t ldc, Scratch<T>& s) {
+      const Params<T> p = params<T>(in, eps, rho_a, rho_b, K, symmetric, ldc);
+      s.load_weights(in, bi);
+      if ((want_x || want_y) && s.cbar.empty()) s.cbar.resize(size_t(n * m));
+      Tape<T> tp(const_cast<T*>(tape_) + bi * per, n, m, K);
+      Adjoint<T> ad;
+      ad.gv = gv.defined() ? gv.data_ptr<T>()[bi] : T(0);
+      ad.gl = gl.defined() ? gl.data_ptr<T>()[bi] : T(0);
+      ad.gf = gf.defined() ? gf.data_ptr<T>() + bi * n : nullptr;
+      ad.gg = gg.defined() ? gg.data_ptr<T>() + bi * m : nullptr;
+      ad.cbar = want_c ? gc.data_ptr<T>() + bi * n * m : (s.cbar.empty() ? nullptr : s.cbar.data());
+      ad.abar = want_a ? ga.data_ptr<T>() + bi * n : nullptr;
+      ad.bbar = want_b ? gb.data_ptr<T>() + bi * m : nullptr;
+      ad.fbar = gf0.data_ptr<T>() + bi * n;
+      ad.gbar = gg0.data_ptr<T>() + bi * m;
+      backward_entry(c, s.a.data(), s.b.data(), p, tp, ad, s.v1.data(), s.v2.data(),
+                     s.v3.data());
+      if (!(want_x || want_y)) return;
+      T* q = s.cbar.data();
+      if (kind == EUCLIDEAN)  // the shared point gradients read Q / (2 c) for euclidean (0 where c = 0)
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < m; ++j) {
+            const T cij = c[i * ldc + j];
+            q[i * m + j] = cij > T(0) ? q[i * m + j] / (T(2) * cij) : T(0);
+          }
+      PointGrads<T> pg(xs[bi], ys[bi], kind);
+      pg.add_rows(q, 0, n, want_x ? gx[bi] : at::Tensor(), want_y);
+      if (want_y) pg.finish(gy[bi]);
     });
   });
   // Gradients in the dtype of their input.

@@ -195,6 +195,12 @@ def sinkhorn(
     return SinkhornResult(value, lin, f, g, n_iter, conv, err, ctx)
 
 
+def _second(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t for its second use as an input of one solve: under torch.compile a copy (dynamo does not
+    trace an autograd.Function given one tensor twice); eagerly t itself (no copy, same bits)."""
+    return t.clone() if t is not None and torch.compiler.is_compiling() else t
+
+
 def sinkhorn_divergence(
     x: Tensor,
     y: Tensor,
@@ -222,8 +228,8 @@ def sinkhorn_divergence(
     # Symmetric updates for all three terms: the same iteration on x = y gives S = 0 exactly.
     kw.setdefault("symmetric", True)
     xy = sinkhorn(x=x, y=y, a=a, b=b, **kw)
-    xx = sinkhorn(x=x, y=x, a=a, b=a, **kw)
-    yy = sinkhorn(x=y, y=y, a=b, b=b, **kw)
+    xx = sinkhorn(x=x, y=_second(x), a=a, b=_second(a), **kw)
+    yy = sinkhorn(x=y, y=_second(y), a=b, b=_second(b), **kw)
     s = xy.value - 0.5 * (xx.value + yy.value)
     if reach is not None:
         ma, mb = xy._ctx["a"].sum(-1), xy._ctx["b"].sum(-1)
