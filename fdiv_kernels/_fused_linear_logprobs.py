@@ -100,7 +100,10 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
                 del th
             if a["scale"] != 1.0:
                 gz.mul_(a["scale"])
-            _accumulate_grads(gz, h[rows], a["w_op"], grads, rows, "s")
+            # Without an entropy gradient an ignored row gets none: keep it inert (0 * a NaN
+            # hidden state would be NaN in dW).
+            keep = (labels[rows] != a["ignore_index"]) if g_ent is None else None
+            _accumulate_grads(gz, h[rows], a["w_op"], grads, rows, "s", keep)
             del gz
         out = [grads["sh"], grads["sw"], grads["sb"]]
         out = [g.to(t.dtype) if g is not None else None for g, t in zip(out, (h, w, b))]

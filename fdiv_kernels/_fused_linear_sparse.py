@@ -69,7 +69,7 @@ def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tenso
                 if ce_w:
                     g.add_(gce.mul_(w_rows * ce_w))
                     del gce
-                _accumulate_grads(g, hs[rows], ws_op, grads, rows, "s")
+                _accumulate_grads(g, hs[rows], ws_op, grads, rows, "s", a["valid"][rows])
                 del g, gz
     return loss, grads, gt_all
 

@@ -15,7 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-TAIL_NONE, TAIL_BUCKET, TAIL_RENORMALIZE = 0, 1, 2
+from fdiv_kernels._ids import TAIL_BUCKET, TAIL_NONE, TAIL_RENORMALIZE
+
 TAILS = {"none": TAIL_NONE, "bucket": TAIL_BUCKET, "renormalize": TAIL_RENORMALIZE}
 
 _LN_HALF = -math.log(2.0)

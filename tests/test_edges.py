@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import GRAD_TOL, LOSS_TOL, STATS_BACKENDS, assert_close, available_backends
+from conftest import GRAD_TOL, LOSS_TOL, STATS_BACKENDS
+from helpers import assert_close, available_backends
 from reference import divergence_with_grads, logits
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -25,12 +25,14 @@ def test_cpp_enums_match_python():
     assert _enum("Cost") == _ids.COSTS
     assert _const("kNumKinds") == _ids.NUM_BASES == len(_ids.BASES)
     assert _const("kNumCosts") == _ids.NUM_COSTS == len(_ids.COSTS)
+    assert _enum("Tail") == _ids.TAIL_IDS
+    assert _const("kNumTails") == _ids.NUM_TAILS == len(_ids.TAIL_IDS)
 
 
 def test_triton_constexprs_match_python():
     from fdiv_kernels.triton_kernels import ids as tids
 
-    for name, value in {**_ids.BASES, **_ids.COSTS}.items():
+    for name, value in {**_ids.BASES, **_ids.COSTS, **_ids.TAIL_IDS}.items():
         assert getattr(tids, name).value == value, name
 
 

@@ -195,6 +195,33 @@ def _sinkhorn_unrolled_bwd(dev, backend):
              [True, True, False, True, False])]
 
 
+def _sparse_fwd_args(dev, tail):
+    # 3 rows of V = 40, K = 4 duplicate-free ids per row, one ignored row; kind js (base 1).
+    s = logits((3, 40), seed=23).to(dev)
+    g = torch.Generator().manual_seed(24)
+    ids = torch.stack([torch.randperm(40, generator=g)[:4] for _ in range(3)]).to(dev)
+    lp = torch.log_softmax(logits((3, 4), seed=25), -1).sub(0.2).to(dev)  # mass 0.82 on S
+    tail_lp = torch.full((3,), -1.7, device=dev)
+    support = torch.ones(3, 4, dtype=torch.bool, device=dev)
+    support[1, 3] = False  # a padding entry
+    valid = torch.tensor([True, False, True], device=dev)
+    return (s, ids, lp, tail_lp, support, valid, 1, False, 0.3, 0.7, tail, True, True)
+
+
+def _sparse_divergence_fwd(dev, backend):
+    return [_sparse_fwd_args(dev, tail) for tail in (0, 1, 2)]  # none, bucket, renormalize
+
+
+def _sparse_divergence_bwd(dev, backend):
+    out = []
+    for tail in (0, 1, 2):
+        args = _sparse_fwd_args(dev, tail)
+        stats = getattr(torch.ops.fdiv, f"sparse_divergence_fwd_{backend}")(*args)[3]
+        g = torch.tensor([0.5, 1.0, -2.0], device=dev)
+        out.append(args[:6] + (stats, g) + args[6:11])
+    return out
+
+
 SAMPLES = {
     "divergence_fwd": _divergence_fwd,
     "divergence_partials": _divergence_partials,
@@ -210,6 +237,15 @@ SAMPLES = {
     "sinkhorn_plan_apply": _sinkhorn_plan_apply,
     "sinkhorn_unrolled_fwd": _sinkhorn_unrolled_fwd,
     "sinkhorn_unrolled_bwd": _sinkhorn_unrolled_bwd,
+    "sparse_divergence_fwd": _sparse_divergence_fwd,
+    "sparse_divergence_bwd": _sparse_divergence_bwd,
+}
+
+# Ops that fail a check today, with the reason; strict, so a fix shows up as an XPASS failure.
+KNOWN_FAILURES = {
+    "sinkhorn_grads_torch": "its torch.func.vjp cannot run on the storage-less tensors of "
+                            "opcheck's schema/fake checks (the fake itself works under "
+                            "torch.compile, tested in test_sinkhorn_edges)",
 }
 
 OPS = registered_ops()
@@ -244,6 +280,8 @@ def test_opcheck(name, request):
         pytest.skip(f"fdiv::{name} runs on CUDA tensors; no GPU here")
     if name == "sinkhorn_fwd_triton":
         request.getfixturevalue("whole_solve_forced")
+    if name in KNOWN_FAILURES:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=True))
     op = getattr(torch.ops.fdiv, name)
     for args in SAMPLES[fam](dev, backend):
         torch.library.opcheck(op, args)

@@ -21,3 +21,7 @@ EUCLIDEAN = tl.constexpr(_ids.EUCLIDEAN)
 L1 = tl.constexpr(_ids.L1)
 DOT = tl.constexpr(_ids.DOT)
 COSINE = tl.constexpr(_ids.COSINE)
+
+TAIL_NONE = tl.constexpr(_ids.TAIL_NONE)
+TAIL_BUCKET = tl.constexpr(_ids.TAIL_BUCKET)
+TAIL_RENORMALIZE = tl.constexpr(_ids.TAIL_RENORMALIZE)

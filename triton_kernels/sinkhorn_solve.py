@@ -265,7 +265,8 @@ def launch_variants(sizes=((10, 12), (20, 30), (50, 40), (300, 256), (10, 200)),
                                 x = torch.randn(2, n, D, dtype=dt)
                                 y = torch.randn(2, m, D, dtype=dt)
                                 cost = None
-                            sinkhorn_solve(x, y, cost, la, lb, None, None, None, 0.1, kind, 0.0,
-                                           0.0, 10, 1e-3, 1, 0.5, symmetric)
+                            levels = torch.full((2, 2), 0.2)  # a 2-level eps schedule
+                            sinkhorn_solve(x, y, cost, la, lb, None, None, levels, 0.1, kind,
+                                           0.0, 0.0, 10, 1e-3, 1, symmetric)
                         yield {"cost": kind, "dtype": str(dt).removeprefix("torch."), "D": D,
                                "n": n, "m": m, "symmetric": symmetric}, call

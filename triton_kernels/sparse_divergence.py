@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fdiv_kernels._sparse_tails import TAIL_BUCKET, TAIL_RENORMALIZE
 from fdiv_kernels.triton_kernels.divergence import _mix_logs
 from fdiv_kernels.triton_kernels.divergence_terms import element_terms
+from fdiv_kernels.triton_kernels.ids import TAIL_BUCKET, TAIL_RENORMALIZE
 from fdiv_kernels.triton_kernels.online_softmax import logsumexp_of_row
 
 MAX_BLOCK = 8192  # 16-bit elements per loop iteration (half for fp32); tests lower it
@@ -51,7 +51,7 @@ def _sparse_divergence_fwd_kernel(
         a_s = tl.load(x_row + ids, mask=sup, other=float("-inf")).to(tl.float32) * inv_t
         if BWD:
             lse = tl.load(stats_ptr + row * 2)
-        elif TAIL == 2:  # renormalized: the normalizer is over S only
+        elif TAIL == TAIL_RENORMALIZE:  # renormalized: the normalizer is over S only
             m_s = tl.max(a_s, 0)
             sh = tl.where(m_s == float("-inf"), 0.0, m_s)
             lse = sh + tl.log(tl.sum(tl.where(sup, tl.exp(a_s - sh), 0.0), 0))
@@ -68,7 +68,7 @@ def _sparse_divergence_fwd_kernel(
         c_sup = H
         c_tail = 0.0
         inv_qt = 0.0
-        if TAIL == 1:
+        if TAIL == TAIL_BUCKET:
             m_q = tl.max(lq, 0)
             shq = tl.where(m_q == float("-inf"), 0.0, m_q)
             mass = tl.minimum(shq + tl.log(tl.sum(tl.exp(lq - shq), 0)), 0.0)  # log sum_S q
@@ -104,7 +104,7 @@ def _sparse_divergence_fwd_kernel(
                 tl.store(gt_ptr + row * (K + 1) + K, 0.0)
             if not BWD:
                 tl.store(stats_ptr + row * 2 + 1, 0.0)
-        if TAIL != 2:
+        if TAIL != TAIL_RENORMALIZE:
             loss += lse - lse  # NaN logits: NaN loss
         if not BWD:
             tl.store(loss_ptr + row, loss)
@@ -117,13 +117,13 @@ def _sparse_divergence_fwd_kernel(
         if GRAD_S:
             for off0 in range(0, V, BLOCK):
                 cols = off0 + tl.arange(0, BLOCK)
-                if TAIL == 2:
+                if TAIL == TAIL_RENORMALIZE:
                     g = tl.zeros([BLOCK], tl.float32)
                 else:
                     a = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
                     q = tl.exp(a * inv_t - lse)
                     g = -H * q
-                    if TAIL == 1:
+                    if TAIL == TAIL_BUCKET:
                         g += c_tail * tl.minimum(q * inv_qt, 1.0)
                     g = g * (rs * inv_t)
                 tl.store(gs_row + cols, g.to(gs_ptr.dtype.element_ty), mask=cols < V)
@@ -193,4 +193,41 @@ def _launch(student, ids, teacher, teacher_tail, support, valid, loss, gs, gt, s
     )
 
 
-assert (TAIL_BUCKET, TAIL_RENORMALIZE) == (1, 2)  # the constexpr branches above
+def launch_variants(widths=(1000, 128256, 262144),
+                    dtypes=(torch.bfloat16, torch.float16, torch.float32), ks=(8, 64)):
+    """Every launch of the sparse launchers per registry kind (base, swap) x tail x gradient
+    flags (forward) or backward x dtype x row width x support width K, as (labels, call) on
+    one-row CPU inputs: see ``divergence.launch_variants``."""
+    from fdiv_kernels import _ids
+    from fdiv_kernels._kinds import DIVERGENCES
+
+    kinds = {}
+    for name, d in DIVERGENCES.items():  # one per (base, swap): the compiled code is the same
+        kinds.setdefault((d.base, d.swap), (name, d.default))
+    tails = {"none": _ids.TAIL_NONE, "bucket": _ids.TAIL_BUCKET,
+             "renormalize": _ids.TAIL_RENORMALIZE}
+    modes = [("s+t", True, True), ("s", True, False), ("t", False, True), ("none", False, False),
+             ("bwd", True, False)]
+    for V in widths:
+        for K in ks:
+            for (base, swap), (name, param) in kinds.items():
+                for tail_name, tail in tails.items():
+                    for mode, gs, gt in modes:
+                        for dt in dtypes:
+                            def call(V=V, K=K, base=base, swap=swap, param=param, tail=tail,
+                                     mode=mode, gs=gs, gt=gt, dt=dt):
+                                s = torch.randn(1, V, dtype=dt)
+                                ids = torch.arange(K, dtype=torch.int64)[None]
+                                lp = torch.full((1, K), -float(K), dtype=torch.float32)
+                                tail_lp = torch.zeros(1)
+                                support = torch.ones(1, K, dtype=torch.bool)
+                                valid = torch.ones(1, dtype=torch.bool)
+                                if mode == "bwd":
+                                    sparse_divergence_bwd(s, ids, lp, tail_lp, support, valid,
+                                                          torch.zeros(1, 2), torch.ones(1), base,
+                                                          swap, param, 1.0, tail)
+                                else:
+                                    sparse_divergence_fwd(s, ids, lp, tail_lp, support, valid,
+                                                          base, swap, param, 1.0, tail, gs, gt)
+                            yield {"kind": name, "tail": tail_name, "grads": mode, "K": K,
+                                   "dtype": str(dt).removeprefix("torch."), "V": V}, call

@@ -21,4 +21,8 @@ constexpr int kNumKinds = 8;
 enum Cost : int { SQEUCLIDEAN = 0, EUCLIDEAN = 1, L1 = 2, DOT = 3, COSINE = 4 };
 constexpr int kNumCosts = 5;
 
+// Tails of a top-k (sparse) teacher.
+enum Tail : int { TAIL_NONE = 0, TAIL_BUCKET = 1, TAIL_RENORMALIZE = 2 };
+constexpr int kNumTails = 3;
+
 }  // namespace fdiv_kernels

@@ -32,7 +32,6 @@ namespace fdiv_kernels {
 namespace {
 
 // Tail ids: fdiv_kernels/_sparse_tails.py.
-constexpr int kTailBucket = 1, kTailRenormalize = 2;  // (and 0: "none")
 
 template <class T>
 struct Terms3 {
@@ -167,7 +166,7 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const
   T* gtp = A.grad_t ? gt.mutable_data_ptr<T>() : nullptr;
   const KindConsts<T> consts(A.param);
   const T inv_t = T(A.inv_t);
-  const bool bucket = A.tail == kTailBucket, renorm = A.tail == kTailRenormalize;
+  const bool bucket = A.tail == TAIL_BUCKET, renorm = A.tail == TAIL_RENORMALIZE;
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(kWide ? 0 : size_t(2 * kBlock));
@@ -330,7 +329,7 @@ void check_inputs(const at::Tensor& student, const at::Tensor& ids, const at::Te
                     "valid must be a bool tensor of shape (", N, ",)");
   TORCH_CHECK_VALUE(kind >= 0 && kind < kNumKinds, "kind must be in [0, ", kNumKinds, "), got ",
                     kind);
-  TORCH_CHECK_VALUE(tail >= 0 && tail <= 2, "tail must be 0, 1 or 2, got ", tail);
+  TORCH_CHECK_VALUE(tail >= 0 && tail < kNumTails, "tail must be a tail id in [0, ", kNumTails, "), got ", tail);
   for (const at::Tensor* t : {&student, &ids, &teacher, &teacher_tail, &support, &valid})
     TORCH_CHECK_VALUE(t->device().is_cpu(), "sparse_divergence ops need CPU tensors");
   // Ids on the support are checked by the Python API; never read outside the row regardless.
