@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 
@@ -158,3 +160,19 @@ def reduce_rows(
         return total / num_items_in_batch
     count = loss.new_tensor(loss.numel()) if valid is None else valid.sum().to(loss.dtype)
     return total / count.clamp(min=1)  # all rows ignored: 0 / 1 = 0, not NaN
+
+
+def full_precision(fn):
+    """Run ``fn`` with autocast off on every device where it is on: an op that states its own
+    precision (fp32 logits, fp32 Sinkhorn potentials) must not have autocast round its matmuls
+    to 16 bits (the bf16 GEMM rounding of the logits is exactly what it promises to avoid)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for dev in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(dev):
+                    stack.enter_context(torch.autocast(dev, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -124,6 +124,7 @@ class SinkhornDistillationLoss(nn.Module):
         self.n_iter = _problem.integer("n_iter", n_iter, 1)
         self.backend = backend
 
+    @V.full_precision
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         V.check_logits("student_logits", student_logits)
         V.check_logits("teacher_logits", teacher_logits)

@@ -47,7 +47,9 @@ def _t(tol, factor):
 @pytest.mark.parametrize("cost_fn", list(COST_KINDS))
 def test_balanced_points_match_pot(sinkhorn_backend, cost_fn):
     dt, solve_kw, k_tol = sinkhorn_precision(sinkhorn_backend)
-    B, n, m, d, eps = 3, 9, 7, 3, 0.1
+    # One problem under the Triton interpreter (it runs the programs one after another, ~17 s
+    # each); the batch's independence is tested in test_sinkhorn_triton_solve.
+    B, n, m, d, eps = (1 if sinkhorn_backend == "triton" else 3), 9, 7, 3, 0.1
     x, y = points(B, n, d, seed=1), points(B, m, d, seed=2)
     a, b = weights(B, n, seed=3), weights(B, m, seed=4)
     r = fk.sinkhorn(x=x.to(dt), y=y.to(dt), a=a.to(dt), b=b.to(dt), epsilon=eps, cost_fn=cost_fn,

@@ -223,3 +223,18 @@ def test_compile_fullgraph_divergence():
     compiled(x1, y).backward()
     fn(x2, y).backward()
     assert_close(x1.grad, x2.grad, (1e-12, 1e-12), "dx")
+
+
+@pytest.mark.parametrize("backend", SINKHORN_BACKENDS)
+def test_autocast_keeps_full_precision(backend):
+    # Under cpu bf16 autocast the cost matmuls must stay fp32 (before: 4.5e-3 relative error).
+    x, y = points(2, 12, 4, seed=71, dtype=F32), points(2, 9, 4, seed=72, dtype=F32)
+    ref = fk.sinkhorn(x=x.double(), y=y.double(), epsilon=0.2, tol=1e-10, max_iter=5000,
+                      backend="torch")
+    with torch.autocast("cpu", torch.bfloat16):
+        r = fk.sinkhorn(x=x, y=y, epsilon=0.2, tol=1e-6, max_iter=2000, backend=backend)
+        d = fk.sinkhorn_divergence(x, y, epsilon=0.2, backend=backend)
+    assert r.value.dtype == torch.float32
+    assert_close(r.value, ref.value, (2e-5, 1e-6), "value under autocast")
+    assert_close(d, fk.sinkhorn_divergence(x, y, epsilon=0.2, backend=backend), (1e-6, 1e-7),
+                 "divergence under autocast")

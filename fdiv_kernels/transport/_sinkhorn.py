@@ -70,6 +70,7 @@ class SinkhornResult:
 # Public API
 
 
+@V.full_precision
 def sinkhorn(
     cost: Optional[Tensor] = None,
     x: Optional[Tensor] = None,
@@ -201,6 +202,7 @@ def _second(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.clone() if t is not None and torch.compiler.is_compiling() else t
 
 
+@V.full_precision
 def sinkhorn_divergence(
     x: Tensor,
     y: Tensor,
