@@ -18,13 +18,19 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def check_logits(name: str, x: object) -> Tensor:
+def check_float_rows(name: str, x: object) -> Tensor:
+    """A floating point tensor of shape (..., V) (any V, any number of rows)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point logits, got dtype {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have shape (..., V) with at least one dim, got a scalar")
+    return x
+
+
+def check_logits(name: str, x: object) -> Tensor:
+    check_float_rows(name, x)
     if x.shape[-1] == 0:
         # Zero rows are a valid (empty) batch; a zero-width row has no softmax.
         raise ValueError(f"{name} must have a non-empty last dim (V >= 1), got shape "

@@ -9,17 +9,13 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor
 
+from fdiv_kernels import _validation as V
 from fdiv_kernels.dispatch import select
 
 
 def check_shard(name: str, x: object) -> Tensor:
     """Logits of one vocabulary shard, (..., V_local); V_local may be 0 (an empty shard)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point logits, got dtype {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{name} must have shape (..., V) with at least one dim, got a scalar")
+    V.check_float_rows(name, x)
     if math.prod(x.shape[:-1]) == 0:
         raise ValueError(f"{name} must have at least one row, got shape {tuple(x.shape)}")
     return x
