@@ -138,3 +138,31 @@ def test_sinkhorn_on_gpu_matches_torch_backend(shape, symmetric, tol):
         assert_close(r.value, ref.value, (2e-5, 2e-5), f"{b} value")
         assert_close(r.f - r.f.mean(-1, keepdim=True), ref.f - ref.f.mean(-1, keepdim=True),
                      (1e-4, 1e-4), f"{b} f")
+
+
+def _autocast_case(dev: str, amp_dtype: torch.dtype) -> None:
+    """Each op that states its precision gives, under autocast, the result it gives without."""
+    g = torch.Generator().manual_seed(5)
+    hs, ws = torch.randn(6, 16, generator=g), torch.randn(300, 16, generator=g) / 4
+    ht, wt = torch.randn(6, 20, generator=g), torch.randn(300, 20, generator=g) / 4
+    s, t = torch.randn(5, 301, generator=g) * 3, torch.randn(5, 301, generator=g) * 3
+    x, y = torch.randn(3, 12, 4, generator=g), torch.randn(3, 9, 4, generator=g)
+    hs, ws, ht, wt, s, t, x, y = (v.to(dev) for v in (hs, ws, ht, wt, s, t, x, y))
+
+    def run():
+        return (fk.fused_linear_divergence(hs, ws, ht, wt, "js"),
+                fk.divergence(s, t, "kl"),
+                fk.token_logprobs(s, torch.arange(5, device=dev)),
+                fk.sinkhorn(x=x, y=y, epsilon=0.2, tol=1e-6, max_iter=2000).value)
+
+    plain = run()
+    with torch.autocast(dev, amp_dtype):
+        amp = run()
+    for name, a, p in zip(("fused_linear", "divergence", "token_logprobs", "sinkhorn"), amp, plain):
+        assert a.dtype == p.dtype == torch.float32, name
+        assert_close(a, p, (1e-5, 1e-6), f"{name} under {amp_dtype} autocast")
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_on_gpu_keeps_precision(amp_dtype):
+    _autocast_case(DEV, amp_dtype)
