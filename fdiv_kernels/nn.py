@@ -15,11 +15,22 @@ from fdiv_kernels.transport import _costs, _problem, _registry, _unrolled
 from fdiv_kernels.transport._sinkhorn import sinkhorn
 
 
-class FDivergenceLoss(nn.Module):
-    """``fk.divergence`` as a module: ``FDivergenceLoss(kind="js", beta=0.5)(student, teacher)``.
+class _KindLoss(nn.Module):
+    """A loss module over one divergence kind: its options are checked at construction (so a bad
+    ``kind`` fails where it is written), kept in ``self.kwargs`` and passed to the functional op."""
 
-    Parameters are checked at construction, so a bad ``kind`` fails where it is written.
-    """
+    def __init__(self, kind: str, beta: float | None, alpha: float | None, lam: float | None,
+                 **options) -> None:
+        super().__init__()
+        resolve(kind, beta, alpha, lam)
+        self.kwargs = dict(kind=kind, beta=beta, alpha=alpha, lam=lam, **options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if v is not None)
+
+
+class FDivergenceLoss(_KindLoss):
+    """``fk.divergence`` as a module: ``FDivergenceLoss(kind="js", beta=0.5)(student, teacher)``."""
 
     def __init__(
         self,
@@ -33,11 +44,8 @@ class FDivergenceLoss(nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        resolve(kind, beta, alpha, lam)
-        self.kind, self.beta, self.alpha, self.lam = kind, beta, alpha, lam
-        self.temperature, self.ignore_index = temperature, ignore_index
-        self.reduction, self.backend = reduction, backend
+        super().__init__(kind, beta, alpha, lam, temperature=temperature,
+                         ignore_index=ignore_index, reduction=reduction, backend=backend)
 
     def forward(
         self,
@@ -46,18 +54,11 @@ class FDivergenceLoss(nn.Module):
         labels: Tensor | None = None,
         num_items_in_batch: int | Tensor | None = None,
     ) -> Tensor:
-        return divergence(
-            student_logits, teacher_logits, self.kind, beta=self.beta, alpha=self.alpha,
-            lam=self.lam, temperature=self.temperature, labels=labels,
-            ignore_index=self.ignore_index, reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch, backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, temperature={self.temperature}, reduction={self.reduction!r}"
+        return divergence(student_logits, teacher_logits, labels=labels,
+                          num_items_in_batch=num_items_in_batch, **self.kwargs)
 
 
-class FusedLinearDivergenceLoss(nn.Module):
+class FusedLinearDivergenceLoss(_KindLoss):
     """``fk.fused_linear_divergence`` as a module, called with hidden states and lm-head weights:
 
     ``crit(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
@@ -78,11 +79,9 @@ class FusedLinearDivergenceLoss(nn.Module):
         chunk_size: int | None = None,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        resolve(kind, beta, alpha, lam)
-        self.kwargs = dict(kind=kind, beta=beta, alpha=alpha, lam=lam, temperature=temperature,
-                           ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight,
-                           chunk_size=chunk_size, backend=backend)
+        super().__init__(kind, beta, alpha, lam, temperature=temperature,
+                         ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight,
+                         chunk_size=chunk_size, backend=backend)
 
     def forward(
         self,
@@ -100,9 +99,6 @@ class FusedLinearDivergenceLoss(nn.Module):
             student_bias=student_bias, teacher_bias=teacher_bias,
             num_items_in_batch=num_items_in_batch, **self.kwargs,
         )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if v is not None)
 
 
 class SinkhornDistillationLoss(nn.Module):
@@ -150,7 +146,7 @@ class SinkhornDistillationLoss(nn.Module):
         return f"temperature={self.temperature}, epsilon={self.epsilon}, n_iter={self.n_iter}"
 
 
-class SparseDivergenceLoss(nn.Module):
+class SparseDivergenceLoss(_KindLoss):
     """``fk.sparse_divergence`` as a module (a top-k teacher):
     ``SparseDivergenceLoss("kl", tail="bucket")(student_logits, teacher_ids, teacher_logprobs,
     support_mask=None, labels=None, num_items_in_batch=None)``."""
@@ -159,28 +155,19 @@ class SparseDivergenceLoss(nn.Module):
                  alpha: float | None = None, lam: float | None = None, temperature: float = 1.0,
                  teacher_temperature: float | None = None, ignore_index: int = -100,
                  reduction: str = "mean", backend: str = "auto") -> None:
-        super().__init__()
         from fdiv_kernels._sparse_tails import TAILS
 
-        resolve(kind, beta, alpha, lam)
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
-        self.kind, self.tail, self.beta, self.alpha, self.lam = kind, tail, beta, alpha, lam
-        self.temperature, self.teacher_temperature = temperature, teacher_temperature
-        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        super().__init__(kind, beta, alpha, lam, tail=tail, temperature=temperature,
+                         teacher_temperature=teacher_temperature, ignore_index=ignore_index,
+                         reduction=reduction, backend=backend)
 
     def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                 support_mask: Tensor | None = None, labels: Tensor | None = None,
                 num_items_in_batch: int | Tensor | None = None) -> Tensor:
         from fdiv_kernels._sparse_divergence import sparse_divergence
 
-        return sparse_divergence(
-            student_logits, teacher_ids, teacher_logprobs, self.kind, tail=self.tail,
-            beta=self.beta, alpha=self.alpha, lam=self.lam, temperature=self.temperature,
-            teacher_temperature=self.teacher_temperature, support_mask=support_mask,
-            labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch, backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, tail={self.tail!r}, temperature={self.temperature}"
+        return sparse_divergence(student_logits, teacher_ids, teacher_logprobs,
+                                 support_mask=support_mask, labels=labels,
+                                 num_items_in_batch=num_items_in_batch, **self.kwargs)
