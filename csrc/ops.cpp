@@ -82,6 +82,16 @@ TORCH_LIBRARY_FRAGMENT(fdiv, m) {
       "float param, float inv_temperature, int tail) -> Tensor");
 }
 
+// fk.divergence(kind="cauchy_schwarz") (csrc/cpu/cauchy_schwarz.cpp): the three per-row
+// log-sum-exps and their gradients, with the logit transforms (scale, softcap 0 = none) fused.
+TORCH_LIBRARY_FRAGMENT(fdiv, m) {
+  m.def(
+      "cauchy_schwarz_fwd_cpu(Tensor student, Tensor teacher, Tensor valid, "
+      "float inv_temperature, float student_scale, float student_softcap, float teacher_scale, "
+      "float teacher_softcap, bool grad_student, bool grad_teacher) "
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+}
+
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {

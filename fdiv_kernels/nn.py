@@ -34,7 +34,7 @@ class FDivergenceLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        resolve(kind, beta, alpha, lam)
+        resolve(kind, beta, alpha, lam, row_kinds=True)  # fk.divergence takes every kind
         self.kind, self.beta, self.alpha, self.lam = kind, beta, alpha, lam
         self.temperature, self.ignore_index = temperature, ignore_index
         self.reduction, self.backend = reduction, backend

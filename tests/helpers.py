@@ -21,8 +21,20 @@ KIND_PARAMS = [
     ("kl", None), ("reverse_kl", None), ("js", 0.5), ("js", 0.1), ("tv", None),
     ("hellinger", None), ("chi2", None), ("alpha", 0.5), ("alpha", -0.5), ("alpha", 1.5),
     ("skew_kl", 0.1), ("skew_reverse_kl", 0.3), ("jeffreys", None),
+    # soft_ce is H(p), not 0, at p = q (``zero_at_equal``); renyi runs as alpha rows everywhere.
+    # cauchy_schwarz is left out: it runs its own row op, which the cuda C++ backend lacks
+    # (test_gpu takes these kinds on every GPU backend); test_row_kinds.py covers it everywhere.
+    ("soft_ce", None), ("renyi", 0.5), ("renyi", 1.5),
 ]
-PARAM_NAME = {"js": "beta", "alpha": "alpha", "skew_kl": "lam", "skew_reverse_kl": "lam"}
+PARAM_NAME = {"js": "beta", "alpha": "alpha", "skew_kl": "lam", "skew_reverse_kl": "lam",
+              "renyi": "alpha"}
+
+
+def zero_at_equal(kind: str) -> bool:
+    """Whether ``kind`` is 0 at p = q (every divergence; not soft_ce, a cross-entropy)."""
+    from fdiv_kernels._kinds import lookup
+
+    return lookup(kind).zero_at_equal
 
 
 def kind_kwargs(kind: str, param: float | None) -> dict:
