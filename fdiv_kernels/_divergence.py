@@ -141,8 +141,10 @@ def divergence(
     vocab = student_logits.shape[-1]
     s = student_logits.to(dtype).reshape(-1, vocab).contiguous()
     t = teacher_logits.to(dtype).reshape(-1, vocab).contiguous()
-    cs = spec.kind == _row_kinds.CAUCHY_SCHWARZ  # its own row op (fdiv_kernels._row_kinds)
-    name = select(backend, s, "cauchy_schwarz_fwd" if cs else "divergence_fwd", spec.base)
+    row_kind = spec.kind in (_row_kinds.RENYI, _row_kinds.CAUCHY_SCHWARZ)
+    # The row kinds run their row op (every backend with it also has divergence_fwd, which
+    # renyi uses too): fdiv_kernels._row_kinds.
+    name = select(backend, s, "lse_combination_fwd" if row_kind else "divergence_fwd", spec.base)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if s.shape[0] == 0:
@@ -152,15 +154,15 @@ def divergence(
     keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     # Inside forward() grad mode is always off: ask here whether any gradient can be wanted, so
     # that no_grad / inference_mode calls never compute or allocate the (N, V) gradients.
-    if cs:
-        loss = _row_kinds.cauchy_schwarz_rows(s, t, keep, inv_t, name, inplace_backward)
-    else:
+    loss = None
+    if spec.kind != _row_kinds.CAUCHY_SCHWARZ:  # renyi: from the alpha rows (base ALPHA), too
         loss = DivergenceFunction.apply(
             s, t, keep, spec.base, spec.swap, spec.param, inv_t, name, inplace_backward,
             torch.is_grad_enabled(),
         )
-    if spec.kind == _row_kinds.RENYI:  # computed from the alpha kind's rows (base ALPHA)
-        loss = _row_kinds.renyi_from_alpha_rows(loss, spec.param)
+    if row_kind:
+        loss = _row_kinds.row_kind_rows(spec.kind, spec.param, s, t, keep, inv_t, name,
+                                        inplace_backward, loss)
     return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
 
 

@@ -1,37 +1,40 @@
 """The kinds that are functions of a few per-row sums, not sums of element terms: Renyi and
 Cauchy-Schwarz (``ROW_DIVERGENCES`` in ``fdiv_kernels._kinds``), as ``fk.divergence`` runs them.
 
-Renyi of order alpha > 0, from the Amari alpha kind's row loss A = (1 - S) / (alpha (1 - alpha)),
-S = sum p^alpha q^(1-alpha)::
+Both are written with one row op, ``fdiv::lse_combination_fwd_<backend>`` (csrc/cpu/
+lse_combination.cpp, triton_kernels/lse_combination.py, ``lse_combination_rows_torch`` below):
+with a = student / T, b = teacher / T and three terms (ca_k, cb_k, w_k)::
 
-    D_alpha = log S / (alpha - 1) = log1p(-alpha (1 - alpha) A) / (alpha - 1).
+    D = sum_k w_k lse(ca_k a + cb_k b),   dD/da = sum_k w_k ca_k softmax(ca_k a + cb_k b)
 
-Design: an exact per-row function of the existing ``alpha`` rows, so every backend (and every
-kernel already tested for alpha near 0 and 1) runs it with no kernel of its own, and autograd
-gives the per-row gradient scale dD/dA = alpha / S, which the alpha op's in-place row scale
-applies. Accuracy: A carries the alpha kernels' relative accuracy (expm1 form, no cancellation
-near alpha = 1), x = alpha (1 - alpha) A is then as accurate, and log1p(-x) / (alpha - 1) adds only
-rounding -- near alpha = 1 +- 1e-4 the result is as accurate as A, and alpha = 1 folds into KL
-exactly. For alpha > 1, S >= 1 (x <= 0): no cancellation. For alpha < 1 the one weak spot is a
-nearly disjoint pair (S << 1, D large): S = 1 - x inherits A's absolute error, so D's error grows
-like eps / S (1e-7 / S in fp32; D is then ~ -log S / (1 - alpha), large). Disjoint supports give
-S = 0 and D = +inf (x is clamped at 1 so rounding never gives log1p(< -1) = NaN). alpha <= 0 is
-rejected (``_kinds``): alpha's alpha = 0 folds into reverse KL, which is not Renyi's alpha -> 0.
+(and cb for b): one pass for the three online log-sum-exps, one for the gradients, computed in
+the forward and scaled per row in the backward like ``DivergenceFunction``'s. The sums are
+accumulated in float64 (per element the exps are in the compute type); the logit transforms
+(scale, softcap) are fused in.
 
-Cauchy-Schwarz: D_CS = -log sum p q + 1/2 log sum p^2 + 1/2 log sum q^2. With a = student / T,
-b = teacher / T, the log-partition functions cancel and only three log-sum-exps remain::
+Cauchy-Schwarz, D_CS = -log sum p q + 1/2 log sum p^2 + 1/2 log sum q^2: the log-partition
+functions cancel, leaving 1/2 lse(2a) + 1/2 lse(2b) - lse(a + b), gradient softmax(2a) -
+softmax(a + b). The maxima are combined before the log-sums, so identical rows give exactly 0 and
+D_CS -> 0 keeps its float64-sum accuracy; disjoint supports give lse(a + b) = -inf, D = +inf, and
+that term is left out of the gradient (finite, never NaN).
 
-    D_CS = 1/2 lse(2a) + 1/2 lse(2b) - lse(a + b),
-    dD/da = softmax(2a) - softmax(a + b),   dD/db = softmax(2b) - softmax(a + b),
+Renyi of order alpha > 0, D = log S / (alpha - 1), S = sum p^alpha q^(1-alpha), two routes:
 
-one pass for the three sums and one for the gradients: a row kernel per backend
-(``fdiv::cauchy_schwarz_fwd_<backend>``: csrc/cpu/cauchy_schwarz.cpp,
-triton_kernels/cauchy_schwarz.py, and ``cauchy_schwarz_fwd_torch`` below), whose gradient is
-computed in the forward and scaled per row in the backward like ``DivergenceFunction``'s. The
-sums are accumulated in float64 where the backend allows (the CPU, the torch backend): D_CS -> 0
-as p -> q, where the three terms cancel; identical inputs give exactly 0. Disjoint supports:
-lse(a + b) = -inf, D = +inf, and the softmax(a + b) part of the gradient is left out (never NaN).
-The logit transforms (scale, softcap, as ``fk.divergence`` applies them) are fused in the kernels.
+* From the Amari alpha kind's rows A = (1 - S) / (alpha (1 - alpha)) (the existing divergence op,
+  every backend): D = log1p(-alpha (1 - alpha) A) / (alpha - 1), autograd giving the per-row scale
+  dD/dA = alpha / S. Exact near alpha = 1 (A has the alpha kernels' relative accuracy, expm1 form;
+  alpha = 1 folds into KL) and for alpha > 1 (S >= 1, no cancellation). Its weak spot: alpha < 1
+  with S << 1 (large D), where S = 1 - x inherits A's absolute error (error ~ eps / S; disjoint
+  supports would give a large finite number instead of +inf).
+* From log-sum-exps: log S = lse((1-alpha) a + alpha b) - (1-alpha) lse(a) - alpha lse(b), i.e.
+  terms (1-alpha, alpha, 1/(alpha-1)), (1, 0, 1), (0, 1, alpha/(1-alpha)): log S to a few eps
+  absolute whatever S (disjoint: -inf, D = +inf), but the cancellation makes it useless near
+  alpha = 1, where log S ~ (alpha - 1) KL.
+
+Each row takes the alpha route where S >= 1/2 (every alpha > 1) and the log-sum-exp route where
+S < 1/2 (alpha < 1 only), where it is accurate to ~1e-6 relative (D >= log 2 / (1 - alpha)).
+alpha <= 0 is rejected (``_kinds``): alpha's alpha = 0 folds into reverse KL, which is not Renyi's
+alpha -> 0 limit (-log q(supp p)).
 """
 
 from __future__ import annotations
@@ -45,22 +48,41 @@ from fdiv_kernels.backends.common import loss_dtype
 
 RENYI = "renyi"
 CAUCHY_SCHWARZ = "cauchy_schwarz"
+ROW_KIND_NAMES = f"{RENYI!r} / {CAUCHY_SCHWARZ!r}"
 
 
-def renyi_from_alpha_rows(alpha_rows: Tensor, alpha: float) -> Tensor:
-    """Renyi rows log S / (alpha - 1) from the alpha kind's rows A = (1 - S) / (alpha (1-alpha)).
+# Terms (ca, cb, w) of the row op.
+CAUCHY_SCHWARZ_COEFFS = (2.0, 0.0, 0.5, 0.0, 2.0, 0.5, 1.0, 1.0, -1.0)
 
-    Differentiable (autograd scales A's gradient by alpha / S). Rows with A = 0 (ignored rows,
+
+def renyi_coeffs(alpha: float) -> tuple[float, ...]:
+    """The log-sum-exp route of Renyi (alpha < 1): log S / (alpha - 1) as three terms."""
+    return (1.0 - alpha, alpha, 1.0 / (alpha - 1.0), 1.0, 0.0, 1.0, 0.0, 1.0, alpha / (1.0 - alpha))
+
+
+# S below which a row takes the log-sum-exp route.
+RENYI_SWITCH = 0.5
+
+
+def renyi_rows(alpha_rows: Tensor, alpha: float, lse_rows: Tensor | None) -> Tensor:
+    """Renyi rows from the alpha kind's rows A and, for alpha < 1, the log-sum-exp route's rows.
+
+    Differentiable: autograd scales A's gradient by alpha / S where the alpha route is taken,
+    and passes the log-sum-exp route's own gradient elsewhere. Rows with A = 0 (ignored rows,
     identical inputs) give 0.
     """
     wide = torch.promote_types(alpha_rows.dtype, torch.float64)
     x = alpha_rows.to(wide) * (alpha * (1.0 - alpha))  # 1 - S
-    if alpha < 1.0:
-        x = x.clamp(max=1.0)  # S >= 0: A's rounding must not push S below 0 (log1p(< -1) = NaN)
-    return (torch.log1p(-x) / (alpha - 1.0)).to(alpha_rows.dtype)
+    if lse_rows is None:
+        return (torch.log1p(-x) / (alpha - 1.0)).to(alpha_rows.dtype)
+    use_lse = x > 1.0 - RENYI_SWITCH
+    # The unused branch is fed a harmless value: its gradient (0 from where) must not meet
+    # log1p's infinite slope at S = 0 (0 * inf = NaN).
+    from_alpha = torch.log1p(-torch.where(use_lse, torch.zeros_like(x), x)) / (alpha - 1.0)
+    return torch.where(use_lse, lse_rows.to(wide), from_alpha).to(alpha_rows.dtype)
 
 
-# ---- Cauchy-Schwarz -----------------------------------------------------------------------------
+
 
 
 def transform_logits(z: Tensor, scale: float, softcap: float, inv_t: float) -> tuple[Tensor, Tensor]:
@@ -78,14 +100,20 @@ def _softmax_or_zero(x: Tensor, lse: Tensor) -> Tensor:
     return torch.where((lse == -math.inf)[:, None], torch.zeros_like(x), torch.exp(x - safe[:, None]))
 
 
-def cauchy_schwarz_rows_torch(
-    student: Tensor, teacher: Tensor, valid: Tensor, inv_temperature: float,
+def lse_combination_rows_torch(
+    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
     student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
     grad_student: bool, grad_teacher: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The torch statement of ``fdiv::cauchy_schwarz_fwd_<backend>`` (float64 sums)."""
+    """The torch statement of ``fdiv::lse_combination_fwd_<backend>`` (float64 sums)."""
     from fdiv_kernels.backends.torch_ref import _chunks, _zero_where
 
+    if len(coeffs) != 9:
+        raise ValueError(f"coeffs must hold 9 numbers (ca, cb, w per term), got {len(coeffs)}")
+    terms = [tuple(float(c) for c in coeffs[i:i + 3]) for i in (0, 3, 6)]
+    if any(not (ca >= 0 and cb >= 0 and math.isfinite(ca + cb + w)) for ca, cb, w in terms):
+        raise ValueError(f"coeffs: the input coefficients must be finite and >= 0 and the "
+                         f"weights finite, got {terms}")
     ctype = loss_dtype(student.dtype)
     wide = torch.promote_types(ctype, torch.float64)
     N, V = student.shape
@@ -97,29 +125,45 @@ def cauchy_schwarz_rows_torch(
                                  inv_temperature)
         b, db = transform_logits(teacher[rows].to(wide), teacher_scale, teacher_softcap,
                                  inv_temperature)
-        l2a, l2b = torch.logsumexp(2 * a, -1), torch.logsumexp(2 * b, -1)
-        ab = a + b
-        lab = torch.logsumexp(ab, -1)
+        xs = [_mix(a, b, ca, cb) for ca, cb, _ in terms]
+        lses = [torch.logsumexp(x, -1) for x in xs]
+        # The maxima first, then the log-sums (as the kernels: exact 0 on identical CS rows).
+        shifts = [torch.where(x.amax(-1) == -math.inf, 0.0, x.amax(-1)) for x in xs]
+        logs = [torch.log(torch.exp(x - m[:, None]).sum(-1)) for x, m in zip(xs, shifts)]
+        row = sum(w * m for (_, _, w), m in zip(terms, shifts))
+        row = row + sum(w * ls for (_, _, w), ls in zip(terms, logs))
         keep = valid[rows]
-        loss[rows] = _zero_where(keep, (0.5 * l2a + 0.5 * l2b - lab).to(ctype))
-        mix = _softmax_or_zero(ab, lab) if grad_student or grad_teacher else None
-        if grad_student:
-            gs[rows] = _zero_where(keep, (_softmax_or_zero(2 * a, l2a) - mix) * da)
-        if grad_teacher:
-            gt[rows] = _zero_where(keep, (_softmax_or_zero(2 * b, l2b) - mix) * db)
+        loss[rows] = _zero_where(keep, row.to(ctype))
+        for want, out, slope, idx in ((grad_student, gs, da, 0), (grad_teacher, gt, db, 1)):
+            if not want:
+                continue
+            g = torch.zeros_like(a)
+            for term, x, lse in zip(terms, xs, lses):
+                wc = term[2] * term[idx]
+                if wc != 0:
+                    g = g + wc * _softmax_or_zero(x, lse)
+            out[rows] = _zero_where(keep, g * slope)
     return loss, gs, gt
 
 
-class CauchySchwarzFunction(torch.autograd.Function):
-    """Per-row D_CS of (N, V) logits; the gradient is computed in the forward and scaled per row
-    in the backward (in place when ``inplace``: the graph can then be backpropagated once)."""
+def _mix(a: Tensor, b: Tensor, ca: float, cb: float) -> Tensor:
+    """ca a + cb b, a zero coefficient dropping its input (0 * -inf would be NaN)."""
+    return (ca * a if ca else torch.zeros_like(a)) + (cb * b if cb else torch.zeros_like(b))
+
+
+class LseCombinationFunction(torch.autograd.Function):
+    """Per-row sum_k w_k lse(ca_k a + cb_k b) of (N, V) logits; the gradient is computed in the
+    forward and scaled per row in the backward (in place when ``inplace``: the graph can then be
+    backpropagated once)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, valid, inv_t, transforms, backend, inplace, grad_enabled):
+    def forward(ctx, student, teacher, valid, coeffs, inv_t, transforms, backend, inplace,
+                grad_enabled):
         grad_s = grad_enabled and ctx.needs_input_grad[0]
         grad_t = grad_enabled and ctx.needs_input_grad[1]
-        op = getattr(torch.ops.fdiv, f"cauchy_schwarz_fwd_{backend}")
-        loss, gs, gt = op(student, teacher, valid, inv_t, *transforms, grad_s, grad_t)
+        op = getattr(torch.ops.fdiv, f"lse_combination_fwd_{backend}")
+        loss, gs, gt = op(student, teacher, valid, list(coeffs), inv_t, *transforms, grad_s,
+                          grad_t)
         ctx.save_for_backward(gs, gt)
         ctx.grad_s, ctx.grad_t = grad_s, grad_t
         ctx.inplace, ctx.used = inplace, False
@@ -129,8 +173,8 @@ class CauchySchwarzFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "fdiv_kernels.divergence(kind='cauchy_schwarz') does not support higher-order "
-                "gradients (backward with create_graph=True)"
+                f"fdiv_kernels.divergence(kind={ROW_KIND_NAMES}) does not support "
+                "higher-order gradients (backward with create_graph=True)"
             )
         if ctx.used:
             raise RuntimeError(
@@ -145,22 +189,31 @@ class CauchySchwarzFunction(torch.autograd.Function):
             torch.ops.fdiv.scale_rows_(gs, grad_loss)
         if ctx.grad_t:
             torch.ops.fdiv.scale_rows_(gt, grad_loss)
-        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 6)
+        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 7)
 
 
-def cauchy_schwarz_rows(
-    s: Tensor, t: Tensor, keep: Tensor, inv_t: float, backend: str, inplace: bool,
-    *, student_scale: float = 1.0, student_softcap: float | None = None,
-    teacher_scale: float = 1.0, teacher_softcap: float | None = None,
+def row_kind_rows(
+    kind: str, param: float, s: Tensor, t: Tensor, keep: Tensor, inv_t: float, backend: str,
+    inplace: bool, alpha_rows: Tensor | None = None, *, student_scale: float = 1.0,
+    student_softcap: float | None = None, teacher_scale: float = 1.0,
+    teacher_softcap: float | None = None,
 ) -> Tensor:
-    """Per-row D_CS of 2-D logits (``fk.divergence`` has validated them), with autograd.
-
-    ``backend`` names the resolved backend of ``fdiv::cauchy_schwarz_fwd``.
+    """Per-row loss of a row kind on 2-D logits (``fk.divergence`` has validated them), with
+    autograd. ``backend`` names the resolved backend of ``fdiv::lse_combination_fwd``;
+    ``alpha_rows``: for renyi, the alpha kind's rows (the divergence op's output) at ``param``.
     """
     transforms = (float(student_scale), float(student_softcap or 0.0),
                   float(teacher_scale), float(teacher_softcap or 0.0))
-    return CauchySchwarzFunction.apply(s, t, keep, inv_t, transforms, backend, inplace,
-                                       torch.is_grad_enabled())
+
+    def lse_rows(coeffs):
+        return LseCombinationFunction.apply(s, t, keep, coeffs, inv_t, transforms, backend,
+                                            inplace, torch.is_grad_enabled())
+
+    if kind == CAUCHY_SCHWARZ:
+        return lse_rows(CAUCHY_SCHWARZ_COEFFS)
+    if kind == RENYI:
+        return renyi_rows(alpha_rows, param, lse_rows(renyi_coeffs(param)) if param < 1 else None)
+    raise ValueError(f"not a row kind: {kind!r}")
 
 
-__all__ = ["CauchySchwarzFunction", "cauchy_schwarz_rows", "renyi_from_alpha_rows"]
+__all__ = ["LseCombinationFunction", "renyi_rows", "row_kind_rows"]

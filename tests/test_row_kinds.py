@@ -13,8 +13,9 @@ from reference import divergence_rows, divergence_with_grads, logits
 
 import fdiv_kernels as fk
 from fdiv_kernels import phases
+from fdiv_kernels._row_kinds import CAUCHY_SCHWARZ_COEFFS
 
-CS_BACKENDS = available_backends("cauchy_schwarz_fwd")
+ROW_BACKENDS = available_backends("lse_combination_fwd")
 F64_BACKENDS = [b for b in BACKENDS if b in available_backends("divergence_fwd", torch.float64)]
 
 # (kind, alpha): renyi near 1 from both sides, above 1, and a small order.
@@ -23,7 +24,7 @@ CASES = [("soft_ce", None), ("renyi", 0.5), ("renyi", 1 - 1e-4), ("renyi", 1 + 1
 
 
 def _backends_for(kind):
-    return CS_BACKENDS if kind == "cauchy_schwarz" else BACKENDS
+    return BACKENDS if kind == "soft_ce" else ROW_BACKENDS
 
 
 def _params():
@@ -68,7 +69,7 @@ def test_multi_block_rows(kind, backend, monkeypatch):
     """Rows longer than the Triton block: the online sums over several blocks."""
     import importlib
 
-    for mod in ("cauchy_schwarz", "divergence"):
+    for mod in ("lse_combination", "divergence"):
         monkeypatch.setattr(importlib.import_module(f"fdiv_kernels.triton_kernels.{mod}"),
                             "MAX_BLOCK", 64)
     s, t = logits((2, 300), seed=1), logits((2, 300), seed=2)
@@ -117,7 +118,7 @@ def test_disjoint_supports_are_inf(kind, a, backend):
         assert_close(loss[1], ref[1], (1e-4, 1e-6), "partial overlap")
 
 
-@pytest.mark.parametrize("backend", CS_BACKENDS)
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
 def test_cauchy_schwarz_disjoint_gradient_is_finite(backend):
     s, t = logits((1, 30), seed=13), logits((1, 30), seed=14)
     s[0, :15] = -math.inf
@@ -145,7 +146,7 @@ def test_soft_ce_is_kl_plus_entropy(backend):
     assert torch.all(fk.divergence(s, t, "soft_ce", **kw) == math.inf)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
 def test_renyi_limits_and_domain(backend):
     s, t = logits((3, 60), seed=17), logits((3, 60), seed=18)
     kw = dict(reduction="none", backend=backend)
@@ -161,7 +162,7 @@ def test_renyi_limits_and_domain(backend):
             fk.divergence(s, t, "renyi", alpha=bad, **kw)
 
 
-@pytest.mark.parametrize("backend", CS_BACKENDS)
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
 def test_cauchy_schwarz_identical_and_near(backend):
     """D_CS(p, p) = 0 exactly; near p = q (D ~ 1e-6) the float64 sums keep it accurate."""
     s = logits((3, 500), seed=19)
@@ -173,16 +174,17 @@ def test_cauchy_schwarz_identical_and_near(backend):
     assert_close(loss, ref, (0.05, 1e-8), "near p = q")
 
 
-@pytest.mark.parametrize("backend", CS_BACKENDS)
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cauchy_schwarz_op_transforms(backend, dtype):
     """The op's logit scale and softcap equal applying them in torch first, gradients included
     (z <- z * scale, z <- cap tanh(z / cap), z / T)."""
     s, t = logits((3, 41), dtype, seed=21) * 4, logits((3, 41), dtype, seed=22) * 4
     valid = torch.tensor([True, False, True])
-    op = getattr(torch.ops.fdiv, f"cauchy_schwarz_fwd_{backend}")
+    op = getattr(torch.ops.fdiv, f"lse_combination_fwd_{backend}")
+    coeffs = list(CAUCHY_SCHWARZ_COEFFS)
     for ss, sc, ts, tc in [(1.3, 0.0, 0.7, 5.0), (1.0, 3.0, 1.0, 0.0), (0.5, 2.0, 2.0, 7.0)]:
-        loss, gs, gt = op(s, t, valid, 1 / 1.3, ss, sc, ts, tc, True, True)
+        loss, gs, gt = op(s, t, valid, coeffs, 1 / 1.3, ss, sc, ts, tc, True, True)
         s64 = s.double().requires_grad_(True)
         t64 = t.double().requires_grad_(True)
         zs, zt = s64 * ss, t64 * ts
@@ -199,8 +201,8 @@ def test_cauchy_schwarz_op_transforms(backend, dtype):
                                     ("cauchy_schwarz", None)])
 @pytest.mark.parametrize("backend", F64_BACKENDS)
 def test_gradcheck_float64(kind, a, backend):
-    if kind == "cauchy_schwarz" and backend not in CS_BACKENDS:
-        pytest.skip("no cauchy_schwarz op on this backend")
+    if kind != "soft_ce" and backend not in ROW_BACKENDS:
+        pytest.skip("no lse_combination op on this backend")
     s = logits((2, 7), torch.float64, seed=23).requires_grad_(True)
     t = logits((2, 7), torch.float64, seed=24).requires_grad_(True)
 
@@ -227,12 +229,12 @@ def test_other_ops_refuse_row_kinds():
     assert fk.nn.FDivergenceLoss("cauchy_schwarz")(s, t).isfinite()
 
 
-def test_dispatch_reports_missing_cauchy_schwarz_op():
+def test_dispatch_reports_missing_row_op():
     """A backend without the row op says so (the cuda C++ backend has none)."""
-    reasons = []
+    s = logits((1, 3), seed=1)
     for name in fk.dispatch.BACKENDS:
-        try:
-            fk.dispatch.select(name, logits((1, 3), seed=1), "cauchy_schwarz_fwd")
-        except fk.BackendUnavailableError as e:
-            reasons.append(str(e))
-    assert all("cauchy_schwarz_fwd" in r for r in reasons)
+        if name in ROW_BACKENDS:
+            continue
+        for kind in ("renyi", "cauchy_schwarz"):
+            with pytest.raises(fk.BackendUnavailableError, match=name):
+                fk.divergence(s, s, kind, backend=name)

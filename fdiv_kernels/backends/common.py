@@ -101,8 +101,8 @@ def fake_sparse_divergence_bwd(
     return torch.empty_like(student)
 
 
-def fake_cauchy_schwarz_fwd(
-    student: Tensor, teacher: Tensor, valid: Tensor, inv_temperature: float,
+def fake_lse_combination_fwd(
+    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
     student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
     grad_student: bool, grad_teacher: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,7 +122,7 @@ def register_fakes(backend: str) -> None:
         "divergence_grads": fake_divergence_grads,
         "sparse_divergence_fwd": fake_sparse_divergence_fwd,
         "sparse_divergence_bwd": fake_sparse_divergence_bwd,
-        "cauchy_schwarz_fwd": fake_cauchy_schwarz_fwd,
+        "lse_combination_fwd": fake_lse_combination_fwd,
     }
     for op, fake in fakes.items():
         if hasattr(torch.ops.fdiv, f"{op}_{backend}"):

@@ -268,20 +268,21 @@ torch.library.register_fake("fdiv::sparse_divergence_fwd_torch")(fake_sparse_div
 torch.library.register_fake("fdiv::sparse_divergence_bwd_torch")(fake_sparse_divergence_bwd)
 
 
-# ---- fk.divergence(kind="cauchy_schwarz"): three per-row log-sum-exps (fdiv_kernels._row_kinds) ---
-from fdiv_kernels._row_kinds import cauchy_schwarz_rows_torch  # noqa: E402
-from fdiv_kernels.backends.common import fake_cauchy_schwarz_fwd  # noqa: E402
+# ---- fk.divergence(kind="cauchy_schwarz" / "renyi"): weighted per-row log-sum-exps (_row_kinds) ---
+from fdiv_kernels._row_kinds import lse_combination_rows_torch  # noqa: E402
+from fdiv_kernels.backends.common import fake_lse_combination_fwd  # noqa: E402
 
 
-@torch.library.custom_op("fdiv::cauchy_schwarz_fwd_torch", mutates_args=())
-def cauchy_schwarz_fwd_torch(
-    student: Tensor, teacher: Tensor, valid: Tensor, inv_temperature: float,
+@torch.library.custom_op("fdiv::lse_combination_fwd_torch", mutates_args=())
+def lse_combination_fwd_torch(
+    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
     student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
     grad_student: bool, grad_teacher: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return cauchy_schwarz_rows_torch(student, teacher, valid, inv_temperature, student_scale,
+    return lse_combination_rows_torch(student, teacher, valid, coeffs, inv_temperature,
+                                      student_scale,
                                      student_softcap, teacher_scale, teacher_softcap,
                                      grad_student, grad_teacher)
 
 
-torch.library.register_fake("fdiv::cauchy_schwarz_fwd_torch")(fake_cauchy_schwarz_fwd)
+torch.library.register_fake("fdiv::lse_combination_fwd_torch")(fake_lse_combination_fwd)

@@ -132,23 +132,24 @@ torch.library.register_fake("fdiv::sparse_divergence_fwd_triton")(fake_sparse_di
 torch.library.register_fake("fdiv::sparse_divergence_bwd_triton")(fake_sparse_divergence_bwd)
 
 
-# ---- fk.divergence(kind="cauchy_schwarz") ----------------------------------------------------
-from fdiv_kernels.backends.common import fake_cauchy_schwarz_fwd  # noqa: E402
-from fdiv_kernels.triton_kernels.cauchy_schwarz import cauchy_schwarz_fwd  # noqa: E402
+# ---- fk.divergence(kind="cauchy_schwarz" / "renyi"): weighted per-row log-sum-exps ----------
+from fdiv_kernels.backends.common import fake_lse_combination_fwd  # noqa: E402
+from fdiv_kernels.triton_kernels.lse_combination import lse_combination_fwd  # noqa: E402
 
 
-@torch.library.custom_op("fdiv::cauchy_schwarz_fwd_triton", mutates_args=())
-def cauchy_schwarz_fwd_triton(
-    student: Tensor, teacher: Tensor, valid: Tensor, inv_temperature: float,
+@torch.library.custom_op("fdiv::lse_combination_fwd_triton", mutates_args=())
+def lse_combination_fwd_triton(
+    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
     student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
     grad_student: bool, grad_teacher: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     with _on(student):
-        return cauchy_schwarz_fwd(
-            student.contiguous(), teacher.contiguous(), valid.contiguous(), inv_temperature,
+        return lse_combination_fwd(
+            student.contiguous(), teacher.contiguous(), valid.contiguous(), coeffs,
+            inv_temperature,
             student_scale, student_softcap, teacher_scale, teacher_softcap, grad_student,
             grad_teacher,
         )
 
 
-torch.library.register_fake("fdiv::cauchy_schwarz_fwd_triton")(fake_cauchy_schwarz_fwd)
+torch.library.register_fake("fdiv::lse_combination_fwd_triton")(fake_lse_combination_fwd)
