@@ -6,7 +6,8 @@ f and f' alone::
 
     term = q f(r),   h = d term / d lq = q (f(r) - r f'(r)),   k = d term / d lp = p f'(r).
 
-Zero probabilities take their limits: p = 0 < q gives term = q f(0) (so f must be defined at 0,
+The torch backend evaluates them in float64 (the ratio p / q overflows float32 long before
+q f(p / q) does). Zero probabilities take their limits: p = 0 < q gives term = q f(0) (so f must be defined at 0,
 +inf allowed: write ``torch.xlogy(t, t)``, not ``t * log(t)``), h = q f(0), k = 0; q = 0 < p gives
 term = k = p f'(inf) (= p lim f(t)/t; +inf for unbounded f') and h = 0; p = q = 0 adds nothing.
 
@@ -143,6 +144,12 @@ def custom_terms(base: int, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Ten
     d = _BY_BASE.get(base)
     if d is None:
         raise ValueError(f"unknown base divergence id {base} (no custom kind registered under it)")
+    # In float64 (at least): r = p / q overflows float32 once lp - lq > 88, where q f(r) is still
+    # finite (chi^2: p^2 / q); float32 log-probs never differ by more than ~104, far below
+    # float64's 709.
+    dtype = lp.dtype
+    wide = torch.promote_types(dtype, torch.float64)
+    lp, lq = lp.to(wide), lq.to(wide)
     p, q = lp.exp(), lq.exp()
     zero = torch.zeros_like(p)
     p0, q0 = p == 0, q == 0
@@ -155,7 +162,7 @@ def custom_terms(base: int, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Ten
     term = torch.where(q0, torch.where(p0, zero, p * fp_inf), q * fr)
     h = torch.where(q0, zero, q * (fr - r_fpr))
     k = torch.where(p0, zero, torch.where(q0, p * fp_inf, p * fpr))
-    return term, h, k
+    return term.to(dtype), h.to(dtype), k.to(dtype)
 
 
 def custom_kind_reasons(backend: str, base: int) -> list[str]:

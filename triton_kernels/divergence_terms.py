@@ -8,7 +8,8 @@ constexpr names of ``ids.py``.
 import triton
 import triton.language as tl
 
-from fdiv_kernels.triton_kernels.ids import ALPHA, CHI2, HELLINGER, JS, KL, SKEW_KL, SOFT_CE, TV
+from fdiv_kernels.triton_kernels.ids import (ALPHA, CHI2, HELLINGER, JEFFREYS, JS, KL, SKEW_KL,
+                                             SOFT_CE, TV)
 
 # A constexpr: Triton's compiler rejects any other global inside @triton.jit code.
 NEG_INF = tl.constexpr(float("-inf"))
@@ -95,6 +96,10 @@ def _base_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr):
         h = -p
         k = t
     else:  # Jeffreys: KL(p||q) + KL(q||p)
+        # Any other id (a custom kind of fk.register_divergence, ids from 1024) fails to compile
+        # here rather than computing Jeffreys; the dispatch already refuses it with a reason.
+        tl.static_assert(BASE == JEFFREYS, "unknown divergence base id: custom kinds "
+                                           "(fk.register_divergence) do not run in Triton")
         d = lq - lp
         t = _xlogy_ratio(p, lp, lq) + _xlogy_ratio(q, lq, lp)
         h = _nz(q, q * d) + q - p
