@@ -238,3 +238,39 @@ def test_dispatch_reports_missing_row_op():
         for kind in ("renyi", "cauchy_schwarz"):
             with pytest.raises(fk.BackendUnavailableError, match=name):
                 fk.divergence(s, s, kind, backend=name)
+
+
+@pytest.mark.parametrize("kind", ["renyi", "cauchy_schwarz"])
+@pytest.mark.parametrize("backend", [b for b in ROW_BACKENDS if b != "triton"])
+def test_compile_fullgraph(kind, backend):
+    """The row kinds, forward and backward, trace into one graph (the row op has its fake)."""
+    torch._dynamo.reset()
+
+    def loss_fn(s, t, labels):
+        return fk.divergence(s, t, kind, temperature=2.0, labels=labels, backend=backend)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    s, t = logits((4, 64), seed=31), logits((4, 64), seed=32)
+    labels = torch.tensor([1, -100, 3, 4])
+    out = []
+    for f in (compiled, loss_fn):
+        s_ = s.clone().requires_grad_(True)
+        loss = f(s_, t, labels)
+        loss.backward()
+        out.append((loss, s_.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["renyi", "cauchy_schwarz"])
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+def test_zero_rows_and_forward_only(kind, backend):
+    s = logits((0, 50), seed=33).requires_grad_(True)
+    loss = fk.divergence(s, s.detach(), kind, backend=backend)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert s.grad.shape == (0, 50)
+    s, t = logits((3, 40), seed=34).requires_grad_(True), logits((3, 40), seed=35)
+    expected = fk.divergence(s, t, kind, backend=backend).detach()
+    with torch.no_grad():
+        assert torch.equal(fk.divergence(s, t, kind, backend=backend), expected)
