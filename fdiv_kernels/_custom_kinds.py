@@ -7,9 +7,10 @@ f and f' alone::
     term = q f(r),   h = d term / d lq = q (f(r) - r f'(r)),   k = d term / d lp = p f'(r).
 
 The torch backend evaluates them in float64 (the ratio p / q overflows float32 long before
-q f(p / q) does). Zero probabilities take their limits: p = 0 < q gives term = q f(0) (so f must be defined at 0,
-+inf allowed: write ``torch.xlogy(t, t)``, not ``t * log(t)``), h = q f(0), k = 0; q = 0 < p gives
-term = k = p f'(inf) (= p lim f(t)/t; +inf for unbounded f') and h = 0; p = q = 0 adds nothing.
+q f(p / q) does). Zero probabilities take their limits: p = 0 < q gives term = q f(0) (so f must
+be defined at 0, +inf allowed: write ``torch.xlogy(t, t)``, not ``t * log(t)``), h = q f(0),
+k = 0; q = 0 < p gives term = k = p f'(inf) (= p lim f(t)/t; +inf for unbounded f') and h = 0;
+p = q = 0 adds nothing.
 
 Each custom kind gets a base id from ``CUSTOM_BASE`` up: the torch backend evaluates it with the
 user's torch functions; the C++ kernels cannot (they compile their kinds in), which the dispatch

@@ -82,10 +82,8 @@ def renyi_rows(alpha_rows: Tensor, alpha: float, lse_rows: Tensor | None) -> Ten
     return torch.where(use_lse, lse_rows.to(wide), from_alpha).to(alpha_rows.dtype)
 
 
-
-
-
-def transform_logits(z: Tensor, scale: float, softcap: float, inv_t: float) -> tuple[Tensor, Tensor]:
+def transform_logits(z: Tensor, scale: float, softcap: float,
+                     inv_t: float) -> tuple[Tensor, Tensor]:
     """(a, da/dz): z * scale, then softcap * tanh(. / softcap) when softcap > 0, then / T."""
     z = z * scale
     if softcap > 0:
@@ -97,7 +95,8 @@ def transform_logits(z: Tensor, scale: float, softcap: float, inv_t: float) -> t
 def _softmax_or_zero(x: Tensor, lse: Tensor) -> Tensor:
     """exp(x - lse) row-wise; 0 on rows whose lse is -inf (no mass: nothing to differentiate)."""
     safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
-    return torch.where((lse == -math.inf)[:, None], torch.zeros_like(x), torch.exp(x - safe[:, None]))
+    dead = (lse == -math.inf)[:, None]
+    return torch.where(dead, torch.zeros_like(x), torch.exp(x - safe[:, None]))
 
 
 def lse_combination_rows_torch(
