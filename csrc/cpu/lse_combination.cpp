@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -85,6 +87,53 @@ void chain_rule(T* g, const T* a, int64_t n, const Transform& tr) {
   }
 }
 
+FDIV_INLINE double bits_double(uint64_t u) {
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+}
+
+FDIV_INLINE uint64_t double_bits(double d) {
+  uint64_t u;
+  std::memcpy(&u, &d, sizeof u);
+  return u;
+}
+
+// exp(x) in double for x <= 0 (NaN passes), branch-free so `omp simd` vectorizes it (libm's exp
+// is an opaque call: the sums pass ran 3x slower than the divergence kernels with it). n =
+// round(x / ln 2) by the 1.5 * 2^52 trick (n also read from the bits: no double -> int64
+// conversion, which AVX2 lacks), r = x - n ln 2 with ln 2 split (fdlibm's hi/lo), exp(r) by its
+// degree-13 Taylor polynomial (|r| <= ln 2 / 2: truncation < 4e-18 relative), times 2^n built in
+// the exponent field. Below -708 the result would leave the normal range: 0 there, which a sum
+// that holds exp(0) = 1 (its max term) cannot notice.
+FDIV_INLINE double exp_nonpositive(double x) {
+  constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52
+  constexpr uint64_t kShiftBits = 0x4338000000000000ull;
+  const double xc = x < -708.0 ? -708.0 : x;
+  const double t = xc * 1.4426950408889634 + kShift;
+  const double n = t - kShift;
+  double r = xc - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  double y = 1.0 / 6227020800.0;  // 1/13!
+  y = y * r + 1.0 / 479001600.0;
+  y = y * r + 1.0 / 39916800.0;
+  y = y * r + 1.0 / 3628800.0;
+  y = y * r + 1.0 / 362880.0;
+  y = y * r + 1.0 / 40320.0;
+  y = y * r + 1.0 / 5040.0;
+  y = y * r + 1.0 / 720.0;
+  y = y * r + 1.0 / 120.0;
+  y = y * r + 1.0 / 24.0;
+  y = y * r + 1.0 / 6.0;
+  y = y * r + 0.5;
+  y = y * r + 1.0;
+  y = y * r + 1.0;
+  const uint64_t ni = double_bits(t) - kShiftBits;  // n as a two's-complement integer
+  const double scale = bits_double((ni + 1023ull) << 52);
+  const double res = x < -708.0 ? 0.0 : y * scale;
+  return x != x ? x : res;
+}
+
 // Per term: log softmax_k(j) = (x_kj - shift_k) - log_sum_k, the shift first (x - (m + log s)
 // would lose eps |x| to rounding).
 struct RowStats {
@@ -96,21 +145,23 @@ struct RowStats {
 // D ~ 1e-6 while each lse ~ 10), where float exps alone would leave ~3e-7 of rounding. The mixes
 // are formed in double too (a + b rounded to float is off by eps |a + b|).
 template <class T>
-RowStats row_stats(const T* a, const T* b, int64_t n, const Coeffs& c) {
+FDIV_INLINE RowStats row_stats(const T* a, const T* b, int64_t n, const Coeffs& c) {
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   RowStats r{};
-  bool nan = false;
-  for (int64_t j = 0; j < n; ++j) nan |= (a[j] != a[j]) || (b[j] != b[j]);
+  int nan = 0;
+#pragma omp simd reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) nan |= int(a[j] != a[j]) | int(b[j] != b[j]);
   for (int k = 0; k < kTerms; ++k) {
     const double ca = c.ca[k], cb = c.cb[k];
     double m = kNegInf;
+#pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < n; ++j)
       m = std::max(m, times(ca, double(a[j])) + times(cb, double(b[j])));
     const double sh = shift_of(m);
     double sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j)
-      sum += vexp((times(ca, double(a[j])) + times(cb, double(b[j]))) - sh);
+      sum += exp_nonpositive((times(ca, double(a[j])) + times(cb, double(b[j]))) - sh);
     r.shift[k] = sh;
     r.log_sum[k] = std::log(sum);
   }
@@ -124,6 +175,20 @@ RowStats row_stats(const T* a, const T* b, int64_t n, const Coeffs& c) {
   }
   r.loss = nan ? std::numeric_limits<double>::quiet_NaN() : shifts + logs;
   return r;
+}
+
+// Per-ISA clones of the sums pass (AVX-512 / AVX2 / baseline), as the divergence kernels do.
+FDIV_CLONES RowStats stats_float(const float* a, const float* b, int64_t n, const Coeffs& c) {
+  return row_stats(a, b, n, c);
+}
+RowStats stats_double(const double* a, const double* b, int64_t n, const Coeffs& c) {
+  return row_stats(a, b, n, c);
+}
+FDIV_INLINE RowStats stats(const float* a, const float* b, int64_t n, const Coeffs& c) {
+  return stats_float(a, b, n, c);
+}
+FDIV_INLINE RowStats stats(const double* a, const double* b, int64_t n, const Coeffs& c) {
+  return stats_double(a, b, n, c);
 }
 
 // g = sum_k w_k c_k softmax_k (c = ca for the student, cb for the teacher), then the chain rule
@@ -181,7 +246,7 @@ void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, cons
         transform_row(a, a, n, ts);
         transform_row(b, b, n, tt);
       }
-      const RowStats r = row_stats(a, b, n, c);
+      const RowStats r = stats(a, b, n, c);
       lp[i] = T(r.loss);
       if constexpr (kWide) {
         if (gsr) row_grad(gsr, a, a, b, n, r, c, c.ca, ts);
