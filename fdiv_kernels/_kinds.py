@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 # Base kernel ids, stated once in _ids (shared with the Triton kernels and csrc/common/ids.h).
+from fdiv_kernels._custom_kinds import CUSTOM, CUSTOM_BASE, custom_terms
 from fdiv_kernels._ids import ALPHA, CHI2, HELLINGER, JEFFREYS, JS, KL, SKEW_KL, SOFT_CE, TV
 
 
@@ -98,7 +99,7 @@ DIVERGENCES: dict[str, Divergence] = {
             math="KL(q || lam q + (1-lam) p)",
         ),
         Divergence("jeffreys", JEFFREYS, math="KL(p||q) + KL(q||p)"),
-        # Not a divergence: its value at p = q is H(p), not 0 (see NOT_ZERO_AT_EQUAL).
+        # Not a divergence: its value at p = q is H(p), not 0 (zero_at_equal=False).
         Divergence("soft_ce", SOFT_CE, math="-sum p log q = KL(p||q) + H(p)",
                    zero_at_equal=False),
     ]
@@ -137,8 +138,6 @@ ROW_DIVERGENCES: dict[str, Divergence] = {
 
 def lookup(kind: str) -> Divergence | None:
     """The registry entry of ``kind`` (built-in, row kind or registered custom kind), or None."""
-    from fdiv_kernels._custom_kinds import CUSTOM  # imported late: it imports this module
-
     d = DIVERGENCES.get(kind) or ROW_DIVERGENCES.get(kind)
     if d is None and kind in CUSTOM:
         d = Divergence(kind, CUSTOM[kind].base, math=CUSTOM[kind].math)
@@ -147,8 +146,6 @@ def lookup(kind: str) -> Divergence | None:
 
 def all_kinds() -> list[str]:
     """Every kind name ``fk.divergence`` takes now (custom kinds included)."""
-    from fdiv_kernels._custom_kinds import CUSTOM
-
     return [*DIVERGENCES, *ROW_DIVERGENCES, *CUSTOM]
 
 
@@ -219,8 +216,6 @@ def _mix_log(w: float, la: Tensor, lb: Tensor) -> Tensor:
 
 
 def _terms(base: int, param: float, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    from fdiv_kernels._custom_kinds import CUSTOM_BASE, custom_terms
-
     if base >= CUSTOM_BASE:
         return custom_terms(base, lp, lq)
     p, q = lp.exp(), lq.exp()

@@ -32,7 +32,11 @@ Renyi of order alpha > 0, D = log S / (alpha - 1), S = sum p^alpha q^(1-alpha), 
   alpha = 1, where log S ~ (alpha - 1) KL.
 
 Each row takes the alpha route where S >= 1/2 (every alpha > 1) and the log-sum-exp route where
-S < 1/2 (alpha < 1 only), where it is accurate to ~1e-6 relative (D >= log 2 / (1 - alpha)).
+S < 1/2 (alpha < 1 only), where it is accurate to ~1e-6 relative (D >= log 2 / (1 - alpha));
+measured against float64, both routes stay within ~2e-7 relative (fp32 logits, alpha = 0.3,
+1 -+ 1e-4, 2; S down to 0.009). The price for alpha < 1: both ops run on every row (the route
+is chosen per row without a host sync), so twice the passes and two (N, V) gradient buffers per
+input until the backward; alpha > 1 runs the alpha op only.
 alpha <= 0 is rejected (``_kinds``): alpha's alpha = 0 folds into reverse KL, which is not Renyi's
 alpha -> 0 limit (-log q(supp p)).
 """
