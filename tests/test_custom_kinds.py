@@ -11,6 +11,7 @@ from helpers import assert_close, grad_tol
 from reference import divergence_with_grads, logits
 
 import fdiv_kernels as fk
+from fdiv_kernels import phases
 
 
 def pearson(t):
@@ -117,7 +118,7 @@ def test_dispatch_reasons_and_auto():
 
 
 def test_every_op_with_kind_takes_it():
-    """fused_linear_divergence, sparse_divergence and the phase ops run custom kinds (torch
+    """fused_linear_divergence, the sparse ops and the phase ops run custom kinds (torch
     backend, chosen by auto) and agree with chi2 for the Pearson generator."""
     hs, ws = logits((3, 8), seed=13), logits((25, 8), seed=14)
     ht, wt = logits((3, 8), seed=15), logits((25, 8), seed=16)
@@ -131,6 +132,13 @@ def test_every_op_with_kind_takes_it():
     got = fk.sparse_divergence(s, ids, lp, kind="my_pearson", reduction="none")
     want = fk.sparse_divergence(s, ids, lp, kind="chi2", reduction="none")
     assert_close(got, want, (1e-5, 1e-6), "sparse")
+    got = fk.fused_linear_sparse_divergence(hs, ws, ids, lp, kind="my_pearson", reduction="none")
+    want = fk.fused_linear_sparse_divergence(hs, ws, ids, lp, kind="chi2", reduction="none")
+    assert_close(got, want, (1e-5, 1e-6), "fused linear sparse")
+    lse_s, lse_t = s.logsumexp(-1), s.flip(0).logsumexp(-1)
+    got = phases.partials(s, s.flip(0), lse_s, lse_t, "my_pearson")
+    want = phases.partials(s, s.flip(0), lse_s, lse_t, "chi2")
+    assert_close(got, want, (1e-5, 1e-6), "phases")
     fk.nn.FDivergenceLoss("my_pearson")  # the module validates it at construction
 
 
