@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 from conftest import BACKENDS, DTYPES, GRAD_TOL, LOSS_TOL
-from helpers import assert_close, available_backends, backend_cfg_fixture, grad_tol
+from helpers import assert_close, available_backends, grad_tol
 from reference import divergence_rows, divergence_with_grads, logits
 
 import fdiv_kernels as fk
