@@ -82,6 +82,17 @@ TORCH_LIBRARY_FRAGMENT(fdiv, m) {
       "float param, float inv_temperature, int tail) -> Tensor");
 }
 
+// fk.divergence(kind="cauchy_schwarz" / "renyi"): row divergences that are weighted sums of three
+// log-sum-exps (csrc/cpu/lse_combination.cpp), with the logit transforms (scale, softcap 0 =
+// none) fused; coeffs = (ca, cb, w) per term.
+TORCH_LIBRARY_FRAGMENT(fdiv, m) {
+  m.def(
+      "lse_combination_fwd_cpu(Tensor student, Tensor teacher, Tensor valid, float[] coeffs, "
+      "float inv_temperature, float student_scale, float student_softcap, float teacher_scale, "
+      "float teacher_softcap, bool grad_student, bool grad_teacher) "
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+}
+
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {

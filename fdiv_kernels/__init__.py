@@ -10,7 +10,8 @@ from fdiv_kernels.backends import common as _common  # noqa: F401  (registers fd
 from fdiv_kernels.backends import torch_ref as _torch_ref  # noqa: F401  (always available)
 from fdiv_kernels.dispatch import BackendUnavailableError, describe, not_supported_reasons
 from fdiv_kernels._divergence import divergence
-from fdiv_kernels._kinds import DIVERGENCES
+from fdiv_kernels._kinds import DIVERGENCES, ROW_DIVERGENCES
+from fdiv_kernels._custom_kinds import register_divergence, unregister_divergence
 from fdiv_kernels._fused_linear import fused_linear_divergence
 from fdiv_kernels._fused_linear_logprobs import fused_linear_token_logprobs
 from fdiv_kernels._sparse_divergence import sparse_divergence
@@ -25,12 +26,14 @@ from fdiv_kernels._softmax_stats import (
 )
 
 __version__ = "0.1.0"
-KINDS = tuple(DIVERGENCES)
+# The built-in kinds fk.divergence takes (ROW_DIVERGENCES: fk.divergence only).
+KINDS = tuple(DIVERGENCES) + tuple(ROW_DIVERGENCES)
 
 __all__ = [
     "BackendUnavailableError", "DIVERGENCES", "KINDS", "SinkhornResult", "SoftmaxStats",
     "describe", "divergence", "sinkhorn", "sinkhorn_divergence",
     "entropy", "fused_linear_divergence", "fused_linear_sparse_divergence",
     "fused_linear_token_logprobs", "logsumexp", "losses", "nn", "not_supported_reasons",
+    "register_divergence", "unregister_divergence",
     "softmax_stats", "sparse_divergence", "token_logprobs",
 ]

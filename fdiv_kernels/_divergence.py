@@ -8,6 +8,7 @@ from torch import Tensor
 from fdiv_kernels import _validation as V
 from fdiv_kernels.dispatch import select
 from fdiv_kernels._kinds import KernelSpec, resolve
+from fdiv_kernels import _row_kinds
 
 
 def _forward_op(backend: str):
@@ -93,7 +94,13 @@ def divergence(
     ``skew_kl``           KL(p || lam p + (1-lam) q), lam in [0, 1) (default 0.1)
     ``skew_reverse_kl``   KL(q || lam q + (1-lam) p)
     ``jeffreys``          KL(p||q) + KL(q||p)
+    ``soft_ce``           -sum p log q = KL(p||q) + H(p) (cross-entropy: H(p), not 0, at p = q)
+    ``renyi``             log(sum p^alpha q^(1-alpha)) / (alpha - 1), alpha > 0 (default 0.5;
+                          alpha=1 is KL(p||q))
+    ``cauchy_schwarz``    -log sum p q + 1/2 log sum p^2 + 1/2 log sum q^2
     ====================  =================================================================
+
+    Kinds added with ``fk.register_divergence`` are accepted too (torch backend).
 
     Zero-probability terms follow their limits (0 log 0 = 0); a -inf logit in both inputs adds
     nothing; an infinite divergence is +inf; NaN in the input gives NaN.
@@ -123,7 +130,7 @@ def divergence(
     V.check_logits("student_logits", student_logits)
     V.check_logits("teacher_logits", teacher_logits)
     V.check_pair(student_logits, teacher_logits)
-    spec: KernelSpec = resolve(kind, beta, alpha, lam)
+    spec: KernelSpec = resolve(kind, beta, alpha, lam, row_kinds=True)
     dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     inv_t = V.check_temperature(temperature, dtype)
     reduction = V.check_reduction(reduction)
@@ -134,7 +141,10 @@ def divergence(
     vocab = student_logits.shape[-1]
     s = student_logits.to(dtype).reshape(-1, vocab).contiguous()
     t = teacher_logits.to(dtype).reshape(-1, vocab).contiguous()
-    name = select(backend, s, "divergence_fwd")
+    row_kind = spec.kind in (_row_kinds.RENYI, _row_kinds.CAUCHY_SCHWARZ)
+    # The row kinds run their row op (every backend with it also has divergence_fwd, which
+    # renyi uses too): fdiv_kernels._row_kinds.
+    name = select(backend, s, "lse_combination_fwd" if row_kind else "divergence_fwd", spec.base)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if s.shape[0] == 0:
@@ -144,10 +154,15 @@ def divergence(
     keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     # Inside forward() grad mode is always off: ask here whether any gradient can be wanted, so
     # that no_grad / inference_mode calls never compute or allocate the (N, V) gradients.
-    loss = DivergenceFunction.apply(
-        s, t, keep, spec.base, spec.swap, spec.param, inv_t, name, inplace_backward,
-        torch.is_grad_enabled(),
-    )
+    loss = None
+    if spec.kind != _row_kinds.CAUCHY_SCHWARZ:  # renyi: from the alpha rows (base ALPHA), too
+        loss = DivergenceFunction.apply(
+            s, t, keep, spec.base, spec.swap, spec.param, inv_t, name, inplace_backward,
+            torch.is_grad_enabled(),
+        )
+    if row_kind:
+        loss = _row_kinds.row_kind_rows(spec.kind, spec.param, s, t, keep, inv_t, name,
+                                        inplace_backward, loss)
     return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
 
 

@@ -271,7 +271,7 @@ def fused_linear_divergence(
         if not torch.compiler.is_compiling() and bool(bad.any()):
             raise ValueError(f"labels must be in [0, {ws.shape[0]}) or equal ignore_index")
     probe = torch.empty(0, dtype=torch.float32, device=hs.device)
-    name = select(backend, probe, "divergence_fwd")
+    name = select(backend, probe, "divergence_fwd", spec.base)
     if ce_w:
         select(name, probe, "softmax_stats_fwd")
     # Row weights fold the reduction into the gradients: kept rows / denominator.

@@ -189,7 +189,7 @@ def fused_linear_sparse_divergence(
         if not torch.compiler.is_compiling() and bool(bad.any()):
             raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index")
     probe = torch.empty(0, dtype=torch.float32, device=hs.device)
-    name = select(backend, probe, "sparse_divergence_fwd")
+    name = select(backend, probe, "sparse_divergence_fwd", spec.base)
     if ce_w:
         select(name, probe, "softmax_stats_fwd")
     acc = torch.promote_types(hs.dtype, torch.float32)

@@ -16,6 +16,15 @@ reverse KL and skew KL into skew reverse KL for free.
 Adding a divergence: one ``Divergence`` entry here and one element function per kernel language
 (``_terms`` below for the torch backend, ``triton_kernels/divergence_terms.py``,
 ``csrc/cpu/divergence_terms.h``). Kernels, dispatch, autograd and tests need no edit.
+
+Two more tables sit beside ``DIVERGENCES``:
+
+* ``ROW_DIVERGENCES``: kinds that are not sums of element terms but functions of a few per-row
+  sums (Renyi, Cauchy-Schwarz), computed by ``fk.divergence`` alone (``fdiv_kernels._row_kinds``);
+  every other op rejects them with a ValueError from ``resolve``.
+* custom kinds from ``fk.register_divergence`` (``fdiv_kernels._custom_kinds``): element-term
+  kinds whose terms come from a user's f-divergence generator, with base ids from
+  ``CUSTOM_BASE`` up, run by the torch backend (the C++ kernels cannot; see the dispatch reasons).
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ import torch
 from torch import Tensor
 
 # Base kernel ids, stated once in _ids (shared with the Triton kernels and csrc/common/ids.h).
-from fdiv_kernels._ids import ALPHA, CHI2, HELLINGER, JEFFREYS, JS, KL, SKEW_KL, TV
+from fdiv_kernels._custom_kinds import CUSTOM, CUSTOM_BASE, custom_terms
+from fdiv_kernels._ids import ALPHA, CHI2, HELLINGER, JEFFREYS, JS, KL, SKEW_KL, SOFT_CE, TV
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,8 @@ class Divergence:
     # Maps a parameter value at which the kind degenerates to another (beta=0 -> kl) to that kind.
     degenerate: Callable[[float], str | None] = lambda v: None
     math: str = ""
+    # False for kinds whose value at p = q is not 0 (soft_ce: H(p)); tests exempt them there.
+    zero_at_equal: bool = True
 
 
 def _unit_closed(name: str) -> Callable[[float], str | None]:
@@ -87,8 +99,54 @@ DIVERGENCES: dict[str, Divergence] = {
             math="KL(q || lam q + (1-lam) p)",
         ),
         Divergence("jeffreys", JEFFREYS, math="KL(p||q) + KL(q||p)"),
+        # Not a divergence: its value at p = q is H(p), not 0 (zero_at_equal=False).
+        Divergence("soft_ce", SOFT_CE, math="-sum p log q = KL(p||q) + H(p)",
+                   zero_at_equal=False),
     ]
 }
+
+# No element-term kernel: the base of a row kind without one (cauchy_schwarz). Every kernel
+# rejects it (C++: "kind must be a base divergence id"; torch: "unknown base").
+NO_BASE = -1
+
+
+def _positive_finite(name: str) -> Callable[[float], str | None]:
+    # Renyi's order: alpha <= 0 is excluded. At alpha = 0 the Amari alpha kind the Renyi rows are
+    # computed from folds into reverse KL, which is not Renyi's alpha -> 0 limit
+    # (-log q(supp p)); negative orders are not divergences.
+    return lambda v: (None if math.isfinite(v) and v > 0.0
+                      else f"{name} must be a finite real > 0 for kind='renyi', got {v}")
+
+
+# Kinds that are functions of a few per-row sums, not sums of element terms; fk.divergence only
+# (fdiv_kernels._row_kinds). ``base`` is the element kernel they are computed from, if any.
+ROW_DIVERGENCES: dict[str, Divergence] = {
+    d.name: d
+    for d in [
+        Divergence(
+            "renyi", ALPHA, param="alpha", default=0.5, check=_positive_finite("alpha"),
+            degenerate=lambda a: "kl" if a == 1.0 else None,
+            math="log(sum p^alpha q^(1-alpha)) / (alpha - 1), alpha > 0; alpha=1 is KL(p||q)",
+        ),
+        Divergence(
+            "cauchy_schwarz", NO_BASE,
+            math="-log sum p q + 1/2 log sum p^2 + 1/2 log sum q^2",
+        ),
+    ]
+}
+
+
+def lookup(kind: str) -> Divergence | None:
+    """The registry entry of ``kind`` (built-in, row kind or registered custom kind), or None."""
+    d = DIVERGENCES.get(kind) or ROW_DIVERGENCES.get(kind)
+    if d is None and kind in CUSTOM:
+        d = Divergence(kind, CUSTOM[kind].base, math=CUSTOM[kind].math)
+    return d
+
+
+def all_kinds() -> list[str]:
+    """Every kind name ``fk.divergence`` takes now (custom kinds included)."""
+    return [*DIVERGENCES, *ROW_DIVERGENCES, *CUSTOM]
 
 
 @dataclass(frozen=True)
@@ -101,12 +159,23 @@ class KernelSpec:
     param: float
 
 
-def resolve(kind: str, beta: float | None, alpha: float | None, lam: float | None) -> KernelSpec:
-    """Validate the kind and its parameter; fold degenerate parameters into their limit kind."""
-    if not isinstance(kind, str) or kind not in DIVERGENCES:
-        raise ValueError(f"kind must be one of {sorted(DIVERGENCES)}, got {kind!r}")
+def resolve(kind: str, beta: float | None, alpha: float | None, lam: float | None,
+            *, row_kinds: bool = False) -> KernelSpec:
+    """Validate the kind and its parameter; fold degenerate parameters into their limit kind.
+
+    ``row_kinds``: the caller computes the kinds of ``ROW_DIVERGENCES`` (only ``fk.divergence``
+    does); elsewhere they raise ValueError, never run as their base kind.
+    """
+    d = lookup(kind) if isinstance(kind, str) else None
+    if d is None:
+        raise ValueError(f"kind must be one of {sorted(all_kinds())}, got {kind!r}")
+    if kind in ROW_DIVERGENCES and not row_kinds:
+        raise ValueError(
+            f"kind={kind!r} is a function of per-row sums, not a sum of element terms: only "
+            f"fk.divergence computes it (this op takes {sorted(DIVERGENCES)} and registered "
+            "custom kinds)"
+        )
     given = {"beta": beta, "alpha": alpha, "lam": lam}
-    d = DIVERGENCES[kind]
     for name, value in given.items():
         if value is not None and name != d.param:
             raise ValueError(f"{name}= does not apply to kind={kind!r}")
@@ -121,7 +190,7 @@ def resolve(kind: str, beta: float | None, alpha: float | None, lam: float | Non
             raise ValueError(err)
         limit = d.degenerate(param)
         if limit is not None:
-            d = DIVERGENCES[limit]
+            d = lookup(limit)
             param = 0.0
     return KernelSpec(d.name, d.base, d.swap, param)
 
@@ -147,6 +216,8 @@ def _mix_log(w: float, la: Tensor, lb: Tensor) -> Tensor:
 
 
 def _terms(base: int, param: float, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if base >= CUSTOM_BASE:
+        return custom_terms(base, lp, lq)
     p, q = lp.exp(), lq.exp()
     if base == KL:
         t = _xlogy_ratio(p, lp, lq)
@@ -188,6 +259,9 @@ def _terms(base: int, param: float, lp: Tensor, lq: Tensor) -> tuple[Tensor, Ten
         h = _nz(q, q * d) + q - p
         k = _nz(p, -p * d) + p - q
         return t, h, k
+    if base == SOFT_CE:
+        t = _nz(p, -p * lq)  # p = 0 adds nothing, even where lq = -inf
+        return t, -p, t
     raise ValueError(f"unknown base divergence id {base}")
 
 

@@ -248,7 +248,7 @@ def sparse_divergence(
     check_sparse_values(ids, lp, mask, vocab, tail_id)
 
     s = student_logits.reshape(-1, vocab).contiguous()
-    name = select(backend, s, "sparse_divergence_fwd")
+    name = select(backend, s, "sparse_divergence_fwd", spec.base)
     select(name, s, "sparse_divergence_bwd")
     ctype = torch.promote_types(s.dtype, torch.float32)
     # The teacher side is O(K) per row: float64 keeps 1 - sum p exact enough when the support

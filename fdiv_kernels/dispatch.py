@@ -82,6 +82,15 @@ def _torch_reasons(device: str, dtype: torch.dtype) -> list[str]:
     return _dtype_reasons(dtype, FLOAT_DTYPES + (torch.float64,))
 
 
+def _kind_reasons(backend: str, base: int) -> list[str]:
+    """Why ``backend`` cannot run divergence base ``base`` (custom kinds: torch only)."""
+    if base < 0:
+        return []
+    from fdiv_kernels._custom_kinds import custom_kind_reasons
+
+    return custom_kind_reasons(backend, base)
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend (or every ``auto`` candidate) cannot run on the given inputs."""
 
@@ -106,21 +115,22 @@ def not_supported_reasons(backend: str, x: Tensor) -> list[str]:
     return TABLE[backend].reasons(x.device.type, x.dtype)
 
 
-def select(requested: str, x: Tensor, op: str) -> str:
+def select(requested: str, x: Tensor, op: str, base: int | None = None) -> str:
     """Resolve ``requested`` ("auto" or a backend name) for ``op`` on tensors like ``x``.
 
     ``op`` names the registered op without its backend suffix (``"divergence_fwd"``): a backend
-    qualifies once ``torch.ops.fdiv.<op>_<backend>`` exists.
+    qualifies once ``torch.ops.fdiv.<op>_<backend>`` exists. ``base``: the divergence base id the
+    op will run, when the backend's kernels may not take every kind (custom kinds).
     """
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a str, got {type(requested).__name__}")
-    return _select(requested, x.device.type, x.dtype, op)
+    return _select(requested, x.device.type, x.dtype, op, -1 if base is None else int(base))
 
 
 # A pure function of its arguments and the environment: torch.compile runs it once while tracing
 # and keeps the answer, so dispatch adds nothing to the compiled graph.
 @torch.compiler.assume_constant_result
-def _select(requested: str, device: str, dtype: torch.dtype, op: str) -> str:
+def _select(requested: str, device: str, dtype: torch.dtype, op: str, base: int = -1) -> str:
     if requested == "auto":
         requested = os.environ.get("FDIV_BACKEND", "auto") or "auto"
     if requested != "auto" and requested not in TABLE:
@@ -128,7 +138,7 @@ def _select(requested: str, device: str, dtype: torch.dtype, op: str) -> str:
     candidates = AUTO_ORDER.get(device, ("torch",)) if requested == "auto" else (requested,)
     why = {}
     for name in candidates:
-        reasons = TABLE[name].reasons(device, dtype)
+        reasons = TABLE[name].reasons(device, dtype) + _kind_reasons(name, base)
         if not reasons:
             module = TABLE[name].module
             if module:

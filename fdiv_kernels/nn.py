@@ -20,9 +20,9 @@ class _KindLoss(nn.Module):
     ``kind`` fails where it is written), kept in ``self.kwargs`` and passed to the functional op."""
 
     def __init__(self, kind: str, beta: float | None, alpha: float | None, lam: float | None,
-                 **options) -> None:
+                 row_kinds: bool = False, **options) -> None:
         super().__init__()
-        resolve(kind, beta, alpha, lam)
+        resolve(kind, beta, alpha, lam, row_kinds=row_kinds)
         self.kwargs = dict(kind=kind, beta=beta, alpha=alpha, lam=lam, **options)
 
     def extra_repr(self) -> str:
@@ -44,7 +44,8 @@ class FDivergenceLoss(_KindLoss):
         reduction: str = "mean",
         backend: str = "auto",
     ) -> None:
-        super().__init__(kind, beta, alpha, lam, temperature=temperature,
+        # fk.divergence takes every kind, the row kinds (renyi, cauchy_schwarz) included.
+        super().__init__(kind, beta, alpha, lam, row_kinds=True, temperature=temperature,
                          ignore_index=ignore_index, reduction=reduction, backend=backend)
 
     def forward(

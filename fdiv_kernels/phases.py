@@ -79,7 +79,7 @@ def _prepare(student, teacher, kind, beta, alpha, lam, temperature, valid, backe
     else:
         keep = valid.reshape(-1).contiguous()
     op = f"divergence_{phase}"
-    op = getattr(torch.ops.fdiv, f"{op}_{select(backend, s, op)}")
+    op = getattr(torch.ops.fdiv, f"{op}_{select(backend, s, op, spec.base)}")
     return op, s, t, keep, spec, inv_t
 
 

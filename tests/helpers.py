@@ -21,8 +21,21 @@ KIND_PARAMS = [
     ("kl", None), ("reverse_kl", None), ("js", 0.5), ("js", 0.1), ("tv", None),
     ("hellinger", None), ("chi2", None), ("alpha", 0.5), ("alpha", -0.5), ("alpha", 1.5),
     ("skew_kl", 0.1), ("skew_reverse_kl", 0.3), ("jeffreys", None),
+    # soft_ce is H(p), not 0, at p = q (``zero_at_equal``). The row kinds (renyi,
+    # cauchy_schwarz) are left out: they run their own row op, which the cuda C++ backend lacks
+    # (test_gpu takes these kinds on every GPU backend); test_row_kinds.py covers them on every
+    # backend that has it.
+    ("soft_ce", None),
 ]
-PARAM_NAME = {"js": "beta", "alpha": "alpha", "skew_kl": "lam", "skew_reverse_kl": "lam"}
+PARAM_NAME = {"js": "beta", "alpha": "alpha", "skew_kl": "lam", "skew_reverse_kl": "lam",
+              "renyi": "alpha"}
+
+
+def zero_at_equal(kind: str) -> bool:
+    """Whether ``kind`` is 0 at p = q (every divergence; not soft_ce, a cross-entropy)."""
+    from fdiv_kernels._kinds import lookup
+
+    return lookup(kind).zero_at_equal
 
 
 def kind_kwargs(kind: str, param: float | None) -> dict:

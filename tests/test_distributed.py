@@ -33,7 +33,8 @@ from fdiv_kernels.distributed._vocab_divergence import FROM_LOSS
 F32 = torch.float32
 KIND_PARAMS = [("kl", {}), ("reverse_kl", {}), ("js", {"beta": 0.3}), ("tv", {}),
                ("hellinger", {}), ("chi2", {}), ("alpha", {"alpha": -0.5}),
-               ("skew_kl", {"lam": 0.2}), ("skew_reverse_kl", {}), ("jeffreys", {})]
+               ("skew_kl", {"lam": 0.2}), ("skew_reverse_kl", {}), ("jeffreys", {}),
+               ("soft_ce", {})]
 LEAD, VOCAB, REAL = (2, 4), 48, 41  # columns REAL.. are -inf padding in the padded cases
 N = LEAD[0] * LEAD[1]
 # Shard boundaries per world size: uneven; world 3 has an empty shard, world 4 a shard that

@@ -222,7 +222,21 @@ def _sparse_divergence_bwd(dev, backend):
     return out
 
 
+def _lse_combination_fwd(dev, backend):
+    # Cauchy-Schwarz's terms, and Renyi's (alpha = 0.3) log-sum-exp route with the logit
+    # transforms (scale, softcap) on.
+    from fdiv_kernels._row_kinds import CAUCHY_SCHWARZ_COEFFS, renyi_coeffs
+
+    s, t, valid, _, _, _ = _divergence_args(dev)
+    cs, renyi = list(CAUCHY_SCHWARZ_COEFFS), list(renyi_coeffs(0.3))
+    return [(s, t, valid, cs, 0.5, 1.0, 0.0, 1.0, 0.0, True, True),
+            (s, t, valid, renyi, 0.5, 1.3, 4.0, 0.8, 0.0, True, False),
+            (s, t, valid, cs, 1.0, 1.0, 0.0, 1.0, 3.0, False, True),
+            (s, t, valid, cs, 1.0, 1.0, 0.0, 1.0, 0.0, False, False)]
+
+
 SAMPLES = {
+    "lse_combination_fwd": _lse_combination_fwd,
     "divergence_fwd": _divergence_fwd,
     "divergence_partials": _divergence_partials,
     "divergence_grads": _divergence_grads,

@@ -29,7 +29,7 @@ backend_cfg = backend_cfg_fixture(BACKENDS, "fdiv_kernels.triton_kernels.sparse_
 KIND_PARAMS = [
     ("kl", None), ("reverse_kl", None), ("js", 0.3), ("tv", None), ("hellinger", None),
     ("chi2", None), ("alpha", 0.5), ("alpha", -0.5), ("alpha", 1.5), ("skew_kl", 0.1),
-    ("skew_reverse_kl", 0.3), ("jeffreys", None),
+    ("skew_reverse_kl", 0.3), ("jeffreys", None), ("soft_ce", None),
 ]
 PARAM_NAME = {"js": "beta", "alpha": "alpha", "skew_kl": "lam", "skew_reverse_kl": "lam"}
 TAILS = ["none", "bucket", "renormalize"]

@@ -8,7 +8,8 @@ constexpr names of ``ids.py``.
 import triton
 import triton.language as tl
 
-from fdiv_kernels.triton_kernels.ids import ALPHA, CHI2, HELLINGER, JS, KL, SKEW_KL, TV
+from fdiv_kernels.triton_kernels.ids import (ALPHA, CHI2, HELLINGER, JEFFREYS, JS, KL, SKEW_KL,
+                                             SOFT_CE, TV)
 
 # A constexpr: Triton's compiler rejects any other global inside @triton.jit code.
 NEG_INF = tl.constexpr(float("-inf"))
@@ -90,7 +91,15 @@ def _base_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr):
         pr = _nz(p, p * tl.exp(log_1mw + lq - lm))
         h = -pr
         k = _nz(p, t + pr)
+    elif BASE == SOFT_CE:  # cross-entropy to the teacher, -sum p log q
+        t = _nz(p, -p * lq)
+        h = -p
+        k = t
     else:  # Jeffreys: KL(p||q) + KL(q||p)
+        # Any other id (a custom kind of fk.register_divergence, ids from 1024) fails to compile
+        # here rather than computing Jeffreys; the dispatch already refuses it with a reason.
+        tl.static_assert(BASE == JEFFREYS, "unknown divergence base id: custom kinds "
+                                           "(fk.register_divergence) do not run in Triton")
         d = lq - lp
         t = _xlogy_ratio(p, lp, lq) + _xlogy_ratio(q, lq, lp)
         h = _nz(q, q * d) + q - p

@@ -15,6 +15,7 @@ CHI2 = tl.constexpr(_ids.CHI2)
 ALPHA = tl.constexpr(_ids.ALPHA)
 SKEW_KL = tl.constexpr(_ids.SKEW_KL)
 JEFFREYS = tl.constexpr(_ids.JEFFREYS)
+SOFT_CE = tl.constexpr(_ids.SOFT_CE)
 
 SQEUCLIDEAN = tl.constexpr(_ids.SQEUCLIDEAN)
 EUCLIDEAN = tl.constexpr(_ids.EUCLIDEAN)

@@ -159,4 +159,16 @@ struct Terms<JEFFREYS> {
   }
 };
 
+template <>
+struct Terms<SOFT_CE> {
+  // Cross-entropy to the teacher, -sum p lq = KL(p||q) + H(p): not a divergence (its value at
+  // p = q is H(p)), but the same element-term shape. p = 0 contributes 0 even where lq = -inf;
+  // p > 0 = q gives +inf.
+  template <class M, class T>
+  FDIV_HD static Elem<T> eval(const KindConsts<T>&, T, T lq, T p, T) {
+    const T t = p > T(0) ? -p * lq : T(0);
+    return {t, -p, t};
+  }
+};
+
 }  // namespace fdiv_kernels

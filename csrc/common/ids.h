@@ -14,8 +14,9 @@ enum Base : int {
   ALPHA = 5,
   SKEW_KL = 6,
   JEFFREYS = 7,
+  SOFT_CE = 8,
 };
-constexpr int kNumKinds = 8;
+constexpr int kNumKinds = 9;
 
 // Sinkhorn ground costs.
 enum Cost : int { SQEUCLIDEAN = 0, EUCLIDEAN = 1, L1 = 2, DOT = 3, COSINE = 4 };

@@ -60,6 +60,7 @@ Terms3<T> terms(int base, const KindConsts<T>& c, bool swap, T lp, T lq) {
     case CHI2: return eval_terms<CHI2>(c, swap, lp, lq);
     case ALPHA: return eval_terms<ALPHA>(c, swap, lp, lq);
     case SKEW_KL: return eval_terms<SKEW_KL>(c, swap, lp, lq);
+    case SOFT_CE: return eval_terms<SOFT_CE>(c, swap, lp, lq);
     default: return eval_terms<JEFFREYS>(c, swap, lp, lq);
   }
 }

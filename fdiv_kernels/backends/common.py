@@ -101,6 +101,17 @@ def fake_sparse_divergence_bwd(
     return torch.empty_like(student)
 
 
+def fake_lse_combination_fwd(
+    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
+    student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    loss = student.new_empty(student.shape[0], dtype=loss_dtype(student.dtype))
+    gs = torch.empty_like(student) if grad_student else student.new_empty(0)
+    gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
+    return loss, gs, gt
+
+
 def register_fakes(backend: str) -> None:
     """Fakes (shape/dtype functions) of the ops ``backend`` registered, for torch.compile."""
     fakes = {
@@ -111,6 +122,7 @@ def register_fakes(backend: str) -> None:
         "divergence_grads": fake_divergence_grads,
         "sparse_divergence_fwd": fake_sparse_divergence_fwd,
         "sparse_divergence_bwd": fake_sparse_divergence_bwd,
+        "lse_combination_fwd": fake_lse_combination_fwd,
     }
     for op, fake in fakes.items():
         if hasattr(torch.ops.fdiv, f"{op}_{backend}"):

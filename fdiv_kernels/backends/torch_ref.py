@@ -266,3 +266,23 @@ from fdiv_kernels.backends.common import (  # noqa: E402
 
 torch.library.register_fake("fdiv::sparse_divergence_fwd_torch")(fake_sparse_divergence_fwd)
 torch.library.register_fake("fdiv::sparse_divergence_bwd_torch")(fake_sparse_divergence_bwd)
+
+
+# ---- fk.divergence(kind="cauchy_schwarz" / "renyi"): weighted per-row log-sum-exps (_row_kinds) ---
+from fdiv_kernels._row_kinds import lse_combination_rows_torch  # noqa: E402
+from fdiv_kernels.backends.common import fake_lse_combination_fwd  # noqa: E402
+
+
+@torch.library.custom_op("fdiv::lse_combination_fwd_torch", mutates_args=())
+def lse_combination_fwd_torch(
+    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
+    student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return lse_combination_rows_torch(student, teacher, valid, coeffs, inv_temperature,
+                                      student_scale,
+                                     student_softcap, teacher_scale, teacher_softcap,
+                                     grad_student, grad_teacher)
+
+
+torch.library.register_fake("fdiv::lse_combination_fwd_torch")(fake_lse_combination_fwd)

@@ -130,3 +130,26 @@ def sparse_divergence_bwd_triton(
 # register_fakes("triton") above ran before these ops existed.
 torch.library.register_fake("fdiv::sparse_divergence_fwd_triton")(fake_sparse_divergence_fwd)
 torch.library.register_fake("fdiv::sparse_divergence_bwd_triton")(fake_sparse_divergence_bwd)
+
+
+# ---- fk.divergence(kind="cauchy_schwarz" / "renyi"): weighted per-row log-sum-exps ----------
+from fdiv_kernels.backends.common import fake_lse_combination_fwd  # noqa: E402
+from fdiv_kernels.triton_kernels.lse_combination import lse_combination_fwd  # noqa: E402
+
+
+@torch.library.custom_op("fdiv::lse_combination_fwd_triton", mutates_args=())
+def lse_combination_fwd_triton(
+    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
+    student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    with _on(student):
+        return lse_combination_fwd(
+            student.contiguous(), teacher.contiguous(), valid.contiguous(), coeffs,
+            inv_temperature,
+            student_scale, student_softcap, teacher_scale, teacher_softcap, grad_student,
+            grad_teacher,
+        )
+
+
+torch.library.register_fake("fdiv::lse_combination_fwd_triton")(fake_lse_combination_fwd)

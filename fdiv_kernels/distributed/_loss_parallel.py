@@ -67,7 +67,10 @@ def _bind(op, args: tuple, kwargs: dict) -> list:
 
 
 def _kind(base: int, swap: bool) -> str:
-    return next(name for name, d in DIVERGENCES.items() if d.base == base and d.swap == swap)
+    from fdiv_kernels._custom_kinds import custom_name  # fk.register_divergence's kinds
+
+    return custom_name(base) or next(
+        name for name, d in DIVERGENCES.items() if d.base == base and d.swap == swap)
 
 
 def _divergence_fwd(backend, op, args, kwargs):

@@ -9,7 +9,7 @@ from torch import Tensor
 from fdiv_kernels import _validation as V
 from fdiv_kernels import phases
 from fdiv_kernels._divergence import divergence
-from fdiv_kernels._kinds import DIVERGENCES, KernelSpec, resolve
+from fdiv_kernels._kinds import KernelSpec, lookup, resolve
 from fdiv_kernels.backends.common import loss_dtype
 from fdiv_kernels.distributed import _comm, _shards
 
@@ -71,7 +71,7 @@ def shard_sums(s, t, keep, lse_s, lse_t, spec: KernelSpec, kw: dict, inv_t, back
 
 def kind_kwargs(spec: KernelSpec) -> dict:
     """The resolved parameter as the phase ops take it (beta=/alpha=/lam=), if the kind has one."""
-    name = DIVERGENCES[spec.kind].param
+    name = lookup(spec.kind).param  # custom kinds (fk.register_divergence) have none
     return {name: spec.param} if name else {}
 
 

@@ -1,0 +1,329 @@
+// CPU row divergences that are weighted sums of three log-sum-exps, with their logit gradients.
+//
+// With a = student / T and b = teacher / T (after the optional logit transforms) and three
+// terms k = 0, 1, 2 given by (ca_k, cb_k, w_k), ca_k, cb_k >= 0:
+//   D = sum_k w_k lse(ca_k a + cb_k b),
+//   dD/da = sum_k w_k ca_k softmax(ca_k a + cb_k b),  dD/db = sum_k w_k cb_k softmax(...).
+// Cauchy-Schwarz is (2, 0, 1/2), (0, 2, 1/2), (1, 1, -1); Renyi far from alpha = 1 is
+// (1-alpha, alpha, 1/(alpha-1)), (1, 0, 1), (0, 1, alpha/(1-alpha)) (fdiv_kernels/_row_kinds.py
+// states both, and why). One row at a time (rows over torch's thread pool): the transformed pair
+// goes to a per-thread buffer (16-bit rows are widened there); one pass finds the three maxima,
+// one the three sums (block sums in the compute type, accumulated in double: the terms cancel as
+// p -> q), one writes the gradients. A coefficient 0 contributes 0, also against a -inf logit.
+//
+// Logit transforms, per input, in this order (0 softcap = none):
+//   z <- z * scale;  z <- cap * tanh(z / cap);  a = z / T,
+// so da/dz = scale (1 - (z/cap)^2) / T with z the capped value, recovered from a: no buffer.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/checks.h"
+#include "cpu/convert.h"
+#include "cpu/online_softmax.h"
+#include "cpu/vec_math.h"
+
+namespace fdiv_kernels {
+namespace {
+
+constexpr int kTerms = 3;
+
+// One input's transform: z * scale, then the softcap, then / T.
+struct Transform {
+  double scale, cap, inv_t;
+};
+
+struct Coeffs {
+  std::array<double, kTerms> ca, cb, w;
+};
+
+template <class T>
+FDIV_INLINE T shift_of(T m) {  // an all -inf term is shifted by 0: exp(-inf - 0) = 0, not NaN
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
+// c x with 0 (-inf) = 0: a zero coefficient drops the input.
+template <class T>
+FDIV_INLINE T times(T c, T x) {
+  return c == T(0) ? T(0) : c * x;
+}
+
+// dst = transform(src), in the compute type.
+template <class T>
+void transform_row(T* dst, const T* src, int64_t n, const Transform& tr) {
+  const T scale = T(tr.scale), inv_t = T(tr.inv_t);
+  if (tr.cap > 0) {
+    const T cap = T(tr.cap), inv_cap = T(1.0 / tr.cap);
+    for (int64_t j = 0; j < n; ++j) dst[j] = cap * std::tanh(src[j] * scale * inv_cap) * inv_t;
+  } else {
+    const T f = scale * inv_t;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * f;
+  }
+}
+
+// g[j] *= d(transformed)/d(raw) at j: scale (1 - tanh^2) / T, tanh = a T / cap.
+template <class T>
+void chain_rule(T* g, const T* a, int64_t n, const Transform& tr) {
+  const T f = T(tr.scale * tr.inv_t);
+  if (tr.cap > 0) {
+    const T k = T(1.0 / (tr.inv_t * tr.cap));
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const T th = a[j] * k;
+      g[j] *= f * (T(1) - th * th);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) g[j] *= f;
+  }
+}
+
+FDIV_INLINE double bits_double(uint64_t u) {
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+}
+
+FDIV_INLINE uint64_t double_bits(double d) {
+  uint64_t u;
+  std::memcpy(&u, &d, sizeof u);
+  return u;
+}
+
+// exp(x) in double for x <= 0 (NaN passes), branch-free so `omp simd` vectorizes it (libm's exp
+// is an opaque call: the sums pass ran 3x slower than the divergence kernels with it). n =
+// round(x / ln 2) by the 1.5 * 2^52 trick (n also read from the bits: no double -> int64
+// conversion, which AVX2 lacks), r = x - n ln 2 with ln 2 split (fdlibm's hi/lo), exp(r) by its
+// degree-13 Taylor polynomial (|r| <= ln 2 / 2: truncation < 4e-18 relative), times 2^n built in
+// the exponent field. Below -708 the result would leave the normal range: 0 there, which a sum
+// that holds exp(0) = 1 (its max term) cannot notice.
+FDIV_INLINE double exp_nonpositive(double x) {
+  constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52
+  constexpr uint64_t kShiftBits = 0x4338000000000000ull;
+  const double xc = x < -708.0 ? -708.0 : x;
+  const double t = xc * 1.4426950408889634 + kShift;
+  const double n = t - kShift;
+  double r = xc - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  double y = 1.0 / 6227020800.0;  // 1/13!
+  y = y * r + 1.0 / 479001600.0;
+  y = y * r + 1.0 / 39916800.0;
+  y = y * r + 1.0 / 3628800.0;
+  y = y * r + 1.0 / 362880.0;
+  y = y * r + 1.0 / 40320.0;
+  y = y * r + 1.0 / 5040.0;
+  y = y * r + 1.0 / 720.0;
+  y = y * r + 1.0 / 120.0;
+  y = y * r + 1.0 / 24.0;
+  y = y * r + 1.0 / 6.0;
+  y = y * r + 0.5;
+  y = y * r + 1.0;
+  y = y * r + 1.0;
+  const uint64_t ni = double_bits(t) - kShiftBits;  // n as a two's-complement integer
+  const double scale = bits_double((ni + 1023ull) << 52);
+  const double res = x < -708.0 ? 0.0 : y * scale;
+  return x != x ? x : res;
+}
+
+// Per term: log softmax_k(j) = (x_kj - shift_k) - log_sum_k, the shift first (x - (m + log s)
+// would lose eps |x| to rounding).
+struct RowStats {
+  double loss;
+  std::array<double, kTerms> shift, log_sum;
+};
+
+// The three log-sum-exps in double, exps included: the terms cancel as p -> q (Cauchy-Schwarz:
+// D ~ 1e-6 while each lse ~ 10), where float exps alone would leave ~3e-7 of rounding. The mixes
+// are formed in double too (a + b rounded to float is off by eps |a + b|).
+template <class T>
+FDIV_INLINE RowStats row_stats(const T* a, const T* b, int64_t n, const Coeffs& c) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  RowStats r{};
+  int nan = 0;
+#pragma omp simd reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) nan |= int(a[j] != a[j]) | int(b[j] != b[j]);
+  for (int k = 0; k < kTerms; ++k) {
+    const double ca = c.ca[k], cb = c.cb[k];
+    double m = kNegInf;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j)
+      m = std::max(m, times(ca, double(a[j])) + times(cb, double(b[j])));
+    const double sh = shift_of(m);
+    double sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j)
+      sum += exp_nonpositive((times(ca, double(a[j])) + times(cb, double(b[j]))) - sh);
+    r.shift[k] = sh;
+    r.log_sum[k] = std::log(sum);
+  }
+  // The shifts, which carry the large magnitudes, combine first (for Cauchy-Schwarz they cancel
+  // exactly on identical rows); then the small log-sums. A term with no mass (lse = -inf, e.g.
+  // a + b on disjoint supports) makes D = +inf for a negative weight.
+  double shifts = 0, logs = 0;
+  for (int k = 0; k < kTerms; ++k) {
+    shifts += c.w[k] * r.shift[k];
+    logs += c.w[k] * r.log_sum[k];
+  }
+  r.loss = nan ? std::numeric_limits<double>::quiet_NaN() : shifts + logs;
+  return r;
+}
+
+// Per-ISA clones of the sums pass (AVX-512 / AVX2 / baseline), as the divergence kernels do.
+FDIV_CLONES RowStats stats_float(const float* a, const float* b, int64_t n, const Coeffs& c) {
+  return row_stats(a, b, n, c);
+}
+RowStats stats_double(const double* a, const double* b, int64_t n, const Coeffs& c) {
+  return row_stats(a, b, n, c);
+}
+FDIV_INLINE RowStats stats(const float* a, const float* b, int64_t n, const Coeffs& c) {
+  return stats_float(a, b, n, c);
+}
+FDIV_INLINE RowStats stats(const double* a, const double* b, int64_t n, const Coeffs& c) {
+  return stats_double(a, b, n, c);
+}
+
+// g = sum_k w_k c_k softmax_k (c = ca for the student, cb for the teacher), then the chain rule
+// of x's transform. A term with no mass (log_sum = -inf) is left out rather than NaN.
+template <class T>
+void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStats& r,
+              const Coeffs& c, const std::array<double, kTerms>& cx, const Transform& tr) {
+  std::fill(g, g + n, T(0));
+  for (int k = 0; k < kTerms; ++k) {
+    const double wk = c.w[k] * cx[k];
+    if (wk == 0 || r.log_sum[k] == -std::numeric_limits<double>::infinity()) continue;
+    const T w = T(wk), ca = T(c.ca[k]), cb = T(c.cb[k]), sh = T(r.shift[k]), ls = T(r.log_sum[k]);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      g[j] += w * vexp(((times(ca, a[j]) + times(cb, b[j])) - sh) - ls);
+  }
+  chain_rule(g, x, n, tr);
+}
+
+template <class scalar_t, class T>
+void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, const Coeffs& c,
+         const Transform& ts, const Transform& tt, at::Tensor& loss, at::Tensor& gs,
+         at::Tensor& gt, bool want_s, bool want_t) {
+  constexpr bool kWide = std::is_same_v<scalar_t, T>;
+  const int64_t rows = s.size(0), n = s.size(1);
+  const scalar_t* sp = s.const_data_ptr<scalar_t>();
+  const scalar_t* tp = t.const_data_ptr<scalar_t>();
+  const bool* vp = valid.const_data_ptr<bool>();
+  T* lp = loss.mutable_data_ptr<T>();
+  scalar_t* gsp = want_s ? gs.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gtp = want_t ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    // Per thread, O(n): the transformed pair, and for 16-bit rows a float gradient row.
+    std::vector<T> buf(size_t(n * (kWide ? 2 : 3)));
+    T* const a = buf.data();
+    T* const b = a + n;
+    T* const g16 = kWide ? nullptr : b + n;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t off = i * n;
+      scalar_t* gsr = gsp ? gsp + off : nullptr;
+      scalar_t* gtr = gtp ? gtp + off : nullptr;
+      if (!vp[i]) {
+        lp[i] = T(0);
+        if (gsr) std::fill(gsr, gsr + n, scalar_t(0));
+        if (gtr) std::fill(gtr, gtr + n, scalar_t(0));
+        continue;
+      }
+      if constexpr (kWide) {
+        transform_row(a, sp + off, n, ts);
+        transform_row(b, tp + off, n, tt);
+      } else {
+        widen_block(a, sp + off, n);
+        widen_block(b, tp + off, n);
+        transform_row(a, a, n, ts);
+        transform_row(b, b, n, tt);
+      }
+      const RowStats r = stats(a, b, n, c);
+      lp[i] = T(r.loss);
+      if constexpr (kWide) {
+        if (gsr) row_grad(gsr, a, a, b, n, r, c, c.ca, ts);
+        if (gtr) row_grad(gtr, b, a, b, n, r, c, c.cb, tt);
+      } else {
+        if (gsr) {
+          row_grad(g16, a, a, b, n, r, c, c.ca, ts);
+          narrow_block(gsr, g16, n);
+        }
+        if (gtr) {
+          row_grad(g16, b, a, b, n, r, c, c.cb, tt);
+          narrow_block(gtr, g16, n);
+        }
+      }
+    }
+  });
+}
+
+void check_transform(double scale, double cap, const char* who) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), who, "_scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(cap) && cap >= 0, who,
+                    "_softcap must be finite and >= 0 (0: none), got ", cap);
+}
+
+Coeffs checked_coeffs(at::ArrayRef<double> coeffs) {
+  TORCH_CHECK_VALUE(coeffs.size() == 3 * kTerms, "coeffs must hold ", 3 * kTerms,
+                    " numbers (ca, cb, w per term), got ", coeffs.size());
+  Coeffs c;
+  for (int k = 0; k < kTerms; ++k) {
+    c.ca[k] = coeffs[3 * k];
+    c.cb[k] = coeffs[3 * k + 1];
+    c.w[k] = coeffs[3 * k + 2];
+    TORCH_CHECK_VALUE(c.ca[k] >= 0 && c.cb[k] >= 0 && std::isfinite(c.ca[k]) &&
+                          std::isfinite(c.cb[k]) && std::isfinite(c.w[k]),
+                      "coeffs: the input coefficients must be finite and >= 0 and the weights "
+                      "finite, got term ", k, " = (", c.ca[k], ", ", c.cb[k], ", ", c.w[k], ")");
+  }
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_combination_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+    at::ArrayRef<double> coeffs, double inv_temperature, double student_scale,
+    double student_softcap, double teacher_scale, double teacher_softcap, bool grad_student,
+    bool grad_teacher) {
+  // KL's id: any valid base passes the shared check; no element kind is used here.
+  check_divergence_args(student, teacher, valid, KL, kCpuTarget);
+  check_transform(student_scale, student_softcap, "student");
+  check_transform(teacher_scale, teacher_softcap, "teacher");
+  const Coeffs c = checked_coeffs(coeffs);
+  const auto dt = student.scalar_type();
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), v = valid.contiguous();
+  const auto opts = student.options();
+  at::Tensor loss = at::empty({s.size(0)}, opts.dtype(stats_dtype(dt)));
+  at::Tensor gs = grad_student ? at::empty_like(s) : at::empty({0}, opts);
+  at::Tensor gt = grad_teacher ? at::empty_like(t) : at::empty({0}, opts);
+  const Transform ts{student_scale, student_softcap, inv_temperature};
+  const Transform tt{teacher_scale, teacher_softcap, inv_temperature};
+  switch (dt) {
+    case at::kFloat:
+      run<float, float>(s, t, v, c, ts, tt, loss, gs, gt, grad_student, grad_teacher);
+      break;
+    case at::kDouble:
+      run<double, double>(s, t, v, c, ts, tt, loss, gs, gt, grad_student, grad_teacher);
+      break;
+    case at::kBFloat16:
+      run<at::BFloat16, float>(s, t, v, c, ts, tt, loss, gs, gt, grad_student, grad_teacher);
+      break;
+    default:
+      run<at::Half, float>(s, t, v, c, ts, tt, loss, gs, gt, grad_student, grad_teacher);
+      break;
+  }
+  return {loss, gs, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fdiv, CPU, m) { m.impl("lse_combination_fwd_cpu", &lse_combination_fwd_cpu); }
+
+}  // namespace fdiv_kernels

@@ -1,0 +1,222 @@
+"""The kinds that are functions of a few per-row sums, not sums of element terms: Renyi and
+Cauchy-Schwarz (``ROW_DIVERGENCES`` in ``fdiv_kernels._kinds``), as ``fk.divergence`` runs them.
+
+Both are written with one row op, ``fdiv::lse_combination_fwd_<backend>`` (csrc/cpu/
+lse_combination.cpp, triton_kernels/lse_combination.py, ``lse_combination_rows_torch`` below):
+with a = student / T, b = teacher / T and three terms (ca_k, cb_k, w_k)::
+
+    D = sum_k w_k lse(ca_k a + cb_k b),   dD/da = sum_k w_k ca_k softmax(ca_k a + cb_k b)
+
+(and cb for b): one pass for the three online log-sum-exps, one for the gradients, computed in
+the forward and scaled per row in the backward like ``DivergenceFunction``'s. The sums are
+accumulated in float64 (per element the exps are in the compute type); the logit transforms
+(scale, softcap) are fused in.
+
+Cauchy-Schwarz, D_CS = -log sum p q + 1/2 log sum p^2 + 1/2 log sum q^2: the log-partition
+functions cancel, leaving 1/2 lse(2a) + 1/2 lse(2b) - lse(a + b), gradient softmax(2a) -
+softmax(a + b). The maxima are combined before the log-sums, so identical rows give exactly 0 and
+D_CS -> 0 keeps its float64-sum accuracy; disjoint supports give lse(a + b) = -inf, D = +inf, and
+that term is left out of the gradient (finite, never NaN).
+
+Renyi of order alpha > 0, D = log S / (alpha - 1), S = sum p^alpha q^(1-alpha), two routes:
+
+* From the Amari alpha kind's rows A = (1 - S) / (alpha (1 - alpha)) (the existing divergence op,
+  every backend): D = log1p(-alpha (1 - alpha) A) / (alpha - 1), autograd giving the per-row scale
+  dD/dA = alpha / S. Exact near alpha = 1 (A has the alpha kernels' relative accuracy, expm1 form;
+  alpha = 1 folds into KL) and for alpha > 1 (S >= 1, no cancellation). Its weak spot: alpha < 1
+  with S << 1 (large D), where S = 1 - x inherits A's absolute error (error ~ eps / S; disjoint
+  supports would give a large finite number instead of +inf).
+* From log-sum-exps: log S = lse((1-alpha) a + alpha b) - (1-alpha) lse(a) - alpha lse(b), i.e.
+  terms (1-alpha, alpha, 1/(alpha-1)), (1, 0, 1), (0, 1, alpha/(1-alpha)): log S to a few eps
+  absolute whatever S (disjoint: -inf, D = +inf), but the cancellation makes it useless near
+  alpha = 1, where log S ~ (alpha - 1) KL.
+
+Each row takes the alpha route where S >= 1/2 (every alpha > 1) and the log-sum-exp route where
+S < 1/2 (alpha < 1 only), where it is accurate to ~1e-6 relative (D >= log 2 / (1 - alpha));
+measured against float64, both routes stay within ~2e-7 relative (fp32 logits, alpha = 0.3,
+1 -+ 1e-4, 2; S down to 0.009). The price for alpha < 1: both ops run on every row (the route
+is chosen per row without a host sync), so twice the passes and two (N, V) gradient buffers per
+input until the backward; alpha > 1 runs the alpha op only.
+alpha <= 0 is rejected (``_kinds``): alpha's alpha = 0 folds into reverse KL, which is not Renyi's
+alpha -> 0 limit (-log q(supp p)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fdiv_kernels.backends.common import loss_dtype
+
+RENYI = "renyi"
+CAUCHY_SCHWARZ = "cauchy_schwarz"
+ROW_KIND_NAMES = f"{RENYI!r} / {CAUCHY_SCHWARZ!r}"
+
+
+# Terms (ca, cb, w) of the row op.
+CAUCHY_SCHWARZ_COEFFS = (2.0, 0.0, 0.5, 0.0, 2.0, 0.5, 1.0, 1.0, -1.0)
+
+
+def renyi_coeffs(alpha: float) -> tuple[float, ...]:
+    """The log-sum-exp route of Renyi (alpha < 1): log S / (alpha - 1) as three terms."""
+    return (1.0 - alpha, alpha, 1.0 / (alpha - 1.0), 1.0, 0.0, 1.0, 0.0, 1.0, alpha / (1.0 - alpha))
+
+
+# S below which a row takes the log-sum-exp route.
+RENYI_SWITCH = 0.5
+
+
+def renyi_rows(alpha_rows: Tensor, alpha: float, lse_rows: Tensor | None) -> Tensor:
+    """Renyi rows from the alpha kind's rows A and, for alpha < 1, the log-sum-exp route's rows.
+
+    Differentiable: autograd scales A's gradient by alpha / S where the alpha route is taken,
+    and passes the log-sum-exp route's own gradient elsewhere. Rows with A = 0 (ignored rows,
+    identical inputs) give 0.
+    """
+    wide = torch.promote_types(alpha_rows.dtype, torch.float64)
+    x = alpha_rows.to(wide) * (alpha * (1.0 - alpha))  # 1 - S
+    if lse_rows is None:
+        return (torch.log1p(-x) / (alpha - 1.0)).to(alpha_rows.dtype)
+    use_lse = x > 1.0 - RENYI_SWITCH
+    # The unused branch is fed a harmless value: its gradient (0 from where) must not meet
+    # log1p's infinite slope at S = 0 (0 * inf = NaN).
+    from_alpha = torch.log1p(-torch.where(use_lse, torch.zeros_like(x), x)) / (alpha - 1.0)
+    return torch.where(use_lse, lse_rows.to(wide), from_alpha).to(alpha_rows.dtype)
+
+
+def transform_logits(z: Tensor, scale: float, softcap: float,
+                     inv_t: float) -> tuple[Tensor, Tensor]:
+    """(a, da/dz): z * scale, then softcap * tanh(. / softcap) when softcap > 0, then / T."""
+    z = z * scale
+    if softcap > 0:
+        th = torch.tanh(z / softcap)
+        return softcap * th * inv_t, (scale * inv_t) * (1.0 - th * th)
+    return z * inv_t, torch.full_like(z, scale * inv_t)
+
+
+def _softmax_or_zero(x: Tensor, lse: Tensor) -> Tensor:
+    """exp(x - lse) row-wise; 0 on rows whose lse is -inf (no mass: nothing to differentiate)."""
+    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
+    dead = (lse == -math.inf)[:, None]
+    return torch.where(dead, torch.zeros_like(x), torch.exp(x - safe[:, None]))
+
+
+def lse_combination_rows_torch(
+    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
+    student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch statement of ``fdiv::lse_combination_fwd_<backend>`` (float64 sums)."""
+    from fdiv_kernels.backends.torch_ref import _chunks, _zero_where
+
+    if len(coeffs) != 9:
+        raise ValueError(f"coeffs must hold 9 numbers (ca, cb, w per term), got {len(coeffs)}")
+    terms = [tuple(float(c) for c in coeffs[i:i + 3]) for i in (0, 3, 6)]
+    if any(not (ca >= 0 and cb >= 0 and math.isfinite(ca + cb + w)) for ca, cb, w in terms):
+        raise ValueError(f"coeffs: the input coefficients must be finite and >= 0 and the "
+                         f"weights finite, got {terms}")
+    ctype = loss_dtype(student.dtype)
+    wide = torch.promote_types(ctype, torch.float64)
+    N, V = student.shape
+    loss = student.new_empty(N, dtype=ctype)
+    gs = torch.empty_like(student) if grad_student else student.new_empty(0)
+    gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
+    for rows in _chunks(N, V):
+        a, da = transform_logits(student[rows].to(wide), student_scale, student_softcap,
+                                 inv_temperature)
+        b, db = transform_logits(teacher[rows].to(wide), teacher_scale, teacher_softcap,
+                                 inv_temperature)
+        xs = [_mix(a, b, ca, cb) for ca, cb, _ in terms]
+        lses = [torch.logsumexp(x, -1) for x in xs]
+        # The maxima first, then the log-sums (as the kernels: exact 0 on identical CS rows).
+        shifts = [torch.where(x.amax(-1) == -math.inf, 0.0, x.amax(-1)) for x in xs]
+        logs = [torch.log(torch.exp(x - m[:, None]).sum(-1)) for x, m in zip(xs, shifts)]
+        row = sum(w * m for (_, _, w), m in zip(terms, shifts))
+        row = row + sum(w * ls for (_, _, w), ls in zip(terms, logs))
+        keep = valid[rows]
+        loss[rows] = _zero_where(keep, row.to(ctype))
+        for want, out, slope, idx in ((grad_student, gs, da, 0), (grad_teacher, gt, db, 1)):
+            if not want:
+                continue
+            g = torch.zeros_like(a)
+            for term, x, lse in zip(terms, xs, lses):
+                wc = term[2] * term[idx]
+                if wc != 0:
+                    g = g + wc * _softmax_or_zero(x, lse)
+            out[rows] = _zero_where(keep, g * slope)
+    return loss, gs, gt
+
+
+def _mix(a: Tensor, b: Tensor, ca: float, cb: float) -> Tensor:
+    """ca a + cb b, a zero coefficient dropping its input (0 * -inf would be NaN)."""
+    return (ca * a if ca else torch.zeros_like(a)) + (cb * b if cb else torch.zeros_like(b))
+
+
+class LseCombinationFunction(torch.autograd.Function):
+    """Per-row sum_k w_k lse(ca_k a + cb_k b) of (N, V) logits; the gradient is computed in the
+    forward and scaled per row in the backward (in place when ``inplace``: the graph can then be
+    backpropagated once)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, valid, coeffs, inv_t, transforms, backend, inplace,
+                grad_enabled):
+        grad_s = grad_enabled and ctx.needs_input_grad[0]
+        grad_t = grad_enabled and ctx.needs_input_grad[1]
+        op = getattr(torch.ops.fdiv, f"lse_combination_fwd_{backend}")
+        loss, gs, gt = op(student, teacher, valid, list(coeffs), inv_t, *transforms, grad_s,
+                          grad_t)
+        ctx.save_for_backward(gs, gt)
+        ctx.grad_s, ctx.grad_t = grad_s, grad_t
+        ctx.inplace, ctx.used = inplace, False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"fdiv_kernels.divergence(kind={ROW_KIND_NAMES}) does not support "
+                "higher-order gradients (backward with create_graph=True)"
+            )
+        if ctx.used:
+            raise RuntimeError(
+                "fdiv_kernels.divergence: backward ran twice through the same graph "
+                "(retain_graph=True, gradcheck, jacobians); pass inplace_backward=False for that"
+            )
+        ctx.used = ctx.inplace
+        gs, gt = ctx.saved_tensors
+        if not ctx.inplace:
+            gs, gt = gs.clone(), gt.clone()
+        if ctx.grad_s:
+            torch.ops.fdiv.scale_rows_(gs, grad_loss)
+        if ctx.grad_t:
+            torch.ops.fdiv.scale_rows_(gt, grad_loss)
+        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 7)
+
+
+def row_kind_rows(
+    kind: str, param: float, s: Tensor, t: Tensor, keep: Tensor, inv_t: float, backend: str,
+    inplace: bool, alpha_rows: Tensor | None = None, *, student_scale: float = 1.0,
+    student_softcap: float | None = None, teacher_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+) -> Tensor:
+    """Per-row loss of a row kind on 2-D logits (``fk.divergence`` has validated them), with
+    autograd. ``backend`` names the resolved backend of ``fdiv::lse_combination_fwd``;
+    ``alpha_rows``: for renyi, the alpha kind's rows (the divergence op's output) at ``param``.
+    """
+    transforms = (float(student_scale), float(student_softcap or 0.0),
+                  float(teacher_scale), float(teacher_softcap or 0.0))
+
+    def lse_rows(coeffs):
+        return LseCombinationFunction.apply(s, t, keep, coeffs, inv_t, transforms, backend,
+                                            inplace, torch.is_grad_enabled())
+
+    if kind == CAUCHY_SCHWARZ:
+        return lse_rows(CAUCHY_SCHWARZ_COEFFS)
+    if kind == RENYI:
+        return renyi_rows(alpha_rows, param, lse_rows(renyi_coeffs(param)) if param < 1 else None)
+    raise ValueError(f"not a row kind: {kind!r}")
+
+
+__all__ = ["LseCombinationFunction", "renyi_rows", "row_kind_rows"]

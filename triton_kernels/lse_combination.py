@@ -1,0 +1,200 @@
+"""Triton row divergences that are weighted sums of three log-sum-exps, with their gradients.
+
+With a = student / T, b = teacher / T (after the optional logit transforms) and three terms
+(ca_k, cb_k, w_k), ca_k, cb_k >= 0::
+
+    D = sum_k w_k lse(ca_k a + cb_k b)
+    dD/da = sum_k w_k ca_k softmax(ca_k a + cb_k b),   dD/db = sum_k w_k cb_k softmax(...)
+
+(Cauchy-Schwarz and Renyi: ``fdiv_kernels._row_kinds``). One program per row: one pass folds the
+three online log-sum-exps (``online_softmax``) in float64, one writes the gradients in float32.
+The sums pass is float64 throughout: the terms cancel as p -> q. A zero coefficient drops
+its input, also against a -inf logit.
+
+Transforms per input, in order (no CAP: none): z <- z * scale; z <- cap tanh(z / cap); a = z / T.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fdiv_kernels.triton_kernels.online_softmax import online_update
+
+# Largest block per loop iteration (tests lower it to run the multi-block loop on small rows).
+MAX_BLOCK = 4096
+
+
+@triton.jit
+def _tanh(u):
+    # tanh without a libdevice call (the interpreter has none): sign(u) (1 - e) / (1 + e),
+    # e = exp(-2|u|), with 1 - e = -expm1(-2|u|) by a Taylor series where it would cancel
+    # (|x| < 1/4: degree 7, relative error < 1e-8).
+    x = -2.0 * tl.abs(u)
+    p = 1.0 + x * (1.0 / 7.0)
+    p = 1.0 + x * (1.0 / 6.0) * p
+    p = 1.0 + x * (1.0 / 5.0) * p
+    p = 1.0 + x * (1.0 / 4.0) * p
+    p = 1.0 + x * (1.0 / 3.0) * p
+    p = 1.0 + x * 0.5 * p
+    e = tl.exp(x)
+    one_minus_e = tl.where(x > -0.25, -(x * p), 1.0 - e)
+    t = one_minus_e / (1.0 + e)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _load(row, cols, V, scale, cap, inv_t, HAS_CAP: tl.constexpr):
+    """(a, da/dz) of one block: the transformed logits (-inf past the row) and their slope."""
+    z = tl.load(row + cols, mask=cols < V, other=0.0).to(tl.float32) * scale
+    if HAS_CAP:
+        th = _tanh(z / cap)
+        a = tl.where(cols < V, cap * th * inv_t, float("-inf"))
+        slope = scale * inv_t * (1.0 - th * th)
+    else:
+        a = tl.where(cols < V, z * inv_t, float("-inf"))
+        slope = tl.zeros_like(z) + scale * inv_t
+    return a, slope
+
+
+@triton.jit
+def _mix(a, b, ca, cb):
+    # ca a + cb b, a zero coefficient dropping its input (0 * -inf would be NaN).
+    return tl.where(ca == 0, 0.0, ca * a) + tl.where(cb == 0, 0.0, cb * b)
+
+
+@triton.jit
+def _grad_term(g, a, b, ca, cb, wc, m, ls, live):
+    # g + w c softmax(ca a + cb b); a term with no mass (live false) adds nothing.
+    e = tl.exp((_mix(a, b, ca, cb) - m) - ls)
+    return g + tl.where(live & (wc != 0), wc * e, 0.0)
+
+
+@triton.jit
+def _lse_combination_fwd_kernel(
+    s_ptr, t_ptr, valid_ptr, loss_ptr, gs_ptr, gt_ptr,
+    V, stride_s, stride_t, stride_gs, stride_gt,
+    ca0, cb0, w0, ca1, cb1, w1, ca2, cb2, w2,
+    inv_t, s_scale, s_cap, t_scale, t_cap,
+    S_CAP: tl.constexpr, T_CAP: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    gs_row = gs_ptr + row * stride_gs
+    gt_row = gt_ptr + row * stride_gt
+    if tl.load(valid_ptr + row) != 0:
+        # The sums pass in float64, exps and mixes included: the terms cancel as p -> q
+        # (Cauchy-Schwarz: D ~ 1e-6 while each lse ~ 10), where float32 exps would leave ~3e-7
+        # of rounding, and a + b rounded to float32 is off by eps |a + b|.
+        neg_inf = tl.full([], float("-inf"), tl.float64)
+        m0, m1, m2 = neg_inf, neg_inf, neg_inf
+        s0 = tl.zeros([], tl.float64)
+        s1 = tl.zeros([], tl.float64)
+        s2 = tl.zeros([], tl.float64)
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            a, _ = _load(s_row, cols, V, s_scale, s_cap, inv_t, S_CAP)
+            b, _ = _load(t_row, cols, V, t_scale, t_cap, inv_t, T_CAP)
+            a = a.to(tl.float64)
+            b = b.to(tl.float64)
+            m0, s0 = online_update(m0, s0, _mix(a, b, ca0, cb0))
+            m1, s1 = online_update(m1, s1, _mix(a, b, ca1, cb1))
+            m2, s2 = online_update(m2, s2, _mix(a, b, ca2, cb2))
+        ls0 = tl.log(s0)
+        ls1 = tl.log(s1)
+        ls2 = tl.log(s2)
+        # The maxima carry the magnitudes and combine first (exactly cancelling for identical
+        # Cauchy-Schwarz rows); a term with no mass is shifted by 0 (its log-sum is -inf).
+        sh0 = tl.where(m0 == float("-inf"), 0.0, m0)
+        sh1 = tl.where(m1 == float("-inf"), 0.0, m1)
+        sh2 = tl.where(m2 == float("-inf"), 0.0, m2)
+        shifts = w0 * sh0 + w1 * sh1 + w2 * sh2
+        loss = shifts + (w0 * ls0 + w1 * ls1 + w2 * ls2)
+        tl.store(loss_ptr + row, loss.to(tl.float32))
+        if GRAD_S or GRAD_T:
+            live0 = s0 > 0
+            live1 = s1 > 0
+            live2 = s2 > 0
+            l0 = tl.where(live0, ls0, 0.0).to(tl.float32)
+            l1 = tl.where(live1, ls1, 0.0).to(tl.float32)
+            l2 = tl.where(live2, ls2, 0.0).to(tl.float32)
+            g0 = sh0.to(tl.float32)
+            g1 = sh1.to(tl.float32)
+            g2 = sh2.to(tl.float32)
+            for off in range(0, V, BLOCK):
+                cols = off + tl.arange(0, BLOCK)
+                in_row = cols < V
+                a, da = _load(s_row, cols, V, s_scale, s_cap, inv_t, S_CAP)
+                b, db = _load(t_row, cols, V, t_scale, t_cap, inv_t, T_CAP)
+                if GRAD_S:
+                    g = tl.zeros([BLOCK], tl.float32)
+                    g = _grad_term(g, a, b, ca0, cb0, w0 * ca0, g0, l0, live0)
+                    g = _grad_term(g, a, b, ca1, cb1, w1 * ca1, g1, l1, live1)
+                    g = _grad_term(g, a, b, ca2, cb2, w2 * ca2, g2, l2, live2)
+                    tl.store(gs_row + cols, (g * da).to(gs_row.dtype.element_ty), mask=in_row)
+                if GRAD_T:
+                    g = tl.zeros([BLOCK], tl.float32)
+                    g = _grad_term(g, a, b, ca0, cb0, w0 * cb0, g0, l0, live0)
+                    g = _grad_term(g, a, b, ca1, cb1, w1 * cb1, g1, l1, live1)
+                    g = _grad_term(g, a, b, ca2, cb2, w2 * cb2, g2, l2, live2)
+                    tl.store(gt_row + cols, (g * db).to(gt_row.dtype.element_ty), mask=in_row)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            zero = tl.zeros([BLOCK], tl.float32)
+            if GRAD_S:
+                tl.store(gs_row + cols, zero.to(gs_row.dtype.element_ty), mask=cols < V)
+            if GRAD_T:
+                tl.store(gt_row + cols, zero.to(gt_row.dtype.element_ty), mask=cols < V)
+
+
+def block_size(V: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of length V."""
+    block = min(triton.next_power_of_2(V), MAX_BLOCK)
+    return block, max(1, min(16, block // 512))
+
+
+def lse_combination_fwd(student, teacher, valid, coeffs, inv_temperature, student_scale,
+                        student_softcap, teacher_scale, teacher_softcap, grad_student,
+                        grad_teacher):
+    """Launch on (N, V) contiguous logits: float32 per-row D and the requested gradients."""
+    N, V = student.shape
+    loss = torch.empty(N, dtype=torch.float32, device=student.device)
+    gs = torch.empty_like(student) if grad_student else student.new_empty(0)
+    gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
+    if N == 0:
+        return loss, gs, gt
+    block, warps = block_size(V)
+    _lse_combination_fwd_kernel[(N,)](
+        student, teacher, valid, loss, gs if grad_student else student,
+        gt if grad_teacher else teacher,
+        V, student.stride(0), teacher.stride(0),
+        gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
+        *[float(c) for c in coeffs],
+        float(inv_temperature), float(student_scale), float(student_softcap or 1.0),
+        float(teacher_scale), float(teacher_softcap or 1.0),
+        S_CAP=bool(student_softcap), T_CAP=bool(teacher_softcap),
+        GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher), BLOCK=block, num_warps=warps,
+    )
+    return loss, gs, gt
+
+
+def launch_variants(widths=(1000, 128256), dtypes=(torch.bfloat16, torch.float16, torch.float32)):
+    """Every launch ``lse_combination_fwd`` makes (gradient flags x softcap x dtype x width), as
+    (labels, call) for the compile check (``fdiv_kernels/triton_compile_check.py``)."""
+    from fdiv_kernels._row_kinds import CAUCHY_SCHWARZ_COEFFS
+
+    flags = {(True, True): "s+t", (True, False): "s", (False, True): "t", (False, False): "none"}
+    for V in widths:
+        for (gs, gt), grads in flags.items():
+            for cap in (0.0, 30.0):
+                for dt in dtypes:
+                    def call(V=V, gs=gs, gt=gt, cap=cap, dt=dt):
+                        s = torch.randn(1, V, dtype=dt)
+                        valid = torch.ones(1, dtype=torch.bool)
+                        lse_combination_fwd(s, s, valid, CAUCHY_SCHWARZ_COEFFS, 1.0, 1.0, cap,
+                                            1.0, cap, gs, gt)
+                    yield {"op": "lse_combination", "dtype": str(dt).removeprefix("torch."),
+                           "V": V, "grads": grads, "softcap": cap}, call
