@@ -97,11 +97,15 @@ def test_selective_log_softmax_matches_trl(dtype, k):
         (out.float() * w).sum().backward()
         (ref.float() * w).sum().backward()
         if dtype == torch.float32:
-            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
         else:
-            exact = trl_utils.selective_log_softmax(logits.double(), index, temperature, mask)
+            x = logits.double().requires_grad_(True)
+            exact = trl_utils.selective_log_softmax(x, index, temperature, mask)
             assert (out.double() - exact).abs().max() <= (ref.double() - exact).abs().max() + 1e-9
+            (exact * w.double()).sum().backward()
+            err_ours = (a.grad.double() - x.grad).abs().max()
+            assert err_ours <= (b.grad.double() - x.grad).abs().max() + 1e-9
 
 
 def test_logprobs_and_entropy_match_trl():

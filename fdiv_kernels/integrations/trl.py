@@ -97,19 +97,15 @@ def selective_log_softmax(
 ) -> Tensor:
     r"""TRL's ``selective_log_softmax``: log softmax(logits / T) gathered at ``index``.
 
-    ``index`` is (...) (one token per row: ``fk.token_logprobs``, one pass, no log_softmax) or
-    (..., K) (K tokens per row: one log-sum-exp per row from ``fk.softmax_stats``, then a gather of
-    the K logits). Rows where ``row_mask == 0`` give 0. The result has ``index``'s shape and the
-    logits' dtype, as TRL's; it is computed in fp32.
+    ``index`` is (...) (one token per row) or (..., K) (K tokens per row: one log-sum-exp per
+    row, then a gather of the K logits); both are ``fk.token_logprobs``, one pass over the
+    logits, no log_softmax. Rows where ``row_mask == 0`` give 0. The result has ``index``'s
+    shape and the logits' dtype, as TRL's; it is computed in fp32.
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
-    if index.dim() == logits.dim() - 1:
+    if index.dim() in (logits.dim() - 1, logits.dim()):
         out = fk.token_logprobs(logits, index, temperature=temperature)
-    elif index.dim() == logits.dim():
-        lse = fk.softmax_stats(logits, temperature=temperature).lse
-        picked = torch.gather(logits, -1, index).to(lse.dtype) / temperature
-        out = picked - lse.unsqueeze(-1)
     else:
         raise ValueError(f"index must have shape (...) or (..., K) for logits "
                          f"{tuple(logits.shape)}, got {tuple(index.shape)}")
