@@ -152,11 +152,6 @@ def test_apply_fk_to_trl_rebinds_idempotent_and_undoes():
     assert all(m.selective_log_softmax is orig_sls for m in holders)
 
 
-def test_apply_fk_to_trl_warns_about_distillation():
-    with pytest.warns(UserWarning, match="_chunked_divergence_loss"):
-        fk_trl.apply_fk_to_trl(gkd=False, logprobs=False).undo()
-
-
 # ---- Trainer level: TRL's GKDTrainer, three steps, with and without the patch --------------------
 
 
