@@ -55,7 +55,11 @@ def _accumulate_grads(gz: Tensor, h: Tensor, w: Tensor, out: dict, rows, prefix:
         if keep is not None:
             # Ignored rows are inert: their gz is 0, but 0 * a NaN hidden state would be NaN.
             h = torch.where(keep[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
-        out[prefix + "w"] += _gemm_f32(gz.t(), h)
+        acc = out[prefix + "w"]
+        if gz.dtype == h.dtype == acc.dtype:
+            acc.addmm_(gz.t(), h)  # accumulated inside the GEMM: no (V, H) temporary per chunk
+        else:
+            acc += _gemm_f32(gz.t(), h)
     if out[prefix + "b"] is not None:
         out[prefix + "b"] += gz.sum(0)
 

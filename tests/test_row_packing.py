@@ -84,8 +84,8 @@ def test_masked_rows_skip_the_gemms(monkeypatch):
     params[0][labels == -100] = float("nan")
     out, grads = _run(params, labels, "mean", "auto")
     kept = int((labels != -100).sum())
-    # Per chunk: student and teacher logits, d hidden and d weight of the student.
-    assert sum(seen) == 4 * kept, (seen, kept)
+    # Per chunk: student and teacher logits and d hidden (fp32 d weight accumulates in place).
+    assert sum(seen) == 3 * kept, (seen, kept)
     assert torch.isfinite(out) and all(torch.isfinite(g).all() for g in grads[:3])
 
 

@@ -85,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="this library's backends to time (default: all available but torch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--interleave", type=int, default=0, metavar="R",
-                   help="time each case's providers in R alternating rounds (median), so that "
-                        "on a shared machine they see the same load")
+                   help="time each case's providers in R alternating rounds (the fastest "
+                        "round), so that on a shared machine they see the same load")
     p.add_argument("--quick", action="store_true", help="tiny shapes, no compile: a smoke run")
     p.add_argument("--json", default=None, help="write the rows and metadata to this file")
     p.add_argument("--png", default=None, help="write a chart of time and bandwidth against V")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import statistics
 import sys
 
 import torch
@@ -15,8 +14,9 @@ from fdiv_kernels.bench.measure import copy_bandwidth_gbps, device_name, peak_by
 
 
 def _interleaved_ms(case: Case, rounds: int, log) -> dict[str, float | str]:
-    """Median ms per provider over ``rounds`` rounds that call every provider once each, in turn:
-    on a shared machine all providers then see the same load (sequential medians do not)."""
+    """Fastest ms per provider over ``rounds`` rounds that call every provider once each, in
+    turn: on a shared machine all providers then see the same load (sequential medians do not),
+    and the minimum, since load only ever adds time."""
     fns, times, out = {}, {}, {}
     for name, setup in case.providers.items():
         try:
@@ -30,7 +30,7 @@ def _interleaved_ms(case: Case, rounds: int, log) -> dict[str, float | str]:
         for name, fn in fns.items():
             times[name].append(time_ms(fn, case.device, warmup=0, min_repeats=1, budget_s=0.0))
     for name, ts in times.items():
-        out[name] = statistics.median(ts)
+        out[name] = min(ts)
     return out
 
 
