@@ -4,6 +4,8 @@ Rows are processed in chunks: a chunk's logits are produced in fp32 (z = h W^T +
 divergence op returns the chunk's per-row loss and d loss / d z in one launch, and the chunk's
 contribution to the hidden and weight gradients is accumulated in fp32 before the next chunk.
 Memory beyond the gradients is one chunk of logits, so it is set by ``chunk_size`` (or a budget).
+Rows whose label is ``ignore_index`` (prompt tokens) are packed out before the chunks, so they
+cost no GEMM: a 70%-masked batch does 30% of the matrix work.
 
 For a scalar reduction the gradients are computed in the forward and the backward scales them
 by the incoming scalar; with ``reduction="none"`` the backward recomputes the chunks with the
@@ -53,7 +55,11 @@ def _accumulate_grads(gz: Tensor, h: Tensor, w: Tensor, out: dict, rows, prefix:
         if keep is not None:
             # Ignored rows are inert: their gz is 0, but 0 * a NaN hidden state would be NaN.
             h = torch.where(keep[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
-        out[prefix + "w"] += _gemm_f32(gz.t(), h)
+        acc = out[prefix + "w"]
+        if gz.dtype == h.dtype == acc.dtype:
+            acc.addmm_(gz.t(), h)  # accumulated inside the GEMM: no (V, H) temporary per chunk
+        else:
+            acc += _gemm_f32(gz.t(), h)
     if out[prefix + "b"] is not None:
         out[prefix + "b"] += gz.sum(0)
 
@@ -120,6 +126,19 @@ def _run(ctx_args: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict
                                   valid if a["mask"] else None)
                 del gz, gzt
     return loss, grads
+
+
+def _kept_rows(valid: Tensor | None) -> Tensor | None:
+    """Indices of the kept rows in order, or None when packing would gain nothing.
+
+    The one host sync of the op: the count of kept rows sets how many chunks run (TRL's trainer
+    syncs the same way, through a boolean index). Under ``torch.compile`` rows are not packed
+    (a data-dependent shape would break the graph): ignored rows then cost their GEMMs.
+    """
+    if valid is None or torch.compiler.is_compiling():
+        return None
+    kept = valid.nonzero().squeeze(1)
+    return None if kept.numel() == valid.numel() else kept
 
 
 def _cross_entropy(z: Tensor, labels: Tensor, ignore_index: int, backend: str, grad: bool):
@@ -218,7 +237,10 @@ def fused_linear_divergence(
     per-row loss is (1 - w) D + w CE(student, labels) (labels required). Logits are formed in fp32
     whatever the operand dtype; gradients (to the student's hidden, weight and bias, and the
     teacher's when they require grad) accumulate in fp32 and return in each parameter's dtype.
-    ``chunk_size`` rows are processed at a time (default: from a memory budget).
+    ``chunk_size`` rows are processed at a time (default: from a memory budget). Ignored rows
+    are dropped before the GEMMs (one host sync for their count; not under ``torch.compile``)
+    and get exactly zero gradient; a fully ignored batch gives a zero loss that is still part
+    of the graph (zero, not None, gradients), so data-parallel ranks stay in step.
     """
     hs = V.check_logits("student_hidden", student_hidden)
     ht = V.check_logits("teacher_hidden", teacher_hidden)
@@ -285,12 +307,28 @@ def fused_linear_divergence(
         else:
             denom = weights.sum().clamp(min=1)
         weights = weights / denom
-    args = {"spec": spec, "inv_t": inv_t, "valid": keep, "mask": valid is not None,
-            "labels": flat_labels,
+    hs2, ht2 = hs.reshape(n, hs.shape[-1]), ht.reshape(n, ht.shape[-1])
+    kept = _kept_rows(valid)
+    if kept is not None:
+        # Ignored rows never reach the GEMMs: the kept rows are gathered (in order) and the
+        # gathers' backward scatters the hidden gradients back, exactly 0 on ignored rows.
+        hs2, ht2 = hs2.index_select(0, kept), ht2.index_select(0, kept)
+        weights = weights.index_select(0, kept)
+        keep = torch.ones(kept.numel(), dtype=torch.bool, device=hs.device)
+        if flat_labels is not None:
+            flat_labels = flat_labels.index_select(0, kept)
+        if chunk_size is None:
+            chunk = default_chunk_size(kept.numel(), wt.shape[0], hs.device)
+    args = {"spec": spec, "inv_t": inv_t, "valid": keep,
+            "mask": valid is not None and kept is None, "labels": flat_labels,
             "ignore_index": int(ignore_index), "ce_weight": ce_w, "chunk": chunk,
             "backend": name}
     out = FusedLinearDivergenceFunction.apply(
-        hs.reshape(n, hs.shape[-1]), ws, student_bias, ht.reshape(n, ht.shape[-1]), wt,
-        teacher_bias, args, weights, reduction, torch.is_grad_enabled(),
+        hs2, ws, student_bias, ht2, wt, teacher_bias, args, weights, reduction,
+        torch.is_grad_enabled(),
     )
-    return out.reshape(lead) if reduction == "none" else out
+    if reduction != "none":
+        return out
+    if kept is not None:
+        out = out.new_zeros(n).index_copy(0, kept, out)
+    return out.reshape(lead)

@@ -114,13 +114,37 @@ def token_logprobs(
 
     The "selective log-softmax" of RL and preference trainers. Ignored rows give 0 and zero
     gradient; the backward writes (onehot - softmax) g / T in one pass from the saved per-row lse.
+
+    ``labels`` is (...) (one label per row) or (..., K) (K labels per row, e.g. top-K ids):
+    then the result is (..., K), x[label_k] / T - lse with one lse per row; ignored entries
+    give 0 and no gradient.
     """
     x, lead = _rows("logits", logits)
     inv_t = V.check_temperature(temperature, x.dtype)
+    if isinstance(labels, Tensor) and labels.dim() == logits.dim():
+        return _token_logprobs_k(x, lead, labels, inv_t, ignore_index, backend)
     lab = _labels(labels, ignore_index, lead, logits)
     name = select(backend, x, "softmax_stats_fwd")
     _, _, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, False, name)
     return lp.reshape(lead)
+
+
+def _token_logprobs_k(x: Tensor, lead: torch.Size, labels: Tensor, inv_t: float,
+                      ignore_index: int, backend: str) -> Tensor:
+    """K labels per row: one lse per row from the op (no entropy), then a gather of K logits."""
+    if labels.shape[:-1] != lead:
+        raise ValueError(f"labels must have shape {tuple(lead)} or {tuple(lead)} + (K,), got "
+                         f"{tuple(labels.shape)}")
+    k = labels.shape[-1]
+    flat = _labels(labels, ignore_index, labels.shape, x).reshape(-1, k)  # dtype and range
+    name = select(backend, x, "softmax_stats_fwd")
+    lse, _, _ = SoftmaxStatsFunction.apply(x, None, int(ignore_index), inv_t, False, name)
+    ignored = flat == ignore_index
+    picked = x.gather(-1, flat.masked_fill(ignored, 0).to(torch.int64)).to(lse.dtype) * inv_t
+    # torch.where, not a product with the mask: an ignored entry sends no gradient to its row.
+    out = torch.where(ignored, torch.zeros((), dtype=lse.dtype, device=x.device),
+                      picked - lse[:, None])
+    return out.reshape(*lead, k)
 
 
 def entropy(logits: Tensor, temperature: float = 1.0, *, backend: str = "auto") -> Tensor:

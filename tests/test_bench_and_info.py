@@ -58,3 +58,15 @@ def test_installed_top_level_name_is_only_fdiv_kernels():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("fdiv-kernels is not installed (running from the source tree)")
     assert (dist.read_text("top_level.txt") or "").split() == ["fdiv_kernels"]
+
+
+def test_bench_interleaved_masked_rows_case(tmp_path):
+    """--interleave times a case's providers in alternating rounds; the masked-rows case puts
+    the 70%-masked call against the unmasked one in the same run."""
+    out_json = tmp_path / "r.json"
+    assert bench.main(["--quick", "--ops", "fused_linear_masked", "--backends", "cpu",
+                       "--peers", "eager", "--interleave", "2", "--json", str(out_json)]) == 0
+    rows = {r["backend"]: r for r in json.loads(out_json.read_text())["rows"]}
+    assert set(rows) == {"fdiv-cpu", "0%masked-fdiv-cpu"}
+    assert all(r["error"] is None and r["ms"] > 0 for r in rows.values())
+    assert set(rows["fdiv-cpu"]["ratios"]) == {"0%masked-fdiv-cpu"}

@@ -13,7 +13,8 @@ import sys
 import torch
 
 from fdiv_kernels.bench.divergence import divergence_cases
-from fdiv_kernels.bench.fused_linear import fused_linear_cases, fused_linear_logprobs_cases
+from fdiv_kernels.bench.fused_linear import (fused_linear_cases, fused_linear_logprobs_cases,
+                                             fused_linear_masked_cases)
 from fdiv_kernels.bench.measure import copy_bandwidth_gbps
 from fdiv_kernels.bench.report import format_table, metadata, run_cases, write_json, write_png
 from fdiv_kernels.bench.sinkd import DEFAULT_SHAPES as SINKD_SHAPES
@@ -35,8 +36,8 @@ STATS_SHAPES = {"cpu": [(256, 128256)], "cuda": [(8192, 128256)]}
 FUSED_SHAPES = {"cpu": [(1024, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
 # Token log-probs from hidden states: the CPU target is stated at N=4096, H=256, V=32000.
 LOGPROBS_SHAPES = {"cpu": [(4096, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
-OPS = ("divergence", "softmax_stats", "fused_linear", "fused_linear_logprobs", "sinkhorn", "sinkd",
-       "sparse_divergence")
+OPS = ("divergence", "softmax_stats", "fused_linear", "fused_linear_masked",
+       "fused_linear_logprobs", "sinkhorn", "sinkd", "sparse_divergence")
 # Sparse teacher: (N, V) with K = 64 ids per row, and the fused form at (N, H, V); the CPU targets
 # are stated at N=1024, V=128256 and N=1024, H=256, V=32000.
 SPARSE_SHAPES = {"cpu": [(1024, 128256)], "cuda": [(8192, 128256)]}
@@ -83,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", type=_list(BACKENDS), default=None,
                    help="this library's backends to time (default: all available but torch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--interleave", type=int, default=0, metavar="R",
+                   help="time each case's providers in R alternating rounds (the fastest "
+                        "round), so that on a shared machine they see the same load")
     p.add_argument("--quick", action="store_true", help="tiny shapes, no compile: a smoke run")
     p.add_argument("--json", default=None, help="write the rows and metadata to this file")
     p.add_argument("--png", default=None, help="write a chart of time and bandwidth against V")
@@ -112,6 +116,9 @@ def main(argv=None) -> int:
     if "fused_linear" in args.ops:
         fl_shapes = [(4, 16, 1000)] if args.quick else FUSED_SHAPES[device.type]
         cases += fused_linear_cases(fl_shapes, dtype, device, peers, args.backends)
+    if "fused_linear_masked" in args.ops:
+        fl_shapes = [(40, 16, 1000)] if args.quick else FUSED_SHAPES[device.type]
+        cases += fused_linear_masked_cases(fl_shapes, dtype, device, args.backends)
     if "fused_linear_logprobs" in args.ops:
         lp_shapes = [(4, 16, 1000)] if args.quick else LOGPROBS_SHAPES[device.type]
         cases += fused_linear_logprobs_cases(lp_shapes, dtype, device, peers, args.backends)
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
         cases += fused_linear_sparse_cases(fl_shapes, k, dtype, device, peers, args.backends)
     print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
     copy_bandwidth_gbps(str(device))
-    rows = run_cases(cases)
+    rows = run_cases(cases, interleave=args.interleave)
     command = "python -m fdiv_kernels.bench " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     meta = metadata(device, command)
     print(f"\n{meta['device']}, torch {meta['versions']['torch']}, "

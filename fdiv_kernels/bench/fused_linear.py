@@ -7,6 +7,7 @@ relative error is reported (``grad_rel_err``)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import torch
 
@@ -43,10 +44,14 @@ def _liger():
 def _trl():
     """TRL's DistillationTrainer loss from hidden states (trl >= 1.16), JS(0.5), as TRL calls it."""
     if importlib.util.find_spec("trl") is None:
+        print("--peers trl: TRL is not installed, its chunked distillation loss is skipped",
+              file=sys.stderr)
         return None
     try:
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
-    except ImportError:
+    except ImportError as e:
+        print(f"--peers trl: no trl.trainer.distillation_trainer._chunked_divergence_loss in "
+              f"this TRL ({e}); skipped", file=sys.stderr)
         return None
 
     def run(hs, ws, ht, wt):
@@ -97,7 +102,57 @@ def fused_linear_cases(shapes, dtype, device, peers=("eager", "liger"), backends
 
             case.providers[name] = setup
             case.extra[name] = (lambda fn=fn, n=n, h=h, v=v: {
-                "grad_rel_err": _grad_error(fn, _inputs(min(n, 256), h, v, dtype, device))})
+                "grad_rel_err": _grad_error(fn, _inputs(min(n, 256), h, v, dtype, device)),
+                "loss_rel_diff": _loss_diff(fn, _inputs(min(n, 256), h, v, dtype, device))})
+        cases.append(case)
+    return cases
+
+
+def _loss_diff(fn, args) -> float:
+    """|loss - fk's loss| / |fk's loss| on the same inputs (TRL's "same loss to 6 digits")."""
+    with torch.no_grad():
+        ref = fk.fused_linear_divergence(*args, "js").double()
+        return float((fn(*args).double() - ref).abs() / ref.abs())
+
+
+# The masked-rows target: a batch with 70% of its rows ignored (prompt tokens) against the same
+# call with none ignored; packing should bring the time down to about 30%.
+MASKED_FRACTION = 0.7
+
+
+def fused_linear_masked_cases(shapes, dtype, device, backends=None):
+    """fk.fused_linear_divergence (js) with 70% of the rows labelled ignore_index, against the
+    same call with every row kept (the peer ``0%masked-fdiv-<backend>``): the ratio is the speedup
+    from packing the ignored rows out of the GEMMs (target >= 1 / 0.45 = 2.2x)."""
+    cases = []
+    probe = torch.empty(1, dtype=torch.float32, device=device)
+    for n, h, v in shapes:
+        es = torch.empty(0, dtype=dtype).element_size()
+        kept = n - int(MASKED_FRACTION * n)
+        # read the kept rows' hidden states and both weights; write d hidden, d weight.
+        nbytes = (2 * kept * h + 2 * v * h) * es + (n * h + v * h) * es
+        pct = round(100 * MASKED_FRACTION)
+        case = Case(f"fused_linear:js:{pct}%masked", "full", (n, h, v), dtype, device, nbytes)
+        for b in our_backends("divergence_fwd", probe, backends):
+            for frac, name in ((MASKED_FRACTION, f"fdiv-{b}"), (0.0, f"0%masked-fdiv-{b}")):
+                def setup(b=b, frac=frac, n=n, h=h, v=v):
+                    hs, ws, ht, wt = _inputs(n, h, v, dtype, device)
+                    hs.requires_grad_(True)
+                    ws.requires_grad_(True)
+                    g = torch.Generator().manual_seed(2)
+                    labels = torch.randint(0, v, (n,), generator=g)
+                    # A prompt-like layout: the masked rows are spread, not one block.
+                    labels[torch.randperm(n, generator=g)[: int(frac * n)]] = -100
+                    labels = labels.to(device)
+
+                    def run():
+                        fk.fused_linear_divergence(hs, ws, ht, wt, "js", labels=labels,
+                                                   backend=b).backward()
+                        hs.grad = ws.grad = None
+                    return run
+
+                case.providers[name] = setup
+            case.ours += (f"fdiv-{b}",)
         cases.append(case)
     return cases
 

@@ -13,13 +13,37 @@ from fdiv_kernels.bench.cases import Case, Row
 from fdiv_kernels.bench.measure import copy_bandwidth_gbps, device_name, peak_bytes, time_ms
 
 
-def run_cases(cases: list[Case], log=sys.stderr) -> list[Row]:
+def _interleaved_ms(case: Case, rounds: int, log) -> dict[str, float | str]:
+    """Fastest ms per provider over ``rounds`` rounds that call every provider once each, in
+    turn: on a shared machine all providers then see the same load (sequential medians do not),
+    and the minimum, since load only ever adds time."""
+    fns, times, out = {}, {}, {}
+    for name, setup in case.providers.items():
+        try:
+            fns[name] = setup()
+            fns[name]()  # warm-up
+            times[name] = []
+        except Exception as e:  # noqa: BLE001 - reported in the row like a sequential failure
+            out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    for r in range(rounds):
+        print(f"  interleaved round {r + 1}/{rounds} of {case.op}", file=log, flush=True)
+        for name, fn in fns.items():
+            times[name].append(time_ms(fn, case.device, warmup=0, min_repeats=1, budget_s=0.0))
+    for name, ts in times.items():
+        out[name] = min(ts)
+    return out
+
+
+def run_cases(cases: list[Case], log=sys.stderr, interleave: int = 0) -> list[Row]:
+    """Time (and measure the memory of) every provider of every case. ``interleave=R`` times
+    the providers of a case in R alternating rounds instead of one after another."""
     rows: list[Row] = []
     total = sum(len(c.providers) for c in cases)
     done = 0
     for case in cases:
         bw = copy_bandwidth_gbps(str(case.device))
         case_rows: list[Row] = []
+        pre = _interleaved_ms(case, interleave, log) if interleave else {}
         for name, setup in case.providers.items():
             done += 1
             print(f"[{done}/{total}] {case.op} {case.mode} {list(case.shape)} "
@@ -27,8 +51,10 @@ def run_cases(cases: list[Case], log=sys.stderr) -> list[Row]:
             row = Row(case.op, case.mode, name, list(case.shape),
                       str(case.dtype).replace("torch.", ""), None, None, None, None)
             try:
+                if isinstance(pre.get(name), str):
+                    raise RuntimeError(pre[name])
                 fn = setup()
-                row.ms = time_ms(fn, case.device)
+                row.ms = pre[name] if name in pre else time_ms(fn, case.device)
                 row.peak_mem_bytes = peak_bytes(fn, case.device)
                 row.gbps = case.compulsory_bytes / (row.ms * 1e-3) / 1e9
                 row.bandwidth_fraction = row.gbps / bw

@@ -5,6 +5,7 @@ selective log-softmax (a logsumexp per row chunk)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import torch
 
@@ -76,11 +77,15 @@ def softmax_stats_cases(shapes, dtype, device, peers=("eager", "compile"), backe
             tok.providers["torch-eager"] = _setup(gather_logprobs, shape, dtype, device, True, True)
             tok.providers["trl-selective"] = _setup(
                 trl_selective_log_softmax, shape, dtype, device, True, True)
-        if "trl" in peers and importlib.util.find_spec("trl") is not None:
-            from trl.trainer.utils import selective_log_softmax   # the installed TRL's own
+        if "trl" in peers:
+            if importlib.util.find_spec("trl") is None:
+                print("--peers trl: TRL is not installed, its selective_log_softmax is skipped",
+                      file=sys.stderr)
+            else:
+                from trl.trainer.utils import selective_log_softmax   # the installed TRL's own
 
-            tok.providers["trl-installed"] = _setup(
-                selective_log_softmax, shape, dtype, device, True, True)
+                tok.providers["trl-installed"] = _setup(
+                    selective_log_softmax, shape, dtype, device, True, True)
         if "compile" in peers:
             compiled = torch.compile(gather_logprobs, dynamic=False)
             tok.providers["torch-compile"] = _setup(compiled, shape, dtype, device, True, True)

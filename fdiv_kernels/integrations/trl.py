@@ -4,11 +4,9 @@ the fused LM head's kernel (``ChunkedLogProbFunction``).
 Checked against TRL 1.16 (``tests/test_integrations_trl.py`` runs them beside TRL's own functions).
 ``apply_fk_to_trl()`` rebinds TRL's names to these; no file is edited.
 
-Not here yet: a drop-in for ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (the
-DistillationTrainer's loss from hidden states). It applies per-model logit scale and softcap
-before the temperature and returns the student entropy sum and the valid count, which
-``fk.fused_linear_divergence`` cannot give yet; ``apply_fk_to_trl(distillation=True)`` says so
-and leaves that trainer on TRL's kernel.
+``chunked_divergence_loss`` is the DistillationTrainer's loss from hidden states
+(``trl.trainer.distillation_trainer._chunked_divergence_loss``) on
+``fk.fused_linear_divergence``; ``apply_fk_to_trl(distillation=True)`` rebinds it.
 
 What ``apply_fk_to_trl(logprobs=True)`` covers in TRL 1.16:
 
@@ -24,7 +22,6 @@ What ``apply_fk_to_trl(logprobs=True)`` covers in TRL 1.16:
 from __future__ import annotations
 
 import sys
-import warnings
 
 import torch
 from torch import Tensor
@@ -33,8 +30,8 @@ import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, require
 
 __all__ = [
-    "ChunkedLogProbFunction", "apply_fk_to_trl", "entropy_from_logits", "generalized_jsd_loss",
-    "selective_log_softmax", "selective_log_softmax_and_entropy",
+    "ChunkedLogProbFunction", "apply_fk_to_trl", "chunked_divergence_loss", "entropy_from_logits",
+    "generalized_jsd_loss", "selective_log_softmax", "selective_log_softmax_and_entropy",
 ]
 
 IGNORE_INDEX = -100  # hard-coded in TRL's GKD loss
@@ -89,6 +86,92 @@ def generalized_jsd_loss(
     return per_row if kept is None else per_row[kept]
 
 
+def chunked_divergence_loss(
+    student_hidden_states: Tensor,
+    teacher_hidden_states: Tensor,
+    student_lm_head_weight: Tensor,
+    teacher_lm_head_weight: Tensor,
+    completion_mask: Tensor,
+    beta: float,
+    num_items_in_batch: Tensor | int | None = None,
+    student_lm_head_bias: Tensor | None = None,
+    teacher_lm_head_bias: Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""TRL 1.16's ``_chunked_divergence_loss`` (DistillationTrainer) on
+    ``fk.fused_linear_divergence(..., "js")``: same signature, same three results.
+
+    Per model, z = h W^T + b, z <- scale z, z <- c tanh(z / c) (when the softcap c is set), then
+    q = softmax(z_s / T), p = softmax(z_t / T) and, per completion position (``completion_mask !=
+    0``), TRL's generalized JSD with m = beta p + (1 - beta) q: D = beta KL(p||m) + (1 - beta)
+    KL(q||m), KL(p||q) at beta = 0 and KL(q||p) at beta = 1. Returns
+
+    - ``loss``: sum of D over kept positions / ``num_items_in_batch`` (int or tensor, no host
+      sync), or / max(kept, 1) without it;
+    - ``entropy_sum``: sum over kept positions of -sum_j q_j log q_j (detached, for logging);
+    - ``n_valid``: the count of kept positions (0-dim int64).
+
+    Neither model's (N, V) logits exist: rows go through in chunks, masked positions are packed
+    out before the GEMMs, and the student's gradients are formed in the forward. As in TRL, only
+    the student gets gradients (the teacher's inputs are detached), the lm-head weights under
+    FSDP2 (DTensor) are gathered once with ``full_tensor()``, ZeRO-3 heads are gathered around
+    the call (fk computes the gradients in the forward, as TRL's helper requires), and a fully
+    masked batch returns a zero that is part of the graph (zero, not None, gradients).
+    Non-positive scales or softcaps, which fk does not take, run TRL's own function.
+    """
+    ws, wt = student_lm_head_weight, teacher_lm_head_weight
+    bs, bt = student_lm_head_bias, teacher_lm_head_bias
+    s_scale, t_scale = float(student_logit_scale), float(teacher_logit_scale)
+    s_cap, t_cap = student_final_logit_softcapping, teacher_final_logit_softcapping
+    if min(s_scale, t_scale) <= 0 or any(c is not None and c <= 0 for c in (s_cap, t_cap)):
+        return _trl_chunked_divergence()(
+            student_hidden_states, teacher_hidden_states, ws, wt, completion_mask, beta,
+            num_items_in_batch, bs, bt, student_logit_scale, teacher_logit_scale, s_cap, t_cap,
+            temperature)
+    # FSDP2: one all-gather per head (its backward reduce-scatters the weight gradient), with
+    # the dtype cast TRL applies to the gathered fp32 master copy.
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", ())
+    if isinstance(ws, dtensor):
+        ws = ws.full_tensor().to(student_hidden_states.dtype)
+        bs = bs.full_tensor() if bs is not None else None
+    if isinstance(wt, dtensor):
+        wt = wt.full_tensor().to(teacher_hidden_states.dtype)
+        bt = bt.full_tensor() if bt is not None else None
+    hs = student_hidden_states.reshape(-1, student_hidden_states.shape[-1])
+    ht = teacher_hidden_states.reshape(-1, teacher_hidden_states.shape[-1]).detach()
+    labels = torch.where(completion_mask.reshape(-1).to(hs.device) != 0, 0, IGNORE_INDEX)
+    nib = num_items_in_batch
+    if isinstance(nib, Tensor):
+        nib = nib.to(hs.device)
+    with _gather_lm_heads(ws, bs, wt, bt):
+        loss, stats = fk.fused_linear_divergence(
+            hs, ws, ht, wt.detach(), "js", beta=float(beta), temperature=temperature,
+            student_bias=bs, teacher_bias=bt.detach() if bt is not None else None,
+            labels=labels, reduction="mean", num_items_in_batch=nib,
+            student_logit_scale=s_scale, student_softcap=s_cap,
+            teacher_logit_scale=t_scale, teacher_softcap=t_cap, return_stats=True)
+    return loss, stats.entropy_sum, stats.num_rows
+
+
+def _gather_lm_heads(*params: Tensor | None):
+    """TRL's ZeRO-3 gather of the lm heads for a direct read (a null context otherwise)."""
+    return require("trl.trainer.utils", "trl").maybe_gather_lm_head_ctx(*params)
+
+
+def _trl_chunked_divergence():
+    """TRL's own ``_chunked_divergence_loss``, found once (before any rebinding) and kept."""
+    if "divergence" not in _TRL_ORIGINALS:
+        mod = require("trl.trainer.distillation_trainer", "trl")
+        if mod._chunked_divergence_loss is chunked_divergence_loss:
+            raise RuntimeError("TRL's _chunked_divergence_loss was rebound before it was saved")
+        _TRL_ORIGINALS["divergence"] = mod._chunked_divergence_loss
+    return _TRL_ORIGINALS["divergence"]
+
+
 def selective_log_softmax(
     logits: Tensor,
     index: Tensor,
@@ -97,19 +180,15 @@ def selective_log_softmax(
 ) -> Tensor:
     r"""TRL's ``selective_log_softmax``: log softmax(logits / T) gathered at ``index``.
 
-    ``index`` is (...) (one token per row: ``fk.token_logprobs``, one pass, no log_softmax) or
-    (..., K) (K tokens per row: one log-sum-exp per row from ``fk.softmax_stats``, then a gather of
-    the K logits). Rows where ``row_mask == 0`` give 0. The result has ``index``'s shape and the
-    logits' dtype, as TRL's; it is computed in fp32.
+    ``index`` is (...) (one token per row) or (..., K) (K tokens per row: one log-sum-exp per
+    row, then a gather of the K logits); both are ``fk.token_logprobs``, one pass over the
+    logits, no log_softmax. Rows where ``row_mask == 0`` give 0. The result has ``index``'s
+    shape and the logits' dtype, as TRL's; it is computed in fp32.
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
-    if index.dim() == logits.dim() - 1:
+    if index.dim() in (logits.dim() - 1, logits.dim()):
         out = fk.token_logprobs(logits, index, temperature=temperature)
-    elif index.dim() == logits.dim():
-        lse = fk.softmax_stats(logits, temperature=temperature).lse
-        picked = torch.gather(logits, -1, index).to(lse.dtype) / temperature
-        out = picked - lse.unsqueeze(-1)
     else:
         raise ValueError(f"index must have shape (...) or (..., K) for logits "
                          f"{tuple(logits.shape)}, got {tuple(index.shape)}")
@@ -275,7 +354,9 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
       name a loaded ``trl`` module holds it (``trl.trainer.utils._ChunkedLogProbFunction``, which
       ``add_fused_lm_head`` calls, and ``trl.kernels``), so the fused-head trainers (DPO, GRPO,
       RLOO, KTO, SFT) run on ``fk.fused_linear_token_logprobs``.
-    - ``distillation``: not available yet (see the module docstring); a warning says so.
+    - ``distillation``: ``_chunked_divergence_loss`` (DistillationTrainer's loss from hidden
+      states, called by its global name) in ``trl.trainer.distillation_trainer`` and any loaded
+      ``trl`` module holding it, to :func:`chunked_divergence_loss`.
 
     Idempotent: a second call changes nothing (and its handle undoes nothing). Edits no file.
     """
@@ -300,8 +381,12 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
                 if value is trl_chunked:
                     patch.set(mod, name, ChunkedLogProbFunction)
     if distillation:
-        warnings.warn(
-            "apply_fk_to_trl(distillation=True): TRL's _chunked_divergence_loss applies logit "
-            "scale/softcap and returns the student entropy, which fk.fused_linear_divergence does "
-            "not provide yet; DistillationTrainer keeps TRL's kernel", stacklevel=2)
+        original = _trl_chunked_divergence()
+        dist = require("trl.trainer.distillation_trainer", "trl")
+        patch.set(dist, "_chunked_divergence_loss", chunked_divergence_loss)
+        for mod_name, mod in list(sys.modules.items()):
+            if mod is not None and (mod_name == "trl" or mod_name.startswith("trl.")):
+                for name, value in list(mod.__dict__.items()):
+                    if value is original:
+                        patch.set(mod, name, chunked_divergence_loss)
     return patch
