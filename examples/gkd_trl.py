@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {k: torch.tensor([r[k] for r in batch]) for k in batch[0]}
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # distillation=True: says TRL's chunked loss stays
+        warnings.simplefilter("ignore")     # host packages' own deprecation warnings
         patch = apply_fk_to_trl()
     patched = patch.targets             # undo() below empties the handle
     print("patched:", ", ".join(patched))
