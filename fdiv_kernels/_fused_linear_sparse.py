@@ -16,7 +16,6 @@ from torch import Tensor
 
 from fdiv_kernels import _validation as V
 from fdiv_kernels._fused_linear import (
-    _accumulate_grads,
     _check_2d,
     _cross_entropy,
     _gemm_f32,
@@ -24,14 +23,45 @@ from fdiv_kernels._fused_linear import (
     default_chunk_size,
 )
 from fdiv_kernels._kinds import resolve
-from fdiv_kernels._sparse_divergence import check_sparse_teacher, check_sparse_values, teacher_alpha
-from fdiv_kernels._sparse_tails import prepare_teacher
+from fdiv_kernels._sparse_divergence import (
+    check_sparse_teacher,
+    check_transform,
+    mass_slack,
+    teacher_alpha,
+)
 from fdiv_kernels.dispatch import select
 
 
+def _accumulate(gz: Tensor, h: Tensor, w: Tensor, grads: dict, rows, keep: Tensor | None
+                ) -> None:
+    """Add a chunk's d/dh, d/dW, d/db into the fp32 accumulators, in place: d/dW by addmm_, so
+    no (V, H) temporary per chunk (``_fused_linear._accumulate_grads`` adds a product)."""
+    if grads["sh"] is not None:
+        grads["sh"][rows] = _gemm_f32(gz, w)
+    if grads["sw"] is not None:
+        if keep is not None:
+            # Ignored rows are inert: their gz is 0, but 0 * a NaN hidden state would be NaN.
+            h = torch.where(keep[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+        if h.dtype == grads["sw"].dtype:
+            grads["sw"].addmm_(gz.t(), h)
+        else:
+            grads["sw"] += _gemm_f32(gz.t(), h)
+    if grads["sb"] is not None:
+        grads["sb"] += gz.sum(0)
+
+
+def _transformed(z: Tensor, scale: float, cap: float) -> tuple[Tensor, Tensor | float]:
+    """f(z) and f'(z) of the student's logit transform, for the cross-entropy part only (the
+    divergence kernels apply it themselves)."""
+    if cap > 0:
+        t = torch.tanh(z * (scale / cap))
+        return t.mul_(cap), (1 - (t / cap) ** 2) * scale
+    return z * scale, scale
+
+
 def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tensor | None]:
-    """Loss per row, the row-weighted student gradients and the (N, K + 1) teacher gradient."""
-    hs, ws, bs = a["hs"], a["ws"], a["bs"]
+    """Loss per row, the row-weighted student gradients and the (N, K) teacher gradient."""
+    hs, ws, bs, lp = a["hs"], a["ws"], a["bs"], a["lp"]
     n, K = hs.shape[0], a["ids"].shape[1]
     acc = torch.promote_types(hs.dtype, torch.float32)
     grads = {
@@ -41,9 +71,11 @@ def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tenso
     }
     grad_s = any(needs[k] for k in ("sh", "sw", "sb"))
     grad_t = needs["t"]
-    gt_all = hs.new_zeros(n, K + 1, dtype=acc) if grad_t else None
+    gt_all = hs.new_zeros(n, K, dtype=acc) if grad_t else None
     fwd = getattr(torch.ops.fdiv, f"sparse_divergence_fwd_{a['backend']}")
     spec, ce_w = a["spec"], a["ce_weight"]
+    scale, cap = a["transform"]
+    mask, valid = a["mask"], a["valid"]
     loss = hs.new_empty(n, dtype=acc)
     ws_op = _operand(ws)
     for lo in range(0, n, a["chunk"]):
@@ -52,14 +84,19 @@ def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tenso
             z = _gemm_f32(hs[rows], ws_op.t())
             if bs is not None:
                 z = z + bs.to(z.dtype)
-            div, gz, gt, _ = fwd(z, a["ids"][rows], a["lp"][rows], a["lp_tail"][rows],
-                              a["mask"][rows], a["valid"][rows], spec.base, spec.swap,
-                              spec.param, a["inv_t"], a["tail"], grad_s, grad_t)
+            div, gz, gt, _ = fwd(z, a["ids"][rows], lp[rows], mask[rows] if mask.numel() else mask,
+                                 valid[rows] if valid.numel() else valid, spec.base, spec.swap,
+                                 spec.param, a["inv_t"], a["tail"], a["alpha"], a["slack"], scale,
+                                 cap, grad_s, grad_t)
             w_rows = row_weights[rows, None]
             loss[rows] = div
             if ce_w:
-                ce, gce = _cross_entropy(z, a["labels"][rows], a["ignore_index"], a["backend"],
+                zt, dz = (z, 1.0) if (scale == 1.0 and not cap) else _transformed(z, scale, cap)
+                ce, gce = _cross_entropy(zt, a["labels"][rows], a["ignore_index"], a["backend"],
                                          grad_s)
+                del zt
+                if grad_s and not (isinstance(dz, float) and dz == 1.0):
+                    gce = gce.mul_(dz)  # d CE / d z = d CE / d f(z) f'(z)
                 loss[rows] = (1.0 - ce_w) * div + ce_w * ce
             del z
             if grad_t:
@@ -69,21 +106,22 @@ def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tenso
                 if ce_w:
                     g.add_(gce.mul_(w_rows * ce_w))
                     del gce
-                _accumulate_grads(g, hs[rows], ws_op, grads, rows, "s", a["valid"][rows])
+                _accumulate(g, hs[rows], ws_op, grads, rows,
+                            valid[rows] if valid.numel() else None)
                 del g, gz
     return loss, grads, gt_all
 
 
 class FusedLinearSparseDivergenceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, lp, lp_tail, args, row_weights, reduction):
+    def forward(ctx, hs, ws, bs, lp, args, row_weights, reduction):
         needs = {"sh": ctx.needs_input_grad[0], "sw": ctx.needs_input_grad[1],
                  "sb": ctx.needs_input_grad[2] and bs is not None,
-                 "t": ctx.needs_input_grad[3] or ctx.needs_input_grad[4]}
-        args = {**args, "hs": hs, "ws": ws, "bs": bs, "lp": lp, "lp_tail": lp_tail}
-        ctx.reduction, ctx.needs, ctx.args, ctx.k = reduction, needs, args, lp.shape[1]
+                 "t": ctx.needs_input_grad[3]}
+        args = {**args, "hs": hs, "ws": ws, "bs": bs, "lp": lp}
+        ctx.reduction, ctx.needs, ctx.args = reduction, needs, args
         if reduction == "none":
-            ctx.save_for_backward(hs, ws, bs, lp, lp_tail)
+            ctx.save_for_backward(hs, ws, bs, lp)
             loss, _, _ = _run(args, row_weights, dict.fromkeys(needs, False))
             return loss
         loss, grads, gt = _run(args, row_weights, needs)
@@ -96,24 +134,29 @@ class FusedLinearSparseDivergenceFunction(torch.autograd.Function):
             raise RuntimeError("fused_linear_sparse_divergence does not support higher-order "
                                "gradients")
         if ctx.reduction == "none":
-            hs, ws, bs, lp, lp_tail = ctx.saved_tensors
-            args = {**ctx.args, "hs": hs, "ws": ws, "bs": bs, "lp": lp, "lp_tail": lp_tail}
+            hs, ws, bs, lp = ctx.saved_tensors
+            args = {**ctx.args, "hs": hs, "ws": ws, "bs": bs, "lp": lp}
             _, grads, gt = _run(args, grad_out.contiguous().to(torch.float32), ctx.needs)
             scale = None
         else:
+            if ctx.grads is None:
+                raise RuntimeError("fused_linear_sparse_divergence: the gradients computed in "
+                                   "the forward were handed out by an earlier backward (a "
+                                   "second backward through the same graph is not supported)")
             grads, gt, scale = ctx.grads, ctx.gt, grad_out
+            # Scaled in place and handed out: no second (V, H) buffer for d W.
+            ctx.grads = ctx.gt = None
         out = []
         for key, name in (("sh", "hs"), ("sw", "ws"), ("sb", "bs")):
             g = grads[key]
             if g is None:
                 out.append(None)
                 continue
-            out.append((g if scale is None else g * scale).to(ctx.args[name].dtype))
-        d_lp = d_tail = None
+            out.append((g if scale is None else g.mul_(scale)).to(ctx.args[name].dtype))
+        d_lp = None
         if gt is not None:
-            gt = gt if scale is None else gt * scale
-            d_lp, d_tail = gt[:, : ctx.k], gt[:, ctx.k]
-        return (*out, d_lp, d_tail, None, None, None)
+            d_lp = (gt if scale is None else gt.mul_(scale)).to(ctx.args["lp"].dtype)
+        return (*out, d_lp, None, None, None)
 
 
 def fused_linear_sparse_divergence(
@@ -137,6 +180,8 @@ def fused_linear_sparse_divergence(
     ce_weight: float = 0.0,
     chunk_size: int | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
     r""":func:`fk.sparse_divergence` of the student logits z = student_hidden W^T + b, without the
@@ -168,6 +213,7 @@ def fused_linear_sparse_divergence(
     spec = resolve(kind, beta, alpha, lam)
     t = V.check_real("temperature", temperature, positive=True)
     a = teacher_alpha(t, teacher_temperature)
+    transform = check_transform(student_logit_scale, student_softcap)
     reduction = V.check_reduction(reduction)
     ce_w = V.check_real("ce_weight", ce_weight)
     if not 0.0 <= ce_w <= 1.0:
@@ -182,7 +228,6 @@ def fused_linear_sparse_divergence(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     else:
         chunk = chunk_size
-    check_sparse_values(ids, lp, mask, vocab, tail_id)
     flat_labels = labels.reshape(-1).contiguous() if labels is not None else None
     if ce_w:
         bad = ((flat_labels < 0) | (flat_labels >= vocab)) & (flat_labels != ignore_index)
@@ -193,10 +238,10 @@ def fused_linear_sparse_divergence(
     if ce_w:
         select(name, probe, "softmax_stats_fwd")
     acc = torch.promote_types(hs.dtype, torch.float32)
-    lp_k, lp_tail = prepare_teacher(lp.to(torch.float64), mask, tail_id, a)
-    keep = valid if valid is not None else torch.ones(n, dtype=torch.bool, device=hs.device)
+    keep = valid if valid is not None else torch.empty(0, dtype=torch.bool, device=hs.device)
     # Row weights fold the reduction into the gradients: kept rows / denominator.
-    weights = keep.to(acc)
+    weights = (valid.to(acc) if valid is not None
+               else torch.ones(n, dtype=acc, device=hs.device))
     if reduction == "mean":
         if num_items_in_batch is not None:
             denom = (num_items_in_batch if isinstance(num_items_in_batch, Tensor) else
@@ -206,10 +251,10 @@ def fused_linear_sparse_divergence(
         weights = weights / denom
     args = {"spec": spec, "inv_t": 1.0 / t, "tail": tail_id, "ids": ids, "mask": mask,
             "valid": keep, "labels": flat_labels, "ignore_index": int(ignore_index),
-            "ce_weight": ce_w, "chunk": chunk, "backend": name}
+            "ce_weight": ce_w, "chunk": chunk, "backend": name, "alpha": a,
+            "slack": mass_slack(lp.dtype), "transform": transform}
     out = FusedLinearSparseDivergenceFunction.apply(
-        hs.reshape(n, -1), ws, student_bias, lp_k.to(acc).contiguous(),
-        lp_tail.to(acc).contiguous(), args, weights, reduction,
+        hs.reshape(n, -1), ws, student_bias, lp, args, weights, reduction,
     )
     return out.reshape(lead) if reduction == "none" else out
 
