@@ -32,6 +32,14 @@ from fdiv_kernels._sparse_divergence import (
 from fdiv_kernels.dispatch import select
 
 
+# CPU rows per chunk: two (chunk, V) fp32 buffers of at most this size (the logits, reused, and
+# the kernel's gradient). glibc keeps freed blocks under its mmap threshold resident, so larger
+# chunks cost more than their size: at N=1024, H=256, V=32000 the peak was 113-142 MiB with
+# 16 MiB buffers (131 rows), 72-80 MiB with 8 MiB (64 rows, 1.2x the time), against 376 MiB for
+# eager (fused ``bench/results/2026-12-02-cpu-2t-sparse-divergence-v2.md``).
+CPU_CHUNK_BYTES = 8 << 20
+
+
 def _accumulate(gz: Tensor, h: Tensor, w: Tensor, grads: dict, rows, keep: Tensor | None
                 ) -> None:
     """Add a chunk's d/dh, d/dW, d/db into the fp32 accumulators, in place: d/dW by addmm_, so
@@ -78,12 +86,20 @@ def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tenso
     mask, valid = a["mask"], a["valid"]
     loss = hs.new_empty(n, dtype=acc)
     ws_op = _operand(ws)
+    # One logits buffer for every chunk, written by the GEMM in place: a fresh (chunk, V) buffer
+    # per chunk is freed into glibc's heap (chunks under its 32 MiB mmap threshold) and the
+    # heap's fragments stay resident: 142-174 MiB peak instead of 65 MiB at N=1024, V=32000.
+    reuse = hs.dtype == ws_op.dtype and ws_op.dtype in (torch.float32, torch.float64)
+    zbuf = (hs.new_empty(min(n, a["chunk"]), ws.shape[0], dtype=acc) if reuse and n else None)
     for lo in range(0, n, a["chunk"]):
         rows = slice(lo, min(n, lo + a["chunk"]))
         with torch.no_grad():
-            z = _gemm_f32(hs[rows], ws_op.t())
+            if zbuf is not None:
+                z = torch.mm(hs[rows], ws_op.t(), out=zbuf[: rows.stop - lo])
+            else:
+                z = _gemm_f32(hs[rows], ws_op.t())
             if bs is not None:
-                z = z + bs.to(z.dtype)
+                z = z.add_(bs.to(z.dtype))
             div, gz, gt, _ = fwd(z, a["ids"][rows], lp[rows], mask[rows] if mask.numel() else mask,
                                  valid[rows] if valid.numel() else valid, spec.base, spec.swap,
                                  spec.param, a["inv_t"], a["tail"], a["alpha"], a["slack"], scale,
@@ -109,6 +125,7 @@ def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tenso
                 _accumulate(g, hs[rows], ws_op, grads, rows,
                             valid[rows] if valid.numel() else None)
                 del g, gz
+    del zbuf
     return loss, grads, gt_all
 
 
@@ -223,7 +240,8 @@ def fused_linear_sparse_divergence(
     if ce_w and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
     if chunk_size is None:
-        chunk = default_chunk_size(n, vocab, hs.device)
+        chunk = (max(1, min(n, CPU_CHUNK_BYTES // (4 * vocab))) if hs.device.type == "cpu"
+                 else default_chunk_size(n, vocab, hs.device))
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     else:

@@ -13,7 +13,7 @@
 //   3. O(K): gather a_S, lq_i = a_i - L, the element terms (common/divergence_terms.h) of the K
 //      entries and, under "bucket", of the tail outcome; H = sum_S h; the teacher gradient
 //      through step 1 (teacher_vjp in _sparse_tails.py);
-//   4. the dense gradient, q_j times a per-row coefficient (zeros under "renormalize") times
+//   4. the dense gradient, q_j times one per-row coefficient (zeros under "renormalize") times
 //      f'(z_j) / T, then the K support entries overwritten with their own value.
 // Under "bucket" the student tail q_tail = sum over the columns off S. When the support holds
 // less than half the mass, 1 - sum_S q (log1mexp) is accurate; otherwise a second read of the
@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -172,21 +173,19 @@ FDIV_INLINE double off_support_sum(const T* b, const uint8_t* mark, T m1, T lse,
   return double(s);
 }
 
-// out[j] = (c q_j + c_tail min(1, q_j inv_qt)) gm f'_j, q_j = exp(m1 b_j - lse), with
-// f'_j = 1 - (b_j / cap)^2 under a softcap (b the capped logits), else 1.
-template <bool TAIL, bool CAP, class T>
-FDIV_INLINE void dense_grad(const T* b, T* out, T m1, T lse, T c, T c_tail, T inv_qt, T gm,
-                            T inv_cap, int64_t n) {
+// out[j] = c q_j f'_j, q_j = exp(m1 b_j - lse), with f'_j = 1 - (b_j / cap)^2 under a softcap
+// (b the capped logits), else 1; c already holds 1 / T and the logit scale. (The passes of a
+// softmax backward: one read, one write.)
+template <bool CAP, class T>
+FDIV_INLINE void dense_grad(const T* b, T* out, T m1, T lse, T c, T inv_cap, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const T q = vexp(b[j] * m1 - lse);
-    T g = c * q;
-    if constexpr (TAIL) g += c_tail * std::min(T(1), q * inv_qt);
+    T g = c * vexp(b[j] * m1 - lse);
     if constexpr (CAP) {
       const T t = b[j] * inv_cap;
       g *= T(1) - t * t;
     }
-    out[j] = g * gm;
+    out[j] = g;
   }
 }
 
@@ -201,17 +200,10 @@ FDIV_INLINE void dense_grad(const T* b, T* out, T m1, T lse, T c, T c_tail, T in
   ATTR double off_entry(const T* x, const uint8_t* mark, T scale, T lse, int64_t n) {         \
     return off_support_sum(x, mark, scale, lse, n);                                           \
   }                                                                                           \
-  ATTR void grad_entry(const T* b, T* out, T m1, T lse, T c, T c_tail, T inv_qt, T gm,        \
-                       T inv_cap, bool cap, int64_t n) {                                      \
-    if (cap) {                                                                                \
-      if (c_tail != T(0)) dense_grad<true, true>(b, out, m1, lse, c, c_tail, inv_qt, gm,      \
-                                                 inv_cap, n);                                 \
-      else dense_grad<false, true>(b, out, m1, lse, c, c_tail, inv_qt, gm, inv_cap, n);       \
-    } else {                                                                                  \
-      if (c_tail != T(0)) dense_grad<true, false>(b, out, m1, lse, c, c_tail, inv_qt, gm,     \
-                                                  inv_cap, n);                                \
-      else dense_grad<false, false>(b, out, m1, lse, c, c_tail, inv_qt, gm, inv_cap, n);      \
-    }                                                                                         \
+  ATTR void grad_entry(const T* b, T* out, T m1, T lse, T c, T inv_cap, bool cap,            \
+                       int64_t n) {                                                           \
+    if (cap) dense_grad<true>(b, out, m1, lse, c, inv_cap, n);                                \
+    else dense_grad<false>(b, out, m1, lse, c, inv_cap, n);                                   \
   }
 FDIV_SPARSE_ENTRY(float, FDIV_CLONES)
 FDIV_SPARSE_ENTRY(double, )
@@ -427,26 +419,25 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
       if (!gr) continue;
       // The incoming gradient of the row folds into every coefficient (backward mode).
       const double rs = gl ? double(gl[i]) : 1.0;
-      // 4. the dense gradient, then the support entries.
-      double c = -H * rs, c_tail = 0, inv_qt = 0, c_sup = H;
+      // 4. the dense gradient, then the support entries. Off S the gradient is q_j times one
+      // coefficient: -H, plus under "bucket" the tail's h_tail Q_S / q_tail (d lq_tail / d a_j =
+      // q_j Q_S / q_tail there; q_j <= q_tail off S, so the term stays below h_tail Q_S),
+      // dropped when the tail is empty or too small for 1 / q_tail to be finite.
+      double c = -H, c_sup = H;
       if (bucket) {
         c_sup = H + h_tail;
-        // The tail term off S: h_tail Q_S q_j / q_tail with the ratio clamped to 1; dropped
-        // when the tail is empty or too small for 1 / q_tail to be finite.
-        if (h_tail != 0 && lq_tail > -80.0) {
-          c_tail = h_tail * std::exp(mass) * rs;
-          inv_qt = std::exp(-lq_tail);
-        }
+        if (h_tail != 0 && lq_tail > -80.0) c += h_tail * std::exp(mass - lq_tail);
       }
+      c *= rs * double(gm);
       if (renorm) {
         std::fill(gr, gr + n, scalar_t(0));
       } else {
         T* obuf = need_buf ? buf.data() + kBlock : nullptr;
         rd.blocks(n, [&](const T* b, int64_t j0, int64_t len) {
           if constexpr (kWide) {
-            grad_entry(b, gr + j0, m1, L, T(c), T(c_tail), T(inv_qt), gm, inv_cap, cap, len);
+            grad_entry(b, gr + j0, m1, L, T(c), inv_cap, cap, len);
           } else {
-            grad_entry(b, obuf, m1, L, T(c), T(c_tail), T(inv_qt), gm, inv_cap, cap, len);
+            grad_entry(b, obuf, m1, L, T(c), inv_cap, cap, len);
             narrow_block(gr + j0, obuf, len);
           }
         });
