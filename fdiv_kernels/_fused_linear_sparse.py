@@ -4,7 +4,7 @@ the (N, V) student logits never materialized.
 Rows go in chunks: the chunk's logits z = h W^T + b are formed in fp32, the sparse divergence op
 returns the chunk's per-row loss and d loss / d z in one launch, and the chunk's share of the
 hidden / weight / bias gradients is accumulated in fp32 before the next chunk. The teacher side
-(re-tempering, tail) is O(K) torch before the chunks, differentiable as in
+(checks, re-tempering, tail, its gradient) is done per row inside the kernel, as in
 :func:`fk.sparse_divergence`. As in ``fused_linear_divergence``, a scalar reduction computes the
 gradients in the forward; ``reduction="none"`` recomputes the chunks in the backward.
 """
@@ -207,9 +207,13 @@ def fused_linear_sparse_divergence(
     ``student_hidden`` (..., H), ``student_weight`` (V, H), ``student_bias`` (V,) or None; the
     teacher triple and every other argument mean what they mean in :func:`fk.sparse_divergence`.
     With ``ce_weight = w`` the per-row loss is (1 - w) D + w CE(z, labels) (labels required).
+    ``student_logit_scale`` / ``student_softcap`` transform z as in :func:`fk.sparse_divergence`
+    (the cross-entropy part, with ``ce_weight``, sees the transformed logits too).
     Logits are formed in fp32; gradients (hidden, weight, bias, and ``teacher_logprobs`` when it
     requires grad) accumulate in fp32 and return in each input's dtype. ``chunk_size`` rows are
-    processed at a time (default: from a memory budget).
+    processed at a time (default: from a memory budget, two (chunk, V) fp32 buffers of 8 MiB on
+    the CPU). With a scalar reduction the gradients are computed in the forward and handed out
+    by the backward, once (a second backward through the same graph raises).
     """
     hs = V.check_logits("student_hidden", student_hidden)
     ws = _check_2d("student_weight", student_weight)

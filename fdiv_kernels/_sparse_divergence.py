@@ -1,8 +1,9 @@
 r"""``fk.sparse_divergence``: a divergence against a top-k (sparse) teacher, from student logits.
 
-Per row, with a = z / T the student's scaled logits, L = LSE(a) over all V, S the support (the
-teacher's K ids minus padding), lq_i = a_i - L and lp_i the teacher's log-probs (after the tail
-convention and re-tempering of ``fdiv_kernels._sparse_tails.prepare_teacher``):
+Per row, with a = f(z) / T the student's scaled logits (f the logit transform: z -> s z, then
+c tanh(z / c) under a softcap), L = LSE(a) over all V, S the support (the teacher's K ids minus
+padding), lq_i = a_i - L and lp_i the teacher's log-probs (after the tail convention and
+re-tempering of ``fdiv_kernels._sparse_tails.prepare_teacher``):
 
 * ``"none"``:        D = sum_{i in S} term(lp_i, lq_i)
 * ``"renormalize"``: as "none" with lq'_i = a_i - LSE_S(a) and lp'_i = lp_i - LSE_S(lp)
@@ -10,20 +11,26 @@ convention and re-tempering of ``fdiv_kernels._sparse_tails.prepare_teacher``):
                      lq_tail = log(1 - Q_S) = log1mexp(LSE_S(lq)), Q_S = sum_S q, same for p
 
 where term, h = d term / d lq and k = d term / d lp are the element terms of the kind
-(``fdiv_kernels._kinds``). The student gradient, with H = sum_S h (d/dz = d/da / T):
+(``fdiv_kernels._kinds``). The student gradient, with H = sum_S h (d/dz = d/da f'(z) / T):
 
 * none:        dD/da_j = h_j [j in S] - q_j H
 * renormalize: dD/da_j = (h_j - q'_j H) [j in S]            (zero off S)
 * bucket:      dD/da_j = h_j - q_j (H + h_tail)                        for j in S
-               dD/da_j = -q_j H + h_tail Q_S q_j / q_tail              for j off S
+               dD/da_j = q_j (-H + h_tail Q_S / q_tail)                for j off S
 
-(d lq_tail / d a_j is -q_j on S and q_j Q_S / q_tail off S; the ratio q_j / q_tail <= 1 is
-clamped to 1 so that a tail lost to rounding never blows up the gradient). The teacher gradient
-is k_i on the entries and k_tail on the tail, carried back through ``prepare_teacher``.
+(d lq_tail / d a_j is -q_j on S and q_j Q_S / q_tail off S, where q_j <= q_tail: off S the
+gradient is q_j times one coefficient per row, the inner loop of a softmax backward; the tail
+term is dropped when q_tail < e^-80, where 1 / q_tail would overflow). The teacher gradient is k_i
+on the entries and k_tail on the tail, carried back through ``prepare_teacher`` by
+``teacher_vjp`` (closed form).
 
-Cost per row: one online pass over the student row for L (none of this for "renormalize"), O(K)
-work on the gathered support, and the dense gradient write (a zero fill plus K stores for
-"renormalize"). Nothing of size (N, V) besides the gradient.
+Cost per row, all inside one kernel launch per direction (no torch op on the teacher): the
+teacher's checks and preparation (O(K)), one online pass over the student row for L (none of this
+for "renormalize"), O(K) work on the gathered support, and in the backward one read of the row
+and the dense gradient write (a zero fill plus K stores for "renormalize"). Nothing of size
+(N, V) besides the gradient. Value checks (ids in range and distinct, the teacher mass under
+"bucket") raise ValueError from the forward: inside the CPU kernel (no sync), from one error
+code read back after the Triton launch (one host sync), in torch on the torch backend.
 """
 
 from __future__ import annotations
@@ -195,8 +202,14 @@ def sparse_divergence(
     q = softmax(student_logits / T) over all V; the teacher gives log p on its K ids per row
     (``teacher_ids`` (..., K) int64, no repeats; ``teacher_logprobs`` (..., K)), e.g. the top-k
     an inference server returns, or the student's own top-k (self-distillation): where the
-    support comes from does not matter. ``support_mask`` (..., K) bool is True on real entries and
-    False on padding (fewer than K returned). ``kind`` and beta / alpha / lam are as in
+    support comes from does not matter.
+
+    ``support_mask`` (..., K) bool: **True marks a real entry, False a padding entry** (servers
+    return fewer than K for some positions; padding ids and log-probs may hold anything). This
+    is TRL's ``valid = topk_logprobs > -inf`` and axolotl's ``target_mask``; a mask of padding
+    positions must be inverted (``~pad``) first. None: every entry is real.
+
+    ``kind`` and beta / alpha / lam are as in
     :func:`fk.divergence`, with the element terms summed over these outcomes per ``tail``:
 
     ``"bucket"``       K + 1 outcomes: the support and one tail holding the rest,
@@ -219,6 +232,9 @@ def sparse_divergence(
         reduction: "none", "sum" or "mean" (over kept rows, or / ``num_items_in_batch``). For a
             per-(position, k) normalization (axolotl) pass reduction="mean" with
             ``num_items_in_batch`` = the number of kept support entries.
+        student_logit_scale / student_softcap: the student's logits as the model emits them
+            (Gemma, Cohere): z <- s z, then z <- c tanh(z / c) when ``student_softcap`` = c is
+            given, then z / T; applied and differentiated inside the kernels (no (N, V) pass).
         backend: as in :func:`fk.divergence`.
         inplace_backward: accepted for symmetry with :func:`fk.divergence`; the backward here
             recomputes the gradient from per-row statistics, so it can run repeatedly.
