@@ -155,8 +155,8 @@ def _sparse_divergence_fwd_kernel(
         elif CAP:
             m = tl.full([], float("-inf"), tl.float32)
             s = tl.zeros([], tl.float32)
-            for off in range(0, V, BLOCK):
-                cols = off + tl.arange(0, BLOCK)
+            for c0 in range(0, V, BLOCK):
+                cols = c0 + tl.arange(0, BLOCK)
                 x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
                 f, _ = _logits(x, scale, cap, CAP)
                 m, s = online_update(m, s, tl.where(cols < V, f * inv_t, float("-inf")))
@@ -217,20 +217,20 @@ def _sparse_divergence_fwd_kernel(
         if GRAD_T:
             # The chain rule through step 1 (teacher_vjp), float64.
             k64 = k.to(tl.float64)
-            g = k64
+            g_t = k64
             g_tail = kt.to(tl.float64)
             if RENORM_T:
                 total = tl.sum(k64, 0)
                 if TAIL == TAIL_BUCKET:
                     total += g_tail
-                g = a_t * (k64 - tl.where(sup, tl.exp(fin), 0.0) * total)
+                g_t = a_t * (k64 - tl.where(sup, tl.exp(fin), 0.0) * total)
                 g_tail = a_t * (g_tail - tl.exp(fin_tail) * total)
             if TAIL == TAIL_BUCKET:
                 through = (raw_tail > float("-inf")) & (g_tail != 0.0)
                 ratio = tl.exp(raw - tl.where(through, raw_tail, 0.0))
-                g -= tl.where(through, g_tail, 0.0) * ratio
-            g = tl.where(sup, g, 0.0)
-            tl.store(gt_ptr + row * K + kk, g.to(tl.float32), mask=in_k)
+                g_t -= tl.where(through, g_tail, 0.0) * ratio
+            g_t = tl.where(sup, g_t, 0.0)
+            tl.store(gt_ptr + row * K + kk, g_t.to(tl.float32), mask=in_k)
         rs = 1.0
         if BWD:
             rs = tl.load(gl_ptr + row)
