@@ -462,7 +462,9 @@ void dispatch(const at::Tensor& x, const at::Tensor& id, const at::Tensor& lp,
   switch (x.scalar_type()) {
     case at::kFloat: run<float, float>(x, id, lp, sup, val, A, loss, gs, gt, stats); break;
     case at::kDouble: run<double, double>(x, id, lp, sup, val, A, loss, gs, gt, stats); break;
-    case at::kBFloat16: run<at::BFloat16, float>(x, id, lp, sup, val, A, loss, gs, gt, stats); break;
+    case at::kBFloat16:
+      run<at::BFloat16, float>(x, id, lp, sup, val, A, loss, gs, gt, stats);
+      break;
     default: run<at::Half, float>(x, id, lp, sup, val, A, loss, gs, gt, stats); break;
   }
 }
