@@ -72,14 +72,16 @@ TORCH_LIBRARY(fdiv, m) {
 // fk.sparse_divergence (a separate fragment so that it merges independently of the block above).
 TORCH_LIBRARY_FRAGMENT(fdiv, m) {
   m.def(
-      "sparse_divergence_fwd_cpu(Tensor student, Tensor ids, Tensor teacher, Tensor teacher_tail, "
-      "Tensor support, Tensor valid, int kind, bool swap, float param, float inv_temperature, "
-      "int tail, bool grad_student, bool grad_teacher) "
+      "sparse_divergence_fwd_cpu(Tensor student, Tensor ids, Tensor teacher, Tensor support, "
+      "Tensor valid, int kind, bool swap, float param, float inv_temperature, int tail, "
+      "float teacher_alpha, float mass_slack, float logit_scale, float softcap, "
+      "bool grad_student, bool grad_teacher) "
       "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor stats)");
   m.def(
-      "sparse_divergence_bwd_cpu(Tensor student, Tensor ids, Tensor teacher, Tensor teacher_tail, "
-      "Tensor support, Tensor valid, Tensor stats, Tensor grad_loss, int kind, bool swap, "
-      "float param, float inv_temperature, int tail) -> Tensor");
+      "sparse_divergence_bwd_cpu(Tensor student, Tensor ids, Tensor teacher, Tensor support, "
+      "Tensor valid, Tensor stats, Tensor grad_loss, int kind, bool swap, float param, "
+      "float inv_temperature, int tail, float teacher_alpha, float logit_scale, float softcap) "
+      "-> Tensor");
 }
 
 // fk.divergence(kind="cauchy_schwarz" / "renyi"): row divergences that are weighted sums of three

@@ -4,7 +4,7 @@ the (N, V) student logits never materialized.
 Rows go in chunks: the chunk's logits z = h W^T + b are formed in fp32, the sparse divergence op
 returns the chunk's per-row loss and d loss / d z in one launch, and the chunk's share of the
 hidden / weight / bias gradients is accumulated in fp32 before the next chunk. The teacher side
-(re-tempering, tail) is O(K) torch before the chunks, differentiable as in
+(checks, re-tempering, tail, its gradient) is done per row inside the kernel, as in
 :func:`fk.sparse_divergence`. As in ``fused_linear_divergence``, a scalar reduction computes the
 gradients in the forward; ``reduction="none"`` recomputes the chunks in the backward.
 """
@@ -16,7 +16,6 @@ from torch import Tensor
 
 from fdiv_kernels import _validation as V
 from fdiv_kernels._fused_linear import (
-    _accumulate_grads,
     _check_2d,
     _cross_entropy,
     _gemm_f32,
@@ -24,14 +23,53 @@ from fdiv_kernels._fused_linear import (
     default_chunk_size,
 )
 from fdiv_kernels._kinds import resolve
-from fdiv_kernels._sparse_divergence import check_sparse_teacher, check_sparse_values, teacher_alpha
-from fdiv_kernels._sparse_tails import prepare_teacher
+from fdiv_kernels._sparse_divergence import (
+    check_sparse_teacher,
+    check_transform,
+    mass_slack,
+    teacher_alpha,
+)
 from fdiv_kernels.dispatch import select
 
 
+# CPU rows per chunk: two (chunk, V) fp32 buffers of at most this size (the logits, reused, and
+# the kernel's gradient). glibc keeps freed blocks under its mmap threshold resident, so larger
+# chunks cost more than their size: at N=1024, H=256, V=32000 the peak was 113-142 MiB with
+# 16 MiB buffers (131 rows), 72-80 MiB with 8 MiB (64 rows, 1.2x the time), against 376 MiB for
+# eager (fused ``bench/results/2026-12-02-cpu-2t-sparse-divergence-v2.md``).
+CPU_CHUNK_BYTES = 8 << 20
+
+
+def _accumulate(gz: Tensor, h: Tensor, w: Tensor, grads: dict, rows, keep: Tensor | None
+                ) -> None:
+    """Add a chunk's d/dh, d/dW, d/db into the fp32 accumulators, in place: d/dW by addmm_, so
+    no (V, H) temporary per chunk (``_fused_linear._accumulate_grads`` adds a product)."""
+    if grads["sh"] is not None:
+        grads["sh"][rows] = _gemm_f32(gz, w)
+    if grads["sw"] is not None:
+        if keep is not None:
+            # Ignored rows are inert: their gz is 0, but 0 * a NaN hidden state would be NaN.
+            h = torch.where(keep[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+        if h.dtype == grads["sw"].dtype:
+            grads["sw"].addmm_(gz.t(), h)
+        else:
+            grads["sw"] += _gemm_f32(gz.t(), h)
+    if grads["sb"] is not None:
+        grads["sb"] += gz.sum(0)
+
+
+def _transformed(z: Tensor, scale: float, cap: float) -> tuple[Tensor, Tensor | float]:
+    """f(z) and f'(z) of the student's logit transform, for the cross-entropy part only (the
+    divergence kernels apply it themselves)."""
+    if cap > 0:
+        t = torch.tanh(z * (scale / cap))
+        return t.mul_(cap), (1 - (t / cap) ** 2) * scale
+    return z * scale, scale
+
+
 def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tensor | None]:
-    """Loss per row, the row-weighted student gradients and the (N, K + 1) teacher gradient."""
-    hs, ws, bs = a["hs"], a["ws"], a["bs"]
+    """Loss per row, the row-weighted student gradients and the (N, K) teacher gradient."""
+    hs, ws, bs, lp = a["hs"], a["ws"], a["bs"], a["lp"]
     n, K = hs.shape[0], a["ids"].shape[1]
     acc = torch.promote_types(hs.dtype, torch.float32)
     grads = {
@@ -41,25 +79,40 @@ def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tenso
     }
     grad_s = any(needs[k] for k in ("sh", "sw", "sb"))
     grad_t = needs["t"]
-    gt_all = hs.new_zeros(n, K + 1, dtype=acc) if grad_t else None
+    gt_all = hs.new_zeros(n, K, dtype=acc) if grad_t else None
     fwd = getattr(torch.ops.fdiv, f"sparse_divergence_fwd_{a['backend']}")
     spec, ce_w = a["spec"], a["ce_weight"]
+    scale, cap = a["transform"]
+    mask, valid = a["mask"], a["valid"]
     loss = hs.new_empty(n, dtype=acc)
     ws_op = _operand(ws)
+    # One logits buffer for every chunk, written by the GEMM in place: a fresh (chunk, V) buffer
+    # per chunk is freed into glibc's heap (chunks under its 32 MiB mmap threshold) and the
+    # heap's fragments stay resident: 142-174 MiB peak instead of 65 MiB at N=1024, V=32000.
+    reuse = hs.dtype == ws_op.dtype and ws_op.dtype in (torch.float32, torch.float64)
+    zbuf = (hs.new_empty(min(n, a["chunk"]), ws.shape[0], dtype=acc) if reuse and n else None)
     for lo in range(0, n, a["chunk"]):
         rows = slice(lo, min(n, lo + a["chunk"]))
         with torch.no_grad():
-            z = _gemm_f32(hs[rows], ws_op.t())
+            if zbuf is not None:
+                z = torch.mm(hs[rows], ws_op.t(), out=zbuf[: rows.stop - lo])
+            else:
+                z = _gemm_f32(hs[rows], ws_op.t())
             if bs is not None:
-                z = z + bs.to(z.dtype)
-            div, gz, gt, _ = fwd(z, a["ids"][rows], a["lp"][rows], a["lp_tail"][rows],
-                              a["mask"][rows], a["valid"][rows], spec.base, spec.swap,
-                              spec.param, a["inv_t"], a["tail"], grad_s, grad_t)
+                z = z.add_(bs.to(z.dtype))
+            div, gz, gt, _ = fwd(z, a["ids"][rows], lp[rows], mask[rows] if mask.numel() else mask,
+                                 valid[rows] if valid.numel() else valid, spec.base, spec.swap,
+                                 spec.param, a["inv_t"], a["tail"], a["alpha"], a["slack"], scale,
+                                 cap, grad_s, grad_t)
             w_rows = row_weights[rows, None]
             loss[rows] = div
             if ce_w:
-                ce, gce = _cross_entropy(z, a["labels"][rows], a["ignore_index"], a["backend"],
+                zt, dz = (z, 1.0) if (scale == 1.0 and not cap) else _transformed(z, scale, cap)
+                ce, gce = _cross_entropy(zt, a["labels"][rows], a["ignore_index"], a["backend"],
                                          grad_s)
+                del zt
+                if grad_s and not (isinstance(dz, float) and dz == 1.0):
+                    gce = gce.mul_(dz)  # d CE / d z = d CE / d f(z) f'(z)
                 loss[rows] = (1.0 - ce_w) * div + ce_w * ce
             del z
             if grad_t:
@@ -69,21 +122,23 @@ def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tenso
                 if ce_w:
                     g.add_(gce.mul_(w_rows * ce_w))
                     del gce
-                _accumulate_grads(g, hs[rows], ws_op, grads, rows, "s", a["valid"][rows])
+                _accumulate(g, hs[rows], ws_op, grads, rows,
+                            valid[rows] if valid.numel() else None)
                 del g, gz
+    del zbuf
     return loss, grads, gt_all
 
 
 class FusedLinearSparseDivergenceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, lp, lp_tail, args, row_weights, reduction):
+    def forward(ctx, hs, ws, bs, lp, args, row_weights, reduction):
         needs = {"sh": ctx.needs_input_grad[0], "sw": ctx.needs_input_grad[1],
                  "sb": ctx.needs_input_grad[2] and bs is not None,
-                 "t": ctx.needs_input_grad[3] or ctx.needs_input_grad[4]}
-        args = {**args, "hs": hs, "ws": ws, "bs": bs, "lp": lp, "lp_tail": lp_tail}
-        ctx.reduction, ctx.needs, ctx.args, ctx.k = reduction, needs, args, lp.shape[1]
+                 "t": ctx.needs_input_grad[3]}
+        args = {**args, "hs": hs, "ws": ws, "bs": bs, "lp": lp}
+        ctx.reduction, ctx.needs, ctx.args = reduction, needs, args
         if reduction == "none":
-            ctx.save_for_backward(hs, ws, bs, lp, lp_tail)
+            ctx.save_for_backward(hs, ws, bs, lp)
             loss, _, _ = _run(args, row_weights, dict.fromkeys(needs, False))
             return loss
         loss, grads, gt = _run(args, row_weights, needs)
@@ -96,24 +151,29 @@ class FusedLinearSparseDivergenceFunction(torch.autograd.Function):
             raise RuntimeError("fused_linear_sparse_divergence does not support higher-order "
                                "gradients")
         if ctx.reduction == "none":
-            hs, ws, bs, lp, lp_tail = ctx.saved_tensors
-            args = {**ctx.args, "hs": hs, "ws": ws, "bs": bs, "lp": lp, "lp_tail": lp_tail}
+            hs, ws, bs, lp = ctx.saved_tensors
+            args = {**ctx.args, "hs": hs, "ws": ws, "bs": bs, "lp": lp}
             _, grads, gt = _run(args, grad_out.contiguous().to(torch.float32), ctx.needs)
             scale = None
         else:
+            if ctx.grads is None:
+                raise RuntimeError("fused_linear_sparse_divergence: the gradients computed in "
+                                   "the forward were handed out by an earlier backward (a "
+                                   "second backward through the same graph is not supported)")
             grads, gt, scale = ctx.grads, ctx.gt, grad_out
+            # Scaled in place and handed out: no second (V, H) buffer for d W.
+            ctx.grads = ctx.gt = None
         out = []
         for key, name in (("sh", "hs"), ("sw", "ws"), ("sb", "bs")):
             g = grads[key]
             if g is None:
                 out.append(None)
                 continue
-            out.append((g if scale is None else g * scale).to(ctx.args[name].dtype))
-        d_lp = d_tail = None
+            out.append((g if scale is None else g.mul_(scale)).to(ctx.args[name].dtype))
+        d_lp = None
         if gt is not None:
-            gt = gt if scale is None else gt * scale
-            d_lp, d_tail = gt[:, : ctx.k], gt[:, ctx.k]
-        return (*out, d_lp, d_tail, None, None, None)
+            d_lp = (gt if scale is None else gt.mul_(scale)).to(ctx.args["lp"].dtype)
+        return (*out, d_lp, None, None, None)
 
 
 def fused_linear_sparse_divergence(
@@ -137,6 +197,8 @@ def fused_linear_sparse_divergence(
     ce_weight: float = 0.0,
     chunk_size: int | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
     r""":func:`fk.sparse_divergence` of the student logits z = student_hidden W^T + b, without the
@@ -145,9 +207,13 @@ def fused_linear_sparse_divergence(
     ``student_hidden`` (..., H), ``student_weight`` (V, H), ``student_bias`` (V,) or None; the
     teacher triple and every other argument mean what they mean in :func:`fk.sparse_divergence`.
     With ``ce_weight = w`` the per-row loss is (1 - w) D + w CE(z, labels) (labels required).
+    ``student_logit_scale`` / ``student_softcap`` transform z as in :func:`fk.sparse_divergence`
+    (the cross-entropy part, with ``ce_weight``, sees the transformed logits too).
     Logits are formed in fp32; gradients (hidden, weight, bias, and ``teacher_logprobs`` when it
     requires grad) accumulate in fp32 and return in each input's dtype. ``chunk_size`` rows are
-    processed at a time (default: from a memory budget).
+    processed at a time (default: from a memory budget, two (chunk, V) fp32 buffers of 8 MiB on
+    the CPU). With a scalar reduction the gradients are computed in the forward and handed out
+    by the backward, once (a second backward through the same graph raises).
     """
     hs = V.check_logits("student_hidden", student_hidden)
     ws = _check_2d("student_weight", student_weight)
@@ -168,6 +234,7 @@ def fused_linear_sparse_divergence(
     spec = resolve(kind, beta, alpha, lam)
     t = V.check_real("temperature", temperature, positive=True)
     a = teacher_alpha(t, teacher_temperature)
+    transform = check_transform(student_logit_scale, student_softcap)
     reduction = V.check_reduction(reduction)
     ce_w = V.check_real("ce_weight", ce_weight)
     if not 0.0 <= ce_w <= 1.0:
@@ -177,12 +244,12 @@ def fused_linear_sparse_divergence(
     if ce_w and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
     if chunk_size is None:
-        chunk = default_chunk_size(n, vocab, hs.device)
+        chunk = (max(1, min(n, CPU_CHUNK_BYTES // (4 * vocab))) if hs.device.type == "cpu"
+                 else default_chunk_size(n, vocab, hs.device))
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     else:
         chunk = chunk_size
-    check_sparse_values(ids, lp, mask, vocab, tail_id)
     flat_labels = labels.reshape(-1).contiguous() if labels is not None else None
     if ce_w:
         bad = ((flat_labels < 0) | (flat_labels >= vocab)) & (flat_labels != ignore_index)
@@ -193,10 +260,10 @@ def fused_linear_sparse_divergence(
     if ce_w:
         select(name, probe, "softmax_stats_fwd")
     acc = torch.promote_types(hs.dtype, torch.float32)
-    lp_k, lp_tail = prepare_teacher(lp.to(torch.float64), mask, tail_id, a)
-    keep = valid if valid is not None else torch.ones(n, dtype=torch.bool, device=hs.device)
+    keep = valid if valid is not None else torch.empty(0, dtype=torch.bool, device=hs.device)
     # Row weights fold the reduction into the gradients: kept rows / denominator.
-    weights = keep.to(acc)
+    weights = (valid.to(acc) if valid is not None
+               else torch.ones(n, dtype=acc, device=hs.device))
     if reduction == "mean":
         if num_items_in_batch is not None:
             denom = (num_items_in_batch if isinstance(num_items_in_batch, Tensor) else
@@ -206,10 +273,10 @@ def fused_linear_sparse_divergence(
         weights = weights / denom
     args = {"spec": spec, "inv_t": 1.0 / t, "tail": tail_id, "ids": ids, "mask": mask,
             "valid": keep, "labels": flat_labels, "ignore_index": int(ignore_index),
-            "ce_weight": ce_w, "chunk": chunk, "backend": name}
+            "ce_weight": ce_w, "chunk": chunk, "backend": name, "alpha": a,
+            "slack": mass_slack(lp.dtype), "transform": transform}
     out = FusedLinearSparseDivergenceFunction.apply(
-        hs.reshape(n, -1), ws, student_bias, lp_k.to(acc).contiguous(),
-        lp_tail.to(acc).contiguous(), args, weights, reduction,
+        hs.reshape(n, -1), ws, student_bias, lp, args, weights, reduction,
     )
     return out.reshape(lead) if reduction == "none" else out
 

@@ -1,8 +1,9 @@
 r"""``fk.sparse_divergence``: a divergence against a top-k (sparse) teacher, from student logits.
 
-Per row, with a = z / T the student's scaled logits, L = LSE(a) over all V, S the support (the
-teacher's K ids minus padding), lq_i = a_i - L and lp_i the teacher's log-probs (after the tail
-convention and re-tempering of ``fdiv_kernels._sparse_tails.prepare_teacher``):
+Per row, with a = f(z) / T the student's scaled logits (f the logit transform: z -> s z, then
+c tanh(z / c) under a softcap), L = LSE(a) over all V, S the support (the teacher's K ids minus
+padding), lq_i = a_i - L and lp_i the teacher's log-probs (after the tail convention and
+re-tempering of ``fdiv_kernels._sparse_tails.prepare_teacher``):
 
 * ``"none"``:        D = sum_{i in S} term(lp_i, lq_i)
 * ``"renormalize"``: as "none" with lq'_i = a_i - LSE_S(a) and lp'_i = lp_i - LSE_S(lp)
@@ -10,20 +11,26 @@ convention and re-tempering of ``fdiv_kernels._sparse_tails.prepare_teacher``):
                      lq_tail = log(1 - Q_S) = log1mexp(LSE_S(lq)), Q_S = sum_S q, same for p
 
 where term, h = d term / d lq and k = d term / d lp are the element terms of the kind
-(``fdiv_kernels._kinds``). The student gradient, with H = sum_S h (d/dz = d/da / T):
+(``fdiv_kernels._kinds``). The student gradient, with H = sum_S h (d/dz = d/da f'(z) / T):
 
 * none:        dD/da_j = h_j [j in S] - q_j H
 * renormalize: dD/da_j = (h_j - q'_j H) [j in S]            (zero off S)
 * bucket:      dD/da_j = h_j - q_j (H + h_tail)                        for j in S
-               dD/da_j = -q_j H + h_tail Q_S q_j / q_tail              for j off S
+               dD/da_j = q_j (-H + h_tail Q_S / q_tail)                for j off S
 
-(d lq_tail / d a_j is -q_j on S and q_j Q_S / q_tail off S; the ratio q_j / q_tail <= 1 is
-clamped to 1 so that a tail lost to rounding never blows up the gradient). The teacher gradient
-is k_i on the entries and k_tail on the tail, carried back through ``prepare_teacher``.
+(d lq_tail / d a_j is -q_j on S and q_j Q_S / q_tail off S, where q_j <= q_tail: off S the
+gradient is q_j times one coefficient per row, the inner loop of a softmax backward; the tail
+term is dropped when q_tail < e^-80, where 1 / q_tail would overflow). The teacher gradient is k_i
+on the entries and k_tail on the tail, carried back through ``prepare_teacher`` by
+``teacher_vjp`` (closed form).
 
-Cost per row: one online pass over the student row for L (none of this for "renormalize"), O(K)
-work on the gathered support, and the dense gradient write (a zero fill plus K stores for
-"renormalize"). Nothing of size (N, V) besides the gradient.
+Cost per row, all inside one kernel launch per direction (no torch op on the teacher): the
+teacher's checks and preparation (O(K)), one online pass over the student row for L (none of this
+for "renormalize"), O(K) work on the gathered support, and in the backward one read of the row
+and the dense gradient write (a zero fill plus K stores for "renormalize"). Nothing of size
+(N, V) besides the gradient. Value checks (ids in range and distinct, the teacher mass under
+"bucket") raise ValueError from the forward: inside the CPU kernel (no sync), from one error
+code read back after the Triton launch (one host sync), in torch on the torch backend.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from torch import Tensor
 
 from fdiv_kernels import _validation as V
 from fdiv_kernels._kinds import KernelSpec, resolve
-from fdiv_kernels._sparse_tails import TAIL_BUCKET, TAILS, prepare_teacher
+from fdiv_kernels._sparse_tails import TAILS
 from fdiv_kernels.dispatch import select
 
 # Teacher mass on S above 1 that "bucket" accepts as rounding of the stored log-probs, by the
@@ -46,26 +53,28 @@ def _op(backend: str, which: str):
 
 
 class SparseDivergenceFunction(torch.autograd.Function):
-    """Per-row sparse divergence. The forward reads each student row once (its normalizer) and
-    saves two floats per row; the backward reads the row once more and writes the gradient,
-    already scaled by the incoming per-row gradient (the passes of a softmax backward). The
-    teacher gradient is O(K) per row and computed in the forward."""
+    """Per-row sparse divergence. The forward is one launch: the teacher's checks and
+    preparation (O(K) per row), one read of each student row for its normalizer, and the
+    teacher gradient when asked; it saves two floats per row. The backward is one launch too:
+    it reads the row once more and writes the gradient, already scaled by the incoming per-row
+    gradient (the passes of a softmax backward)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, teacher_tail, ids, support, valid, spec, inv_t, tail,
-                backend):
+    def forward(ctx, student, teacher, ids, support, valid, spec, inv_t, tail, alpha, slack,
+                transform, backend):
         grad_s = ctx.needs_input_grad[0]
-        grad_t = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_t = ctx.needs_input_grad[1]
+        scale, cap = transform
         loss, _, gt, stats = _op(backend, "fwd")(
-            student, ids, teacher, teacher_tail, support, valid, spec.base, spec.swap,
-            spec.param, inv_t, tail, False, grad_t,
+            student, ids, teacher, support, valid, spec.base, spec.swap, spec.param, inv_t, tail,
+            alpha, slack, scale, cap, False, grad_t,
         )
         if grad_s:
-            ctx.save_for_backward(student, ids, teacher, teacher_tail, support, valid, stats, gt)
+            ctx.save_for_backward(student, ids, teacher, support, valid, stats, gt)
         else:
             ctx.save_for_backward(gt)
-        ctx.grad_s, ctx.grad_t, ctx.k = grad_s, grad_t, ids.shape[1]
-        ctx.spec, ctx.inv_t, ctx.tail, ctx.backend = spec, inv_t, tail, backend
+        ctx.grad_s, ctx.grad_t, ctx.teacher_dtype = grad_s, grad_t, teacher.dtype
+        ctx.args = (spec, inv_t, tail, alpha, scale, cap, backend)
         return loss
 
     @staticmethod
@@ -73,21 +82,20 @@ class SparseDivergenceFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("fdiv_kernels.sparse_divergence does not support higher-order "
                                "gradients (backward with create_graph=True)")
-        d_s = d_t = d_tail = None
+        spec, inv_t, tail, alpha, scale, cap, backend = ctx.args
+        d_s = d_t = None
         if ctx.grad_s:
-            student, ids, teacher, teacher_tail, support, valid, stats, gt = ctx.saved_tensors
-            spec = ctx.spec
-            d_s = _op(ctx.backend, "bwd")(
-                student, ids, teacher, teacher_tail, support, valid, stats,
-                grad_loss.to(stats.dtype).contiguous(), spec.base, spec.swap, spec.param,
-                ctx.inv_t, ctx.tail,
+            student, ids, teacher, support, valid, stats, gt = ctx.saved_tensors
+            d_s = _op(backend, "bwd")(
+                student, ids, teacher, support, valid, stats,
+                grad_loss.to(stats.dtype).contiguous(), spec.base, spec.swap, spec.param, inv_t,
+                tail, alpha, scale, cap,
             )
         else:
             (gt,) = ctx.saved_tensors
         if ctx.grad_t:
-            gt = gt * grad_loss.to(gt.dtype).unsqueeze(-1)  # (N, K + 1): small
-            d_t, d_tail = gt[:, : ctx.k], gt[:, ctx.k]
-        return d_s, d_t, d_tail, *([None] * 7)
+            d_t = (gt * grad_loss.to(gt.dtype).unsqueeze(-1)).to(ctx.teacher_dtype)  # (N, K)
+        return d_s, d_t, *([None] * 10)
 
 
 def _check_ids(name: str, ids: object) -> Tensor:
@@ -103,13 +111,17 @@ def check_sparse_teacher(
     lead: torch.Size, vocab: int, device: torch.device, teacher_ids: object,
     teacher_logprobs: object, support_mask: object, tail: object,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Shape/type checks of the teacher triple; returns (ids, logprobs, mask) as (N, K), tail id."""
+    """Shape/type checks of the teacher triple, no tensor op (the value checks run inside the
+    kernels); returns (ids, logprobs, mask) as (N, K), the mask empty when not given, and the
+    tail id."""
     ids = _check_ids("teacher_ids", teacher_ids)
     if not isinstance(teacher_logprobs, Tensor):
         raise TypeError(f"teacher_logprobs must be a torch.Tensor, got "
                         f"{type(teacher_logprobs).__name__}")
-    if not teacher_logprobs.is_floating_point():
-        raise TypeError(f"teacher_logprobs must be floating point, got {teacher_logprobs.dtype}")
+    if teacher_logprobs.dtype not in (torch.float32, torch.float64, torch.bfloat16,
+                                      torch.float16):
+        raise TypeError(f"teacher_logprobs must be floating point (float32, float64, bfloat16 "
+                        f"or float16), got {teacher_logprobs.dtype}")
     if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead:
         raise ValueError(f"teacher_ids must have shape {tuple(lead)} + (K,) to match the "
                          f"student's leading shape, got {tuple(ids.shape)}")
@@ -121,60 +133,46 @@ def check_sparse_teacher(
     if teacher_logprobs.shape != ids.shape:
         raise ValueError(f"teacher_logprobs must have the shape of teacher_ids "
                          f"{tuple(ids.shape)}, got {tuple(teacher_logprobs.shape)}")
+    n = lead.numel()
     if support_mask is None:
-        mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        mask = torch.empty(0, dtype=torch.bool, device=ids.device)  # every entry real
     else:
         if not isinstance(support_mask, Tensor) or support_mask.dtype != torch.bool:
-            raise TypeError(f"support_mask must be a bool tensor or None, got "
+            raise TypeError(f"support_mask must be a bool tensor (True = a real entry, False = "
+                            f"padding) or None, got "
                             f"{getattr(support_mask, 'dtype', type(support_mask).__name__)}")
         if support_mask.shape != ids.shape:
             raise ValueError(f"support_mask must have the shape of teacher_ids "
                              f"{tuple(ids.shape)}, got {tuple(support_mask.shape)}")
-        mask = support_mask
+        mask = support_mask.reshape(n, k).contiguous()
     for name, t in (("teacher_ids", ids), ("teacher_logprobs", teacher_logprobs),
                     ("support_mask", mask)):
         if t.device != device:
             raise ValueError(f"{name} must be on the student's device {device}, got {t.device}")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
-    n = lead.numel()
-    return (ids.reshape(n, k).to(torch.int64).contiguous(), teacher_logprobs.reshape(n, k),
-            mask.reshape(n, k).contiguous(), TAILS[tail])
+    return (ids.reshape(n, k).to(torch.int64).contiguous(),
+            teacher_logprobs.reshape(n, k).contiguous(), mask, TAILS[tail])
 
 
-def check_sparse_values(ids: Tensor, lp: Tensor, mask: Tensor, vocab: int, tail: int) -> None:
-    """Value checks (one host sync each; skipped under torch.compile): ids in range and distinct
-    on the support, and under "bucket" a teacher mass on S of at most 1 (plus rounding)."""
-    if torch.compiler.is_compiling() or ids.numel() == 0:
-        return
-    bad = mask & ((ids < 0) | (ids >= vocab))
-    if bool(bad.any()):
-        raise ValueError(f"teacher_ids must be in [0, {vocab}) on the support, got "
-                         f"{int(ids[bad][0])}")
-    # Duplicates: sort each row's support ids (padding pushed to distinct negatives) and compare
-    # neighbours, O(N K log K).
-    pad = -1 - torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    srt = torch.where(mask, ids, pad).sort(-1).values
-    if ids.shape[1] > 1 and bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
-        raise ValueError("teacher_ids must not repeat an id within a row (on the support)")
-    if tail == TAIL_BUCKET:
-        lpf = torch.where(mask, lp.detach().to(torch.promote_types(lp.dtype, torch.float32)),
-                          float("-inf"))
-        mass = torch.logsumexp(lpf, -1).exp()
-        slack = MASS_SLACK.get(lp.dtype, 1e-4)
-        over = mass > 1.0 + slack
-        if bool(over.any()):
-            raise ValueError(
-                f"teacher_logprobs: under tail='bucket' the teacher mass on the support must be "
-                f"at most 1 (+{slack} rounding), got {float(mass[over][0]):.6g}"
-            )
+def check_transform(logit_scale: object, softcap: object) -> tuple[float, float]:
+    """(scale, cap) of the student's logit transform as the kernels take them (cap 0: none)."""
+    scale = V.check_real("student_logit_scale", logit_scale, positive=True)
+    if softcap is None:
+        return scale, 0.0
+    return scale, V.check_real("student_softcap", softcap, positive=True)
 
 
-def teacher_alpha(temperature: float, teacher_temperature: object) -> float | None:
+def teacher_alpha(temperature: float, teacher_temperature: object) -> float:
+    """The re-tempering power T_teacher / T as the kernels take it (0: not re-tempered)."""
     if teacher_temperature is None:
-        return None
+        return 0.0
     tt = V.check_real("teacher_temperature", teacher_temperature, positive=True)
-    return None if tt == temperature else tt / temperature
+    return 0.0 if tt == temperature else tt / temperature
+
+
+def mass_slack(dtype: torch.dtype) -> float:
+    return MASS_SLACK.get(dtype, 1e-4)
 
 
 def sparse_divergence(
@@ -194,6 +192,8 @@ def sparse_divergence(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: int | float | Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
     backend: str = "auto",
     inplace_backward: bool = True,
 ) -> Tensor:
@@ -202,8 +202,14 @@ def sparse_divergence(
     q = softmax(student_logits / T) over all V; the teacher gives log p on its K ids per row
     (``teacher_ids`` (..., K) int64, no repeats; ``teacher_logprobs`` (..., K)), e.g. the top-k
     an inference server returns, or the student's own top-k (self-distillation): where the
-    support comes from does not matter. ``support_mask`` (..., K) bool is True on real entries and
-    False on padding (fewer than K returned). ``kind`` and beta / alpha / lam are as in
+    support comes from does not matter.
+
+    ``support_mask`` (..., K) bool: **True marks a real entry, False a padding entry** (servers
+    return fewer than K for some positions; padding ids and log-probs may hold anything). This
+    is TRL's ``valid = topk_logprobs > -inf`` and axolotl's ``target_mask``; a mask of padding
+    positions must be inverted (``~pad``) first. None: every entry is real.
+
+    ``kind`` and beta / alpha / lam are as in
     :func:`fk.divergence`, with the element terms summed over these outcomes per ``tail``:
 
     ``"bucket"``       K + 1 outcomes: the support and one tail holding the rest,
@@ -226,6 +232,9 @@ def sparse_divergence(
         reduction: "none", "sum" or "mean" (over kept rows, or / ``num_items_in_batch``). For a
             per-(position, k) normalization (axolotl) pass reduction="mean" with
             ``num_items_in_batch`` = the number of kept support entries.
+        student_logit_scale / student_softcap: the student's logits as the model emits them
+            (Gemma, Cohere): z <- s z, then z <- c tanh(z / c) when ``student_softcap`` = c is
+            given, then z / T; applied and differentiated inside the kernels (no (N, V) pass).
         backend: as in :func:`fk.divergence`.
         inplace_backward: accepted for symmetry with :func:`fk.divergence`; the backward here
             recomputes the gradient from per-row statistics, so it can run repeatedly.
@@ -241,25 +250,19 @@ def sparse_divergence(
     spec: KernelSpec = resolve(kind, beta, alpha, lam)
     t = V.check_real("temperature", temperature, positive=True)
     a = teacher_alpha(t, teacher_temperature)
+    transform = check_transform(student_logit_scale, student_softcap)
     reduction = V.check_reduction(reduction)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     valid = V.row_mask(labels, ignore_index, lead, student_logits.device)
-    check_sparse_values(ids, lp, mask, vocab, tail_id)
-
     s = student_logits.reshape(-1, vocab).contiguous()
     name = select(backend, s, "sparse_divergence_fwd", spec.base)
     select(name, s, "sparse_divergence_bwd")
-    ctype = torch.promote_types(s.dtype, torch.float32)
-    # The teacher side is O(K) per row: float64 keeps 1 - sum p exact enough when the support
-    # holds nearly all the mass (d log p_tail / d log p_i = -p_i / p_tail is then large).
-    lp_k, lp_tail = prepare_teacher(lp.to(torch.float64), mask, tail_id, a)
-    lp_k, lp_tail = lp_k.to(ctype), lp_tail.to(ctype)
-    keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool,
-                                                      device=s.device)
+    # No torch op on the teacher here: the kernels check the ids / mass, prepare the teacher
+    # (tail, re-tempering) and return its gradient, per row.
+    keep = valid if valid is not None else torch.empty(0, dtype=torch.bool, device=s.device)
     loss = SparseDivergenceFunction.apply(
-        s, lp_k.contiguous(), lp_tail.contiguous(), ids, mask, keep, spec, 1.0 / t, tail_id,
-        name,
+        s, lp, ids, mask, keep, spec, 1.0 / t, tail_id, a, mass_slack(lp.dtype), transform, name,
     )
     return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
 

@@ -2,10 +2,10 @@
 
 Ids shared by Python, Triton and C++: ``TAIL_NONE``, ``TAIL_BUCKET``, ``TAIL_RENORMALIZE``.
 
-The teacher side is O(K) per row, so it is plain differentiable torch run before the kernel: the
-kernels receive the final teacher log-probabilities (``-inf`` on padding) and, under ``"bucket"``,
-the tail's log-probability, and return d loss / d (those), which autograd carries back through
-the re-tempering and the tail below to ``teacher_logprobs``.
+The teacher side is O(K) per row. The kernels (C++, Triton) do it per row in registers from the
+raw ``teacher_logprobs`` (no torch op around them): :func:`prepare_teacher` below is its
+statement of record, and :func:`teacher_vjp` the chain rule the kernels apply to return
+d loss / d ``teacher_logprobs``; the torch backend runs exactly these two functions.
 """
 
 from __future__ import annotations
@@ -45,6 +45,33 @@ def _masked_lse(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(kept, out, torch.full_like(out, float("-inf")))
 
 
+def check_teacher(ids: Tensor, lp: Tensor, support: Tensor, vocab: int, tail: int,
+                  mass_slack: float) -> None:
+    """The value checks every backend's forward makes (the kernels per row, without a host
+    sync on the CPU): ids in [0, V) and distinct on the support, and under "bucket" a teacher
+    mass on S of at most 1 + ``mass_slack``. ValueError naming the argument."""
+    if ids.numel() == 0:
+        return
+    bad = support & ((ids < 0) | (ids >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"teacher_ids must be in [0, {vocab}) on the support, got "
+                         f"{int(ids[bad][0])}")
+    # Duplicates: sort each row's support ids (padding pushed to distinct negatives) and compare
+    # neighbours, O(N K log K).
+    pad = -1 - torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    srt = torch.where(support, ids, pad).sort(-1).values
+    if ids.shape[1] > 1 and bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+        raise ValueError("teacher_ids must not repeat an id within a row (on the support)")
+    if tail == TAIL_BUCKET:
+        mass = _masked_lse(lp.to(torch.float64), support)
+        over = mass > math.log1p(mass_slack)
+        if bool(over.any()):
+            raise ValueError(
+                f"teacher_logprobs: under tail='bucket' the teacher mass on the support must be "
+                f"at most 1 (+{mass_slack} rounding), got {float(mass[over][0].exp()):.6g}"
+            )
+
+
 def prepare_teacher(lp: Tensor, support: Tensor, tail: int, alpha: float | None
                     ) -> tuple[Tensor, Tensor]:
     """(log p' over the K entries, log p'_tail) as the kernels use them, differentiably.
@@ -70,3 +97,33 @@ def prepare_teacher(lp: Tensor, support: Tensor, tail: int, alpha: float | None
         z = _masked_lse(a * lp, support)
         return torch.where(support, a * lp - z.unsqueeze(-1), neg_inf), no_tail
     return lp, no_tail
+
+
+def teacher_vjp(lp: Tensor, support: Tensor, tail: int, alpha: float | None, k: Tensor,
+                k_tail: Tensor) -> Tensor:
+    """d loss / d raw log-probs from ``k`` = d loss / d (final log-probs) (N, K) and ``k_tail``
+    (N,), the transpose of :func:`prepare_teacher`'s Jacobian in closed form:
+
+    * re-tempering / renormalizing (lp'_o = a u_o - LSE(a u)): G_o = a (k_o - p'_o sum k);
+    * the tail u_tail = log1mexp(LSE_S lp) moves with each entry: d u_tail / d lp_i =
+      -p_i / p_tail, dropped when S holds all the mass (p_tail = 0: the tail is clamped there).
+    """
+    zero = torch.zeros_like(k)
+    k = torch.where(support, k, zero)
+    lp = torch.where(support, lp, torch.full_like(lp, float("-inf")))
+    fin, fin_tail = prepare_teacher(lp, support, tail, alpha)
+    bucket = tail == TAIL_BUCKET
+    renorm = (bucket and alpha is not None) or (not bucket and (
+        tail == TAIL_RENORMALIZE or alpha is not None))
+    g, g_tail = k, k_tail
+    if renorm:
+        a = 1.0 if alpha is None else alpha
+        total = k.sum(-1) + (k_tail if bucket else 0.0)
+        g = a * (k - fin.exp() * total[:, None])
+        g_tail = a * (k_tail - fin_tail.exp() * total)
+    if bucket:
+        raw_tail = log1mexp(_masked_lse(lp, support).clamp(max=0.0))
+        through = torch.isfinite(raw_tail) & (g_tail != 0)
+        ratio = (lp - torch.where(through, raw_tail, torch.zeros_like(raw_tail))[:, None]).exp()
+        g = g - torch.where(through, g_tail, torch.zeros_like(g_tail))[:, None] * ratio
+    return torch.where(support, g, zero)

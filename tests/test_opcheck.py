@@ -195,30 +195,35 @@ def _sinkhorn_unrolled_bwd(dev, backend):
              [True, True, False, True, False])]
 
 
-def _sparse_fwd_args(dev, tail):
+def _sparse_fwd_args(dev, tail, extras=False):
     # 3 rows of V = 40, K = 4 duplicate-free ids per row, one ignored row; kind js (base 1).
+    # extras: re-tempered teacher (alpha 1.5) and a softcapped, scaled student.
     s = logits((3, 40), seed=23).to(dev)
     g = torch.Generator().manual_seed(24)
     ids = torch.stack([torch.randperm(40, generator=g)[:4] for _ in range(3)]).to(dev)
     lp = torch.log_softmax(logits((3, 4), seed=25), -1).sub(0.2).to(dev)  # mass 0.82 on S
-    tail_lp = torch.full((3,), -1.7, device=dev)
     support = torch.ones(3, 4, dtype=torch.bool, device=dev)
     support[1, 3] = False  # a padding entry
     valid = torch.tensor([True, False, True], device=dev)
-    return (s, ids, lp, tail_lp, support, valid, 1, False, 0.3, 0.7, tail, True, True)
+    alpha, scale, cap = (1.5, 0.8, 3.0) if extras else (0.0, 1.0, 0.0)
+    return (s, ids, lp, support, valid, 1, False, 0.3, 0.7, tail, alpha, 1e-4, scale, cap, True,
+            True)
 
 
 def _sparse_divergence_fwd(dev, backend):
-    return [_sparse_fwd_args(dev, tail) for tail in (0, 1, 2)]  # none, bucket, renormalize
+    # none, bucket, renormalize; then bucket with the extras and with empty masks (all real).
+    out = [_sparse_fwd_args(dev, tail) for tail in (0, 1, 2)] + [_sparse_fwd_args(dev, 1, True)]
+    plain = _sparse_fwd_args(dev, 1)
+    empty = torch.ones(0, dtype=torch.bool, device=dev)
+    return out + [plain[:3] + (empty, empty) + plain[5:]]
 
 
 def _sparse_divergence_bwd(dev, backend):
     out = []
-    for tail in (0, 1, 2):
-        args = _sparse_fwd_args(dev, tail)
+    for args in _sparse_divergence_fwd(dev, backend):
         stats = getattr(torch.ops.fdiv, f"sparse_divergence_fwd_{backend}")(*args)[3]
         g = torch.tensor([0.5, 1.0, -2.0], device=dev)
-        out.append(args[:6] + (stats, g) + args[6:11])
+        out.append(args[:5] + (stats, g) + args[5:11] + args[12:14])
     return out
 
 

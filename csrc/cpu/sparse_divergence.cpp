@@ -1,25 +1,33 @@
-// CPU forward of the divergence against a sparse (top-k) teacher: loss per row, the dense
-// student-logit gradient and d loss / d (teacher log-probs, tail log-prob).
+// CPU kernels of the divergence against a sparse (top-k) teacher: loss per row, the dense
+// student-logit gradient and d loss / d teacher log-probs, with everything O(K) done per row
+// inside the kernel (no torch op around it):
 //
-// One row at a time (rows over torch's thread pool):
-//   1. online log-sum-exp L of a = x * inv_T over the whole row (online_softmax.h; skipped under
-//      "renormalize", whose normalizer is over the support only);
-//   2. O(K): gather a_S, lq_i = a_i - L, the element terms (common/divergence_terms.h) of the K
-//      entries and, under "bucket", of the tail outcome; H = sum_S h;
-//   3. the dense gradient write, q_j times a per-row coefficient (zeros under "renormalize"),
-//      then the K support entries overwritten with their own value.
+//   0. checks of the row's teacher (ids in [0, V) and distinct on the support, and under
+//      "bucket" a teacher mass on S of at most 1 + mass_slack): ValueError naming the argument;
+//   1. the teacher's final log-probs from the raw ones, in double (tail 1 - sum_S p by log1mexp,
+//      re-tempering by alpha = T_teacher / T, renormalization): prepare_teacher in
+//      fdiv_kernels/_sparse_tails.py, the statement of record;
+//   2. online log-sum-exp L of a = f(z) / T over the whole row (online_softmax.h), where
+//      f(z) = c tanh(s z / c) (softcap c) or s z (logit scale s); skipped under "renormalize",
+//      whose normalizer is over the support only;
+//   3. O(K): gather a_S, lq_i = a_i - L, the element terms (common/divergence_terms.h) of the K
+//      entries and, under "bucket", of the tail outcome; H = sum_S h; the teacher gradient
+//      through step 1 (teacher_vjp in _sparse_tails.py);
+//   4. the dense gradient, q_j times one per-row coefficient (zeros under "renormalize") times
+//      f'(z_j) / T, then the K support entries overwritten with their own value.
 // Under "bucket" the student tail q_tail = sum over the columns off S. When the support holds
 // less than half the mass, 1 - sum_S q (log1mexp) is accurate; otherwise a second read of the
 // row sums the off-support exps directly (a per-thread mark array flags S), so a tail of 1e-20
 // is still exact rather than lost to the rounding of 1 - sum_S q.
-// The math and its statement of record: fdiv_kernels/_sparse_divergence.py and
-// sparse_divergence_fwd_torch in fdiv_kernels/backends/torch_ref.py.
+// The backward launch redoes steps 0 (range only), 1 and 3 from the forward's per-row (L,
+// lq_tail) and writes step 4 scaled by the incoming gradient: one read and one write of the row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -31,7 +39,8 @@
 namespace fdiv_kernels {
 namespace {
 
-// Tail ids: fdiv_kernels/_sparse_tails.py.
+constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
+constexpr double kLnHalf = -0.6931471805599453;
 
 template <class T>
 struct Terms3 {
@@ -67,69 +76,172 @@ Terms3<T> terms(int base, const KindConsts<T>& c, bool swap, T lp, T lq) {
 
 // log(1 - exp(x)), x <= 0 (Maechler 2012).
 FDIV_INLINE double log1mexp(double x) {
-  return x > -0.6931471805599453 ? std::log(-std::expm1(x)) : std::log1p(-std::exp(x));
+  return x > kLnHalf ? std::log(-std::expm1(x)) : std::log1p(-std::exp(x));
 }
 
-// ---- the row passes (T = compute type, contiguous T input; 16-bit rows go through a buffer) ---
+// ---- step 1: the teacher side, O(K) per row in double ----------------------------------------
 
-// sum over unmarked columns of exp(scale x - lse).
+// log sum exp(w x_k) over the support; -inf when it is empty.
+FDIV_INLINE double masked_lse(const double* x, const bool* sup, int64_t K, double w,
+                              double extra = kNegInfD) {
+  double m = extra;
+  for (int64_t k = 0; k < K; ++k)
+    if (sup[k]) m = std::max(m, w * x[k]);
+  if (m == kNegInfD) return m;
+  double s = std::exp(extra - m);
+  for (int64_t k = 0; k < K; ++k)
+    if (sup[k]) s += std::exp(w * x[k] - m);
+  return m + std::log(s);
+}
+
+// The teacher row: raw log-probs in, final log-probs out (prepare_teacher in _sparse_tails.py).
+struct TeacherRow {
+  double mass = kNegInfD;      // log sum_S p, raw
+  double raw_tail = kNegInfD;  // log(1 - sum_S p) under "bucket" (-inf when S holds it all)
+  double tail = kNegInfD;      // the final tail log-prob
+  double a = 1.0;              // the power the entries are raised to (re-tempering)
+  bool renorm = false;         // entries (and tail) renormalized after the power
+
+  void prepare(const double* raw, const bool* sup, int64_t K, int tail_mode, double alpha,
+               double* out) {
+    mass = masked_lse(raw, sup, K, 1.0);
+    a = alpha > 0 ? alpha : 1.0;
+    double z = 0.0;
+    if (tail_mode == TAIL_BUCKET) {
+      raw_tail = mass >= 0.0 ? kNegInfD : log1mexp(mass);
+      renorm = alpha > 0;
+      if (renorm) z = masked_lse(raw, sup, K, a, a * raw_tail);
+      tail = renorm ? (z == kNegInfD ? kNegInfD : a * raw_tail - z) : raw_tail;
+    } else {
+      // "renormalize" always, "none" only when re-tempered (as axolotl does).
+      renorm = tail_mode == TAIL_RENORMALIZE || alpha > 0;
+      if (renorm) z = masked_lse(raw, sup, K, a);
+    }
+    for (int64_t k = 0; k < K; ++k)
+      out[k] = !sup[k] || (renorm && z == kNegInfD) ? kNegInfD : a * raw[k] - z;
+  }
+
+  // d loss / d raw from d loss / d final (kd on the K entries, kd_tail): teacher_vjp.
+  void vjp(const double* raw, const double* fin, const bool* sup, int64_t K, bool bucket,
+           const double* kd, double kd_tail, double* g) const {
+    double sum_k = bucket ? kd_tail : 0.0;
+    for (int64_t k = 0; k < K; ++k)
+      if (sup[k]) sum_k += kd[k];
+    double g_tail = kd_tail;
+    if (renorm) g_tail = a * (kd_tail - (tail == kNegInfD ? 0.0 : std::exp(tail)) * sum_k);
+    // d raw_tail / d raw_k = -p_k / p_tail; no tail mass: the tail does not move.
+    const bool through_tail = bucket && raw_tail > kNegInfD && g_tail != 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!sup[k]) {
+        g[k] = 0.0;
+        continue;
+      }
+      double gk = renorm ? a * (kd[k] - (fin[k] == kNegInfD ? 0.0 : std::exp(fin[k])) * sum_k)
+                         : kd[k];
+      if (through_tail) gk -= g_tail * std::exp(raw[k] - raw_tail);
+      g[k] = gk;
+    }
+  }
+};
+
+// ---- steps 2 and 4: the row passes (T = compute type) -----------------------------------------
+
+// tanh(y) = expm1(2y) / (expm1(2y) + 2): no cancellation near 0; |y| > 10 rounds to +-1 in
+// either type, and clamping there keeps expm1 finite (NaN passes both comparisons).
 template <class T>
-FDIV_INLINE double off_support_sum(const T* x, const uint8_t* mark, T scale, T lse, int64_t n) {
+FDIV_INLINE T soft_tanh(T y) {
+  const T yc = y > T(10) ? T(10) : (y < T(-10) ? T(-10) : y);
+  const T e = vexpm1(T(2) * yc);
+  return e / (e + T(2));
+}
+
+// out[j] = c tanh(x_j s / c): the softcapped logits the other passes read.
+template <class T>
+FDIV_INLINE void softcap_block(const T* x, T* out, T s_over_c, T c, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = c * soft_tanh(x[j] * s_over_c);
+}
+
+// sum over unmarked columns of exp(m1 b - lse).
+template <class T>
+FDIV_INLINE double off_support_sum(const T* b, const uint8_t* mark, T m1, T lse, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
-    const T e = vexp(x[j] * scale - lse);
+    const T e = vexp(b[j] * m1 - lse);
     s += mark[j] ? T(0) : e;
   }
   return double(s);
 }
 
-// out[j] = (c q_j + c_tail min(1, q_j inv_qt)) inv_t, q_j = exp(scale x_j - lse).
-template <bool TAIL, class T>
-FDIV_INLINE void dense_grad(const T* x, T* out, T scale, T lse, T c, T c_tail, T inv_qt, T inv_t,
-                            int64_t n) {
+// out[j] = c q_j f'_j, q_j = exp(m1 b_j - lse), with f'_j = 1 - (b_j / cap)^2 under a softcap
+// (b the capped logits), else 1; c already holds 1 / T and the logit scale. (The passes of a
+// softmax backward: one read, one write.)
+template <bool CAP, class T>
+FDIV_INLINE void dense_grad(const T* b, T* out, T m1, T lse, T c, T inv_cap, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const T q = vexp(x[j] * scale - lse);
-    T g = c * q;
-    if constexpr (TAIL) g += c_tail * std::min(T(1), q * inv_qt);
-    out[j] = g * inv_t;
+    T g = c * vexp(b[j] * m1 - lse);
+    if constexpr (CAP) {
+      const T t = b[j] * inv_cap;
+      g *= T(1) - t * t;
+    }
+    out[j] = g;
   }
 }
 
 // The per-ISA entry points: one per compute type.
-#define FDIV_SPARSE_ENTRY(T, ATTR)                                                           \
-  ATTR void lse_entry(const T* x, T scale, int64_t n, OnlineSoftmax<T>& acc) {               \
-    online_lse(x, scale, n, acc);                                                            \
-  }                                                                                          \
-  ATTR double off_entry(const T* x, const uint8_t* mark, T scale, T lse, int64_t n) {        \
-    return off_support_sum(x, mark, scale, lse, n);                                          \
-  }                                                                                          \
-  ATTR void grad_entry(const T* x, T* out, T scale, T lse, T c, T c_tail, T inv_qt, T inv_t, \
-                       int64_t n) {                                                          \
-    if (c_tail != T(0)) dense_grad<true>(x, out, scale, lse, c, c_tail, inv_qt, inv_t, n);   \
-    else dense_grad<false>(x, out, scale, lse, c, c_tail, inv_qt, inv_t, n);                 \
+#define FDIV_SPARSE_ENTRY(T, ATTR)                                                            \
+  ATTR void lse_entry(const T* x, T scale, int64_t n, OnlineSoftmax<T>& acc) {                \
+    online_lse(x, scale, n, acc);                                                             \
+  }                                                                                           \
+  ATTR void cap_entry(const T* x, T* out, T s_over_c, T c, int64_t n) {                       \
+    softcap_block(x, out, s_over_c, c, n);                                                    \
+  }                                                                                           \
+  ATTR double off_entry(const T* x, const uint8_t* mark, T scale, T lse, int64_t n) {         \
+    return off_support_sum(x, mark, scale, lse, n);                                           \
+  }                                                                                           \
+  ATTR void grad_entry(const T* b, T* out, T m1, T lse, T c, T inv_cap, bool cap,            \
+                       int64_t n) {                                                           \
+    if (cap) dense_grad<true>(b, out, m1, lse, c, inv_cap, n);                                \
+    else dense_grad<false>(b, out, m1, lse, c, inv_cap, n);                                   \
   }
 FDIV_SPARSE_ENTRY(float, FDIV_CLONES)
 FDIV_SPARSE_ENTRY(double, )
 #undef FDIV_SPARSE_ENTRY
 
-// Row views in the compute type: the row itself (fp32 / fp64) or a widened block of it.
+// The row in blocks of the compute type: the row itself (fp32 / fp64, no softcap) or a block of
+// it widened and / or softcapped into a per-thread buffer (one read of memory either way).
 template <class scalar_t, class T>
 struct RowReader {
   const scalar_t* x;
-  T* buf;  // kBlock T, narrow dtypes only
+  T* buf;  // kBlock T, when a block must be formed
+  bool cap;
+  T s_over_c, c;
   template <class F>
   FDIV_INLINE void blocks(int64_t n, F&& f) const {
-    if constexpr (std::is_same_v<scalar_t, T>) {
-      f(x, int64_t(0), n);
-    } else {
-      for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-        const int64_t len = std::min(kBlock, n - j0);
-        widen_block(buf, x + j0, len);
-        f(static_cast<const T*>(buf), j0, len);
-      }
+    constexpr bool kWide = std::is_same_v<scalar_t, T>;
+    if (kWide && !cap) {
+      f(reinterpret_cast<const T*>(x), int64_t(0), n);
+      return;
     }
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t len = std::min(kBlock, n - j0);
+      const T* src;
+      if constexpr (kWide) {
+        src = x + j0;
+      } else {
+        widen_block(buf, x + j0, len);
+        src = buf;
+      }
+      if (cap) cap_entry(src, buf, s_over_c, c, len);
+      f(static_cast<const T*>(buf), j0, len);
+    }
+  }
+  // The transformed logit of one column (before the 1 / T).
+  FDIV_INLINE T at(int64_t j) const {
+    const T v = static_cast<T>(x[j]);
+    return cap ? c * soft_tanh(v * s_over_c) : v;
   }
 };
 
@@ -138,6 +250,9 @@ struct Args {
   bool swap;
   double param, inv_t;
   int tail;
+  double alpha;       // re-tempering T_teacher / T; 0: none
+  double mass_slack;  // "bucket": teacher mass on S accepted up to 1 + this
+  double scale, cap;  // student logit transforms; cap 0: no softcap
   bool grad_s, grad_t;
   // Backward mode: the forward's per-row (lse, lq_tail) and the incoming per-row gradient; the
   // row passes of the forward are skipped and only the gradient (times grad_loss) is written.
@@ -145,8 +260,18 @@ struct Args {
   const at::Tensor* grad_loss = nullptr;
 };
 
+// Teacher log-probs as double, whatever their dtype.
+FDIV_INLINE double teacher_at(const void* p, at::ScalarType dt, int64_t i) {
+  switch (dt) {
+    case at::kDouble: return static_cast<const double*>(p)[i];
+    case at::kFloat: return static_cast<const float*>(p)[i];
+    case at::kBFloat16: return float(static_cast<const at::BFloat16*>(p)[i]);
+    default: return float(static_cast<const at::Half*>(p)[i]);
+  }
+}
+
 template <class scalar_t, class T>
-void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const at::Tensor& lp_tail,
+void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
          const at::Tensor& support, const at::Tensor& valid, const Args& A, at::Tensor& loss,
          at::Tensor& gs, at::Tensor& gt, at::Tensor& stats) {
   constexpr bool kWide = std::is_same_v<scalar_t, T>;
@@ -154,10 +279,11 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const
   const int64_t rows = x.size(0), n = x.size(1), K = ids.size(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t* idp = ids.const_data_ptr<int64_t>();
-  const T* lpp = lp.const_data_ptr<T>();
-  const T* ltp = lp_tail.const_data_ptr<T>();
-  const bool* sp = support.const_data_ptr<bool>();
-  const bool* vp = valid.const_data_ptr<bool>();
+  const void* lpp = lp.const_data_ptr();
+  const auto lpt = lp.scalar_type();
+  // Empty support / valid tensors: every entry real, every row kept.
+  const bool* sp = support.numel() ? support.const_data_ptr<bool>() : nullptr;
+  const bool* vp = valid.numel() ? valid.const_data_ptr<bool>() : nullptr;
   const bool bwd = A.stats_in != nullptr;
   T* lossp = bwd ? nullptr : loss.mutable_data_ptr<T>();
   T* statp = bwd ? nullptr : stats.mutable_data_ptr<T>();
@@ -166,198 +292,243 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp, const
   scalar_t* gsp = A.grad_s ? gs.mutable_data_ptr<scalar_t>() : nullptr;
   T* gtp = A.grad_t ? gt.mutable_data_ptr<T>() : nullptr;
   const KindConsts<T> consts(A.param);
-  const T inv_t = T(A.inv_t);
   const bool bucket = A.tail == TAIL_BUCKET, renorm = A.tail == TAIL_RENORMALIZE;
+  const bool cap = A.cap > 0;
+  // a = m1 b with b the row (times the scale folded into m1) or its softcapped values;
+  // d a / d z = gm f'(z).
+  const T m1 = T(cap ? A.inv_t : A.inv_t * A.scale), gm = T(A.inv_t * A.scale);
+  const T inv_cap = cap ? T(1.0 / A.cap) : T(0);
+  const T s_over_c = cap ? T(A.scale / A.cap) : T(0);
+  const bool need_buf = !kWide || cap;
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(kWide ? 0 : size_t(2 * kBlock));
-    std::vector<uint8_t> mark(bucket ? size_t(n) : 0);
-    std::vector<T> lq(static_cast<size_t>(K)), h(static_cast<size_t>(K));
+    std::vector<T> buf(need_buf ? size_t(2 * kBlock) : 0);
+    std::vector<uint8_t> mark(size_t(n), 0);
+    const size_t nk = static_cast<size_t>(K);
+    std::vector<T> lq(nk), h(nk);
+    std::vector<double> raw(nk), fin(nk), kd(nk), gd(nk);
+    const std::vector<uint8_t> ones(sp ? 0 : size_t(K), 1);
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* xr = xp + i * n;
       const int64_t* idr = idp + i * K;
-      const bool* sr = sp + i * K;
+      const bool* sr = sp ? sp + i * K : reinterpret_cast<const bool*>(ones.data());
       scalar_t* gr = gsp ? gsp + i * n : nullptr;
-      T* gtr = gtp ? gtp + i * (K + 1) : nullptr;
-      if (!vp[i]) {
+      T* gtr = gtp ? gtp + i * K : nullptr;
+      if (vp && !vp[i]) {
         if (lossp) lossp[i] = T(0);
         if (statp) statp[2 * i] = statp[2 * i + 1] = T(0);
         if (gr) std::fill(gr, gr + n, scalar_t(0));
-        if (gtr) std::fill(gtr, gtr + K + 1, T(0));
+        if (gtr) std::fill(gtr, gtr + K, T(0));
         continue;
       }
-      const RowReader<scalar_t, T> rd{xr, buf.data()};
-      // 1. the normalizer: over the row, or over S when renormalizing.
+      // 0. the row's ids: in range (never read outside the row) and, in the forward, distinct
+      // (a mark per column, cleared below; under "bucket" the marks also serve the tail pass).
+      for (int64_t k = 0; k < K; ++k) {
+        if (!sr[k]) continue;
+        const int64_t id = idr[k];
+        TORCH_CHECK_VALUE(id >= 0 && id < n, "teacher_ids must be in [0, ", n,
+                          ") on the support, got ", id, " (row ", i, ")");
+        if (!bwd) {
+          TORCH_CHECK_VALUE(!mark[size_t(id)], "teacher_ids must not repeat an id within a row "
+                            "(on the support): id ", id, " twice in row ", i);
+          mark[size_t(id)] = 1;
+        }
+      }
+      // 1. the teacher.
+      for (int64_t k = 0; k < K; ++k) raw[k] = sr[k] ? teacher_at(lpp, lpt, i * K + k) : 0.0;
+      TeacherRow tr;
+      tr.prepare(raw.data(), sr, K, A.tail, A.alpha, fin.data());
+      TORCH_CHECK_VALUE(bwd || !bucket || !(tr.mass > std::log1p(A.mass_slack)),
+                        "teacher_logprobs: under tail='bucket' the teacher mass on the support "
+                        "must be at most 1 (+", A.mass_slack, " rounding), got ",
+                        std::exp(tr.mass), " (row ", i, ")");
+      const RowReader<scalar_t, T> rd{xr, buf.data(), cap, s_over_c, T(A.cap)};
+      // 2. the normalizer: over the row, or over S when renormalizing.
       double lse;
       if (bwd) {
         lse = double(stat_in[2 * i]);
       } else if (renorm) {
-        double m = -std::numeric_limits<double>::infinity(), s = 0;
+        double m = kNegInfD, s = 0;
         for (int64_t k = 0; k < K; ++k)
-          if (sr[k]) m = std::max(m, double(T(static_cast<T>(xr[idr[k]]) * inv_t)));
-        if (m == -std::numeric_limits<double>::infinity()) {
+          if (sr[k]) m = std::max(m, double(T(rd.at(idr[k]) * m1)));
+        if (m == kNegInfD) {
           lse = m;
         } else {
           for (int64_t k = 0; k < K; ++k)
-            if (sr[k]) s += std::exp(double(T(static_cast<T>(xr[idr[k]]) * inv_t)) - m);
+            if (sr[k]) s += std::exp(double(T(rd.at(idr[k]) * m1)) - m);
           lse = m + std::log(s);
         }
       } else {
         OnlineSoftmax<T> acc;
-        rd.blocks(n, [&](const T* b, int64_t, int64_t len) { lse_entry(b, inv_t, len, acc); });
+        rd.blocks(n, [&](const T* b, int64_t, int64_t len) { lse_entry(b, m1, len, acc); });
         lse = acc.lse();
       }
       const T L = T(lse);
-      // 2. the K entries.
-      double loss_i = 0, H = 0, qs_max = -std::numeric_limits<double>::infinity(), qs_sum = 0;
+      // 3. the K entries.
+      double loss_i = 0, H = 0, qs_max = kNegInfD, qs_sum = 0;
       for (int64_t k = 0; k < K; ++k) {
         if (!sr[k]) {
           lq[k] = kNegInf;
           h[k] = T(0);
-          if (gtr) gtr[k] = T(0);
+          kd[k] = 0.0;
           continue;
         }
-        lq[k] = T(static_cast<T>(xr[idr[k]]) * inv_t) - L;
-        const Terms3<T> e = terms(A.base, consts, A.swap, lpp[i * K + k], lq[k]);
+        lq[k] = T(rd.at(idr[k]) * m1) - L;
+        const Terms3<T> e = terms(A.base, consts, A.swap, T(fin[k]), lq[k]);
         loss_i += double(e.t);
         H += double(e.h);
         h[k] = e.h;
-        if (gtr) gtr[k] = e.k;
+        kd[k] = double(e.k);
         qs_max = std::max(qs_max, double(lq[k]));
       }
-      if (qs_max > -std::numeric_limits<double>::infinity())
+      if (qs_max > kNegInfD)
         for (int64_t k = 0; k < K; ++k)
           if (sr[k]) qs_sum += std::exp(double(lq[k]) - qs_max);
       // log sum_S q, at most 0.
-      const double mass = qs_sum > 0 ? std::min(0.0, qs_max + std::log(qs_sum))
-                                     : -std::numeric_limits<double>::infinity();
-      double h_tail = 0, lq_tail = -std::numeric_limits<double>::infinity();
+      const double mass = qs_sum > 0 ? std::min(0.0, qs_max + std::log(qs_sum)) : kNegInfD;
+      double h_tail = 0, kd_tail = 0, lq_tail = kNegInfD;
       if (bucket) {
         if (bwd) {
           lq_tail = double(stat_in[2 * i + 1]);
-        } else if (mass < -0.6931471805599453 || !std::isfinite(lse)) {
+        } else if (mass < kLnHalf || !std::isfinite(lse)) {
           lq_tail = log1mexp(mass);
         } else {
-          for (int64_t k = 0; k < K; ++k)
-            if (sr[k]) mark[size_t(idr[k])] = 1;
           double off = 0;
           rd.blocks(n, [&](const T* b, int64_t j0, int64_t len) {
-            off += off_entry(b, mark.data() + j0, inv_t, L, len);
+            off += off_entry(b, mark.data() + j0, m1, L, len);
           });
-          for (int64_t k = 0; k < K; ++k)
-            if (sr[k]) mark[size_t(idr[k])] = 0;
           lq_tail = std::log(off);
         }
-        const Terms3<T> e = terms(A.base, consts, A.swap, ltp[i], T(lq_tail));
+        const Terms3<T> e = terms(A.base, consts, A.swap, T(tr.tail), T(lq_tail));
         loss_i += double(e.t);
         h_tail = double(e.h);
-        if (gtr) gtr[K] = e.k;
-      } else if (gtr) {
-        gtr[K] = T(0);
+        kd_tail = double(e.k);
       }
+      if (!bwd)
+        for (int64_t k = 0; k < K; ++k)
+          if (sr[k]) mark[size_t(idr[k])] = 0;
       if (!renorm) loss_i += double(L - L);  // NaN logits: NaN loss
       if (lossp) {
         lossp[i] = T(loss_i);
         statp[2 * i] = L;
         statp[2 * i + 1] = T(lq_tail);
       }
+      if (gtr) {
+        tr.vjp(raw.data(), fin.data(), sr, K, bucket, kd.data(), kd_tail, gd.data());
+        for (int64_t k = 0; k < K; ++k) gtr[k] = T(gd[k]);
+      }
       if (!gr) continue;
       // The incoming gradient of the row folds into every coefficient (backward mode).
       const double rs = gl ? double(gl[i]) : 1.0;
-      // 3. the dense gradient, then the support entries.
-      double c = -H * rs, c_tail = 0, inv_qt = 0, c_sup = H;
+      // 4. the dense gradient, then the support entries. Off S the gradient is q_j times one
+      // coefficient: -H, plus under "bucket" the tail's h_tail Q_S / q_tail (d lq_tail / d a_j =
+      // q_j Q_S / q_tail there; q_j <= q_tail off S, so the term stays below h_tail Q_S),
+      // dropped when the tail is empty or too small for 1 / q_tail to be finite.
+      double c = -H, c_sup = H;
       if (bucket) {
         c_sup = H + h_tail;
-        // The tail term off S: h_tail Q_S q_j / q_tail with the ratio clamped to 1; dropped
-        // when the tail is empty or too small for 1 / q_tail to be finite.
-        if (h_tail != 0 && lq_tail > -80.0) {
-          c_tail = h_tail * std::exp(mass) * rs;
-          inv_qt = std::exp(-lq_tail);
-        }
+        if (h_tail != 0 && lq_tail > -80.0) c += h_tail * std::exp(mass - lq_tail);
       }
+      c *= rs * double(gm);
       if (renorm) {
         std::fill(gr, gr + n, scalar_t(0));
-      } else if constexpr (kWide) {
-        grad_entry(xr, gr, inv_t, L, T(c), T(c_tail), T(inv_qt), inv_t, n);
       } else {
-        T* out = buf.data() + kBlock;
+        T* obuf = need_buf ? buf.data() + kBlock : nullptr;
         rd.blocks(n, [&](const T* b, int64_t j0, int64_t len) {
-          grad_entry(b, out, inv_t, L, T(c), T(c_tail), T(inv_qt), inv_t, len);
-          narrow_block(gr + j0, out, len);
+          if constexpr (kWide) {
+            grad_entry(b, gr + j0, m1, L, T(c), inv_cap, cap, len);
+          } else {
+            grad_entry(b, obuf, m1, L, T(c), inv_cap, cap, len);
+            narrow_block(gr + j0, obuf, len);
+          }
         });
       }
       for (int64_t k = 0; k < K; ++k)
         if (sr[k]) {
           const double q = std::exp(double(lq[k]));
-          gr[idr[k]] = static_cast<scalar_t>(T((double(h[k]) - q * c_sup) * rs * double(inv_t)));
+          double d = (double(h[k]) - q * c_sup) * rs * double(gm);
+          if (cap) {
+            const double t = double(rd.at(idr[k])) * double(inv_cap);
+            d *= 1.0 - t * t;
+          }
+          gr[idr[k]] = static_cast<scalar_t>(T(d));
         }
     }
   });
 }
 
-void dispatch(at::ScalarType dt, const at::Tensor& x, const at::Tensor& id, const at::Tensor& lp,
-              const at::Tensor& lt, const at::Tensor& sup, const at::Tensor& val, const Args& A,
-              at::Tensor& loss, at::Tensor& gs, at::Tensor& gt, at::Tensor& stats) {
-  switch (dt) {
-    case at::kFloat: run<float, float>(x, id, lp, lt, sup, val, A, loss, gs, gt, stats); break;
-    case at::kDouble: run<double, double>(x, id, lp, lt, sup, val, A, loss, gs, gt, stats); break;
+void dispatch(const at::Tensor& x, const at::Tensor& id, const at::Tensor& lp,
+              const at::Tensor& sup, const at::Tensor& val, const Args& A, at::Tensor& loss,
+              at::Tensor& gs, at::Tensor& gt, at::Tensor& stats) {
+  switch (x.scalar_type()) {
+    case at::kFloat: run<float, float>(x, id, lp, sup, val, A, loss, gs, gt, stats); break;
+    case at::kDouble: run<double, double>(x, id, lp, sup, val, A, loss, gs, gt, stats); break;
     case at::kBFloat16:
-      run<at::BFloat16, float>(x, id, lp, lt, sup, val, A, loss, gs, gt, stats);
+      run<at::BFloat16, float>(x, id, lp, sup, val, A, loss, gs, gt, stats);
       break;
-    default: run<at::Half, float>(x, id, lp, lt, sup, val, A, loss, gs, gt, stats); break;
+    default: run<at::Half, float>(x, id, lp, sup, val, A, loss, gs, gt, stats); break;
   }
 }
 
+bool is_float(at::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
+}
+
 void check_inputs(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& teacher,
-                  const at::Tensor& teacher_tail, const at::Tensor& support,
-                  const at::Tensor& valid, int64_t kind, int64_t tail) {
+                  const at::Tensor& support, const at::Tensor& valid, int64_t kind,
+                  int64_t tail, double scale, double cap) {
   TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) >= 1,
                     "student must be 2-D (N, V) with V >= 1, got ", student.sizes());
   const int64_t N = student.size(0);
   TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == N, "ids must be (", N, ", K), got ",
                     ids.sizes());
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
-  const auto dt = student.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                   "student must be float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_TYPE(is_float(student.scalar_type()),
+                   "student must be float32, float64, bfloat16 or float16, got ",
+                   student.scalar_type());
+  TORCH_CHECK_TYPE(is_float(teacher.scalar_type()),
+                   "teacher must be float32, float64, bfloat16 or float16, got ",
+                   teacher.scalar_type());
   TORCH_CHECK_VALUE(teacher.sizes() == ids.sizes(), "teacher must have the shape of ids ",
                     ids.sizes(), ", got ", teacher.sizes());
-  TORCH_CHECK_VALUE(support.sizes() == ids.sizes() && support.scalar_type() == at::kBool,
-                    "support must be a bool tensor of the shape of ids");
-  TORCH_CHECK_VALUE(teacher_tail.dim() == 1 && teacher_tail.size(0) == N,
-                    "teacher_tail must have shape (", N, ",), got ", teacher_tail.sizes());
-  TORCH_CHECK_VALUE(valid.dim() == 1 && valid.size(0) == N && valid.scalar_type() == at::kBool,
-                    "valid must be a bool tensor of shape (", N, ",)");
+  TORCH_CHECK_VALUE(support.scalar_type() == at::kBool &&
+                        (support.numel() == 0 || support.sizes() == ids.sizes()),
+                    "support must be a bool tensor of the shape of ids, or empty (all real)");
+  TORCH_CHECK_VALUE(valid.scalar_type() == at::kBool &&
+                        (valid.numel() == 0 || (valid.dim() == 1 && valid.size(0) == N)),
+                    "valid must be a bool tensor of shape (", N, ",), or empty (all kept)");
   TORCH_CHECK_VALUE(kind >= 0 && kind < kNumKinds, "kind must be in [0, ", kNumKinds, "), got ",
                     kind);
-  TORCH_CHECK_VALUE(tail >= 0 && tail < kNumTails, "tail must be a tail id in [0, ", kNumTails, "), got ", tail);
-  for (const at::Tensor* t : {&student, &ids, &teacher, &teacher_tail, &support, &valid})
+  TORCH_CHECK_VALUE(tail >= 0 && tail < kNumTails, "tail must be a tail id in [0, ", kNumTails,
+                    "), got ", tail);
+  TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), "logit_scale must be positive, got ",
+                    scale);
+  TORCH_CHECK_VALUE(cap >= 0 && std::isfinite(cap), "softcap must be positive (0: none), got ",
+                    cap);
+  for (const at::Tensor* t : {&student, &ids, &teacher, &support, &valid})
     TORCH_CHECK_VALUE(t->device().is_cpu(), "sparse_divergence ops need CPU tensors");
-  // Ids on the support are checked by the Python API; never read outside the row regardless.
-  TORCH_CHECK_VALUE(!(support & ((ids < 0) | (ids >= student.size(1)))).any().item<bool>(),
-                    "ids must be in [0, V) on the support");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_divergence_fwd_cpu(
     const at::Tensor& student, const at::Tensor& ids, const at::Tensor& teacher,
-    const at::Tensor& teacher_tail, const at::Tensor& support, const at::Tensor& valid,
-    int64_t kind, bool swap, double param, double inv_temperature, int64_t tail,
-    bool grad_student, bool grad_teacher) {
-  check_inputs(student, ids, teacher, teacher_tail, support, valid, kind, tail);
+    const at::Tensor& support, const at::Tensor& valid, int64_t kind, bool swap, double param,
+    double inv_temperature, int64_t tail, double teacher_alpha, double mass_slack,
+    double logit_scale, double softcap, bool grad_student, bool grad_teacher) {
+  check_inputs(student, ids, teacher, support, valid, kind, tail, logit_scale, softcap);
   const int64_t N = student.size(0), K = ids.size(1);
   const auto dt = student.scalar_type();
   const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = student.contiguous(), id = ids.contiguous(), sup = support.contiguous(),
-                   val = valid.contiguous();
-  const at::Tensor lp = teacher.to(ct).contiguous(), lt = teacher_tail.to(ct).contiguous();
+                   val = valid.contiguous(), lp = teacher.contiguous();
   const auto opts = x.options();
   at::Tensor loss = at::empty({N}, opts.dtype(ct));
   at::Tensor gs = grad_student ? at::empty_like(x) : at::empty({0}, opts);
-  at::Tensor gt = grad_teacher ? at::empty({N, K + 1}, opts.dtype(ct)) : at::empty({0}, opts);
+  at::Tensor gt = grad_teacher ? at::empty({N, K}, opts.dtype(ct)) : at::empty({0}, opts);
   at::Tensor stats = at::empty({N, 2}, opts.dtype(ct));
   if (N == 0) return {loss, gs, gt, stats};
-  const Args A{int(kind), swap, param, inv_temperature, int(tail), grad_student, grad_teacher};
-  dispatch(dt, x, id, lp, lt, sup, val, A, loss, gs, gt, stats);
+  const Args A{int(kind), swap, param, inv_temperature, int(tail), teacher_alpha, mass_slack,
+               logit_scale, softcap, grad_student, grad_teacher};
+  dispatch(x, id, lp, sup, val, A, loss, gs, gt, stats);
   return {loss, gs, gt, stats};
 }
 
@@ -365,10 +536,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_divergence_fwd
 // the row and one write (the same passes as a softmax backward).
 at::Tensor sparse_divergence_bwd_cpu(
     const at::Tensor& student, const at::Tensor& ids, const at::Tensor& teacher,
-    const at::Tensor& teacher_tail, const at::Tensor& support, const at::Tensor& valid,
-    const at::Tensor& stats, const at::Tensor& grad_loss, int64_t kind, bool swap, double param,
-    double inv_temperature, int64_t tail) {
-  check_inputs(student, ids, teacher, teacher_tail, support, valid, kind, tail);
+    const at::Tensor& support, const at::Tensor& valid, const at::Tensor& stats,
+    const at::Tensor& grad_loss, int64_t kind, bool swap, double param, double inv_temperature,
+    int64_t tail, double teacher_alpha, double logit_scale, double softcap) {
+  check_inputs(student, ids, teacher, support, valid, kind, tail, logit_scale, softcap);
   const int64_t N = student.size(0);
   const auto ct = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({N, 2}), "stats must be (", N, ", 2), got ",
@@ -376,15 +547,15 @@ at::Tensor sparse_divergence_bwd_cpu(
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N, "grad_loss must be (", N,
                     ",), got ", grad_loss.sizes());
   const at::Tensor x = student.contiguous(), id = ids.contiguous(), sup = support.contiguous(),
-                   val = valid.contiguous();
-  const at::Tensor lp = teacher.to(ct).contiguous(), lt = teacher_tail.to(ct).contiguous();
+                   val = valid.contiguous(), lp = teacher.contiguous();
   const at::Tensor st = stats.to(ct).contiguous(), gl = grad_loss.to(ct).contiguous();
   at::Tensor gs = at::empty_like(x), none = at::empty({0}, x.options());
   if (N == 0) return gs;
-  Args A{int(kind), swap, param, inv_temperature, int(tail), true, false};
+  Args A{int(kind), swap, param, inv_temperature, int(tail), teacher_alpha, 0.0, logit_scale,
+         softcap, true, false};
   A.stats_in = &st;
   A.grad_loss = &gl;
-  dispatch(x.scalar_type(), x, id, lp, lt, sup, val, A, none, gs, none, none);
+  dispatch(x, id, lp, sup, val, A, none, gs, none, none);
   return gs;
 }
 

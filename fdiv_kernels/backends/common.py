@@ -81,22 +81,22 @@ def fake_divergence_grads(
 
 
 def fake_sparse_divergence_fwd(
-    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
-    valid: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
-    grad_student: bool, grad_teacher: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    student: Tensor, ids: Tensor, teacher: Tensor, support: Tensor, valid: Tensor, base: int,
+    swap: bool, param: float, inv_temperature: float, tail: int, teacher_alpha: float,
+    mass_slack: float, logit_scale: float, softcap: float, grad_student: bool,
+    grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ctype = loss_dtype(student.dtype)
     loss = student.new_empty(student.shape[0], dtype=ctype)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
-    gt = (student.new_empty(ids.shape[0], ids.shape[1] + 1, dtype=ctype) if grad_teacher
-          else student.new_empty(0))
+    gt = student.new_empty(ids.shape, dtype=ctype) if grad_teacher else student.new_empty(0)
     return loss, gs, gt, student.new_empty(student.shape[0], 2, dtype=ctype)
 
 
 def fake_sparse_divergence_bwd(
-    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
-    valid: Tensor, stats: Tensor, grad_loss: Tensor, base: int, swap: bool, param: float,
-    inv_temperature: float, tail: int,
+    student: Tensor, ids: Tensor, teacher: Tensor, support: Tensor, valid: Tensor, stats: Tensor,
+    grad_loss: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
+    teacher_alpha: float, logit_scale: float, softcap: float,
 ) -> Tensor:
     return torch.empty_like(student)
 

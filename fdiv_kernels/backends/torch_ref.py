@@ -159,7 +159,13 @@ register_fakes("torch")
 
 
 # ---- sparse (top-k) teacher: fk.sparse_divergence ------------------------------------------
-from fdiv_kernels._sparse_tails import TAIL_BUCKET, TAIL_RENORMALIZE  # noqa: E402
+from fdiv_kernels._sparse_tails import (  # noqa: E402
+    TAIL_BUCKET,
+    TAIL_RENORMALIZE,
+    check_teacher,
+    prepare_teacher,
+    teacher_vjp,
+)
 
 
 def _scatter_support(g: Tensor, ids: Tensor, support: Tensor, values: Tensor) -> None:
@@ -168,38 +174,59 @@ def _scatter_support(g: Tensor, ids: Tensor, support: Tensor, values: Tensor) ->
     g[r, ids[r, i]] = values[r, i].to(g.dtype)
 
 
+def _student_logits(z: Tensor, scale: float, softcap: float) -> tuple[Tensor, Tensor | float]:
+    """f(z) = c tanh(s z / c) (softcap c > 0) or s z, and d f / d z."""
+    if softcap > 0:
+        t = torch.tanh(z * (scale / softcap))
+        return softcap * t, scale * (1 - t * t)
+    return z * scale, scale
+
+
 @torch.library.custom_op("fdiv::sparse_divergence_fwd_torch", mutates_args=())
 def sparse_divergence_fwd_torch(
-    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
-    valid: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
-    grad_student: bool, grad_teacher: bool,
+    student: Tensor, ids: Tensor, teacher: Tensor, support: Tensor, valid: Tensor, base: int,
+    swap: bool, param: float, inv_temperature: float, tail: int, teacher_alpha: float,
+    mass_slack: float, logit_scale: float, softcap: float, grad_student: bool,
+    grad_teacher: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row loss over the K (+1 tail) outcomes, d loss / d student logits (dense),
-    d loss / d (teacher log-probs, tail log-prob) as an (N, K + 1) tensor, and the per-row
-    (normalizer, student tail log-prob) the backward starts from. See
+    d loss / d teacher log-probs (N, K), and the per-row (normalizer, student tail log-prob) the
+    backward starts from. ``teacher`` holds the raw log-probs; ``support`` / ``valid`` may be
+    empty (all real / all kept); teacher_alpha 0 means no re-tempering, softcap 0 none. See
     ``fdiv_kernels._sparse_divergence`` for the math."""
     spec = KernelSpec("", base, swap, param)
     ctype = loss_dtype(student.dtype)
     N, V = student.shape
     K = ids.shape[1]
+    if support.numel() == 0:
+        support = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    if valid.numel() == 0:
+        valid = torch.ones(N, dtype=torch.bool, device=student.device)
+    check_teacher(ids, teacher, support, V, tail, mass_slack)
+    alpha = teacher_alpha if teacher_alpha > 0 else None
+    # The teacher side in float64 (1 - sum p stays exact when S holds nearly all the mass).
+    raw = teacher.to(torch.float64)
+    lp_k, lp_tail = prepare_teacher(raw, support, tail, alpha)
     loss = student.new_empty(N, dtype=ctype)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
-    gt = student.new_zeros(N, K + 1, dtype=ctype) if grad_teacher else student.new_empty(0)
+    gt = student.new_zeros(N, K, dtype=ctype) if grad_teacher else student.new_empty(0)
     stats = student.new_zeros(N, 2, dtype=ctype)
     neg_inf = float("-inf")
     for rows in _chunks(N, V):
-        a = student[rows].to(ctype) * inv_temperature
+        f, df = _student_logits(student[rows].to(ctype), logit_scale, softcap)
+        a = f * inv_temperature
         sup = support[rows]
         idx = torch.where(sup, ids[rows], 0)
         a_s = torch.where(sup, a.gather(1, idx), torch.full_like(idx, neg_inf, dtype=ctype))
         # Renormalized: the student's normalizer is over S only (the full LSE is not needed).
         lse = torch.logsumexp(a_s if tail == TAIL_RENORMALIZE else a, dim=-1)
         lq = torch.where(sup, a_s - lse[:, None], a_s)
-        lp = torch.where(sup, teacher[rows].to(ctype), torch.full_like(a_s, neg_inf))
+        lp = lp_k[rows].to(ctype)
         t, h, k = element_terms(spec, lp, lq)
         row = t.sum(-1)
         H = h.sum(-1)
         keep = valid[rows]
+        kt = torch.zeros_like(H)
         if tail == TAIL_BUCKET:
             mass = torch.logsumexp(lq, dim=-1).clamp(max=0.0)  # log sum_S q
             # The tail summed directly over the columns off S, not as 1 - sum_S q: exact when
@@ -208,7 +235,7 @@ def sparse_divergence_fwd_torch(
             _scatter_support(a_off, idx, sup, torch.full_like(a_s, neg_inf))
             lq_tail = torch.logsumexp(a_off, dim=-1) - lse
             del a_off
-            tt, ht, kt = element_terms(spec, teacher_tail[rows].to(ctype), lq_tail)
+            tt, ht, kt = element_terms(spec, lp_tail[rows].to(ctype), lq_tail)
             row = row + tt
         if tail != TAIL_RENORMALIZE:
             row = row + (lse - lse)  # NaN logits: NaN loss
@@ -217,9 +244,9 @@ def sparse_divergence_fwd_torch(
         if tail == TAIL_BUCKET:
             stats[rows, 1] = _zero_where(keep, lq_tail)
         if grad_teacher:
-            gt[rows, :K] = _zero_where(keep, torch.where(sup, k, torch.zeros_like(k)))
-            if tail == TAIL_BUCKET:
-                gt[rows, K] = _zero_where(keep, kt)
+            g_raw = teacher_vjp(raw[rows], sup, tail, alpha, torch.where(sup, k, 0.0).double(),
+                                kt.double())
+            gt[rows] = _zero_where(keep, g_raw.to(ctype))
         if not grad_student:
             continue
         q_s = lq.exp()
@@ -241,20 +268,20 @@ def sparse_divergence_fwd_torch(
             else:
                 vals = h - q_s * H[:, None]
         _scatter_support(g, idx, sup, vals)
-        gs[rows] = _zero_where(keep, g * inv_temperature)
+        gs[rows] = _zero_where(keep, g * df * inv_temperature)
     return loss, gs, gt, stats
 
 
 @torch.library.custom_op("fdiv::sparse_divergence_bwd_torch", mutates_args=())
 def sparse_divergence_bwd_torch(
-    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
-    valid: Tensor, stats: Tensor, grad_loss: Tensor, base: int, swap: bool, param: float,
-    inv_temperature: float, tail: int,
+    student: Tensor, ids: Tensor, teacher: Tensor, support: Tensor, valid: Tensor, stats: Tensor,
+    grad_loss: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
+    teacher_alpha: float, logit_scale: float, softcap: float,
 ) -> Tensor:
     """d loss / d student logits times grad_loss per row (the spec: recomputed whole)."""
-    _, gs, _, _ = sparse_divergence_fwd_torch(student, ids, teacher, teacher_tail, support, valid,
-                                              base, swap, param, inv_temperature, tail, True,
-                                              False)
+    _, gs, _, _ = sparse_divergence_fwd_torch(
+        student, ids, teacher, support, valid, base, swap, param, inv_temperature, tail,
+        teacher_alpha, float("inf"), logit_scale, softcap, True, False)
     return (gs.to(grad_loss.dtype) * grad_loss[:, None]).to(student.dtype)
 
 

@@ -100,30 +100,30 @@ from fdiv_kernels.triton_kernels.sparse_divergence import (  # noqa: E402
 
 @torch.library.custom_op("fdiv::sparse_divergence_fwd_triton", mutates_args=())
 def sparse_divergence_fwd_triton(
-    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
-    valid: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
-    grad_student: bool, grad_teacher: bool,
+    student: Tensor, ids: Tensor, teacher: Tensor, support: Tensor, valid: Tensor, base: int,
+    swap: bool, param: float, inv_temperature: float, tail: int, teacher_alpha: float,
+    mass_slack: float, logit_scale: float, softcap: float, grad_student: bool,
+    grad_teacher: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with _on(student):
         return sparse_divergence_fwd(
-            student.contiguous(), ids.contiguous(), teacher.float().contiguous(),
-            teacher_tail.float().contiguous(), support.contiguous(), valid.contiguous(), base,
-            swap, param, inv_temperature, tail, grad_student, grad_teacher,
+            student.contiguous(), ids.contiguous(), teacher.contiguous(), support.contiguous(),
+            valid.contiguous(), base, swap, param, inv_temperature, tail, teacher_alpha,
+            mass_slack, logit_scale, softcap, grad_student, grad_teacher,
         )
 
 
 @torch.library.custom_op("fdiv::sparse_divergence_bwd_triton", mutates_args=())
 def sparse_divergence_bwd_triton(
-    student: Tensor, ids: Tensor, teacher: Tensor, teacher_tail: Tensor, support: Tensor,
-    valid: Tensor, stats: Tensor, grad_loss: Tensor, base: int, swap: bool, param: float,
-    inv_temperature: float, tail: int,
+    student: Tensor, ids: Tensor, teacher: Tensor, support: Tensor, valid: Tensor, stats: Tensor,
+    grad_loss: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
+    teacher_alpha: float, logit_scale: float, softcap: float,
 ) -> Tensor:
     with _on(student):
         return sparse_divergence_bwd(
-            student.contiguous(), ids.contiguous(), teacher.float().contiguous(),
-            teacher_tail.float().contiguous(), support.contiguous(), valid.contiguous(),
-            stats.float().contiguous(), grad_loss.float().contiguous(), base, swap, param,
-            inv_temperature, tail,
+            student.contiguous(), ids.contiguous(), teacher.contiguous(), support.contiguous(),
+            valid.contiguous(), stats.float().contiguous(), grad_loss.float().contiguous(), base,
+            swap, param, inv_temperature, tail, teacher_alpha, logit_scale, softcap,
         )
 
 
