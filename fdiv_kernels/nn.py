@@ -154,14 +154,17 @@ class SparseDivergenceLoss(_KindLoss):
 
     def __init__(self, kind: str = "kl", *, tail: str = "bucket", beta: float | None = None,
                  alpha: float | None = None, lam: float | None = None, temperature: float = 1.0,
-                 teacher_temperature: float | None = None, ignore_index: int = -100,
+                 teacher_temperature: float | None = None, student_logit_scale: float = 1.0,
+                 student_softcap: float | None = None, ignore_index: int = -100,
                  reduction: str = "mean", backend: str = "auto") -> None:
         from fdiv_kernels._sparse_tails import TAILS
 
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
         super().__init__(kind, beta, alpha, lam, tail=tail, temperature=temperature,
-                         teacher_temperature=teacher_temperature, ignore_index=ignore_index,
+                         teacher_temperature=teacher_temperature,
+                         student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                         ignore_index=ignore_index,
                          reduction=reduction, backend=backend)
 
     def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
