@@ -57,8 +57,8 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
         for lo in range(0, n, a["chunk"]):
             rows = slice(lo, min(n, lo + a["chunk"]))
             z, _ = _chunk_logits(a, rows)
-            c_lse, c_ent, lp[rows] = fwd(z, labels[rows], a["ignore_index"], a["inv_t"],
-                                         a["entropy"])
+            c_lse, c_ent, lp[rows] = fwd(z, labels[rows], a["ignore_index"], a["inv_t"], 1.0,
+                                         0.0, a["entropy"])
             lse[rows] = c_lse
             if a["entropy"]:
                 ent[rows] = c_ent
@@ -92,7 +92,8 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
             z, th = _chunk_logits(a, rows)
             gz = bwd(z, labels[rows], lse[rows], ent[rows], None,
                      g_ent[rows] if g_ent is not None else None,
-                     g_lp[rows] if g_lp is not None else None, a["ignore_index"], a["inv_t"])
+                     g_lp[rows] if g_lp is not None else None, a["ignore_index"], a["inv_t"],
+                     1.0, 0.0)
             del z
             # Chain rule through the transform: d(c tanh(s z / c))/dz = s (1 - tanh^2).
             if th is not None:
