@@ -21,7 +21,7 @@ from reference import (
 # (N, V): 7 rows (2 ignored), an odd vocabulary under one Triton block; -inf entries in both.
 N, V = 7, 37
 SCALES = [1.0, 0.0625]
-SOFTCAPS = [None, 30.0, 2.0]  # 2: the spread logits (|x| ~ 25) saturate tanh
+SOFTCAPS = [None, 30.0, 2.0]  # 2: the spread logits saturate tanh
 # (dtype, scale, softcap, T): every transform per dtype; both temperatures in fp32 only (the
 # temperature is applied after the transform, in fp32 whatever the input dtype).
 GRID = [(dt, sc, cap, T) for dt in DTYPES for sc in SCALES for cap in SOFTCAPS
@@ -31,8 +31,9 @@ F64_BACKENDS = available_backends("divergence_fwd", torch.float64)
 
 
 def _inputs(dtype, seed=0):
-    s = logits((N, V), dtype, seed=seed, scale=8.0)
-    t = logits((N, V), dtype, seed=seed + 1, scale=8.0)
+    # Spread |x| up to ~12: softcap 2 saturates tanh (tanh 6 = 1 - 1e-5).
+    s = logits((N, V), dtype, seed=seed, scale=4.0)
+    t = logits((N, V), dtype, seed=seed + 1, scale=4.0)
     s[1, [0, 5]] = float("-inf")
     t[2, [3, 4]] = float("-inf")
     s[3, 7] = t[3, 7] = float("-inf")
