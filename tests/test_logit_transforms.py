@@ -241,3 +241,19 @@ def test_softmax_stats_bad_transforms(fn, bad, exc, match):
             "logsumexp": (x,)}[fn]
     with pytest.raises(exc, match=match):
         getattr(fk, fn)(*args, **bad)
+
+
+def test_compile_fullgraph_with_transforms_and_stats():
+    """The transforms and return_stats trace into one graph (no host sync, no graph break)."""
+    backend = "cpu" if "cpu" in BACKENDS else "torch"
+    s, t, labels = _inputs(torch.float32, seed=51)
+
+    def f(s, t):
+        loss, st = fk.divergence(s, t, "js", labels=labels, student_softcap=2.0,
+                                 teacher_logit_scale=0.5, return_stats=True, backend=backend)
+        lp = fk.token_logprobs(s, labels, softcap=3.0, backend=backend)
+        return loss, st.entropy_sum, st.num_rows, lp
+
+    got = torch.compile(f, fullgraph=True)(s, t)
+    for a, b in zip(got, f(s, t)):
+        assert_close(a, b, LOSS_TOL[torch.float32], "compiled")
