@@ -11,7 +11,7 @@
 // of student and teacher, which is all that "evaluate with (lp, lq) exchanged, exchange (h, k)"
 // amounts to. Logit transforms (scale, softcap; cpu/logit_transform.h) are applied to the row in
 // the per-thread buffer first, and the gradient rows multiplied by their derivative last. The
-// student's entropy -sum q log q comes out of the term pass (one more accumulator per side).
+// student's entropy -sum q log q comes out of the term pass (one more accumulator).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -51,15 +51,15 @@ FDIV_INLINE void finish_grad(T* g, const T* e, const T* scale, int64_t n, T tota
   }
 }
 
-// A row's loss and the entropies -sum q log q, -sum p log p of its two distributions.
+// A row's loss and the entropy -sum q log q of the student's distribution.
 struct RowOut {
-  double loss, ent_a, ent_b;
+  double loss, ent;
 };
 
 // The loss of one row; ga / gb receive the gradients when GA / GB.
 template <int B, bool GA, bool GB, class T>
 FDIV_INLINE RowOut divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t n, T inv_t,
-                                  const KindConsts<T>& c, const Scratch<T>& w) {
+                                  const KindConsts<T>& c, const Scratch<T>& w, bool ent_b) {
   const MaxLogSum<T> ra = row_lse(a, inv_t, n, w.ea, w.sa);
   const MaxLogSum<T> rb = row_lse(b, inv_t, n, w.eb, w.sb);
   block_scales(w.sa, num_blocks(n), ra, w.sa);
@@ -68,7 +68,7 @@ FDIV_INLINE RowOut divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t 
   const double poison_a = ra.lse() - ra.lse(), poison_b = rb.lse() - rb.lse();
   // log q = (a - m) - log s: the row max first (see MaxLogSum).
   const T ma = ra.m, lsa = ra.log_s_t, mb = rb.m, lsb = rb.log_s_t;
-  double sum_t = 0.0, sum_h = 0.0, sum_k = 0.0, sum_qa = 0.0, sum_pb = 0.0;
+  double sum_t = 0.0, sum_h = 0.0, sum_k = 0.0, sum_e = 0.0;
   // h = -p sums to -1: the student gradient needs no second pass.
   constexpr bool kFusedKL = B == KL && !GB;
 
@@ -78,8 +78,8 @@ FDIV_INLINE RowOut divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t 
     const T ca = w.sa[blk], cb = w.sb[blk];
     T* gab = GA ? ga + j0 : nullptr;
     T* gbb = GB ? gb + j0 : nullptr;
-    T st = 0, sh = 0, sk = 0, sqa = 0, spb = 0;
-#pragma omp simd reduction(+ : st, sh, sk, sqa, spb)
+    T st = 0, sh = 0, sk = 0, se = 0;
+#pragma omp simd reduction(+ : st, sh, sk, se)
     for (int64_t j = 0; j < len; ++j) {
       const T lq = (ab[j] * inv_t - ma) - lsa, lp = (bb[j] * inv_t - mb) - lsb;
       const T q = eab[j] * ca, p = ebb[j] * cb;
@@ -87,8 +87,9 @@ FDIV_INLINE RowOut divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t 
       st += e.t;
       sh += e.h;
       sk += e.k;
-      sqa += q > T(0) ? q * lq : T(0);  // 0 log 0 = 0
-      spb += p > T(0) ? p * lp : T(0);
+      // The student's q log q (side b when swapped; a loop-invariant select), 0 log 0 = 0.
+      const T pe = ent_b ? p : q, le = ent_b ? lp : lq;
+      se += pe > T(0) ? pe * le : T(0);
       if constexpr (kFusedKL && GA) gab[j] = (q - p) * inv_t;
       else if constexpr (GA) gab[j] = e.h;
       if constexpr (GB) gbb[j] = e.k;
@@ -96,12 +97,11 @@ FDIV_INLINE RowOut divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t 
     sum_t += double(st);
     sum_h += double(sh);
     sum_k += double(sk);
-    sum_qa += double(sqa);
-    sum_pb += double(spb);
+    sum_e += double(se);
   }
   if constexpr (GA && !kFusedKL) finish_grad(ga, w.ea, w.sa, n, T(sum_h), inv_t);
   if constexpr (GB) finish_grad(gb, w.eb, w.sb, n, T(sum_k), inv_t);
-  return {sum_t + poison_a + poison_b, -sum_qa + poison_a, -sum_pb + poison_b};
+  return {sum_t + poison_a + poison_b, -sum_e + (ent_b ? poison_b : poison_a)};
 }
 
 template <class T>
@@ -112,6 +112,7 @@ struct RowArgs {
   T inv_t;
   const KindConsts<T>* c;
   Scratch<T> w;
+  bool ent_b;  // the student is side b (swapped): its entropy is the one wanted
 };
 
 // Compile-time dispatch over (kind, which gradients), fully inlined into the caller so that the
@@ -120,12 +121,16 @@ template <int B, class T>
 FDIV_INLINE RowOut dispatch_row(int base, const RowArgs<T>& r) {
   if constexpr (B < kNumKinds) {
     if (base != B) return dispatch_row<B + 1>(base, r);
-    if (r.ga && r.gb) return divergence_row<B, true, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
-    if (r.ga) return divergence_row<B, true, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
-    if (r.gb) return divergence_row<B, false, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
-    return divergence_row<B, false, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
+    if (r.ga && r.gb) return divergence_row<B, true, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w,
+                                                           r.ent_b);
+    if (r.ga) return divergence_row<B, true, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w,
+                                                           r.ent_b);
+    if (r.gb) return divergence_row<B, false, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w,
+                                                           r.ent_b);
+    return divergence_row<B, false, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w,
+                                                           r.ent_b);
   } else {
-    return {0.0, 0.0, 0.0};  // unreachable: the kind was checked on entry
+    return {0.0, 0.0};  // unreachable: the kind was checked on entry
   }
 }
 
@@ -195,7 +200,7 @@ void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int 
         if (gtr) std::fill(gtr, gtr + n, scalar_t(0));
         continue;
       }
-      RowArgs<T> r{nullptr, nullptr, nullptr, nullptr, n, inv_t, &consts, w};
+      RowArgs<T> r{nullptr, nullptr, nullptr, nullptr, n, inv_t, &consts, w, swap};
       if constexpr (kWide) {
         r.a = own_s ? row_s : sp + off;
         r.b = own_t ? row_t : tp + off;
@@ -221,7 +226,7 @@ void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int 
       if constexpr (std::is_same_v<T, float>) o = row_float(base, r);
       else o = row_double(base, r);
       lp[i] = T(o.loss);
-      ep[i] = T(swap ? o.ent_b : o.ent_a);  // the student's, whichever side it played
+      ep[i] = T(o.ent);
       // The gradient rows (r.ga / r.gb may have been swapped; the buffers keep their owners)
       // times the transforms' derivatives, then rounded once for narrow dtypes.
       T* g_s = nullptr;
