@@ -29,7 +29,8 @@ __version__ = "0.1.0"
 KINDS = tuple(DIVERGENCES)
 
 __all__ = [
-    "BackendUnavailableError", "DIVERGENCES", "DivergenceStats", "KINDS", "SinkhornResult", "SoftmaxStats",
+    "BackendUnavailableError", "DIVERGENCES", "DivergenceStats", "KINDS", "SinkhornResult",
+    "SoftmaxStats",
     "describe", "divergence", "sinkhorn", "sinkhorn_divergence",
     "entropy", "fused_linear_divergence", "fused_linear_sparse_divergence",
     "fused_linear_token_logprobs", "logsumexp", "losses", "nn", "not_supported_reasons",

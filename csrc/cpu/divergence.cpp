@@ -121,14 +121,13 @@ template <int B, class T>
 FDIV_INLINE RowOut dispatch_row(int base, const RowArgs<T>& r) {
   if constexpr (B < kNumKinds) {
     if (base != B) return dispatch_row<B + 1>(base, r);
-    if (r.ga && r.gb) return divergence_row<B, true, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w,
-                                                           r.ent_b);
-    if (r.ga) return divergence_row<B, true, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w,
-                                                           r.ent_b);
-    if (r.gb) return divergence_row<B, false, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w,
-                                                           r.ent_b);
-    return divergence_row<B, false, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w,
-                                                           r.ent_b);
+    if (r.ga && r.gb)
+      return divergence_row<B, true, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w, r.ent_b);
+    if (r.ga)
+      return divergence_row<B, true, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w, r.ent_b);
+    if (r.gb)
+      return divergence_row<B, false, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w, r.ent_b);
+    return divergence_row<B, false, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w, r.ent_b);
   } else {
     return {0.0, 0.0};  // unreachable: the kind was checked on entry
   }
@@ -144,7 +143,8 @@ FDIV_CLONES void widen(float* dst, const at::BFloat16* src, int64_t n) { widen_b
 FDIV_CLONES void widen(float* dst, const at::Half* src, int64_t n) { widen_block(dst, src, n); }
 FDIV_CLONES void narrow(at::BFloat16* dst, const float* src, int64_t n) { narrow_block(dst, src, n); }
 FDIV_CLONES void narrow(at::Half* dst, const float* src, int64_t n) { narrow_block(dst, src, n); }
-FDIV_CLONES void transform(float* dst, const float* src, int64_t n, const LogitTransform<float>& x) {
+FDIV_CLONES void transform(float* dst, const float* src, int64_t n,
+                           const LogitTransform<float>& x) {
   transform_block(dst, src, n, x);
 }
 void transform(double* dst, const double* src, int64_t n, const LogitTransform<double>& x) {

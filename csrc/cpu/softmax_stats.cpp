@@ -116,8 +116,10 @@ FDIV_INLINE void bwd_stretch(const scalar_t* x, scalar_t* dx, int64_t n, int64_t
       bwd_block<CQ, ENT>(buf, buf + kBlock, len, scale, lse, cq, ge, h);
       if (lab >= j0 && lab < j0 + len) buf[kBlock + lab - j0] += T(r.glp) * scale;
       if constexpr (XF) chain_block(buf + kBlock, buf, len, xf);  // d/dz -> d/dx
-      if constexpr (std::is_same_v<scalar_t, T>) std::copy(buf + kBlock, buf + kBlock + len, dx + j0);
-      else narrow_block(dx + j0, buf + kBlock, len);
+      if constexpr (std::is_same_v<scalar_t, T>)
+        std::copy(buf + kBlock, buf + kBlock + len, dx + j0);
+      else
+        narrow_block(dx + j0, buf + kBlock, len);
     }
   }
 }
