@@ -22,14 +22,17 @@ constexpr const char* kCppBackends[] = {
 constexpr const char* kPerBackendOps[][2] = {
     {"divergence_fwd",
      "(Tensor student, Tensor teacher, Tensor valid, int kind, bool swap, float param, "
-     "float inv_temperature, bool grad_student, bool grad_teacher) "
-     "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)"},
+     "float inv_temperature, float student_scale, float student_softcap, float teacher_scale, "
+     "float teacher_softcap, bool grad_student, bool grad_teacher) "
+     "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor entropy)"},
     {"softmax_stats_fwd",
-     "(Tensor x, Tensor? labels, int ignore_index, float inv_temperature, bool entropy) "
+     "(Tensor x, Tensor? labels, int ignore_index, float inv_temperature, float scale, "
+     "float softcap, bool entropy) "
      "-> (Tensor lse, Tensor entropy, Tensor label_logprob)"},
     {"softmax_stats_bwd",
      "(Tensor x, Tensor? labels, Tensor lse, Tensor entropy, Tensor? g_lse, Tensor? g_entropy, "
-     "Tensor? g_logprob, int ignore_index, float inv_temperature) -> Tensor"},
+     "Tensor? g_logprob, int ignore_index, float inv_temperature, float scale, float softcap) "
+     "-> Tensor"},
 };
 
 TORCH_LIBRARY(fdiv, m) {

@@ -10,6 +10,7 @@ from fdiv_kernels.backends import common as _common  # noqa: F401  (registers fd
 from fdiv_kernels.backends import torch_ref as _torch_ref  # noqa: F401  (always available)
 from fdiv_kernels.dispatch import BackendUnavailableError, describe, not_supported_reasons
 from fdiv_kernels._divergence import divergence
+from fdiv_kernels._stats import DivergenceStats
 from fdiv_kernels._kinds import DIVERGENCES, ROW_DIVERGENCES
 from fdiv_kernels._custom_kinds import register_divergence, unregister_divergence
 from fdiv_kernels._fused_linear import fused_linear_divergence
@@ -30,7 +31,8 @@ __version__ = "0.1.0"
 KINDS = tuple(DIVERGENCES) + tuple(ROW_DIVERGENCES)
 
 __all__ = [
-    "BackendUnavailableError", "DIVERGENCES", "KINDS", "SinkhornResult", "SoftmaxStats",
+    "BackendUnavailableError", "DIVERGENCES", "DivergenceStats", "KINDS", "SinkhornResult",
+    "SoftmaxStats",
     "describe", "divergence", "sinkhorn", "sinkhorn_divergence",
     "entropy", "fused_linear_divergence", "fused_linear_sparse_divergence",
     "fused_linear_token_logprobs", "logsumexp", "losses", "nn", "not_supported_reasons",

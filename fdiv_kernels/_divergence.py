@@ -6,9 +6,10 @@ import torch
 from torch import Tensor
 
 from fdiv_kernels import _validation as V
-from fdiv_kernels.dispatch import select
 from fdiv_kernels._kinds import KernelSpec, resolve
 from fdiv_kernels import _row_kinds
+from fdiv_kernels._logit_transform import check_logit_transform, select_backend
+from fdiv_kernels._stats import DivergenceStats
 
 
 def _forward_op(backend: str):
@@ -16,7 +17,10 @@ def _forward_op(backend: str):
 
 
 class DivergenceFunction(torch.autograd.Function):
-    """Per-row divergence of (N, V) logits; the gradient is computed in the forward.
+    """Per-row divergence of (N, V) logits and the student's per-row entropy (not
+    differentiable); the gradient is computed in the forward.
+
+    ``transforms`` is (student_scale, student_softcap, teacher_scale, teacher_softcap).
 
     The backward scales the stored per-row gradients by the incoming gradient: in place when
     ``inplace`` (no second pass over the logits, no second (N, V) buffer; the graph can then be
@@ -24,20 +28,21 @@ class DivergenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, valid, base, swap, param, inv_t, backend, inplace,
-                grad_enabled=True):
+    def forward(ctx, student, teacher, valid, base, swap, param, inv_t, transforms, backend,
+                inplace, grad_enabled=True):
         grad_s = grad_enabled and ctx.needs_input_grad[0]
         grad_t = grad_enabled and ctx.needs_input_grad[1]
-        loss, gs, gt = _forward_op(backend)(
-            student, teacher, valid, base, swap, param, inv_t, grad_s, grad_t
+        loss, gs, gt, ent = _forward_op(backend)(
+            student, teacher, valid, base, swap, param, inv_t, *transforms, grad_s, grad_t
         )
         ctx.save_for_backward(gs, gt)
         ctx.grad_s, ctx.grad_t = grad_s, grad_t
         ctx.inplace, ctx.used = inplace, False
-        return loss
+        ctx.mark_non_differentiable(ent)
+        return loss, ent
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_entropy):
         if torch.is_grad_enabled():
             # create_graph=True: the stored gradient is not a differentiable function of the inputs.
             raise RuntimeError(
@@ -58,7 +63,7 @@ class DivergenceFunction(torch.autograd.Function):
             torch.ops.fdiv.scale_rows_(gs, grad_loss)
         if ctx.grad_t:
             torch.ops.fdiv.scale_rows_(gt, grad_loss)
-        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 8)
+        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 9)
 
 
 def divergence(
@@ -76,7 +81,12 @@ def divergence(
     num_items_in_batch: int | float | Tensor | None = None,
     backend: str = "auto",
     inplace_backward: bool = True,
-) -> Tensor:
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, DivergenceStats]:
     r"""Divergence between p = softmax(teacher_logits / T) and q = softmax(student_logits / T).
 
     Both inputs are raw logits of shape (..., V); the softmax is fused into the kernel. Per row:
@@ -105,6 +115,12 @@ def divergence(
     Zero-probability terms follow their limits (0 log 0 = 0); a -inf logit in both inputs adds
     nothing; an infinite divergence is +inf; NaN in the input gives NaN.
 
+    Per-model logit transforms are applied inside the kernels before the temperature, as the
+    model's head does (Gemma-2/3 final-logit softcapping, Cohere's logit scale):
+    z <- z * scale, then with a softcap c: z <- c tanh(z / c), then z / T; the gradient is
+    chained through them (dz/dx = scale (1 - (z/c)^2)). Under a softcap every logit is finite:
+    a -inf logit becomes -c (so it gets probability ~e^(-2c/T) relative to a logit at +c, not 0).
+
     Args:
         temperature: T > 0 with 1/T finite in the compute dtype: T >= 2.94e-39 (float32, also
             for 16-bit inputs) or 5.6e-309 (float64); smaller raises ValueError. Logits / T must
@@ -120,12 +136,17 @@ def divergence(
             place, so the graph holds one (N, V) buffer per input and can be backpropagated once
             (a second backward raises). Pass False to backpropagate repeatedly (retain_graph,
             gradcheck, jacobians) at the cost of a second buffer during the backward.
+        student_logit_scale, teacher_logit_scale: finite positive factors (default 1).
+        student_softcap, teacher_softcap: None (no cap) or a finite positive c.
+        return_stats: also return a :class:`DivergenceStats` (detached): the summed student
+            entropy at temperature T over kept rows and their count, from the same kernel pass;
+            ``soft_loss`` is the loss detached, ``hard_loss`` None.
 
     Returns:
         The loss in float32 (float64 for float64 inputs). Gradients flow to the student logits,
         and to the teacher logits when they require grad; higher-order gradients raise. Under
         ``torch.no_grad()`` / ``inference_mode()`` no gradient is computed. Zero rows give an
-        empty result (0 for "sum"/"mean"); V = 0 raises.
+        empty result (0 for "sum"/"mean"); V = 0 raises. With ``return_stats``, (loss, stats).
     """
     V.check_logits("student_logits", student_logits)
     V.check_logits("teacher_logits", teacher_logits)
@@ -135,6 +156,14 @@ def divergence(
     inv_t = V.check_temperature(temperature, dtype)
     reduction = V.check_reduction(reduction)
     V.check_num_items(num_items_in_batch)
+    transforms = (
+        *check_logit_transform("student_logit_scale", student_logit_scale, "student_softcap",
+                               student_softcap),
+        *check_logit_transform("teacher_logit_scale", teacher_logit_scale, "teacher_softcap",
+                               teacher_softcap),
+    )
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     lead = student_logits.shape[:-1]
     valid = V.row_mask(labels, ignore_index, lead, student_logits.device)
 
@@ -144,26 +173,42 @@ def divergence(
     row_kind = spec.kind in (_row_kinds.RENYI, _row_kinds.CAUCHY_SCHWARZ)
     # The row kinds run their row op (every backend with it also has divergence_fwd, which
     # renyi uses too): fdiv_kernels._row_kinds.
-    name = select(backend, s, "lse_combination_fwd" if row_kind else "divergence_fwd", spec.base)
+    name = select_backend(backend, s, "lse_combination_fwd" if row_kind else "divergence_fwd",
+                          transforms, spec.base)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if s.shape[0] == 0:
         # An empty micro-batch: no rows, no loss; zero-size gradients through the graph.
-        loss = (s.sum(-1) + t.sum(-1)).to(V.loss_dtype(dtype)) * 0
-        return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
-    keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-    # Inside forward() grad mode is always off: ask here whether any gradient can be wanted, so
-    # that no_grad / inference_mode calls never compute or allocate the (N, V) gradients.
-    loss = None
-    if spec.kind != _row_kinds.CAUCHY_SCHWARZ:  # renyi: from the alpha rows (base ALPHA), too
-        loss = DivergenceFunction.apply(
-            s, t, keep, spec.base, spec.swap, spec.param, inv_t, name, inplace_backward,
-            torch.is_grad_enabled(),
-        )
-    if row_kind:
-        loss = _row_kinds.row_kind_rows(spec.kind, spec.param, s, t, keep, inv_t, name,
-                                        inplace_backward, loss)
-    return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
+        rows = (s.sum(-1) + t.sum(-1)).to(V.loss_dtype(dtype)) * 0
+        ent = rows.detach()
+    else:
+        keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool,
+                                                          device=s.device)
+        # Inside forward() grad mode is always off: ask here whether any gradient can be wanted,
+        # so that no_grad / inference_mode calls never compute or allocate the (N, V) gradients.
+        rows = ent = None
+        if spec.kind != _row_kinds.CAUCHY_SCHWARZ:  # renyi: from the alpha rows (base ALPHA), too
+            rows, ent = DivergenceFunction.apply(
+                s, t, keep, spec.base, spec.swap, spec.param, inv_t, transforms, name,
+                inplace_backward, torch.is_grad_enabled(),
+            )
+        if row_kind:
+            rows = _row_kinds.row_kind_rows(spec.kind, spec.param, s, t, keep, inv_t, name,
+                                            inplace_backward, rows, transforms=transforms)
+        if ent is None and return_stats:
+            # cauchy_schwarz's row op has no entropy output: one more read of the student rows.
+            from fdiv_kernels._softmax_stats import entropy
+
+            ent = entropy(s.detach(), temperature, logit_scale=transforms[0],
+                          softcap=transforms[1] or None, backend=name)
+            ent = torch.where(keep, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))
+    loss = V.reduce_rows(rows, valid, reduction, lead, num_items_in_batch)
+    if not return_stats:
+        return loss
+    # The op zeroes ignored rows' entropy, so a plain sum is the sum over kept rows.
+    n_rows = (torch.tensor(s.shape[0], device=s.device) if valid is None
+              else valid.sum()).to(torch.int64)
+    return loss, DivergenceStats(ent.sum().detach(), n_rows, loss.detach(), None)
 
 
-__all__ = ["divergence", "DivergenceFunction"]
+__all__ = ["divergence", "DivergenceFunction", "DivergenceStats"]

@@ -20,6 +20,8 @@ from torch import Tensor
 from fdiv_kernels import _validation as V
 from fdiv_kernels.dispatch import select
 from fdiv_kernels._kinds import KernelSpec, resolve
+from fdiv_kernels._logit_transform import check_logit_transform, transform_logits
+from fdiv_kernels._stats import DivergenceStats
 
 # Bytes of fp32 (chunk, V) buffers per chunk (about four live at once: two logits, padding or a
 # CE gradient, the divergence gradient). GPUs get more so the chunk GEMMs stay efficient.
@@ -101,15 +103,31 @@ def _run(ctx_args: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict
             else:
                 zs_full = zs
             valid = a["valid"][rows]
-            div, gzs, gzt = fwd(zs_full, zt, valid, spec.base, spec.swap, spec.param, a["inv_t"],
-                                grad_s, grad_t)
+            xs, dzs = a["xform"][:2], None
+            if vt > vs and xs != (1.0, 0.0):
+                # A transform would turn the -inf padding finite (-c under a cap): transform the
+                # chunk's logits here, in place, and chain the gradient below.
+                zs_t, dzs = transform_logits(zs, *xs)
+                zs = zs.copy_(zs_t)
+                del zs_t
+                zs_full = torch.nn.functional.pad(zs, (0, vt - vs), value=float("-inf"))
+                xs = (1.0, 0.0)
+            div, gzs, gzt, ent = fwd(zs_full, zt, valid, spec.base, spec.swap, spec.param,
+                                     a["inv_t"], *xs, *a["xform"][2:], grad_s, grad_t)
             del zt, zs_full
             w_rows = row_weights[rows, None]
             loss[rows] = div
+            side = a.get("side")
+            if side is not None:  # return_stats: the per-row parts, from the same kernel calls
+                side["ent"][rows] = ent
+                side["div"][rows] = div
             if ce_w:
+                # The cross-entropy of the model's logits: the student's transforms, T = 1.
                 ce, gce = _cross_entropy(zs, a["labels"][rows], a["ignore_index"], a["backend"],
-                                         grad_s)
+                                         grad_s, xs)
                 loss[rows] = (1.0 - ce_w) * div + ce_w * ce
+                if side is not None:
+                    side["ce"][rows] = ce
             del zs
             # The chunk's buffers are scaled in place: no extra (chunk, V) temporaries.
             if grad_s:
@@ -117,6 +135,9 @@ def _run(ctx_args: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict
                 if ce_w:
                     gz.add_(gce.mul_(w_rows * ce_w))
                     del gce
+                if dzs is not None:
+                    gz.mul_(dzs)
+                    del dzs
                 _accumulate_grads(gz, hs[rows], ws_op, grads, rows, "s",
                                   valid if a["mask"] else None)
                 del gz, gzs
@@ -141,15 +162,17 @@ def _kept_rows(valid: Tensor | None) -> Tensor | None:
     return None if kept.numel() == valid.numel() else kept
 
 
-def _cross_entropy(z: Tensor, labels: Tensor, ignore_index: int, backend: str, grad: bool):
-    """-log softmax(z)[label] per row and its logit gradient (softmax - onehot), fp32."""
+def _cross_entropy(z: Tensor, labels: Tensor, ignore_index: int, backend: str, grad: bool,
+                   xform: tuple[float, float] = (1.0, 0.0)):
+    """-log softmax(z')[label] per row, z' = z under the (scale, softcap) ``xform``, and its
+    gradient w.r.t. z, fp32."""
     fwd = getattr(torch.ops.fdiv, f"softmax_stats_fwd_{backend}")
-    lse, ent, lp = fwd(z, labels, ignore_index, 1.0, False)
+    lse, ent, lp = fwd(z, labels, ignore_index, 1.0, *xform, False)
     if not grad:
         return -lp, None
     bwd = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{backend}")
     g = torch.full_like(lp, -1.0)
-    return -lp, bwd(z, labels, lse, ent, None, None, g, ignore_index, 1.0)
+    return -lp, bwd(z, labels, lse, ent, None, None, g, ignore_index, 1.0, *xform)
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
@@ -226,7 +249,12 @@ def fused_linear_divergence(
     chunk_size: int | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
     backend: str = "auto",
-) -> Tensor:
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, DivergenceStats]:
     r"""D(softmax(teacher_hidden W_t^T + b_t) || softmax(student_hidden W_s^T + b_s)) per row,
     without the (N, V) logits.
 
@@ -241,6 +269,13 @@ def fused_linear_divergence(
     are dropped before the GEMMs (one host sync for their count; not under ``torch.compile``)
     and get exactly zero gradient; a fully ignored batch gives a zero loss that is still part
     of the graph (zero, not None, gradients), so data-parallel ranks stay in step.
+
+    The logit transforms (``student_logit_scale``, ``student_softcap``, ``teacher_*``) and
+    ``return_stats`` mean what they mean in :func:`fk.divergence` and are fused into the
+    per-chunk kernel call (z <- z scale, z <- c tanh(z / c), then z / T); the cross-entropy part
+    uses the student's transformed logits at T = 1 (the model's logits). With ``return_stats``
+    the result is (loss, :class:`DivergenceStats`), the entropy from the same per-chunk call, and
+    loss = (1 - ce_weight) soft_loss + ce_weight hard_loss.
     """
     hs = V.check_logits("student_hidden", student_hidden)
     ht = V.check_logits("teacher_hidden", teacher_hidden)
@@ -271,6 +306,14 @@ def fused_linear_divergence(
     inv_t = V.check_temperature(temperature, torch.promote_types(hs.dtype, ws.dtype))
     reduction = V.check_reduction(reduction)
     V.check_num_items(num_items_in_batch)
+    xform = (
+        *check_logit_transform("student_logit_scale", student_logit_scale, "student_softcap",
+                               student_softcap),
+        *check_logit_transform("teacher_logit_scale", teacher_logit_scale, "teacher_softcap",
+                               teacher_softcap),
+    )
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     ce_w = V.check_real("ce_weight", ce_weight)
     if not 0.0 <= ce_w <= 1.0:
         raise ValueError(f"ce_weight must be in [0, 1], got {ce_w}")
@@ -322,13 +365,34 @@ def fused_linear_divergence(
     args = {"spec": spec, "inv_t": inv_t, "valid": keep,
             "mask": valid is not None and kept is None, "labels": flat_labels,
             "ignore_index": int(ignore_index), "ce_weight": ce_w, "chunk": chunk,
-            "backend": name}
+            "backend": name, "xform": xform}
+    if return_stats:
+        side = {k: hs.new_zeros(hs2.shape[0], dtype=acc) for k in ("ent", "div", "ce")}
+        args["side"] = side
     out = FusedLinearDivergenceFunction.apply(
         hs2, ws, student_bias, ht2, wt, teacher_bias, args, weights, reduction,
         torch.is_grad_enabled(),
     )
-    if reduction != "none":
-        return out
-    if kept is not None:
-        out = out.new_zeros(n).index_copy(0, kept, out)
-    return out.reshape(lead)
+    if return_stats:
+        stats = _stats(side, weights, keep, kept, n, lead, reduction, ce_w)
+    if reduction == "none":
+        if kept is not None:
+            out = out.new_zeros(n).index_copy(0, kept, out)
+        out = out.reshape(lead)
+    return (out, stats) if return_stats else out
+
+
+def _stats(side: dict, weights: Tensor, keep: Tensor, kept: Tensor | None, n: int,
+           lead: torch.Size, reduction: str, ce_w: float) -> DivergenceStats:
+    """The detached side outputs, reduced like the loss (the row weights are the kept rows over
+    the mean's denominator); per row under ``reduction="none"``, 0 on ignored rows."""
+    if reduction == "none":
+        soft, hard = side["div"], side["ce"]
+        if kept is not None:
+            soft, hard = (soft.new_zeros(n).index_copy(0, kept, soft),
+                          hard.new_zeros(n).index_copy(0, kept, hard))
+        soft, hard = soft.reshape(lead), hard.reshape(lead)
+    else:
+        soft, hard = (side["div"] * weights).sum(), (side["ce"] * weights).sum()
+    return DivergenceStats(side["ent"].sum(), keep.sum().to(torch.int64), soft.detach(),
+                           hard.detach() if ce_w else None)

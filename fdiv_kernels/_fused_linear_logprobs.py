@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fdiv_kernels import _validation as V
 from fdiv_kernels._fused_linear import _accumulate_grads, _gemm_f32, _operand, default_chunk_size
-from fdiv_kernels.dispatch import select
+from fdiv_kernels._logit_transform import check_logit_transform, select_backend
 
 
 # CPU rows per chunk come from a budget for the op's two fp32 (chunk, V) buffers (the logits and
@@ -37,24 +37,12 @@ def _default_chunk(n: int, vocab: int, device: torch.device) -> int:
     return default_chunk_size(n, vocab, device)
 
 
-def _transform(z: Tensor, scale: float, cap: float | None) -> tuple[Tensor, Tensor | None]:
-    """z <- scale z, then z <- cap tanh(z / cap); returns (z', tanh) (tanh kept for the backward).
-
-    In place on the chunk buffer: no second (chunk, V) tensor beyond the tanh the backward needs.
-    """
-    if scale != 1.0:
-        z.mul_(scale)
-    if cap is None:
-        return z, None
-    th = z.div_(cap).tanh_()
-    return th * cap, th
-
-
-def _chunk_logits(a: dict, rows: slice) -> tuple[Tensor, Tensor | None]:
+def _chunk_logits(a: dict, rows: slice) -> Tensor:
+    """The chunk's raw fp32 logits; the ops apply the logit transform and its chain rule."""
     z = _gemm_f32(a["h"][rows], a["w_op"].t())
     if a["b"] is not None:
         z += a["b"].to(z.dtype)
-    return _transform(z, a["scale"], a["cap"])
+    return z
 
 
 class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
@@ -69,9 +57,9 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
         ent = h.new_empty(n, dtype=acc) if a["entropy"] else h.new_zeros(n, dtype=acc)
         for lo in range(0, n, a["chunk"]):
             rows = slice(lo, min(n, lo + a["chunk"]))
-            z, _ = _chunk_logits(a, rows)
+            z = _chunk_logits(a, rows)
             c_lse, c_ent, lp[rows] = fwd(z, labels[rows], a["ignore_index"], a["inv_t"],
-                                         a["entropy"])
+                                         a["scale"], a["cap"], a["entropy"])
             lse[rows] = c_lse
             if a["entropy"]:
                 ent[rows] = c_ent
@@ -102,17 +90,12 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
         g_ent = g_ent.contiguous().to(acc) if (g_ent is not None and a["entropy"]) else None
         for lo in range(0, h.shape[0], a["chunk"]):
             rows = slice(lo, min(h.shape[0], lo + a["chunk"]))
-            z, th = _chunk_logits(a, rows)
+            z = _chunk_logits(a, rows)
             gz = bwd(z, labels[rows], lse[rows], ent[rows], None,
                      g_ent[rows] if g_ent is not None else None,
-                     g_lp[rows] if g_lp is not None else None, a["ignore_index"], a["inv_t"])
+                     g_lp[rows] if g_lp is not None else None, a["ignore_index"], a["inv_t"],
+                     a["scale"], a["cap"])
             del z
-            # Chain rule through the transform: d(c tanh(s z / c))/dz = s (1 - tanh^2).
-            if th is not None:
-                gz.mul_(th.square_().neg_().add_(1.0))
-                del th
-            if a["scale"] != 1.0:
-                gz.mul_(a["scale"])
             # Without an entropy gradient an ignored row gets none: keep it inert (0 * a NaN
             # hidden state would be NaN in dW).
             keep = (labels[rows] != a["ignore_index"]) if g_ent is None else None
@@ -177,8 +160,7 @@ def fused_linear_token_logprobs(
         raise ValueError(f"hidden, weight and bias must be on one device, got "
                          f"{sorted(map(str, devices))}")
     inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
-    scale = V.check_real("logit_scale", logit_scale, positive=True)
-    cap = None if softcap is None else V.check_real("softcap", softcap, positive=True)
+    scale, cap = check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     lead = h.shape[:-1]
@@ -196,7 +178,7 @@ def fused_linear_token_logprobs(
     else:
         chunk = chunk_size
     probe = torch.empty(0, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-    name = select(backend, probe, "softmax_stats_fwd")
+    name = select_backend(backend, probe, "softmax_stats_fwd", (scale, cap))
     args = {"inv_t": inv_t, "scale": scale, "cap": cap, "ignore_index": int(ignore_index),
             "entropy": return_entropy, "chunk": max(1, chunk), "backend": name}
     lp, ent = FusedLinearTokenLogprobsFunction.apply(

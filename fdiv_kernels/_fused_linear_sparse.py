@@ -23,6 +23,7 @@ from fdiv_kernels._fused_linear import (
     default_chunk_size,
 )
 from fdiv_kernels._kinds import resolve
+from fdiv_kernels._logit_transform import transform_logits
 from fdiv_kernels._sparse_divergence import (
     check_sparse_teacher,
     check_transform,
@@ -56,15 +57,6 @@ def _accumulate(gz: Tensor, h: Tensor, w: Tensor, grads: dict, rows, keep: Tenso
             grads["sw"] += _gemm_f32(gz.t(), h)
     if grads["sb"] is not None:
         grads["sb"] += gz.sum(0)
-
-
-def _transformed(z: Tensor, scale: float, cap: float) -> tuple[Tensor, Tensor | float]:
-    """f(z) and f'(z) of the student's logit transform, for the cross-entropy part only (the
-    divergence kernels apply it themselves)."""
-    if cap > 0:
-        t = torch.tanh(z * (scale / cap))
-        return t.mul_(cap), (1 - (t / cap) ** 2) * scale
-    return z * scale, scale
 
 
 def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tensor | None]:
@@ -107,7 +99,7 @@ def _run(a: dict, row_weights: Tensor, needs: dict) -> tuple[Tensor, dict, Tenso
             w_rows = row_weights[rows, None]
             loss[rows] = div
             if ce_w:
-                zt, dz = (z, 1.0) if (scale == 1.0 and not cap) else _transformed(z, scale, cap)
+                zt, dz = (z, 1.0) if (scale == 1.0 and not cap) else transform_logits(z, scale, cap)
                 ce, gce = _cross_entropy(zt, a["labels"][rows], a["ignore_index"], a["backend"],
                                          grad_s)
                 del zt

@@ -48,6 +48,7 @@ import math
 import torch
 from torch import Tensor
 
+from fdiv_kernels._logit_transform import transform_logits
 from fdiv_kernels.backends.common import loss_dtype
 
 RENYI = "renyi"
@@ -86,14 +87,11 @@ def renyi_rows(alpha_rows: Tensor, alpha: float, lse_rows: Tensor | None) -> Ten
     return torch.where(use_lse, lse_rows.to(wide), from_alpha).to(alpha_rows.dtype)
 
 
-def transform_logits(z: Tensor, scale: float, softcap: float,
-                     inv_t: float) -> tuple[Tensor, Tensor]:
-    """(a, da/dz): z * scale, then softcap * tanh(. / softcap) when softcap > 0, then / T."""
-    z = z * scale
-    if softcap > 0:
-        th = torch.tanh(z / softcap)
-        return softcap * th * inv_t, (scale * inv_t) * (1.0 - th * th)
-    return z * inv_t, torch.full_like(z, scale * inv_t)
+def _scaled_logits(z: Tensor, scale: float, softcap: float,
+                   inv_t: float) -> tuple[Tensor, Tensor | float]:
+    """(a, da/dz) with a = transform(z) / T (fdiv_kernels._logit_transform)."""
+    a, da = transform_logits(z, scale, softcap)
+    return a * inv_t, da * inv_t
 
 
 def _softmax_or_zero(x: Tensor, lse: Tensor) -> Tensor:
@@ -124,10 +122,10 @@ def lse_combination_rows_torch(
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
     for rows in _chunks(N, V):
-        a, da = transform_logits(student[rows].to(wide), student_scale, student_softcap,
-                                 inv_temperature)
-        b, db = transform_logits(teacher[rows].to(wide), teacher_scale, teacher_softcap,
-                                 inv_temperature)
+        a, da = _scaled_logits(student[rows].to(wide), student_scale, student_softcap,
+                               inv_temperature)
+        b, db = _scaled_logits(teacher[rows].to(wide), teacher_scale, teacher_softcap,
+                               inv_temperature)
         xs = [_mix(a, b, ca, cb) for ca, cb, _ in terms]
         lses = [torch.logsumexp(x, -1) for x in xs]
         # The maxima first, then the log-sums (as the kernels: exact 0 on identical CS rows).
@@ -197,16 +195,14 @@ class LseCombinationFunction(torch.autograd.Function):
 
 def row_kind_rows(
     kind: str, param: float, s: Tensor, t: Tensor, keep: Tensor, inv_t: float, backend: str,
-    inplace: bool, alpha_rows: Tensor | None = None, *, student_scale: float = 1.0,
-    student_softcap: float | None = None, teacher_scale: float = 1.0,
-    teacher_softcap: float | None = None,
+    inplace: bool, alpha_rows: Tensor | None = None, *,
+    transforms: tuple[float, float, float, float] = (1.0, 0.0, 1.0, 0.0),
 ) -> Tensor:
     """Per-row loss of a row kind on 2-D logits (``fk.divergence`` has validated them), with
     autograd. ``backend`` names the resolved backend of ``fdiv::lse_combination_fwd``;
     ``alpha_rows``: for renyi, the alpha kind's rows (the divergence op's output) at ``param``.
     """
-    transforms = (float(student_scale), float(student_softcap or 0.0),
-                  float(teacher_scale), float(teacher_softcap or 0.0))
+    transforms = tuple(float(v) for v in transforms)
 
     def lse_rows(coeffs):
         return LseCombinationFunction.apply(s, t, keep, coeffs, inv_t, transforms, backend,

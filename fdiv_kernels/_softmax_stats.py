@@ -13,22 +13,24 @@ import torch
 from torch import Tensor
 
 from fdiv_kernels import _validation as V
-from fdiv_kernels.dispatch import select
+from fdiv_kernels._logit_transform import check_logit_transform, select_backend, transform_logits
 
 
 class SoftmaxStats(NamedTuple):
-    lse: Tensor                   # log sum exp(x / T)
-    entropy: Tensor               # -sum q log q, q = softmax(x / T)
+    lse: Tensor                   # log sum exp(z / T), z the (transformed) logits
+    entropy: Tensor               # -sum q log q, q = softmax(z / T)
     label_logprob: Tensor | None  # log q[label] (0 for ignored rows); None without labels
 
 
 class SoftmaxStatsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, labels, ignore_index, inv_t, want_entropy, backend):
+    def forward(ctx, x, labels, ignore_index, inv_t, want_entropy, backend, scale=1.0,
+                softcap=0.0):
         op = getattr(torch.ops.fdiv, f"softmax_stats_fwd_{backend}")
-        lse, ent, lp = op(x, labels, ignore_index, inv_t, want_entropy)
+        lse, ent, lp = op(x, labels, ignore_index, inv_t, scale, softcap, want_entropy)
         ctx.save_for_backward(x, labels, lse, ent)
         ctx.ignore_index, ctx.inv_t, ctx.backend = ignore_index, inv_t, backend
+        ctx.scale, ctx.softcap = scale, softcap
         ctx.mark_non_differentiable(*([] if want_entropy else [ent]),
                                     *([] if labels is not None else [lp]))
         # Outputs nobody used get None, not zeros: a zero g_lse times a NaN softmax would make
@@ -45,14 +47,15 @@ class SoftmaxStatsFunction(torch.autograd.Function):
             )
         x, labels, lse, ent = ctx.saved_tensors
         if g_lse is None and g_ent is None and g_lp is None:
-            return (None,) * 6
+            return (None,) * 8
         op = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{ctx.backend}")
         # Incoming row gradients are often expanded views (stride 0): kernels want them dense.
         g_lse = g_lse.contiguous() if g_lse is not None else None
         g_ent = g_ent.contiguous() if g_ent is not None and ent.numel() else None
         g_lp = g_lp.contiguous() if g_lp is not None and labels is not None else None
-        dx = op(x, labels, lse, ent, g_lse, g_ent, g_lp, ctx.ignore_index, ctx.inv_t)
-        return dx, None, None, None, None, None
+        dx = op(x, labels, lse, ent, g_lse, g_ent, g_lp, ctx.ignore_index, ctx.inv_t, ctx.scale,
+                ctx.softcap)
+        return dx, *([None] * 7)
 
 
 def _rows(name: str, x: object) -> tuple[Tensor, torch.Size]:
@@ -84,20 +87,28 @@ def softmax_stats(
     ignore_index: int = -100,
     *,
     backend: str = "auto",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> SoftmaxStats:
-    r"""Per-row statistics of q = softmax(logits / T) in one pass over the logits.
+    r"""Per-row statistics of q = softmax(z / T) in one pass over the logits.
 
-    lse = log sum_j exp(x_j / T);  entropy = -sum_j q_j log q_j;  label_logprob = x_label / T - lse
+    lse = log sum_j exp(z_j / T);  entropy = -sum_j q_j log q_j;  label_logprob = z_label / T - lse
     (0 for rows whose label is ``ignore_index``). All are float32 (float64 for float64 logits)
     with the logits' leading shape, and differentiable w.r.t. ``logits``.
+
+    z is the logits after the model's transforms, fused into the kernels: z = x * logit_scale,
+    then with a ``softcap`` c: z = c tanh(z / c) (a -inf logit becomes the finite -c); the
+    gradient is chained through them. ``logit_scale`` must be finite and positive, ``softcap``
+    None or finite and positive.
     """
     x, lead = _rows("logits", logits)
     inv_t = V.check_temperature(temperature, x.dtype)
+    xf = check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
     lab = _labels(labels, ignore_index, lead, logits) if labels is not None else None
     if labels is None:
         V.row_mask(None, ignore_index, lead, x.device)
-    name = select(backend, x, "softmax_stats_fwd")
-    lse, ent, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, True, name)
+    name = select_backend(backend, x, "softmax_stats_fwd", xf)
+    lse, ent, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, True, name, *xf)
     return SoftmaxStats(lse.reshape(lead), ent.reshape(lead),
                         lp.reshape(lead) if lab is not None else None)
 
@@ -109,61 +120,87 @@ def token_logprobs(
     ignore_index: int = -100,
     *,
     backend: str = "auto",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor:
-    r"""log softmax(logits / T)[label] per row, without materializing log_softmax.
+    r"""log softmax(z / T)[label] per row, without materializing log_softmax.
 
     The "selective log-softmax" of RL and preference trainers. Ignored rows give 0 and zero
     gradient; the backward writes (onehot - softmax) g / T in one pass from the saved per-row lse.
 
     ``labels`` is (...) (one label per row) or (..., K) (K labels per row, e.g. top-K ids):
-    then the result is (..., K), x[label_k] / T - lse with one lse per row; ignored entries
-    give 0 and no gradient.
+    then the result is (..., K), z[label_k] / T - lse with one lse per row; ignored entries
+    give 0 and no gradient. z = logits, or the transformed logits with ``logit_scale`` /
+    ``softcap`` (see :func:`softmax_stats`), fused in with their gradient.
     """
     x, lead = _rows("logits", logits)
     inv_t = V.check_temperature(temperature, x.dtype)
+    xf = check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
     if isinstance(labels, Tensor) and labels.dim() == logits.dim():
-        return _token_logprobs_k(x, lead, labels, inv_t, ignore_index, backend)
+        return _token_logprobs_k(x, lead, labels, inv_t, ignore_index, backend, xf)
     lab = _labels(labels, ignore_index, lead, logits)
-    name = select(backend, x, "softmax_stats_fwd")
-    _, _, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, False, name)
+    name = select_backend(backend, x, "softmax_stats_fwd", xf)
+    _, _, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, False, name, *xf)
     return lp.reshape(lead)
 
 
 def _token_logprobs_k(x: Tensor, lead: torch.Size, labels: Tensor, inv_t: float,
-                      ignore_index: int, backend: str) -> Tensor:
-    """K labels per row: one lse per row from the op (no entropy), then a gather of K logits."""
+                      ignore_index: int, backend: str, xf: tuple[float, float]) -> Tensor:
+    """K labels per row: one lse per row from the op (no entropy), then a gather of K logits
+    (transformed there, (N, K) elements)."""
     if labels.shape[:-1] != lead:
         raise ValueError(f"labels must have shape {tuple(lead)} or {tuple(lead)} + (K,), got "
                          f"{tuple(labels.shape)}")
     k = labels.shape[-1]
     flat = _labels(labels, ignore_index, labels.shape, x).reshape(-1, k)  # dtype and range
-    name = select(backend, x, "softmax_stats_fwd")
-    lse, _, _ = SoftmaxStatsFunction.apply(x, None, int(ignore_index), inv_t, False, name)
+    name = select_backend(backend, x, "softmax_stats_fwd", xf)
+    lse, _, _ = SoftmaxStatsFunction.apply(x, None, int(ignore_index), inv_t, False, name, *xf)
     ignored = flat == ignore_index
-    picked = x.gather(-1, flat.masked_fill(ignored, 0).to(torch.int64)).to(lse.dtype) * inv_t
+    picked = x.gather(-1, flat.masked_fill(ignored, 0).to(torch.int64)).to(lse.dtype)
+    picked = transform_logits(picked, *xf)[0] * inv_t
     # torch.where, not a product with the mask: an ignored entry sends no gradient to its row.
     out = torch.where(ignored, torch.zeros((), dtype=lse.dtype, device=x.device),
                       picked - lse[:, None])
     return out.reshape(*lead, k)
 
 
-def entropy(logits: Tensor, temperature: float = 1.0, *, backend: str = "auto") -> Tensor:
-    r"""Per-row entropy H = lse - sum_j q_j x_j / T of q = softmax(logits / T), with autograd."""
+def entropy(
+    logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    backend: str = "auto",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> Tensor:
+    r"""Per-row entropy H = lse - sum_j q_j z_j / T of q = softmax(z / T), with autograd.
+
+    z = logits, or the transformed logits with ``logit_scale`` / ``softcap`` (see
+    :func:`softmax_stats`).
+    """
     x, lead = _rows("logits", logits)
     inv_t = V.check_temperature(temperature, x.dtype)
-    name = select(backend, x, "softmax_stats_fwd")
-    _, ent, _ = SoftmaxStatsFunction.apply(x, None, -100, inv_t, True, name)
+    xf = check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
+    name = select_backend(backend, x, "softmax_stats_fwd", xf)
+    _, ent, _ = SoftmaxStatsFunction.apply(x, None, -100, inv_t, True, name, *xf)
     return ent.reshape(lead)
 
 
 def logsumexp(
-    x: Tensor, dim: int | Sequence[int] = -1, keepdim: bool = False, *, backend: str = "auto"
+    x: Tensor,
+    dim: int | Sequence[int] = -1,
+    keepdim: bool = False,
+    *,
+    backend: str = "auto",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor:
     r"""Drop-in for ``torch.logsumexp``: log sum exp(x) over ``dim`` in one online pass.
 
     Any dim (or tuple of dims) and ``keepdim`` as torch's; the result has x's dtype. Reducing a
     dim other than the last costs one transposed copy. All -inf gives -inf, any +inf gives +inf.
-    The gradient, softmax(x) * g, is recomputed from the saved lse, never stored.
+    The gradient, softmax(x) * g, is recomputed from the saved lse, never stored. With
+    ``logit_scale`` / ``softcap``, log sum exp(z) of the transformed z (see
+    :func:`softmax_stats`), with its gradient.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -171,6 +208,7 @@ def logsumexp(
         raise TypeError(f"x must be a floating point tensor, got dtype {x.dtype}")
     if not isinstance(keepdim, bool):
         raise TypeError(f"keepdim must be a bool, got {type(keepdim).__name__}")
+    xf = check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
     dims = (dim,) if isinstance(dim, int) and not isinstance(dim, bool) else dim
     if (not isinstance(dims, (tuple, list)) or not dims
             or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)):
@@ -180,6 +218,9 @@ def logsumexp(
         raise ValueError(f"dim {dim} is out of range for a tensor with {x.dim()} dims")
     dims = sorted({d % nd for d in dims})
     if x.dim() == 0:
+        if xf != (1.0, 0.0):
+            return logsumexp(x.reshape(1), 0, backend=backend, logit_scale=logit_scale,
+                             softcap=softcap)
         return x.clone()
     moved = x.movedim(dims, list(range(x.dim() - len(dims), x.dim())))
     lead = moved.shape[: x.dim() - len(dims)]
@@ -191,6 +232,6 @@ def logsumexp(
         # torch's conventions: an empty reduction is -inf; an empty batch is empty.
         return torch.full(out_shape, float("-inf"), dtype=x.dtype, device=x.device) + x.sum() * 0
     rows = moved.reshape(-1, width).contiguous()
-    name = select(backend, rows, "softmax_stats_fwd")
-    lse, _, _ = SoftmaxStatsFunction.apply(rows, None, -100, 1.0, False, name)
+    name = select_backend(backend, rows, "softmax_stats_fwd", xf)
+    lse, _, _ = SoftmaxStatsFunction.apply(rows, None, -100, 1.0, False, name, *xf)
     return lse.to(x.dtype).reshape(out_shape)

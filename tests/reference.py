@@ -226,3 +226,13 @@ def sparse_teacher(shape, k: int, *, seed: int, top: bool = False, mass: float =
     w = torch.randn(n, k, generator=g, dtype=torch.float64) * 1.5
     lp = torch.log_softmax(w, -1) + torch.log(torch.tensor(mass, dtype=torch.float64))
     return ids.reshape(*lead, k), lp.reshape(*lead, k)
+
+
+# ---- logit transforms (softcap, logit scale) -----------------------------------------------
+
+
+def transform_logits(x: Tensor, scale: float = 1.0, softcap: float | None = None) -> Tensor:
+    """The model-side transform the ops fuse in, applied in torch first: z = x scale, then
+    z = c tanh(z / c) under a softcap c (float64 or wider; differentiable)."""
+    z = x.to(torch.promote_types(x.dtype, torch.float64)) * scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)

@@ -57,8 +57,11 @@ def _divergence_args(dev):
 
 def _divergence_fwd(dev, backend):
     s, t, valid, base, swap, param = _divergence_args(dev)
-    return [(s, t, valid, base, swap, param, 0.5, gs, gt)
-            for gs, gt in ((True, False), (False, True), (True, True), (False, False))]
+    plain = [(s, t, valid, base, swap, param, 0.5, 1.0, 0.0, 1.0, 0.0, gs, gt)
+             for gs, gt in ((True, False), (False, True), (True, True), (False, False))]
+    if backend == "cuda":  # its kernels do not take the logit transforms (the binding refuses)
+        return plain
+    return plain + [(s, t, valid, base, swap, param, 0.5, 0.0625, 2.0, 2.0, 30.0, True, True)]
 
 
 def _phase_inputs(dev):
@@ -85,7 +88,8 @@ def _stats_inputs(dev):
 
 def _softmax_stats_fwd(dev, backend):
     x, labels = _stats_inputs(dev)
-    return [(x, labels, -100, 0.5, True), (x, None, -100, 1.0, False)]
+    plain = [(x, labels, -100, 0.5, 1.0, 0.0, True), (x, None, -100, 1.0, 1.0, 0.0, False)]
+    return plain if backend == "cuda" else plain + [(x, labels, -100, 0.5, 0.0625, 2.0, True)]
 
 
 def _softmax_stats_bwd(dev, backend):
@@ -94,8 +98,10 @@ def _softmax_stats_bwd(dev, backend):
     lse = torch.logsumexp(a, -1)
     ent = -(torch.softmax(a, -1) * torch.log_softmax(a, -1)).sum(-1)
     g = torch.tensor([0.5, -1.0, 2.0], device=dev)
-    return [(x, labels, lse, ent, g, g, g, -100, 0.5),
-            (x, None, lse, ent, g, None, None, -100, 0.5)]
+    plain = [(x, labels, lse, ent, g, g, g, -100, 0.5, 1.0, 0.0),
+             (x, None, lse, ent, g, None, None, -100, 0.5, 1.0, 0.0)]
+    return plain if backend == "cuda" else plain + [(x, labels, lse, ent, g, g, g, -100, 0.5,
+                                                     0.0625, 2.0)]
 
 
 def _scale_rows(dev, backend):
@@ -319,7 +325,7 @@ def test_cpp_ops_check_their_arguments(backend):
     fwd = getattr(torch.ops.fdiv, f"softmax_stats_fwd_{backend}")
     bwd = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{backend}")
     s, t, valid, base, swap, param = _divergence_args(dev)
-    tail = (base, swap, param, 0.5, True, False)
+    tail = (base, swap, param, 0.5, 1.0, 0.0, 1.0, 0.0, True, False)
     bad_div = [
         ((s[0], t[0], valid, *tail), ValueError, "student must be 2-D"),
         ((s, t[:, :5], valid, *tail), ValueError, "teacher must have the shape of student"),
@@ -327,18 +333,29 @@ def test_cpp_ops_check_their_arguments(backend):
         ((s.long(), t.long(), valid, *tail), TypeError, "student must be float32"),
         ((s, t, valid.int(), *tail), TypeError, "valid must be bool"),
         ((s, t, valid[:2], *tail), ValueError, "valid must have shape"),
-        ((s, t, valid, 99, swap, param, 0.5, True, False), ValueError, "kind must be a base"),
+        ((s, t, valid, 99, swap, param, 0.5, 1.0, 0.0, 1.0, 0.0, True, False), ValueError,
+         "kind must be a base"),
     ]
+    xf = (s, t, valid, base, swap, param, 0.5)
+    if backend == "cpu":
+        bad_div += [
+            ((*xf, 0.0, 0.0, 1.0, 0.0, True, False), ValueError, "student_scale must be finite"),
+            ((*xf, 1.0, -1.0, 1.0, 0.0, True, False), ValueError, "student_softcap must be"),
+            ((*xf, 1.0, 0.0, 1.0, float("inf"), True, False), ValueError, "teacher_softcap"),
+        ]
+    else:
+        bad_div += [((*xf, 1.0, 30.0, 1.0, 0.0, True, False), ValueError,
+                     "do not support a logit scale or softcap")]
     for args, exc, match in bad_div:
         with pytest.raises(exc, match=match):
             div(*args)
     x, labels = _stats_inputs(dev)
     g = torch.ones(3, device=dev)
     with pytest.raises(TypeError, match="labels must be int64 or int32"):
-        fwd(x, labels.float(), -100, 1.0, True)
+        fwd(x, labels.float(), -100, 1.0, 1.0, 0.0, True)
     with pytest.raises(ValueError, match="labels must have shape"):
-        fwd(x, labels[:2], -100, 1.0, True)
+        fwd(x, labels[:2], -100, 1.0, 1.0, 0.0, True)
     with pytest.raises(ValueError, match="g_lse must have shape"):
-        bwd(x, None, g, g, g[:2], None, None, -100, 1.0)
+        bwd(x, None, g, g, g[:2], None, None, -100, 1.0, 1.0, 0.0)
     with pytest.raises(ValueError, match="g_logprob needs labels"):
-        bwd(x, None, g, g, None, None, g, -100, 1.0)
+        bwd(x, None, g, g, None, None, g, -100, 1.0, 1.0, 0.0)

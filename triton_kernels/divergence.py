@@ -6,6 +6,8 @@ One program per row. Phases over the vocabulary (rows may be far longer than a b
   3. grad_s = (h - q H) / T, grad_t = (k - p K) / T                        read s, t; write grads
 For KL(p||q) with only the student gradient, h = -p so H = -1 is known and phases 2 and 3 merge.
 The backward is then a per-row scale of the stored gradient (``fdiv::scale_rows_``).
+Logit transforms (scale, softcap) are applied on load and chained into the gradients
+(``logit_transform.py``); phase 2 also sums the student's -q log q for its entropy.
 
 Phases 2 and 3 are also kernels of their own (``divergence_partials``, ``divergence_grads``): with
 the vocabulary sharded over devices, each shard runs them on its columns between the all-reduces
@@ -21,7 +23,12 @@ import triton.language as tl
 from fdiv_kernels import _ids
 from fdiv_kernels.triton_kernels.divergence_terms import element_terms
 from fdiv_kernels.triton_kernels.ids import KL
-from fdiv_kernels.triton_kernels.online_softmax import row_max_logsum
+from fdiv_kernels.triton_kernels.logit_transform import (
+    chain,
+    load_logits,
+    transform_scalars,
+)
+from fdiv_kernels.triton_kernels.online_softmax import online_update
 
 # Largest block of 16-bit elements per loop iteration (half that for fp32). Tests lower it to run
 # the multi-block online loop on small rows.
@@ -29,51 +36,72 @@ MAX_BLOCK = 8192
 
 
 @triton.jit
-def _log_probs(s_row, t_row, cols, V, inv_t, m_q, ls_q, m_p, ls_p):
-    # log q = (a - m) - log s, the row max subtracted first: the error stays at fp32 rounding of
-    # the small terms for any |x / T| (x - lse cancels eps |lse| away). The phase kernels, given
-    # only the lse, pass (lse, 0).
-    a = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-    b = tl.load(t_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-    return (b * inv_t - m_p) - ls_p, (a * inv_t - m_q) - ls_q
+def _row_max_logsum(ptr, V, k1, c2, CAP: tl.constexpr, BLOCK: tl.constexpr):
+    """(m, log s) of the transformed row / T: m its max, s = sum exp(x - m)."""
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    for off in range(0, V, BLOCK):
+        a, _ = load_logits(ptr, off + tl.arange(0, BLOCK), V, k1, c2, CAP)
+        m, s = online_update(m, s, a)
+    return m, tl.log(s)
 
 
 @triton.jit
-def _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w, log_1mw, inv_t,
-              BASE: tl.constexpr, SWAP: tl.constexpr, MERGED: tl.constexpr, BLOCK: tl.constexpr):
-    """(sum term, sum h, sum k) of a row; MERGED also writes KL's student gradient q - p."""
+def _log_probs(s_row, t_row, cols, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q, m_p, ls_p,
+               S_CAP: tl.constexpr, T_CAP: tl.constexpr):
+    # log q = (a - m) - log s, the row max subtracted first: the error stays at fp32 rounding of
+    # the small terms for any |x / T| (x - lse cancels eps |lse| away). The phase kernels, given
+    # only the lse, pass (lse, 0). Also the tanh of each side (for its gradient) under a cap.
+    a, th_a = load_logits(s_row, cols, V, s_k1, s_c2, S_CAP)
+    b, th_b = load_logits(t_row, cols, V, t_k1, t_c2, T_CAP)
+    return (b - m_p) - ls_p, (a - m_q) - ls_q, th_a, th_b
+
+
+@triton.jit
+def _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w, log_1mw,
+              s_k1, s_c2, s_kd, t_k1, t_c2,
+              BASE: tl.constexpr, SWAP: tl.constexpr, MERGED: tl.constexpr,
+              S_CAP: tl.constexpr, T_CAP: tl.constexpr, BLOCK: tl.constexpr):
+    """(sum term, sum h, sum k, sum q log q) of a row; MERGED also writes KL's student gradient
+    q - p (chained through the student's transform)."""
     loss = tl.zeros([BLOCK], tl.float32)
     h_sum = tl.zeros([BLOCK], tl.float32)
     k_sum = tl.zeros([BLOCK], tl.float32)
+    qlq = tl.zeros([BLOCK], tl.float32)
     for off in range(0, V, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         in_row = cols < V
-        lp, lq = _log_probs(s_row, t_row, cols, V, inv_t, m_q, ls_q, m_p, ls_p)
+        lp, lq, th_a, th_b = _log_probs(s_row, t_row, cols, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q,
+                                        m_p, ls_p, S_CAP, T_CAP)
         t, h, k = element_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP)
         loss += tl.where(in_row, t, 0.0)
         h_sum += tl.where(in_row, h, 0.0)
         k_sum += tl.where(in_row, k, 0.0)
+        q = tl.exp(lq)
+        qlq += tl.where(in_row & (q > 0), q * lq, 0.0)  # 0 log 0 = 0
         if MERGED:
-            g = (tl.exp(lq) - tl.exp(lp)) * inv_t
+            g = chain(q - tl.exp(lp), th_a, s_kd, S_CAP)
             tl.store(gs_row + cols, g.to(gs_row.dtype.element_ty), mask=in_row)
-    return tl.sum(loss, 0), tl.sum(h_sum, 0), tl.sum(k_sum, 0)
+    return tl.sum(loss, 0), tl.sum(h_sum, 0), tl.sum(k_sum, 0), tl.sum(qlq, 0)
 
 
 @triton.jit
 def _row_grads(s_row, t_row, gs_row, gt_row, V, m_q, ls_q, m_p, ls_p, H, K, param, log_w, log_1mw,
-               inv_t,
+               s_k1, s_c2, s_kd, t_k1, t_c2, t_kd,
                BASE: tl.constexpr, SWAP: tl.constexpr, GRAD_S: tl.constexpr,
-               GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
+               GRAD_T: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
+               BLOCK: tl.constexpr):
     for off in range(0, V, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         in_row = cols < V
-        lp, lq = _log_probs(s_row, t_row, cols, V, inv_t, m_q, ls_q, m_p, ls_p)
+        lp, lq, th_a, th_b = _log_probs(s_row, t_row, cols, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q,
+                                        m_p, ls_p, S_CAP, T_CAP)
         t, h, k = element_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP)
         if GRAD_S:
-            g = (h - tl.exp(lq) * H) * inv_t
+            g = chain(h - tl.exp(lq) * H, th_a, s_kd, S_CAP)
             tl.store(gs_row + cols, g.to(gs_row.dtype.element_ty), mask=in_row)
         if GRAD_T:
-            g = (k - tl.exp(lp) * K) * inv_t
+            g = chain(k - tl.exp(lp) * K, th_b, t_kd, T_CAP)
             tl.store(gt_row + cols, g.to(gt_row.dtype.element_ty), mask=in_row)
 
 
@@ -88,14 +116,14 @@ def _zero_row(g_row, V, BLOCK: tl.constexpr):
 @triton.jit
 def _divergence_fwd_kernel(
     # data ptrs
-    s_ptr, t_ptr, valid_ptr, loss_ptr, gs_ptr, gt_ptr,
+    s_ptr, t_ptr, valid_ptr, loss_ptr, gs_ptr, gt_ptr, ent_ptr,
     # sizes and strides (rows are contiguous)
     V, stride_s, stride_t, stride_gs, stride_gt,
-    # scalars
-    param, log_w, log_1mw, inv_t,
+    # scalars (the transforms' as logit_transform.transform_scalars gives them)
+    param, log_w, log_1mw, s_k1, s_c2, s_kd, t_k1, t_c2, t_kd,
     # features
     BASE: tl.constexpr, SWAP: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-    BLOCK: tl.constexpr,
+    S_CAP: tl.constexpr, T_CAP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: N x V may exceed 2^31
     s_row = s_ptr + row * stride_s
@@ -103,22 +131,27 @@ def _divergence_fwd_kernel(
     gs_row = gs_ptr + row * stride_gs
     gt_row = gt_ptr + row * stride_gt
     if tl.load(valid_ptr + row) != 0:
-        m_q, ls_q = row_max_logsum(s_row, V, inv_t, BLOCK)
-        m_p, ls_p = row_max_logsum(t_row, V, inv_t, BLOCK)
+        m_q, ls_q = _row_max_logsum(s_row, V, s_k1, s_c2, S_CAP, BLOCK)
+        m_p, ls_p = _row_max_logsum(t_row, V, t_k1, t_c2, T_CAP, BLOCK)
         # KL's student gradient is q - p: no need to know a row sum first.
         MERGED: tl.constexpr = BASE == KL and not SWAP and GRAD_S and not GRAD_T
-        loss, H, K = _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w,
-                               log_1mw, inv_t, BASE, SWAP, MERGED, BLOCK)
+        loss, H, K, qlq = _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w,
+                                    log_1mw, s_k1, s_c2, s_kd, t_k1, t_c2, BASE, SWAP, MERGED,
+                                    S_CAP, T_CAP, BLOCK)
         # lse - lse is 0, or NaN when a row held NaN: NaN in, NaN out.
         lse_q = m_q + ls_q
         lse_p = m_p + ls_p
         tl.store(loss_ptr + row, loss + (lse_q - lse_q) + (lse_p - lse_p))
+        # The student's entropy (the pointers are never swapped: SWAP only exchanges the terms).
+        tl.store(ent_ptr + row, -qlq + (lse_q - lse_q))
         if (GRAD_S and not MERGED) or GRAD_T:
             _row_grads(s_row, t_row, gs_row, gt_row, V, m_q, ls_q, m_p, ls_p, H, K, param,
-                       log_w, log_1mw, inv_t, BASE, SWAP, GRAD_S, GRAD_T, BLOCK)
+                       log_w, log_1mw, s_k1, s_c2, s_kd, t_k1, t_c2, t_kd, BASE, SWAP, GRAD_S,
+                       GRAD_T, S_CAP, T_CAP, BLOCK)
     else:
         # Ignored row: no loss, zero gradient.
         tl.store(loss_ptr + row, 0.0)
+        tl.store(ent_ptr + row, 0.0)
         if GRAD_S:
             _zero_row(gs_row, V, BLOCK)
         if GRAD_T:
@@ -139,9 +172,9 @@ def _divergence_partials_kernel(
     if tl.load(valid_ptr + row) != 0:
         lse_q = tl.load(lse_q_ptr + row)
         lse_p = tl.load(lse_p_ptr + row)
-        loss, H, K = _row_sums(s_ptr + row * stride_s, t_ptr + row * stride_t, s_ptr, V, lse_q,
-                               0.0, lse_p, 0.0, param, log_w, log_1mw, inv_t, BASE, SWAP, False,
-                               BLOCK)
+        loss, H, K, _ = _row_sums(s_ptr + row * stride_s, t_ptr + row * stride_t, s_ptr, V,
+                                  lse_q, 0.0, lse_p, 0.0, param, log_w, log_1mw, inv_t, 0.0,
+                                  inv_t, inv_t, 0.0, BASE, SWAP, False, False, False, BLOCK)
     tl.store(sums_ptr + row * 3, loss)
     tl.store(sums_ptr + row * 3 + 1, H)
     tl.store(sums_ptr + row * 3 + 2, K)
@@ -162,7 +195,8 @@ def _divergence_grads_kernel(
         _row_grads(s_ptr + row * stride_s, t_ptr + row * stride_t, gs_row, gt_row, V,
                    tl.load(lse_q_ptr + row), 0.0, tl.load(lse_p_ptr + row), 0.0,
                    tl.load(sums_ptr + row * 3 + 1), tl.load(sums_ptr + row * 3 + 2),
-                   param, log_w, log_1mw, inv_t, BASE, SWAP, GRAD_S, GRAD_T, BLOCK)
+                   param, log_w, log_1mw, inv_t, 0.0, inv_t, inv_t, 0.0, inv_t, BASE, SWAP,
+                   GRAD_S, GRAD_T, False, False, BLOCK)
     else:
         if GRAD_S:
             _zero_row(gs_row, V, BLOCK)
@@ -185,25 +219,31 @@ def _mix_logs(base: int, param: float) -> tuple[float, float]:
 
 
 def divergence_fwd(student, teacher, valid, base, swap, param, inv_temperature,
+                   student_scale, student_softcap, teacher_scale, teacher_softcap,
                    grad_student, grad_teacher):
-    """Launch the fused kernel on (N, V) contiguous logits; allocates loss and requested grads."""
+    """Launch the fused kernel on (N, V) contiguous logits; allocates loss, the requested grads
+    and the student's per-row entropy."""
     N, V = student.shape
     loss = torch.empty(N, dtype=torch.float32, device=student.device)
+    ent = torch.empty(N, dtype=torch.float32, device=student.device)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
     if N == 0:  # an empty batch: nothing to launch (a zero grid is an error on some targets)
-        return loss, gs, gt
+        return loss, gs, gt, ent
     block, warps = block_size(V, student.dtype)
+    inv_t = float(inv_temperature)
+    s_k1, s_c2, s_kd = transform_scalars(float(student_scale), float(student_softcap), inv_t)
+    t_k1, t_c2, t_kd = transform_scalars(float(teacher_scale), float(teacher_softcap), inv_t)
     _divergence_fwd_kernel[(N,)](
         student, teacher, valid, loss, gs if grad_student else student,
-        gt if grad_teacher else teacher,
+        gt if grad_teacher else teacher, ent,
         V, student.stride(0), teacher.stride(0),
         gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
-        float(param), *_mix_logs(base, param), float(inv_temperature),
+        float(param), *_mix_logs(base, param), s_k1, s_c2, s_kd, t_k1, t_c2, t_kd,
         BASE=base, SWAP=bool(swap), GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher),
-        BLOCK=block, num_warps=warps,
+        S_CAP=bool(student_softcap), T_CAP=bool(teacher_softcap), BLOCK=block, num_warps=warps,
     )
-    return loss, gs, gt
+    return loss, gs, gt, ent
 
 
 def divergence_partials(student, teacher, valid, lse_s, lse_t, base, swap, param,
@@ -246,7 +286,8 @@ def divergence_grads(student, teacher, valid, lse_s, lse_t, sums, base, swap, pa
 def launch_variants(widths=(1000, 128256, 262144),
                     dtypes=(torch.bfloat16, torch.float16, torch.float32)):
     """Every launch these launchers make, per registry kind (base, swap) x gradient flags x dtype
-    x row width, as (labels, call): ``call()`` runs the launcher on a one-row CPU input. The
+    x row width (plus the softcapped variants), as (labels, call): ``call()`` runs the launcher
+    on a one-row CPU input. The
     compile check (``fdiv_kernels/triton_compile_check.py``) intercepts the kernel launches, so it
     compiles exactly what the launchers pass, with their own block and warp choice."""
     from fdiv_kernels._kinds import DIVERGENCES
@@ -263,7 +304,8 @@ def launch_variants(widths=(1000, 128256, 262144),
                         s = torch.randn(1, V, dtype=dt)
                         valid = torch.ones(1, dtype=torch.bool)
                         lse = torch.zeros(1)
-                        divergence_fwd(s, s, valid, base, swap, param, 1.0, gs, gt)
+                        divergence_fwd(s, s, valid, base, swap, param, 1.0, 1.0, 0.0, 1.0, 0.0,
+                                       gs, gt)
                         if not gs and not gt:
                             divergence_partials(s, s, valid, lse, lse, base, swap, param, 1.0)
                         else:
@@ -272,3 +314,14 @@ def launch_variants(widths=(1000, 128256, 262144),
                     grads = {(True, True): "s+t", (True, False): "s", (False, True): "t"}
                     yield {"kind": name, "dtype": str(dt).removeprefix("torch."), "V": V,
                            "grads": grads.get((gs, gt), "none")}, call
+    # Softcapped variants (S_CAP / T_CAP constexprs): one kind with both gradients, per dtype.
+    for V in widths[:1]:
+        for caps in ((30.0, 0.0), (0.0, 30.0), (30.0, 30.0)):
+            for dt in dtypes:
+                def call(V=V, caps=caps, dt=dt):
+                    s = torch.randn(1, V, dtype=dt)
+                    valid = torch.ones(1, dtype=torch.bool)
+                    divergence_fwd(s, s, valid, _ids.JS, False, 0.5, 1.0, 0.0625, caps[0],
+                                   1.0, caps[1], True, True)
+                yield {"kind": "js", "dtype": str(dt).removeprefix("torch."), "V": V,
+                       "grads": "s+t", "softcap": f"s={caps[0]:g},t={caps[1]:g}"}, call

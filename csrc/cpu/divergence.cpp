@@ -9,17 +9,21 @@
 // is known in pass 2. Half-precision inputs are widened to a float row buffer first and their
 // gradients are rounded once, from float, at the end. Swap (reverse kinds) exchanges the roles
 // of student and teacher, which is all that "evaluate with (lp, lq) exchanged, exchange (h, k)"
-// amounts to.
+// amounts to. Logit transforms (scale, softcap; cpu/logit_transform.h) are applied to the row in
+// the per-thread buffer first, and the gradient rows multiplied by their derivative last. The
+// student's entropy -sum q log q comes out of the term pass (one more accumulator).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common/checks.h"
 #include "cpu/divergence_terms.h"
 #include "cpu/convert.h"
+#include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
 
@@ -47,19 +51,24 @@ FDIV_INLINE void finish_grad(T* g, const T* e, const T* scale, int64_t n, T tota
   }
 }
 
+// A row's loss and the entropy -sum q log q of the student's distribution.
+struct RowOut {
+  double loss, ent;
+};
+
 // The loss of one row; ga / gb receive the gradients when GA / GB.
 template <int B, bool GA, bool GB, class T>
-FDIV_INLINE double divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t n, T inv_t,
-                                  const KindConsts<T>& c, const Scratch<T>& w) {
+FDIV_INLINE RowOut divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t n, T inv_t,
+                                  const KindConsts<T>& c, const Scratch<T>& w, bool ent_b) {
   const MaxLogSum<T> ra = row_lse(a, inv_t, n, w.ea, w.sa);
   const MaxLogSum<T> rb = row_lse(b, inv_t, n, w.eb, w.sb);
   block_scales(w.sa, num_blocks(n), ra, w.sa);
   block_scales(w.sb, num_blocks(n), rb, w.sb);
   // NaN logits make the loss NaN even where the terms' guards would hide them.
-  const double poison = (ra.lse() - ra.lse()) + (rb.lse() - rb.lse());
+  const double poison_a = ra.lse() - ra.lse(), poison_b = rb.lse() - rb.lse();
   // log q = (a - m) - log s: the row max first (see MaxLogSum).
   const T ma = ra.m, lsa = ra.log_s_t, mb = rb.m, lsb = rb.log_s_t;
-  double sum_t = 0.0, sum_h = 0.0, sum_k = 0.0;
+  double sum_t = 0.0, sum_h = 0.0, sum_k = 0.0, sum_e = 0.0;
   // h = -p sums to -1: the student gradient needs no second pass.
   constexpr bool kFusedKL = B == KL && !GB;
 
@@ -69,8 +78,8 @@ FDIV_INLINE double divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t 
     const T ca = w.sa[blk], cb = w.sb[blk];
     T* gab = GA ? ga + j0 : nullptr;
     T* gbb = GB ? gb + j0 : nullptr;
-    T st = 0, sh = 0, sk = 0;
-#pragma omp simd reduction(+ : st, sh, sk)
+    T st = 0, sh = 0, sk = 0, se = 0;
+#pragma omp simd reduction(+ : st, sh, sk, se)
     for (int64_t j = 0; j < len; ++j) {
       const T lq = (ab[j] * inv_t - ma) - lsa, lp = (bb[j] * inv_t - mb) - lsb;
       const T q = eab[j] * ca, p = ebb[j] * cb;
@@ -78,6 +87,9 @@ FDIV_INLINE double divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t 
       st += e.t;
       sh += e.h;
       sk += e.k;
+      // The student's q log q (side b when swapped; a loop-invariant select), 0 log 0 = 0.
+      const T pe = ent_b ? p : q, le = ent_b ? lp : lq;
+      se += pe > T(0) ? pe * le : T(0);
       if constexpr (kFusedKL && GA) gab[j] = (q - p) * inv_t;
       else if constexpr (GA) gab[j] = e.h;
       if constexpr (GB) gbb[j] = e.k;
@@ -85,10 +97,11 @@ FDIV_INLINE double divergence_row(const T* a, const T* b, T* ga, T* gb, int64_t 
     sum_t += double(st);
     sum_h += double(sh);
     sum_k += double(sk);
+    sum_e += double(se);
   }
   if constexpr (GA && !kFusedKL) finish_grad(ga, w.ea, w.sa, n, T(sum_h), inv_t);
   if constexpr (GB) finish_grad(gb, w.eb, w.sb, n, T(sum_k), inv_t);
-  return sum_t + poison;
+  return {sum_t + poison_a + poison_b, -sum_e + (ent_b ? poison_b : poison_a)};
 }
 
 template <class T>
@@ -99,26 +112,30 @@ struct RowArgs {
   T inv_t;
   const KindConsts<T>* c;
   Scratch<T> w;
+  bool ent_b;  // the student is side b (swapped): its entropy is the one wanted
 };
 
 // Compile-time dispatch over (kind, which gradients), fully inlined into the caller so that the
 // whole row kernel lands in each target clone.
 template <int B, class T>
-FDIV_INLINE double dispatch_row(int base, const RowArgs<T>& r) {
+FDIV_INLINE RowOut dispatch_row(int base, const RowArgs<T>& r) {
   if constexpr (B < kNumKinds) {
     if (base != B) return dispatch_row<B + 1>(base, r);
-    if (r.ga && r.gb) return divergence_row<B, true, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
-    if (r.ga) return divergence_row<B, true, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
-    if (r.gb) return divergence_row<B, false, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
-    return divergence_row<B, false, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w);
+    if (r.ga && r.gb)
+      return divergence_row<B, true, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w, r.ent_b);
+    if (r.ga)
+      return divergence_row<B, true, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w, r.ent_b);
+    if (r.gb)
+      return divergence_row<B, false, true>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w, r.ent_b);
+    return divergence_row<B, false, false>(r.a, r.b, r.ga, r.gb, r.n, r.inv_t, *r.c, r.w, r.ent_b);
   } else {
-    return 0.0;  // unreachable: the kind was checked on entry
+    return {0.0, 0.0};  // unreachable: the kind was checked on entry
   }
 }
 
-FDIV_CLONES double row_float(int base, const RowArgs<float>& r) { return dispatch_row<0>(base, r); }
+FDIV_CLONES RowOut row_float(int base, const RowArgs<float>& r) { return dispatch_row<0>(base, r); }
 
-double row_double(int base, const RowArgs<double>& r) { return dispatch_row<0>(base, r); }
+RowOut row_double(int base, const RowArgs<double>& r) { return dispatch_row<0>(base, r); }
 
 // Per-ISA clones of the shared conversions (csrc/cpu/convert.h): called once per row, outside
 // the cloned row kernel, so they need clones of their own to use F16C / AVX-512.
@@ -126,102 +143,153 @@ FDIV_CLONES void widen(float* dst, const at::BFloat16* src, int64_t n) { widen_b
 FDIV_CLONES void widen(float* dst, const at::Half* src, int64_t n) { widen_block(dst, src, n); }
 FDIV_CLONES void narrow(at::BFloat16* dst, const float* src, int64_t n) { narrow_block(dst, src, n); }
 FDIV_CLONES void narrow(at::Half* dst, const float* src, int64_t n) { narrow_block(dst, src, n); }
+FDIV_CLONES void transform(float* dst, const float* src, int64_t n,
+                           const LogitTransform<float>& x) {
+  transform_block(dst, src, n, x);
+}
+void transform(double* dst, const double* src, int64_t n, const LogitTransform<double>& x) {
+  transform_block(dst, src, n, x);
+}
+FDIV_CLONES void chain(float* g, const float* z, int64_t n, const LogitTransform<float>& x) {
+  chain_block(g, z, n, x);
+}
+void chain(double* g, const double* z, int64_t n, const LogitTransform<double>& x) {
+  chain_block(g, z, n, x);
+}
 
 // scalar_t: storage type; T: compute type (float for fp32/bf16/fp16, double for fp64).
 template <class scalar_t, class T>
 void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int base, bool swap,
-         double param, double inv_temperature, at::Tensor& loss, at::Tensor& gs, at::Tensor& gt,
-         bool want_s, bool want_t) {
+         double param, double inv_temperature, const LogitTransform<T>& xs,
+         const LogitTransform<T>& xt, at::Tensor& loss, at::Tensor& ent, at::Tensor& gs,
+         at::Tensor& gt, bool want_s, bool want_t) {
   constexpr bool kWide = std::is_same_v<scalar_t, T>;
   const int64_t rows = s.size(0), n = s.size(1);
   const scalar_t* sp = s.const_data_ptr<scalar_t>();
   const scalar_t* tp = t.const_data_ptr<scalar_t>();
   const bool* vp = valid.const_data_ptr<bool>();
   T* lp = loss.mutable_data_ptr<T>();
+  T* ep = ent.mutable_data_ptr<T>();
   scalar_t* gsp = want_s ? gs.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gtp = want_t ? gt.mutable_data_ptr<scalar_t>() : nullptr;
   const KindConsts<T> consts(param);
   const T inv_t = T(inv_temperature);
+  // A side gets a row buffer when it is widened or transformed; narrow dtypes also get float
+  // gradient rows, rounded once at the end.
+  const bool own_s = !kWide || !xs.identity(), own_t = !kWide || !xt.identity();
 
   const int64_t blocks = num_blocks(n);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    // Per thread, O(n): the kept exps and block shifts; for narrow dtypes also the row pair in
-    // float and float gradient rows.
-    const int64_t widened = kWide ? 0 : n * (2 + want_s + want_t);
-    std::vector<T> buf(size_t(2 * n + 2 * blocks + widened));
+    // Per thread, O(n): the kept exps and block shifts, the owned rows, the float gradients.
+    const int64_t extra = n * (own_s + own_t + (kWide ? 0 : want_s + want_t));
+    std::vector<T> buf(size_t(2 * n + 2 * blocks + extra));
     T* const base_ptr = buf.data();
     const Scratch<T> w{base_ptr, base_ptr + n, base_ptr + 2 * n, base_ptr + 2 * n + blocks};
-    T* const wide = base_ptr + 2 * n + 2 * blocks;
+    T* const row_s = base_ptr + 2 * n + 2 * blocks;
+    T* const row_t = row_s + (own_s ? n : 0);
+    T* const grad_s = row_t + (own_t ? n : 0);
+    T* const grad_t = grad_s + (want_s ? n : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t off = i * n;
       scalar_t* gsr = gsp ? gsp + off : nullptr;
       scalar_t* gtr = gtp ? gtp + off : nullptr;
       if (!vp[i]) {
         lp[i] = T(0);
+        ep[i] = T(0);
         if (gsr) std::fill(gsr, gsr + n, scalar_t(0));
         if (gtr) std::fill(gtr, gtr + n, scalar_t(0));
         continue;
       }
-      RowArgs<T> r{nullptr, nullptr, nullptr, nullptr, n, inv_t, &consts, w};
+      RowArgs<T> r{nullptr, nullptr, nullptr, nullptr, n, inv_t, &consts, w, swap};
       if constexpr (kWide) {
-        r.a = sp + off;
-        r.b = tp + off;
+        r.a = own_s ? row_s : sp + off;
+        r.b = own_t ? row_t : tp + off;
+        if (own_s) transform(row_s, sp + off, n, xs);
+        if (own_t) transform(row_t, tp + off, n, xt);
         r.ga = gsr;
         r.gb = gtr;
       } else {
-        widen(wide, sp + off, n);
-        widen(wide + n, tp + off, n);
-        r.a = wide;
-        r.b = wide + n;
-        T* g = wide + 2 * n;
-        if (want_s) { r.ga = g; g += n; }
-        if (want_t) r.gb = g;
+        widen(row_s, sp + off, n);
+        widen(row_t, tp + off, n);
+        if (!xs.identity()) transform(row_s, row_s, n, xs);
+        if (!xt.identity()) transform(row_t, row_t, n, xt);
+        r.a = row_s;
+        r.b = row_t;
+        r.ga = want_s ? grad_s : nullptr;
+        r.gb = want_t ? grad_t : nullptr;
       }
       if (swap) {
         std::swap(r.a, r.b);
         std::swap(r.ga, r.gb);
       }
-      double li;
-      if constexpr (std::is_same_v<T, float>) li = row_float(base, r);
-      else li = row_double(base, r);
-      lp[i] = T(li);
+      RowOut o;
+      if constexpr (std::is_same_v<T, float>) o = row_float(base, r);
+      else o = row_double(base, r);
+      lp[i] = T(o.loss);
+      ep[i] = T(o.ent);
+      // The gradient rows (r.ga / r.gb may have been swapped; the buffers keep their owners)
+      // times the transforms' derivatives, then rounded once for narrow dtypes.
+      T* g_s = nullptr;
+      T* g_t = nullptr;
+      if constexpr (kWide) {
+        g_s = gsr;
+        g_t = gtr;
+      } else {
+        g_s = want_s ? grad_s : nullptr;
+        g_t = want_t ? grad_t : nullptr;
+      }
+      if (g_s && !xs.identity()) chain(g_s, row_s, n, xs);
+      if (g_t && !xt.identity()) chain(g_t, row_t, n, xt);
       if constexpr (!kWide) {
-        // r.ga / r.gb may have been swapped; the buffers themselves keep their owners.
-        T* g = wide + 2 * n;
-        if (want_s) { narrow(gsr, g, n); g += n; }
-        if (want_t) narrow(gtr, g, n);
+        if (want_s) narrow(gsr, grad_s, n);
+        if (want_t) narrow(gtr, grad_t, n);
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
+// scale finite and nonzero, softcap 0 (none) or positive and finite: the public API checks
+// them with clearer messages; this guards direct op calls.
+void check_transform(double scale, double softcap, const char* scale_name,
+                     const char* softcap_name) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale != 0.0, scale_name,
+                    " must be finite and nonzero, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, softcap_name,
+                    " must be finite and >= 0 (0: no softcap), got ", softcap);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid, int64_t kind,
-    bool swap, double param, double inv_temperature, bool grad_student, bool grad_teacher) {
+    bool swap, double param, double inv_temperature, double student_scale,
+    double student_softcap, double teacher_scale, double teacher_softcap, bool grad_student,
+    bool grad_teacher) {
   check_divergence_args(student, teacher, valid, kind, kCpuTarget);
+  check_transform(student_scale, student_softcap, "student_scale", "student_softcap");
+  check_transform(teacher_scale, teacher_softcap, "teacher_scale", "teacher_softcap");
   const auto dt = student.scalar_type();
 
   const at::Tensor s = student.contiguous(), t = teacher.contiguous(), v = valid.contiguous();
   const auto opts = student.options();
   at::Tensor loss = at::empty({s.size(0)}, opts.dtype(stats_dtype(dt)));
+  at::Tensor ent = at::empty({s.size(0)}, opts.dtype(stats_dtype(dt)));
   at::Tensor gs = grad_student ? at::empty_like(s) : at::empty({0}, opts);
   at::Tensor gt = grad_teacher ? at::empty_like(t) : at::empty({0}, opts);
   const int base = int(kind);
+  auto go = [&](auto storage, auto compute) {
+    using S = decltype(storage);
+    using T = decltype(compute);
+    const LogitTransform<T> xs{T(student_scale), T(student_softcap)};
+    const LogitTransform<T> xt{T(teacher_scale), T(teacher_softcap)};
+    run<S, T>(s, t, v, base, swap, param, inv_temperature, xs, xt, loss, ent, gs, gt,
+              grad_student, grad_teacher);
+  };
   switch (dt) {
-    case at::kFloat:
-      run<float, float>(s, t, v, base, swap, param, inv_temperature, loss, gs, gt, grad_student, grad_teacher);
-      break;
-    case at::kDouble:
-      run<double, double>(s, t, v, base, swap, param, inv_temperature, loss, gs, gt, grad_student, grad_teacher);
-      break;
-    case at::kBFloat16:
-      run<at::BFloat16, float>(s, t, v, base, swap, param, inv_temperature, loss, gs, gt, grad_student, grad_teacher);
-      break;
-    default:
-      run<at::Half, float>(s, t, v, base, swap, param, inv_temperature, loss, gs, gt, grad_student, grad_teacher);
-      break;
+    case at::kFloat: go(float(), float()); break;
+    case at::kDouble: go(double(), double()); break;
+    case at::kBFloat16: go(at::BFloat16(), float()); break;
+    default: go(at::Half(), float()); break;
   }
-  return {loss, gs, gt};
+  return {loss, gs, gt, ent};
 }
 
 }  // namespace

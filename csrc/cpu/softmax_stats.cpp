@@ -9,6 +9,8 @@
 // every thread has work; the forward merges the stretches' partial states per row afterwards.
 // Half-precision rows are widened block by block into a per-thread float buffer (and gradients
 // narrowed from one), so the float kernels run on every dtype; float64 computes in double.
+// A logit transform (scale, softcap; cpu/logit_transform.h) takes the same buffered path: each
+// block is transformed in the buffer, and the backward multiplies its gradient block by dz/dx.
 // The statement of record is softmax_stats_{fwd,bwd}_torch in fdiv_kernels/backends/torch_ref.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +24,7 @@
 
 #include "common/checks.h"
 #include "cpu/convert.h"
+#include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
 
@@ -50,18 +53,23 @@ Split split_rows(int64_t rows, int64_t n) {
 // ---- element kernels, float (any storage dtype) and double ---------------------------------
 
 
-// Forward over one stretch of a row into a partial state; buf: kBlock T (narrow dtypes only).
-template <bool ENT, class scalar_t, class T>
-FDIV_INLINE void fwd_stretch(const scalar_t* x, int64_t n, T scale, OnlineSoftmax<T>& lse,
-                             OnlineEntropy<T>& ent, T* buf) {
-  if constexpr (std::is_same_v<scalar_t, T>) {
+// Forward over one stretch of a row into a partial state; buf: kBlock T (narrow dtypes or XF).
+template <bool ENT, bool XF, class scalar_t, class T>
+FDIV_INLINE void fwd_stretch(const scalar_t* x, int64_t n, T scale, const LogitTransform<T>& xf,
+                             OnlineSoftmax<T>& lse, OnlineEntropy<T>& ent, T* buf) {
+  if constexpr (std::is_same_v<scalar_t, T> && !XF) {
     (void)buf;
+    (void)xf;
     if constexpr (ENT) online_lse_entropy(x, scale, n, ent);
     else online_lse(x, scale, n, lse);
   } else {
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t len = std::min(kBlock, n - j0);
-      widen_block(buf, x + j0, len);
+      if constexpr (std::is_same_v<scalar_t, T>) transform_block(buf, x + j0, len, xf);
+      else {
+        widen_block(buf, x + j0, len);
+        if constexpr (XF) transform_block(buf, buf, len, xf);
+      }
       if constexpr (ENT) online_lse_entropy<T>(buf, scale, len, ent);
       else online_lse<T>(buf, scale, len, lse);
     }
@@ -86,23 +94,32 @@ struct BwdRow {
   double lse, cq, ge, h, glp;
 };
 
-// dx for columns [0, n) of a row stretch starting at column c0; buf: 2 kBlock floats (narrow).
-template <bool CQ, bool ENT, class scalar_t, class T>
+// dx for columns [0, n) of a row stretch starting at column c0; buf: 2 kBlock T (narrow or XF).
+template <bool CQ, bool ENT, bool XF, class scalar_t, class T>
 FDIV_INLINE void bwd_stretch(const scalar_t* x, scalar_t* dx, int64_t n, int64_t c0, T scale,
-                             const BwdRow& r, T* buf) {
+                             const LogitTransform<T>& xf, const BwdRow& r, T* buf) {
   const T lse = T(r.lse), cq = T(r.cq), ge = T(r.ge), h = T(r.h);
   const int64_t lab = r.label - c0;  // onehot column inside the stretch, if in [0, n)
-  if constexpr (std::is_same_v<scalar_t, T>) {
+  if constexpr (std::is_same_v<scalar_t, T> && !XF) {
     (void)buf;
+    (void)xf;
     bwd_block<CQ, ENT>(x, dx, n, scale, lse, cq, ge, h);
     if (lab >= 0 && lab < n) dx[lab] += T(r.glp) * scale;
   } else {
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t len = std::min(kBlock, n - j0);
-      widen_block(buf, x + j0, len);
+      if constexpr (std::is_same_v<scalar_t, T>) transform_block(buf, x + j0, len, xf);
+      else {
+        widen_block(buf, x + j0, len);
+        if constexpr (XF) transform_block(buf, buf, len, xf);
+      }
       bwd_block<CQ, ENT>(buf, buf + kBlock, len, scale, lse, cq, ge, h);
       if (lab >= j0 && lab < j0 + len) buf[kBlock + lab - j0] += T(r.glp) * scale;
-      narrow_block(dx + j0, buf + kBlock, len);
+      if constexpr (XF) chain_block(buf + kBlock, buf, len, xf);  // d/dz -> d/dx
+      if constexpr (std::is_same_v<scalar_t, T>)
+        std::copy(buf + kBlock, buf + kBlock + len, dx + j0);
+      else
+        narrow_block(dx + j0, buf + kBlock, len);
     }
   }
 }
@@ -110,17 +127,28 @@ FDIV_INLINE void bwd_stretch(const scalar_t* x, scalar_t* dx, int64_t n, int64_t
 // The per-ISA entry points: plain (non-template) functions, one per storage dtype, so each is a
 // target_clones function with every kernel above inlined into it.
 #define FDIV_FWD_ENTRY(scalar_t, T, ATTR)                                                    \
-  ATTR void fwd_entry(const scalar_t* x, int64_t n, T scale, bool ent,                       \
-                      OnlineSoftmax<T>& lse, OnlineEntropy<T>& en, T* buf) {                 \
-    if (ent) fwd_stretch<true>(x, n, scale, lse, en, buf);                                   \
-    else fwd_stretch<false>(x, n, scale, lse, en, buf);                                      \
+  ATTR void fwd_entry(const scalar_t* x, int64_t n, T scale, const LogitTransform<T>& xf,    \
+                      bool ent, OnlineSoftmax<T>& lse, OnlineEntropy<T>& en, T* buf) {       \
+    const bool xt = !xf.identity();                                                          \
+    if (ent && xt) fwd_stretch<true, true>(x, n, scale, xf, lse, en, buf);                   \
+    else if (ent) fwd_stretch<true, false>(x, n, scale, xf, lse, en, buf);                   \
+    else if (xt) fwd_stretch<false, true>(x, n, scale, xf, lse, en, buf);                    \
+    else fwd_stretch<false, false>(x, n, scale, xf, lse, en, buf);                           \
+  }                                                                                          \
+  template <bool XF>                                                                         \
+  FDIV_INLINE void bwd_any(const scalar_t* x, scalar_t* dx, int64_t n, int64_t c0, T scale,  \
+                           const LogitTransform<T>& xf, bool cq, bool ent, const BwdRow& r,  \
+                           T* buf) {                                                         \
+    if (cq && ent) bwd_stretch<true, true, XF>(x, dx, n, c0, scale, xf, r, buf);             \
+    else if (cq) bwd_stretch<true, false, XF>(x, dx, n, c0, scale, xf, r, buf);              \
+    else if (ent) bwd_stretch<false, true, XF>(x, dx, n, c0, scale, xf, r, buf);             \
+    else bwd_stretch<false, false, XF>(x, dx, n, c0, scale, xf, r, buf);                     \
   }                                                                                          \
   ATTR void bwd_entry(const scalar_t* x, scalar_t* dx, int64_t n, int64_t c0, T scale,       \
-                      bool cq, bool ent, const BwdRow& r, T* buf) {                          \
-    if (cq && ent) bwd_stretch<true, true>(x, dx, n, c0, scale, r, buf);                     \
-    else if (cq) bwd_stretch<true, false>(x, dx, n, c0, scale, r, buf);                      \
-    else if (ent) bwd_stretch<false, true>(x, dx, n, c0, scale, r, buf);                     \
-    else bwd_stretch<false, false>(x, dx, n, c0, scale, r, buf);                             \
+                      const LogitTransform<T>& xf, bool cq, bool ent, const BwdRow& r,       \
+                      T* buf) {                                                              \
+    if (xf.identity()) bwd_any<false>(x, dx, n, c0, scale, xf, cq, ent, r, buf);             \
+    else bwd_any<true>(x, dx, n, c0, scale, xf, cq, ent, r, buf);                            \
   }
 FDIV_FWD_ENTRY(float, float, FDIV_CLONES)
 FDIV_FWD_ENTRY(at::BFloat16, float, FDIV_CLONES)
@@ -144,20 +172,21 @@ bool has_nan(const scalar_t* x, int64_t n) {
 
 template <class scalar_t, class T>
 void run_fwd(const at::Tensor& x, const at::Tensor* labels, int64_t ignore_index, T scale,
-             bool want_ent, at::Tensor& lse, at::Tensor& ent, at::Tensor& lp) {
+             const LogitTransform<T>& xf, bool want_ent, at::Tensor& lse, at::Tensor& ent,
+             at::Tensor& lp) {
   constexpr bool kWide = std::is_same_v<scalar_t, T>;
   const int64_t rows = x.size(0), n = x.size(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const Split sp = split_rows(rows, n);
   std::vector<Partial<T>> parts(size_t(rows * sp.parts));
   at::parallel_for(0, rows * sp.parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(kWide ? 0 : size_t(kBlock));
+    std::vector<T> buf(kWide && xf.identity() ? 0 : size_t(kBlock));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / sp.parts, c0 = (t % sp.parts) * sp.len;
       const int64_t len = std::min(sp.len, n - c0);
       if (len <= 0) continue;
       Partial<T>& p = parts[size_t(t)];
-      fwd_entry(xp + i * n + c0, len, scale, want_ent, p.lse, p.ent, buf.data());
+      fwd_entry(xp + i * n + c0, len, scale, xf, want_ent, p.lse, p.ent, buf.data());
     }
   });
 
@@ -198,10 +227,14 @@ void run_fwd(const at::Tensor& x, const at::Tensor* labels, int64_t ignore_index
         T v;
         if (lab == ignore_index) v = T(0);
         else if (lab < 0 || lab >= n) v = T(kNaN);
-        else if (std::isfinite(static_cast<double>(m)))
-          // (x - m) - log s, the max first: x - lse would lose eps |lse|.
-          v = (static_cast<T>(xp[i * n + lab]) * scale - m) - static_cast<T>(log_s);
-        else v = static_cast<T>(xp[i * n + lab]) * scale - lse_t;  // +-inf max: the limits
+        else {
+          T z = static_cast<T>(xp[i * n + lab]);
+          transform_block(&z, &z, 1, xf);
+          if (std::isfinite(static_cast<double>(m)))
+            // (x - m) - log s, the max first: x - lse would lose eps |lse|.
+            v = (z * scale - m) - static_cast<T>(log_s);
+          else v = z * scale - lse_t;  // +-inf max: the limits
+        }
         lp_p[i] = v;
       }
     }
@@ -210,7 +243,7 @@ void run_fwd(const at::Tensor& x, const at::Tensor* labels, int64_t ignore_index
 
 template <class scalar_t, class T>
 void run_bwd(const at::Tensor& x, const StatsBwdInputs& in, int64_t ignore_index, T scale,
-             at::Tensor& dx) {
+             const LogitTransform<T>& xf, at::Tensor& dx) {
   constexpr bool kWide = std::is_same_v<scalar_t, T>;
   const int64_t rows = x.size(0), n = x.size(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -234,7 +267,7 @@ void run_bwd(const at::Tensor& x, const StatsBwdInputs& in, int64_t ignore_index
   }
   const Split sp = split_rows(rows, n);
   at::parallel_for(0, rows * sp.parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(kWide ? 0 : size_t(2 * kBlock));
+    std::vector<T> buf(kWide && xf.identity() ? 0 : size_t(2 * kBlock));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / sp.parts, c0 = (t % sp.parts) * sp.len;
       const int64_t len = std::min(sp.len, n - c0);
@@ -255,15 +288,23 @@ void run_bwd(const at::Tensor& x, const StatsBwdInputs& in, int64_t ignore_index
         r.cq -= r.glp;
         r.label = std::clamp<int64_t>(lab, 0, n - 1);
       }
-      bwd_entry(xp + i * n + c0, dxp + i * n + c0, len, c0, scale, cq, en, r, buf.data());
+      bwd_entry(xp + i * n + c0, dxp + i * n + c0, len, c0, scale, xf, cq, en, r, buf.data());
     }
   });
 }
 
+void check_transform(double scale, double softcap) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale != 0.0, "scale must be finite and nonzero, got ",
+                    scale);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0,
+                    "softcap must be finite and >= 0 (0: no softcap), got ", softcap);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& labels_in, int64_t ignore_index,
-    double inv_temperature, bool entropy) {
+    double inv_temperature, double scale, double softcap, bool entropy) {
   check_logits(x_in, "x", kCpuTarget);
+  check_transform(scale, softcap);
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0);
   std::optional<at::Tensor> labels;
@@ -275,19 +316,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cpu(
   at::Tensor lp = at::empty({labels ? rows : 0}, opts);
   if (rows == 0) return {lse, ent, lp};
   const at::Tensor* lab = labels ? &*labels : nullptr;
+  auto go = [&](auto storage, auto compute) {
+    using S = decltype(storage);
+    using T = decltype(compute);
+    const LogitTransform<T> xf{T(scale), T(softcap)};
+    run_fwd<S, T>(x, lab, ignore_index, T(inv_temperature), xf, entropy, lse, ent, lp);
+  };
   switch (dt) {
-    case at::kFloat:
-      run_fwd<float, float>(x, lab, ignore_index, float(inv_temperature), entropy, lse, ent, lp);
-      break;
-    case at::kDouble:
-      run_fwd<double, double>(x, lab, ignore_index, inv_temperature, entropy, lse, ent, lp);
-      break;
-    case at::kBFloat16:
-      run_fwd<at::BFloat16, float>(x, lab, ignore_index, float(inv_temperature), entropy, lse, ent, lp);
-      break;
-    default:
-      run_fwd<at::Half, float>(x, lab, ignore_index, float(inv_temperature), entropy, lse, ent, lp);
-      break;
+    case at::kFloat: go(float(), float()); break;
+    case at::kDouble: go(double(), double()); break;
+    case at::kBFloat16: go(at::BFloat16(), float()); break;
+    default: go(at::Half(), float()); break;
   }
   return {lse, ent, lp};
 }
@@ -297,27 +336,27 @@ at::Tensor softmax_stats_bwd_cpu(const at::Tensor& x_in, const std::optional<at:
                                  const std::optional<at::Tensor>& g_lse_in,
                                  const std::optional<at::Tensor>& g_entropy_in,
                                  const std::optional<at::Tensor>& g_logprob_in,
-                                 int64_t ignore_index, double inv_temperature) {
+                                 int64_t ignore_index, double inv_temperature, double scale,
+                                 double softcap) {
   check_logits(x_in, "x", kCpuTarget);
+  check_transform(scale, softcap);
   const at::Tensor x = x_in.contiguous();
   const auto dt = x.scalar_type();
   const StatsBwdInputs in = checked_stats_bwd_inputs(x, labels_in, lse_in, entropy_in, g_lse_in,
                                                      g_entropy_in, g_logprob_in, stats_dtype(dt));
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
+  auto go = [&](auto storage, auto compute) {
+    using S = decltype(storage);
+    using T = decltype(compute);
+    const LogitTransform<T> xf{T(scale), T(softcap)};
+    run_bwd<S, T>(x, in, ignore_index, T(inv_temperature), xf, dx);
+  };
   switch (dt) {
-    case at::kFloat:
-      run_bwd<float, float>(x, in, ignore_index, float(inv_temperature), dx);
-      break;
-    case at::kDouble:
-      run_bwd<double, double>(x, in, ignore_index, inv_temperature, dx);
-      break;
-    case at::kBFloat16:
-      run_bwd<at::BFloat16, float>(x, in, ignore_index, float(inv_temperature), dx);
-      break;
-    default:
-      run_bwd<at::Half, float>(x, in, ignore_index, float(inv_temperature), dx);
-      break;
+    case at::kFloat: go(float(), float()); break;
+    case at::kDouble: go(double(), double()); break;
+    case at::kBFloat16: go(at::BFloat16(), float()); break;
+    default: go(at::Half(), float()); break;
   }
   return dx;
 }

@@ -51,10 +51,26 @@ fdiv_cuda::DivergencePath divergence_path() {
   return fdiv_cuda::DivergencePath::kAuto;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cuda(
+// The CUDA kernels do not fuse the logit transforms yet: anything but the identity is refused
+// (the Triton backend has them on GPUs).
+void check_no_transform(double scale, double softcap, const char* op) {
+  TORCH_CHECK_VALUE(scale == 1.0 && softcap == 0.0, "fdiv::", op,
+                    ": the CUDA kernels do not support a logit scale or softcap yet (got scale=",
+                    scale, ", softcap=", softcap, "); use backend=\"triton\" or \"torch\"");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cuda(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& labels_in, int64_t ignore_index,
+    double inv_temperature, double scale, double softcap, bool entropy);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid, int64_t kind,
-    bool swap, double param, double inv_temperature, bool grad_student, bool grad_teacher) {
+    bool swap, double param, double inv_temperature, double student_scale,
+    double student_softcap, double teacher_scale, double teacher_softcap, bool grad_student,
+    bool grad_teacher) {
   check_divergence_args(student, teacher, valid, kind, kCudaTarget);
+  check_no_transform(student_scale, student_softcap, "divergence_fwd_cuda");
+  check_no_transform(teacher_scale, teacher_softcap, "divergence_fwd_cuda");
 
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = aligned(student), t = aligned(teacher), v = valid.contiguous();
@@ -79,13 +95,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cuda(
   a.path = divergence_path();
   check(fdiv_cuda::divergence_fwd(a, c10::cuda::getCurrentCUDAStream().stream()),
         "divergence_fwd_cuda");
-  return {loss, gs, gt};
+  // The student's entropy, from the softmax-statistics kernel: one more read of the student
+  // (the divergence kernels do not accumulate it yet); 0 on ignored rows.
+  at::Tensor ent = std::get<1>(softmax_stats_fwd_cuda(s, std::nullopt, -100, inv_temperature,
+                                                      1.0, 0.0, true));
+  ent = at::where(v, ent, at::zeros_like(ent));
+  return {loss, gs, gt, ent};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cuda(
     const at::Tensor& x_in, const std::optional<at::Tensor>& labels_in, int64_t ignore_index,
-    double inv_temperature, bool entropy) {
+    double inv_temperature, double scale, double softcap, bool entropy) {
   check_logits(x_in, "x", kCudaTarget);
+  check_no_transform(scale, softcap, "softmax_stats_fwd_cuda");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = aligned(x_in);
   const int64_t rows = x.size(0);
@@ -125,8 +147,10 @@ at::Tensor softmax_stats_bwd_cuda(const at::Tensor& x_in, const std::optional<at
                                   const std::optional<at::Tensor>& g_lse_in,
                                   const std::optional<at::Tensor>& g_entropy_in,
                                   const std::optional<at::Tensor>& g_logprob_in,
-                                  int64_t ignore_index, double inv_temperature) {
+                                  int64_t ignore_index, double inv_temperature, double scale,
+                                  double softcap) {
   check_logits(x_in, "x", kCudaTarget);
+  check_no_transform(scale, softcap, "softmax_stats_bwd_cuda");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = aligned(x_in);
   StatsBwdInputs in = checked_stats_bwd_inputs(x, labels_in, lse_in, entropy_in, g_lse_in,

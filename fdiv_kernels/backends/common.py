@@ -12,12 +12,13 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def fake_divergence_fwd(
     student: Tensor, teacher: Tensor, valid: Tensor, base: int, swap: bool, param: float,
-    inv_temperature: float, grad_student: bool, grad_teacher: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    inv_temperature: float, student_scale: float, student_softcap: float, teacher_scale: float,
+    teacher_softcap: float, grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     loss = student.new_empty(student.shape[0], dtype=loss_dtype(student.dtype))
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
-    return loss, gs, gt
+    return loss, gs, gt, torch.empty_like(loss)
 
 
 # Elements per chunk of the CPU mixed-dtype row scale. torch's CPU mul_ of a 16-bit tensor by a
@@ -48,7 +49,8 @@ def _(grad: Tensor, row_scale: Tensor) -> None:
 
 
 def fake_softmax_stats_fwd(
-    x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, entropy: bool,
+    x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, scale: float,
+    softcap: float, entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n = x.shape[0]
     f32 = dict(dtype=loss_dtype(x.dtype))
@@ -59,6 +61,7 @@ def fake_softmax_stats_fwd(
 def fake_softmax_stats_bwd(
     x: Tensor, labels: Tensor | None, lse: Tensor, entropy: Tensor, g_lse: Tensor | None,
     g_entropy: Tensor | None, g_logprob: Tensor | None, ignore_index: int, inv_temperature: float,
+    scale: float, softcap: float,
 ) -> Tensor:
     return torch.empty_like(x)
 

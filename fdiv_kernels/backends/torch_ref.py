@@ -12,6 +12,7 @@ from torch import Tensor
 from fdiv_kernels.transport import _ops_torch as _sinkhorn_torch  # noqa: F401  (fdiv::sinkhorn_*_torch)
 from fdiv_kernels.backends.common import loss_dtype, register_fakes
 from fdiv_kernels._kinds import KernelSpec, element_terms
+from fdiv_kernels._logit_transform import transform_logits
 
 # Rows per chunk: the chunk's (rows, V) temporaries are the only memory beyond the outputs.
 CHUNK_ELEMENTS = 1 << 22
@@ -30,28 +31,36 @@ def _zero_where(keep: Tensor, x: Tensor) -> Tensor:
 @torch.library.custom_op("fdiv::divergence_fwd_torch", mutates_args=())
 def divergence_fwd_torch(
     student: Tensor, teacher: Tensor, valid: Tensor, base: int, swap: bool, param: float,
-    inv_temperature: float, grad_student: bool, grad_teacher: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    inv_temperature: float, student_scale: float, student_softcap: float, teacher_scale: float,
+    teacher_softcap: float, grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     spec = KernelSpec("", base, swap, param)
     ctype = loss_dtype(student.dtype)
     N, V = student.shape
     loss = student.new_empty(N, dtype=ctype)
+    ent = student.new_empty(N, dtype=ctype)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
     for rows in _chunks(N, V):
-        lq = torch.log_softmax(student[rows].to(ctype) * inv_temperature, dim=-1)
-        lp = torch.log_softmax(teacher[rows].to(ctype) * inv_temperature, dim=-1)
+        a, da = transform_logits(student[rows].to(ctype), student_scale, student_softcap)
+        b, db = transform_logits(teacher[rows].to(ctype), teacher_scale, teacher_softcap)
+        lq = torch.log_softmax(a * inv_temperature, dim=-1)
+        lp = torch.log_softmax(b * inv_temperature, dim=-1)
         term, h, k = element_terms(spec, lp, lq)
         keep = valid[rows]
         loss[rows] = _zero_where(keep, term.sum(-1))
-        # dD/d logits = (h - q sum h) / T for the student, (k - p sum k) / T for the teacher.
+        # The student's entropy whatever the kind (swap exchanges roles in the terms only).
+        q = lq.exp()
+        ent[rows] = _zero_where(keep, -torch.where(q == 0, torch.zeros_like(q), q * lq).sum(-1))
+        # dD/d logits = (h - q sum h) / T for the student, (k - p sum k) / T for the teacher,
+        # times the transform's derivative.
         if grad_student:
-            g = (h - lq.exp() * h.sum(-1, keepdim=True)) * inv_temperature
+            g = (h - q * h.sum(-1, keepdim=True)) * inv_temperature * da
             gs[rows] = _zero_where(keep, g)
         if grad_teacher:
-            g = (k - lp.exp() * k.sum(-1, keepdim=True)) * inv_temperature
+            g = (k - lp.exp() * k.sum(-1, keepdim=True)) * inv_temperature * db
             gt[rows] = _zero_where(keep, g)
-    return loss, gs, gt
+    return loss, gs, gt, ent
 
 
 def _phase_terms(spec, student, teacher, lse_s, lse_t, inv_t, rows):
@@ -101,7 +110,8 @@ def divergence_grads_torch(
 
 @torch.library.custom_op("fdiv::softmax_stats_fwd_torch", mutates_args=())
 def softmax_stats_fwd_torch(
-    x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, entropy: bool,
+    x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, scale: float,
+    softcap: float, entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     ctype = loss_dtype(x.dtype)
     N, V = x.shape
@@ -109,7 +119,7 @@ def softmax_stats_fwd_torch(
     ent = x.new_empty(N if entropy else 0, dtype=ctype)
     lp = x.new_empty(N if labels is not None else 0, dtype=ctype)
     for rows in _chunks(N, V):
-        a = x[rows].to(ctype) * inv_temperature
+        a = transform_logits(x[rows].to(ctype), scale, softcap)[0] * inv_temperature
         lse[rows] = torch.logsumexp(a, dim=-1)
         if entropy:
             la = torch.log_softmax(a, dim=-1)
@@ -128,12 +138,14 @@ def softmax_stats_fwd_torch(
 def softmax_stats_bwd_torch(
     x: Tensor, labels: Tensor | None, lse: Tensor, entropy: Tensor, g_lse: Tensor | None,
     g_entropy: Tensor | None, g_logprob: Tensor | None, ignore_index: int, inv_temperature: float,
+    scale: float, softcap: float,
 ) -> Tensor:
     ctype = loss_dtype(x.dtype)
     N, V = x.shape
     dx = torch.empty_like(x)
     for rows in _chunks(N, V):
-        a = x[rows].to(ctype) * inv_temperature
+        z, dz = transform_logits(x[rows].to(ctype), scale, softcap)
+        a = z * inv_temperature
         la = a - lse[rows, None]
         q = la.exp()
         g = torch.zeros_like(a)
@@ -151,7 +163,7 @@ def softmax_stats_bwd_torch(
                 # Only the label's log-prob flows back: an ignored row is inert (zero gradient,
                 # even where its logits hold NaN and 0 * q is NaN).
                 g = _zero_where(lab != ignore_index, g)
-        dx[rows] = g * inv_temperature
+        dx[rows] = g * inv_temperature * dz
     return dx
 
 

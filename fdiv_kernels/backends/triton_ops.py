@@ -29,12 +29,14 @@ def _on(x: Tensor):
 @torch.library.custom_op("fdiv::divergence_fwd_triton", mutates_args=())
 def divergence_fwd_triton(
     student: Tensor, teacher: Tensor, valid: Tensor, base: int, swap: bool, param: float,
-    inv_temperature: float, grad_student: bool, grad_teacher: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    inv_temperature: float, student_scale: float, student_softcap: float, teacher_scale: float,
+    teacher_softcap: float, grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with _on(student):
         return divergence_fwd(
             student.contiguous(), teacher.contiguous(), valid.contiguous(), base, swap, param,
-            inv_temperature, grad_student, grad_teacher,
+            inv_temperature, student_scale, student_softcap, teacher_scale, teacher_softcap,
+            grad_student, grad_teacher,
         )
 
 
@@ -66,21 +68,24 @@ def divergence_grads_triton(
 
 @torch.library.custom_op("fdiv::softmax_stats_fwd_triton", mutates_args=())
 def softmax_stats_fwd_triton(
-    x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, entropy: bool,
+    x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, scale: float,
+    softcap: float, entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     with _on(x):
-        return softmax_stats_fwd(x.contiguous(), labels, ignore_index, inv_temperature, entropy)
+        return softmax_stats_fwd(x.contiguous(), labels, ignore_index, inv_temperature, scale,
+                                 softcap, entropy)
 
 
 @torch.library.custom_op("fdiv::softmax_stats_bwd_triton", mutates_args=())
 def softmax_stats_bwd_triton(
     x: Tensor, labels: Tensor | None, lse: Tensor, entropy: Tensor, g_lse: Tensor | None,
     g_entropy: Tensor | None, g_logprob: Tensor | None, ignore_index: int, inv_temperature: float,
+    scale: float, softcap: float,
 ) -> Tensor:
     with _on(x):
         return softmax_stats_bwd(
             x.contiguous(), labels, lse, entropy, g_lse, g_entropy, g_logprob, ignore_index,
-            inv_temperature,
+            inv_temperature, scale, softcap,
         )
 
 

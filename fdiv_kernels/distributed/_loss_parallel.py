@@ -7,7 +7,8 @@ handlers below instead of propagating shardings. Each handler unwraps the local 
 shard and runs the vocabulary-parallel algorithm of :mod:`fdiv_kernels.distributed` (the same
 collectives); outputs are per-row statistics replicated over the mesh and gradients sharded like
 the logits. The public functions are untouched: their argument checks and reductions run on the
-DTensors as they would on tensors.
+DTensors as they would on tensors. Logit scale / softcap are refused here
+(NotImplementedError), and the divergence op's student entropy is NaN (see ``_divergence_fwd``).
 """
 
 from __future__ import annotations
@@ -73,8 +74,18 @@ def _kind(base: int, swap: bool) -> str:
         name for name, d in DIVERGENCES.items() if d.base == base and d.swap == swap)
 
 
+def _no_transform(scale: float, softcap: float) -> None:
+    if (scale, softcap) != (1.0, 0.0):
+        raise NotImplementedError(
+            "loss_parallel: logit scale / softcap are not supported on vocabulary-sharded logits"
+        )
+
+
 def _divergence_fwd(backend, op, args, kwargs):
-    student, teacher, valid, base, swap, param, inv_t, grad_s, grad_t = _bind(op, args, kwargs)
+    (student, teacher, valid, base, swap, param, inv_t, s_scale, s_cap, t_scale, t_cap, grad_s,
+     grad_t) = _bind(op, args, kwargs)
+    _no_transform(s_scale, s_cap)
+    _no_transform(t_scale, t_cap)
     s, info = _shards.unwrap("student_logits", student)
     t, _ = _shards.unwrap("teacher_logits", teacher)
     keep = _local(valid)
@@ -92,9 +103,14 @@ def _divergence_fwd(backend, op, args, kwargs):
         gs, gt = (a if grad_s else gs), (b if grad_t else gt)
     elif s.shape[-1] == 0:
         gs, gt = (torch.zeros_like(s) if grad_s else gs), (torch.zeros_like(t) if grad_t else gt)
+    # The fused op's fourth output, the student's entropy, would cost one more all_gather on
+    # every call (fk.divergence's return_stats is its only reader): NaN instead, so that stats
+    # taken under loss_parallel() cannot pass for real ones; fkd.vocab_parallel_entropy has it.
+    ent = torch.full_like(sums[:, 0], float("nan"))
     return (_replicated(sums[:, 0].clone(), student),
             _sharded_like(gs, student) if grad_s else _replicated(gs, student),
-            _sharded_like(gt, teacher) if grad_t else _replicated(gt, teacher))
+            _sharded_like(gt, teacher) if grad_t else _replicated(gt, teacher),
+            _replicated(ent, student))
 
 
 def _local_labels(labels: Tensor, ignore_index: int, start: int, width: int):
@@ -105,7 +121,8 @@ def _local_labels(labels: Tensor, ignore_index: int, start: int, width: int):
 
 
 def _softmax_stats_fwd(backend, op, args, kwargs):
-    x, labels, ignore_index, inv_t, want_entropy = _bind(op, args, kwargs)
+    x, labels, ignore_index, inv_t, scale, softcap, want_entropy = _bind(op, args, kwargs)
+    _no_transform(scale, softcap)
     xl, info = _shards.unwrap("logits", x)
     name = _phase_backend(backend, xl)
     world, _ = _comm.world(info.group)
@@ -118,7 +135,9 @@ def _softmax_stats_fwd(backend, op, args, kwargs):
 
 
 def _softmax_stats_bwd(backend, op, args, kwargs):
-    x, labels, lse, ent, g_lse, g_ent, g_lp, ignore_index, inv_t = _bind(op, args, kwargs)
+    x, labels, lse, ent, g_lse, g_ent, g_lp, ignore_index, inv_t, scale, softcap = _bind(
+        op, args, kwargs)
+    _no_transform(scale, softcap)
     xl, info = _shards.unwrap("logits", x)
     name = _phase_backend(backend, xl)
     local = keep = None

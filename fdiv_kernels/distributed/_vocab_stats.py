@@ -30,7 +30,7 @@ def _local_stats(x: Tensor, inv_t: float, backend: str, want_entropy: bool):
     if not want_entropy:
         return phases.row_lse(x, 1.0 / inv_t, backend=backend), None
     op = getattr(torch.ops.fdiv, f"softmax_stats_fwd_{backend}")
-    lse, ent, _ = op(x, None, -100, inv_t, True)
+    lse, ent, _ = op(x, None, -100, inv_t, 1.0, 0.0, True)
     return lse, ent
 
 
@@ -91,7 +91,8 @@ def local_grad(x: Tensor, local_labels: Tensor | None, keep: Tensor | None, L: T
     if g_lse is None:  # the ops want at least one row gradient
         g_lse = torch.zeros_like(L)
     ent = H if H is not None else L.new_zeros(0)
-    return bwd(x, labels, L, ent, g_lse, g_ent if H is not None else None, g_lp, -100, inv_t)
+    return bwd(x, labels, L, ent, g_lse, g_ent if H is not None else None, g_lp, -100, inv_t,
+               1.0, 0.0)
 
 
 class VocabParallelStatsFunction(torch.autograd.Function):
