@@ -6,9 +6,10 @@ import torch
 from torch import Tensor
 
 from fdiv_kernels import _validation as V
+from fdiv_kernels._grads_in_forward import keep_grads, scaled_grads
 from fdiv_kernels._kinds import KernelSpec, resolve
 from fdiv_kernels import _row_kinds
-from fdiv_kernels._logit_transform import check_logit_transform, select_backend
+from fdiv_kernels._logit_transform import check_pair_transforms, select_backend
 from fdiv_kernels._stats import DivergenceStats
 
 
@@ -22,9 +23,7 @@ class DivergenceFunction(torch.autograd.Function):
 
     ``transforms`` is (student_scale, student_softcap, teacher_scale, teacher_softcap).
 
-    The backward scales the stored per-row gradients by the incoming gradient: in place when
-    ``inplace`` (no second pass over the logits, no second (N, V) buffer; the graph can then be
-    backpropagated once), else into a new tensor.
+    The backward scales the stored per-row gradients (fdiv_kernels._grads_in_forward).
     """
 
     @staticmethod
@@ -35,35 +34,13 @@ class DivergenceFunction(torch.autograd.Function):
         loss, gs, gt, ent = _forward_op(backend)(
             student, teacher, valid, base, swap, param, inv_t, *transforms, grad_s, grad_t
         )
-        ctx.save_for_backward(gs, gt)
-        ctx.grad_s, ctx.grad_t = grad_s, grad_t
-        ctx.inplace, ctx.used = inplace, False
+        keep_grads(ctx, gs, gt, grad_s, grad_t, inplace)
         ctx.mark_non_differentiable(ent)
         return loss, ent
 
     @staticmethod
     def backward(ctx, grad_loss, grad_entropy):
-        if torch.is_grad_enabled():
-            # create_graph=True: the stored gradient is not a differentiable function of the inputs.
-            raise RuntimeError(
-                "fdiv_kernels.divergence does not support higher-order gradients "
-                "(backward with create_graph=True)"
-            )
-        if ctx.used:
-            # The first backward scaled the stored gradients in place.
-            raise RuntimeError(
-                "fdiv_kernels.divergence: backward ran twice through the same graph "
-                "(retain_graph=True, gradcheck, jacobians); pass inplace_backward=False for that"
-            )
-        ctx.used = ctx.inplace
-        gs, gt = ctx.saved_tensors
-        if not ctx.inplace:
-            gs, gt = gs.clone(), gt.clone()
-        if ctx.grad_s:
-            torch.ops.fdiv.scale_rows_(gs, grad_loss)
-        if ctx.grad_t:
-            torch.ops.fdiv.scale_rows_(gt, grad_loss)
-        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 9)
+        return *scaled_grads(ctx, grad_loss, "fdiv_kernels.divergence"), *([None] * 9)
 
 
 def divergence(
@@ -156,12 +133,8 @@ def divergence(
     inv_t = V.check_temperature(temperature, dtype)
     reduction = V.check_reduction(reduction)
     V.check_num_items(num_items_in_batch)
-    transforms = (
-        *check_logit_transform("student_logit_scale", student_logit_scale, "student_softcap",
-                               student_softcap),
-        *check_logit_transform("teacher_logit_scale", teacher_logit_scale, "teacher_softcap",
-                               teacher_softcap),
-    )
+    transforms = check_pair_transforms(student_logit_scale, student_softcap, teacher_logit_scale,
+                                       teacher_softcap)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     lead = student_logits.shape[:-1]

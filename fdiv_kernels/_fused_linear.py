@@ -20,7 +20,7 @@ from torch import Tensor
 from fdiv_kernels import _validation as V
 from fdiv_kernels.dispatch import select
 from fdiv_kernels._kinds import KernelSpec, resolve
-from fdiv_kernels._logit_transform import check_logit_transform, transform_logits
+from fdiv_kernels._logit_transform import check_pair_transforms, transform_logits
 from fdiv_kernels._stats import DivergenceStats
 
 # Bytes of fp32 (chunk, V) buffers per chunk (about four live at once: two logits, padding or a
@@ -306,12 +306,8 @@ def fused_linear_divergence(
     inv_t = V.check_temperature(temperature, torch.promote_types(hs.dtype, ws.dtype))
     reduction = V.check_reduction(reduction)
     V.check_num_items(num_items_in_batch)
-    xform = (
-        *check_logit_transform("student_logit_scale", student_logit_scale, "student_softcap",
-                               student_softcap),
-        *check_logit_transform("teacher_logit_scale", teacher_logit_scale, "teacher_softcap",
-                               teacher_softcap),
-    )
+    xform = check_pair_transforms(student_logit_scale, student_softcap, teacher_logit_scale,
+                                  teacher_softcap)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     ce_w = V.check_real("ce_weight", ce_weight)

@@ -39,6 +39,17 @@ def transform_logits(x: Tensor, scale: float, softcap: float) -> tuple[Tensor, T
     return th * softcap, scale * (1.0 - th * th)
 
 
+def check_pair_transforms(student_scale: object, student_softcap: object, teacher_scale: object,
+                          teacher_softcap: object) -> tuple[float, float, float, float]:
+    """(student_scale, student_softcap, teacher_scale, teacher_softcap) as the ops take them."""
+    return (
+        *check_logit_transform("student_logit_scale", student_scale, "student_softcap",
+                               student_softcap),
+        *check_logit_transform("teacher_logit_scale", teacher_scale, "teacher_softcap",
+                               teacher_softcap),
+    )
+
+
 def select_backend(requested: str, x, op: str, transforms: tuple[float, ...],
                    base: int | None = None) -> str:
     """``dispatch.select``, except that ``auto`` passes over the CUDA C++ backend when a logit
@@ -57,4 +68,4 @@ def select_backend(requested: str, x, op: str, transforms: tuple[float, ...],
     return name
 
 
-__all__ = ["check_logit_transform", "select_backend", "transform_logits"]
+__all__ = ["check_logit_transform", "check_pair_transforms", "select_backend", "transform_logits"]

@@ -48,6 +48,7 @@ import math
 import torch
 from torch import Tensor
 
+from fdiv_kernels._grads_in_forward import keep_grads, scaled_grads
 from fdiv_kernels._logit_transform import transform_logits
 from fdiv_kernels.backends.common import loss_dtype
 
@@ -165,32 +166,13 @@ class LseCombinationFunction(torch.autograd.Function):
         op = getattr(torch.ops.fdiv, f"lse_combination_fwd_{backend}")
         loss, gs, gt = op(student, teacher, valid, list(coeffs), inv_t, *transforms, grad_s,
                           grad_t)
-        ctx.save_for_backward(gs, gt)
-        ctx.grad_s, ctx.grad_t = grad_s, grad_t
-        ctx.inplace, ctx.used = inplace, False
+        keep_grads(ctx, gs, gt, grad_s, grad_t, inplace)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"fdiv_kernels.divergence(kind={ROW_KIND_NAMES}) does not support "
-                "higher-order gradients (backward with create_graph=True)"
-            )
-        if ctx.used:
-            raise RuntimeError(
-                "fdiv_kernels.divergence: backward ran twice through the same graph "
-                "(retain_graph=True, gradcheck, jacobians); pass inplace_backward=False for that"
-            )
-        ctx.used = ctx.inplace
-        gs, gt = ctx.saved_tensors
-        if not ctx.inplace:
-            gs, gt = gs.clone(), gt.clone()
-        if ctx.grad_s:
-            torch.ops.fdiv.scale_rows_(gs, grad_loss)
-        if ctx.grad_t:
-            torch.ops.fdiv.scale_rows_(gt, grad_loss)
-        return (gs if ctx.grad_s else None), (gt if ctx.grad_t else None), *([None] * 7)
+        what = f"fdiv_kernels.divergence(kind={ROW_KIND_NAMES})"
+        return *scaled_grads(ctx, grad_loss, what), *([None] * 7)
 
 
 def row_kind_rows(
