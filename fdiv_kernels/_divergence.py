@@ -13,6 +13,14 @@ from fdiv_kernels._logit_transform import check_pair_transforms, select_backend
 from fdiv_kernels._stats import DivergenceStats
 
 
+def _is_dtensor(x: object) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
 def _forward_op(backend: str):
     return getattr(torch.ops.fdiv, f"divergence_fwd_{backend}")
 
@@ -137,6 +145,13 @@ def divergence(
                                        teacher_softcap)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    if return_stats and _is_dtensor(student_logits):
+        # The entropy of vocabulary-sharded rows needs one more all-reduce per call, which
+        # loss_parallel() does not make: refuse rather than return a per-shard number.
+        raise NotImplementedError(
+            "return_stats=True on DTensor (loss_parallel) logits is not supported; use "
+            "fdiv_kernels.distributed.vocab_parallel_entropy for the student entropy"
+        )
     lead = student_logits.shape[:-1]
     valid = V.row_mask(labels, ignore_index, lead, student_logits.device)
 

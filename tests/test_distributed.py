@@ -439,6 +439,14 @@ def dtensor_shard_last_dim(rank, world, ck):
         ck.close(lp.full_tensor(), ref_lp, PAIR_TOL["loss"], what + " token_logprobs")
         ck.close(xd.grad.full_tensor(), X.grad, PAIR_TOL["grad"], what + " token_logprobs grad")
         ck.close(ent.full_tensor(), ref_ent, PAIR_TOL["loss"], what + " entropy")
+    # The student entropy of sharded rows is not computed under loss_parallel(): a clear error.
+    with fkd.loss_parallel():
+        try:
+            fk.divergence(dt(s), dt(t), "js", return_stats=True)
+            raised = ""
+        except NotImplementedError as e:
+            raised = str(e)
+    ck.true("vocab_parallel_entropy" in raised, f"loss_parallel return_stats raises: {raised!r}")
 
 
 class HostSyncs(torch.overrides.TorchFunctionMode):
