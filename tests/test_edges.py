@@ -249,7 +249,9 @@ def test_forward_only_without_grad_mode(mode, backend):
     expected = fk.divergence(s, t, "js", backend=backend).detach()
     with mode(), _OpLog() as log:
         got = fk.divergence(s, t, "js", backend=backend)
-    assert torch.equal(got, expected)
+    # The forward-only kernel is another compiled variant (no gradient stores), whose vectorized
+    # row sums may round differently: the same value to a few fp32 ulps, not bit for bit.
+    torch.testing.assert_close(got, expected, rtol=4 * 2.0**-23, atol=0.0)
     fwd = [a for name, a in log.calls if name.startswith("divergence_fwd")]
     # grad_student, grad_teacher are the op's last two arguments: False, so no (N, V) buffer.
     assert fwd and all(a[-2] is False and a[-1] is False for a in fwd)
@@ -259,7 +261,7 @@ def test_forward_only_without_grad_mode(mode, backend):
     expected = fk.fused_linear_divergence(h, w, h.flip(0), w, backend=backend).detach()
     with mode(), _OpLog() as log:
         got = fk.fused_linear_divergence(h, w, h.flip(0), w, backend=backend)
-    assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=4 * 2.0**-23, atol=0.0)
     fwd = [a for name, a in log.calls if name.startswith("divergence_fwd")]
     assert fwd and all(a[-2] is False and a[-1] is False for a in fwd)
 
