@@ -129,8 +129,8 @@ def custom_terms(lp, lq, F: tl.constexpr, F_PRIME: tl.constexpr):
     In fp32, unlike the torch path (float64): r = p / q, f(r) or r f'(r) overflow once q is
     ~e^-44 (chi^2: r^2) to e^-88 times p, where q f(r) is still finite and q (f(r) - r f'(r))
     would be inf - inf. Such an element (r > 1) takes the q = 0 limit instead (term = k =
-    p f'(inf), h = 0): +inf for unbounded f' (the divergence is beyond fp32's range anyway), the
-    accurate limit for bounded f'."""
+    p f'(inf), h = 0), never NaN: +inf for unbounded f', where the float64 torch path gives a
+    finite but huge term (chi^2: p^2 / q >= ~1e19); the accurate limit for bounded f'."""
     p = tl.exp(lp)
     q = tl.exp(lq)
     p0 = p == 0
