@@ -14,8 +14,10 @@ p = q = 0 adds nothing.
 
 Each custom kind gets a base id from ``CUSTOM_BASE`` up: the torch backend evaluates it with the
 user's torch functions; the C++ kernels cannot (they compile their kinds in), which the dispatch
-reports (``custom_kind_reasons``); the Triton kernels take it only when registered with Triton
-functions -- not yet supported, reported the same way.
+reports (``custom_kind_reasons``); the Triton divergence kernels take it when registered with
+``@triton.jit`` versions of f and f' (passed to the kernels as constexprs, element terms in fp32
+with the same zero conventions: ``triton_kernels/divergence_terms.custom_terms``); the Triton
+sparse-teacher kernels do not.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor
 
 # Base ids of custom kinds start here, far above the built-in ones (fdiv_kernels._ids.NUM_BASES);
-# no kernel of the C++ or Triton backends takes them.
+# no C++ kernel takes them; the Triton divergence kernels do given the kind's Triton generator.
 CUSTOM_BASE = 1024
 
 
@@ -75,6 +77,24 @@ def _check_generator(name: str, f: Callable, f_prime: Callable) -> None:
                          f"of f give {fd.tolist()}")
 
 
+def _check_triton_generator(triton_f: object | None, triton_f_prime: object | None) -> None:
+    """Both or neither, and both ``@triton.jit`` functions (a JITFunction, or the interpreter's
+    InterpretedFunction under TRITON_INTERPRET=1)."""
+    if (triton_f is None) != (triton_f_prime is None):
+        given, missing = (("triton_f", "triton_f_prime") if triton_f_prime is None
+                          else ("triton_f_prime", "triton_f"))
+        raise ValueError(f"{given} was given without {missing}: the Triton kernels need both "
+                         "(or neither: the kind then runs on the torch backend only)")
+    if triton_f is None:
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for arg, fn in (("triton_f", triton_f), ("triton_f_prime", triton_f_prime)):
+        if not isinstance(fn, (JITFunction, InterpretedFunction)):
+            raise TypeError(f"{arg} must be a @triton.jit function, got {type(fn).__name__}")
+
+
 def register_divergence(
     name: str,
     f: Callable[[Tensor], Tensor],
@@ -85,7 +105,8 @@ def register_divergence(
     r"""Register the f-divergence D_f(p || q) = sum_i q_i f(p_i / q_i) under ``name``.
 
     Afterwards every op that takes ``kind=`` accepts ``name`` on the torch backend (``auto``
-    picks it; the C++ backends report that they cannot run custom kinds). The element terms and
+    picks it; the C++ backends report that they cannot run custom kinds; Triton runs it when
+    given ``triton_f`` / ``triton_f_prime``). The element terms and
     both gradients follow from f and f' (module docstring of ``fdiv_kernels._custom_kinds``).
 
     Args:
@@ -96,14 +117,32 @@ def register_divergence(
             (finite or +inf, never NaN: use ``torch.xlogy(t, t)`` for t log t).
         f_prime: its derivative f'(t), also evaluated at t = +inf for q = 0 < p (the limit
             f(t)/t), and checked against central differences of f.
-        triton_f, triton_f_prime: ``@triton.jit`` versions for the Triton kernels. Not supported
-            yet: passing them raises NotImplementedError (the Triton backend then reports that
-            it cannot run the kind).
+        triton_f, triton_f_prime: ``@triton.jit`` versions of f and f' for the Triton kernels
+            (both or neither, else ValueError): functions of one fp32 block, elementwise (f'
+            is also called on a block of +inf). With them ``fk.divergence``,
+            ``fused_linear_divergence`` and the phase ops run the kind on the Triton backend
+            (the kernels are specialized on the pair; fp32 terms, see
+            ``triton_kernels/divergence_terms.custom_terms`` for where they overflow); the
+            sparse-teacher ops stay torch-only. Without them the Triton backend reports that
+            it cannot run the kind.
 
     Example: Pearson chi^2, equal to the built-in ``chi2``::
 
         fk.register_divergence("pearson", lambda t: (t - 1) ** 2, lambda t: 2 * (t - 1))
         fk.divergence(student_logits, teacher_logits, kind="pearson")
+
+    and with the Triton versions (module-level ``@triton.jit`` functions)::
+
+        @triton.jit
+        def pearson_f(t):
+            return (t - 1.0) * (t - 1.0)
+
+        @triton.jit
+        def pearson_fp(t):
+            return 2.0 * (t - 1.0)
+
+        fk.register_divergence("pearson", lambda t: (t - 1) ** 2, lambda t: 2 * (t - 1),
+                               triton_f=pearson_f, triton_f_prime=pearson_fp)
     """
     from fdiv_kernels._kinds import DIVERGENCES, ROW_DIVERGENCES
 
@@ -116,11 +155,7 @@ def register_divergence(
     for arg, fn in (("f", f), ("f_prime", f_prime)):
         if not callable(fn):
             raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
-    if triton_f is not None or triton_f_prime is not None:
-        raise NotImplementedError(
-            "triton_f / triton_f_prime: custom kinds do not run in the Triton kernels yet; "
-            "register without them (the torch backend runs the kind on any device)"
-        )
+    _check_triton_generator(triton_f, triton_f_prime)
     _check_generator(name, f, f_prime)
     base = CUSTOM_BASE + max((d.base - CUSTOM_BASE + 1 for d in CUSTOM.values()), default=0)
     d = CustomDivergence(name, base, f, f_prime, triton_f, triton_f_prime)
@@ -166,14 +201,36 @@ def custom_terms(base: int, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Ten
     return term.to(dtype), h.to(dtype), k.to(dtype)
 
 
-def custom_kind_reasons(backend: str, base: int) -> list[str]:
-    """Why ``backend`` cannot run the kind with base id ``base`` (empty: it can)."""
-    name = custom_name(base)
-    if name is None or backend == "torch":
+def triton_generator(base: int) -> tuple[object, object]:
+    """(triton_f, triton_f_prime) of a custom kind, for the Triton divergence kernels' F / F_PRIME
+    constexprs; ValueError if ``base`` is not a custom kind registered with them."""
+    d = _BY_BASE.get(base)
+    if d is None or d.triton_f is None:
+        raise ValueError(f"divergence base id {base} is not a custom kind registered with "
+                         "triton_f / triton_f_prime")
+    return d.triton_f, d.triton_f_prime
+
+
+# The ops whose Triton kernels take a custom kind's generator (triton_kernels/divergence.py);
+# the others (the sparse teacher's kernels) compile their kinds in.
+TRITON_CUSTOM_OPS = ("divergence_fwd", "divergence_partials", "divergence_grads")
+
+
+def custom_kind_reasons(backend: str, base: int, op: str = "") -> list[str]:
+    """Why ``backend`` cannot run the kind with base id ``base`` in ``op`` (empty: it can)."""
+    d = _BY_BASE.get(base)
+    if d is None or backend == "torch":
         return []
+    name = d.name
     if backend == "triton":
-        return [f"kind {name!r} is a custom kind (fk.register_divergence) and the Triton kernels "
-                "do not take custom kinds yet"]
+        if d.triton_f is None:
+            return [f"kind {name!r} is a custom kind (fk.register_divergence) registered without "
+                    "triton_f / triton_f_prime: the Triton kernels need them"]
+        if op not in TRITON_CUSTOM_OPS:
+            return [f"kind {name!r} is a custom kind (fk.register_divergence): the Triton kernels "
+                    f"of {op or 'this op'} do not take custom kinds (only "
+                    f"{', '.join(TRITON_CUSTOM_OPS)} do)"]
+        return []
     return [f"kind {name!r} is a custom kind (fk.register_divergence): the C++ kernels compile "
             "their kinds in and cannot run it"]
 

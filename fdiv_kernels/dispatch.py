@@ -82,13 +82,14 @@ def _torch_reasons(device: str, dtype: torch.dtype) -> list[str]:
     return _dtype_reasons(dtype, FLOAT_DTYPES + (torch.float64,))
 
 
-def _kind_reasons(backend: str, base: int) -> list[str]:
-    """Why ``backend`` cannot run divergence base ``base`` (custom kinds: torch only)."""
+def _kind_reasons(backend: str, base: int, op: str = "") -> list[str]:
+    """Why ``backend`` cannot run divergence base ``base`` in ``op`` (custom kinds: torch, and
+    Triton's dense divergence kernels when registered with Triton functions)."""
     if base < 0:
         return []
     from fdiv_kernels._custom_kinds import custom_kind_reasons
 
-    return custom_kind_reasons(backend, base)
+    return custom_kind_reasons(backend, base, op)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -138,7 +139,7 @@ def _select(requested: str, device: str, dtype: torch.dtype, op: str, base: int 
     candidates = AUTO_ORDER.get(device, ("torch",)) if requested == "auto" else (requested,)
     why = {}
     for name in candidates:
-        reasons = TABLE[name].reasons(device, dtype) + _kind_reasons(name, base)
+        reasons = TABLE[name].reasons(device, dtype) + _kind_reasons(name, base, op)
         if not reasons:
             module = TABLE[name].module
             if module:

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from fdiv_kernels import _ids
-from fdiv_kernels.triton_kernels.divergence_terms import element_terms
+from fdiv_kernels._custom_kinds import CUSTOM_BASE, triton_generator
+from fdiv_kernels.triton_kernels.divergence_terms import kind_terms
 from fdiv_kernels.triton_kernels.ids import KL
 from fdiv_kernels.triton_kernels.logit_transform import (
     chain,
@@ -60,8 +61,8 @@ def _log_probs(s_row, t_row, cols, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q, m_p, ls
 @triton.jit
 def _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w, log_1mw,
               s_k1, s_c2, s_kd, t_k1, t_c2,
-              BASE: tl.constexpr, SWAP: tl.constexpr, MERGED: tl.constexpr,
-              S_CAP: tl.constexpr, T_CAP: tl.constexpr, BLOCK: tl.constexpr):
+              BASE: tl.constexpr, SWAP: tl.constexpr, F: tl.constexpr, F_PRIME: tl.constexpr,
+              MERGED: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr, BLOCK: tl.constexpr):
     """(sum term, sum h, sum k, sum q log q) of a row; MERGED also writes KL's student gradient
     q - p (chained through the student's transform)."""
     loss = tl.zeros([BLOCK], tl.float32)
@@ -73,7 +74,7 @@ def _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w, log_1
         in_row = cols < V
         lp, lq, th_a, th_b = _log_probs(s_row, t_row, cols, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q,
                                         m_p, ls_p, S_CAP, T_CAP)
-        t, h, k = element_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP)
+        t, h, k = kind_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP, F, F_PRIME)
         loss += tl.where(in_row, t, 0.0)
         h_sum += tl.where(in_row, h, 0.0)
         k_sum += tl.where(in_row, k, 0.0)
@@ -88,15 +89,15 @@ def _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w, log_1
 @triton.jit
 def _row_grads(s_row, t_row, gs_row, gt_row, V, m_q, ls_q, m_p, ls_p, H, K, param, log_w, log_1mw,
                s_k1, s_c2, s_kd, t_k1, t_c2, t_kd,
-               BASE: tl.constexpr, SWAP: tl.constexpr, GRAD_S: tl.constexpr,
-               GRAD_T: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
+               BASE: tl.constexpr, SWAP: tl.constexpr, F: tl.constexpr, F_PRIME: tl.constexpr,
+               GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
                BLOCK: tl.constexpr):
     for off in range(0, V, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         in_row = cols < V
         lp, lq, th_a, th_b = _log_probs(s_row, t_row, cols, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q,
                                         m_p, ls_p, S_CAP, T_CAP)
-        t, h, k = element_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP)
+        t, h, k = kind_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP, F, F_PRIME)
         if GRAD_S:
             g = chain(h - tl.exp(lq) * H, th_a, s_kd, S_CAP)
             tl.store(gs_row + cols, g.to(gs_row.dtype.element_ty), mask=in_row)
@@ -122,7 +123,8 @@ def _divergence_fwd_kernel(
     # scalars (the transforms' as logit_transform.transform_scalars gives them)
     param, log_w, log_1mw, s_k1, s_c2, s_kd, t_k1, t_c2, t_kd,
     # features
-    BASE: tl.constexpr, SWAP: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    BASE: tl.constexpr, SWAP: tl.constexpr, F: tl.constexpr, F_PRIME: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
     S_CAP: tl.constexpr, T_CAP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: N x V may exceed 2^31
@@ -136,7 +138,7 @@ def _divergence_fwd_kernel(
         # KL's student gradient is q - p: no need to know a row sum first.
         MERGED: tl.constexpr = BASE == KL and not SWAP and GRAD_S and not GRAD_T
         loss, H, K, qlq = _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w,
-                                    log_1mw, s_k1, s_c2, s_kd, t_k1, t_c2, BASE, SWAP, MERGED,
+                                    log_1mw, s_k1, s_c2, s_kd, t_k1, t_c2, BASE, SWAP, F, F_PRIME, MERGED,
                                     S_CAP, T_CAP, BLOCK)
         # lse - lse is 0, or NaN when a row held NaN: NaN in, NaN out.
         lse_q = m_q + ls_q
@@ -146,8 +148,8 @@ def _divergence_fwd_kernel(
         tl.store(ent_ptr + row, -qlq + (lse_q - lse_q))
         if (GRAD_S and not MERGED) or GRAD_T:
             _row_grads(s_row, t_row, gs_row, gt_row, V, m_q, ls_q, m_p, ls_p, H, K, param,
-                       log_w, log_1mw, s_k1, s_c2, s_kd, t_k1, t_c2, t_kd, BASE, SWAP, GRAD_S,
-                       GRAD_T, S_CAP, T_CAP, BLOCK)
+                       log_w, log_1mw, s_k1, s_c2, s_kd, t_k1, t_c2, t_kd, BASE, SWAP, F, F_PRIME,
+                       GRAD_S, GRAD_T, S_CAP, T_CAP, BLOCK)
     else:
         # Ignored row: no loss, zero gradient.
         tl.store(loss_ptr + row, 0.0)
@@ -163,7 +165,8 @@ def _divergence_partials_kernel(
     s_ptr, t_ptr, valid_ptr, lse_q_ptr, lse_p_ptr, sums_ptr,
     V, stride_s, stride_t,
     param, log_w, log_1mw, inv_t,
-    BASE: tl.constexpr, SWAP: tl.constexpr, BLOCK: tl.constexpr,
+    BASE: tl.constexpr, SWAP: tl.constexpr, F: tl.constexpr, F_PRIME: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     loss = 0.0
@@ -174,7 +177,8 @@ def _divergence_partials_kernel(
         lse_p = tl.load(lse_p_ptr + row)
         loss, H, K, _ = _row_sums(s_ptr + row * stride_s, t_ptr + row * stride_t, s_ptr, V,
                                   lse_q, 0.0, lse_p, 0.0, param, log_w, log_1mw, inv_t, 0.0,
-                                  inv_t, inv_t, 0.0, BASE, SWAP, False, False, False, BLOCK)
+                                  inv_t, inv_t, 0.0, BASE, SWAP, F, F_PRIME, False, False, False,
+                                  BLOCK)
     tl.store(sums_ptr + row * 3, loss)
     tl.store(sums_ptr + row * 3 + 1, H)
     tl.store(sums_ptr + row * 3 + 2, K)
@@ -185,8 +189,8 @@ def _divergence_grads_kernel(
     s_ptr, t_ptr, valid_ptr, lse_q_ptr, lse_p_ptr, sums_ptr, gs_ptr, gt_ptr,
     V, stride_s, stride_t, stride_gs, stride_gt,
     param, log_w, log_1mw, inv_t,
-    BASE: tl.constexpr, SWAP: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BASE: tl.constexpr, SWAP: tl.constexpr, F: tl.constexpr, F_PRIME: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     gs_row = gs_ptr + row * stride_gs
@@ -196,7 +200,7 @@ def _divergence_grads_kernel(
                    tl.load(lse_q_ptr + row), 0.0, tl.load(lse_p_ptr + row), 0.0,
                    tl.load(sums_ptr + row * 3 + 1), tl.load(sums_ptr + row * 3 + 2),
                    param, log_w, log_1mw, inv_t, 0.0, inv_t, inv_t, 0.0, inv_t, BASE, SWAP,
-                   GRAD_S, GRAD_T, False, False, BLOCK)
+                   F, F_PRIME, GRAD_S, GRAD_T, False, False, BLOCK)
     else:
         if GRAD_S:
             _zero_row(gs_row, V, BLOCK)
@@ -209,6 +213,15 @@ def block_size(V: int, dtype: torch.dtype) -> tuple[int, int]:
     cap = MAX_BLOCK // 2 if dtype.itemsize >= 4 else MAX_BLOCK
     block = min(triton.next_power_of_2(V), cap)
     return block, max(1, min(16, block // 512))
+
+
+def _generator(base: int) -> dict:
+    """The F / F_PRIME constexprs: a custom kind's ``@triton.jit`` generator and derivative (the
+    kernel is specialized on them), None for the built-in kinds."""
+    if base < CUSTOM_BASE:
+        return {"F": None, "F_PRIME": None}
+    f, fp = triton_generator(base)
+    return {"F": f, "F_PRIME": fp}
 
 
 def _mix_logs(base: int, param: float) -> tuple[float, float]:
@@ -240,7 +253,7 @@ def divergence_fwd(student, teacher, valid, base, swap, param, inv_temperature,
         V, student.stride(0), teacher.stride(0),
         gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
         float(param), *_mix_logs(base, param), s_k1, s_c2, s_kd, t_k1, t_c2, t_kd,
-        BASE=base, SWAP=bool(swap), GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher),
+        BASE=base, SWAP=bool(swap), **_generator(base), GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher),
         S_CAP=bool(student_softcap), T_CAP=bool(teacher_softcap), BLOCK=block, num_warps=warps,
     )
     return loss, gs, gt, ent
@@ -257,7 +270,7 @@ def divergence_partials(student, teacher, valid, lse_s, lse_t, base, swap, param
     _divergence_partials_kernel[(N,)](
         student, teacher, valid, lse_s, lse_t, sums, V, student.stride(0), teacher.stride(0),
         float(param), *_mix_logs(base, param), float(inv_temperature),
-        BASE=base, SWAP=bool(swap), BLOCK=block, num_warps=warps,
+        BASE=base, SWAP=bool(swap), **_generator(base), BLOCK=block, num_warps=warps,
     )
     return sums
 
@@ -277,7 +290,7 @@ def divergence_grads(student, teacher, valid, lse_s, lse_t, sums, base, swap, pa
         V, student.stride(0), teacher.stride(0),
         gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
         float(param), *_mix_logs(base, param), float(inv_temperature),
-        BASE=base, SWAP=bool(swap), GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher),
+        BASE=base, SWAP=bool(swap), **_generator(base), GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher),
         BLOCK=block, num_warps=warps,
     )
     return gs, gt

@@ -13,6 +13,7 @@ from fdiv_kernels.triton_kernels.ids import (ALPHA, CHI2, HELLINGER, JEFFREYS, J
 
 # A constexpr: Triton's compiler rejects any other global inside @triton.jit code.
 NEG_INF = tl.constexpr(float("-inf"))
+POS_INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
@@ -97,9 +98,10 @@ def _base_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr):
         k = t
     else:  # Jeffreys: KL(p||q) + KL(q||p)
         # Any other id (a custom kind of fk.register_divergence, ids from 1024) fails to compile
-        # here rather than computing Jeffreys; the dispatch already refuses it with a reason.
+        # here rather than computing Jeffreys: custom kinds go through custom_terms (kind_terms
+        # with F / F_PRIME given); the dispatch refuses them on kernels that do not pass those.
         tl.static_assert(BASE == JEFFREYS, "unknown divergence base id: custom kinds "
-                                           "(fk.register_divergence) do not run in Triton")
+                                           "(fk.register_divergence) need F / F_PRIME")
         d = lq - lp
         t = _xlogy_ratio(p, lp, lq) + _xlogy_ratio(q, lq, lp)
         h = _nz(q, q * d) + q - p
@@ -114,4 +116,50 @@ def element_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr, SWAP: tl.co
         t, k, h = _base_terms(lq, lp, param, log_w, log_1mw, BASE)
     else:
         t, h, k = _base_terms(lp, lq, param, log_w, log_1mw, BASE)
+    return t, h, k
+
+
+@triton.jit
+def custom_terms(lp, lq, F: tl.constexpr, F_PRIME: tl.constexpr):
+    """(term, h, k) of D_f = sum q f(p / q) from the user's generator F and its derivative F_PRIME
+    (``@triton.jit`` functions of one fp32 block, passed as constexprs: the kernel is compiled
+    once per pair), with the zero conventions of ``fdiv_kernels._custom_kinds.custom_terms``:
+    p = 0 < q: term = h = q f(0), k = 0; q = 0 < p: term = k = p f'(inf), h = 0; p = q = 0: 0.
+
+    In fp32, unlike the torch path (float64): r = p / q, f(r) or r f'(r) overflow once q is
+    ~e^-44 (chi^2: r^2) to e^-88 times p, where q f(r) is still finite and q (f(r) - r f'(r))
+    would be inf - inf. Such an element (r > 1) takes the q = 0 limit instead (term = k =
+    p f'(inf), h = 0), never NaN: +inf for unbounded f', where the float64 torch path gives a
+    finite but huge term (chi^2: p^2 / q >= ~1e19); the accurate limit for bounded f'."""
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    p0 = p == 0
+    q0 = q == 0
+    # r where both are positive; placeholders elsewhere (their results are replaced below).
+    r = tl.exp(tl.where(p0 | q0, 0.0, lp - lq))
+    r = tl.where(p0 & (q > 0), 0.0, r)  # p = 0 < q: r = 0, f(0) is the user's limit
+    fr = F(r).to(tl.float32)
+    fpr = F_PRIME(r).to(tl.float32)
+    # f'(inf) on a block of +inf: the user's function is only promised to be elementwise.
+    fp_inf = F_PRIME(tl.zeros_like(lp) + POS_INF).to(tl.float32)
+    r_fpr = tl.where(r == 0, 0.0, r * fpr)  # r f'(r) -> 0 as r -> 0 (t log t: f'(0) = -inf)
+    over = (r > 1.0) & ((tl.abs(fr) == POS_INF) | (tl.abs(r_fpr) == POS_INF))
+    qlim = q0 | over
+    t = tl.where(qlim, tl.where(p0, 0.0, p * fp_inf), q * fr)
+    h = tl.where(qlim, 0.0, q * (fr - r_fpr))
+    k = tl.where(p0, 0.0, tl.where(qlim, p * fp_inf, p * fpr))
+    return t, h, k
+
+
+@triton.jit
+def kind_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr, SWAP: tl.constexpr,
+               F: tl.constexpr, F_PRIME: tl.constexpr):
+    """``element_terms``, or the custom kind's ``custom_terms`` when its generator F is given."""
+    if F is not None:
+        if SWAP:
+            t, k, h = custom_terms(lq, lp, F, F_PRIME)
+        else:
+            t, h, k = custom_terms(lp, lq, F, F_PRIME)
+    else:
+        t, h, k = element_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP)
     return t, h, k
