@@ -43,16 +43,26 @@ def tanh(y):
 
 
 @triton.jit
+def transform(x, k1, c2, CAP: tl.constexpr):
+    """(z / T, tanh) of logits x already loaded (float32); a -inf logit becomes the finite -c / T
+    under a cap. Without a cap the second value is unused."""
+    if CAP:
+        th = tanh(x * k1)
+        return th * c2, th
+    else:
+        return x * k1, x
+
+
+@triton.jit
 def load_logits(ptr, cols, V, k1, c2, CAP: tl.constexpr):
     """(z / T, tanh) of the row's columns ``cols``; -inf past the row (also under a cap, whose
     tanh would make the padding finite). Without a cap the second value is unused."""
     in_row = cols < V
     x = tl.load(ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+    a, th = transform(x, k1, c2, CAP)
     if CAP:
-        th = tanh(x * k1)
-        return tl.where(in_row, th * c2, float("-inf")), th
-    else:
-        return x * k1, x
+        a = tl.where(in_row, a, float("-inf"))
+    return a, th
 
 
 @triton.jit

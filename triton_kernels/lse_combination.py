@@ -11,49 +11,19 @@ three online log-sum-exps (``online_softmax``) in float64, one writes the gradie
 The sums pass is float64 throughout: the terms cancel as p -> q. A zero coefficient drops
 its input, also against a -inf logit.
 
-Transforms per input, in order (no CAP: none): z <- z * scale; z <- cap tanh(z / cap); a = z / T.
+Transforms per input, in order (no CAP: none): z <- z * scale; z <- cap tanh(z / cap); a = z / T
+(the shared ``logit_transform`` blocks).
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from fdiv_kernels.triton_kernels.logit_transform import chain, load_logits, transform_scalars
 from fdiv_kernels.triton_kernels.online_softmax import online_update
 
 # Largest block per loop iteration (tests lower it to run the multi-block loop on small rows).
 MAX_BLOCK = 4096
-
-
-@triton.jit
-def _tanh(u):
-    # tanh without a libdevice call (the interpreter has none): sign(u) (1 - e) / (1 + e),
-    # e = exp(-2|u|), with 1 - e = -expm1(-2|u|) by a Taylor series where it would cancel
-    # (|x| < 1/4: degree 7, relative error < 1e-8).
-    x = -2.0 * tl.abs(u)
-    p = 1.0 + x * (1.0 / 7.0)
-    p = 1.0 + x * (1.0 / 6.0) * p
-    p = 1.0 + x * (1.0 / 5.0) * p
-    p = 1.0 + x * (1.0 / 4.0) * p
-    p = 1.0 + x * (1.0 / 3.0) * p
-    p = 1.0 + x * 0.5 * p
-    e = tl.exp(x)
-    one_minus_e = tl.where(x > -0.25, -(x * p), 1.0 - e)
-    t = one_minus_e / (1.0 + e)
-    return tl.where(u < 0, -t, t)
-
-
-@triton.jit
-def _load(row, cols, V, scale, cap, inv_t, HAS_CAP: tl.constexpr):
-    """(a, da/dz) of one block: the transformed logits (-inf past the row) and their slope."""
-    z = tl.load(row + cols, mask=cols < V, other=0.0).to(tl.float32) * scale
-    if HAS_CAP:
-        th = _tanh(z / cap)
-        a = tl.where(cols < V, cap * th * inv_t, float("-inf"))
-        slope = scale * inv_t * (1.0 - th * th)
-    else:
-        a = tl.where(cols < V, z * inv_t, float("-inf"))
-        slope = tl.zeros_like(z) + scale * inv_t
-    return a, slope
 
 
 @triton.jit
@@ -74,7 +44,8 @@ def _lse_combination_fwd_kernel(
     s_ptr, t_ptr, valid_ptr, loss_ptr, gs_ptr, gt_ptr,
     V, stride_s, stride_t, stride_gs, stride_gt,
     ca0, cb0, w0, ca1, cb1, w1, ca2, cb2, w2,
-    inv_t, s_scale, s_cap, t_scale, t_cap,
+    # the transforms' scalars (logit_transform.transform_scalars, 1 / T folded in)
+    s_k1, s_c2, s_kd, t_k1, t_c2, t_kd,
     S_CAP: tl.constexpr, T_CAP: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -94,8 +65,8 @@ def _lse_combination_fwd_kernel(
         s2 = tl.zeros([], tl.float64)
         for off in range(0, V, BLOCK):
             cols = off + tl.arange(0, BLOCK)
-            a, _ = _load(s_row, cols, V, s_scale, s_cap, inv_t, S_CAP)
-            b, _ = _load(t_row, cols, V, t_scale, t_cap, inv_t, T_CAP)
+            a, _ = load_logits(s_row, cols, V, s_k1, s_c2, S_CAP)
+            b, _ = load_logits(t_row, cols, V, t_k1, t_c2, T_CAP)
             a = a.to(tl.float64)
             b = b.to(tl.float64)
             m0, s0 = online_update(m0, s0, _mix(a, b, ca0, cb0))
@@ -125,20 +96,22 @@ def _lse_combination_fwd_kernel(
             for off in range(0, V, BLOCK):
                 cols = off + tl.arange(0, BLOCK)
                 in_row = cols < V
-                a, da = _load(s_row, cols, V, s_scale, s_cap, inv_t, S_CAP)
-                b, db = _load(t_row, cols, V, t_scale, t_cap, inv_t, T_CAP)
+                a, th_a = load_logits(s_row, cols, V, s_k1, s_c2, S_CAP)
+                b, th_b = load_logits(t_row, cols, V, t_k1, t_c2, T_CAP)
                 if GRAD_S:
                     g = tl.zeros([BLOCK], tl.float32)
                     g = _grad_term(g, a, b, ca0, cb0, w0 * ca0, g0, l0, live0)
                     g = _grad_term(g, a, b, ca1, cb1, w1 * ca1, g1, l1, live1)
                     g = _grad_term(g, a, b, ca2, cb2, w2 * ca2, g2, l2, live2)
-                    tl.store(gs_row + cols, (g * da).to(gs_row.dtype.element_ty), mask=in_row)
+                    g = chain(g, th_a, s_kd, S_CAP)
+                    tl.store(gs_row + cols, g.to(gs_row.dtype.element_ty), mask=in_row)
                 if GRAD_T:
                     g = tl.zeros([BLOCK], tl.float32)
                     g = _grad_term(g, a, b, ca0, cb0, w0 * cb0, g0, l0, live0)
                     g = _grad_term(g, a, b, ca1, cb1, w1 * cb1, g1, l1, live1)
                     g = _grad_term(g, a, b, ca2, cb2, w2 * cb2, g2, l2, live2)
-                    tl.store(gt_row + cols, (g * db).to(gt_row.dtype.element_ty), mask=in_row)
+                    g = chain(g, th_b, t_kd, T_CAP)
+                    tl.store(gt_row + cols, g.to(gt_row.dtype.element_ty), mask=in_row)
     else:
         tl.store(loss_ptr + row, 0.0)
         for off in range(0, V, BLOCK):
@@ -173,8 +146,8 @@ def lse_combination_fwd(student, teacher, valid, coeffs, inv_temperature, studen
         V, student.stride(0), teacher.stride(0),
         gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
         *[float(c) for c in coeffs],
-        float(inv_temperature), float(student_scale), float(student_softcap or 1.0),
-        float(teacher_scale), float(teacher_softcap or 1.0),
+        *transform_scalars(float(student_scale), float(student_softcap), float(inv_temperature)),
+        *transform_scalars(float(teacher_scale), float(teacher_softcap), float(inv_temperature)),
         S_CAP=bool(student_softcap), T_CAP=bool(teacher_softcap),
         GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher), BLOCK=block, num_warps=warps,
     )

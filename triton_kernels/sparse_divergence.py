@@ -27,6 +27,12 @@ from fdiv_kernels import _ids
 from fdiv_kernels.triton_kernels.divergence import _mix_logs
 from fdiv_kernels.triton_kernels.divergence_terms import element_terms
 from fdiv_kernels.triton_kernels.ids import TAIL_BUCKET, TAIL_RENORMALIZE
+from fdiv_kernels.triton_kernels.logit_transform import (
+    chain,
+    load_logits,
+    transform,
+    transform_scalars,
+)
 from fdiv_kernels.triton_kernels.online_softmax import logsumexp_of_row, online_update
 
 MAX_BLOCK = 8192  # 16-bit elements per loop iteration (half for fp32); tests lower it
@@ -36,25 +42,6 @@ OFF_BLOCK = 64  # columns per membership test (OFF_BLOCK x BLOCK_K compares)
 ERR_MASS = tl.constexpr(1)
 ERR_DUPLICATE = tl.constexpr(2)
 ERR_RANGE = tl.constexpr(3)
-
-
-@triton.jit
-def _tanh(y):
-    # (e^2y - 1) / (e^2y + 1); |y| > 10 is +-1 in fp32 and clamping keeps e^2y finite (NaN
-    # passes both comparisons).
-    yc = tl.where(y > 10.0, 10.0, tl.where(y < -10.0, -10.0, y))
-    e = tl.exp(2.0 * yc)
-    return (e - 1.0) / (e + 1.0)
-
-
-@triton.jit
-def _logits(x, scale, cap, CAP: tl.constexpr):
-    """f(x) = cap tanh(scale x / cap) under a softcap, else scale x; and f'(x) / scale."""
-    if CAP:
-        t = _tanh(x * (scale / cap))
-        return cap * t, 1.0 - t * t
-    else:
-        return x * scale, tl.full(x.shape, 1.0, x.dtype)
 
 
 @triton.jit
@@ -82,8 +69,8 @@ def _sparse_divergence_fwd_kernel(
     err_ptr,
     # sizes and strides (rows contiguous)
     V, K, stride_x, stride_gs,
-    # scalars
-    param, log_w, log_1mw, inv_t, alpha, log_max_mass, scale, cap,
+    # scalars; k1, c2, kd: the student transform's (logit_transform.transform_scalars, 1 / T in)
+    param, log_w, log_1mw, alpha, log_max_mass, k1, c2, kd,
     # features
     BASE: tl.constexpr, SWAP: tl.constexpr, TAIL: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, OFF_BLOCK: tl.constexpr,
@@ -144,8 +131,8 @@ def _sparse_divergence_fwd_kernel(
             tl.atomic_max(err_ptr, code)
         # 2. the student normalizer.
         x_s = tl.load(x_row + ids, mask=sup, other=0.0).to(tl.float32)
-        f_s, d_s = _logits(x_s, scale, cap, CAP)
-        a_s = tl.where(sup, f_s * inv_t, float("-inf"))
+        f_s, th_s = transform(x_s, k1, c2, CAP)
+        a_s = tl.where(sup, f_s, float("-inf"))
         if BWD:
             lse = tl.load(stats_ptr + row * 2)
         elif TAIL == TAIL_RENORMALIZE:  # renormalized: the normalizer is over S only
@@ -157,12 +144,11 @@ def _sparse_divergence_fwd_kernel(
             s = tl.zeros([], tl.float32)
             for c0 in range(0, V, BLOCK):
                 cols = c0 + tl.arange(0, BLOCK)
-                x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-                f, _ = _logits(x, scale, cap, CAP)
-                m, s = online_update(m, s, tl.where(cols < V, f * inv_t, float("-inf")))
+                a, _ = load_logits(x_row, cols, V, k1, c2, CAP)
+                m, s = online_update(m, s, a)
             lse = m + tl.log(s)
         else:
-            lse = logsumexp_of_row(x_row, V, inv_t * scale, BLOCK)
+            lse = logsumexp_of_row(x_row, V, k1, BLOCK)
         # 3. the K entries.
         lq = tl.where(sup, a_s - lse, float("-inf"))
         lp = fin.to(tl.float32)
@@ -188,9 +174,8 @@ def _sparse_divergence_fwd_kernel(
                 off = tl.zeros([OFF_BLOCK], tl.float32)
                 for o in range(0, V, OFF_BLOCK):
                     cols = o + tl.arange(0, OFF_BLOCK)
-                    x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-                    f, _ = _logits(x, scale, cap, CAP)
-                    e = tl.where(cols < V, tl.exp(f * inv_t - lse), 0.0)
+                    a, _ = load_logits(x_row, cols, V, k1, c2, CAP)
+                    e = tl.where(cols < V, tl.exp(a - lse), 0.0)
                     hit = (cols[:, None] == ids[None, :]) & sup[None, :]
                     on_s = tl.max(hit.to(tl.int32), 1) > 0
                     off += tl.where(on_s, 0.0, e)
@@ -235,23 +220,22 @@ def _sparse_divergence_fwd_kernel(
         if BWD:
             rs = tl.load(gl_ptr + row)
         if GRAD_S:
-            gm = rs * inv_t * scale
+            gm = rs * kd
             for off0 in range(0, V, BLOCK):
                 cols = off0 + tl.arange(0, BLOCK)
                 if TAIL == TAIL_RENORMALIZE:
                     g = tl.zeros([BLOCK], tl.float32)
                 else:
-                    x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-                    f, df = _logits(x, scale, cap, CAP)
-                    q = tl.exp(f * inv_t - lse)
+                    a, th = load_logits(x_row, cols, V, k1, c2, CAP)
+                    q = tl.exp(a - lse)
                     g = -H * q
                     if TAIL == TAIL_BUCKET:
                         g += c_tail * tl.minimum(q * inv_qt, 1.0)
-                    g = g * gm * df
+                    g = chain(g, th, gm, CAP)
                 tl.store(gs_row + cols, g.to(gs_ptr.dtype.element_ty), mask=cols < V)
             # The support entries overwrite the dense values other threads just stored.
             tl.debug_barrier()
-            g_s = (h - tl.exp(lq) * c_sup) * gm * d_s
+            g_s = chain(h - tl.exp(lq) * c_sup, th_s, gm, CAP)
             tl.store(gs_row + ids, g_s.to(gs_ptr.dtype.element_ty), mask=sup)
     else:
         if not BWD:
@@ -325,9 +309,9 @@ def _launch(student, ids, teacher, support, valid, loss, gs, gt, stats, grad_los
         student, ids, teacher, support if has_sup else ids, valid if has_valid else ids, loss,
         gs if grad_student else student, gt if grad_teacher else loss, stats, grad_loss, err,
         V, K, student.stride(0), gs.stride(0) if grad_student else 0,
-        float(param), *_mix_logs(base, param), float(inv_temperature), float(teacher_alpha),
+        float(param), *_mix_logs(base, param), float(teacher_alpha),
         math.log1p(mass_slack) if mass_slack < float("inf") else float("inf"),
-        float(logit_scale), float(softcap) if softcap > 0 else 1.0,
+        *transform_scalars(float(logit_scale), float(softcap), float(inv_temperature)),
         BASE=base, SWAP=bool(swap), TAIL=int(tail), GRAD_S=bool(grad_student),
         GRAD_T=bool(grad_teacher), BLOCK=block, BLOCK_K=triton.next_power_of_2(K),
         OFF_BLOCK=OFF_BLOCK, BWD=bool(bwd), HAS_SUP=has_sup, HAS_VALID=has_valid,

@@ -30,35 +30,49 @@ struct LogitTransform {
   bool identity() const { return scale == T(1) && softcap == T(0); }
 };
 
-// dst = z(src) (dst may be src).
+// z(x) of one logit; the block form below computes the same expression.
 template <class T>
-FDIV_INLINE void transform_block(T* dst, const T* src, int64_t n, const LogitTransform<T>& x) {
-  const T s = x.scale, c = x.softcap;
-  if (c == T(0)) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * s;
-    return;
-  }
-  const T k = s / c;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = c * vtanh(src[j] * k);
+FDIV_INLINE T transform_one(T x, const LogitTransform<T>& t) {
+  return t.softcap == T(0) ? x * t.scale : t.softcap * vtanh(x * (t.scale / t.softcap));
 }
 
-// g *= dz/dx, from the transformed row z.
+// dz/dx / scale = 1 - (z / c)^2 from the capped value z (inv_c = 1 / c); clamped at 0 because
+// z / c may round past 1.
 template <class T>
-FDIV_INLINE void chain_block(T* g, const T* z, int64_t n, const LogitTransform<T>& x) {
+FDIV_INLINE T softcap_slope(T z, T inv_c) {
+  const T th = z * inv_c;
+  return std::max(T(0), T(1) - th * th);
+}
+
+// dst = post z(src) (dst may be src); post lets a caller fold 1 / T into the same pass.
+template <class T>
+FDIV_INLINE void transform_block(T* dst, const T* src, int64_t n, const LogitTransform<T>& x,
+                                 T post = T(1)) {
   const T s = x.scale, c = x.softcap;
   if (c == T(0)) {
+    const T f = s * post;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) g[j] *= s;
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * f;
     return;
   }
-  const T inv_c = T(1) / c;
+  const T k = s / c, cp = c * post;
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const T th = z[j] * inv_c;
-    g[j] *= s * std::max(T(0), T(1) - th * th);  // z / c may round past 1
+  for (int64_t j = 0; j < n; ++j) dst[j] = cp * vtanh(src[j] * k);
+}
+
+// g *= post dz/dx, from the transformed row y = post z (as transform_block writes it).
+template <class T>
+FDIV_INLINE void chain_block(T* g, const T* y, int64_t n, const LogitTransform<T>& x,
+                             T post = T(1)) {
+  const T f = x.scale * post, c = x.softcap;
+  if (c == T(0)) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) g[j] *= f;
+    return;
   }
+  const T inv_c = T(1) / (c * post);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) g[j] *= f * softcap_slope(y[j], inv_c);
 }
 
 }  // namespace fdiv_kernels

@@ -28,6 +28,7 @@
 
 #include "common/checks.h"
 #include "cpu/convert.h"
+#include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
 
@@ -56,35 +57,16 @@ FDIV_INLINE T times(T c, T x) {
   return c == T(0) ? T(0) : c * x;
 }
 
-// dst = transform(src), in the compute type.
+// dst = transform(src) / T, in the compute type: the shared transform with 1 / T folded in.
 template <class T>
 void transform_row(T* dst, const T* src, int64_t n, const Transform& tr) {
-  const T scale = T(tr.scale), inv_t = T(tr.inv_t);
-  if (tr.cap > 0) {
-    const T cap = T(tr.cap), inv_cap = T(1.0 / tr.cap);
-    for (int64_t j = 0; j < n; ++j) dst[j] = cap * std::tanh(src[j] * scale * inv_cap) * inv_t;
-  } else {
-    const T f = scale * inv_t;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * f;
-  }
+  transform_block(dst, src, n, LogitTransform<T>{T(tr.scale), T(tr.cap)}, T(tr.inv_t));
 }
 
-// g[j] *= d(transformed)/d(raw) at j: scale (1 - tanh^2) / T, tanh = a T / cap.
+// g[j] *= d(transformed)/d(raw) at j: scale (1 - (z / cap)^2) / T, z = a T from the row a.
 template <class T>
 void chain_rule(T* g, const T* a, int64_t n, const Transform& tr) {
-  const T f = T(tr.scale * tr.inv_t);
-  if (tr.cap > 0) {
-    const T k = T(1.0 / (tr.inv_t * tr.cap));
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const T th = a[j] * k;
-      g[j] *= f * (T(1) - th * th);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) g[j] *= f;
-  }
+  chain_block(g, a, n, LogitTransform<T>{T(tr.scale), T(tr.cap)}, T(tr.inv_t));
 }
 
 FDIV_INLINE double bits_double(uint64_t u) {

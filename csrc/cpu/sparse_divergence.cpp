@@ -33,6 +33,7 @@
 
 #include "cpu/convert.h"
 #include "cpu/divergence_terms.h"
+#include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
 
@@ -146,22 +147,6 @@ struct TeacherRow {
 
 // ---- steps 2 and 4: the row passes (T = compute type) -----------------------------------------
 
-// tanh(y) = expm1(2y) / (expm1(2y) + 2): no cancellation near 0; |y| > 10 rounds to +-1 in
-// either type, and clamping there keeps expm1 finite (NaN passes both comparisons).
-template <class T>
-FDIV_INLINE T soft_tanh(T y) {
-  const T yc = y > T(10) ? T(10) : (y < T(-10) ? T(-10) : y);
-  const T e = vexpm1(T(2) * yc);
-  return e / (e + T(2));
-}
-
-// out[j] = c tanh(x_j s / c): the softcapped logits the other passes read.
-template <class T>
-FDIV_INLINE void softcap_block(const T* x, T* out, T s_over_c, T c, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) out[j] = c * soft_tanh(x[j] * s_over_c);
-}
-
 // sum over unmarked columns of exp(m1 b - lse).
 template <class T>
 FDIV_INLINE double off_support_sum(const T* b, const uint8_t* mark, T m1, T lse, int64_t n) {
@@ -182,10 +167,7 @@ FDIV_INLINE void dense_grad(const T* b, T* out, T m1, T lse, T c, T inv_cap, int
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     T g = c * vexp(b[j] * m1 - lse);
-    if constexpr (CAP) {
-      const T t = b[j] * inv_cap;
-      g *= T(1) - t * t;
-    }
+    if constexpr (CAP) g *= softcap_slope(b[j], inv_cap);
     out[j] = g;
   }
 }
@@ -195,8 +177,8 @@ FDIV_INLINE void dense_grad(const T* b, T* out, T m1, T lse, T c, T inv_cap, int
   ATTR void lse_entry(const T* x, T scale, int64_t n, OnlineSoftmax<T>& acc) {                \
     online_lse(x, scale, n, acc);                                                             \
   }                                                                                           \
-  ATTR void cap_entry(const T* x, T* out, T s_over_c, T c, int64_t n) {                       \
-    softcap_block(x, out, s_over_c, c, n);                                                    \
+  ATTR void cap_entry(const T* x, T* out, const LogitTransform<T>& f, int64_t n) {          \
+    transform_block(out, x, n, f);                                                            \
   }                                                                                           \
   ATTR double off_entry(const T* x, const uint8_t* mark, T scale, T lse, int64_t n) {         \
     return off_support_sum(x, mark, scale, lse, n);                                           \
@@ -217,7 +199,7 @@ struct RowReader {
   const scalar_t* x;
   T* buf;  // kBlock T, when a block must be formed
   bool cap;
-  T s_over_c, c;
+  LogitTransform<T> xf;  // used only under cap (else the scale is folded into m1)
   template <class F>
   FDIV_INLINE void blocks(int64_t n, F&& f) const {
     constexpr bool kWide = std::is_same_v<scalar_t, T>;
@@ -234,14 +216,14 @@ struct RowReader {
         widen_block(buf, x + j0, len);
         src = buf;
       }
-      if (cap) cap_entry(src, buf, s_over_c, c, len);
+      if (cap) cap_entry(src, buf, xf, len);
       f(static_cast<const T*>(buf), j0, len);
     }
   }
   // The transformed logit of one column (before the 1 / T).
   FDIV_INLINE T at(int64_t j) const {
     const T v = static_cast<T>(x[j]);
-    return cap ? c * soft_tanh(v * s_over_c) : v;
+    return cap ? transform_one(v, xf) : v;
   }
 };
 
@@ -298,7 +280,7 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
   // d a / d z = gm f'(z).
   const T m1 = T(cap ? A.inv_t : A.inv_t * A.scale), gm = T(A.inv_t * A.scale);
   const T inv_cap = cap ? T(1.0 / A.cap) : T(0);
-  const T s_over_c = cap ? T(A.scale / A.cap) : T(0);
+  const LogitTransform<T> xf{T(A.scale), T(A.cap)};
   const bool need_buf = !kWide || cap;
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -342,7 +324,7 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
                         "teacher_logprobs: under tail='bucket' the teacher mass on the support "
                         "must be at most 1 (+", A.mass_slack, " rounding), got ",
                         std::exp(tr.mass), " (row ", i, ")");
-      const RowReader<scalar_t, T> rd{xr, buf.data(), cap, s_over_c, T(A.cap)};
+      const RowReader<scalar_t, T> rd{xr, buf.data(), cap, xf};
       // 2. the normalizer: over the row, or over S when renormalizing.
       double lse;
       if (bwd) {
@@ -447,10 +429,7 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
         if (sr[k]) {
           const double q = std::exp(double(lq[k]));
           double d = (double(h[k]) - q * c_sup) * rs * double(gm);
-          if (cap) {
-            const double t = double(rd.at(idr[k])) * double(inv_cap);
-            d *= 1.0 - t * t;
-          }
+          if (cap) d *= softcap_slope(double(rd.at(idr[k])), double(inv_cap));
           gr[idr[k]] = static_cast<scalar_t>(T(d));
         }
     }
