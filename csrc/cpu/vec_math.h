@@ -120,6 +120,54 @@ FDIV_INLINE float vlog1p(float y) {
   return d == 0.0f ? y : r;
 }
 
+FDIV_INLINE double bits_double(uint64_t u) {
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+}
+
+FDIV_INLINE uint64_t double_bits(double d) {
+  uint64_t u;
+  std::memcpy(&u, &d, sizeof u);
+  return u;
+}
+
+// exp(x) in double for x <= 0 (NaN passes), branch-free so `omp simd` vectorizes it (libm's exp
+// is an opaque call: lse_combination's float64 sums pass ran 3x slower than the divergence
+// kernels with it). n =
+// round(x / ln 2) by the 1.5 * 2^52 trick (n also read from the bits: no double -> int64
+// conversion, which AVX2 lacks), r = x - n ln 2 with ln 2 split (fdlibm's hi/lo), exp(r) by its
+// degree-13 Taylor polynomial (|r| <= ln 2 / 2: truncation < 4e-18 relative), times 2^n built in
+// the exponent field. Below -708 the result would leave the normal range: 0 there, which a sum
+// that holds exp(0) = 1 (its max term) cannot notice.
+FDIV_INLINE double exp_nonpositive(double x) {
+  constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52
+  constexpr uint64_t kShiftBits = 0x4338000000000000ull;
+  const double xc = x < -708.0 ? -708.0 : x;
+  const double t = xc * 1.4426950408889634 + kShift;
+  const double n = t - kShift;
+  double r = xc - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  double y = 1.0 / 6227020800.0;  // 1/13!
+  y = y * r + 1.0 / 479001600.0;
+  y = y * r + 1.0 / 39916800.0;
+  y = y * r + 1.0 / 3628800.0;
+  y = y * r + 1.0 / 362880.0;
+  y = y * r + 1.0 / 40320.0;
+  y = y * r + 1.0 / 5040.0;
+  y = y * r + 1.0 / 720.0;
+  y = y * r + 1.0 / 120.0;
+  y = y * r + 1.0 / 24.0;
+  y = y * r + 1.0 / 6.0;
+  y = y * r + 0.5;
+  y = y * r + 1.0;
+  y = y * r + 1.0;
+  const uint64_t ni = double_bits(t) - kShiftBits;  // n as a two's-complement integer
+  const double scale = bits_double((ni + 1023ull) << 52);
+  const double res = x < -708.0 ? 0.0 : y * scale;
+  return x != x ? x : res;
+}
+
 // float64 is the gradcheck path: accuracy over speed, so plain libm.
 FDIV_INLINE double vexp(double x) { return std::exp(x); }
 FDIV_INLINE double vlog(double x) { return std::log(x); }
