@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cpu/convert.h"
+#include "cpu/dense_output.h"
 #include "cpu/divergence_terms.h"
 #include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
@@ -145,6 +146,34 @@ struct TeacherRow {
   }
 };
 
+// ---- step 0: distinct ids ----------------------------------------------------------------------
+
+// The set of one row's support ids, for the duplicate check: open addressing in a table of 2K to
+// 4K slots that stays in L1. (A mark per vocabulary column would be evicted by every row's pass,
+// and its K random probes then miss the cache one after another.)
+class IdSet {
+ public:
+  explicit IdSet(int64_t K) {
+    size_t cap = 16;
+    while (cap < size_t(2 * K)) cap <<= 1;
+    slots_.assign(cap, -1);
+    mask_ = cap - 1;
+  }
+  // Adds id (>= 0); false when it is already in the set.
+  bool insert(int64_t id) {
+    size_t h = size_t((uint64_t(id) * 0x9E3779B97F4A7C15ull) >> 40) & mask_;
+    for (; slots_[h] != -1; h = (h + 1) & mask_)
+      if (slots_[h] == id) return false;
+    slots_[h] = id;
+    return true;
+  }
+  void clear() { std::fill(slots_.begin(), slots_.end(), int64_t(-1)); }
+
+ private:
+  std::vector<int64_t> slots_;
+  size_t mask_;
+};
+
 // ---- steps 2 and 4: the row passes (T = compute type) -----------------------------------------
 
 // sum over unmarked columns of exp(m1 b - lse).
@@ -172,8 +201,60 @@ FDIV_INLINE void dense_grad(const T* b, T* out, T m1, T lse, T c, T inv_cap, int
   }
 }
 
+// Step 3 over the K entries of one kind, in one loop the compiler vectorizes: h and d/dlp per
+// entry (0 on padding), the sums of the terms and of h added to loss and H.
+template <int B, class T>
+FDIV_INLINE void support_terms(const KindConsts<T>& c, bool swap, const double* lp, const T* lq,
+                               const bool* sup, int64_t K, T* h, double* kd, double& loss,
+                               double& H) {
+  double ls = 0, hs = 0;
+#pragma omp simd reduction(+ : ls, hs)
+  for (int64_t k = 0; k < K; ++k) {
+    const Terms3<T> e = eval_terms<B>(c, swap, T(lp[k]), lq[k]);
+    const bool on = sup[k];
+    h[k] = on ? e.h : T(0);
+    kd[k] = on ? double(e.k) : 0.0;
+    ls += on ? double(e.t) : 0.0;
+    hs += on ? double(e.h) : 0.0;
+  }
+  loss += ls;
+  H += hs;
+}
+
+template <class T>
+FDIV_INLINE void support_terms_any(int base, const KindConsts<T>& c, bool swap, const double* lp,
+                                   const T* lq, const bool* sup, int64_t K, T* h, double* kd,
+                                   double& loss, double& H) {
+  switch (base) {
+#define FDIV_CASE(B) \
+  case B: support_terms<B>(c, swap, lp, lq, sup, K, h, kd, loss, H); return;
+    FDIV_CASE(KL) FDIV_CASE(JS) FDIV_CASE(TV) FDIV_CASE(HELLINGER) FDIV_CASE(CHI2)
+    FDIV_CASE(ALPHA) FDIV_CASE(SKEW_KL) FDIV_CASE(SOFT_CE)
+#undef FDIV_CASE
+    default: support_terms<JEFFREYS>(c, swap, lp, lq, sup, K, h, kd, loss, H);
+  }
+}
+
+// sum over the support of exp(lq_k - m), m >= every lq_k, in double (each exp is at most 1, so
+// a support of tiny probabilities keeps its log-mass).
+template <class T>
+FDIV_INLINE double support_sum(const T* lq, const bool* sup, T m, int64_t K) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < K; ++k) s += sup[k] ? double(vexp(lq[k] - m)) : 0.0;
+  return s;
+}
+
 // The per-ISA entry points: one per compute type.
 #define FDIV_SPARSE_ENTRY(T, ATTR)                                                            \
+  ATTR void terms_entry(int base, const KindConsts<T>& c, bool swap, const double* lp,       \
+                        const T* lq, const bool* sup, int64_t K, T* h, double* kd,           \
+                        double& loss, double& H) {                                           \
+    support_terms_any(base, c, swap, lp, lq, sup, K, h, kd, loss, H);                        \
+  }                                                                                           \
+  ATTR double shifted_sum(const T* lq, const bool* sup, T m, int64_t K) {                    \
+    return support_sum(lq, sup, m, K);                                                        \
+  }                                                                                           \
   ATTR void lse_entry(const T* x, T scale, int64_t n, OnlineSoftmax<T>& acc) {                \
     online_lse(x, scale, n, acc);                                                             \
   }                                                                                           \
@@ -285,9 +366,11 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(need_buf ? size_t(2 * kBlock) : 0);
-    std::vector<uint8_t> mark(size_t(n), 0);
+    // Flags S for the "bucket" tail's row pass (forward only, set and cleared around it).
+    std::vector<uint8_t> mark(bucket && !bwd ? size_t(n) : 0, 0);
+    IdSet seen(K);
     const size_t nk = static_cast<size_t>(K);
-    std::vector<T> lq(nk), h(nk);
+    std::vector<T> lq(nk), h(nk), xs(nk);
     std::vector<double> raw(nk), fin(nk), kd(nk), gd(nk);
     const std::vector<uint8_t> ones(sp ? 0 : size_t(K), 1);
     for (int64_t i = begin; i < end; ++i) {
@@ -303,19 +386,17 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
         if (gtr) std::fill(gtr, gtr + K, T(0));
         continue;
       }
-      // 0. the row's ids: in range (never read outside the row) and, in the forward, distinct
-      // (a mark per column, cleared below; under "bucket" the marks also serve the tail pass).
+      // 0. the row's ids: in range (never read outside the row) and, in the forward, distinct.
       for (int64_t k = 0; k < K; ++k) {
         if (!sr[k]) continue;
         const int64_t id = idr[k];
         TORCH_CHECK_VALUE(id >= 0 && id < n, "teacher_ids must be in [0, ", n,
                           ") on the support, got ", id, " (row ", i, ")");
-        if (!bwd) {
-          TORCH_CHECK_VALUE(!mark[size_t(id)], "teacher_ids must not repeat an id within a row "
+        if (!bwd)
+          TORCH_CHECK_VALUE(seen.insert(id), "teacher_ids must not repeat an id within a row "
                             "(on the support): id ", id, " twice in row ", i);
-          mark[size_t(id)] = 1;
-        }
       }
+      if (!bwd) seen.clear();
       // 1. the teacher.
       for (int64_t k = 0; k < K; ++k) raw[k] = sr[k] ? teacher_at(lpp, lpt, i * K + k) : 0.0;
       TeacherRow tr;
@@ -326,48 +407,44 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
                         std::exp(tr.mass), " (row ", i, ")");
       const RowReader<scalar_t, T> rd{xr, buf.data(), cap, xf};
       // 2. the normalizer: over the row, or over S when renormalizing.
-      double lse;
+      double lse = 0;
       if (bwd) {
         lse = double(stat_in[2 * i]);
-      } else if (renorm) {
-        double m = kNegInfD, s = 0;
-        for (int64_t k = 0; k < K; ++k)
-          if (sr[k]) m = std::max(m, double(T(rd.at(idr[k]) * m1)));
-        if (m == kNegInfD) {
-          lse = m;
-        } else {
-          for (int64_t k = 0; k < K; ++k)
-            if (sr[k]) s += std::exp(double(T(rd.at(idr[k]) * m1)) - m);
-          lse = m + std::log(s);
-        }
-      } else {
+      } else if (!renorm) {
         OnlineSoftmax<T> acc;
         rd.blocks(n, [&](const T* b, int64_t, int64_t len) { lse_entry(b, m1, len, acc); });
         lse = acc.lse();
       }
+      // The support's transformed logits, gathered in one loop of independent loads: K
+      // scattered reads that mostly miss the cache (in the backward no pass has read the row
+      // yet) overlap instead of waiting one by one behind the per-entry math below.
+      for (int64_t k = 0; k < K; ++k) xs[k] = sr[k] ? rd.at(idr[k]) : T(0);
+      if (renorm && !bwd) {
+        double m = kNegInfD, s = 0;
+        for (int64_t k = 0; k < K; ++k)
+          if (sr[k]) m = std::max(m, double(T(xs[k] * m1)));
+        if (m == kNegInfD) {
+          lse = m;
+        } else {
+          for (int64_t k = 0; k < K; ++k)
+            if (sr[k]) s += std::exp(double(T(xs[k] * m1)) - m);
+          lse = m + std::log(s);
+        }
+      }
       const T L = T(lse);
       // 3. the K entries.
-      double loss_i = 0, H = 0, qs_max = kNegInfD, qs_sum = 0;
+      T qs_max = kNegInf;
       for (int64_t k = 0; k < K; ++k) {
-        if (!sr[k]) {
-          lq[k] = kNegInf;
-          h[k] = T(0);
-          kd[k] = 0.0;
-          continue;
-        }
-        lq[k] = T(rd.at(idr[k]) * m1) - L;
-        const Terms3<T> e = terms(A.base, consts, A.swap, T(fin[k]), lq[k]);
-        loss_i += double(e.t);
-        H += double(e.h);
-        h[k] = e.h;
-        kd[k] = double(e.k);
-        qs_max = std::max(qs_max, double(lq[k]));
+        lq[k] = sr[k] ? T(xs[k] * m1) - L : kNegInf;
+        qs_max = std::max(qs_max, lq[k]);
       }
-      if (qs_max > kNegInfD)
-        for (int64_t k = 0; k < K; ++k)
-          if (sr[k]) qs_sum += std::exp(double(lq[k]) - qs_max);
+      double loss_i = 0, H = 0;
+      terms_entry(A.base, consts, A.swap, fin.data(), lq.data(), sr, K, h.data(), kd.data(),
+                  loss_i, H);
+      const double qs_sum = qs_max > kNegInf ? shifted_sum(lq.data(), sr, qs_max, K) : 0.0;
       // log sum_S q, at most 0.
-      const double mass = qs_sum > 0 ? std::min(0.0, qs_max + std::log(qs_sum)) : kNegInfD;
+      const double mass =
+          qs_sum > 0 ? std::min(0.0, double(qs_max) + std::log(qs_sum)) : kNegInfD;
       double h_tail = 0, kd_tail = 0, lq_tail = kNegInfD;
       if (bucket) {
         if (bwd) {
@@ -375,20 +452,21 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
         } else if (mass < kLnHalf || !std::isfinite(lse)) {
           lq_tail = log1mexp(mass);
         } else {
+          for (int64_t k = 0; k < K; ++k)
+            if (sr[k]) mark[size_t(idr[k])] = 1;
           double off = 0;
           rd.blocks(n, [&](const T* b, int64_t j0, int64_t len) {
             off += off_entry(b, mark.data() + j0, m1, L, len);
           });
           lq_tail = std::log(off);
+          for (int64_t k = 0; k < K; ++k)
+            if (sr[k]) mark[size_t(idr[k])] = 0;
         }
         const Terms3<T> e = terms(A.base, consts, A.swap, T(tr.tail), T(lq_tail));
         loss_i += double(e.t);
         h_tail = double(e.h);
         kd_tail = double(e.k);
       }
-      if (!bwd)
-        for (int64_t k = 0; k < K; ++k)
-          if (sr[k]) mark[size_t(idr[k])] = 0;
       if (!renorm) loss_i += double(L - L);  // NaN logits: NaN loss
       if (lossp) {
         lossp[i] = T(loss_i);
@@ -429,7 +507,7 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
         if (sr[k]) {
           const double q = std::exp(double(lq[k]));
           double d = (double(h[k]) - q * c_sup) * rs * double(gm);
-          if (cap) d *= softcap_slope(double(rd.at(idr[k])), double(inv_cap));
+          if (cap) d *= softcap_slope(double(xs[k]), double(inv_cap));
           gr[idr[k]] = static_cast<scalar_t>(T(d));
         }
     }
@@ -501,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_divergence_fwd
                    val = valid.contiguous(), lp = teacher.contiguous();
   const auto opts = x.options();
   at::Tensor loss = at::empty({N}, opts.dtype(ct));
-  at::Tensor gs = grad_student ? at::empty_like(x) : at::empty({0}, opts);
+  at::Tensor gs = grad_student ? empty_dense(x.sizes(), x.options()) : at::empty({0}, opts);
   at::Tensor gt = grad_teacher ? at::empty({N, K}, opts.dtype(ct)) : at::empty({0}, opts);
   at::Tensor stats = at::empty({N, 2}, opts.dtype(ct));
   if (N == 0) return {loss, gs, gt, stats};
@@ -528,7 +606,7 @@ at::Tensor sparse_divergence_bwd_cpu(
   const at::Tensor x = student.contiguous(), id = ids.contiguous(), sup = support.contiguous(),
                    val = valid.contiguous(), lp = teacher.contiguous();
   const at::Tensor st = stats.to(ct).contiguous(), gl = grad_loss.to(ct).contiguous();
-  at::Tensor gs = at::empty_like(x), none = at::empty({0}, x.options());
+  at::Tensor gs = empty_dense(x.sizes(), x.options()), none = at::empty({0}, x.options());
   if (N == 0) return gs;
   Args A{int(kind), swap, param, inv_temperature, int(tail), teacher_alpha, 0.0, logit_scale,
          softcap, true, false};
