@@ -91,8 +91,8 @@ FDIV_INLINE double masked_lse(const double* x, const bool* sup, int64_t K, doubl
     if (sup[k]) m = std::max(m, w * x[k]);
   if (m == kNegInfD) return m;
   double s = std::exp(extra - m);
-  for (int64_t k = 0; k < K; ++k)
-    if (sup[k]) s += std::exp(w * x[k] - m);
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < K; ++k) s += sup[k] ? exp_nonpositive(w * x[k] - m) : 0.0;
   return m + std::log(s);
 }
 
@@ -503,13 +503,17 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
           }
         });
       }
+      // The support entries' values in one vectorized loop (lq <= 0 up to rounding), then
+      // the K scattered writes.
+      const double gs_row = rs * double(gm);
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        double d = (double(h[k]) - exp_nonpositive(double(lq[k])) * c_sup) * gs_row;
+        if (cap) d *= softcap_slope(double(xs[k]), double(inv_cap));
+        gd[k] = d;
+      }
       for (int64_t k = 0; k < K; ++k)
-        if (sr[k]) {
-          const double q = std::exp(double(lq[k]));
-          double d = (double(h[k]) - q * c_sup) * rs * double(gm);
-          if (cap) d *= softcap_slope(double(xs[k]), double(inv_cap));
-          gr[idr[k]] = static_cast<scalar_t>(T(d));
-        }
+        if (sr[k]) gr[idr[k]] = static_cast<scalar_t>(T(gd[k]));
     }
   });
 }

@@ -106,10 +106,15 @@ def fused_linear_sparse_cases(shapes, k, dtype, device, peers=("eager",), backen
 
 
 def interleaved(n: int = 1024, v: int = 128256, k: int = 64, tail: str = "bucket",
-                reps: int = 3) -> dict[str, float]:
-    """Min-of-``reps`` forward + backward seconds of fk.sparse_divergence (cpu), the eager formula
-    and fk.token_logprobs (cpu), alternated so that all three see the same load on a shared
-    machine (the ratios are what to compare)."""
+                reps: int = 15) -> dict[str, dict[str, float]]:
+    """Forward + backward seconds of fk.sparse_divergence (cpu), the eager formula and
+    fk.token_logprobs (cpu) in ``reps`` rounds, the three alternated (their order rotating) so
+    that all see the same load on a shared machine. Per provider: the fastest round (``min``) and
+    the median over rounds of the time ratio to fk.sparse_divergence in the same round
+    (``ratio``, > 1: slower than ours)."""
+    import statistics
+    import time
+
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(n, v, generator=g) * 2).requires_grad_(True)
     ids, lp = _teacher(n, v, k, "cpu", g)
@@ -120,26 +125,29 @@ def interleaved(n: int = 1024, v: int = 128256, k: int = 64, tail: str = "bucket
         "eager": lambda: eager_sparse_kl(x, ids, lp, tail),
         "fk.token_logprobs": lambda: fk.token_logprobs(x, y, backend="cpu").mean(),
     }
-    import time
-
-    best = dict.fromkeys(fns, float("inf"))
+    names = list(fns)
+    rounds = []
     for rep in range(reps + 1):  # the first round warms up
-        for name, f in fns.items():
+        t = {}
+        for name in names[rep % 3:] + names[: rep % 3]:
             t0 = time.perf_counter()
-            f().backward()
+            fns[name]().backward()
             x.grad = None
-            if rep:
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+            t[name] = time.perf_counter() - t0
+        if rep:
+            rounds.append(t)
+    ours = names[0]
+    return {name: {"min": min(r[name] for r in rounds),
+                   "ratio": statistics.median(r[name] / r[ours] for r in rounds)}
+            for name in names}
 
 
 if __name__ == "__main__":
     import sys
 
     tail = sys.argv[1] if len(sys.argv) > 1 else "bucket"
-    best = interleaved(tail=tail)
-    for name, t in best.items():
-        print(f"{name:22s} {t * 1e3:8.0f} ms")
-    ours = best["fk.sparse_divergence"]
-    print(f"tail={tail}: {best['eager'] / ours:.2f}x eager, "
-          f"{best['fk.token_logprobs'] / ours:.2f}x token_logprobs")
+    res = interleaved(tail=tail)
+    for name, r in res.items():
+        print(f"{name:22s} min {r['min'] * 1e3:7.0f} ms   median ratio to ours {r['ratio']:.3f}")
+    print(f"tail={tail}: {res['eager']['ratio']:.2f}x eager, "
+          f"{res['fk.token_logprobs']['ratio']:.2f}x token_logprobs (medians of per-round ratios)")
