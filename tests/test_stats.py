@@ -60,6 +60,21 @@ def test_divergence_stats_edges(backend):
         assert stats.entropy_sum.dtype == torch.float64
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["reverse_kl", "skew_reverse_kl", "js", "kl"])
+def test_divergence_stats_student_side(backend, kind):
+    """The entropy is the student's whichever side the kind evaluates it on (reverse_kl and
+    skew_reverse_kl swap p and q in the kernel), over rows longer than one CPU block (4096) and
+    with -inf student logits (0 log 0 = 0)."""
+    s, t = logits((3, 5000), seed=11, scale=3.0), logits((3, 5000), seed=12)
+    s[0, ::7] = float("-inf")
+    _, stats = fk.divergence(s, t, kind, temperature=1.5, backend=backend, return_stats=True)
+    _, ent, _ = softmax_stats_rows(s, temperature=1.5)
+    _, ent_t, _ = softmax_stats_rows(t, temperature=1.5)
+    assert abs(float(ent.sum()) - float(ent_t.sum())) > 1.0  # the sides tell apart
+    assert_close(stats.entropy_sum, ent.sum(), F32, f"{kind}: student entropy_sum")
+
+
 # ---- fused_linear_divergence ------------------------------------------------------------------
 
 N, H_S, H_T, VS = 9, 8, 6, 23
