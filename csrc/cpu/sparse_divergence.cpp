@@ -61,19 +61,18 @@ FDIV_INLINE Terms3<T> eval_terms(const KindConsts<T>& c, bool swap, T lp, T lq) 
   return {e.t, e.h, e.k};
 }
 
+// The cases of a switch over the base kind id (checked on entry), each running X(B): the one
+// list of kinds for this file's dispatches.
+#define FDIV_KIND_CASES(X)                                                                   \
+  case KL: X(KL) case JS: X(JS) case TV: X(TV) case HELLINGER: X(HELLINGER)               \
+  case CHI2: X(CHI2) case ALPHA: X(ALPHA) case SKEW_KL: X(SKEW_KL)                         \
+  case SOFT_CE: X(SOFT_CE) default: X(JEFFREYS)
+
 template <class T>
 Terms3<T> terms(int base, const KindConsts<T>& c, bool swap, T lp, T lq) {
-  switch (base) {
-    case KL: return eval_terms<KL>(c, swap, lp, lq);
-    case JS: return eval_terms<JS>(c, swap, lp, lq);
-    case TV: return eval_terms<TV>(c, swap, lp, lq);
-    case HELLINGER: return eval_terms<HELLINGER>(c, swap, lp, lq);
-    case CHI2: return eval_terms<CHI2>(c, swap, lp, lq);
-    case ALPHA: return eval_terms<ALPHA>(c, swap, lp, lq);
-    case SKEW_KL: return eval_terms<SKEW_KL>(c, swap, lp, lq);
-    case SOFT_CE: return eval_terms<SOFT_CE>(c, swap, lp, lq);
-    default: return eval_terms<JEFFREYS>(c, swap, lp, lq);
-  }
+#define FDIV_TERMS(B) return eval_terms<B>(c, swap, lp, lq);
+  switch (base) { FDIV_KIND_CASES(FDIV_TERMS) }
+#undef FDIV_TERMS
 }
 
 // log(1 - exp(x)), x <= 0 (Maechler 2012).
@@ -225,14 +224,9 @@ template <class T>
 FDIV_INLINE void support_terms_any(int base, const KindConsts<T>& c, bool swap, const double* lp,
                                    const T* lq, const bool* sup, int64_t K, T* h, double* kd,
                                    double& loss, double& H) {
-  switch (base) {
-#define FDIV_CASE(B) \
-  case B: support_terms<B>(c, swap, lp, lq, sup, K, h, kd, loss, H); return;
-    FDIV_CASE(KL) FDIV_CASE(JS) FDIV_CASE(TV) FDIV_CASE(HELLINGER) FDIV_CASE(CHI2)
-    FDIV_CASE(ALPHA) FDIV_CASE(SKEW_KL) FDIV_CASE(SOFT_CE)
-#undef FDIV_CASE
-    default: support_terms<JEFFREYS>(c, swap, lp, lq, sup, K, h, kd, loss, H);
-  }
+#define FDIV_SUPPORT(B) return support_terms<B>(c, swap, lp, lq, sup, K, h, kd, loss, H);
+  switch (base) { FDIV_KIND_CASES(FDIV_SUPPORT) }
+#undef FDIV_SUPPORT
 }
 
 // sum over the support of exp(lq_k - m), m >= every lq_k, in double (each exp is at most 1, so
