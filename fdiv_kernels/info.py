@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fdiv_kernels import __version__
-from fdiv_kernels.dispatch import BACKENDS, FLOAT_DTYPES, TABLE, load_error, triton_interpret
+from fdiv_kernels.core._dispatch import BACKENDS, FLOAT_DTYPES, TABLE, load_error, triton_interpret
 
 
 def report() -> str:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fdiv_kernels import _validation as V
+from fdiv_kernels.core import _validation as V
 
-from fdiv_kernels._divergence import divergence
-from fdiv_kernels._kinds import resolve
-from fdiv_kernels._fused_linear import fused_linear_divergence
-from fdiv_kernels.dispatch import select
+from fdiv_kernels.core._dispatch import select
+from fdiv_kernels.divergences import divergence, sparse_divergence
+from fdiv_kernels.divergences._sparse_tails import TAILS
+from fdiv_kernels.fused_linear import fused_linear_divergence
+from fdiv_kernels.kinds._registry import resolve
 from fdiv_kernels.transport import _costs, _problem, _registry, _unrolled
 from fdiv_kernels.transport._sinkhorn import sinkhorn
 
@@ -157,8 +158,6 @@ class SparseDivergenceLoss(_KindLoss):
                  teacher_temperature: float | None = None, student_logit_scale: float = 1.0,
                  student_softcap: float | None = None, ignore_index: int = -100,
                  reduction: str = "mean", backend: str = "auto") -> None:
-        from fdiv_kernels._sparse_tails import TAILS
-
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
         super().__init__(kind, beta, alpha, lam, tail=tail, temperature=temperature,
@@ -170,8 +169,6 @@ class SparseDivergenceLoss(_KindLoss):
     def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                 support_mask: Tensor | None = None, labels: Tensor | None = None,
                 num_items_in_batch: int | Tensor | None = None) -> Tensor:
-        from fdiv_kernels._sparse_divergence import sparse_divergence
-
         return sparse_divergence(student_logits, teacher_ids, teacher_logprobs,
                                  support_mask=support_mask, labels=labels,
                                  num_items_in_batch=num_items_in_batch, **self.kwargs)

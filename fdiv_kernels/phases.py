@@ -18,19 +18,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
-from fdiv_kernels.dispatch import select
-from fdiv_kernels._kinds import KernelSpec, resolve
-from fdiv_kernels._softmax_stats import SoftmaxStatsFunction
+from fdiv_kernels.core import _validation as V
+from fdiv_kernels.core._ops import select_ops
+from fdiv_kernels.kinds._registry import KernelSpec, resolve
+from fdiv_kernels.stats._softmax import SoftmaxStatsFunction
 
 
 def row_lse(logits: Tensor, temperature: float = 1.0, *, backend: str = "auto") -> Tensor:
     """Phase 1: log sum exp(logits / T) over this shard's columns, per row (float32)."""
     x = V.check_logits("logits", logits).reshape(-1, logits.shape[-1]).contiguous()
     inv_t = V.check_temperature(temperature, x.dtype)
-    name = select(backend, x, "softmax_stats_fwd")
+    ops = select_ops(backend, x, "softmax_stats_fwd")
     with torch.no_grad():
-        return SoftmaxStatsFunction.apply(x, None, -100, inv_t, False, name)[0]
+        return SoftmaxStatsFunction.apply(x, None, -100, inv_t, False, ops)[0]
 
 
 def combine_lse(shard_lse: Tensor) -> Tensor:
@@ -78,8 +78,8 @@ def _prepare(student, teacher, kind, beta, alpha, lam, temperature, valid, backe
         raise ValueError(f"valid must be on the logits' device {s.device}, got {valid.device}")
     else:
         keep = valid.reshape(-1).contiguous()
-    op = f"divergence_{phase}"
-    op = getattr(torch.ops.fdiv, f"{op}_{select(backend, s, op, spec.base)}")
+    ops = select_ops(backend, s, f"divergence_{phase}", spec.base)
+    op = ops.divergence_partials if phase == "partials" else ops.divergence_grads
     return op, s, t, keep, spec, inv_t
 
 

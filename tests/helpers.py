@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fdiv_kernels as fk
+from fdiv_kernels.core import _dispatch as dispatch
 from reference import logits
 
 # Parameters that exercise each kind away from its degenerate limits (negative and >1 alpha too).
@@ -33,7 +34,7 @@ PARAM_NAME = {"js": "beta", "alpha": "alpha", "skew_kl": "lam", "skew_reverse_kl
 
 def zero_at_equal(kind: str) -> bool:
     """Whether ``kind`` is 0 at p = q (every divergence; not soft_ce, a cross-entropy)."""
-    from fdiv_kernels._kinds import lookup
+    from fdiv_kernels.kinds._registry import lookup
 
     return lookup(kind).zero_at_equal
 
@@ -71,11 +72,11 @@ def available_backends(op: str, dtype: torch.dtype = torch.float32,
     runs in the interpreter; on a GPU, only compiled Triton counts)."""
     x = torch.empty(1, dtype=dtype, device=device)
     out = []
-    for name in fk.dispatch.BACKENDS:
+    for name in dispatch.BACKENDS:
         if device != "cpu" and name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             continue
         try:
-            fk.dispatch.select(name, x, op)
+            dispatch.select(name, x, op)
         except fk.BackendUnavailableError:
             continue
         out.append(name)

@@ -9,7 +9,7 @@ from helpers import available_backends
 from reference import logits
 
 import fdiv_kernels as fk
-from fdiv_kernels._kinds import DIVERGENCES
+from fdiv_kernels.kinds._registry import DIVERGENCES
 
 F64_BACKENDS = available_backends("divergence_fwd", torch.float64)
 

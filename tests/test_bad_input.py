@@ -97,7 +97,7 @@ def test_repeated_backward_without_inplace(backend):
 
 def test_missing_extension_is_reported_not_fatal(monkeypatch):
     """Without the C++ extension the package works on the torch backend and says why."""
-    from fdiv_kernels import dispatch
+    from fdiv_kernels.core import _dispatch as dispatch
 
     real = dispatch.load_error
 

@@ -9,10 +9,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from fdiv_kernels import triton_compile_check as check
+TOOLS = str(Path(__file__).resolve().parents[1] / "tools")
+sys.path.insert(0, TOOLS)
+import triton_compile_check as check  # noqa: E402  (developer tooling, not in the package)
 
 KERNELS = textwrap.dedent('''
     import triton.language as tl
@@ -35,9 +38,10 @@ KERNELS = textwrap.dedent('''
 DRIVER = textwrap.dedent('''
     import json, sys
     sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, sys.argv[3])
     import kernels
     from triton.runtime.jit import JITFunction
-    from fdiv_kernels import triton_compile_check as check
+    import triton_compile_check as check
 
     fn = getattr(kernels, sys.argv[2])
     r = check.compile_variant(JITFunction(fn), {"x_ptr": "*fp32", "BLOCK": "constexpr"},
@@ -50,7 +54,7 @@ def _compile(tmp_path, name):
     (tmp_path / "kernels.py").write_text(KERNELS)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    out = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), name], env=env,
+    out = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), name, TOOLS], env=env,
                          capture_output=True, text=True, timeout=300, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

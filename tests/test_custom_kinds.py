@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from helpers import assert_close, grad_tol
 from reference import divergence_with_grads, logits
 
 import fdiv_kernels as fk
+from fdiv_kernels.core import _dispatch as dispatch
 from fdiv_kernels import phases
 
 try:
@@ -124,7 +126,7 @@ def test_dispatch_reasons_and_auto():
         with pytest.raises(fk.BackendUnavailableError) as e:
             fk.divergence(s, t, "my_pearson", backend=backend)
         assert backend in str(e.value)
-    if "cpu" in fk.dispatch.BACKENDS and fk.dispatch.load_error("fdiv_kernels._C") is None:
+    if "cpu" in dispatch.BACKENDS and dispatch.load_error("fdiv_kernels._C") is None:
         with pytest.raises(fk.BackendUnavailableError, match="custom kind"):
             fk.divergence(s, t, "my_pearson", backend="cpu")
 
@@ -177,7 +179,7 @@ def test_validation():
         fk.register_divergence("bad_ret", lambda t: 0.0, dsq)
     with pytest.raises(ValueError, match="name must be"):
         fk.register_divergence("not a name", sq, dsq)
-    assert "bad_f1" not in fk._kinds.all_kinds()
+    assert "bad_f1" not in fk.kinds._registry.all_kinds()
     with pytest.raises(ValueError, match="kind must be one of"):
         fk.divergence(logits((1, 3), seed=1), logits((1, 3), seed=2), "bad_f1")
 
@@ -185,7 +187,7 @@ def test_validation():
 # ---- custom kinds in the Triton kernels (triton_f / triton_f_prime) -------------------------
 
 needs_triton = pytest.mark.skipif(
-    "triton" not in fk.dispatch.BACKENDS, reason="Triton is not installed")
+    "triton" not in dispatch.BACKENDS, reason="Triton is not installed")
 
 if triton is not None:
     # Module level: @triton.jit reads the source.
@@ -357,7 +359,7 @@ def test_triton_generator_validation():
         fk.register_divergence("half_tl", sq, dsq, triton_f_prime=pearson_prime_tl)
     with pytest.raises(TypeError, match="triton_f must be a @triton.jit function"):
         fk.register_divergence("half_tl", sq, dsq, triton_f=sq, triton_f_prime=pearson_prime_tl)
-    assert "half_tl" not in fk._kinds.all_kinds()
+    assert "half_tl" not in fk.kinds._registry.all_kinds()
 
 
 # The generators in a module of their own: this test module imports conftest, which turns on
@@ -382,13 +384,14 @@ COMPILE_DRIVER = textwrap.dedent('''
     import torch
     sys.path.insert(0, sys.argv[1])
     import fdiv_kernels as fk
-    from fdiv_kernels import triton_compile_check as check
+    sys.path.insert(0, sys.argv[2])
+    import triton_compile_check as check
     from fdiv_kernels.triton_kernels import divergence as dv
     import generators as m
 
     fk.register_divergence("cc_pearson", lambda t: (t - 1) ** 2, lambda t: 2 * (t - 1),
                            triton_f=m.pearson_tl, triton_f_prime=m.pearson_prime_tl)
-    base = fk._kinds.lookup("cc_pearson").base
+    base = fk.kinds._registry.lookup("cc_pearson").base
     s, valid, lse = torch.randn(1, 1000), torch.ones(1, dtype=torch.bool), torch.zeros(1)
     with check.intercepted_launches() as calls:
         dv.divergence_fwd(s, s, valid, base, False, 0.0, 1.0, 1.0, 0.0, 1.0, 30.0, True, True)
@@ -415,7 +418,8 @@ def test_triton_custom_kind_compiles_for_sm90a(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     (tmp_path / "generators.py").write_text(GENERATOR_MODULE)
-    out = subprocess.run([sys.executable, "-c", COMPILE_DRIVER, str(tmp_path)],
+    out = subprocess.run([sys.executable, "-c", COMPILE_DRIVER, str(tmp_path),
+                          str(Path(__file__).resolve().parents[1] / "tools")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -10,7 +10,7 @@ from reference import divergence_from_probs, logits
 
 import fdiv_kernels as fk
 from fdiv_kernels.bench.measure import peak_bytes
-from fdiv_kernels._kinds import DIVERGENCES
+from fdiv_kernels.kinds._registry import DIVERGENCES
 
 N, HS, HT, VS = 7, 5, 6, 11
 TOL = (2e-5, 2e-6)

@@ -1,11 +1,11 @@
-"""The kind and cost ids: one set of values for Python (fdiv_kernels._ids), Triton
+"""The kind and cost ids: one set of values for Python (fdiv_kernels.core._ids), Triton
 (triton_kernels/ids.py) and C++ (csrc/common/ids.h, parsed here)."""
 
 import re
 from pathlib import Path
 
-from fdiv_kernels import _ids
-from fdiv_kernels._kinds import DIVERGENCES
+from fdiv_kernels.core import _ids
+from fdiv_kernels.kinds._registry import DIVERGENCES
 from fdiv_kernels.transport._costs import COST_KINDS
 
 HEADER = Path(__file__).resolve().parents[1] / "csrc" / "common" / "ids.h"

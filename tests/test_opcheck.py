@@ -18,15 +18,16 @@ import torch
 from reference import logits
 
 import fdiv_kernels as fk
-from fdiv_kernels._kinds import resolve
+from fdiv_kernels.core import _dispatch as dispatch
+from fdiv_kernels.kinds._registry import resolve
 
 BACKEND_SUFFIXES = ("cpu", "cuda", "torch", "triton")
 
 
 def registered_ops() -> list[str]:
     """Names (without ``fdiv::``) of every op registered once each loadable backend is imported."""
-    for backend in fk.dispatch.TABLE.values():
-        if backend.module and fk.dispatch.load_error(backend.module) is None:
+    for backend in dispatch.TABLE.values():
+        if backend.module and dispatch.load_error(backend.module) is None:
             importlib.import_module(backend.module)
     names = {n.split("::", 1)[1].split(".", 1)[0] for n in torch._C._dispatch_get_all_op_names()
              if n.startswith("fdiv::")}
@@ -40,7 +41,7 @@ def family(name: str) -> tuple[str, str | None]:
 
 
 def device_for(backend: str | None) -> str:
-    if backend == "cuda" or (backend == "triton" and not fk.dispatch.triton_interpret()):
+    if backend == "cuda" or (backend == "triton" and not dispatch.triton_interpret()):
         return "cuda"
     return "cpu"
 
@@ -236,7 +237,7 @@ def _sparse_divergence_bwd(dev, backend):
 def _lse_combination_fwd(dev, backend):
     # Cauchy-Schwarz's terms, and Renyi's (alpha = 0.3) log-sum-exp route with the logit
     # transforms (scale, softcap) on.
-    from fdiv_kernels._row_kinds import CAUCHY_SCHWARZ_COEFFS, renyi_coeffs
+    from fdiv_kernels.divergences._row_kinds import CAUCHY_SCHWARZ_COEFFS, renyi_coeffs
 
     s, t, valid, _, _, _ = _divergence_args(dev)
     cs, renyi = list(CAUCHY_SCHWARZ_COEFFS), list(renyi_coeffs(0.3))
@@ -290,7 +291,7 @@ def test_registry_lists_the_ops_of_every_loaded_backend():
     """The enumeration itself: a broken one would make test_opcheck pass vacuously."""
     assert {"scale_rows_", "divergence_fwd_torch", "softmax_stats_fwd_torch",
             "divergence_partials_torch", "sinkhorn_lse_torch"} <= set(OPS)
-    for name, backend in fk.dispatch.TABLE.items():
+    for name, backend in dispatch.TABLE.items():
         if not backend.reasons(device_for(name), torch.float32):  # it runs here: ops listed
             assert any(family(op)[1] == name for op in OPS), name
 

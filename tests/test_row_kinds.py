@@ -12,8 +12,9 @@ from helpers import assert_close, available_backends, grad_tol
 from reference import divergence_rows, divergence_with_grads, logits
 
 import fdiv_kernels as fk
+from fdiv_kernels.core import _dispatch as dispatch
 from fdiv_kernels import phases
-from fdiv_kernels._row_kinds import CAUCHY_SCHWARZ_COEFFS
+from fdiv_kernels.divergences._row_kinds import CAUCHY_SCHWARZ_COEFFS
 
 ROW_BACKENDS = available_backends("lse_combination_fwd")
 F64_BACKENDS = [b for b in BACKENDS if b in available_backends("divergence_fwd", torch.float64)]
@@ -244,7 +245,7 @@ def test_other_ops_refuse_row_kinds():
 def test_dispatch_reports_missing_row_op():
     """A backend without the row op says so (the cuda C++ backend has none)."""
     s = logits((1, 3), seed=1)
-    for name in fk.dispatch.BACKENDS:
+    for name in dispatch.BACKENDS:
         if name in ROW_BACKENDS:
             continue
         for kind in ("renyi", "cauchy_schwarz"):

@@ -7,7 +7,7 @@ from helpers import assert_close
 from reference import logits
 
 import fdiv_kernels as fk
-from fdiv_kernels import _fused_linear
+from fdiv_kernels.fused_linear import _engine
 
 N, HS, HT, V = 23, 6, 5, 37  # odd sizes: chunks of 4 leave a tail
 TOL = (2e-5, 2e-6)
@@ -42,7 +42,7 @@ def test_packed_equals_unpacked(reduction, backend, monkeypatch):
     """Same loss and gradients as the unpacked path (every row through the GEMMs, masked)."""
     params, labels = _params(), _labels(0.7)
     out, grads = _run(params, labels, reduction, backend, teacher_grad=True)
-    monkeypatch.setattr(_fused_linear, "_kept_rows", lambda valid: None)
+    monkeypatch.setattr(_engine, "kept_rows", lambda valid: None)
     ref_out, ref_grads = _run(params, labels, reduction, backend, teacher_grad=True)
     assert_close(out, ref_out, TOL, "loss")
     for name, g, r in zip(("hs", "ws", "bs", "ht", "wt", "bt"), grads, ref_grads):
@@ -71,7 +71,7 @@ def test_masked_rows_skip_the_gemms(monkeypatch):
     """Only kept rows reach the chunk GEMMs (the point of packing), and NaN in an ignored
     row's hidden state cannot leak into the loss or any gradient."""
     seen = []
-    gemm = _fused_linear._gemm_f32
+    gemm = _engine.gemm_f32
 
     def counting(a, b):
         # The chunk's row count is the one extent that is neither V nor a hidden width:
@@ -79,7 +79,7 @@ def test_masked_rows_skip_the_gemms(monkeypatch):
         seen.append(a.shape[1] if a.shape[0] == V else a.shape[0])
         return gemm(a, b)
 
-    monkeypatch.setattr(_fused_linear, "_gemm_f32", counting)
+    monkeypatch.setattr(_engine, "gemm_f32", counting)
     params, labels = _params(seed=5), _labels(0.7, seed=5)
     params[0][labels == -100] = float("nan")
     out, grads = _run(params, labels, "mean", "auto")

@@ -23,7 +23,7 @@ from helpers import (
 from reference import logits
 
 import fdiv_kernels as fk
-from fdiv_kernels.dispatch import BackendUnavailableError, select
+from fdiv_kernels.core._dispatch import BackendUnavailableError, select
 from fdiv_kernels.transport._costs import COST_KINDS, pairwise_cost
 from fdiv_kernels.transport._solver import lse_torch
 

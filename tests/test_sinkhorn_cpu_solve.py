@@ -11,7 +11,7 @@ from helpers import F64, assert_close, centered, points, weights
 from reference import logits
 
 import fdiv_kernels as fk
-from fdiv_kernels.dispatch import BackendUnavailableError, select
+from fdiv_kernels.core._dispatch import BackendUnavailableError, select
 from fdiv_kernels.transport import _dual
 from fdiv_kernels.transport._costs import COST_KINDS, pairwise_cost
 from fdiv_kernels.transport._solver import eps_schedule

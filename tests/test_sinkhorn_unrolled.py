@@ -10,7 +10,7 @@ from helpers import F64, assert_close, points
 from reference import logits
 
 import fdiv_kernels as fk
-from fdiv_kernels.dispatch import BackendUnavailableError, select
+from fdiv_kernels.core._dispatch import BackendUnavailableError, select
 from fdiv_kernels.transport import _dual, _registry, _unrolled
 from fdiv_kernels.transport._costs import COST_KINDS, pairwise_cost
 

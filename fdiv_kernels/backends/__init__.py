@@ -1,11 +1,7 @@
-"""Backends: each registers ``fdiv::divergence_fwd_<name>`` with one shared schema.
+"""The backends' ops: each module registers its kernels as ``fdiv::<op>_<backend>`` ops and fills
+its record (``fdiv_kernels.core._ops.SoftmaxOps``; Sinkhorn: ``transport._registry.SinkhornOps``).
 
-Signature of every forward op::
-
-    (student[N,V], teacher[N,V], valid[N] bool, base:int, swap:bool, param:float,
-     inv_temperature:float, grad_student:bool, grad_teacher:bool)
-      -> (loss[N] float32 (float64 for float64 input), grad_student[N,V] | [0], grad_teacher[N,V] | [0])
-
-The gradients are those of each row's loss with an upstream gradient of 1; the backward of every
-backend is the shared in-place row scale ``fdiv::scale_rows_``.
+``cpu_ops`` (C++ CPU kernels), ``cuda_ops`` (CUDA C++ kernels, CUDA builds only), ``triton_ops``
+(Triton launchers), ``torch_ref`` (the chunked torch statement of every op: the spec the others
+are tested against). The dispatch imports a module the first time its backend is considered.
 """

@@ -6,13 +6,24 @@ against, next to the independent float64 reference in tests/.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from fdiv_kernels.transport import _ops_torch as _sinkhorn_torch  # noqa: F401  (fdiv::sinkhorn_*_torch)
-from fdiv_kernels.backends.common import loss_dtype, register_fakes
-from fdiv_kernels._kinds import KernelSpec, element_terms
-from fdiv_kernels._logit_transform import transform_logits
+from fdiv_kernels.core._ops import SoftmaxOps, register
+from fdiv_kernels.core._transforms import transform_logits
+from fdiv_kernels.core._validation import loss_dtype
+from fdiv_kernels.kinds._registry import KernelSpec
+from fdiv_kernels.divergences._sparse_tails import (
+    TAIL_BUCKET,
+    TAIL_RENORMALIZE,
+    check_teacher,
+    prepare_teacher,
+    teacher_vjp,
+)
+from fdiv_kernels.kinds._terms import element_terms
 
 # Rows per chunk: the chunk's (rows, V) temporaries are the only memory beyond the outputs.
 CHUNK_ELEMENTS = 1 << 22
@@ -167,31 +178,14 @@ def softmax_stats_bwd_torch(
     return dx
 
 
-register_fakes("torch")
-
 
 # ---- sparse (top-k) teacher: fk.sparse_divergence ------------------------------------------
-from fdiv_kernels._sparse_tails import (  # noqa: E402
-    TAIL_BUCKET,
-    TAIL_RENORMALIZE,
-    check_teacher,
-    prepare_teacher,
-    teacher_vjp,
-)
 
 
 def _scatter_support(g: Tensor, ids: Tensor, support: Tensor, values: Tensor) -> None:
     """g[r, ids[r, i]] = values[r, i] for the support entries only (padding ids may repeat)."""
     r, i = support.nonzero(as_tuple=True)
     g[r, ids[r, i]] = values[r, i].to(g.dtype)
-
-
-def _student_logits(z: Tensor, scale: float, softcap: float) -> tuple[Tensor, Tensor | float]:
-    """f(z) = c tanh(s z / c) (softcap c > 0) or s z, and d f / d z."""
-    if softcap > 0:
-        t = torch.tanh(z * (scale / softcap))
-        return softcap * t, scale * (1 - t * t)
-    return z * scale, scale
 
 
 @torch.library.custom_op("fdiv::sparse_divergence_fwd_torch", mutates_args=())
@@ -205,7 +199,7 @@ def sparse_divergence_fwd_torch(
     d loss / d teacher log-probs (N, K), and the per-row (normalizer, student tail log-prob) the
     backward starts from. ``teacher`` holds the raw log-probs; ``support`` / ``valid`` may be
     empty (all real / all kept); teacher_alpha 0 means no re-tempering, softcap 0 none. See
-    ``fdiv_kernels._sparse_divergence`` for the math."""
+    ``fdiv_kernels.divergences._sparse`` for the math."""
     spec = KernelSpec("", base, swap, param)
     ctype = loss_dtype(student.dtype)
     N, V = student.shape
@@ -225,7 +219,7 @@ def sparse_divergence_fwd_torch(
     stats = student.new_zeros(N, 2, dtype=ctype)
     neg_inf = float("-inf")
     for rows in _chunks(N, V):
-        f, df = _student_logits(student[rows].to(ctype), logit_scale, softcap)
+        f, df = transform_logits(student[rows].to(ctype), logit_scale, softcap)
         a = f * inv_temperature
         sup = support[rows]
         idx = torch.where(sup, ids[rows], 0)
@@ -297,19 +291,69 @@ def sparse_divergence_bwd_torch(
     return (gs.to(grad_loss.dtype) * grad_loss[:, None]).to(student.dtype)
 
 
-# register_fakes("torch") above ran before this op existed.
-from fdiv_kernels.backends.common import (  # noqa: E402
-    fake_sparse_divergence_bwd,
-    fake_sparse_divergence_fwd,
-)
-
-torch.library.register_fake("fdiv::sparse_divergence_fwd_torch")(fake_sparse_divergence_fwd)
-torch.library.register_fake("fdiv::sparse_divergence_bwd_torch")(fake_sparse_divergence_bwd)
+# ---- fk.divergence(kind="cauchy_schwarz" / "renyi"): weighted per-row log-sum-exps ---
+def _scaled_logits(z: Tensor, scale: float, softcap: float,
+                   inv_t: float) -> tuple[Tensor, Tensor | float]:
+    """(a, da/dz) with a = transform(z) / T (fdiv_kernels.core._transforms)."""
+    a, da = transform_logits(z, scale, softcap)
+    return a * inv_t, da * inv_t
 
 
-# ---- fk.divergence(kind="cauchy_schwarz" / "renyi"): weighted per-row log-sum-exps (_row_kinds) ---
-from fdiv_kernels._row_kinds import lse_combination_rows_torch  # noqa: E402
-from fdiv_kernels.backends.common import fake_lse_combination_fwd  # noqa: E402
+def _softmax_or_zero(x: Tensor, lse: Tensor) -> Tensor:
+    """exp(x - lse) row-wise; 0 on rows whose lse is -inf (no mass: nothing to differentiate)."""
+    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
+    dead = (lse == -math.inf)[:, None]
+    return torch.where(dead, torch.zeros_like(x), torch.exp(x - safe[:, None]))
+
+
+def lse_combination_rows_torch(
+    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
+    student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
+    grad_student: bool, grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch statement of ``fdiv::lse_combination_fwd_<backend>`` (float64 sums):
+    D = sum_k w_k lse(ca_k a + cb_k b) per row (``fdiv_kernels.divergences._row_kinds``)."""
+    if len(coeffs) != 9:
+        raise ValueError(f"coeffs must hold 9 numbers (ca, cb, w per term), got {len(coeffs)}")
+    terms = [tuple(float(c) for c in coeffs[i:i + 3]) for i in (0, 3, 6)]
+    if any(not (ca >= 0 and cb >= 0 and math.isfinite(ca + cb + w)) for ca, cb, w in terms):
+        raise ValueError(f"coeffs: the input coefficients must be finite and >= 0 and the "
+                         f"weights finite, got {terms}")
+    ctype = loss_dtype(student.dtype)
+    wide = torch.promote_types(ctype, torch.float64)
+    N, V = student.shape
+    loss = student.new_empty(N, dtype=ctype)
+    gs = torch.empty_like(student) if grad_student else student.new_empty(0)
+    gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
+    for rows in _chunks(N, V):
+        a, da = _scaled_logits(student[rows].to(wide), student_scale, student_softcap,
+                               inv_temperature)
+        b, db = _scaled_logits(teacher[rows].to(wide), teacher_scale, teacher_softcap,
+                               inv_temperature)
+        xs = [_mix(a, b, ca, cb) for ca, cb, _ in terms]
+        lses = [torch.logsumexp(x, -1) for x in xs]
+        # The maxima first, then the log-sums (as the kernels: exact 0 on identical CS rows).
+        shifts = [torch.where(x.amax(-1) == -math.inf, 0.0, x.amax(-1)) for x in xs]
+        logs = [torch.log(torch.exp(x - m[:, None]).sum(-1)) for x, m in zip(xs, shifts)]
+        row = sum(w * m for (_, _, w), m in zip(terms, shifts))
+        row = row + sum(w * ls for (_, _, w), ls in zip(terms, logs))
+        keep = valid[rows]
+        loss[rows] = _zero_where(keep, row.to(ctype))
+        for want, out, slope, idx in ((grad_student, gs, da, 0), (grad_teacher, gt, db, 1)):
+            if not want:
+                continue
+            g = torch.zeros_like(a)
+            for term, x, lse in zip(terms, xs, lses):
+                wc = term[2] * term[idx]
+                if wc != 0:
+                    g = g + wc * _softmax_or_zero(x, lse)
+            out[rows] = _zero_where(keep, g * slope)
+    return loss, gs, gt
+
+
+def _mix(a: Tensor, b: Tensor, ca: float, cb: float) -> Tensor:
+    """ca a + cb b, a zero coefficient dropping its input (0 * -inf would be NaN)."""
+    return (ca * a if ca else torch.zeros_like(a)) + (cb * b if cb else torch.zeros_like(b))
 
 
 @torch.library.custom_op("fdiv::lse_combination_fwd_torch", mutates_args=())
@@ -319,9 +363,20 @@ def lse_combination_fwd_torch(
     grad_student: bool, grad_teacher: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return lse_combination_rows_torch(student, teacher, valid, coeffs, inv_temperature,
-                                      student_scale,
-                                     student_softcap, teacher_scale, teacher_softcap,
-                                     grad_student, grad_teacher)
+                                      student_scale, student_softcap, teacher_scale,
+                                      teacher_softcap, grad_student, grad_teacher)
 
 
-torch.library.register_fake("fdiv::lse_combination_fwd_torch")(fake_lse_combination_fwd)
+register(SoftmaxOps(
+    "torch",
+    divergence_fwd=divergence_fwd_torch,
+    divergence_partials=divergence_partials_torch,
+    divergence_grads=divergence_grads_torch,
+    lse_combination_fwd=lse_combination_fwd_torch,
+    sparse_divergence_fwd=sparse_divergence_fwd_torch,
+    sparse_divergence_bwd=sparse_divergence_bwd_torch,
+    softmax_stats_fwd=softmax_stats_fwd_torch,
+    softmax_stats_bwd=softmax_stats_bwd_torch,
+    custom_kind_ops=("divergence_fwd", "divergence_partials", "divergence_grads",
+                     "sparse_divergence_fwd", "sparse_divergence_bwd"),
+))

@@ -12,13 +12,18 @@ import torch
 from torch import Tensor
 
 from fdiv_kernels.transport import _ops_triton as _sinkhorn_triton  # noqa: F401  (fdiv::sinkhorn_*_triton)
-from fdiv_kernels.backends.common import register_fakes
+from fdiv_kernels.core._ops import SoftmaxOps, register
 from fdiv_kernels.triton_kernels.divergence import (
     divergence_fwd,
     divergence_grads,
     divergence_partials,
 )
+from fdiv_kernels.triton_kernels.lse_combination import lse_combination_fwd
 from fdiv_kernels.triton_kernels.softmax_stats import softmax_stats_bwd, softmax_stats_fwd
+from fdiv_kernels.triton_kernels.sparse_divergence import (
+    sparse_divergence_bwd,
+    sparse_divergence_fwd,
+)
 
 
 def _on(x: Tensor):
@@ -89,18 +94,7 @@ def softmax_stats_bwd_triton(
         )
 
 
-register_fakes("triton")
-
-
 # ---- sparse (top-k) teacher: fk.sparse_divergence ------------------------------------------
-from fdiv_kernels.backends.common import (  # noqa: E402
-    fake_sparse_divergence_bwd,
-    fake_sparse_divergence_fwd,
-)
-from fdiv_kernels.triton_kernels.sparse_divergence import (  # noqa: E402
-    sparse_divergence_bwd,
-    sparse_divergence_fwd,
-)
 
 
 @torch.library.custom_op("fdiv::sparse_divergence_fwd_triton", mutates_args=())
@@ -132,14 +126,7 @@ def sparse_divergence_bwd_triton(
         )
 
 
-# register_fakes("triton") above ran before these ops existed.
-torch.library.register_fake("fdiv::sparse_divergence_fwd_triton")(fake_sparse_divergence_fwd)
-torch.library.register_fake("fdiv::sparse_divergence_bwd_triton")(fake_sparse_divergence_bwd)
-
-
 # ---- fk.divergence(kind="cauchy_schwarz" / "renyi"): weighted per-row log-sum-exps ----------
-from fdiv_kernels.backends.common import fake_lse_combination_fwd  # noqa: E402
-from fdiv_kernels.triton_kernels.lse_combination import lse_combination_fwd  # noqa: E402
 
 
 @torch.library.custom_op("fdiv::lse_combination_fwd_triton", mutates_args=())
@@ -157,4 +144,18 @@ def lse_combination_fwd_triton(
         )
 
 
-torch.library.register_fake("fdiv::lse_combination_fwd_triton")(fake_lse_combination_fwd)
+register(SoftmaxOps(
+    "triton",
+    divergence_fwd=divergence_fwd_triton,
+    divergence_partials=divergence_partials_triton,
+    divergence_grads=divergence_grads_triton,
+    lse_combination_fwd=lse_combination_fwd_triton,
+    sparse_divergence_fwd=sparse_divergence_fwd_triton,
+    sparse_divergence_bwd=sparse_divergence_bwd_triton,
+    softmax_stats_fwd=softmax_stats_fwd_triton,
+    softmax_stats_bwd=softmax_stats_bwd_triton,
+    # The dense divergence kernels take a custom kind's @triton.jit generator as constexprs; the
+    # sparse-teacher kernels compile their kinds in.
+    custom_kind_ops=("divergence_fwd", "divergence_partials", "divergence_grads"),
+    custom_kinds_need_jit=True,
+))

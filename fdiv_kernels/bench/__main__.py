@@ -25,8 +25,8 @@ from fdiv_kernels.bench.sinkhorn import QUICK_SHAPES as SINKHORN_QUICK
 from fdiv_kernels.bench.sinkhorn import sinkhorn_cases
 from fdiv_kernels.bench.softmax_stats import softmax_stats_cases
 from fdiv_kernels.bench.sparse_divergence import fused_linear_sparse_cases, sparse_divergence_cases
-from fdiv_kernels.dispatch import BACKENDS
-from fdiv_kernels._kinds import DIVERGENCES
+from fdiv_kernels.core._dispatch import BACKENDS
+from fdiv_kernels.kinds._registry import DIVERGENCES
 
 DEFAULT_SHAPES = {"cpu": [(64, 128256), (256, 32000)],
                   "cuda": [(8192, 32000), (8192, 128256), (8192, 262144)]}

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from fdiv_kernels.dispatch import BACKENDS, BackendUnavailableError, select
+from fdiv_kernels.core._dispatch import BACKENDS, BackendUnavailableError, select
 
 # The torch backend is the readable spec, not a contender: benchmarked only when asked for.
 DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "torch")

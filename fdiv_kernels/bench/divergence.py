@@ -9,7 +9,8 @@ import torch
 
 import fdiv_kernels as fk
 from fdiv_kernels.bench.cases import Case, our_backends
-from fdiv_kernels._kinds import element_terms, resolve
+from fdiv_kernels.kinds._registry import resolve
+from fdiv_kernels.kinds._terms import element_terms
 
 KIND_PARAMS = {"js": {"beta": 0.5}, "alpha": {"alpha": 0.5}, "skew_kl": {"lam": 0.1},
                "skew_reverse_kl": {"lam": 0.1}}

@@ -11,7 +11,7 @@ import math
 import torch
 
 from fdiv_kernels.bench.cases import Case, our_backends
-from fdiv_kernels.dispatch import BACKENDS
+from fdiv_kernels.core._dispatch import BACKENDS
 from fdiv_kernels.nn import SinkhornDistillationLoss
 
 DEFAULT_SHAPES = [(32, 3)]

@@ -14,7 +14,7 @@ import torch
 
 from fdiv_kernels.transport._costs import pairwise_cost
 from fdiv_kernels.bench.cases import Case, our_backends
-from fdiv_kernels.dispatch import BACKENDS
+from fdiv_kernels.core._dispatch import BACKENDS
 
 # The module, not fk.sinkhorn (the function of the same name once the package exports it).
 S = importlib.import_module("fdiv_kernels.transport._sinkhorn")

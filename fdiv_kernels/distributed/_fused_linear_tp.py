@@ -15,17 +15,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
 from fdiv_kernels import phases
-from fdiv_kernels._fused_linear import (
-    _check_2d,
-    _gemm_f32,
-    _operand,
-    default_chunk_size,
-    fused_linear_divergence,
-)
-from fdiv_kernels._kinds import resolve
+from fdiv_kernels.core import _validation as V
 from fdiv_kernels.distributed import _comm, _shards
+from fdiv_kernels.fused_linear import _engine as E
+from fdiv_kernels.fused_linear._dense import fused_linear_divergence
+from fdiv_kernels.kinds._registry import resolve
 from fdiv_kernels.distributed._vocab_divergence import kind_kwargs, shard_lse, shard_sums
 from fdiv_kernels.distributed._vocab_stats import local_grad
 
@@ -53,75 +48,57 @@ def _chunk_stats(zs: Tensor, zt: Tensor, labels: Tensor, keep: Tensor, a: dict) 
     return out
 
 
-def _run(a: dict, row_weights: Tensor, needs: dict, stats: tuple[Tensor, Tensor] | None,
-         sums_for: tuple[bool, bool] | None = None):
+def _heads(hs, ws, bs, ht, wt, bt, needs) -> dict[str, E.Head]:
+    return {"s": E.Head(hs, ws, bs, *needs[:3]), "t": E.Head(ht, wt, bt, *needs[3:])}
+
+
+def _run(a: dict, heads: dict[str, E.Head], row_weights: Tensor,
+         stats: tuple[Tensor, Tensor] | None, sums_for: tuple[bool, bool] | None = None):
     """Per-row loss, per-row (lse_s, lse_t) and sums, and the row-weighted gradients.
 
     With ``stats`` (the saved LSEs and sums of a forward) no collective is issued but the final
     dh all-reduce; without, each chunk issues its two, all-reducing the partial sums that the
     gradients of ``sums_for`` = (student, teacher) need (default: those computed now).
     """
-    hs, ws, bs, ht, wt, bt = a["hs"], a["ws"], a["bs"], a["ht"], a["wt"], a["bt"]
-    n, width = hs.shape[0], ws.shape[0]
+    hs = heads["s"].hidden
+    n, width = hs.shape[0], heads["s"].weight.shape[0]
     acc = torch.promote_types(hs.dtype, torch.float32)
-    grads = {
-        "sh": hs.new_zeros(hs.shape, dtype=acc) if needs["sh"] else None,
-        "sw": ws.new_zeros(ws.shape, dtype=acc) if needs["sw"] else None,
-        "sb": hs.new_zeros(width, dtype=acc) if needs["sb"] else None,
-        "th": ht.new_zeros(ht.shape, dtype=acc) if needs["th"] else None,
-        "tw": wt.new_zeros(wt.shape, dtype=acc) if needs["tw"] else None,
-        "tb": ht.new_zeros(width, dtype=acc) if needs["tb"] else None,
-    }
-    grad_s = any(needs[k] for k in ("sh", "sw", "sb"))
-    grad_t = any(needs[k] for k in ("th", "tw", "tb"))
+    grad_s, grad_t = heads["s"].needs_grad, heads["t"].needs_grad
     lse = hs.new_empty((4, n), dtype=acc) if stats is None else stats[0]  # see _chunk_stats
     sums = hs.new_empty((n, 3), dtype=acc) if stats is None else stats[1]
-    ws_op, wt_op = _operand(ws), _operand(wt)
     spec, kw, inv_t, backend = a["spec"], kind_kwargs(a["spec"]), a["inv_t"], a["backend"]
     ce_w = a["ce_weight"]
-    for lo in range(0, n, a["chunk"]):
-        rows = slice(lo, min(n, lo + a["chunk"]))
-        with torch.no_grad():
-            zs = _gemm_f32(hs[rows], ws_op.t())
-            zt = _gemm_f32(ht[rows], wt_op.t())
-            if bs is not None:
-                zs = zs + bs.to(zs.dtype)
-            if bt is not None:
-                zt = zt + bt.to(zt.dtype)
-            keep = a["valid"][rows]
-            if stats is None:
-                lse[:, rows] = _chunk_stats(zs, zt, a["labels"][rows], keep, a)
-                sums[rows] = shard_sums(zs, zt, keep, lse[0, rows], lse[1, rows], spec, kw, inv_t,
-                                        backend, a["group"], *(sums_for or (grad_s, grad_t)))
-            if not (grad_s or grad_t) or width == 0:
-                continue
-            gzs, gzt = phases.grads(zs, zt, lse[0, rows], lse[1, rows], sums[rows], spec.kind,
-                                    temperature=1.0 / inv_t, valid=keep, grad_student=grad_s,
-                                    grad_teacher=grad_t, backend=backend, **kw)
-            if ce_w and gzs is not None:
-                # d CE / d z = softmax(z) - onehot(label): the stats backward with g_lp = -1.
-                gce = local_grad(zs, a["labels"][rows], keep, lse[2, rows], None, None, None,
-                                 torch.full_like(lse[2, rows], -1.0), 1.0, backend)
-                gzs = gzs.mul_(1.0 - ce_w).add_(gce.mul_(ce_w))
-                del gce
-            if gzt is not None and ce_w:
-                gzt = gzt.mul_(1.0 - ce_w)
-            del zs, zt
-            w_rows = row_weights[rows, None]
-            for gz, h, w, p in ((gzs, hs, ws_op, "s"), (gzt, ht, wt_op, "t")):
-                if gz is None:
-                    continue
-                gz = gz.mul_(w_rows)
-                if grads[p + "h"] is not None:
-                    grads[p + "h"][rows] = _gemm_f32(gz, w)  # this rank's partial of dh
-                if grads[p + "w"] is not None:
-                    grads[p + "w"] += _gemm_f32(gz.t(), h[rows])
-                if grads[p + "b"] is not None:
-                    grads[p + "b"] += gz.sum(0)
+
+    def step(rows: slice, z: dict) -> dict | None:
+        zs, zt = z["s"], z["t"]
+        keep = a["valid"][rows]
+        if stats is None:
+            lse[:, rows] = _chunk_stats(zs, zt, a["labels"][rows], keep, a)
+            sums[rows] = shard_sums(zs, zt, keep, lse[0, rows], lse[1, rows], spec, kw, inv_t,
+                                    backend, a["group"], *(sums_for or (grad_s, grad_t)))
+        if not (grad_s or grad_t) or width == 0:
+            return None
+        gzs, gzt = phases.grads(zs, zt, lse[0, rows], lse[1, rows], sums[rows], spec.kind,
+                                temperature=1.0 / inv_t, valid=keep, grad_student=grad_s,
+                                grad_teacher=grad_t, backend=backend, **kw)
+        if ce_w and gzs is not None:
+            # d CE / d z = softmax(z) - onehot(label): the stats backward with g_lp = -1.
+            gce = local_grad(zs, a["labels"][rows], keep, lse[2, rows], None, None, None,
+                             torch.full_like(lse[2, rows], -1.0), 1.0, backend)
+            gzs = gzs.mul_(1.0 - ce_w).add_(gce.mul_(ce_w))
+            del gce
+        if gzt is not None and ce_w:
+            gzt = gzt.mul_(1.0 - ce_w)
+        w_rows = row_weights[rows, None]
+        # dh here is this rank's partial dz_r W_r.
+        return {"s": None if gzs is None else gzs.mul_(w_rows),
+                "t": None if gzt is None else gzt.mul_(w_rows)}
+
+    grads = E.run(heads, n, a["chunk"], step, acc=acc, zero_hidden=True)
     if a["reduce_hidden_grad"]:
-        for key in ("sh", "th"):
-            if grads[key] is not None:
-                grads[key] = _comm.all_reduce_sum(grads[key], a["group"])
+        for g in grads.values():
+            if g.h is not None:
+                g.h = _comm.all_reduce_sum(g.h, a["group"])
     loss = sums[:, 0] * (1.0 - ce_w) + lse[3] * ce_w if ce_w else sums[:, 0].clone()
     return loss, (lse, sums), grads
 
@@ -129,21 +106,19 @@ def _run(a: dict, row_weights: Tensor, needs: dict, stats: tuple[Tensor, Tensor]
 class VocabParallelFusedLinearDivergenceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, args, row_weights, reduction):
-        needs = dict(zip(("sh", "sw", "sb", "th", "tw", "tb"), ctx.needs_input_grad[:6]))
-        needs["sb"] = needs["sb"] and bs is not None
-        needs["tb"] = needs["tb"] and bt is not None
-        args = {**args, "hs": hs, "ws": ws, "bs": bs, "ht": ht, "wt": wt, "bt": bt}
+        needs = tuple(ctx.needs_input_grad[:6])
         ctx.reduction, ctx.needs, ctx.args = reduction, needs, args
         if reduction == "none":
             # Gradients need the per-row upstream gradient: the backward recomputes the chunks
             # from the saved row statistics (no LSE / partial-sum collective a second time).
-            later = (any(needs[k] for k in ("sh", "sw", "sb")),
-                     any(needs[k] for k in ("th", "tw", "tb")))
-            loss, stats, _ = _run(args, row_weights, dict.fromkeys(needs, False), None, later)
+            later = (any(needs[:3]), any(needs[3:]))
+            loss, stats, _ = _run(args, _heads(hs, ws, bs, ht, wt, bt, (False,) * 6),
+                                  row_weights, None, later)
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, *stats)
             return loss
-        loss, _, grads = _run(args, row_weights, needs, None)
-        ctx.grads = grads
+        heads = _heads(hs, ws, bs, ht, wt, bt, needs)
+        loss, _, grads = _run(args, heads, row_weights, None)
+        ctx.heads, ctx.grads = heads, grads
         return (loss * row_weights).sum()
 
     @staticmethod
@@ -153,19 +128,13 @@ class VocabParallelFusedLinearDivergenceFunction(torch.autograd.Function):
                                "higher-order gradients")
         if ctx.reduction == "none":
             hs, ws, bs, ht, wt, bt, lse, sums = ctx.saved_tensors
-            args = {**ctx.args, "hs": hs, "ws": ws, "bs": bs, "ht": ht, "wt": wt, "bt": bt}
-            _, _, grads = _run(args, grad_out.contiguous().to(lse.dtype), ctx.needs, (lse, sums))
+            heads = _heads(hs, ws, bs, ht, wt, bt, ctx.needs)
+            _, _, grads = _run(ctx.args, heads, grad_out.contiguous().to(lse.dtype), (lse, sums))
             scale = None
         else:
-            grads, scale = ctx.grads, grad_out
-        out = []
-        for key, name in (("sh", "hs"), ("sw", "ws"), ("sb", "bs"), ("th", "ht"), ("tw", "wt"),
-                          ("tb", "bt")):
-            g = grads[key]
-            if g is not None and scale is not None:
-                g = g * scale
-            out.append(None if g is None else g.to(ctx.args[name].dtype))
-        return (*out, None, None, None)
+            heads, grads, scale = ctx.heads, ctx.grads, grad_out
+        return (*grads["s"].out(heads["s"], scale), *grads["t"].out(heads["t"], scale),
+                None, None, None)
 
 
 def vocab_parallel_fused_linear_divergence(
@@ -225,67 +194,43 @@ def vocab_parallel_fused_linear_divergence(
         return fused_linear_divergence(student_hidden, student_weight_shard, teacher_hidden,
                                        teacher_weight_shard, kind, student_bias=student_bias_shard,
                                        teacher_bias=teacher_bias_shard, **common)
-    hs = V.check_logits("student_hidden", student_hidden)
-    ht = V.check_logits("teacher_hidden", teacher_hidden)
-    ws = _check_2d("student_weight_shard", student_weight_shard)
-    wt = _check_2d("teacher_weight_shard", teacher_weight_shard)
+    hs, ws, bs = E.check_head("student_hidden", student_hidden, "student_weight_shard",
+                              student_weight_shard, "student_bias_shard", student_bias_shard)
+    ht, wt, bt = E.check_head("teacher_hidden", teacher_hidden, "teacher_weight_shard",
+                              teacher_weight_shard, "teacher_bias_shard", teacher_bias_shard)
     if hs.shape[:-1] != ht.shape[:-1]:
         raise ValueError(f"student_hidden and teacher_hidden must share the leading shape, got "
                          f"{tuple(hs.shape[:-1])} and {tuple(ht.shape[:-1])}")
-    if ws.shape[1] != hs.shape[-1] or wt.shape[1] != ht.shape[-1]:
-        raise ValueError(f"weights must be (V_r, H) with the hidden size of their model, got "
-                         f"{tuple(ws.shape)} for H={hs.shape[-1]} and {tuple(wt.shape)} for "
-                         f"H={ht.shape[-1]}")
     if ws.shape[0] != wt.shape[0]:
         raise ValueError(f"student and teacher weight shards must cover the same vocabulary "
                          f"columns, got V_r={ws.shape[0]} and V_r={wt.shape[0]}")
-    for name, b, w in (("student_bias_shard", student_bias_shard, ws),
-                       ("teacher_bias_shard", teacher_bias_shard, wt)):
-        if b is not None and (not isinstance(b, Tensor) or b.shape != (w.shape[0],)):
-            raise ValueError(f"{name} must be a tensor of shape ({w.shape[0]},), got "
-                             f"{getattr(b, 'shape', type(b).__name__)}")
+    E.check_devices(hs, ht, ws, wt, bs, bt)
     spec = resolve(kind, beta, alpha, lam)
-    inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
-    reduction = V.check_reduction(reduction)
-    lead = hs.shape[:-1]
-    n = hs[..., 0].numel()
-    valid = V.row_mask(labels, ignore_index, lead, hs.device)
-    ce_w = V.check_real("ce_weight", ce_weight)
-    if not 0.0 <= ce_w <= 1.0:
-        raise ValueError(f"ce_weight must be in [0, 1], got {ce_w}")
-    if ce_w and labels is None:
-        raise ValueError("ce_weight > 0 needs labels")
+    inv_t = V.check_temperature(temperature, torch.promote_types(hs.dtype, ws.dtype))
+    ce_w = E.check_ce_weight(ce_weight, labels)
     if ce_w and vocab_start is None:
         raise ValueError("ce_weight > 0 with more than one rank needs vocab_start (the first "
                          "global vocabulary id of this rank's shard)")
-    if chunk_size is None:
-        chunk = default_chunk_size(n, max(ws.shape[0], 1), hs.device)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    else:
-        chunk = chunk_size
-    keep = valid if valid is not None else torch.ones(n, dtype=torch.bool, device=hs.device)
+    acc = torch.promote_types(hs.dtype, torch.float32)
+    # Not packed: every rank must run the same chunks (their collectives pair up), whatever
+    # labels a rank was given.
+    plan = E.rows(hs.shape[:-1], hs.device, acc, labels=labels, ignore_index=ignore_index,
+                  reduction=reduction, num_items_in_batch=num_items_in_batch,
+                  chunk_size=chunk_size, vocab=max(ws.shape[0], 1), pack=False)
+    n = plan.n
+    keep = plan.keep_mask()
     local_labels = torch.full((n,), -1, dtype=torch.long, device=hs.device)
     if ce_w:  # the label's column in this shard, or -1 (another rank's label, or ignored)
-        flat = labels.reshape(-1).long() - vocab_start
+        flat = plan.labels - vocab_start
         local_labels = torch.where(keep & (flat >= 0) & (flat < ws.shape[0]), flat, -1)
     name = _shards.pick_backend(backend, torch.empty(0, device=hs.device),
                                 ("divergence_partials", "divergence_grads", "softmax_stats_fwd",
                                  "softmax_stats_bwd"))
-    acc = torch.promote_types(hs.dtype, torch.float32)
-    weights = keep.to(acc)
-    if reduction == "mean":
-        if num_items_in_batch is not None:
-            denom = (num_items_in_batch if isinstance(num_items_in_batch, Tensor) else
-                     V.check_real("num_items_in_batch", num_items_in_batch, positive=True))
-        else:
-            denom = weights.sum().clamp(min=1)
-        weights = weights / denom
     args = {"spec": spec, "inv_t": inv_t, "valid": keep, "labels": local_labels,
-            "ce_weight": ce_w, "chunk": chunk, "backend": name,
+            "ce_weight": ce_w, "chunk": plan.chunk, "backend": name,
             "group": group, "world": world, "reduce_hidden_grad": reduce_hidden_grad}
     out = VocabParallelFusedLinearDivergenceFunction.apply(
-        hs.reshape(n, -1), ws, student_bias_shard, ht.reshape(n, -1), wt, teacher_bias_shard,
-        args, weights, reduction,
+        hs.reshape(n, hs.shape[-1]), ws, bs, ht.reshape(n, ht.shape[-1]), wt, bt, args,
+        plan.weights, plan.reduction,
     )
-    return out.reshape(lead) if reduction == "none" else out
+    return plan.scatter(out) if plan.reduction == "none" else out

@@ -21,8 +21,11 @@ import torch
 from torch import Tensor
 
 from fdiv_kernels import phases
-from fdiv_kernels._kinds import DIVERGENCES, KernelSpec
-from fdiv_kernels.dispatch import BACKENDS, BackendUnavailableError
+from fdiv_kernels.kinds._custom import custom_name
+from fdiv_kernels.kinds._registry import DIVERGENCES, KernelSpec
+from fdiv_kernels.core._dispatch import BackendUnavailableError
+from fdiv_kernels.core._grads import scale_rows_
+from fdiv_kernels.core._ops import overload, records
 from fdiv_kernels.distributed import _comm, _shards
 from fdiv_kernels.distributed._vocab_divergence import global_lse, kind_kwargs, shard_sums
 from fdiv_kernels.distributed._vocab_stats import gather_stats, local_grad
@@ -68,8 +71,6 @@ def _bind(op, args: tuple, kwargs: dict) -> list:
 
 
 def _kind(base: int, swap: bool) -> str:
-    from fdiv_kernels._custom_kinds import custom_name  # fk.register_divergence's kinds
-
     return custom_name(base) or next(
         name for name, d in DIVERGENCES.items() if d.base == base and d.swap == swap)
 
@@ -157,14 +158,13 @@ def _scale_rows(op, args, kwargs):
 
 def _handlers() -> dict:
     ops = {}
-    for backend in BACKENDS:
-        for name, fn in (("divergence_fwd", _divergence_fwd),
-                         ("softmax_stats_fwd", _softmax_stats_fwd),
-                         ("softmax_stats_bwd", _softmax_stats_bwd)):
-            if hasattr(torch.ops.fdiv, f"{name}_{backend}"):  # backends register what they built
-                packet = getattr(torch.ops.fdiv, f"{name}_{backend}")
-                ops[packet.default] = functools.partial(fn, backend)
-    ops[torch.ops.fdiv.scale_rows_.default] = _scale_rows
+    for record in records():  # the backends loaded so far: the ones a call can have selected
+        for op, fn in ((record.divergence_fwd, _divergence_fwd),
+                       (record.softmax_stats_fwd, _softmax_stats_fwd),
+                       (record.softmax_stats_bwd, _softmax_stats_bwd)):
+            if op is not None:
+                ops[overload(op)] = functools.partial(fn, record.name)
+    ops[overload(scale_rows_)] = _scale_rows
     return ops
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
-from fdiv_kernels.dispatch import select
+from fdiv_kernels.core import _validation as V
+from fdiv_kernels.core._dispatch import select
 
 
 def check_shard(name: str, x: object) -> Tensor:

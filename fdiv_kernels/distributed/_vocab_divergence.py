@@ -6,11 +6,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
+from fdiv_kernels.core import _validation as V
 from fdiv_kernels import phases
-from fdiv_kernels._divergence import divergence
-from fdiv_kernels._kinds import KernelSpec, lookup, resolve
-from fdiv_kernels.backends.common import loss_dtype
+from fdiv_kernels.divergences._dense import divergence
+from fdiv_kernels.kinds._registry import KernelSpec, lookup, resolve
+from fdiv_kernels.core._validation import loss_dtype
 from fdiv_kernels.distributed import _comm, _shards
 
 # Kinds whose per-row (sum h, sum k) follow from the loss D alone (element identities of each

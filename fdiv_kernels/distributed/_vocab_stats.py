@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
+from fdiv_kernels.core import _validation as V
 from fdiv_kernels import phases
-from fdiv_kernels._softmax_stats import entropy, logsumexp, token_logprobs
-from fdiv_kernels.backends.common import loss_dtype
+from fdiv_kernels.stats._softmax import entropy, logsumexp, token_logprobs
+from fdiv_kernels.core._ops import ops_for
+from fdiv_kernels.core._validation import loss_dtype
 from fdiv_kernels.distributed import _comm, _shards
 
 LSE, ENTROPY, LOGPROB = 0, 1, 2  # which statistic a StatsFunction returns
@@ -29,8 +30,7 @@ def _local_stats(x: Tensor, inv_t: float, backend: str, want_entropy: bool):
                 x.new_zeros(n, dtype=ctype) if want_entropy else None)
     if not want_entropy:
         return phases.row_lse(x, 1.0 / inv_t, backend=backend), None
-    op = getattr(torch.ops.fdiv, f"softmax_stats_fwd_{backend}")
-    lse, ent, _ = op(x, None, -100, inv_t, 1.0, 0.0, True)
+    lse, ent, _ = ops_for(backend).softmax_stats_fwd(x, None, -100, inv_t, 1.0, 0.0, True)
     return lse, ent
 
 
@@ -77,7 +77,7 @@ def local_grad(x: Tensor, local_labels: Tensor | None, keep: Tensor | None, L: T
     """
     if x.shape[-1] == 0:
         return torch.zeros_like(x)
-    bwd = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{backend}")
+    bwd = ops_for(backend).softmax_stats_bwd
     as_rows = lambda g: None if g is None else g.to(L.dtype).contiguous()  # noqa: E731
     g_lse, g_ent, g_lp = as_rows(g_lse), as_rows(g_ent), as_rows(g_lp)
     labels = None

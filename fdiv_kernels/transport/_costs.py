@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fdiv_kernels._ids import COSINE, DOT, EUCLIDEAN, L1, SQEUCLIDEAN
+from fdiv_kernels.core._ids import COSINE, DOT, EUCLIDEAN, L1, SQEUCLIDEAN
 
 # The cost kinds, ids shared with the C++ and Triton kernels (fdiv_kernels/_ids.py).
 COST_KINDS = {"sqeuclidean": SQEUCLIDEAN, "euclidean": EUCLIDEAN, "l1": L1, "dot": DOT,

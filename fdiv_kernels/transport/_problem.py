@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
+from fdiv_kernels.core import _validation as V
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from fdiv_kernels.core import _dispatch
 from fdiv_kernels.transport import _solver as solver
 
 
@@ -43,12 +44,20 @@ class SinkhornOps:
         if (self.unrolled_fwd is None) != (self.unrolled_bwd is None):
             raise ValueError("unrolled_fwd and unrolled_bwd come as a pair")
 
+    def provides(self, op: str) -> bool:
+        """The dispatch's question: the family's entry point is the forward solve."""
+        return op == "sinkhorn_fwd"
+
+    def reasons(self, op: str, base: int, plain: bool) -> list[str]:
+        return []  # the optional pieces fall back to the torch statements, never a refusal
+
 
 _OPS: dict[str, SinkhornOps] = {}
 
 
 def register(ops: SinkhornOps) -> None:
     _OPS[ops.name] = ops
+    _dispatch.register(ops)
 
 
 def ops_for(backend: str) -> SinkhornOps:

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
-from fdiv_kernels.dispatch import select
+from fdiv_kernels.core import _validation as V
+from fdiv_kernels.core._dispatch import select
 from fdiv_kernels.transport import _ops_torch  # noqa: F401  (the torch backend's record)
 from fdiv_kernels.transport import _problem as problem
 from fdiv_kernels.transport import _unrolled as unrolled

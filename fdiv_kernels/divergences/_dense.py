@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
-from fdiv_kernels._grads_in_forward import keep_grads, scaled_grads
-from fdiv_kernels._kinds import KernelSpec, resolve
-from fdiv_kernels import _row_kinds
-from fdiv_kernels._logit_transform import check_pair_transforms, select_backend
-from fdiv_kernels._stats import DivergenceStats
+from fdiv_kernels.core import _validation as V
+from fdiv_kernels.core._grads import keep_grads, scaled_grads
+from fdiv_kernels.core._ops import select_ops
+from fdiv_kernels.core._transforms import check_pair_transforms
+from fdiv_kernels.divergences import _row_kinds
+from fdiv_kernels.divergences._results import DivergenceStats
+from fdiv_kernels.kinds._registry import KernelSpec, resolve
+from fdiv_kernels.stats._softmax import entropy
 
 
 def _is_dtensor(x: object) -> bool:
@@ -21,25 +23,21 @@ def _is_dtensor(x: object) -> bool:
     return isinstance(x, DTensor)
 
 
-def _forward_op(backend: str):
-    return getattr(torch.ops.fdiv, f"divergence_fwd_{backend}")
-
-
 class DivergenceFunction(torch.autograd.Function):
     """Per-row divergence of (N, V) logits and the student's per-row entropy (not
     differentiable); the gradient is computed in the forward.
 
     ``transforms`` is (student_scale, student_softcap, teacher_scale, teacher_softcap).
 
-    The backward scales the stored per-row gradients (fdiv_kernels._grads_in_forward).
+    The backward scales the stored per-row gradients (fdiv_kernels.core._grads).
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, valid, base, swap, param, inv_t, transforms, backend,
+    def forward(ctx, student, teacher, valid, base, swap, param, inv_t, transforms, ops,
                 inplace, grad_enabled=True):
         grad_s = grad_enabled and ctx.needs_input_grad[0]
         grad_t = grad_enabled and ctx.needs_input_grad[1]
-        loss, gs, gt, ent = _forward_op(backend)(
+        loss, gs, gt, ent = ops.divergence_fwd(
             student, teacher, valid, base, swap, param, inv_t, *transforms, grad_s, grad_t
         )
         keep_grads(ctx, gs, gt, grad_s, grad_t, inplace)
@@ -160,9 +158,9 @@ def divergence(
     t = teacher_logits.to(dtype).reshape(-1, vocab).contiguous()
     row_kind = spec.kind in (_row_kinds.RENYI, _row_kinds.CAUCHY_SCHWARZ)
     # The row kinds run their row op (every backend with it also has divergence_fwd, which
-    # renyi uses too): fdiv_kernels._row_kinds.
-    name = select_backend(backend, s, "lse_combination_fwd" if row_kind else "divergence_fwd",
-                          transforms, spec.base)
+    # renyi uses too): fdiv_kernels.divergences._row_kinds.
+    ops = select_ops(backend, s, "lse_combination_fwd" if row_kind else "divergence_fwd",
+                     spec.base, transforms)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if s.shape[0] == 0:
@@ -177,18 +175,16 @@ def divergence(
         rows = ent = None
         if spec.kind != _row_kinds.CAUCHY_SCHWARZ:  # renyi: from the alpha rows (base ALPHA), too
             rows, ent = DivergenceFunction.apply(
-                s, t, keep, spec.base, spec.swap, spec.param, inv_t, transforms, name,
+                s, t, keep, spec.base, spec.swap, spec.param, inv_t, transforms, ops,
                 inplace_backward, torch.is_grad_enabled(),
             )
         if row_kind:
-            rows = _row_kinds.row_kind_rows(spec.kind, spec.param, s, t, keep, inv_t, name,
+            rows = _row_kinds.row_kind_rows(spec.kind, spec.param, s, t, keep, inv_t, ops,
                                             inplace_backward, rows, transforms=transforms)
         if ent is None and return_stats:
             # cauchy_schwarz's row op has no entropy output: one more read of the student rows.
-            from fdiv_kernels._softmax_stats import entropy
-
             ent = entropy(s.detach(), temperature, logit_scale=transforms[0],
-                          softcap=transforms[1] or None, backend=name)
+                          softcap=transforms[1] or None, backend=ops.name)
             ent = torch.where(keep, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))
     loss = V.reduce_rows(rows, valid, reduction, lead, num_items_in_batch)
     if not return_stats:

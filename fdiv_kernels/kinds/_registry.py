@@ -20,9 +20,9 @@ Adding a divergence: one ``Divergence`` entry here and one element function per 
 Two more tables sit beside ``DIVERGENCES``:
 
 * ``ROW_DIVERGENCES``: kinds that are not sums of element terms but functions of a few per-row
-  sums (Renyi, Cauchy-Schwarz), computed by ``fk.divergence`` alone (``fdiv_kernels._row_kinds``);
+  sums (Renyi, Cauchy-Schwarz), computed by ``fk.divergence`` alone (``fdiv_kernels.divergences._row_kinds``);
   every other op rejects them with a ValueError from ``resolve``.
-* custom kinds from ``fk.register_divergence`` (``fdiv_kernels._custom_kinds``): element-term
+* custom kinds from ``fk.register_divergence`` (``fdiv_kernels.kinds._custom``): element-term
   kinds whose terms come from a user's f-divergence generator, with base ids from
   ``CUSTOM_BASE`` up, run by the torch backend (the C++ kernels cannot; see the dispatch reasons).
 """
@@ -33,12 +33,37 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 # Base kernel ids, stated once in _ids (shared with the Triton kernels and csrc/common/ids.h).
-from fdiv_kernels._custom_kinds import CUSTOM, CUSTOM_BASE, custom_terms
-from fdiv_kernels._ids import ALPHA, CHI2, HELLINGER, JEFFREYS, JS, KL, SKEW_KL, SOFT_CE, TV
+from fdiv_kernels.core._ids import ALPHA, CHI2, HELLINGER, JEFFREYS, JS, KL, SKEW_KL, SOFT_CE, TV
+
+
+# Base ids of custom kinds start here, far above the built-in ones (fdiv_kernels.core._ids.NUM_BASES);
+# no C++ kernel takes them; the Triton divergence kernels do given the kind's Triton generator.
+CUSTOM_BASE = 1024
+
+
+@dataclass(frozen=True)
+class CustomDivergence:
+    name: str
+    base: int
+    f: Callable[[Tensor], Tensor]
+    f_prime: Callable[[Tensor], Tensor]
+    triton_f: object | None = None
+    triton_f_prime: object | None = None
+
+    @property
+    def math(self) -> str:
+        return f"sum q f(p / q), f = {getattr(self.f, '__name__', 'user generator')}"
+
+
+# name -> kind, for the kinds registered now.
+CUSTOM: dict[str, CustomDivergence] = {}
+# base id -> kind, for every kind ever registered in this process: ids are never reused and an
+# unregistered kind keeps its entry, so a graph built with it (a fused form's backward recomputes
+# its chunks from the base id) still computes that kind's gradient.
+BY_BASE: dict[int, CustomDivergence] = {}
 
 
 @dataclass(frozen=True)
@@ -119,7 +144,7 @@ def _positive_finite(name: str) -> Callable[[float], str | None]:
 
 
 # Kinds that are functions of a few per-row sums, not sums of element terms; fk.divergence only
-# (fdiv_kernels._row_kinds). ``base`` is the element kernel they are computed from, if any.
+# (fdiv_kernels.divergences._row_kinds). ``base`` is the element kernel they are computed from, if any.
 ROW_DIVERGENCES: dict[str, Divergence] = {
     d.name: d
     for d in [
@@ -193,83 +218,3 @@ def resolve(kind: str, beta: float | None, alpha: float | None, lam: float | Non
             d = lookup(limit)
             param = 0.0
     return KernelSpec(d.name, d.base, d.swap, param)
-
-
-# ---------------------------------------------------------------------------------------------
-# The element terms in torch: the readable statement of what every kernel computes.
-# ---------------------------------------------------------------------------------------------
-
-
-def _nz(x: Tensor, value: Tensor) -> Tensor:
-    """``value`` where x != 0, else 0: the 0 log 0 = 0 convention (a NaN x stays NaN)."""
-    return torch.where(x == 0, torch.zeros_like(value), value)
-
-
-def _xlogy_ratio(x: Tensor, lx: Tensor, ly: Tensor) -> Tensor:
-    """x * (lx - ly) with the 0 log 0 = 0 convention (x = 0 contributes nothing)."""
-    return _nz(x, x * (lx - ly))
-
-
-def _mix_log(w: float, la: Tensor, lb: Tensor) -> Tensor:
-    """log(w a + (1-w) b) in log space: never NaN when both underflow."""
-    return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
-
-
-def _terms(base: int, param: float, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    if base >= CUSTOM_BASE:
-        return custom_terms(base, lp, lq)
-    p, q = lp.exp(), lq.exp()
-    if base == KL:
-        t = _xlogy_ratio(p, lp, lq)
-        return t, -p, _nz(p, t + p)
-    if base == JS:
-        lm = _mix_log(param, lp, lq)
-        tp = param * _xlogy_ratio(p, lp, lm)
-        tq = (1.0 - param) * _xlogy_ratio(q, lq, lm)
-        return tp + tq, tq, tp
-    if base == TV:
-        sgn = torch.sign(q - p)
-        return 0.5 * (p - q).abs(), 0.5 * sgn * q, -0.5 * sgn * p
-    if base == HELLINGER:
-        g = torch.exp(0.5 * (lp + lq))
-        return 0.5 * (p + q) - g, 0.5 * (q - g), 0.5 * (p - g)
-    if base == CHI2:
-        r = _nz(p, torch.exp(2.0 * lp - lq))  # p^2 / q, +inf where q = 0 < p
-        return r - 2.0 * p + q, q - r, 2.0 * (r - p)
-    if base == ALPHA:
-        a, b = param, 1.0 - param
-        # With w = p^a q^b = q e^(a d) = p e^(-b d), d = lp - lq: q - w = -q expm1(a d) and
-        # p - w = -p expm1(-b d) have no cancellation, and expm1(a d) / a -> d as a -> 0, so h and
-        # k move continuously into reverse / forward KL's. The loss (a p + b q - w) / (a b) is
-        # regrouped as (q - p + k) / a (a >= 1/2) or (p - q + h) / b (a < 1/2): the q - p terms
-        # sum to 0, divided by the larger of a, b; 1 - sum w / (a b) would cancel as 1 / (a b).
-        d = lp - lq
-        h = _nz(q, -q * torch.expm1(a * d)) / a
-        k = _nz(p, -p * torch.expm1(-b * d)) / b
-        t = (q - p + k) / a if a >= 0.5 else (p - q + h) / b
-        return t, h, k
-    if base == SKEW_KL:
-        lm = _mix_log(param, lp, lq)
-        t = _xlogy_ratio(p, lp, lm)
-        pr = _nz(p, p * torch.exp(math.log1p(-param) + lq - lm))
-        return t, -pr, _nz(p, t + pr)
-    if base == JEFFREYS:
-        t = _xlogy_ratio(p, lp, lq) + _xlogy_ratio(q, lq, lp)
-        d = lq - lp
-        h = _nz(q, q * d) + q - p
-        k = _nz(p, -p * d) + p - q
-        return t, h, k
-    if base == SOFT_CE:
-        t = _nz(p, -p * lq)  # p = 0 adds nothing, even where lq = -inf
-        return t, -p, t
-    raise ValueError(f"unknown base divergence id {base}")
-
-
-def element_terms(
-    spec: KernelSpec, lp: Tensor, lq: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(term, d term/d lq, d term/d lp) for ``spec``, elementwise over log-probabilities."""
-    if spec.swap:
-        t, h, k = _terms(spec.base, spec.param, lq, lp)
-        return t, k, h
-    return _terms(spec.base, spec.param, lp, lq)

@@ -11,7 +11,7 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -70,7 +70,9 @@ def _cuda_reasons(device: str, dtype: torch.dtype) -> list[str]:
     if err:
         return [f"the C++ extension fdiv_kernels._C is not built ({err})"]
     reasons = []
-    if not hasattr(torch.ops.fdiv, "divergence_fwd_cuda"):
+    if not _RECORDS.get("cuda"):
+        importlib.import_module(TABLE["cuda"].module)  # registers the records a CUDA build has
+    if not _RECORDS.get("cuda"):
         reasons.append("the CUDA C++ kernels are not part of this build (needs a CUDA torch and "
                        "nvcc when installing)")
     if device != "cuda":
@@ -82,14 +84,30 @@ def _torch_reasons(device: str, dtype: torch.dtype) -> list[str]:
     return _dtype_reasons(dtype, FLOAT_DTYPES + (torch.float64,))
 
 
-def _kind_reasons(backend: str, base: int, op: str = "") -> list[str]:
-    """Why ``backend`` cannot run divergence base ``base`` in ``op`` (custom kinds: torch, and
-    Triton's dense divergence kernels when registered with Triton functions)."""
-    if base < 0:
-        return []
-    from fdiv_kernels._custom_kinds import custom_kind_reasons
+class OpRecord(Protocol):
+    """What a family's per-backend record tells the dispatch (``fdiv_kernels.core._ops.SoftmaxOps``,
+    ``fdiv_kernels.transport._registry.SinkhornOps``)."""
 
-    return custom_kind_reasons(backend, base, op)
+    name: str
+
+    def provides(self, op: str) -> bool: ...
+
+    def reasons(self, op: str, base: int, plain: bool) -> list[str]: ...
+
+
+# backend name -> the records its ops module registered (one per op family).
+_RECORDS: dict[str, list[OpRecord]] = {}
+
+
+def register(record: OpRecord) -> None:
+    """Declare what a backend implements: called by the backends' ops modules on import."""
+    records = _RECORDS.setdefault(record.name, [])
+    records[:] = [r for r in records if type(r) is not type(record)] + [record]
+
+
+def record_for(backend: str, op: str) -> OpRecord | None:
+    """The record of ``backend`` that provides ``op`` (None: the backend lacks it)."""
+    return next((r for r in _RECORDS.get(backend, ()) if r.provides(op)), None)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -100,7 +118,7 @@ class BackendUnavailableError(RuntimeError):
 class Backend:
     name: str
     reasons: Callable[[str, torch.dtype], list[str]]  # (device type, dtype) -> reasons
-    module: str | None  # imported on first use to register its ops
+    module: str  # imported on first use: registers the backend's ops and records
 
 
 TABLE = {
@@ -116,22 +134,29 @@ def not_supported_reasons(backend: str, x: Tensor) -> list[str]:
     return TABLE[backend].reasons(x.device.type, x.dtype)
 
 
-def select(requested: str, x: Tensor, op: str, base: int | None = None) -> str:
+def select(requested: str, x: Tensor, op: str, base: int | None = None,
+           transforms: tuple[float, ...] | None = None) -> str:
     """Resolve ``requested`` ("auto" or a backend name) for ``op`` on tensors like ``x``.
 
-    ``op`` names the registered op without its backend suffix (``"divergence_fwd"``): a backend
-    qualifies once ``torch.ops.fdiv.<op>_<backend>`` exists. ``base``: the divergence base id the
-    op will run, when the backend's kernels may not take every kind (custom kinds).
+    ``op`` names a kernel of an op family's record (``"divergence_fwd"``, ``"sinkhorn_fwd"``).
+    ``base``: the divergence base id the op will run (the backend's kernels may not take custom
+    kinds); ``transforms``: the (scale, softcap, ...) pairs the kernel must fuse in. The backend
+    qualifies when its device and dtype reasons are empty and its record provides ``op`` and
+    declares what ``base`` and ``transforms`` need.
     """
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a str, got {type(requested).__name__}")
-    return _select(requested, x.device.type, x.dtype, op, -1 if base is None else int(base))
+    plain = transforms is None or all(
+        v == (1.0 if i % 2 == 0 else 0.0) for i, v in enumerate(transforms))
+    return _select(requested, x.device.type, x.dtype, op, -1 if base is None else int(base),
+                   plain)
 
 
 # A pure function of its arguments and the environment: torch.compile runs it once while tracing
 # and keeps the answer, so dispatch adds nothing to the compiled graph.
 @torch.compiler.assume_constant_result
-def _select(requested: str, device: str, dtype: torch.dtype, op: str, base: int = -1) -> str:
+def _select(requested: str, device: str, dtype: torch.dtype, op: str, base: int = -1,
+            plain: bool = True) -> str:
     if requested == "auto":
         requested = os.environ.get("FDIV_BACKEND", "auto") or "auto"
     if requested != "auto" and requested not in TABLE:
@@ -139,14 +164,16 @@ def _select(requested: str, device: str, dtype: torch.dtype, op: str, base: int 
     candidates = AUTO_ORDER.get(device, ("torch",)) if requested == "auto" else (requested,)
     why = {}
     for name in candidates:
-        reasons = TABLE[name].reasons(device, dtype) + _kind_reasons(name, base, op)
+        reasons = TABLE[name].reasons(device, dtype)
         if not reasons:
-            module = TABLE[name].module
-            if module:
-                importlib.import_module(module)
-            if hasattr(torch.ops.fdiv, f"{op}_{name}"):
-                return name
-            reasons = [f"{op} is not implemented by this backend"]
+            importlib.import_module(TABLE[name].module)  # registers the backend's records
+            record = record_for(name, op)
+            if record is None:
+                reasons = [f"{op} is not implemented by this backend"]
+            else:
+                reasons = record.reasons(op, base, plain)
+        if not reasons:
+            return name
         why[name] = reasons
     lines = "\n".join(f"  {name}: {'; '.join(r)}" for name, r in why.items())
     raise BackendUnavailableError(

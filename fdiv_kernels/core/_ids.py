@@ -5,7 +5,7 @@ only globals a ``@triton.jit`` body may read), ``csrc/common/ids.h`` holds the s
 C++, and ``tests/test_ids.py`` parses that header and checks that the two agree.
 """
 
-# Divergence base kernels (``fdiv_kernels._kinds``): each kind is a base id plus a swap flag.
+# Divergence base kernels (``fdiv_kernels.kinds._registry``): each kind is a base id plus a swap flag.
 KL = 0
 JS = 1
 TV = 2
@@ -25,7 +25,7 @@ DOT = 3
 COSINE = 4
 NUM_COSTS = 5
 
-# Tails of a top-k (sparse) teacher (``fdiv_kernels._sparse_tails.TAILS``).
+# Tails of a top-k (sparse) teacher (``fdiv_kernels.divergences._sparse_tails.TAILS``).
 TAIL_NONE = 0
 TAIL_BUCKET = 1
 TAIL_RENORMALIZE = 2

@@ -1,7 +1,7 @@
 """The registry of user-defined f-divergences (``fk.register_divergence``) and their element terms.
 
 D_f(p || q) = sum_i q_i f(p_i / q_i) for a convex generator f with f(1) = 0. In log space, with
-r = p / q = exp(lp - lq), the element terms the kernels need (``fdiv_kernels._kinds``) follow from
+r = p / q = exp(lp - lq), the element terms the kernels need (``fdiv_kernels.kinds._registry``) follow from
 f and f' alone::
 
     term = q f(r),   h = d term / d lq = q (f(r) - r f'(r)),   k = d term / d lp = p f'(r).
@@ -14,7 +14,7 @@ p = q = 0 adds nothing.
 
 Each custom kind gets a base id from ``CUSTOM_BASE`` up: the torch backend evaluates it with the
 user's torch functions; the C++ kernels cannot (they compile their kinds in), which the dispatch
-reports (``custom_kind_reasons``); the Triton divergence kernels take it when registered with
+reports (each backend's record declares which of its ops take custom kinds); the Triton divergence kernels take it when registered with
 ``@triton.jit`` versions of f and f' (passed to the kernels as constexprs, element terms in fp32
 with the same zero conventions: ``triton_kernels/divergence_terms.custom_terms``); the Triton
 sparse-teacher kernels do not.
@@ -29,28 +29,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-# Base ids of custom kinds start here, far above the built-in ones (fdiv_kernels._ids.NUM_BASES);
-# no C++ kernel takes them; the Triton divergence kernels do given the kind's Triton generator.
-CUSTOM_BASE = 1024
-
-
-@dataclass(frozen=True)
-class CustomDivergence:
-    name: str
-    base: int
-    f: Callable[[Tensor], Tensor]
-    f_prime: Callable[[Tensor], Tensor]
-    triton_f: object | None = None
-    triton_f_prime: object | None = None
-
-    @property
-    def math(self) -> str:
-        return f"sum q f(p / q), f = {getattr(self.f, '__name__', 'user generator')}"
-
-
-CUSTOM: dict[str, CustomDivergence] = {}
-_BY_BASE: dict[int, CustomDivergence] = {}
-
+from fdiv_kernels.kinds._registry import (
+    BY_BASE,
+    CUSTOM,
+    CUSTOM_BASE,
+    DIVERGENCES,
+    ROW_DIVERGENCES,
+    CustomDivergence,
+)
 
 def _check_generator(name: str, f: Callable, f_prime: Callable) -> None:
     """f(1) = 0, f' the derivative of f (central differences), both elementwise on tensors."""
@@ -107,7 +93,7 @@ def register_divergence(
     Afterwards every op that takes ``kind=`` accepts ``name`` on the torch backend (``auto``
     picks it; the C++ backends report that they cannot run custom kinds; Triton runs it when
     given ``triton_f`` / ``triton_f_prime``). The element terms and
-    both gradients follow from f and f' (module docstring of ``fdiv_kernels._custom_kinds``).
+    both gradients follow from f and f' (module docstring of ``fdiv_kernels.kinds._custom``).
 
     Args:
         name: a new kind name; a built-in kind's name raises ValueError, as does a name already
@@ -144,8 +130,6 @@ def register_divergence(
         fk.register_divergence("pearson", lambda t: (t - 1) ** 2, lambda t: 2 * (t - 1),
                                triton_f=pearson_f, triton_f_prime=pearson_fp)
     """
-    from fdiv_kernels._kinds import DIVERGENCES, ROW_DIVERGENCES
-
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name must be a str identifier, got {name!r}")
     if name in DIVERGENCES or name in ROW_DIVERGENCES:
@@ -157,27 +141,34 @@ def register_divergence(
             raise TypeError(f"{arg} must be callable, got {type(fn).__name__}")
     _check_triton_generator(triton_f, triton_f_prime)
     _check_generator(name, f, f_prime)
-    base = CUSTOM_BASE + max((d.base - CUSTOM_BASE + 1 for d in CUSTOM.values()), default=0)
+    # Never an id used before in this process (BY_BASE keeps unregistered kinds).
+    base = CUSTOM_BASE + len(BY_BASE)
     d = CustomDivergence(name, base, f, f_prime, triton_f, triton_f_prime)
     CUSTOM[name] = d
-    _BY_BASE[base] = d
+    BY_BASE[base] = d
 
 
 def unregister_divergence(name: str) -> None:
-    """Remove a kind added by ``register_divergence`` (KeyError if ``name`` is not one)."""
-    d = CUSTOM.pop(name)
-    del _BY_BASE[d.base]
+    """Remove a kind added by ``register_divergence``: new calls no longer accept ``name``.
+
+    A graph already built with the kind keeps computing that kind's gradient (its base id is
+    never given to another kind). Raises KeyError naming the registered kinds if ``name`` is not
+    one of them.
+    """
+    if name not in CUSTOM:
+        raise KeyError(f"{name!r} is not a registered custom kind (registered: {sorted(CUSTOM)})")
+    del CUSTOM[name]
 
 
 def custom_name(base: int) -> str | None:
     """The registered name of a custom base id, or None if ``base`` is not one."""
-    d = _BY_BASE.get(base)
+    d = BY_BASE.get(base)
     return d.name if d else None
 
 
 def custom_terms(base: int, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(term, d term/d lq, d term/d lp) of a registered kind, elementwise (see module doc)."""
-    d = _BY_BASE.get(base)
+    d = BY_BASE.get(base)
     if d is None:
         raise ValueError(f"unknown base divergence id {base} (no custom kind registered under it)")
     # In float64 (at least): r = p / q overflows float32 once lp - lq > 88, where q f(r) is still
@@ -204,35 +195,11 @@ def custom_terms(base: int, lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Ten
 def triton_generator(base: int) -> tuple[object, object]:
     """(triton_f, triton_f_prime) of a custom kind, for the Triton divergence kernels' F / F_PRIME
     constexprs; ValueError if ``base`` is not a custom kind registered with them."""
-    d = _BY_BASE.get(base)
+    d = BY_BASE.get(base)
     if d is None or d.triton_f is None:
         raise ValueError(f"divergence base id {base} is not a custom kind registered with "
                          "triton_f / triton_f_prime")
     return d.triton_f, d.triton_f_prime
-
-
-# The ops whose Triton kernels take a custom kind's generator (triton_kernels/divergence.py);
-# the others (the sparse teacher's kernels) compile their kinds in.
-TRITON_CUSTOM_OPS = ("divergence_fwd", "divergence_partials", "divergence_grads")
-
-
-def custom_kind_reasons(backend: str, base: int, op: str = "") -> list[str]:
-    """Why ``backend`` cannot run the kind with base id ``base`` in ``op`` (empty: it can)."""
-    d = _BY_BASE.get(base)
-    if d is None or backend == "torch":
-        return []
-    name = d.name
-    if backend == "triton":
-        if d.triton_f is None:
-            return [f"kind {name!r} is a custom kind (fk.register_divergence) registered without "
-                    "triton_f / triton_f_prime: the Triton kernels need them"]
-        if op not in TRITON_CUSTOM_OPS:
-            return [f"kind {name!r} is a custom kind (fk.register_divergence): the Triton kernels "
-                    f"of {op or 'this op'} do not take custom kinds (only "
-                    f"{', '.join(TRITON_CUSTOM_OPS)} do)"]
-        return []
-    return [f"kind {name!r} is a custom kind (fk.register_divergence): the C++ kernels compile "
-            "their kinds in and cannot run it"]
 
 
 __all__ = ["CUSTOM", "CUSTOM_BASE", "register_divergence", "unregister_divergence"]

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from fdiv_kernels._ids import TAIL_BUCKET, TAIL_NONE, TAIL_RENORMALIZE
+from fdiv_kernels.core._ids import TAIL_BUCKET, TAIL_NONE, TAIL_RENORMALIZE
 
 TAILS = {"none": TAIL_NONE, "bucket": TAIL_BUCKET, "renormalize": TAIL_RENORMALIZE}
 

@@ -3,7 +3,7 @@ r"""``fk.sparse_divergence``: a divergence against a top-k (sparse) teacher, fro
 Per row, with a = f(z) / T the student's scaled logits (f the logit transform: z -> s z, then
 c tanh(z / c) under a softcap), L = LSE(a) over all V, S the support (the teacher's K ids minus
 padding), lq_i = a_i - L and lp_i the teacher's log-probs (after the tail convention and
-re-tempering of ``fdiv_kernels._sparse_tails.prepare_teacher``):
+re-tempering of ``fdiv_kernels.divergences._sparse_tails.prepare_teacher``):
 
 * ``"none"``:        D = sum_{i in S} term(lp_i, lq_i)
 * ``"renormalize"``: as "none" with lq'_i = a_i - LSE_S(a) and lp'_i = lp_i - LSE_S(lp)
@@ -11,7 +11,7 @@ re-tempering of ``fdiv_kernels._sparse_tails.prepare_teacher``):
                      lq_tail = log(1 - Q_S) = log1mexp(LSE_S(lq)), Q_S = sum_S q, same for p
 
 where term, h = d term / d lq and k = d term / d lp are the element terms of the kind
-(``fdiv_kernels._kinds``). The student gradient, with H = sum_S h (d/dz = d/da f'(z) / T):
+(``fdiv_kernels.kinds._registry``). The student gradient, with H = sum_S h (d/dz = d/da f'(z) / T):
 
 * none:        dD/da_j = h_j [j in S] - q_j H
 * renormalize: dD/da_j = (h_j - q'_j H) [j in S]            (zero off S)
@@ -38,18 +38,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
-from fdiv_kernels._kinds import KernelSpec, resolve
-from fdiv_kernels._sparse_tails import TAILS
-from fdiv_kernels.dispatch import select
+from fdiv_kernels.core import _validation as V
+from fdiv_kernels.core._ops import select_ops
+from fdiv_kernels.core._transforms import check_logit_transform
+from fdiv_kernels.divergences._sparse_tails import TAILS
+from fdiv_kernels.kinds._registry import KernelSpec, resolve
 
 # Teacher mass on S above 1 that "bucket" accepts as rounding of the stored log-probs, by the
 # dtype they are stored in (a 16-bit log-prob near 0 is off by ~2^-9 relative).
 MASS_SLACK = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
-
-def _op(backend: str, which: str):
-    return getattr(torch.ops.fdiv, f"sparse_divergence_{which}_{backend}")
 
 
 class SparseDivergenceFunction(torch.autograd.Function):
@@ -61,11 +58,11 @@ class SparseDivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, ids, support, valid, spec, inv_t, tail, alpha, slack,
-                transform, backend):
+                transform, ops):
         grad_s = ctx.needs_input_grad[0]
         grad_t = ctx.needs_input_grad[1]
         scale, cap = transform
-        loss, _, gt, stats = _op(backend, "fwd")(
+        loss, _, gt, stats = ops.sparse_divergence_fwd(
             student, ids, teacher, support, valid, spec.base, spec.swap, spec.param, inv_t, tail,
             alpha, slack, scale, cap, False, grad_t,
         )
@@ -74,7 +71,7 @@ class SparseDivergenceFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(gt)
         ctx.grad_s, ctx.grad_t, ctx.teacher_dtype = grad_s, grad_t, teacher.dtype
-        ctx.args = (spec, inv_t, tail, alpha, scale, cap, backend)
+        ctx.args = (spec, inv_t, tail, alpha, scale, cap, ops)
         return loss
 
     @staticmethod
@@ -82,11 +79,11 @@ class SparseDivergenceFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("fdiv_kernels.sparse_divergence does not support higher-order "
                                "gradients (backward with create_graph=True)")
-        spec, inv_t, tail, alpha, scale, cap, backend = ctx.args
+        spec, inv_t, tail, alpha, scale, cap, ops = ctx.args
         d_s = d_t = None
         if ctx.grad_s:
             student, ids, teacher, support, valid, stats, gt = ctx.saved_tensors
-            d_s = _op(backend, "bwd")(
+            d_s = ops.sparse_divergence_bwd(
                 student, ids, teacher, support, valid, stats,
                 grad_loss.to(stats.dtype).contiguous(), spec.base, spec.swap, spec.param, inv_t,
                 tail, alpha, scale, cap,
@@ -153,14 +150,6 @@ def check_sparse_teacher(
         raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
     return (ids.reshape(n, k).to(torch.int64).contiguous(),
             teacher_logprobs.reshape(n, k).contiguous(), mask, TAILS[tail])
-
-
-def check_transform(logit_scale: object, softcap: object) -> tuple[float, float]:
-    """(scale, cap) of the student's logit transform as the kernels take them (cap 0: none)."""
-    scale = V.check_real("student_logit_scale", logit_scale, positive=True)
-    if softcap is None:
-        return scale, 0.0
-    return scale, V.check_real("student_softcap", softcap, positive=True)
 
 
 def teacher_alpha(temperature: float, teacher_temperature: object) -> float:
@@ -248,21 +237,21 @@ def sparse_divergence(
     ids, lp, mask, tail_id = check_sparse_teacher(
         lead, vocab, student_logits.device, teacher_ids, teacher_logprobs, support_mask, tail)
     spec: KernelSpec = resolve(kind, beta, alpha, lam)
-    t = V.check_real("temperature", temperature, positive=True)
-    a = teacher_alpha(t, teacher_temperature)
-    transform = check_transform(student_logit_scale, student_softcap)
+    inv_t = V.check_temperature(temperature, student_logits.dtype)
+    a = teacher_alpha(float(temperature), teacher_temperature)
+    transform = check_logit_transform("student_logit_scale", student_logit_scale,
+                                      "student_softcap", student_softcap)
     reduction = V.check_reduction(reduction)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     valid = V.row_mask(labels, ignore_index, lead, student_logits.device)
     s = student_logits.reshape(-1, vocab).contiguous()
-    name = select(backend, s, "sparse_divergence_fwd", spec.base)
-    select(name, s, "sparse_divergence_bwd")
+    ops = select_ops(backend, s, "sparse_divergence_fwd", spec.base, transform)
     # No torch op on the teacher here: the kernels check the ids / mass, prepare the teacher
     # (tail, re-tempering) and return its gradient, per row.
     keep = valid if valid is not None else torch.empty(0, dtype=torch.bool, device=s.device)
     loss = SparseDivergenceFunction.apply(
-        s, lp, ids, mask, keep, spec, 1.0 / t, tail_id, a, mass_slack(lp.dtype), transform, name,
+        s, lp, ids, mask, keep, spec, inv_t, tail_id, a, mass_slack(lp.dtype), transform, ops,
     )
     return V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch)
 

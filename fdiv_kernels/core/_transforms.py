@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
+from fdiv_kernels.core import _validation as V
 
 
 def check_logit_transform(scale_name: str, scale: object, softcap_name: str,
@@ -50,22 +50,4 @@ def check_pair_transforms(student_scale: object, student_softcap: object, teache
     )
 
 
-def select_backend(requested: str, x, op: str, transforms: tuple[float, ...],
-                   base: int | None = None) -> str:
-    """``dispatch.select``, except that ``auto`` passes over the CUDA C++ backend when a logit
-    transform is on (its kernels do not fuse them yet; an explicit backend="cuda" raises there)."""
-    from fdiv_kernels.dispatch import BackendUnavailableError, select
-
-    name = select(requested, x, op, base)
-    identity = all(v == (1.0 if i % 2 == 0 else 0.0) for i, v in enumerate(transforms))
-    if name != "cuda" or identity or requested != "auto":
-        return name
-    for alt in ("triton", "torch"):
-        try:
-            return select(alt, x, op, base)
-        except BackendUnavailableError:
-            continue
-    return name
-
-
-__all__ = ["check_logit_transform", "check_pair_transforms", "select_backend", "transform_logits"]
+__all__ = ["check_logit_transform", "check_pair_transforms", "transform_logits"]

@@ -1,6 +1,6 @@
 """Compile every launched Triton kernel variant with Triton's real compiler, no GPU needed.
 
-    python -m fdiv_kernels.triton_compile_check [--all] [--json PATH] [--md PATH] [--jobs 2]
+    python tools/triton_compile_check.py [--all] [--json PATH] [--md PATH] [--jobs 2]
 
 The interpreter (``TRITON_INTERPRET=1``, how the tests run) accepts code the compiler rejects,
 e.g. a non-constexpr global inside ``@triton.jit``. This check runs the same front end, LLVM and

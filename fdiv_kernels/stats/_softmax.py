@@ -12,8 +12,9 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from fdiv_kernels import _validation as V
-from fdiv_kernels._logit_transform import check_logit_transform, select_backend, transform_logits
+from fdiv_kernels.core import _validation as V
+from fdiv_kernels.core._ops import select_ops
+from fdiv_kernels.core._transforms import check_logit_transform, transform_logits
 
 
 class SoftmaxStats(NamedTuple):
@@ -24,12 +25,12 @@ class SoftmaxStats(NamedTuple):
 
 class SoftmaxStatsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, labels, ignore_index, inv_t, want_entropy, backend, scale=1.0,
+    def forward(ctx, x, labels, ignore_index, inv_t, want_entropy, ops, scale=1.0,
                 softcap=0.0):
-        op = getattr(torch.ops.fdiv, f"softmax_stats_fwd_{backend}")
-        lse, ent, lp = op(x, labels, ignore_index, inv_t, scale, softcap, want_entropy)
+        lse, ent, lp = ops.softmax_stats_fwd(x, labels, ignore_index, inv_t, scale, softcap,
+                                             want_entropy)
         ctx.save_for_backward(x, labels, lse, ent)
-        ctx.ignore_index, ctx.inv_t, ctx.backend = ignore_index, inv_t, backend
+        ctx.ignore_index, ctx.inv_t, ctx.ops = ignore_index, inv_t, ops
         ctx.scale, ctx.softcap = scale, softcap
         ctx.mark_non_differentiable(*([] if want_entropy else [ent]),
                                     *([] if labels is not None else [lp]))
@@ -48,13 +49,12 @@ class SoftmaxStatsFunction(torch.autograd.Function):
         x, labels, lse, ent = ctx.saved_tensors
         if g_lse is None and g_ent is None and g_lp is None:
             return (None,) * 8
-        op = getattr(torch.ops.fdiv, f"softmax_stats_bwd_{ctx.backend}")
         # Incoming row gradients are often expanded views (stride 0): kernels want them dense.
         g_lse = g_lse.contiguous() if g_lse is not None else None
         g_ent = g_ent.contiguous() if g_ent is not None and ent.numel() else None
         g_lp = g_lp.contiguous() if g_lp is not None and labels is not None else None
-        dx = op(x, labels, lse, ent, g_lse, g_ent, g_lp, ctx.ignore_index, ctx.inv_t, ctx.scale,
-                ctx.softcap)
+        dx = ctx.ops.softmax_stats_bwd(x, labels, lse, ent, g_lse, g_ent, g_lp, ctx.ignore_index,
+                                       ctx.inv_t, ctx.scale, ctx.softcap)
         return dx, *([None] * 7)
 
 
@@ -107,8 +107,8 @@ def softmax_stats(
     lab = _labels(labels, ignore_index, lead, logits) if labels is not None else None
     if labels is None:
         V.row_mask(None, ignore_index, lead, x.device)
-    name = select_backend(backend, x, "softmax_stats_fwd", xf)
-    lse, ent, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, True, name, *xf)
+    ops = select_ops(backend, x, "softmax_stats_fwd", transforms=xf)
+    lse, ent, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, True, ops, *xf)
     return SoftmaxStats(lse.reshape(lead), ent.reshape(lead),
                         lp.reshape(lead) if lab is not None else None)
 
@@ -139,8 +139,8 @@ def token_logprobs(
     if isinstance(labels, Tensor) and labels.dim() == logits.dim():
         return _token_logprobs_k(x, lead, labels, inv_t, ignore_index, backend, xf)
     lab = _labels(labels, ignore_index, lead, logits)
-    name = select_backend(backend, x, "softmax_stats_fwd", xf)
-    _, _, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, False, name, *xf)
+    ops = select_ops(backend, x, "softmax_stats_fwd", transforms=xf)
+    _, _, lp = SoftmaxStatsFunction.apply(x, lab, int(ignore_index), inv_t, False, ops, *xf)
     return lp.reshape(lead)
 
 
@@ -153,8 +153,8 @@ def _token_logprobs_k(x: Tensor, lead: torch.Size, labels: Tensor, inv_t: float,
                          f"{tuple(labels.shape)}")
     k = labels.shape[-1]
     flat = _labels(labels, ignore_index, labels.shape, x).reshape(-1, k)  # dtype and range
-    name = select_backend(backend, x, "softmax_stats_fwd", xf)
-    lse, _, _ = SoftmaxStatsFunction.apply(x, None, int(ignore_index), inv_t, False, name, *xf)
+    ops = select_ops(backend, x, "softmax_stats_fwd", transforms=xf)
+    lse, _, _ = SoftmaxStatsFunction.apply(x, None, int(ignore_index), inv_t, False, ops, *xf)
     ignored = flat == ignore_index
     picked = x.gather(-1, flat.masked_fill(ignored, 0).to(torch.int64)).to(lse.dtype)
     picked = transform_logits(picked, *xf)[0] * inv_t
@@ -180,8 +180,8 @@ def entropy(
     x, lead = _rows("logits", logits)
     inv_t = V.check_temperature(temperature, x.dtype)
     xf = check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
-    name = select_backend(backend, x, "softmax_stats_fwd", xf)
-    _, ent, _ = SoftmaxStatsFunction.apply(x, None, -100, inv_t, True, name, *xf)
+    ops = select_ops(backend, x, "softmax_stats_fwd", transforms=xf)
+    _, ent, _ = SoftmaxStatsFunction.apply(x, None, -100, inv_t, True, ops, *xf)
     return ent.reshape(lead)
 
 
@@ -232,6 +232,6 @@ def logsumexp(
         # torch's conventions: an empty reduction is -inf; an empty batch is empty.
         return torch.full(out_shape, float("-inf"), dtype=x.dtype, device=x.device) + x.sum() * 0
     rows = moved.reshape(-1, width).contiguous()
-    name = select_backend(backend, rows, "softmax_stats_fwd", xf)
-    lse, _, _ = SoftmaxStatsFunction.apply(rows, None, -100, 1.0, False, name, *xf)
+    ops = select_ops(backend, rows, "softmax_stats_fwd", transforms=xf)
+    lse, _, _ = SoftmaxStatsFunction.apply(rows, None, -100, 1.0, False, ops, *xf)
     return lse.to(x.dtype).reshape(out_shape)

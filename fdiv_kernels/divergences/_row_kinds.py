@@ -1,8 +1,8 @@
 """The kinds that are functions of a few per-row sums, not sums of element terms: Renyi and
-Cauchy-Schwarz (``ROW_DIVERGENCES`` in ``fdiv_kernels._kinds``), as ``fk.divergence`` runs them.
+Cauchy-Schwarz (``ROW_DIVERGENCES`` in ``fdiv_kernels.kinds._registry``), as ``fk.divergence`` runs them.
 
 Both are written with one row op, ``fdiv::lse_combination_fwd_<backend>`` (csrc/cpu/
-lse_combination.cpp, triton_kernels/lse_combination.py, ``lse_combination_rows_torch`` below):
+lse_combination.cpp, triton_kernels/lse_combination.py, the torch backend's statement):
 with a = student / T, b = teacher / T and three terms (ca_k, cb_k, w_k)::
 
     D = sum_k w_k lse(ca_k a + cb_k b),   dD/da = sum_k w_k ca_k softmax(ca_k a + cb_k b)
@@ -48,9 +48,8 @@ import math
 import torch
 from torch import Tensor
 
-from fdiv_kernels._grads_in_forward import keep_grads, scaled_grads
-from fdiv_kernels._logit_transform import transform_logits
-from fdiv_kernels.backends.common import loss_dtype
+from fdiv_kernels.core._grads import keep_grads, scaled_grads
+from fdiv_kernels.core._ops import SoftmaxOps
 
 RENYI = "renyi"
 CAUCHY_SCHWARZ = "cauchy_schwarz"
@@ -88,84 +87,18 @@ def renyi_rows(alpha_rows: Tensor, alpha: float, lse_rows: Tensor | None) -> Ten
     return torch.where(use_lse, lse_rows.to(wide), from_alpha).to(alpha_rows.dtype)
 
 
-def _scaled_logits(z: Tensor, scale: float, softcap: float,
-                   inv_t: float) -> tuple[Tensor, Tensor | float]:
-    """(a, da/dz) with a = transform(z) / T (fdiv_kernels._logit_transform)."""
-    a, da = transform_logits(z, scale, softcap)
-    return a * inv_t, da * inv_t
-
-
-def _softmax_or_zero(x: Tensor, lse: Tensor) -> Tensor:
-    """exp(x - lse) row-wise; 0 on rows whose lse is -inf (no mass: nothing to differentiate)."""
-    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
-    dead = (lse == -math.inf)[:, None]
-    return torch.where(dead, torch.zeros_like(x), torch.exp(x - safe[:, None]))
-
-
-def lse_combination_rows_torch(
-    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
-    student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
-    grad_student: bool, grad_teacher: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The torch statement of ``fdiv::lse_combination_fwd_<backend>`` (float64 sums)."""
-    from fdiv_kernels.backends.torch_ref import _chunks, _zero_where
-
-    if len(coeffs) != 9:
-        raise ValueError(f"coeffs must hold 9 numbers (ca, cb, w per term), got {len(coeffs)}")
-    terms = [tuple(float(c) for c in coeffs[i:i + 3]) for i in (0, 3, 6)]
-    if any(not (ca >= 0 and cb >= 0 and math.isfinite(ca + cb + w)) for ca, cb, w in terms):
-        raise ValueError(f"coeffs: the input coefficients must be finite and >= 0 and the "
-                         f"weights finite, got {terms}")
-    ctype = loss_dtype(student.dtype)
-    wide = torch.promote_types(ctype, torch.float64)
-    N, V = student.shape
-    loss = student.new_empty(N, dtype=ctype)
-    gs = torch.empty_like(student) if grad_student else student.new_empty(0)
-    gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
-    for rows in _chunks(N, V):
-        a, da = _scaled_logits(student[rows].to(wide), student_scale, student_softcap,
-                               inv_temperature)
-        b, db = _scaled_logits(teacher[rows].to(wide), teacher_scale, teacher_softcap,
-                               inv_temperature)
-        xs = [_mix(a, b, ca, cb) for ca, cb, _ in terms]
-        lses = [torch.logsumexp(x, -1) for x in xs]
-        # The maxima first, then the log-sums (as the kernels: exact 0 on identical CS rows).
-        shifts = [torch.where(x.amax(-1) == -math.inf, 0.0, x.amax(-1)) for x in xs]
-        logs = [torch.log(torch.exp(x - m[:, None]).sum(-1)) for x, m in zip(xs, shifts)]
-        row = sum(w * m for (_, _, w), m in zip(terms, shifts))
-        row = row + sum(w * ls for (_, _, w), ls in zip(terms, logs))
-        keep = valid[rows]
-        loss[rows] = _zero_where(keep, row.to(ctype))
-        for want, out, slope, idx in ((grad_student, gs, da, 0), (grad_teacher, gt, db, 1)):
-            if not want:
-                continue
-            g = torch.zeros_like(a)
-            for term, x, lse in zip(terms, xs, lses):
-                wc = term[2] * term[idx]
-                if wc != 0:
-                    g = g + wc * _softmax_or_zero(x, lse)
-            out[rows] = _zero_where(keep, g * slope)
-    return loss, gs, gt
-
-
-def _mix(a: Tensor, b: Tensor, ca: float, cb: float) -> Tensor:
-    """ca a + cb b, a zero coefficient dropping its input (0 * -inf would be NaN)."""
-    return (ca * a if ca else torch.zeros_like(a)) + (cb * b if cb else torch.zeros_like(b))
-
-
 class LseCombinationFunction(torch.autograd.Function):
     """Per-row sum_k w_k lse(ca_k a + cb_k b) of (N, V) logits; the gradient is computed in the
     forward and scaled per row in the backward (in place when ``inplace``: the graph can then be
     backpropagated once)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, valid, coeffs, inv_t, transforms, backend, inplace,
+    def forward(ctx, student, teacher, valid, coeffs, inv_t, transforms, ops, inplace,
                 grad_enabled):
         grad_s = grad_enabled and ctx.needs_input_grad[0]
         grad_t = grad_enabled and ctx.needs_input_grad[1]
-        op = getattr(torch.ops.fdiv, f"lse_combination_fwd_{backend}")
-        loss, gs, gt = op(student, teacher, valid, list(coeffs), inv_t, *transforms, grad_s,
-                          grad_t)
+        loss, gs, gt = ops.lse_combination_fwd(student, teacher, valid, list(coeffs), inv_t,
+                                               *transforms, grad_s, grad_t)
         keep_grads(ctx, gs, gt, grad_s, grad_t, inplace)
         return loss
 
@@ -176,18 +109,18 @@ class LseCombinationFunction(torch.autograd.Function):
 
 
 def row_kind_rows(
-    kind: str, param: float, s: Tensor, t: Tensor, keep: Tensor, inv_t: float, backend: str,
+    kind: str, param: float, s: Tensor, t: Tensor, keep: Tensor, inv_t: float, ops: SoftmaxOps,
     inplace: bool, alpha_rows: Tensor | None = None, *,
     transforms: tuple[float, float, float, float] = (1.0, 0.0, 1.0, 0.0),
 ) -> Tensor:
     """Per-row loss of a row kind on 2-D logits (``fk.divergence`` has validated them), with
-    autograd. ``backend`` names the resolved backend of ``fdiv::lse_combination_fwd``;
+    autograd. ``ops``: the record of the backend selected for ``lse_combination_fwd``;
     ``alpha_rows``: for renyi, the alpha kind's rows (the divergence op's output) at ``param``.
     """
     transforms = tuple(float(v) for v in transforms)
 
     def lse_rows(coeffs):
-        return LseCombinationFunction.apply(s, t, keep, coeffs, inv_t, transforms, backend,
+        return LseCombinationFunction.apply(s, t, keep, coeffs, inv_t, transforms, ops,
                                             inplace, torch.is_grad_enabled())
 
     if kind == CAUCHY_SCHWARZ:

@@ -1,13 +1,12 @@
-"""What every backend's registered ops share: the fake (meta) implementation and the backward."""
+"""The fake (meta) implementation of every softmax-family op, shared by all backends: output
+shapes and dtypes only, for torch.compile and opcheck (``_ops.register`` registers them)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+from fdiv_kernels.core._validation import loss_dtype
 
 
 def fake_divergence_fwd(
@@ -19,33 +18,6 @@ def fake_divergence_fwd(
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
     return loss, gs, gt, torch.empty_like(loss)
-
-
-# Elements per chunk of the CPU mixed-dtype row scale. torch's CPU mul_ of a 16-bit tensor by a
-# float32 one materializes float32 copies of its operands (two (N, V) fp32 temporaries: 19 MiB
-# peak for a 3.9 MiB bf16 gradient); row chunks bound them to 2 x 1 MiB.
-SCALE_CHUNK_ELEMENTS = 1 << 18
-
-
-@torch.library.custom_op("fdiv::scale_rows_", mutates_args=("grad",))
-def scale_rows_(grad: Tensor, row_scale: Tensor) -> None:
-    """grad[i, :] *= row_scale[i], in place: the backward of every fused forward.
-
-    In place so the backward holds one (N, V) gradient, not two. The product is formed in the
-    wider of the two dtypes and rounded once.
-    """
-    scale = row_scale.unsqueeze(-1)
-    if grad.device.type != "cpu" or grad.dtype == row_scale.dtype or grad.dim() != 2:
-        grad.mul_(scale)
-        return
-    rows = max(1, SCALE_CHUNK_ELEMENTS // max(grad.shape[1], 1))
-    for lo in range(0, grad.shape[0], rows):
-        grad[lo:lo + rows].mul_(scale[lo:lo + rows])
-
-
-@scale_rows_.register_fake
-def _(grad: Tensor, row_scale: Tensor) -> None:
-    return None
 
 
 def fake_softmax_stats_fwd(
@@ -115,18 +87,14 @@ def fake_lse_combination_fwd(
     return loss, gs, gt
 
 
-def register_fakes(backend: str) -> None:
-    """Fakes (shape/dtype functions) of the ops ``backend`` registered, for torch.compile."""
-    fakes = {
-        "divergence_fwd": fake_divergence_fwd,
-        "softmax_stats_fwd": fake_softmax_stats_fwd,
-        "softmax_stats_bwd": fake_softmax_stats_bwd,
-        "divergence_partials": fake_divergence_partials,
-        "divergence_grads": fake_divergence_grads,
-        "sparse_divergence_fwd": fake_sparse_divergence_fwd,
-        "sparse_divergence_bwd": fake_sparse_divergence_bwd,
-        "lse_combination_fwd": fake_lse_combination_fwd,
-    }
-    for op, fake in fakes.items():
-        if hasattr(torch.ops.fdiv, f"{op}_{backend}"):
-            torch.library.register_fake(f"fdiv::{op}_{backend}")(fake)
+# The fake of each op of the record, by field name (fdiv_kernels.core._ops.SoftmaxOps).
+FAKES = {
+    "divergence_fwd": fake_divergence_fwd,
+    "divergence_partials": fake_divergence_partials,
+    "divergence_grads": fake_divergence_grads,
+    "lse_combination_fwd": fake_lse_combination_fwd,
+    "sparse_divergence_fwd": fake_sparse_divergence_fwd,
+    "sparse_divergence_bwd": fake_sparse_divergence_bwd,
+    "softmax_stats_fwd": fake_softmax_stats_fwd,
+    "softmax_stats_bwd": fake_softmax_stats_bwd,
+}
