@@ -117,8 +117,11 @@ setup(
     name="fdiv-kernels",
     version="0.1.0",
     description="Fused GPU/CPU kernels for softmax divergences, log-sum-exp statistics and Sinkhorn",
-    packages=["fdiv_kernels", "fdiv_kernels.backends", "fdiv_kernels.bench", "fdiv_kernels.transport",
-              "fdiv_kernels.distributed", "fdiv_kernels.integrations", "fdiv_kernels.triton_kernels"],
+    # Listed, not found: find_packages() would also install tools/ and a top-level triton_kernels.
+    packages=["fdiv_kernels", "fdiv_kernels.core", "fdiv_kernels.kinds", "fdiv_kernels.divergences",
+              "fdiv_kernels.stats", "fdiv_kernels.fused_linear", "fdiv_kernels.backends",
+              "fdiv_kernels.transport", "fdiv_kernels.distributed", "fdiv_kernels.integrations",
+              "fdiv_kernels.bench", "fdiv_kernels.triton_kernels"],
     package_dir={"fdiv_kernels.triton_kernels": "triton_kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],

@@ -360,3 +360,20 @@ def test_cpp_ops_check_their_arguments(backend):
         bwd(x, None, g, g, g[:2], None, None, -100, 1.0, 1.0, 0.0)
     with pytest.raises(ValueError, match="g_logprob needs labels"):
         bwd(x, None, g, g, None, None, g, -100, 1.0, 1.0, 0.0)
+
+
+def test_every_backend_op_has_the_shared_schema():
+    """Each registered ``fdiv::<op>_<backend>`` (C++ ones included) has the schema of its op
+    (fdiv_kernels.core._ops.SCHEMAS): one signature per op, whatever the backend."""
+    from fdiv_kernels.core._ops import SCHEMAS
+
+    checked = 0
+    for name in registered_ops():
+        op, backend = family(name)
+        if backend is None or op not in SCHEMAS:
+            continue
+        got = getattr(torch.ops.fdiv, name).default._schema
+        want = torch._C.parse_schema(f"fdiv::{name}{SCHEMAS[op]}")
+        assert str(got) == str(want), (name, str(got), str(want))
+        checked += 1
+    assert checked >= 8 * 2  # at least the torch and one kernel backend

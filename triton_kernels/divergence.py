@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fdiv_kernels import _ids
-from fdiv_kernels._custom_kinds import CUSTOM_BASE, triton_generator
+from fdiv_kernels.core import _ids
+from fdiv_kernels.kinds._custom import CUSTOM_BASE, triton_generator
 from fdiv_kernels.triton_kernels.divergence_terms import kind_terms
 from fdiv_kernels.triton_kernels.ids import KL
 from fdiv_kernels.triton_kernels.logit_transform import (
@@ -301,9 +301,9 @@ def launch_variants(widths=(1000, 128256, 262144),
     """Every launch these launchers make, per registry kind (base, swap) x gradient flags x dtype
     x row width (plus the softcapped variants), as (labels, call): ``call()`` runs the launcher
     on a one-row CPU input. The
-    compile check (``fdiv_kernels/triton_compile_check.py``) intercepts the kernel launches, so it
+    compile check (``tools/triton_compile_check.py``) intercepts the kernel launches, so it
     compiles exactly what the launchers pass, with their own block and warp choice."""
-    from fdiv_kernels._kinds import DIVERGENCES
+    from fdiv_kernels.kinds._registry import DIVERGENCES
 
     kinds = {}
     for name, d in DIVERGENCES.items():  # one per (base, swap): the compiled code is the same

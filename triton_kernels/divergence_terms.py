@@ -1,7 +1,7 @@
 """Per-element divergence terms for the Triton kernels: the only Triton code that knows the math.
 
 Every function returns (term, h, k) with h = d term / d log q and k = d term / d log p; the
-statement in torch, with the same guards, is ``fdiv_kernels._kinds._terms``. Base ids are the
+statement in torch, with the same guards, is ``fdiv_kernels.kinds._terms``. Base ids are the
 constexpr names of ``ids.py``.
 """
 
@@ -123,7 +123,7 @@ def element_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr, SWAP: tl.co
 def custom_terms(lp, lq, F: tl.constexpr, F_PRIME: tl.constexpr):
     """(term, h, k) of D_f = sum q f(p / q) from the user's generator F and its derivative F_PRIME
     (``@triton.jit`` functions of one fp32 block, passed as constexprs: the kernel is compiled
-    once per pair), with the zero conventions of ``fdiv_kernels._custom_kinds.custom_terms``:
+    once per pair), with the zero conventions of ``fdiv_kernels.kinds._custom.custom_terms``:
     p = 0 < q: term = h = q f(0), k = 0; q = 0 < p: term = k = p f'(inf), h = 0; p = q = 0: 0.
 
     In fp32, unlike the torch path (float64): r = p / q, f(r) or r f'(r) overflow once q is

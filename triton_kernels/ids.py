@@ -1,11 +1,11 @@
-"""The ids of ``fdiv_kernels._ids`` as ``tl.constexpr`` globals, which ``@triton.jit`` code may read
+"""The ids of ``fdiv_kernels.core._ids`` as ``tl.constexpr`` globals, which ``@triton.jit`` code may read
 (Triton's compiler rejects any other global; the interpreter does not, so only a real compile
 catches it). Import the names themselves: ``from fdiv_kernels.triton_kernels.ids import KL``.
 """
 
 import triton.language as tl
 
-from fdiv_kernels import _ids
+from fdiv_kernels.core import _ids
 
 KL = tl.constexpr(_ids.KL)
 JS = tl.constexpr(_ids.JS)

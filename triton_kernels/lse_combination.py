@@ -6,7 +6,7 @@ With a = student / T, b = teacher / T (after the optional logit transforms) and 
     D = sum_k w_k lse(ca_k a + cb_k b)
     dD/da = sum_k w_k ca_k softmax(ca_k a + cb_k b),   dD/db = sum_k w_k cb_k softmax(...)
 
-(Cauchy-Schwarz and Renyi: ``fdiv_kernels._row_kinds``). One program per row: one pass folds the
+(Cauchy-Schwarz and Renyi: ``fdiv_kernels.divergences._row_kinds``). One program per row: one pass folds the
 three online log-sum-exps (``online_softmax``) in float64, one writes the gradients in float32.
 The sums pass is float64 throughout: the terms cancel as p -> q. A zero coefficient drops
 its input, also against a -inf logit.
@@ -156,8 +156,8 @@ def lse_combination_fwd(student, teacher, valid, coeffs, inv_temperature, studen
 
 def launch_variants(widths=(1000, 128256), dtypes=(torch.bfloat16, torch.float16, torch.float32)):
     """Every launch ``lse_combination_fwd`` makes (gradient flags x softcap x dtype x width), as
-    (labels, call) for the compile check (``fdiv_kernels/triton_compile_check.py``)."""
-    from fdiv_kernels._row_kinds import CAUCHY_SCHWARZ_COEFFS
+    (labels, call) for the compile check (``tools/triton_compile_check.py``)."""
+    from fdiv_kernels.divergences._row_kinds import CAUCHY_SCHWARZ_COEFFS
 
     flags = {(True, True): "s+t", (True, False): "s", (False, True): "t", (False, False): "none"}
     for V in widths:

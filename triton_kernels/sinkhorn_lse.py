@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdiv_kernels import _ids
+from fdiv_kernels.core import _ids
 from fdiv_kernels.triton_kernels.ids import COSINE, DOT, EUCLIDEAN, L1, SQEUCLIDEAN
 from fdiv_kernels.triton_kernels.online_softmax import finalize_lse, online_update
 

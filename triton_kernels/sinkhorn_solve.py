@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdiv_kernels import _ids
+from fdiv_kernels.core import _ids
 from fdiv_kernels.triton_kernels.online_softmax import finalize_lse, online_update
 from fdiv_kernels.triton_kernels.sinkhorn_lse import MAX_BLOCK_D, cost_tile
 

@@ -4,7 +4,7 @@ One program per row, everything O(K) inside the kernel (no torch op around it):
   0. the row's checks (ids in [0, V) and distinct on the support; under "bucket" a teacher mass
      on S of at most 1 + slack): an error code, raised as a ValueError by the launcher;
   1. the teacher's final log-probs from the raw ones, in float64 (tail 1 - sum_S p, re-tempering,
-     renormalization: ``prepare_teacher`` in ``fdiv_kernels/_sparse_tails.py``);
+     renormalization: ``prepare_teacher`` in ``fdiv_kernels/divergences/_sparse_tails.py``);
   2. L = LSE(f(x) / T) over the row (one read; "renormalize" needs only the support), f the
      student's logit transform (scale s, or softcap c tanh(s x / c));
   3. O(K): the element terms of the K entries (+ the tail), H = sum h, and the teacher gradient
@@ -14,7 +14,7 @@ One program per row, everything O(K) inside the kernel (no torch op around it):
 Under "bucket" the student tail is log1mexp(LSE_S lq) while the support holds less than half the
 mass; otherwise the off-support exps are summed directly in a second read of the row (membership
 by comparing each column block against the K ids), so a vanishing tail stays exact.
-The math: ``fdiv_kernels/_sparse_divergence.py``; tail ids: ``fdiv_kernels/_sparse_tails.py``.
+The math: ``fdiv_kernels/divergences/_sparse.py``; tail ids: ``fdiv_kernels/divergences/_sparse_tails.py``.
 """
 
 import math
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdiv_kernels import _ids
+from fdiv_kernels.core import _ids
 from fdiv_kernels.triton_kernels.divergence import _mix_logs
 from fdiv_kernels.triton_kernels.divergence_terms import element_terms
 from fdiv_kernels.triton_kernels.ids import TAIL_BUCKET, TAIL_RENORMALIZE
@@ -327,7 +327,7 @@ def launch_variants(widths=(1000, 128256, 262144),
     flags (forward) or backward x re-tempering x softcap x support mask / row mask x dtype x
     row width x support width K, as (labels, call) on one-row CPU inputs: see
     ``divergence.launch_variants``."""
-    from fdiv_kernels._kinds import DIVERGENCES
+    from fdiv_kernels.kinds._registry import DIVERGENCES
 
     kinds = {}
     for name, d in DIVERGENCES.items():  # one per (base, swap): the compiled code is the same

@@ -1,6 +1,6 @@
 // The argument checks of the registered C++ ops, written once for the CPU and CUDA bindings.
 //
-// User input has already been validated in Python (fdiv_kernels/_validation.py) with messages in
+// User input has already been validated in Python (fdiv_kernels/core/_validation.py) with messages in
 // the user's terms; these checks guard the ops themselves, which can also be called directly
 // (torch.ops.fdiv.*, opcheck): a wrong shape, dtype or device raises a ValueError / TypeError
 // naming the argument instead of a kernel reading out of bounds. What differs between the

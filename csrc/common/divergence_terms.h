@@ -2,7 +2,7 @@
 //
 // For each base kind, in log space (lp = log p, lq = log q, p = exp(lp), q = exp(lq)):
 //   t = the element's contribution (D = sum t),  h = dt/dlq,  k = dt/dlp.
-// The statement of record is `_terms` in fdiv_kernels/_kinds.py; every guard here mirrors
+// The statement of record is `_terms` in fdiv_kernels/kinds/_terms.py; every guard here mirrors
 // one there: an exact zero probability contributes 0 (never 0 * inf = NaN), and an infinite
 // divergence (p > 0 = q for KL) is +inf. Padding (lp = lq = -inf, p = q = 0) gives t = h = k = 0
 // for every kind. Adding a kind: one `Terms<id>` specialization below and an id in common/ids.h.

@@ -1,4 +1,4 @@
-// Integer ids shared by Python, Triton and C++. The values are stated in fdiv_kernels/_ids.py;
+// Integer ids shared by Python, Triton and C++. The values are stated in fdiv_kernels/core/_ids.py;
 // tests/test_ids.py parses this header and fails if the two disagree.
 #pragma once
 

@@ -5,7 +5,7 @@
 //   D = sum_k w_k lse(ca_k a + cb_k b),
 //   dD/da = sum_k w_k ca_k softmax(ca_k a + cb_k b),  dD/db = sum_k w_k cb_k softmax(...).
 // Cauchy-Schwarz is (2, 0, 1/2), (0, 2, 1/2), (1, 1, -1); Renyi far from alpha = 1 is
-// (1-alpha, alpha, 1/(alpha-1)), (1, 0, 1), (0, 1, alpha/(1-alpha)) (fdiv_kernels/_row_kinds.py
+// (1-alpha, alpha, 1/(alpha-1)), (1, 0, 1), (0, 1, alpha/(1-alpha)) (fdiv_kernels/divergences/_row_kinds.py
 // states both, and why). One row at a time (rows over torch's thread pool): the transformed pair
 // goes to a per-thread buffer (16-bit rows are widened there); one pass finds the three maxima,
 // one the three sums (block sums in the compute type, accumulated in double: the terms cancel as

@@ -6,7 +6,7 @@
 //      "bucket" a teacher mass on S of at most 1 + mass_slack): ValueError naming the argument;
 //   1. the teacher's final log-probs from the raw ones, in double (tail 1 - sum_S p by log1mexp,
 //      re-tempering by alpha = T_teacher / T, renormalization): prepare_teacher in
-//      fdiv_kernels/_sparse_tails.py, the statement of record;
+//      fdiv_kernels/divergences/_sparse_tails.py, the statement of record;
 //   2. online log-sum-exp L of a = f(z) / T over the whole row (online_softmax.h), where
 //      f(z) = c tanh(s z / c) (softcap c) or s z (logit scale s); skipped under "renormalize",
 //      whose normalizer is over the support only;

@@ -30,7 +30,7 @@ struct DivergenceLaunch {
   void* grad_teacher;    // (rows, cols) out, or nullptr when not wanted
   int64_t rows = 0, cols = 0;
   DType dtype = DType::kFloat32;
-  int base = 0;          // base kind id (fdiv_kernels/_kinds.py)
+  int base = 0;          // base kind id (fdiv_kernels/kinds/_terms.py)
   bool swap = false;
   double param = 0.0;
   double inv_temperature = 1.0;

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fdiv_kernels.transport import _ops_torch as _sinkhorn_torch  # noqa: F401  (fdiv::sinkhorn_*_torch)
-from fdiv_kernels.core._ops import SoftmaxOps, register
+from fdiv_kernels.core._ops import SoftmaxOps, define, register
 from fdiv_kernels.core._transforms import transform_logits
 from fdiv_kernels.core._validation import loss_dtype
 from fdiv_kernels.kinds._registry import KernelSpec
@@ -39,7 +39,6 @@ def _zero_where(keep: Tensor, x: Tensor) -> Tensor:
     return torch.where(keep.reshape(-1, *([1] * (x.dim() - 1))), x, torch.zeros_like(x))
 
 
-@torch.library.custom_op("fdiv::divergence_fwd_torch", mutates_args=())
 def divergence_fwd_torch(
     student: Tensor, teacher: Tensor, valid: Tensor, base: int, swap: bool, param: float,
     inv_temperature: float, student_scale: float, student_softcap: float, teacher_scale: float,
@@ -81,7 +80,6 @@ def _phase_terms(spec, student, teacher, lse_s, lse_t, inv_t, rows):
     return lp, lq, element_terms(spec, lp, lq)
 
 
-@torch.library.custom_op("fdiv::divergence_partials_torch", mutates_args=())
 def divergence_partials_torch(
     student: Tensor, teacher: Tensor, valid: Tensor, lse_student: Tensor, lse_teacher: Tensor,
     base: int, swap: bool, param: float, inv_temperature: float,
@@ -96,7 +94,6 @@ def divergence_partials_torch(
     return sums
 
 
-@torch.library.custom_op("fdiv::divergence_grads_torch", mutates_args=())
 def divergence_grads_torch(
     student: Tensor, teacher: Tensor, valid: Tensor, lse_student: Tensor, lse_teacher: Tensor,
     sums: Tensor, base: int, swap: bool, param: float, inv_temperature: float,
@@ -119,7 +116,6 @@ def divergence_grads_torch(
     return gs, gt
 
 
-@torch.library.custom_op("fdiv::softmax_stats_fwd_torch", mutates_args=())
 def softmax_stats_fwd_torch(
     x: Tensor, labels: Tensor | None, ignore_index: int, inv_temperature: float, scale: float,
     softcap: float, entropy: bool,
@@ -145,7 +141,6 @@ def softmax_stats_fwd_torch(
     return lse, ent, lp
 
 
-@torch.library.custom_op("fdiv::softmax_stats_bwd_torch", mutates_args=())
 def softmax_stats_bwd_torch(
     x: Tensor, labels: Tensor | None, lse: Tensor, entropy: Tensor, g_lse: Tensor | None,
     g_entropy: Tensor | None, g_logprob: Tensor | None, ignore_index: int, inv_temperature: float,
@@ -188,7 +183,6 @@ def _scatter_support(g: Tensor, ids: Tensor, support: Tensor, values: Tensor) ->
     g[r, ids[r, i]] = values[r, i].to(g.dtype)
 
 
-@torch.library.custom_op("fdiv::sparse_divergence_fwd_torch", mutates_args=())
 def sparse_divergence_fwd_torch(
     student: Tensor, ids: Tensor, teacher: Tensor, support: Tensor, valid: Tensor, base: int,
     swap: bool, param: float, inv_temperature: float, tail: int, teacher_alpha: float,
@@ -278,7 +272,6 @@ def sparse_divergence_fwd_torch(
     return loss, gs, gt, stats
 
 
-@torch.library.custom_op("fdiv::sparse_divergence_bwd_torch", mutates_args=())
 def sparse_divergence_bwd_torch(
     student: Tensor, ids: Tensor, teacher: Tensor, support: Tensor, valid: Tensor, stats: Tensor,
     grad_loss: Tensor, base: int, swap: bool, param: float, inv_temperature: float, tail: int,
@@ -306,7 +299,7 @@ def _softmax_or_zero(x: Tensor, lse: Tensor) -> Tensor:
     return torch.where(dead, torch.zeros_like(x), torch.exp(x - safe[:, None]))
 
 
-def lse_combination_rows_torch(
+def lse_combination_fwd_torch(
     student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
     student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
     grad_student: bool, grad_teacher: bool,
@@ -356,27 +349,16 @@ def _mix(a: Tensor, b: Tensor, ca: float, cb: float) -> Tensor:
     return (ca * a if ca else torch.zeros_like(a)) + (cb * b if cb else torch.zeros_like(b))
 
 
-@torch.library.custom_op("fdiv::lse_combination_fwd_torch", mutates_args=())
-def lse_combination_fwd_torch(
-    student: Tensor, teacher: Tensor, valid: Tensor, coeffs: list[float], inv_temperature: float,
-    student_scale: float, student_softcap: float, teacher_scale: float, teacher_softcap: float,
-    grad_student: bool, grad_teacher: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return lse_combination_rows_torch(student, teacher, valid, coeffs, inv_temperature,
-                                      student_scale, student_softcap, teacher_scale,
-                                      teacher_softcap, grad_student, grad_teacher)
-
-
 register(SoftmaxOps(
     "torch",
-    divergence_fwd=divergence_fwd_torch,
-    divergence_partials=divergence_partials_torch,
-    divergence_grads=divergence_grads_torch,
-    lse_combination_fwd=lse_combination_fwd_torch,
-    sparse_divergence_fwd=sparse_divergence_fwd_torch,
-    sparse_divergence_bwd=sparse_divergence_bwd_torch,
-    softmax_stats_fwd=softmax_stats_fwd_torch,
-    softmax_stats_bwd=softmax_stats_bwd_torch,
+    divergence_fwd=define("divergence_fwd", "torch", divergence_fwd_torch),
+    divergence_partials=define("divergence_partials", "torch", divergence_partials_torch),
+    divergence_grads=define("divergence_grads", "torch", divergence_grads_torch),
+    lse_combination_fwd=define("lse_combination_fwd", "torch", lse_combination_fwd_torch),
+    sparse_divergence_fwd=define("sparse_divergence_fwd", "torch", sparse_divergence_fwd_torch),
+    sparse_divergence_bwd=define("sparse_divergence_bwd", "torch", sparse_divergence_bwd_torch),
+    softmax_stats_fwd=define("softmax_stats_fwd", "torch", softmax_stats_fwd_torch),
+    softmax_stats_bwd=define("softmax_stats_bwd", "torch", softmax_stats_bwd_torch),
     custom_kind_ops=("divergence_fwd", "divergence_partials", "divergence_grads",
                      "sparse_divergence_fwd", "sparse_divergence_bwd"),
 ))

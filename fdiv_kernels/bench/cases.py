@@ -29,6 +29,20 @@ def our_backends(op: str, probe: torch.Tensor, wanted=None) -> list[str]:
 Setup = Callable[[], Callable[[], object]]
 
 
+def backward_step(loss: Callable[..., torch.Tensor], *inputs: torch.Tensor,
+                  leaves: tuple[torch.Tensor, ...]) -> Callable[[], None]:
+    """The timed closure of a forward + backward case: ``loss(*inputs).backward()``, then the
+    ``leaves``' gradients dropped (they require grad from here on)."""
+    for x in leaves:
+        x.requires_grad_(True)
+
+    def run() -> None:
+        loss(*inputs).backward()
+        for x in leaves:
+            x.grad = None
+    return run
+
+
 @dataclass
 class Case:
     op: str                      # e.g. "divergence:js"

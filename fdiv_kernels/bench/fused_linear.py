@@ -12,7 +12,7 @@ import sys
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.bench.cases import Case, our_backends
+from fdiv_kernels.bench.cases import Case, backward_step, our_backends
 
 
 def _inputs(n, h, v, dtype, device):
@@ -92,13 +92,7 @@ def fused_linear_cases(shapes, dtype, device, peers=("eager", "liger"), backends
         for name, fn in providers.items():
             def setup(fn=fn, n=n, h=h, v=v):
                 hs, ws, ht, wt = _inputs(n, h, v, dtype, device)
-                hs.requires_grad_(True)
-                ws.requires_grad_(True)
-
-                def run():
-                    fn(hs, ws, ht, wt).backward()
-                    hs.grad = ws.grad = None
-                return run
+                return backward_step(fn, hs, ws, ht, wt, leaves=(hs, ws))
 
             case.providers[name] = setup
             case.extra[name] = (lambda fn=fn, n=n, h=h, v=v: {
@@ -183,16 +177,12 @@ def fused_linear_logprobs_cases(shapes, dtype, device, peers=("eager",), backend
         for name, fn in providers.items():
             def setup(fn=fn, n=n, h=h, v=v):
                 hs, ws, _, _ = _inputs(n, h, v, dtype, device)
-                hs.requires_grad_(True)
-                ws.requires_grad_(True)
                 lab = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(1))
-                lab = lab.to(device)
 
-                def run():
+                def loss(hs, ws, lab, fn=fn):
                     lp, ent = fn(hs, ws, lab)
-                    (lp.sum() + ent.sum()).backward()
-                    hs.grad = ws.grad = None
-                return run
+                    return lp.sum() + ent.sum()
+                return backward_step(loss, hs, ws, lab.to(device), leaves=(hs, ws))
 
             case.providers[name] = setup
         cases.append(case)

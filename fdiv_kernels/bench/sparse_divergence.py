@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import fdiv_kernels as fk
-from fdiv_kernels.bench.cases import Case, our_backends
+from fdiv_kernels.bench.cases import Case, backward_step, our_backends
 
 
 def _teacher(n, v, k, device, g):
@@ -92,13 +92,7 @@ def fused_linear_sparse_cases(shapes, k, dtype, device, peers=("eager",), backen
                 hs = torch.randn(n, h, generator=g).to(device=device, dtype=dtype)
                 ws = (torch.randn(v, h, generator=g) * h**-0.5).to(device=device, dtype=dtype)
                 ids, lp = _teacher(n, v, k, device, g)
-                hs.requires_grad_(True)
-                ws.requires_grad_(True)
-
-                def run():
-                    fn(hs, ws, ids, lp).backward()
-                    hs.grad = ws.grad = None
-                return run
+                return backward_step(fn, hs, ws, ids, lp, leaves=(hs, ws))
 
             case.providers[name] = setup
         cases.append(case)

@@ -30,8 +30,53 @@ from fdiv_kernels.core import _dispatch
 from fdiv_kernels.core._fakes import FAKES
 from fdiv_kernels.kinds._registry import BY_BASE
 
+# The schema of each op, the same for every backend (csrc/ops.cpp declares the C++ ones with this
+# text; tests/test_opcheck.py checks that they agree).
+SCHEMAS = {
+    "divergence_fwd":
+        "(Tensor student, Tensor teacher, Tensor valid, int kind, bool swap, float param, "
+        "float inv_temperature, float student_scale, float student_softcap, float teacher_scale, "
+        "float teacher_softcap, bool grad_student, bool grad_teacher) "
+        "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor entropy)",
+    "divergence_partials":
+        "(Tensor student, Tensor teacher, Tensor valid, Tensor lse_student, Tensor lse_teacher, "
+        "int kind, bool swap, float param, float inv_temperature) -> Tensor",
+    "divergence_grads":
+        "(Tensor student, Tensor teacher, Tensor valid, Tensor lse_student, Tensor lse_teacher, "
+        "Tensor sums, int kind, bool swap, float param, float inv_temperature, "
+        "bool grad_student, bool grad_teacher) -> (Tensor grad_student, Tensor grad_teacher)",
+    "lse_combination_fwd":
+        "(Tensor student, Tensor teacher, Tensor valid, float[] coeffs, float inv_temperature, "
+        "float student_scale, float student_softcap, float teacher_scale, float teacher_softcap, "
+        "bool grad_student, bool grad_teacher) "
+        "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)",
+    "sparse_divergence_fwd":
+        "(Tensor student, Tensor ids, Tensor teacher, Tensor support, Tensor valid, int kind, "
+        "bool swap, float param, float inv_temperature, int tail, float teacher_alpha, "
+        "float mass_slack, float logit_scale, float softcap, bool grad_student, "
+        "bool grad_teacher) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher, "
+        "Tensor stats)",
+    "sparse_divergence_bwd":
+        "(Tensor student, Tensor ids, Tensor teacher, Tensor support, Tensor valid, "
+        "Tensor stats, Tensor grad_loss, int kind, bool swap, float param, "
+        "float inv_temperature, int tail, float teacher_alpha, float logit_scale, "
+        "float softcap) -> Tensor",
+    "softmax_stats_fwd":
+        "(Tensor x, Tensor? labels, int ignore_index, float inv_temperature, float scale, "
+        "float softcap, bool entropy) -> (Tensor lse, Tensor entropy, Tensor label_logprob)",
+    "softmax_stats_bwd":
+        "(Tensor x, Tensor? labels, Tensor lse, Tensor entropy, Tensor? g_lse, "
+        "Tensor? g_entropy, Tensor? g_logprob, int ignore_index, float inv_temperature, "
+        "float scale, float softcap) -> Tensor",
+}
 # The ops a record may fill, in the order of the fields below.
-OPS = tuple(FAKES)
+OPS = tuple(SCHEMAS)
+
+
+def define(op: str, backend: str, fn: Callable) -> Callable:
+    """Register the Python function ``fn`` as ``fdiv::<op>_<backend>`` with the op's schema."""
+    return torch.library.custom_op(f"fdiv::{op}_{backend}", fn, mutates_args=(),
+                                   schema=SCHEMAS[op])
 
 
 @dataclass(frozen=True)
@@ -125,4 +170,4 @@ def select_ops(requested: str, x: Tensor, op: str, base: int | None = None,
     return ops_for(_dispatch.select(requested, x, op, base, transforms))
 
 
-__all__ = ["OPS", "SoftmaxOps", "ops_for", "overload", "records", "register", "select_ops"]
+__all__ = ["OPS", "SCHEMAS", "define", "SoftmaxOps", "ops_for", "overload", "records", "register", "select_ops"]
