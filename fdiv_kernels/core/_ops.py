@@ -131,7 +131,7 @@ class SoftmaxOps:
 _RECORDS: dict[str, SoftmaxOps] = {}
 
 
-def _qualname(op: Callable) -> str:
+def qualname(op: Callable) -> str:
     """``namespace::name`` of a registered op (a C++ op packet or a Python custom op)."""
     name = getattr(op, "_qualified_op_name", None) or getattr(op, "_qualname", None)
     if name is None:
@@ -144,7 +144,7 @@ def register(ops: SoftmaxOps) -> None:
     for f in fields(ops):
         op = getattr(ops, f.name)
         if f.name in FAKES and op is not None:
-            torch.library.register_fake(_qualname(op))(FAKES[f.name])
+            torch.library.register_fake(qualname(op))(FAKES[f.name])
     _RECORDS[ops.name] = ops
     _dispatch.register(ops)
 
@@ -170,4 +170,4 @@ def select_ops(requested: str, x: Tensor, op: str, base: int | None = None,
     return ops_for(_dispatch.select(requested, x, op, base, transforms))
 
 
-__all__ = ["OPS", "SCHEMAS", "define", "SoftmaxOps", "ops_for", "overload", "records", "register", "select_ops"]
+__all__ = ["OPS", "SCHEMAS", "define", "SoftmaxOps", "ops_for", "overload", "qualname", "records", "register", "select_ops"]

@@ -55,13 +55,21 @@ def _lse(x, y, cost, h, eps_inv, kind, transpose, active):
     return torch.ops.fdiv.sinkhorn_lse_cpu(x, y, cost, h, eps_inv, kind, transpose, active)
 
 
+fdiv = torch.ops.fdiv
+_fwd = registry.register_fwd("cpu", _lse, solve=_solve)
 registry.register(registry.SinkhornOps(
     "cpu",
-    forward=registry.register_fwd("cpu", _lse, solve=_solve),
-    totals=torch.ops.fdiv.sinkhorn_totals_cpu,
-    grads=torch.ops.fdiv.sinkhorn_grads_cpu,
-    plan_apply=torch.ops.fdiv.sinkhorn_plan_apply_cpu,
-    unrolled_fwd=torch.ops.fdiv.sinkhorn_unrolled_fwd_cpu.default,
-    unrolled_bwd=torch.ops.fdiv.sinkhorn_unrolled_bwd_cpu.default,
+    forward=_fwd,
+    totals=fdiv.sinkhorn_totals_cpu,
+    grads=fdiv.sinkhorn_grads_cpu,
+    plan_apply=fdiv.sinkhorn_plan_apply_cpu,
+    unrolled_fwd=fdiv.sinkhorn_unrolled_fwd_cpu.default,
+    unrolled_bwd=fdiv.sinkhorn_unrolled_bwd_cpu.default,
 ))
-registry.register_fakes("cpu")
+registry.register_fakes({
+    "sinkhorn_fwd": _fwd, "sinkhorn_lse": fdiv.sinkhorn_lse_cpu,
+    "sinkhorn_solve": fdiv.sinkhorn_solve_cpu, "sinkhorn_totals": fdiv.sinkhorn_totals_cpu,
+    "sinkhorn_grads": fdiv.sinkhorn_grads_cpu, "sinkhorn_plan_apply": fdiv.sinkhorn_plan_apply_cpu,
+    "sinkhorn_unrolled_fwd": fdiv.sinkhorn_unrolled_fwd_cpu,
+    "sinkhorn_unrolled_bwd": fdiv.sinkhorn_unrolled_bwd_cpu,
+})

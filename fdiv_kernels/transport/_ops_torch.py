@@ -48,6 +48,7 @@ def sinkhorn_grads_torch(
     return tuple(d.detach() if d is not None else f.new_empty(0) for d in grads)
 
 
-registry.register(registry.SinkhornOps(
-    "torch", forward=registry.register_fwd("torch", _lse), grads=sinkhorn_grads_torch))
-registry.register_fakes("torch")
+_fwd = registry.register_fwd("torch", _lse)
+registry.register(registry.SinkhornOps("torch", forward=_fwd, grads=sinkhorn_grads_torch))
+registry.register_fakes({"sinkhorn_fwd": _fwd, "sinkhorn_lse": sinkhorn_lse_torch,
+                         "sinkhorn_grads": sinkhorn_grads_torch})

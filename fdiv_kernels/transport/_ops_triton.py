@@ -76,7 +76,7 @@ def _solve(x, y, cost, log_a, log_b, f0, g0, eps_levels, eps, kind, rho_a, rho_b
 
 
 # The value's gradients: the torch backend's op (chunked torch, on the tensors' device).
-registry.register(registry.SinkhornOps(
-    "triton", forward=registry.register_fwd("triton", _lse, solve=_solve),
-    grads=torch.ops.fdiv.sinkhorn_grads_torch))
-registry.register_fakes("triton")
+_fwd = registry.register_fwd("triton", _lse, solve=_solve)
+registry.register(registry.SinkhornOps("triton", forward=_fwd,
+                                       grads=torch.ops.fdiv.sinkhorn_grads_torch))
+registry.register_fakes({"sinkhorn_fwd": _fwd, "sinkhorn_lse": sinkhorn_lse_triton})

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fdiv_kernels.core import _dispatch
+from fdiv_kernels.core._ops import qualname
 from fdiv_kernels.transport import _solver as solver
 
 
@@ -171,10 +172,11 @@ FAKES = {
 _FAKED: set[str] = set()
 
 
-def register_fakes(backend: str) -> None:
-    """The fake of every ``fdiv::sinkhorn_<op>_<backend>`` that exists (once each)."""
-    for op, fake in FAKES.items():
-        name = f"{op}_{backend}"
-        if name not in _FAKED and hasattr(torch.ops.fdiv, name):
-            torch.library.register_fake(f"fdiv::{name}")(fake)
+def register_fakes(ops: dict[str, Callable]) -> None:
+    """The fake of each given op, keyed like ``FAKES`` (``{"sinkhorn_lse": torch.ops.fdiv.
+    sinkhorn_lse_cpu, ...}``), once each."""
+    for key, op in ops.items():
+        name = qualname(op)
+        if name not in _FAKED:
+            torch.library.register_fake(name)(FAKES[key])
             _FAKED.add(name)
