@@ -2,9 +2,14 @@
 
 ``fdpo_loss`` is DPO under an f-divergence constraint ("Beyond Reverse KL: Generalizing Direct
 Preference Optimization with Diverse Divergence Constraints", Wang et al., ICLR 2024) with TRL's
-conventions (``trl/trainer/dpo_trainer.py``, ``DPOConfig.f_divergence_type``, TRL 1.16). Its
-``alpha`` is the alpha of that paper's alpha-divergence between sequence distributions, not
-``fk.divergence(kind="alpha")`` over the vocabulary.
+conventions (``trl/trainer/dpo_trainer.py``, ``DPOConfig.f_divergence_type``, TRL 1.16).
+
+Its ``alpha`` is TRL's coefficient (``DPOConfig.f_alpha_divergence_coef``), with score
+f'(t) = (t^(alpha-1) - 1) / (alpha - 1) and alpha = 1 giving DPO. The f-DPO paper writes the same
+family as f'(u) = (1 - u^(-a)) / a with a = 0 giving DPO: the two agree for
+``alpha = 1 - a`` (so only at 0.5 does the number mean the same in both). It is an
+alpha-divergence between sequence distributions, not ``fk.divergence(kind="alpha")`` over the
+vocabulary.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ def fdpo_loss(
     ``alpha``       (exp((alpha-1) Delta) - 1)/(alpha-1)  exponent clamped at 80 (11 in fp16);
                                                           |alpha - 1| < 1e-6 is reverse_kl
     ==============  ==================================  ====================================
+
+    ``alpha`` is TRL's coefficient; the paper's a is ``1 - alpha`` (module docstring).
 
     TRL's names ``js_divergence`` / ``alpha_divergence`` are accepted. ``reduction``: "mean" (TRL),
     "sum" or "none" (per pair, (B,)).

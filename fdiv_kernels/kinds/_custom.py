@@ -55,6 +55,23 @@ def _check_generator(name: str, f: Callable, f_prime: Callable) -> None:
     if not abs(f1) <= 1e-10:
         raise ValueError(f"register_divergence({name!r}): f(1) must be 0 (an f-divergence "
                          f"vanishes at p = q), got f(1) = {f1}")
+    # Where the kernels evaluate the generator: ratios r = p / q over many decades (finite values
+    # there), f(0) for p = 0 < q and f'(inf) for q = 0 < p (limits, +-inf allowed, never NaN).
+    grid = torch.logspace(-6, 6, 25, dtype=torch.float64)
+    for arg, fn in (("f", f), ("f_prime", f_prime)):
+        vals = fn(grid)
+        if not bool(torch.isfinite(vals).all()):
+            bad = grid[~torch.isfinite(vals)][0].item()
+            raise ValueError(f"register_divergence({name!r}): {arg} must be finite for every "
+                             f"ratio t in [1e-6, 1e6]; {arg}({bad:g}) = "
+                             f"{fn(torch.tensor([bad], dtype=torch.float64)).item()}")
+    edges = (("f", f, 0.0, "p = 0 < q: write t log t as torch.xlogy(t, t)"),
+             ("f_prime", f_prime, math.inf, "q = 0 < p: the limit f(t) / t as t -> inf"))
+    for arg, fn, at, why in edges:
+        v = fn(torch.tensor([at], dtype=torch.float64)).item()
+        if math.isnan(v):
+            raise ValueError(f"register_divergence({name!r}): {arg}({at}) is NaN; the kernels "
+                             f"evaluate it ({why}); give the limit (finite or +-inf)")
     h = 1e-6 * t
     fd = (f(t + h) - f(t - h)) / (2 * h)
     if not torch.allclose(fd, fpt, rtol=1e-5, atol=1e-7):
@@ -99,8 +116,11 @@ def register_divergence(
         name: a new kind name; a built-in kind's name raises ValueError, as does a name already
             registered.
         f: the convex generator, a torch function applied elementwise to a tensor of ratios
-            t = p / q >= 0, with f(1) = 0 (checked numerically). It must give its limits at 0
-            (finite or +inf, never NaN: use ``torch.xlogy(t, t)`` for t log t).
+            t = p / q >= 0, with f(1) = 0. Checked at registration (ValueError naming the
+            generator): f(1) = 0, f and f' finite for t in [1e-6, 1e6], f(0) and f'(inf) not
+            NaN (give their limits: ``torch.xlogy(t, t)`` for t log t), f' the derivative of f.
+            Convexity is left to the caller: a non-convex f gives a number that is not a
+            divergence (it can be negative).
         f_prime: its derivative f'(t), also evaluated at t = +inf for q = 0 < p (the limit
             f(t)/t), and checked against central differences of f.
         triton_f, triton_f_prime: ``@triton.jit`` versions of f and f' for the Triton kernels
