@@ -37,7 +37,7 @@ def _chunk_stats(zs: Tensor, zt: Tensor, labels: Tensor, keep: Tensor, a: dict) 
         picked = (zs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) if zs.shape[-1]
                   else torch.zeros_like(local[0]))
         local += [shard_lse(zs, 1.0, backend), torch.where(owned, picked, 0.0), owned.to(zs.dtype)]
-    g = _comm.all_gather(torch.stack(local), a["group"], a["world"])
+    g = _shards.gather_rows(torch.stack(local), a["group"], a["world"], a.pop("layout", None))
     out = zs.new_zeros((4, zs.shape[0]))
     out[0], out[1] = phases.combine_lse(g[:, 0]), phases.combine_lse(g[:, 1])
     if ce:
@@ -225,7 +225,9 @@ def vocab_parallel_fused_linear_divergence(
                                  "softmax_stats_bwd"))
     args = {"spec": spec, "inv_t": inv_t, "valid": keep, "labels": local_labels,
             "ce_weight": ce_w, "chunk": plan.chunk, "backend": name,
-            "group": group, "world": world, "reduce_hidden_grad": reduce_hidden_grad}
+            "group": group, "world": world, "reduce_hidden_grad": reduce_hidden_grad,
+            # Checked in the first chunk's all_gather (popped there: once per call).
+            "layout": None if vocab_start is None else (vocab_start, ws.shape[0])}
     out = VocabParallelFusedLinearDivergenceFunction.apply(
         hs.reshape(n, hs.shape[-1]), ws, bs, ht.reshape(n, ht.shape[-1]), wt, bt, args,
         plan.weights, plan.reduction,

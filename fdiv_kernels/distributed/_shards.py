@@ -6,11 +6,13 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from fdiv_kernels.core import _validation as V
 from fdiv_kernels.core._dispatch import select
+from fdiv_kernels.distributed import _comm
 
 
 def check_shard(name: str, x: object) -> Tensor:
@@ -118,3 +120,29 @@ def resolve_group(group, info: DTensorShard | None, vocab_start):
         raise ValueError(f"vocab_start={vocab_start} disagrees with the DTensor's offset "
                          f"{info.vocab_start}")
     return info.group, info.vocab_start
+
+
+def gather_rows(pieces: Tensor, group, world: int, layout: tuple[int, int] | None) -> Tensor:
+    """``all_gather`` of a (P, N) tensor of per-row numbers -> (world, P, N). With ``layout``
+    (this rank's vocab_start, width) the ranks' layouts ride in the same collective (two more
+    numbers per piece) and are checked to tile the vocabulary exactly once, on every rank."""
+    if layout is None:
+        return _comm.all_gather(pieces, group, world)
+    extra = pieces.new_tensor([float(layout[0]), float(layout[1])]).expand(pieces.shape[0], 2)
+    g = _comm.all_gather(torch.cat([pieces, extra], 1), group, world)
+    check_layout([(int(s), int(w)) for s, w in g[:, 0, -2:].tolist()])
+    return g[..., :-2]
+
+
+def check_layout(layout: list[tuple[int, int]]) -> None:
+    """Each rank's [vocab_start, vocab_start + width) must cover [0, V) exactly once (empty
+    shards anywhere); else a ValueError naming every rank's range, raised alike on every rank."""
+    expected = 0
+    for start, width in sorted((s, w) for s, w in layout if w > 0):
+        if start != expected:
+            ranges = ", ".join(f"rank {r}: [{s}, {s + w})" for r, (s, w) in enumerate(layout))
+            what = "overlap" if start < expected else "gap"
+            raise ValueError(f"the vocabulary shards do not tile [0, V) exactly once ({what} at "
+                             f"id {min(start, expected)}): {ranges}; check each rank's "
+                             "vocab_start")
+        expected = start + width

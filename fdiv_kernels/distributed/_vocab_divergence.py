@@ -10,6 +10,7 @@ from fdiv_kernels.core import _validation as V
 from fdiv_kernels import phases
 from fdiv_kernels.divergences._dense import divergence
 from fdiv_kernels.kinds._registry import KernelSpec, lookup, resolve
+from fdiv_kernels.core._grads import scale_rows_
 from fdiv_kernels.core._validation import loss_dtype
 from fdiv_kernels.distributed import _comm, _shards
 
@@ -40,14 +41,15 @@ def shard_lse(x: Tensor, inv_t: float, backend: str) -> Tensor:
     return phases.row_lse(x, 1.0 / inv_t, backend=backend)
 
 
-def global_lse(shards: list[Tensor], inv_t: float, backend: str, group, world: int) -> Tensor:
+def global_lse(shards: list[Tensor], inv_t: float, backend: str, group, world: int,
+               layout: tuple[int, int] | None = None) -> Tensor:
     """Row LSE over the whole vocabulary of each (N, V_local) shard in ``shards``: (len, N).
 
     One all_gather of the stacked local LSEs, then ``combine_lse``: one round trip for all the
     inputs, exact, and safe for shards whose row is all -inf (an empty shard counts as -inf).
     """
     local = [shard_lse(x, inv_t, backend) for x in shards]
-    gathered = _comm.all_gather(torch.stack(local), group, world)  # (world, len, N)
+    gathered = _shards.gather_rows(torch.stack(local), group, world, layout)  # (world, len, N)
     return phases.combine_lse(gathered)
 
 
@@ -84,9 +86,9 @@ class VocabParallelDivergenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, keep, spec, inv_t, backend, group, world):
+    def forward(ctx, student, teacher, keep, spec, inv_t, backend, group, world, layout=None):
         grad_s, grad_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        lse_s, lse_t = global_lse([student, teacher], inv_t, backend, group, world)
+        lse_s, lse_t = global_lse([student, teacher], inv_t, backend, group, world, layout)
         kw = kind_kwargs(spec)
         sums = shard_sums(student, teacher, keep, lse_s, lse_t, spec, kw, inv_t, backend, group,
                           grad_s, grad_t)
@@ -102,15 +104,15 @@ class VocabParallelDivergenceFunction(torch.autograd.Function):
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if s.shape[-1] == 0:
             return (torch.zeros_like(s) if want_s else None,
-                    torch.zeros_like(t) if want_t else None, *([None] * 6))
+                    torch.zeros_like(t) if want_t else None, *([None] * 7))
         gs, gt = phases.grads(s, t, lse_s, lse_t, sums, ctx.spec.kind,
                               temperature=1.0 / ctx.inv_t, valid=keep, grad_student=want_s,
                               grad_teacher=want_t, backend=ctx.backend, **ctx.kw)
         g = grad_loss.contiguous()
         for x in (gs, gt):
             if x is not None:
-                torch.ops.fdiv.scale_rows_(x, g)
-        return gs, gt, *([None] * 6)
+                scale_rows_(x, g)
+        return gs, gt, *([None] * 7)
 
 
 def vocab_parallel_divergence(
@@ -134,6 +136,8 @@ def vocab_parallel_divergence(
     ``fk.divergence`` of the concatenated logits, the same on every rank; the gradients are those
     of the local shards. ``labels`` (global ids, the full leading shape on every rank) only mask
     rows, so ``vocab_start`` is not needed here; it is accepted so one shard description fits
+    (when given, the ranks' layouts ride in the LSE all_gather and must tile [0, V) exactly
+    once, else a ValueError on every rank)
     every op. Other arguments as :func:`fdiv_kernels.divergence`; ``inplace_backward`` has no
     effect with more than one rank (the backward always writes a fresh gradient).
 
@@ -179,5 +183,8 @@ def vocab_parallel_divergence(
                                              "softmax_stats_fwd"))
     keep = valid if valid is not None else torch.ones(s.shape[0], dtype=torch.bool,
                                                       device=s.device)
-    loss = VocabParallelDivergenceFunction.apply(s, t, keep, spec, inv_t, name, group, world)
+    # With a vocab_start the ranks' layouts ride in the LSE all_gather and are checked there.
+    layout = None if vocab_start is None or info is not None else (vocab_start, s.shape[-1])
+    loss = VocabParallelDivergenceFunction.apply(s, t, keep, spec, inv_t, name, group, world,
+                                                 layout)
     return _shards.rewrap(V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch), info)

@@ -35,12 +35,14 @@ def _local_stats(x: Tensor, inv_t: float, backend: str, want_entropy: bool):
 
 
 def gather_stats(x: Tensor, local_labels: Tensor | None, keep: Tensor | None, inv_t: float,
-                 backend: str, group, world: int, want_entropy: bool):
+                 backend: str, group, world: int, want_entropy: bool,
+                 layout: tuple[int, int] | None = None):
     """Global (lse, entropy or None, label log-prob or None) of (N, V_local) shards: one
     all_gather of 1-3 floats per row.
 
     ``local_labels`` holds the label's column in this shard, or -1 where another rank owns it or
-    the row is ignored (``keep`` False).
+    the row is ignored (``keep`` False). ``layout``: this rank's (vocab_start, width), checked
+    against the other ranks' in the same all_gather.
     """
     lse, ent = _local_stats(x, inv_t, backend, want_entropy)
     pieces = [lse] + ([ent] if want_entropy else [])
@@ -50,7 +52,7 @@ def gather_stats(x: Tensor, local_labels: Tensor | None, keep: Tensor | None, in
                   if x.shape[-1] else lse.new_zeros(lse.shape))
         pieces += [torch.where(owned, picked.to(lse.dtype) * inv_t, torch.zeros_like(lse)),
                    owned.to(lse.dtype)]
-    g = _comm.all_gather(torch.stack(pieces), group, world)  # (world, pieces, N)
+    g = _shards.gather_rows(torch.stack(pieces), group, world, layout)  # (world, pieces, N)
     L = phases.combine_lse(g[:, 0])
     H = lp = None
     if want_entropy:
@@ -99,9 +101,10 @@ class VocabParallelStatsFunction(torch.autograd.Function):
     """One global statistic of (N, V_local) shards; 1 all_gather forward, nothing backward."""
 
     @staticmethod
-    def forward(ctx, x, which, local_labels, keep, inv_t, backend, group, world):
+    def forward(ctx, x, which, local_labels, keep, inv_t, backend, group, world, layout=None):
         labels = local_labels if which == LOGPROB else None
-        L, H, lp = gather_stats(x, labels, keep, inv_t, backend, group, world, which == ENTROPY)
+        L, H, lp = gather_stats(x, labels, keep, inv_t, backend, group, world, which == ENTROPY,
+                                layout)
         ctx.save_for_backward(x, labels, keep, L, H)
         ctx.which, ctx.inv_t, ctx.backend = which, inv_t, backend
         return (L, H, lp)[which]
@@ -114,7 +117,7 @@ class VocabParallelStatsFunction(torch.autograd.Function):
         g = [None, None, None]
         g[ctx.which] = grad
         dx = local_grad(x, labels, keep, L, H, *g, ctx.inv_t, ctx.backend)
-        return dx, *([None] * 7)
+        return dx, *([None] * 8)
 
 
 def _setup(name, x, group, vocab_start, backend):
@@ -124,7 +127,7 @@ def _setup(name, x, group, vocab_start, backend):
     return x, info, group, vocab_start, world
 
 
-def _apply(x, which, local_labels, keep, inv_t, backend, group, world, lead):
+def _apply(x, which, local_labels, keep, inv_t, backend, group, world, lead, layout=None):
     rows = _shards.rows(x)
     name = _shards.pick_backend(backend, rows, ("softmax_stats_fwd", "softmax_stats_bwd"))
     n = rows.shape[0]
@@ -133,7 +136,7 @@ def _apply(x, which, local_labels, keep, inv_t, backend, group, world, lead):
     if keep is None:
         keep = torch.ones(n, dtype=torch.bool, device=rows.device)
     out = VocabParallelStatsFunction.apply(rows, which, local_labels, keep, inv_t, name, group,
-                                           world)
+                                           world, layout)
     return out.reshape(lead)
 
 
@@ -185,7 +188,9 @@ def vocab_parallel_token_logprobs(
     ``vocab_start`` is required with more than one rank (DTensor inputs supply it). Ignored rows
     give 0 and zero gradient; a label that no rank owns gives NaN (no host sync to raise).
     Collectives per forward: one all_gather of 3N floats per rank (shard lse, label logit, owner
-    flag); none in the backward. One rank: exactly ``fk.token_logprobs``.
+    flag); none in the backward. One rank: exactly ``fk.token_logprobs``. The ranks' layouts
+    ride in that all_gather: shards that do not tile [0, V) exactly once (a wrong ``vocab_start``)
+    raise a ValueError on every rank.
     """
     x, info, group, vocab_start, world = _setup("logits_shard", logits_shard, group, vocab_start,
                                                 backend)
@@ -204,5 +209,7 @@ def vocab_parallel_token_logprobs(
     flat = labels.reshape(-1).long() - vocab_start
     owned = keep & (flat >= 0) & (flat < x.shape[-1])
     local = torch.where(owned, flat, torch.full_like(flat, -1))
-    return _shards.rewrap(_apply(x, LOGPROB, local, keep, inv_t, backend, group, world, lead),
-                          info)
+    # Checked in the op's all_gather (a DTensor's own offsets need no check).
+    layout = (vocab_start, x.shape[-1]) if info is None else None
+    return _shards.rewrap(_apply(x, LOGPROB, local, keep, inv_t, backend, group, world, lead,
+                                 layout), info)
