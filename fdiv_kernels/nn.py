@@ -42,10 +42,12 @@ class FDivergenceLoss(_KindLoss):
         ignore_index: int = -100,
         reduction: str = "mean",
         backend: str = "auto",
+        vocab_size: int | None = None,
     ) -> None:
         # fk.divergence takes every kind, the row kinds (renyi, cauchy_schwarz) included.
         super().__init__(kind, beta, alpha, lam, row_kinds=True, temperature=temperature,
-                         ignore_index=ignore_index, reduction=reduction, backend=backend)
+                         ignore_index=ignore_index, reduction=reduction, backend=backend,
+                         vocab_size=vocab_size)
 
     def forward(
         self,
@@ -76,10 +78,11 @@ class FusedLinearDivergenceLoss(_KindLoss):
         ce_weight: float = 0.0,
         chunk_size: int | None = None,
         backend: str = "auto",
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__(kind, beta, alpha, lam, temperature=temperature,
                          ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight,
-                         chunk_size=chunk_size, backend=backend)
+                         chunk_size=chunk_size, backend=backend, vocab_size=vocab_size)
 
     def forward(
         self,
@@ -153,14 +156,15 @@ class SparseDivergenceLoss(_KindLoss):
                  alpha: float | None = None, lam: float | None = None, temperature: float = 1.0,
                  teacher_temperature: float | None = None, student_logit_scale: float = 1.0,
                  student_softcap: float | None = None, ignore_index: int = -100,
-                 reduction: str = "mean", backend: str = "auto") -> None:
+                 reduction: str = "mean", backend: str = "auto",
+                 vocab_size: int | None = None) -> None:
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
         super().__init__(kind, beta, alpha, lam, tail=tail, temperature=temperature,
                          teacher_temperature=teacher_temperature,
                          student_logit_scale=student_logit_scale, student_softcap=student_softcap,
                          ignore_index=ignore_index,
-                         reduction=reduction, backend=backend)
+                         reduction=reduction, backend=backend, vocab_size=vocab_size)
 
     def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                 support_mask: Tensor | None = None, labels: Tensor | None = None,

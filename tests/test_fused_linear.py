@@ -48,7 +48,7 @@ def _reference(params, kind, temperature, labels, reduction, ce_weight, pad_mask
 
 
 def _compare(params, kind, backend, *, temperature=1.0, labels=None, reduction="mean",
-             ce_weight=0.0, chunk_size=None, pad_mask=None, teacher_grad=True):
+             ce_weight=0.0, chunk_size=None, pad_mask=None, teacher_grad=True, vocab_size=None):
     ours = [p.detach().clone().requires_grad_(i < 3 or teacher_grad) if p is not None else None
             for i, p in enumerate(params)]
     ref = [p.detach().double().requires_grad_(i < 3 or teacher_grad) if p is not None else None
@@ -56,7 +56,7 @@ def _compare(params, kind, backend, *, temperature=1.0, labels=None, reduction="
     out = fk.fused_linear_divergence(
         ours[0], ours[1], ours[3], ours[4], kind, temperature=temperature,
         student_bias=ours[2], teacher_bias=ours[5], labels=labels, reduction=reduction,
-        ce_weight=ce_weight, chunk_size=chunk_size, backend=backend,
+        ce_weight=ce_weight, chunk_size=chunk_size, backend=backend, vocab_size=vocab_size,
     )
     expected = _reference(ref, kind, temperature, labels, reduction, ce_weight, pad_mask)
     assert_close(out, expected, TOL, "loss")
@@ -67,6 +67,11 @@ def _compare(params, kind, backend, *, temperature=1.0, labels=None, reduction="
         if a is None or not a.requires_grad:
             continue
         assert a.grad.dtype == a.dtype
+        if pad_mask is not None and name in ("wt", "bt"):  # the padding rows: exactly 0
+            assert torch.all(a.grad[pad_mask] == 0)
+            a, b = a.grad[~pad_mask], b.grad[~pad_mask]
+            assert_close(a, b, TOL, f"grad {name}")
+            continue
         assert_close(a.grad, b.grad, TOL, f"grad {name}")
 
 
@@ -91,23 +96,27 @@ def test_ce_mixing_and_no_bias(bias, backend):
 
 
 @pytest.mark.parametrize("kind", ["js", "reverse_kl", "tv"])
-def test_larger_teacher_vocabulary(kind, backend):
-    """Vt > Vs: the student's missing entries are -inf (probability 0), never logit 0."""
-    _compare(_params(vt=VS + 3, seed=7), kind, backend, chunk_size=3)
+def test_teacher_head_padded_to_more_rows(kind, backend):
+    """A teacher head padded to Vt > Vs rows: vocab_size=Vs takes the first Vs rows of both (the
+    reference drops the padding columns); without it, the widths are refused."""
     params = _params(vt=VS + 3, seed=7)
-    kl = fk.fused_linear_divergence(params[0], params[1], params[3], params[4], "kl",
-                                    reduction="none", backend=backend)
-    assert torch.all(kl == math.inf)  # teacher mass where the student has none
+    pad = torch.zeros(VS + 3, dtype=torch.bool)
+    pad[VS:] = True
+    _compare(params, kind, backend, chunk_size=3, pad_mask=pad, vocab_size=VS)
+    with pytest.raises(ValueError, match="vocab_size"):
+        fk.fused_linear_divergence(params[0], params[1], params[3], params[4], kind,
+                                   backend=backend)
 
 
 def test_padded_teacher_entries_masked(backend):
-    """A padded teacher head with -inf bias on its extra rows gives a finite forward KL."""
+    """A padded teacher head with -inf bias on its extra rows, its padding cut by vocab_size."""
     params = _params(vt=VS + 2, seed=9)
     params[5][VS:] = -math.inf
     pad = torch.zeros(VS + 2, dtype=torch.bool)
     pad[VS:] = True
     params[5] = params[5].detach()
-    _compare(params, "kl", backend, chunk_size=4, pad_mask=pad, teacher_grad=False)
+    _compare(params, "kl", backend, chunk_size=4, pad_mask=pad, teacher_grad=False,
+             vocab_size=VS)
 
 
 def test_module_and_bf16_gradients_match(backend):
@@ -132,7 +141,8 @@ def test_module_and_bf16_gradients_match(backend):
         (lambda p: p.__setitem__(3, p[3][:5]), ValueError, "leading shape"),
         (lambda p: p.__setitem__(1, p[1][:, :4]), ValueError, "student_weight must be"),
         (lambda p: p.__setitem__(4, p[4][:, :4]), ValueError, "teacher_weight must be"),
-        (lambda p: p.__setitem__(4, p[4][:5]), ValueError, "teacher vocabulary must be at least"),
+        (lambda p: (p.__setitem__(4, p[4][:5]), p.__setitem__(5, p[5][:5])), ValueError,
+         "vocab_size"),
         (lambda p: p.__setitem__(2, p[2][:3]), ValueError, "student_bias must be"),
         (lambda p: p.__setitem__(1, p[1][0]), ValueError, "2-D"),
         (lambda p: p.__setitem__(0, p[0].long()), TypeError, "floating point"),

@@ -138,11 +138,13 @@ def test_fused_linear_transforms_and_stats(backend, xf, ce_w, vt):
         teacher_bias=bt, labels=labels,
         ce_weight=ce_w, chunk_size=4, backend=backend, student_logit_scale=xf[0],
         student_softcap=xf[1], teacher_logit_scale=xf[2], teacher_softcap=xf[3],
-        return_stats=True,
+        return_stats=True, vocab_size=VS if vt != VS else None,
     )
     loss.backward()
     ref_params = [x.detach().double().requires_grad_(True) for x in (hs, ws, bs)]
-    ref, soft, hard, ent = _eager(*ref_params, ht, wt, bt, labels, "js", ce_w, T, xf, "mean")
+    # A teacher head padded to vt rows: its first VS rows are the vocabulary.
+    ref, soft, hard, ent = _eager(*ref_params, ht, wt[:VS], bt[:VS], labels, "js", ce_w, T, xf,
+                                  "mean")
     grads = torch.autograd.grad(ref, ref_params)
     assert_close(loss, ref.detach(), F32, "loss")
     for name, p, g in zip(("hidden", "weight", "bias"), params, grads):

@@ -38,11 +38,34 @@ def check_logits(name: str, x: object) -> Tensor:
     return x
 
 
+def check_vocab_size(vocab_size: object, widths: dict[str, int]) -> int | None:
+    """The ``vocab_size`` of ops whose inputs may be padded to different widths (Qwen-style
+    vocabularies: 151936 vs 152064 columns): None (every width equal) or an int in
+    [1, min(widths)]; mismatched widths without it raise, naming both and the argument."""
+    if vocab_size is None:
+        if len(set(widths.values())) > 1:
+            given = ", ".join(f"{name} has {w}" for name, w in widths.items())
+            raise ValueError(
+                f"vocabulary widths differ ({given}): pass vocab_size= (the tokenizer's size) "
+                "so that only the first vocab_size columns take part and the padding columns "
+                "are excluded"
+            )
+        return None
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    narrowest = min(widths.values())
+    if not 1 <= vocab_size <= narrowest:
+        given = ", ".join(f"{name} has {w}" for name, w in widths.items())
+        raise ValueError(f"vocab_size must be in [1, {narrowest}] ({given}), got {vocab_size}")
+    return int(vocab_size)
+
+
 def check_pair(student: Tensor, teacher: Tensor) -> None:
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(
             f"student_logits and teacher_logits must share the vocabulary size, got "
-            f"V={student.shape[-1]} and V={teacher.shape[-1]}"
+            f"V={student.shape[-1]} and V={teacher.shape[-1]} (pass vocab_size= for "
+            "vocabularies padded to different widths)"
         )
     if student.shape != teacher.shape:
         raise ValueError(

@@ -63,6 +63,7 @@ def divergence(
     student_logit_scale: float = 1.0, student_softcap: float | None = None,
     teacher_logit_scale: float = 1.0, teacher_softcap: float | None = None,
     return_stats: bool = False,
+    vocab_size: int | None = None,
 ) -> Tensor | tuple[Tensor, DivergenceStats]:
     r"""Divergence between p = softmax(teacher_logits / T) and q = softmax(student_logits / T).
 
@@ -115,6 +116,10 @@ def divergence(
             gradcheck, jacobians) at the cost of a second buffer during the backward.
         student_logit_scale, teacher_logit_scale: finite positive factors (default 1).
         student_softcap, teacher_softcap: None (no cap) or a finite positive c.
+        vocab_size: the tokenizer's size when the two models' logits are padded to different
+            widths (e.g. 151936 and 152064): only the first ``vocab_size`` columns take part,
+            the padding columns of either input get exactly zero gradient. None: the widths
+            must be equal (else a ValueError naming both).
         return_stats: also return a :class:`DivergenceStats` (detached): the summed student
             entropy at temperature T over kept rows and their count, from the same kernel pass;
             ``soft_loss`` is the loss detached, ``hard_loss`` None.
@@ -127,6 +132,11 @@ def divergence(
     """
     V.check_logits("student_logits", student_logits)
     V.check_logits("teacher_logits", teacher_logits)
+    vocab_size = V.check_vocab_size(vocab_size, {"student_logits": student_logits.shape[-1],
+                                                 "teacher_logits": teacher_logits.shape[-1]})
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+        teacher_logits = teacher_logits[..., :vocab_size]
     V.check_pair(student_logits, teacher_logits)
     spec: KernelSpec = resolve(kind, beta, alpha, lam, row_kinds=True)
     dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)

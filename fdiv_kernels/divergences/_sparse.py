@@ -180,6 +180,7 @@ def sparse_divergence(
     student_logit_scale: float = 1.0, student_softcap: float | None = None,
     backend: str = "auto",
     inplace_backward: bool = True,
+    vocab_size: int | None = None,
 ) -> Tensor:
     r"""Divergence between a sparse teacher (top-k ids and log-probs) and the full student softmax.
 
@@ -222,12 +223,18 @@ def sparse_divergence(
         backend: as in :func:`fk.divergence`.
         inplace_backward: accepted for symmetry with :func:`fk.divergence`; the backward here
             recomputes the gradient from per-row statistics, so it can run repeatedly.
+        vocab_size: the tokenizer's size when the student's logits are padded to more columns:
+            only the first ``vocab_size`` take part (teacher ids must be below it), the padding
+            columns get exactly zero gradient. None: every column takes part.
 
     Returns:
         The loss in float32 (float64 for float64 logits). Gradients flow to the student logits
         and, when it requires grad, to ``teacher_logprobs``.
     """
     V.check_logits("student_logits", student_logits)
+    vocab_size = V.check_vocab_size(vocab_size, {"student_logits": student_logits.shape[-1]})
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     ids, lp, mask, tail_id = check_sparse_teacher(
         lead, vocab, student_logits.device, teacher_ids, teacher_logprobs, support_mask, tail)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fdiv_kernels.core import _validation as V
 from fdiv_kernels.core._ops import SoftmaxOps, select_ops
-from fdiv_kernels.core._transforms import check_pair_transforms, transform_logits
+from fdiv_kernels.core._transforms import check_pair_transforms
 from fdiv_kernels.divergences._results import DivergenceStats
 from fdiv_kernels.fused_linear import _engine as E
 from fdiv_kernels.kinds._registry import KernelSpec, resolve
@@ -44,7 +44,7 @@ def _run(a: dict, heads: dict[str, E.Head], row_weights: Tensor) -> tuple[Tensor
     spec: KernelSpec = a["spec"]
     ops: SoftmaxOps = a["ops"]
     hs = heads["s"].hidden
-    n, vs, vt = hs.shape[0], heads["s"].weight.shape[0], heads["t"].weight.shape[0]
+    n = hs.shape[0]
     acc = torch.promote_types(hs.dtype, torch.float32)
     grad_s, grad_t = heads["s"].needs_grad, heads["t"].needs_grad
     loss = hs.new_empty(n, dtype=acc)
@@ -52,23 +52,11 @@ def _run(a: dict, heads: dict[str, E.Head], row_weights: Tensor) -> tuple[Tensor
 
     def step(rows: slice, z: dict) -> dict:
         zs, zt = z["s"], z["t"]
-        if vt > vs:  # entries the student head lacks have probability 0, not logit 0
-            zs_full = torch.nn.functional.pad(zs, (0, vt - vs), value=float("-inf"))
-        else:
-            zs_full = zs
-        xs, dzs = a["xform"][:2], None
-        if vt > vs and xs != (1.0, 0.0):
-            # A transform would turn the -inf padding finite (-c under a cap): transform the
-            # chunk's logits here, in place, and chain the gradient below.
-            zs_t, dzs = transform_logits(zs, *xs)
-            zs = zs.copy_(zs_t)
-            del zs_t
-            zs_full = torch.nn.functional.pad(zs, (0, vt - vs), value=float("-inf"))
-            xs = (1.0, 0.0)
-        div, gzs, gzt, ent = ops.divergence_fwd(zs_full, zt, valid[rows], spec.base, spec.swap,
+        xs = a["xform"][:2]
+        div, gzs, gzt, ent = ops.divergence_fwd(zs, zt, valid[rows], spec.base, spec.swap,
                                                 spec.param, a["inv_t"], *xs, *a["xform"][2:],
                                                 grad_s, grad_t)
-        del zt, zs_full
+        del zt
         w_rows = row_weights[rows, None]
         loss[rows] = div
         if side is not None:  # return_stats: the per-row parts, from the same kernel calls
@@ -85,11 +73,9 @@ def _run(a: dict, heads: dict[str, E.Head], row_weights: Tensor) -> tuple[Tensor
         # The chunk's buffers are scaled in place: no extra (chunk, V) temporaries.
         out = {}
         if grad_s:
-            gz = gzs[:, :vs].mul_(w_rows * (1.0 - ce_w))
+            gz = gzs.mul_(w_rows * (1.0 - ce_w))
             if ce_w:
                 gz.add_(gce.mul_(w_rows * ce_w))
-            if dzs is not None:
-                gz.mul_(dzs)
             out["s"] = gz
         if grad_t:
             out["t"] = gzt.mul_(w_rows * (1.0 - ce_w))
@@ -154,14 +140,17 @@ def fused_linear_divergence(
     student_logit_scale: float = 1.0, student_softcap: float | None = None,
     teacher_logit_scale: float = 1.0, teacher_softcap: float | None = None,
     return_stats: bool = False,
+    vocab_size: int | None = None,
 ) -> Tensor | tuple[Tensor, DivergenceStats]:
     r"""D(softmax(teacher_hidden W_t^T + b_t) || softmax(student_hidden W_s^T + b_s)) per row,
     without the (N, V) logits.
 
     ``kind`` and its parameters, ``temperature``, ``labels`` / ``ignore_index``, ``reduction`` and
     ``num_items_in_batch`` mean what they mean in :func:`fk.divergence`. Hidden states are
-    (..., H) with one leading shape for both; weights are (V, H) with ``Vt >= Vs`` (the student's
-    missing vocabulary entries have probability 0, i.e. logit -inf). With ``ce_weight = w`` the
+    (..., H) with one leading shape for both; weights are (V, H) with one V for both, or heads
+    padded to different numbers of rows with ``vocab_size`` (the tokenizer's size: only the
+    first ``vocab_size`` rows take part, the padding rows get exactly zero gradient; different
+    widths without it raise, naming both). With ``ce_weight = w`` the
     per-row loss is (1 - w) D + w CE(student, labels) (labels required). Logits are formed in fp32
     whatever the operand dtype; gradients (to the student's hidden, weight and bias, and the
     teacher's when they require grad) accumulate in fp32 and return in each parameter's dtype.
@@ -186,11 +175,14 @@ def fused_linear_divergence(
             f"student_hidden and teacher_hidden must share the leading shape (N), got "
             f"{tuple(hs.shape[:-1])} and {tuple(ht.shape[:-1])}"
         )
-    if wt.shape[0] < ws.shape[0]:
-        raise ValueError(f"teacher vocabulary must be at least the student's: Vt={wt.shape[0]} "
-                         f"< Vs={ws.shape[0]}")
     bs = E.check_bias("student_bias", student_bias, ws.shape[0])
     bt = E.check_bias("teacher_bias", teacher_bias, wt.shape[0])
+    vocab_size = V.check_vocab_size(vocab_size, {"student_weight": ws.shape[0],
+                                                 "teacher_weight": wt.shape[0]})
+    if vocab_size is not None:  # views: the padding rows' gradient is exactly 0
+        ws, wt = ws[:vocab_size], wt[:vocab_size]
+        bs = bs[:vocab_size] if bs is not None else None
+        bt = bt[:vocab_size] if bt is not None else None
     E.check_devices(hs, ht, ws, wt, bs, bt)
     spec = resolve(kind, beta, alpha, lam)
     inv_t = V.check_temperature(temperature, torch.promote_types(hs.dtype, ws.dtype))

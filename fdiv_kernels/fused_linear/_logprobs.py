@@ -102,6 +102,7 @@ def fused_linear_token_logprobs(
     return_entropy: bool = False,
     chunk_size: int | None = None,
     backend: str = "auto",
+    vocab_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""log softmax(z / T)[label] per row, z = softcap(logit_scale (hidden W^T + b)), without the
     (N, V) logits.
@@ -119,6 +120,9 @@ def fused_linear_token_logprobs(
         return_entropy: also return the per-row entropy (differentiable as well: its gradient,
             -q (log q + H) / T, flows into hidden, weight and bias).
         chunk_size: rows per chunk (default from a memory budget); memory is O(chunk V).
+        vocab_size: the tokenizer's size when ``weight`` is padded to more rows: only the first
+            ``vocab_size`` rows take part (labels must be below it); the padding rows get
+            exactly zero gradient. None: every row takes part.
 
     Returns:
         logprob (float32, float64 for float64 inputs) of the leading shape, or
@@ -126,6 +130,9 @@ def fused_linear_token_logprobs(
         bias; an ignored row contributes no gradient through its log-prob.
     """
     h, weight, bias = E.check_head("hidden", hidden, "weight", weight, "bias", bias)
+    vocab_size = V.check_vocab_size(vocab_size, {"weight": weight.shape[0]})
+    if vocab_size is not None:  # views: the padding rows' gradient is exactly 0
+        weight, bias = weight[:vocab_size], (bias[:vocab_size] if bias is not None else None)
     vocab = weight.shape[0]
     if vocab == 0:
         raise ValueError("weight must have at least one row (V >= 1)")

@@ -140,6 +140,7 @@ def fused_linear_sparse_divergence(
     num_items_in_batch: int | float | Tensor | None = None,
     student_logit_scale: float = 1.0, student_softcap: float | None = None,
     backend: str = "auto",
+    vocab_size: int | None = None,
 ) -> Tensor:
     r""":func:`fk.sparse_divergence` of the student logits z = student_hidden W^T + b, without the
     (N, V) logits.
@@ -154,10 +155,15 @@ def fused_linear_sparse_divergence(
     processed at a time (default: from a memory budget, two (chunk, V) fp32 buffers of 8 MiB on
     the CPU). With a scalar reduction the gradients are computed in the forward and handed out
     by the backward, once (a second backward through the same graph raises).
+    ``vocab_size``: the tokenizer's size when ``student_weight`` is padded to more rows (only
+    the first ``vocab_size`` rows take part, their padding rows get exactly zero gradient).
     """
     hs, ws, bs = E.check_head("student_hidden", student_hidden, "student_weight",
                               student_weight, "student_bias", student_bias)
     E.check_devices(hs, ws, bs)
+    vocab_size = V.check_vocab_size(vocab_size, {"student_weight": ws.shape[0]})
+    if vocab_size is not None:  # views: the padding rows' gradient is exactly 0
+        ws, bs = ws[:vocab_size], (bs[:vocab_size] if bs is not None else None)
     lead, vocab = hs.shape[:-1], ws.shape[0]
     ids, lp, mask, tail_id = check_sparse_teacher(
         lead, vocab, hs.device, teacher_ids, teacher_logprobs, support_mask, tail)
