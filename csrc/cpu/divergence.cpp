@@ -23,7 +23,6 @@
 #include "common/checks.h"
 #include "cpu/divergence_terms.h"
 #include "cpu/convert.h"
-#include "cpu/dense_output.h"
 #include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
@@ -277,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
   const auto opts = student.options();
   at::Tensor loss = at::empty({s.size(0)}, opts.dtype(stats_dtype(dt)));
   at::Tensor ent = at::empty({s.size(0)}, opts.dtype(stats_dtype(dt)));
-  at::Tensor gs = grad_student ? empty_dense(s.sizes(), s.options()) : at::empty({0}, opts);
-  at::Tensor gt = grad_teacher ? empty_dense(t.sizes(), t.options()) : at::empty({0}, opts);
+  at::Tensor gs = grad_student ? at::empty(s.sizes(), s.options()) : at::empty({0}, opts);
+  at::Tensor gt = grad_teacher ? at::empty(t.sizes(), t.options()) : at::empty({0}, opts);
   const int base = int(kind);
   auto go = [&](auto storage, auto compute) {
     using S = decltype(storage);

@@ -28,7 +28,6 @@
 
 #include "common/checks.h"
 #include "cpu/convert.h"
-#include "cpu/dense_output.h"
 #include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
@@ -237,8 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_combination_fwd_cpu(
   const at::Tensor s = student.contiguous(), t = teacher.contiguous(), v = valid.contiguous();
   const auto opts = student.options();
   at::Tensor loss = at::empty({s.size(0)}, opts.dtype(stats_dtype(dt)));
-  at::Tensor gs = grad_student ? empty_dense(s.sizes(), s.options()) : at::empty({0}, opts);
-  at::Tensor gt = grad_teacher ? empty_dense(t.sizes(), t.options()) : at::empty({0}, opts);
+  at::Tensor gs = grad_student ? at::empty(s.sizes(), s.options()) : at::empty({0}, opts);
+  at::Tensor gt = grad_teacher ? at::empty(t.sizes(), t.options()) : at::empty({0}, opts);
   const Transform ts{student_scale, student_softcap, inv_temperature};
   const Transform tt{teacher_scale, teacher_softcap, inv_temperature};
   switch (dt) {

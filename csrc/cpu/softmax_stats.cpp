@@ -24,7 +24,6 @@
 
 #include "common/checks.h"
 #include "cpu/convert.h"
-#include "cpu/dense_output.h"
 #include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
@@ -345,7 +344,7 @@ at::Tensor softmax_stats_bwd_cpu(const at::Tensor& x_in, const std::optional<at:
   const auto dt = x.scalar_type();
   const StatsBwdInputs in = checked_stats_bwd_inputs(x, labels_in, lse_in, entropy_in, g_lse_in,
                                                      g_entropy_in, g_logprob_in, stats_dtype(dt));
-  at::Tensor dx = empty_dense(x.sizes(), x.options());
+  at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
   auto go = [&](auto storage, auto compute) {
     using S = decltype(storage);

@@ -32,7 +32,6 @@
 #include <vector>
 
 #include "cpu/convert.h"
-#include "cpu/dense_output.h"
 #include "cpu/divergence_terms.h"
 #include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
@@ -577,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_divergence_fwd
                    val = valid.contiguous(), lp = teacher.contiguous();
   const auto opts = x.options();
   at::Tensor loss = at::empty({N}, opts.dtype(ct));
-  at::Tensor gs = grad_student ? empty_dense(x.sizes(), x.options()) : at::empty({0}, opts);
+  at::Tensor gs = grad_student ? at::empty(x.sizes(), x.options()) : at::empty({0}, opts);
   at::Tensor gt = grad_teacher ? at::empty({N, K}, opts.dtype(ct)) : at::empty({0}, opts);
   at::Tensor stats = at::empty({N, 2}, opts.dtype(ct));
   if (N == 0) return {loss, gs, gt, stats};
@@ -604,7 +603,7 @@ at::Tensor sparse_divergence_bwd_cpu(
   const at::Tensor x = student.contiguous(), id = ids.contiguous(), sup = support.contiguous(),
                    val = valid.contiguous(), lp = teacher.contiguous();
   const at::Tensor st = stats.to(ct).contiguous(), gl = grad_loss.to(ct).contiguous();
-  at::Tensor gs = empty_dense(x.sizes(), x.options()), none = at::empty({0}, x.options());
+  at::Tensor gs = at::empty(x.sizes(), x.options()), none = at::empty({0}, x.options());
   if (N == 0) return gs;
   Args A{int(kind), swap, param, inv_temperature, int(tail), teacher_alpha, 0.0, logit_scale,
          softcap, true, false};
