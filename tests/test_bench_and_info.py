@@ -82,21 +82,3 @@ def test_sparse_interleaved_runner():
     assert set(res) == {"fk.sparse_divergence", "eager", "fk.token_logprobs"}
     assert res["fk.sparse_divergence"]["ratio"] == 1.0
     assert all(r["min"] > 0 and r["ratio"] > 0 for r in res.values())
-
-
-def test_dense_output_child_step():
-    """python -m fdiv_kernels.bench.dense_output: one setting's process times its steps (the
-    smallest case, two steps)."""
-    import pytest
-    import torch
-
-    import fdiv_kernels as fk
-
-    try:
-        dispatch.select("cpu", torch.empty(1), "softmax_stats_fwd")
-    except fk.BackendUnavailableError:
-        pytest.skip("the C++ CPU extension is not built")
-    from fdiv_kernels.bench.dense_output import _child
-
-    r = _child("token_logprobs 256x128256", 2)
-    assert r["first"] > 0 and r["median"] > 0 and r["max"] >= r["median"]

@@ -23,9 +23,9 @@
 #include "common/checks.h"
 #include "cpu/divergence_terms.h"
 #include "cpu/convert.h"
-#include "cpu/dense_output.h"
 #include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
+#include "cpu/pair_rows.h"
 #include "cpu/vec_math.h"
 
 namespace fdiv_kernels {
@@ -142,19 +142,8 @@ FDIV_CLONES RowOut row_float(int base, const RowArgs<float>& r) { return dispatc
 
 RowOut row_double(int base, const RowArgs<double>& r) { return dispatch_row<0>(base, r); }
 
-// Per-ISA clones of the shared conversions (csrc/cpu/convert.h): called once per row, outside
-// the cloned row kernel, so they need clones of their own to use F16C / AVX-512.
-FDIV_CLONES void widen(float* dst, const at::BFloat16* src, int64_t n) { widen_block(dst, src, n); }
-FDIV_CLONES void widen(float* dst, const at::Half* src, int64_t n) { widen_block(dst, src, n); }
-FDIV_CLONES void narrow(at::BFloat16* dst, const float* src, int64_t n) { narrow_block(dst, src, n); }
-FDIV_CLONES void narrow(at::Half* dst, const float* src, int64_t n) { narrow_block(dst, src, n); }
-FDIV_CLONES void transform(float* dst, const float* src, int64_t n,
-                           const LogitTransform<float>& x) {
-  transform_block(dst, src, n, x);
-}
-void transform(double* dst, const double* src, int64_t n, const LogitTransform<double>& x) {
-  transform_block(dst, src, n, x);
-}
+// Per-ISA clones of the gradient's chain rule (the rows' conversions are load_row / narrow_row,
+// cpu/convert.h): called once per row, outside the cloned row kernel.
 FDIV_CLONES void chain(float* g, const float* z, int64_t n, const LogitTransform<float>& x) {
   chain_block(g, z, n, x);
 }
@@ -164,19 +153,11 @@ void chain(double* g, const double* z, int64_t n, const LogitTransform<double>& 
 
 // scalar_t: storage type; T: compute type (float for fp32/bf16/fp16, double for fp64).
 template <class scalar_t, class T>
-void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int base, bool swap,
-         double param, double inv_temperature, const LogitTransform<T>& xs,
-         const LogitTransform<T>& xt, at::Tensor& loss, at::Tensor& ent, at::Tensor& gs,
-         at::Tensor& gt, bool want_s, bool want_t) {
+void run(const PairRows<scalar_t, T>& io, T* ent, int base, bool swap, double param,
+         double inv_temperature, const LogitTransform<T>& xs, const LogitTransform<T>& xt) {
   constexpr bool kWide = std::is_same_v<scalar_t, T>;
-  const int64_t rows = s.size(0), n = s.size(1);
-  const scalar_t* sp = s.const_data_ptr<scalar_t>();
-  const scalar_t* tp = t.const_data_ptr<scalar_t>();
-  const bool* vp = valid.const_data_ptr<bool>();
-  T* lp = loss.mutable_data_ptr<T>();
-  T* ep = ent.mutable_data_ptr<T>();
-  scalar_t* gsp = want_s ? gs.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* gtp = want_t ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t n = io.n;
+  const bool want_s = io.gs != nullptr, want_t = io.gt != nullptr;
   const KindConsts<T> consts(param);
   const T inv_t = T(inv_temperature);
   // A side gets a row buffer when it is widened or transformed; narrow dtypes also get float
@@ -184,7 +165,7 @@ void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int 
   const bool own_s = !kWide || !xs.identity(), own_t = !kWide || !xt.identity();
 
   const int64_t blocks = num_blocks(n);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, io.rows, 1, [&](int64_t begin, int64_t end) {
     // Per thread, O(n): the kept exps and block shifts, the owned rows, the float gradients.
     const int64_t extra = n * (own_s + own_t + (kWide ? 0 : want_s + want_t));
     std::vector<T> buf(size_t(2 * n + 2 * blocks + extra));
@@ -195,45 +176,14 @@ void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int 
     T* const grad_s = row_t + (own_t ? n : 0);
     T* const grad_t = grad_s + (want_s ? n : 0);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t off = i * n;
-      scalar_t* gsr = gsp ? gsp + off : nullptr;
-      scalar_t* gtr = gtp ? gtp + off : nullptr;
-      if (!vp[i]) {
-        lp[i] = T(0);
-        ep[i] = T(0);
-        if (gsr) std::fill(gsr, gsr + n, scalar_t(0));
-        if (gtr) std::fill(gtr, gtr + n, scalar_t(0));
+      if (io.skip(i)) {
+        ent[i] = T(0);
         continue;
       }
-      RowArgs<T> r{nullptr, nullptr, nullptr, nullptr, n, inv_t, &consts, w, swap};
-      if constexpr (kWide) {
-        r.a = own_s ? row_s : sp + off;
-        r.b = own_t ? row_t : tp + off;
-        if (own_s) transform(row_s, sp + off, n, xs);
-        if (own_t) transform(row_t, tp + off, n, xt);
-        r.ga = gsr;
-        r.gb = gtr;
-      } else {
-        widen(row_s, sp + off, n);
-        widen(row_t, tp + off, n);
-        if (!xs.identity()) transform(row_s, row_s, n, xs);
-        if (!xt.identity()) transform(row_t, row_t, n, xt);
-        r.a = row_s;
-        r.b = row_t;
-        r.ga = want_s ? grad_s : nullptr;
-        r.gb = want_t ? grad_t : nullptr;
-      }
-      if (swap) {
-        std::swap(r.a, r.b);
-        std::swap(r.ga, r.gb);
-      }
-      RowOut o;
-      if constexpr (std::is_same_v<T, float>) o = row_float(base, r);
-      else o = row_double(base, r);
-      lp[i] = T(o.loss);
-      ep[i] = T(o.ent);
-      // The gradient rows (r.ga / r.gb may have been swapped; the buffers keep their owners)
-      // times the transforms' derivatives, then rounded once for narrow dtypes.
+      const int64_t off = i * n;
+      scalar_t* gsr = io.grad_s(i);
+      scalar_t* gtr = io.grad_t(i);
+      // The gradient rows in the compute type: the outputs, or float rows rounded at the end.
       T* g_s = nullptr;
       T* g_t = nullptr;
       if constexpr (kWide) {
@@ -243,11 +193,24 @@ void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, int 
         g_s = want_s ? grad_s : nullptr;
         g_t = want_t ? grad_t : nullptr;
       }
+      RowArgs<T> r{load_row(row_s, io.s + off, n, xs), load_row(row_t, io.t + off, n, xt),
+                   g_s, g_t, n, inv_t, &consts, w, swap};
+      if (swap) {
+        std::swap(r.a, r.b);
+        std::swap(r.ga, r.gb);
+      }
+      RowOut o;
+      if constexpr (std::is_same_v<T, float>) o = row_float(base, r);
+      else o = row_double(base, r);
+      io.loss[i] = T(o.loss);
+      ent[i] = T(o.ent);
+      // The gradient rows (g_s / g_t keep their owners through a swap) times the transforms'
+      // derivatives, then rounded once for narrow dtypes.
       if (g_s && !xs.identity()) chain(g_s, row_s, n, xs);
       if (g_t && !xt.identity()) chain(g_t, row_t, n, xt);
       if constexpr (!kWide) {
-        if (want_s) narrow(gsr, grad_s, n);
-        if (want_t) narrow(gtr, grad_t, n);
+        if (want_s) narrow_row(gsr, grad_s, n);
+        if (want_t) narrow_row(gtr, grad_t, n);
       }
     }
   });
@@ -277,23 +240,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
   const auto opts = student.options();
   at::Tensor loss = at::empty({s.size(0)}, opts.dtype(stats_dtype(dt)));
   at::Tensor ent = at::empty({s.size(0)}, opts.dtype(stats_dtype(dt)));
-  at::Tensor gs = grad_student ? empty_dense(s.sizes(), s.options()) : at::empty({0}, opts);
-  at::Tensor gt = grad_teacher ? empty_dense(t.sizes(), t.options()) : at::empty({0}, opts);
+  at::Tensor gs = grad_student ? at::empty(s.sizes(), s.options()) : at::empty({0}, opts);
+  at::Tensor gt = grad_teacher ? at::empty(t.sizes(), t.options()) : at::empty({0}, opts);
   const int base = int(kind);
-  auto go = [&](auto storage, auto compute) {
-    using S = decltype(storage);
-    using T = decltype(compute);
+  dispatch_logits(dt, [&]<class S, class T>() {
     const LogitTransform<T> xs{T(student_scale), T(student_softcap)};
     const LogitTransform<T> xt{T(teacher_scale), T(teacher_softcap)};
-    run<S, T>(s, t, v, base, swap, param, inv_temperature, xs, xt, loss, ent, gs, gt,
-              grad_student, grad_teacher);
-  };
-  switch (dt) {
-    case at::kFloat: go(float(), float()); break;
-    case at::kDouble: go(double(), double()); break;
-    case at::kBFloat16: go(at::BFloat16(), float()); break;
-    default: go(at::Half(), float()); break;
-  }
+    const PairRows<S, T> io(s, t, v, loss, gs, gt, grad_student, grad_teacher);
+    run(io, ent.mutable_data_ptr<T>(), base, swap, param, inv_temperature, xs, xt);
+  });
   return {loss, gs, gt, ent};
 }
 

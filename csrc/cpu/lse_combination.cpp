@@ -28,9 +28,9 @@
 
 #include "common/checks.h"
 #include "cpu/convert.h"
-#include "cpu/dense_output.h"
 #include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
+#include "cpu/pair_rows.h"
 #include "cpu/vec_math.h"
 
 namespace fdiv_kernels {
@@ -58,16 +58,16 @@ FDIV_INLINE T times(T c, T x) {
   return c == T(0) ? T(0) : c * x;
 }
 
-// dst = transform(src) / T, in the compute type: the shared transform with 1 / T folded in.
+// The input's transform with 1 / T folded in (the chain rule's factor too).
 template <class T>
-void transform_row(T* dst, const T* src, int64_t n, const Transform& tr) {
-  transform_block(dst, src, n, LogitTransform<T>{T(tr.scale), T(tr.cap)}, T(tr.inv_t));
+LogitTransform<T> logit_transform(const Transform& tr) {
+  return {T(tr.scale), T(tr.cap)};
 }
 
 // g[j] *= d(transformed)/d(raw) at j: scale (1 - (z / cap)^2) / T, z = a T from the row a.
 template <class T>
 void chain_rule(T* g, const T* a, int64_t n, const Transform& tr) {
-  chain_block(g, a, n, LogitTransform<T>{T(tr.scale), T(tr.cap)}, T(tr.inv_t));
+  chain_block(g, a, n, logit_transform<T>(tr), T(tr.inv_t));
 }
 
 // Per term: log softmax_k(j) = (x_kj - shift_k) - log_sum_k, the shift first (x - (m + log s)
@@ -145,45 +145,27 @@ void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStat
 }
 
 template <class scalar_t, class T>
-void run(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, const Coeffs& c,
-         const Transform& ts, const Transform& tt, at::Tensor& loss, at::Tensor& gs,
-         at::Tensor& gt, bool want_s, bool want_t) {
+void run(const PairRows<scalar_t, T>& io, const Coeffs& c, const Transform& ts,
+         const Transform& tt) {
   constexpr bool kWide = std::is_same_v<scalar_t, T>;
-  const int64_t rows = s.size(0), n = s.size(1);
-  const scalar_t* sp = s.const_data_ptr<scalar_t>();
-  const scalar_t* tp = t.const_data_ptr<scalar_t>();
-  const bool* vp = valid.const_data_ptr<bool>();
-  T* lp = loss.mutable_data_ptr<T>();
-  scalar_t* gsp = want_s ? gs.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* gtp = want_t ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t n = io.n;
+  const LogitTransform<T> xs = logit_transform<T>(ts), xt = logit_transform<T>(tt);
 
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, io.rows, 1, [&](int64_t begin, int64_t end) {
     // Per thread, O(n): the transformed pair, and for 16-bit rows a float gradient row.
     std::vector<T> buf(size_t(n * (kWide ? 2 : 3)));
-    T* const a = buf.data();
-    T* const b = a + n;
-    T* const g16 = kWide ? nullptr : b + n;
+    T* const a_buf = buf.data();
+    T* const b_buf = a_buf + n;
+    T* const g16 = kWide ? nullptr : b_buf + n;
     for (int64_t i = begin; i < end; ++i) {
+      if (io.skip(i)) continue;
       const int64_t off = i * n;
-      scalar_t* gsr = gsp ? gsp + off : nullptr;
-      scalar_t* gtr = gtp ? gtp + off : nullptr;
-      if (!vp[i]) {
-        lp[i] = T(0);
-        if (gsr) std::fill(gsr, gsr + n, scalar_t(0));
-        if (gtr) std::fill(gtr, gtr + n, scalar_t(0));
-        continue;
-      }
-      if constexpr (kWide) {
-        transform_row(a, sp + off, n, ts);
-        transform_row(b, tp + off, n, tt);
-      } else {
-        widen_block(a, sp + off, n);
-        widen_block(b, tp + off, n);
-        transform_row(a, a, n, ts);
-        transform_row(b, b, n, tt);
-      }
+      scalar_t* gsr = io.grad_s(i);
+      scalar_t* gtr = io.grad_t(i);
+      const T* a = load_block(a_buf, io.s + off, n, xs, T(ts.inv_t));
+      const T* b = load_block(b_buf, io.t + off, n, xt, T(tt.inv_t));
       const RowStats r = stats(a, b, n, c);
-      lp[i] = T(r.loss);
+      io.loss[i] = T(r.loss);
       if constexpr (kWide) {
         if (gsr) row_grad(gsr, a, a, b, n, r, c, c.ca, ts);
         if (gtr) row_grad(gtr, b, a, b, n, r, c, c.cb, tt);
@@ -237,24 +219,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_combination_fwd_cpu(
   const at::Tensor s = student.contiguous(), t = teacher.contiguous(), v = valid.contiguous();
   const auto opts = student.options();
   at::Tensor loss = at::empty({s.size(0)}, opts.dtype(stats_dtype(dt)));
-  at::Tensor gs = grad_student ? empty_dense(s.sizes(), s.options()) : at::empty({0}, opts);
-  at::Tensor gt = grad_teacher ? empty_dense(t.sizes(), t.options()) : at::empty({0}, opts);
+  at::Tensor gs = grad_student ? at::empty(s.sizes(), s.options()) : at::empty({0}, opts);
+  at::Tensor gt = grad_teacher ? at::empty(t.sizes(), t.options()) : at::empty({0}, opts);
   const Transform ts{student_scale, student_softcap, inv_temperature};
   const Transform tt{teacher_scale, teacher_softcap, inv_temperature};
-  switch (dt) {
-    case at::kFloat:
-      run<float, float>(s, t, v, c, ts, tt, loss, gs, gt, grad_student, grad_teacher);
-      break;
-    case at::kDouble:
-      run<double, double>(s, t, v, c, ts, tt, loss, gs, gt, grad_student, grad_teacher);
-      break;
-    case at::kBFloat16:
-      run<at::BFloat16, float>(s, t, v, c, ts, tt, loss, gs, gt, grad_student, grad_teacher);
-      break;
-    default:
-      run<at::Half, float>(s, t, v, c, ts, tt, loss, gs, gt, grad_student, grad_teacher);
-      break;
-  }
+  dispatch_logits(dt, [&]<class S, class T>() {
+    run(PairRows<S, T>(s, t, v, loss, gs, gt, grad_student, grad_teacher), c, ts, tt);
+  });
   return {loss, gs, gt};
 }
 

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -35,7 +36,8 @@ constexpr int64_t micro_cols() { return kV * int64_t(64 / sizeof(T)); }
 FDIV_INLINE float exp_le0(float x) {
   const ExpReduced e = exp_reduced(x < -87.0f ? -87.0f : x);
   // n in [-126, 0]: 2^n is a normal float.
-  return e.y * bits_float(static_cast<uint32_t>(static_cast<int32_t>(e.n) + 127) << 23);
+  return e.y *
+         std::bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(e.n) + 127) << 23);
 }
 FDIV_INLINE double exp_le0(double x) { return std::exp(x); }
 

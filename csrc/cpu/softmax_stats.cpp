@@ -24,7 +24,6 @@
 
 #include "common/checks.h"
 #include "cpu/convert.h"
-#include "cpu/dense_output.h"
 #include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
 #include "cpu/vec_math.h"
@@ -66,13 +65,9 @@ FDIV_INLINE void fwd_stretch(const scalar_t* x, int64_t n, T scale, const LogitT
   } else {
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t len = std::min(kBlock, n - j0);
-      if constexpr (std::is_same_v<scalar_t, T>) transform_block(buf, x + j0, len, xf);
-      else {
-        widen_block(buf, x + j0, len);
-        if constexpr (XF) transform_block(buf, buf, len, xf);
-      }
-      if constexpr (ENT) online_lse_entropy<T>(buf, scale, len, ent);
-      else online_lse<T>(buf, scale, len, lse);
+      const T* z = load_block(buf, x + j0, len, xf);
+      if constexpr (ENT) online_lse_entropy<T>(z, scale, len, ent);
+      else online_lse<T>(z, scale, len, lse);
     }
   }
 }
@@ -109,14 +104,10 @@ FDIV_INLINE void bwd_stretch(const scalar_t* x, scalar_t* dx, int64_t n, int64_t
   } else {
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t len = std::min(kBlock, n - j0);
-      if constexpr (std::is_same_v<scalar_t, T>) transform_block(buf, x + j0, len, xf);
-      else {
-        widen_block(buf, x + j0, len);
-        if constexpr (XF) transform_block(buf, buf, len, xf);
-      }
-      bwd_block<CQ, ENT>(buf, buf + kBlock, len, scale, lse, cq, ge, h);
+      const T* z = load_block(buf, x + j0, len, xf);
+      bwd_block<CQ, ENT>(z, buf + kBlock, len, scale, lse, cq, ge, h);
       if (lab >= j0 && lab < j0 + len) buf[kBlock + lab - j0] += T(r.glp) * scale;
-      if constexpr (XF) chain_block(buf + kBlock, buf, len, xf);  // d/dz -> d/dx
+      if constexpr (XF) chain_block(buf + kBlock, z, len, xf);  // d/dz -> d/dx
       if constexpr (std::is_same_v<scalar_t, T>)
         std::copy(buf + kBlock, buf + kBlock + len, dx + j0);
       else
@@ -317,18 +308,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cpu(
   at::Tensor lp = at::empty({labels ? rows : 0}, opts);
   if (rows == 0) return {lse, ent, lp};
   const at::Tensor* lab = labels ? &*labels : nullptr;
-  auto go = [&](auto storage, auto compute) {
-    using S = decltype(storage);
-    using T = decltype(compute);
-    const LogitTransform<T> xf{T(scale), T(softcap)};
-    run_fwd<S, T>(x, lab, ignore_index, T(inv_temperature), xf, entropy, lse, ent, lp);
-  };
-  switch (dt) {
-    case at::kFloat: go(float(), float()); break;
-    case at::kDouble: go(double(), double()); break;
-    case at::kBFloat16: go(at::BFloat16(), float()); break;
-    default: go(at::Half(), float()); break;
-  }
+  dispatch_logits(dt, [&]<class S, class T>() {
+    run_fwd<S, T>(x, lab, ignore_index, T(inv_temperature), {T(scale), T(softcap)}, entropy, lse,
+                  ent, lp);
+  });
   return {lse, ent, lp};
 }
 
@@ -345,20 +328,11 @@ at::Tensor softmax_stats_bwd_cpu(const at::Tensor& x_in, const std::optional<at:
   const auto dt = x.scalar_type();
   const StatsBwdInputs in = checked_stats_bwd_inputs(x, labels_in, lse_in, entropy_in, g_lse_in,
                                                      g_entropy_in, g_logprob_in, stats_dtype(dt));
-  at::Tensor dx = empty_dense(x.sizes(), x.options());
+  at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
-  auto go = [&](auto storage, auto compute) {
-    using S = decltype(storage);
-    using T = decltype(compute);
-    const LogitTransform<T> xf{T(scale), T(softcap)};
-    run_bwd<S, T>(x, in, ignore_index, T(inv_temperature), xf, dx);
-  };
-  switch (dt) {
-    case at::kFloat: go(float(), float()); break;
-    case at::kDouble: go(double(), double()); break;
-    case at::kBFloat16: go(at::BFloat16(), float()); break;
-    default: go(at::Half(), float()); break;
-  }
+  dispatch_logits(dt, [&]<class S, class T>() {
+    run_bwd<S, T>(x, in, ignore_index, T(inv_temperature), {T(scale), T(softcap)}, dx);
+  });
   return dx;
 }
 

@@ -32,7 +32,6 @@
 #include <vector>
 
 #include "cpu/convert.h"
-#include "cpu/dense_output.h"
 #include "cpu/divergence_terms.h"
 #include "cpu/logit_transform.h"
 #include "cpu/online_softmax.h"
@@ -252,9 +251,6 @@ FDIV_INLINE double support_sum(const T* lq, const bool* sup, T m, int64_t K) {
   ATTR void lse_entry(const T* x, T scale, int64_t n, OnlineSoftmax<T>& acc) {                \
     online_lse(x, scale, n, acc);                                                             \
   }                                                                                           \
-  ATTR void cap_entry(const T* x, T* out, const LogitTransform<T>& f, int64_t n) {          \
-    transform_block(out, x, n, f);                                                            \
-  }                                                                                           \
   ATTR double off_entry(const T* x, const uint8_t* mark, T scale, T lse, int64_t n) {         \
     return off_support_sum(x, mark, scale, lse, n);                                           \
   }                                                                                           \
@@ -277,22 +273,14 @@ struct RowReader {
   LogitTransform<T> xf;  // used only under cap (else the scale is folded into m1)
   template <class F>
   FDIV_INLINE void blocks(int64_t n, F&& f) const {
-    constexpr bool kWide = std::is_same_v<scalar_t, T>;
-    if (kWide && !cap) {
+    if (std::is_same_v<scalar_t, T> && !cap) {
       f(reinterpret_cast<const T*>(x), int64_t(0), n);
       return;
     }
+    const LogitTransform<T> z = cap ? xf : LogitTransform<T>{};
     for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
       const int64_t len = std::min(kBlock, n - j0);
-      const T* src;
-      if constexpr (kWide) {
-        src = x + j0;
-      } else {
-        widen_block(buf, x + j0, len);
-        src = buf;
-      }
-      if (cap) cap_entry(src, buf, xf, len);
-      f(static_cast<const T*>(buf), j0, len);
+      f(load_row(buf, x + j0, len, z), j0, len);
     }
   }
   // The transformed logit of one column (before the 1 / T).
@@ -317,16 +305,6 @@ struct Args {
   const at::Tensor* grad_loss = nullptr;
 };
 
-// Teacher log-probs as double, whatever their dtype.
-FDIV_INLINE double teacher_at(const void* p, at::ScalarType dt, int64_t i) {
-  switch (dt) {
-    case at::kDouble: return static_cast<const double*>(p)[i];
-    case at::kFloat: return static_cast<const float*>(p)[i];
-    case at::kBFloat16: return float(static_cast<const at::BFloat16*>(p)[i]);
-    default: return float(static_cast<const at::Half*>(p)[i]);
-  }
-}
-
 template <class scalar_t, class T>
 void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
          const at::Tensor& support, const at::Tensor& valid, const Args& A, at::Tensor& loss,
@@ -336,8 +314,7 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
   const int64_t rows = x.size(0), n = x.size(1), K = ids.size(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t* idp = ids.const_data_ptr<int64_t>();
-  const void* lpp = lp.const_data_ptr();
-  const auto lpt = lp.scalar_type();
+  const double* lpp = lp.const_data_ptr<double>();
   // Empty support / valid tensors: every entry real, every row kept.
   const bool* sp = support.numel() ? support.const_data_ptr<bool>() : nullptr;
   const bool* vp = valid.numel() ? valid.const_data_ptr<bool>() : nullptr;
@@ -392,7 +369,7 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
       }
       if (!bwd) seen.clear();
       // 1. the teacher.
-      for (int64_t k = 0; k < K; ++k) raw[k] = sr[k] ? teacher_at(lpp, lpt, i * K + k) : 0.0;
+      for (int64_t k = 0; k < K; ++k) raw[k] = sr[k] ? lpp[i * K + k] : 0.0;
       TeacherRow tr;
       tr.prepare(raw.data(), sr, K, A.tail, A.alpha, fin.data());
       TORCH_CHECK_VALUE(bwd || !bucket || !(tr.mass > std::log1p(A.mass_slack)),
@@ -512,17 +489,14 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
   });
 }
 
-void dispatch(const at::Tensor& x, const at::Tensor& id, const at::Tensor& lp,
+// The teacher's log-probs are read as float64, whatever their dtype (an (N, K) copy).
+void dispatch(const at::Tensor& x, const at::Tensor& id, const at::Tensor& teacher,
               const at::Tensor& sup, const at::Tensor& val, const Args& A, at::Tensor& loss,
               at::Tensor& gs, at::Tensor& gt, at::Tensor& stats) {
-  switch (x.scalar_type()) {
-    case at::kFloat: run<float, float>(x, id, lp, sup, val, A, loss, gs, gt, stats); break;
-    case at::kDouble: run<double, double>(x, id, lp, sup, val, A, loss, gs, gt, stats); break;
-    case at::kBFloat16:
-      run<at::BFloat16, float>(x, id, lp, sup, val, A, loss, gs, gt, stats);
-      break;
-    default: run<at::Half, float>(x, id, lp, sup, val, A, loss, gs, gt, stats); break;
-  }
+  const at::Tensor lp = teacher.to(at::kDouble).contiguous();
+  dispatch_logits(x.scalar_type(), [&]<class S, class T>() {
+    run<S, T>(x, id, lp, sup, val, A, loss, gs, gt, stats);
+  });
 }
 
 bool is_float(at::ScalarType dt) {
@@ -574,16 +548,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_divergence_fwd
   const auto dt = student.scalar_type();
   const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = student.contiguous(), id = ids.contiguous(), sup = support.contiguous(),
-                   val = valid.contiguous(), lp = teacher.contiguous();
+                   val = valid.contiguous();
   const auto opts = x.options();
   at::Tensor loss = at::empty({N}, opts.dtype(ct));
-  at::Tensor gs = grad_student ? empty_dense(x.sizes(), x.options()) : at::empty({0}, opts);
+  at::Tensor gs = grad_student ? at::empty(x.sizes(), x.options()) : at::empty({0}, opts);
   at::Tensor gt = grad_teacher ? at::empty({N, K}, opts.dtype(ct)) : at::empty({0}, opts);
   at::Tensor stats = at::empty({N, 2}, opts.dtype(ct));
   if (N == 0) return {loss, gs, gt, stats};
   const Args A{int(kind), swap, param, inv_temperature, int(tail), teacher_alpha, mass_slack,
                logit_scale, softcap, grad_student, grad_teacher};
-  dispatch(x, id, lp, sup, val, A, loss, gs, gt, stats);
+  dispatch(x, id, teacher, sup, val, A, loss, gs, gt, stats);
   return {loss, gs, gt, stats};
 }
 
@@ -602,15 +576,15 @@ at::Tensor sparse_divergence_bwd_cpu(
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N, "grad_loss must be (", N,
                     ",), got ", grad_loss.sizes());
   const at::Tensor x = student.contiguous(), id = ids.contiguous(), sup = support.contiguous(),
-                   val = valid.contiguous(), lp = teacher.contiguous();
+                   val = valid.contiguous();
   const at::Tensor st = stats.to(ct).contiguous(), gl = grad_loss.to(ct).contiguous();
-  at::Tensor gs = empty_dense(x.sizes(), x.options()), none = at::empty({0}, x.options());
+  at::Tensor gs = at::empty(x.sizes(), x.options()), none = at::empty({0}, x.options());
   if (N == 0) return gs;
   Args A{int(kind), swap, param, inv_temperature, int(tail), teacher_alpha, 0.0, logit_scale,
          softcap, true, false};
   A.stats_in = &st;
   A.grad_loss = &gl;
-  dispatch(x, id, lp, sup, val, A, none, gs, none, none);
+  dispatch(x, id, teacher, sup, val, A, none, gs, none, none);
   return gs;
 }
 

@@ -7,9 +7,9 @@
 // log(0) = -inf, log(inf) = inf, log(x < 0) = log(nan) = nan, denormal inputs handled.
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #define FDIV_INLINE inline __attribute__((always_inline))
@@ -23,18 +23,6 @@
 #endif
 
 namespace fdiv_kernels {
-
-FDIV_INLINE float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-FDIV_INLINE uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
 
 // exp(x) = 2^n * y with n = round(x / ln 2) and y = exp(x - n ln 2) from a degree-7 polynomial:
 // the range reduction shared by the exp variants (the caller clamps x and scales by 2^n).
@@ -71,8 +59,8 @@ FDIV_INLINE float vexp(float x) {
   const int32_t ni = static_cast<int32_t>(n);
   const int32_t n1 = ni >> 1;
   const int32_t n2 = ni - n1;
-  const float s1 = bits_float(static_cast<uint32_t>(n1 + 127) << 23);
-  const float s2 = bits_float(static_cast<uint32_t>(n2 + 127) << 23);
+  const float s1 = std::bit_cast<float>(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = std::bit_cast<float>(static_cast<uint32_t>(n2 + 127) << 23);
   float res = (y * s1) * s2;
   res = x > kHi ? kInf : res;
   return x != x ? x : res;
@@ -84,10 +72,11 @@ FDIV_INLINE float vlog(float x) {
   // Denormals: scale into the normal range first so the exponent field is meaningful.
   const bool sub = x < std::numeric_limits<float>::min();
   const float xs = sub ? x * 8388608.0f : x;
-  const uint32_t u = float_bits(xs);
+  const uint32_t u = std::bit_cast<uint32_t>(xs);
   int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 126;
   e = sub ? e - 23 : e;
-  const float m = bits_float((u & 0x007fffffu) | 0x3f000000u);  // mantissa in [0.5, 1)
+  // The mantissa in [0.5, 1).
+  const float m = std::bit_cast<float>((u & 0x007fffffu) | 0x3f000000u);
   // Center the mantissa on 1 ([sqrt(1/2), sqrt(2))) so the polynomial argument is small.
   const bool low = m < 0.707106781186547524f;
   const float f = low ? (m + m) - 1.0f : m - 1.0f;
@@ -120,18 +109,6 @@ FDIV_INLINE float vlog1p(float y) {
   return d == 0.0f ? y : r;
 }
 
-FDIV_INLINE double bits_double(uint64_t u) {
-  double d;
-  std::memcpy(&d, &u, sizeof d);
-  return d;
-}
-
-FDIV_INLINE uint64_t double_bits(double d) {
-  uint64_t u;
-  std::memcpy(&u, &d, sizeof u);
-  return u;
-}
-
 // exp(x) in double for x <= 0 (NaN passes), branch-free so `omp simd` vectorizes it (libm's exp
 // is an opaque call: lse_combination's float64 sums pass ran 3x slower than the divergence
 // kernels with it). n =
@@ -162,8 +139,8 @@ FDIV_INLINE double exp_nonpositive(double x) {
   y = y * r + 0.5;
   y = y * r + 1.0;
   y = y * r + 1.0;
-  const uint64_t ni = double_bits(t) - kShiftBits;  // n as a two's-complement integer
-  const double scale = bits_double((ni + 1023ull) << 52);
+  const uint64_t ni = std::bit_cast<uint64_t>(t) - kShiftBits;  // n, two's complement
+  const double scale = std::bit_cast<double>((ni + 1023ull) << 52);
   const double res = x < -708.0 ? 0.0 : y * scale;
   return x != x ? x : res;
 }

@@ -23,13 +23,17 @@
 namespace fdiv_kernels {
 namespace {
 
-// The kernels' dtype tag; check_logits has already refused every other dtype.
-fdiv_cuda::DType kernel_dtype(at::ScalarType dt) {
-  switch (dt) {
-    case at::kHalf: return fdiv_cuda::DType::kFloat16;
-    case at::kBFloat16: return fdiv_cuda::DType::kBFloat16;
-    default: return fdiv_cuda::DType::kFloat32;
-  }
+// The fields every launch over the rows of x has: the shape, the kernels' dtype tag
+// (check_logits has already refused every dtype but these three) and 1 / T.
+template <class Launch>
+void set_rows(Launch& a, const at::Tensor& x, double inv_temperature) {
+  const auto dt = x.scalar_type();
+  a.rows = x.size(0);
+  a.cols = x.size(1);
+  a.dtype = dt == at::kHalf       ? fdiv_cuda::DType::kFloat16
+            : dt == at::kBFloat16 ? fdiv_cuda::DType::kBFloat16
+                                  : fdiv_cuda::DType::kFloat32;
+  a.inv_temperature = inv_temperature;
 }
 
 // Contiguous, with a 16-byte-aligned data pointer (a view may start anywhere).
@@ -75,8 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cuda(
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = aligned(student), t = aligned(teacher), v = valid.contiguous();
   at::Tensor loss = at::empty({s.size(0)}, s.options().dtype(at::kFloat));
-  at::Tensor gs = grad_student ? at::empty_like(s, at::MemoryFormat::Contiguous) : at::empty({0}, s.options());
-  at::Tensor gt = grad_teacher ? at::empty_like(t, at::MemoryFormat::Contiguous) : at::empty({0}, s.options());
+  at::Tensor gs = grad_student ? at::empty_like(s, at::MemoryFormat::Contiguous)
+                               : at::empty({0}, s.options());
+  at::Tensor gt = grad_teacher ? at::empty_like(t, at::MemoryFormat::Contiguous)
+                               : at::empty({0}, s.options());
 
   fdiv_cuda::DivergenceLaunch a;
   a.student = s.const_data_ptr();
@@ -85,13 +91,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cuda(
   a.loss = loss.mutable_data_ptr<float>();
   a.grad_student = grad_student ? gs.mutable_data_ptr() : nullptr;
   a.grad_teacher = grad_teacher ? gt.mutable_data_ptr() : nullptr;
-  a.rows = s.size(0);
-  a.cols = s.size(1);
-  a.dtype = kernel_dtype(student.scalar_type());
+  set_rows(a, s, inv_temperature);
   a.base = int(kind);
   a.swap = swap;
   a.param = param;
-  a.inv_temperature = inv_temperature;
   a.path = divergence_path();
   check(fdiv_cuda::divergence_fwd(a, c10::cuda::getCurrentCUDAStream().stream()),
         "divergence_fwd_cuda");
@@ -132,23 +135,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cuda(
   a.lse = lse.mutable_data_ptr<float>();
   a.entropy = entropy ? ent.mutable_data_ptr<float>() : nullptr;
   a.label_logprob = labels ? lp.mutable_data_ptr<float>() : nullptr;
-  a.rows = rows;
-  a.cols = x.size(1);
-  a.dtype = kernel_dtype(x.scalar_type());
+  set_rows(a, x, inv_temperature);
   a.ignore_index = ignore_index;
-  a.inv_temperature = inv_temperature;
   check(fdiv_cuda::softmax_stats_fwd(a, c10::cuda::getCurrentCUDAStream().stream()),
         "softmax_stats_fwd_cuda");
   return {lse, ent, lp};
 }
 
-at::Tensor softmax_stats_bwd_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& labels_in,
-                                  const at::Tensor& lse_in, const at::Tensor& entropy_in,
-                                  const std::optional<at::Tensor>& g_lse_in,
-                                  const std::optional<at::Tensor>& g_entropy_in,
-                                  const std::optional<at::Tensor>& g_logprob_in,
-                                  int64_t ignore_index, double inv_temperature, double scale,
-                                  double softcap) {
+at::Tensor softmax_stats_bwd_cuda(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& labels_in, const at::Tensor& lse_in,
+    const at::Tensor& entropy_in, const std::optional<at::Tensor>& g_lse_in,
+    const std::optional<at::Tensor>& g_entropy_in, const std::optional<at::Tensor>& g_logprob_in,
+    int64_t ignore_index, double inv_temperature, double scale, double softcap) {
   check_logits(x_in, "x", kCudaTarget);
   check_no_transform(scale, softcap, "softmax_stats_bwd_cuda");
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -175,11 +173,8 @@ at::Tensor softmax_stats_bwd_cuda(const at::Tensor& x_in, const std::optional<at
   a.g_lse = ptr(in.g_lse);
   a.g_entropy = ptr(in.g_entropy);
   a.g_logprob = ptr(in.g_logprob);
-  a.rows = x.size(0);
-  a.cols = x.size(1);
-  a.dtype = kernel_dtype(x.scalar_type());
+  set_rows(a, x, inv_temperature);
   a.ignore_index = ignore_index;
-  a.inv_temperature = inv_temperature;
   check(fdiv_cuda::softmax_stats_bwd(a, c10::cuda::getCurrentCUDAStream().stream()),
         "softmax_stats_bwd_cuda");
   return dx;
