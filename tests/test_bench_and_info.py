@@ -3,7 +3,6 @@
 import json
 
 import fdiv_kernels.bench.__main__ as bench
-from fdiv_kernels.core import _dispatch as dispatch
 from fdiv_kernels.info import report
 
 ROW_FIELDS = {"op", "backend", "shape", "dtype", "ms", "gbps", "bandwidth_fraction",
