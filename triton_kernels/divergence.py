@@ -48,14 +48,21 @@ def _row_max_logsum(ptr, V, k1, c2, CAP: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _log_probs(s_row, t_row, cols, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q, m_p, ls_p,
-               S_CAP: tl.constexpr, T_CAP: tl.constexpr):
+def _block_terms(s_row, t_row, off, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q, m_p, ls_p, param,
+                 log_w, log_1mw, BASE: tl.constexpr, SWAP: tl.constexpr, F: tl.constexpr,
+                 F_PRIME: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """The block of columns at ``off``: (cols, in_row, lp, lq, the tanh of each side under a cap
+    (for its gradient), term, h, k)."""
+    cols = off + tl.arange(0, BLOCK)
     # log q = (a - m) - log s, the row max subtracted first: the error stays at fp32 rounding of
     # the small terms for any |x / T| (x - lse cancels eps |lse| away). The phase kernels, given
-    # only the lse, pass (lse, 0). Also the tanh of each side (for its gradient) under a cap.
+    # only the lse, pass (lse, 0).
     a, th_a = load_logits(s_row, cols, V, s_k1, s_c2, S_CAP)
     b, th_b = load_logits(t_row, cols, V, t_k1, t_c2, T_CAP)
-    return (b - m_p) - ls_p, (a - m_q) - ls_q, th_a, th_b
+    lp, lq = (b - m_p) - ls_p, (a - m_q) - ls_q
+    t, h, k = kind_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP, F, F_PRIME)
+    return cols, cols < V, lp, lq, th_a, th_b, t, h, k
 
 
 @triton.jit
@@ -70,11 +77,9 @@ def _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w, log_1
     k_sum = tl.zeros([BLOCK], tl.float32)
     qlq = tl.zeros([BLOCK], tl.float32)
     for off in range(0, V, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        in_row = cols < V
-        lp, lq, th_a, th_b = _log_probs(s_row, t_row, cols, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q,
-                                        m_p, ls_p, S_CAP, T_CAP)
-        t, h, k = kind_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP, F, F_PRIME)
+        cols, in_row, lp, lq, th_a, th_b, t, h, k = _block_terms(
+            s_row, t_row, off, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q, m_p, ls_p, param, log_w,
+            log_1mw, BASE, SWAP, F, F_PRIME, S_CAP, T_CAP, BLOCK)
         loss += tl.where(in_row, t, 0.0)
         h_sum += tl.where(in_row, h, 0.0)
         k_sum += tl.where(in_row, k, 0.0)
@@ -93,11 +98,9 @@ def _row_grads(s_row, t_row, gs_row, gt_row, V, m_q, ls_q, m_p, ls_p, H, K, para
                GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
                BLOCK: tl.constexpr):
     for off in range(0, V, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        in_row = cols < V
-        lp, lq, th_a, th_b = _log_probs(s_row, t_row, cols, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q,
-                                        m_p, ls_p, S_CAP, T_CAP)
-        t, h, k = kind_terms(lp, lq, param, log_w, log_1mw, BASE, SWAP, F, F_PRIME)
+        cols, in_row, lp, lq, th_a, th_b, t, h, k = _block_terms(
+            s_row, t_row, off, V, s_k1, s_c2, t_k1, t_c2, m_q, ls_q, m_p, ls_p, param, log_w,
+            log_1mw, BASE, SWAP, F, F_PRIME, S_CAP, T_CAP, BLOCK)
         if GRAD_S:
             g = chain(h - tl.exp(lq) * H, th_a, s_kd, S_CAP)
             tl.store(gs_row + cols, g.to(gs_row.dtype.element_ty), mask=in_row)

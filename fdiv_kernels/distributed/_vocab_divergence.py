@@ -126,8 +126,7 @@ def vocab_parallel_divergence(
     temperature: float = 1.0,
     labels: Tensor | None = None, ignore_index: int = -100,
     reduction: str = "mean", num_items_in_batch: int | float | Tensor | None = None,
-    backend: str = "auto",
-    inplace_backward: bool = True,
+    backend: str = "auto", inplace_backward: bool = True,
 ) -> Tensor:
     r"""``fk.divergence`` of logits whose vocabulary is split across the ranks of ``group``.
 

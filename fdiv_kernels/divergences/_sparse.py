@@ -172,14 +172,12 @@ def sparse_divergence(
     *,
     tail: str = "bucket",
     beta: float | None = None, alpha: float | None = None, lam: float | None = None,
-    temperature: float = 1.0,
-    teacher_temperature: float | None = None,
+    temperature: float = 1.0, teacher_temperature: float | None = None,
     support_mask: Tensor | None = None,
     labels: Tensor | None = None, ignore_index: int = -100,
     reduction: str = "mean", num_items_in_batch: int | float | Tensor | None = None,
     student_logit_scale: float = 1.0, student_softcap: float | None = None,
-    backend: str = "auto",
-    inplace_backward: bool = True,
+    backend: str = "auto", inplace_backward: bool = True,
     vocab_size: int | None = None,
 ) -> Tensor:
     r"""Divergence between a sparse teacher (top-k ids and log-probs) and the full student softmax.
