@@ -293,14 +293,14 @@ def write_charts(stem: str, meta: dict, rows) -> list[str]:
         # The op's name without the family's when the figure holds one op (divergence:js -> js).
         single = len({op.split(":")[0] for op, *_ in keys}) == 1
         labels = [f"{op.split(':', 1)[1] if single and ':' in op else op}"
-                  f"{' (fwd)' if mode == 'fwd' else ''}\n{'x'.join(map(str, shape))}"
-                  for op, mode, shape, _ in keys]
+                  f"{' (fwd)' if mode == 'fwd' else ''}".replace(":", ":\n")
+                  + f"\n{'x'.join(map(str, shape))}" for op, mode, shape, _ in keys]
         providers = []
         for r in frows:
             if r["backend"] not in providers:
                 providers.append(r["backend"])
         providers.sort(key=lambda p: (not is_ours(p), p))
-        width = max(6.0, 1.6 * len(keys) + 2.5)
+        width = max(6.5, 2.0 * len(keys) + 3.0)
         fig, (ax_t, ax_s) = plt.subplots(2, 1, figsize=(width, 7.5),
                                          gridspec_kw={"height_ratios": [3, 2]}, sharex=True)
         bar_w = 0.8 / max(1, len(providers))
