@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the C++ extension fdiv_kernels._C in place, printing one line per compiled file with the
-# time so far, so that a first build (~40 files, about 13 minutes on 2 cores) is not a silent wait.
+# time so far, so that a first build (about 10 files, 13 minutes on 2 cores) is not a silent wait.
 # Objects persist in build/temp.* (setup.py): a rebuild compiles only what changed, and the
 # editable install and the wheel that follow reuse them. The full compiler output goes to
 # build/build_ext.log and is shown when the build fails.
@@ -8,13 +8,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p build
 log=build/build_ext.log
-echo "building the C++ extension: ~40 files, about 13 minutes on 2 cores the first time, seconds" \
+echo "building the C++ extension: about 10 files, 13 minutes on 2 cores the first time, seconds" \
      "when nothing changed (log: $log)"
 start=$SECONDS
 # ninja prints "[k/N] <command>" per step; keep the counter and the source file.
 python setup.py build_ext --inplace > >(tee "$log" | while IFS= read -r line; do
-    if [[ $line =~ ^\[([0-9]+/[0-9]+)\].*[[:space:]](csrc/[^[:space:]]+\.(cpp|cu))([[:space:]]|$) ]]; then
-        printf '  [%s] %s (%d s)\n' "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" $((SECONDS - start))
+    if [[ $line =~ ^\[([0-9]+/[0-9]+)\].*-c[[:space:]]+([^[:space:]]*/)?(csrc/[^[:space:]]+\.(cpp|cu)) ]]; then
+        printf '  [%s] %s done (%d s)\n' "${BASH_REMATCH[1]}" "${BASH_REMATCH[3]}" $((SECONDS - start))
     fi
 done) 2>&1
 rc=$?

@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tree=$(pwd)
 start=$SECONDS
+python -m pip install -q build
+mkdir -p build
 rm -rf dist
 python -m build --no-isolation --wheel --outdir dist . > build/wheel.log 2>&1 \
     || { tail -n 40 build/wheel.log; exit 1; }
@@ -23,7 +25,7 @@ import sys, tarfile
 names = {n.split("/", 1)[1] for n in tarfile.open(sys.argv[1]).getnames() if "/" in n}
 need = ["setup.py", "pyproject.toml", "README.md", "csrc/ops.cpp", "csrc/common/ids.h",
         "csrc/common/divergence_terms.h", "triton_kernels/ids.py", "fdiv_kernels/__init__.py"]
-need += [n for n in ("csrc/cuda/bindings.cpp",) if n]
+need += ["csrc/cuda/bindings.cpp", "scripts/constraints.txt", "CHANGELOG.md"]
 missing = [n for n in need if n not in names]
 for kind, ext in (("C++ sources", ".cpp"), ("headers", ".h"), ("CUDA sources", ".cu"),
                   ("Triton kernels", ".py")):

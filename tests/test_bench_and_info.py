@@ -120,7 +120,8 @@ def test_bench_interleaved_masked_rows_case(tmp_path):
     the 70%-masked call against the unmasked one in the same run."""
     out_json = tmp_path / "r.json"
     assert bench.main(["--quick", "--ops", "fused_linear_masked", "--backends", "cpu",
-                       "--peers", "eager", "--interleave", "2", "--json", str(out_json)]) == 0
+                       "--peers", "eager", "--interleave", "2", "--no-save",
+                       "--json", str(out_json)]) == 0
     rows = {r["backend"]: r for r in json.loads(out_json.read_text())["rows"]}
     assert set(rows) == {"fdiv-cpu", "0%masked-fdiv-cpu"}
     assert all(r["error"] is None and r["ms"] > 0 for r in rows.values())
