@@ -13,6 +13,10 @@ for r in m.requires("fdiv-kernels") or []:
         print(r.split(";")[0].strip())
 PY
 )
+if [ "${#reqs[@]}" -eq 0 ]; then
+    echo "the installed fdiv-kernels has no [docs] extra: run scripts/test.sh first" >&2
+    exit 1
+fi
 python -m pip install -q -c scripts/constraints.txt "${reqs[@]}"
 NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --site-dir build/site
 echo "documentation built in $((SECONDS - start)) s (build/site)"
