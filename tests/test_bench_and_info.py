@@ -76,7 +76,8 @@ def test_run_name_and_charts_from_a_saved_run(tmp_path):
     meta = {"device": "AMD EPYC 7B13 64-Core Processor (2 threads)", "device_type": "cpu",
             "threads": 2, "date": "2026-12-07T01:00:00+00:00"}
     assert report.run_name(meta) == "2026-12-07-cpu-amd-epyc-7b13-64-2t"
-    saved = pathlib.Path(__file__).resolve().parents[1] / "bench/results/2026-11-23-cpu-xeon-2t.json"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    saved = root / "bench/results/2026-11-23-cpu-xeon-2t.json"
     assert report.main([str(saved), "--out-dir", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == [f"2026-11-23-cpu-xeon-2t-{f}.png"

@@ -39,7 +39,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
     return statistics.median(times)
 
 
-def capped_ms(fn: Callable[[], object], device: torch.device, cap_s: float | None) -> tuple[float, bool]:
+def capped_ms(fn: Callable[[], object], device: torch.device,
+              cap_s: float | None) -> tuple[float, bool]:
     """``time_ms(fn)``, unless one call is so slow that its warm-up and repeats would take more
     than ``cap_s`` seconds: then the median of as many calls as fit (at least one after the
     timed first call), and True, so that one slow peer cannot dominate the run."""

@@ -107,7 +107,8 @@ def _render(head: list[str], lines: list[list[str]]) -> str:
     keep = [i for i in range(len(head)) if any(line[i] not in ("", "-") for line in lines)]
     head = [head[i] for i in keep]
     lines = [[line[i] for i in keep] for line in lines]
-    widths = [max(len(str(x)) for x in [h] + [line[i] for line in lines]) for i, h in enumerate(head)]
+    widths = [max(len(str(x)) for x in [h] + [line[i] for line in lines])
+              for i, h in enumerate(head)]
     out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |"
            for line in [head] + lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -207,7 +208,8 @@ def write_markdown(path: str, meta: dict, rows, absent: dict[str, str] | None = 
                 "in the same run (> 1: ours is faster).\n\n")
         f.write(format_markdown(rows) + "\n")
         if absent:
-            f.write("\nAbsent from this run:\n\n" + "".join(f"- {k}: {v}\n" for k, v in absent.items()))
+            f.write("\nAbsent from this run:\n\n"
+                    + "".join(f"- {k}: {v}\n" for k, v in absent.items()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +245,8 @@ def family(op: str) -> str:
 def provider_style(name: str) -> tuple[str, str]:
     if name in PROVIDER_STYLE:
         return PROVIDER_STYLE[name]
-    style = _SPARE_STYLES[len([k for k in PROVIDER_STYLE if k.startswith("\0")]) % len(_SPARE_STYLES)]
+    handed_out = len([k for k in PROVIDER_STYLE if k.startswith("\0")])
+    style = _SPARE_STYLES[handed_out % len(_SPARE_STYLES)]
     PROVIDER_STYLE[name] = style
     PROVIDER_STYLE["\0" + name] = style  # counts the spare styles handed out
     return style
