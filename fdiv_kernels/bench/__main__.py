@@ -179,7 +179,9 @@ def main(argv=None) -> int:
         cases += fused_linear_sparse_cases(fl_shapes, k, dtype, device, peers, args.backends)
     print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
     copy_bandwidth_gbps(str(device))
-    rows = run_cases(cases, interleave=args.interleave, case_cap_s=args.case_cap)
+    # --quick is a smoke run: 5 repeats per provider, not 2 s of them.
+    rows = run_cases(cases, interleave=args.interleave, case_cap_s=args.case_cap,
+                     budget_s=0.0 if args.quick else 2.0)
     command = "python -m fdiv_kernels.bench " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     meta = metadata(device, command)
     absent = absent_providers(device, args.ops, peers, args.backends, args.quick)

@@ -42,11 +42,12 @@ def _interleaved_ms(case: Case, rounds: int, log) -> dict[str, float | str]:
 
 
 def run_cases(cases: list[Case], log=sys.stderr, interleave: int = 0,
-              case_cap_s: float | None = DEFAULT_CASE_CAP_S) -> list[Row]:
+              case_cap_s: float | None = DEFAULT_CASE_CAP_S, budget_s: float = 2.0) -> list[Row]:
     """Time (and measure the memory of) every provider of every case. ``interleave=R`` times
     the providers of a case in R alternating rounds instead of one after another; otherwise a
     provider whose calls are slow gets as many calls as fit in ``case_cap_s`` seconds (noted in
-    its row as ``capped``)."""
+    its row as ``capped``). ``budget_s``: the seconds of repeats after the warm-up (at least
+    5 repeats)."""
     rows: list[Row] = []
     total = sum(len(c.providers) for c in cases)
     done = 0
@@ -67,7 +68,7 @@ def run_cases(cases: list[Case], log=sys.stderr, interleave: int = 0,
                 if name in pre:
                     row.ms = pre[name]
                 else:
-                    row.ms, capped = capped_ms(fn, case.device, case_cap_s)
+                    row.ms, capped = capped_ms(fn, case.device, case_cap_s, budget_s)
                     if capped:
                         row.extra["capped"] = 1.0
                 row.peak_mem_bytes = peak_bytes(fn, case.device)
