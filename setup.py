@@ -16,6 +16,7 @@ recompiles only the sources whose text, included headers or flags changed.
 import glob
 import os
 import platform
+import re
 import sys
 import sysconfig
 
@@ -24,6 +25,18 @@ import torch
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def version() -> str:
+    """The one version: ``__version__`` in fdiv_kernels/__init__.py, read as text (importing the
+    package here would need its extension built)."""
+    with open(os.path.join(ROOT, "fdiv_kernels", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def long_description() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
 
 
 def cpu_sources() -> list:
@@ -115,8 +128,10 @@ class BuildExt(BuildExtension):
 
 setup(
     name="fdiv-kernels",
-    version="0.1.0",
+    version=version(),
     description="Fused GPU/CPU kernels for softmax divergences, log-sum-exp statistics and Sinkhorn",
+    long_description=long_description(),
+    long_description_content_type="text/markdown",
     # Listed, not found: find_packages() would also install tools/ and a top-level triton_kernels.
     packages=["fdiv_kernels", "fdiv_kernels.core", "fdiv_kernels.kinds", "fdiv_kernels.divergences",
               "fdiv_kernels.stats", "fdiv_kernels.fused_linear", "fdiv_kernels.backends",
@@ -125,14 +140,22 @@ setup(
     package_dir={"fdiv_kernels.triton_kernels": "triton_kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
+    # No extra names torch: each is installed with the constraints file (scripts/constraints.txt)
+    # or next to a torch already present, so no install pulls another torch.
     extras_require={
         "triton": ["triton>=3.0"],
         # POT is the float64 oracle of the Sinkhorn tests; GeomLoss a peer (both torch-agnostic).
         "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0", "numpy", "matplotlib", "pot",
                  "geomloss"],
-        # The hosts fdiv_kernels.integrations plugs into (scripts/requirements-integrations.txt pins them).
-        "integrations": ["trl>=1.16", "transformers>=5", "accelerate"],
+        # The hosts fdiv_kernels.integrations plugs into (scripts/requirements-integrations.txt
+        # pins the versions the parity tests were written for).
+        "trl": ["trl>=1.16", "transformers>=5", "accelerate"],
+        "hf": ["transformers>=5", "accelerate"],
+        "liger": ["liger-kernel>=0.8.5", "triton>=3.0"],
+        "integrations": ["trl>=1.16", "transformers>=5", "accelerate", "liger-kernel>=0.8.5"],
         "bench": ["matplotlib", "pytest-benchmark>=4", "pot", "geomloss"],
+        # The documentation site: mkdocs build --strict (mkdocs.yml).
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     ext_modules=[cuda_extension() if cuda_wanted() else cpu_extension()],
     cmdclass={"build_ext": BuildExt.with_options(no_python_abi_suffix=False)},

@@ -9,6 +9,9 @@ from fdiv_kernels.core._dispatch import BACKENDS, FLOAT_DTYPES, TABLE, load_erro
 
 
 def report() -> str:
+    """What ``python -m fdiv_kernels.info`` prints: the versions, whether the C++ extension and
+    Triton loaded (or why not), ``TRITON_INTERPRET``, and for CPU (and CUDA when present) tensors
+    which dtypes each backend can take, or its reasons when it can take none."""
     lines = [f"fdiv_kernels {__version__}, torch {torch.__version__}"]
     for module in ("fdiv_kernels._C", "triton"):
         err = load_error(module)

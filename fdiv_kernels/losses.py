@@ -71,6 +71,16 @@ def fdpo_loss(
 
     TRL's names ``js_divergence`` / ``alpha_divergence`` are accepted. ``reduction``: "mean" (TRL),
     "sum" or "none" (per pair, (B,)).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: log pi(y|x) of the chosen and rejected
+            completions under the policy, (B,) floating point (gradients flow to them).
+        ref_chosen_logps, ref_rejected_logps: the same under the frozen reference model.
+        divergence: "reverse_kl" (DPO), "forward_kl", "js" or "alpha" (or TRL's names).
+        beta: the DPO temperature beta > 0.
+        alpha: TRL's alpha-divergence coefficient (used by "alpha" only); 1 minus the alpha of
+            the paper's f'(u) = (1 - u^-alpha) / alpha.
+        reduction: "mean", "sum" or "none".
     """
     if divergence not in _DIVERGENCES:
         raise ValueError(f"divergence must be one of {sorted(_DIVERGENCES)}, got {divergence!r}")

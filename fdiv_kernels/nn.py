@@ -31,7 +31,22 @@ class _KindLoss(nn.Module):
 
 
 class FDivergenceLoss(_KindLoss):
-    """``fk.divergence`` as a module: ``FDivergenceLoss(kind="js", beta=0.5)(student, teacher)``."""
+    """``fk.divergence`` as a module: ``FDivergenceLoss(kind="js", beta=0.5)(student, teacher)``.
+
+    Options are checked when the module is built (a bad ``kind`` fails where it is written).
+
+    Args:
+        kind: a kind of :func:`fk.divergence` (built-in or registered).
+        beta, alpha, lam: the kind's parameter (``js``: beta; ``alpha``, ``renyi``: alpha;
+            ``skew_kl``, ``skew_reverse_kl``: lam); None takes the kind's default.
+        temperature: T > 0; both distributions are softmax(logits / T).
+        ignore_index: rows whose label equals it add nothing and get zero gradient.
+        reduction: "none", "sum" or "mean" (over kept rows, or / ``num_items_in_batch``).
+        backend: "auto", "triton", "cuda", "cpu" or "torch".
+
+    Called as ``crit(student_logits, teacher_logits, labels=None, num_items_in_batch=None)``:
+    logits (..., V) and optional labels (...), as in :func:`fk.divergence`; returns the loss.
+    """
 
     def __init__(
         self,
@@ -63,7 +78,19 @@ class FusedLinearDivergenceLoss(_KindLoss):
     """``fk.fused_linear_divergence`` as a module, called with hidden states and lm-head weights:
 
     ``crit(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
-    student_bias=None, teacher_bias=None)``.
+    student_bias=None, teacher_bias=None, num_items_in_batch=None)``; the arguments mean what
+    they mean in :func:`fk.fused_linear_divergence`.
+
+    Args:
+        kind: a kind of :func:`fk.divergence` (built-in or registered).
+        beta, alpha, lam: the kind's parameter (``js``: beta; ``alpha``, ``renyi``: alpha;
+            ``skew_kl``, ``skew_reverse_kl``: lam); None takes the kind's default.
+        temperature: T > 0; both distributions are softmax(logits / T).
+        ignore_index: rows whose label equals it add nothing and get zero gradient.
+        reduction: "none", "sum" or "mean" (over kept rows, or / ``num_items_in_batch``).
+        backend: "auto", "triton", "cuda", "cpu" or "torch".
+        ce_weight: w in (1 - w) D + w CE(student, labels) (labels required when w > 0).
+        chunk_size: rows per chunk (default: from a memory budget).
     """
 
     def __init__(
@@ -109,6 +136,15 @@ class SinkhornDistillationLoss(nn.Module):
     iterations at ``epsilon``, loss = <C, P>, differentiated through the iterations.
     Logits with more dims are flattened to rows. On a backend with a fused unrolled pair (the
     cpu backend) the iterations and their backward are one call each.
+
+    Args:
+        temperature: T > 0 of the softened distributions.
+        epsilon: the entropic regularization, > 0.
+        n_iter: the number of Sinkhorn iterations (>= 1), all differentiated through.
+        backend: "auto", "triton", "cpu" or "torch".
+
+    Called as ``crit(student_logits, teacher_logits)`` with logits (..., C) of one shape;
+    returns the 0-dim loss. The marginals are 1/N each (a plan of mass 1).
     """
 
     def __init__(self, temperature: float = 2.0, epsilon: float = 0.1, n_iter: int = 20,
@@ -148,7 +184,21 @@ class SinkhornDistillationLoss(nn.Module):
 class SparseDivergenceLoss(_KindLoss):
     """``fk.sparse_divergence`` as a module (a top-k teacher):
     ``SparseDivergenceLoss("kl", tail="bucket")(student_logits, teacher_ids, teacher_logprobs,
-    support_mask=None, labels=None, num_items_in_batch=None)``."""
+    support_mask=None, labels=None, num_items_in_batch=None)``.
+
+    Args:
+        kind: a kind of :func:`fk.divergence` (built-in or registered).
+        beta, alpha, lam: the kind's parameter (``js``: beta; ``alpha``, ``renyi``: alpha;
+            ``skew_kl``, ``skew_reverse_kl``: lam); None takes the kind's default.
+        temperature: T > 0; both distributions are softmax(logits / T).
+        ignore_index: rows whose label equals it add nothing and get zero gradient.
+        reduction: "none", "sum" or "mean" (over kept rows, or / ``num_items_in_batch``).
+        backend: "auto", "triton", "cuda", "cpu" or "torch".
+        tail: "bucket", "renormalize" or "none": the mass outside the teacher's support.
+        teacher_temperature: the temperature the teacher's log-probs were produced at (None:
+            ``temperature``).
+        student_logit_scale, student_softcap: the student's logit transforms, fused in.
+    """
 
     def __init__(self, kind: str = "kl", *, tail: str = "bucket", beta: float | None = None,
                  alpha: float | None = None, lam: float | None = None, temperature: float = 1.0,

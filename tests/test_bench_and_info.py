@@ -9,14 +9,18 @@ ROW_FIELDS = {"op", "backend", "shape", "dtype", "ms", "gbps", "bandwidth_fracti
               "peak_mem_bytes"}
 
 
-def test_bench_quick_writes_json_and_png(tmp_path, capsys):
-    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+def test_bench_quick_saves_json_table_and_charts(tmp_path, capsys):
     # Interpreted Triton is a correctness path, far too slow to time: CPU backends only.
-    assert bench.main(["--quick", "--kinds", "js", "--backends", "cpu,torch",
-                       "--json", str(out_json), "--png", str(out_png)]) == 0
-    data = json.loads(out_json.read_text())
-    assert {"device", "versions", "date", "command", "rows", "copy_bandwidth_gbps"} <= set(data)
+    # The torch backend (the spec, solving Sinkhorn one launch per half-iteration) would double
+    # the run's time: the C++ backend alone times every family.
+    assert bench.main(["--quick", "--kinds", "js", "--backends", "cpu",
+                       "--out", str(tmp_path), "--name", "run"]) == 0
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert {"device", "versions", "date", "command", "rows", "copy_bandwidth_gbps", "threads",
+            "allocator", "absent"} <= set(data)
     assert data["copy_bandwidth_gbps"] > 0
+    assert data["allocator"].startswith("THP_MEM_ALLOC_ENABLE=")
+    assert "liger" in data["absent"]  # asked for by default, timed on CUDA only: said why
     ops = {r["op"] for r in data["rows"]}
     assert {"divergence:js", "logsumexp", "token_logprobs", "fused_linear:js"} <= ops
     assert any(op.startswith("sinkhorn") for op in ops)
@@ -27,9 +31,63 @@ def test_bench_quick_writes_json_and_png(tmp_path, capsys):
     ours = [r for r in data["rows"] if r["backend"].startswith("fdiv-")]
     assert {r["op"] for r in ours} == ops  # every op family times at least one of our backends
     assert all(r["ratios"] for r in ours)  # ... against at least one peer of the same run
-    assert out_png.stat().st_size > 1000
-    table = capsys.readouterr().out
-    assert "| divergence:js" in table and "vs torch-eager" in table
+    # One chart per op family, and the full table.
+    for fam in ("divergence", "softmax_stats", "fused_linear", "sinkhorn", "sparse"):
+        assert (tmp_path / f"run-{fam}.png").stat().st_size > 1000, fam
+    assert "| divergence:js" in (tmp_path / "run.md").read_text()
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert any("| divergence:js" in line and "x vs torch-eager" in line for line in table)
+    assert max(map(len, table)) <= 130  # fits a terminal
+    assert "absent from this run:" in out and "  liger:" in out
+
+
+def test_bench_json_and_png_paths(tmp_path):
+    assert bench.main(["--quick", "--ops", "divergence", "--kinds", "kl", "--backends", "cpu",
+                       "--peers", "eager", "--no-save", "--json", str(tmp_path / "r.json"),
+                       "--png", str(tmp_path / "r.png")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert (tmp_path / "r-divergence.png").stat().st_size > 1000
+    assert not (tmp_path / "run.json").exists()
+
+
+def test_case_cap_bounds_a_slow_provider():
+    import time
+
+    import torch
+
+    from fdiv_kernels.bench.measure import capped_ms
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.05)
+
+    ms, capped = capped_ms(slow, torch.device("cpu"), cap_s=0.12)
+    assert capped and ms >= 50 and len(calls) <= 3   # uncapped: 2 warm-ups + >= 5 repeats
+    ms, capped = capped_ms(lambda: None, torch.device("cpu"), cap_s=5.0)
+    assert not capped
+
+
+def test_run_name_and_charts_from_a_saved_run(tmp_path):
+    import pathlib
+
+    from fdiv_kernels.bench import report
+
+    meta = {"device": "AMD EPYC 7B13 64-Core Processor (2 threads)", "device_type": "cpu",
+            "threads": 2, "date": "2026-12-07T01:00:00+00:00"}
+    assert report.run_name(meta) == "2026-12-07-cpu-amd-epyc-7b13-64-2t"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    saved = root / "bench/results/2026-11-23-cpu-xeon-2t.json"
+    assert report.main([str(saved), "--out-dir", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == [f"2026-11-23-cpu-xeon-2t-{f}.png"
+                     for f in ("divergence", "fused_linear", "sinkhorn", "softmax_stats")]
+    # One style per provider across every figure.
+    assert report.provider_style("torch-eager") == report.provider_style("torch-eager")
+    assert len({report.provider_style(p) for p in ("fdiv-cpu", "torch-eager", "torch-compile",
+                                                   "liger", "pot-batch")}) == 5
 
 
 def test_bench_rejects_bad_arguments(capsys):
@@ -65,7 +123,8 @@ def test_bench_interleaved_masked_rows_case(tmp_path):
     the 70%-masked call against the unmasked one in the same run."""
     out_json = tmp_path / "r.json"
     assert bench.main(["--quick", "--ops", "fused_linear_masked", "--backends", "cpu",
-                       "--peers", "eager", "--interleave", "2", "--json", str(out_json)]) == 0
+                       "--peers", "eager", "--interleave", "2", "--no-save",
+                       "--json", str(out_json)]) == 0
     rows = {r["backend"]: r for r in json.loads(out_json.read_text())["rows"]}
     assert set(rows) == {"fdiv-cpu", "0%masked-fdiv-cpu"}
     assert all(r["error"] is None and r["ms"] > 0 for r in rows.values())

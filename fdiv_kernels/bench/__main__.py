@@ -1,12 +1,15 @@
 """``python -m fdiv_kernels.bench``: time every op and backend against the peers found in this run.
 
 CPU-sized shapes by default on the CPU, LLM-sized shapes on a GPU. Progress goes to stderr, the
-table to stdout; ``--json`` and ``--png`` keep the results.
+table to stdout. The run is saved under ``bench/results/`` (``--out``): ``<date>-<machine>.json``,
+``.md`` (the full table) and one chart per op family, ``<date>-<machine>-<family>.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import shlex
 import sys
 
@@ -16,7 +19,8 @@ from fdiv_kernels.bench.divergence import divergence_cases
 from fdiv_kernels.bench.fused_linear import (fused_linear_cases, fused_linear_logprobs_cases,
                                              fused_linear_masked_cases)
 from fdiv_kernels.bench.measure import copy_bandwidth_gbps
-from fdiv_kernels.bench.report import format_table, metadata, run_cases, write_json, write_png
+from fdiv_kernels.bench.report import (DEFAULT_CASE_CAP_S, format_table, metadata, run_cases,
+                                       run_name, write_charts, write_json, write_markdown)
 from fdiv_kernels.bench.sinkd import DEFAULT_SHAPES as SINKD_SHAPES
 from fdiv_kernels.bench.sinkd import QUICK_SHAPES as SINKD_QUICK
 from fdiv_kernels.bench.sinkd import sinkd_cases
@@ -88,9 +92,47 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time each case's providers in R alternating rounds (the fastest "
                         "round), so that on a shared machine they see the same load")
     p.add_argument("--quick", action="store_true", help="tiny shapes, no compile: a smoke run")
-    p.add_argument("--json", default=None, help="write the rows and metadata to this file")
-    p.add_argument("--png", default=None, help="write a chart of time and bandwidth against V")
+    p.add_argument("--case-cap", type=float, default=DEFAULT_CASE_CAP_S, metavar="S",
+                   help="the most seconds one provider's timing on one case may take (a slow "
+                        "peer gets fewer calls; its row says 'capped'); default %(default)s")
+    p.add_argument("--out", default=os.path.join("bench", "results"),
+                   help="folder the run is saved in (default: bench/results)")
+    p.add_argument("--name", default=None,
+                   help="file stem of the saved run (default: <date>-<device>-<machine>)")
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--json", default=None, help="also write the rows and metadata to this file")
+    p.add_argument("--png", default=None,
+                   help="also write the charts as PNG-<family>.png (PNG without .png)")
     return p.parse_args(argv)
+
+
+def absent_providers(device: torch.device, ops, peers, backends, quick: bool) -> dict[str, str]:
+    """The peers and backends this run asked for (or would time by default) that it cannot
+    time, each with why: the terminal table and the saved one say so instead of a bare gap."""
+    import fdiv_kernels as fk
+
+    probe = torch.empty(0, device=device)
+    out = {}
+    if device.type != "cuda" and "liger" in peers:
+        out["liger"] = "Liger-Kernel's kernels are Triton kernels for a GPU: timed on CUDA only"
+    elif "liger" in peers and importlib.util.find_spec("liger_kernel") is None:
+        out["liger"] = "liger-kernel is not installed (pip install -c scripts/constraints.txt " \
+                       "-e '.[liger]')"
+    if quick and "compile" in peers:
+        out["torch-compile"] = "skipped under --quick (compile time)"
+    if "trl" in peers and importlib.util.find_spec("trl") is None:
+        out["trl"] = "trl is not installed (pip install -c scripts/constraints.txt -e '.[trl]')"
+    if any(op in ops for op in ("sinkhorn",)):
+        for mod, name in (("ot", "pot-batch"), ("geomloss", "geomloss-tensorized")):
+            if importlib.util.find_spec(mod) is None:
+                out[name] = f"{mod} is not installed (pip install -e '.[bench]')"
+    for b in backends or [b for b in BACKENDS if b != "torch"]:
+        reasons = fk.not_supported_reasons(b, probe)
+        if device.type == "cpu" and b == "triton" and not reasons:
+            reasons = ["on the CPU Triton runs under its interpreter, a correctness path"]
+        if reasons:
+            out[f"fdiv-{b}"] = "; ".join(reasons)
+    return out
 
 
 def main(argv=None) -> int:
@@ -137,16 +179,35 @@ def main(argv=None) -> int:
         cases += fused_linear_sparse_cases(fl_shapes, k, dtype, device, peers, args.backends)
     print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
     copy_bandwidth_gbps(str(device))
-    rows = run_cases(cases, interleave=args.interleave)
+    # --quick is a smoke run: 5 repeats per provider, not 2 s of them.
+    rows = run_cases(cases, interleave=args.interleave, case_cap_s=args.case_cap,
+                     budget_s=0.0 if args.quick else 2.0)
     command = "python -m fdiv_kernels.bench " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     meta = metadata(device, command)
-    print(f"\n{meta['device']}, torch {meta['versions']['torch']}, "
-          f"copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s")
+    absent = absent_providers(device, args.ops, peers, args.backends, args.quick)
+    meta["absent"] = absent
+    print(f"\n{meta['device']}, {meta['allocator']}, torch {meta['versions']['torch']}, "
+          f"copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s; speed-up = the fastest "
+          "peer's time / ours (> 1: ours is faster)")
     print(format_table(rows))
+    if absent:
+        print("absent from this run:")
+        for name, why in absent.items():
+            print(f"  {name}: {why}")
+    saved = []
+    if not args.no_save:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, args.name or run_name(meta))
+        write_json(stem + ".json", meta, rows)
+        write_markdown(stem + ".md", meta, rows, absent)
+        saved += [stem + ".json", stem + ".md"] + write_charts(stem, meta, rows)
     if args.json:
         write_json(args.json, meta, rows)
+        saved.append(args.json)
     if args.png:
-        write_png(args.png, meta, rows)
+        saved += write_charts(args.png[:-4] if args.png.endswith(".png") else args.png, meta, rows)
+    if saved:
+        print("saved: " + ", ".join(saved))
     return 0
 
 

@@ -39,6 +39,30 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
     return statistics.median(times)
 
 
+def capped_ms(fn: Callable[[], object], device: torch.device, cap_s: float | None,
+              budget_s: float = 2.0) -> tuple[float, bool]:
+    """``time_ms(fn)``, unless one call is so slow that its warm-up and repeats would take more
+    than ``cap_s`` seconds: then the median of as many calls as fit (at least one after the
+    timed first call), and True, so that one slow peer cannot dominate the run. ``budget_s``:
+    the repeats' time budget of ``time_ms``."""
+    if cap_s is None or device.type == "cuda":
+        return time_ms(fn, device, budget_s=budget_s), False
+    t0 = time.perf_counter()
+    fn()  # also the first warm-up call
+    _sync(device)
+    first = time.perf_counter() - t0
+    if first * (1 + 5) <= cap_s:  # time_ms's 2 warm-ups and 5 repeats fit (one warm-up done)
+        budget = min(budget_s, max(0.0, cap_s - 6 * first))
+        return time_ms(fn, device, warmup=1, budget_s=budget), False
+    times = []
+    for _ in range(max(1, int(cap_s / first) - 1)):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), True
+
+
 def _proc_status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -39,7 +39,8 @@ class SinkhornResult:
     with grad="unrolled" (elsewhere it does not require grad: backward through it raises).
     f, g: the potentials, P = a b exp((f + g - C) / eps); differentiable
     with grad="unrolled" or "implicit". marginal_error: sum_i |(P 1)_i - target_i| (plus the
-    column error with symmetric updates). converged: marginal_error <= tol.
+    column error with symmetric updates). converged: marginal_error <= tol. n_iter: the
+    iterations each problem ran (int64).
     """
 
     value: Tensor
@@ -221,6 +222,14 @@ def sinkhorn_divergence(
     with OT the entropic value (``sinkhorn(...).value``); 0 when x = y and a = b. All three
     terms use symmetric (averaged) updates unless ``symmetric=False`` is given.
     ``debias=False`` gives OT(a, b). Other keywords go to ``sinkhorn``.
+
+    Args:
+        x, y: points (B, n, d) and (B, m, d) (or without B).
+        a, b: positive weights (B, n), (B, m); None is uniform (mass 1).
+        epsilon: the entropic regularization, > 0.
+        debias: subtract the two self terms (False: OT(a, b)).
+        reach: None (balanced) or the KL-relaxation radius of unbalanced marginals.
+        cost_fn: the ground cost between points, as in :func:`sinkhorn` ("sqeuclidean", ...).
     """
     if not isinstance(debias, bool):
         raise TypeError(f"debias must be a bool, got {type(debias).__name__}")

@@ -1,0 +1,116 @@
+"""Every public function and class has its own docstring, and the docstring names each of its
+arguments (what mkdocstrings renders as the API reference, docs/api/). The names still missing
+from a docstring are listed in KNOWN_MISSING: that list may only shrink."""
+
+import dataclasses
+import importlib
+import inspect
+import re
+
+import pytest
+import torch
+
+# The public modules: each one's __all__ (or its own top-level names when it has none).
+MODULES = ["fdiv_kernels", "fdiv_kernels.nn", "fdiv_kernels.losses", "fdiv_kernels.distributed",
+           "fdiv_kernels.integrations.trl", "fdiv_kernels.integrations.hf",
+           "fdiv_kernels.integrations.liger", "fdiv_kernels.integrations.torchtune"]
+
+# Arguments a docstring does not name yet (documented only in prose, or not at all).
+KNOWN_MISSING = {
+    "fdiv_kernels.divergence": {"kind"},
+    "fdiv_kernels.entropy": {"temperature", "backend"},
+    "fdiv_kernels.fused_linear_divergence": {
+        "student_weight", "teacher_weight", "beta", "alpha", "lam", "student_bias",
+        "teacher_bias", "backend", "teacher_logit_scale", "teacher_softcap"},
+    "fdiv_kernels.fused_linear_sparse_divergence": {
+        "teacher_ids", "kind", "tail", "beta", "alpha", "lam", "temperature",
+        "teacher_temperature", "support_mask", "ignore_index", "num_items_in_batch", "backend"},
+    "fdiv_kernels.fused_linear_token_logprobs": {"backend"},
+    "fdiv_kernels.logsumexp": {"backend"},
+    "fdiv_kernels.softmax_stats": {"labels", "temperature", "backend"},
+    "fdiv_kernels.token_logprobs": {"temperature", "ignore_index", "backend"},
+    "fdiv_kernels.distributed.Collective": {"op", "nbytes"},
+    "fdiv_kernels.distributed.VocabParallelFusedLinearDivergenceFunction": {"__doc__"},
+    "fdiv_kernels.distributed.vocab_parallel_divergence": {
+        "student_shard", "teacher_shard", "kind", "beta", "lam", "temperature", "ignore_index",
+        "reduction", "num_items_in_batch", "backend"},
+    "fdiv_kernels.distributed.vocab_parallel_entropy": {"logits_shard", "temperature", "backend"},
+    "fdiv_kernels.distributed.vocab_parallel_fused_linear_divergence": {
+        "student_hidden", "student_weight_shard", "teacher_hidden", "teacher_weight_shard", "kind",
+        "beta", "alpha", "lam", "temperature", "student_bias_shard", "teacher_bias_shard",
+        "ignore_index", "chunk_size", "num_items_in_batch", "backend"},
+    "fdiv_kernels.distributed.vocab_parallel_logsumexp": {"logits_shard", "backend"},
+    "fdiv_kernels.distributed.vocab_parallel_token_logprobs": {
+        "logits_shard", "temperature", "ignore_index", "backend"},
+    "fdiv_kernels.integrations.trl.chunked_divergence_loss": {
+        "student_hidden_states", "teacher_hidden_states", "student_lm_head_weight",
+        "teacher_lm_head_weight", "student_lm_head_bias", "teacher_lm_head_bias",
+        "student_logit_scale", "teacher_logit_scale", "student_final_logit_softcapping",
+        "teacher_final_logit_softcapping", "temperature"},
+    "fdiv_kernels.integrations.trl.generalized_jsd_loss": {
+        "teacher_logits", "temperature", "reduction"},
+    "fdiv_kernels.integrations.trl.selective_log_softmax": {"temperature"},
+    "fdiv_kernels.integrations.trl.selective_log_softmax_and_entropy": {"temperature"},
+    "fdiv_kernels.integrations.hf.distillation_loss": {"model", "teacher_model", "chunk_size"},
+    **{f"fdiv_kernels.integrations.torchtune.{c}": {
+        "ignore_index", "student_logits", "teacher_logits", "labels", "normalize"}
+       for c in ("ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss")},
+}
+
+
+def public_objects():
+    out = {}
+    for modname in MODULES:
+        m = importlib.import_module(modname)
+        names = getattr(m, "__all__", None) or [
+            n for n, o in vars(m).items()
+            if not n.startswith("_") and getattr(o, "__module__", "") == modname]
+        for n in names:
+            o = getattr(m, n)
+            if inspect.isfunction(o) or inspect.isclass(o):
+                out[f"{modname}.{n}"] = o
+    return out
+
+
+def _arguments(o) -> list[str]:
+    """The names a reader passes: a function's parameters, a module's constructor and forward
+    arguments, a dataclass's public fields (an autograd.Function's are internal)."""
+    if inspect.isclass(o) and issubclass(o, torch.autograd.Function):
+        return []
+    if dataclasses.is_dataclass(o):
+        return [f.name for f in dataclasses.fields(o) if not f.name.startswith("_")]
+    if inspect.isclass(o) and hasattr(o, "_fields"):  # a NamedTuple
+        return list(o._fields)
+    fns = [o] if not inspect.isclass(o) else [vars(o)[k] for k in ("__init__", "forward")
+                                              if k in vars(o)]
+    names = []
+    for f in fns:
+        sig = inspect.signature(f)
+        names += [p.name for p in sig.parameters.values()
+                  if p.name not in ("self", "ctx")
+                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return names
+
+
+def _own_docs(o) -> str:
+    docs = [vars(o).get("__doc__") if inspect.isclass(o) else o.__doc__]
+    if inspect.isclass(o):
+        docs += [getattr(vars(o).get(k), "__doc__", None) for k in ("__init__", "forward")]
+    return "\n".join(d for d in docs if d)
+
+
+OBJECTS = public_objects()
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTS))
+def test_public_name_documents_its_arguments(name):
+    o = OBJECTS[name]
+    doc = _own_docs(o)
+    missing = set() if doc.strip() else {"__doc__"}
+    missing |= {a for a in _arguments(o) if not re.search(rf"\b{re.escape(a)}\b", doc)}
+    new = missing - KNOWN_MISSING.get(name, set())
+    assert not new, f"{name}: document {sorted(new)} in its docstring"
+
+
+def test_known_missing_names_exist():
+    assert set(KNOWN_MISSING) <= set(OBJECTS), sorted(set(KNOWN_MISSING) - set(OBJECTS))
