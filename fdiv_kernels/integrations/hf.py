@@ -25,17 +25,30 @@ __all__ = ["FkDistillationTrainer", "distillation_loss"]
 _NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
 
 
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """(logit scale, softcap) a causal LM applies to ``lm_head(h)``, read from its config.
+
+    Gemma 2 / 3: ``final_logit_softcapping`` c (z <- c tanh(z / c)); Cohere: ``logit_scale`` s
+    (z <- s z); Granite: ``logits_scaling`` d (z <- z / d, a scale of 1 / d). Multimodal configs
+    are read through their text config. Other models: (1.0, None).
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return 1.0, None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    scale = 1.0 if scale is None else float(scale)
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor is not None:
+        scale /= float(divisor)
+    return scale, None if softcap is None else float(softcap)
+
+
 def _hidden_and_head(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Tensor, Tensor,
                                                                          Tensor | None]:
     """(last hidden states, lm-head weight, lm-head bias) of a causal LM, without its logits."""
-    config = getattr(model, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", 1.0)
-    if softcap is not None or scale not in (None, 1.0):
-        raise ValueError(
-            f"{type(model).__name__} applies a logit softcap ({softcap}) or scale ({scale}) that "
-            "fk.fused_linear_divergence does not take yet; distil such models from logits with "
-            "fk.divergence")
     head = model.get_output_embeddings()
     decoder = model.get_decoder()
     out = decoder(**{k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS})
@@ -61,78 +74,92 @@ def distillation_loss(
     position i's hidden state predicts ``labels[:, i + 1]``. ``kind`` and ``kind_params``
     (``beta``, ``alpha``, ``lam``) and ``temperature`` are ``fk.divergence``'s; ``ce_weight`` = w.
     Divides by ``num_items_in_batch`` when given (the Trainer's token count, a tensor), else by
-    the kept tokens of this batch. The teacher runs under ``no_grad``.
+    the kept tokens of this batch. The teacher runs under ``no_grad``. Each model's logits are
+    transformed as its own forward transforms them (softcap, scale: :func:`logit_transform`).
     """
     labels = inputs["labels"]
     hs, ws, bs = _hidden_and_head(model, inputs)
     with torch.no_grad():
         ht, wt, bt = _hidden_and_head(teacher_model, inputs)
+    s_scale, s_cap = logit_transform(model)
+    t_scale, t_cap = logit_transform(teacher_model)
     return fk.fused_linear_divergence(
         hs[:, :-1], ws, ht[:, :-1].detach(), wt.detach(), kind, temperature=temperature,
         student_bias=bs, teacher_bias=None if bt is None else bt.detach(),
         labels=labels[:, 1:], reduction="mean", ce_weight=ce_weight, chunk_size=chunk_size,
-        num_items_in_batch=num_items_in_batch, **kind_params)
+        num_items_in_batch=num_items_in_batch, student_logit_scale=s_scale,
+        student_softcap=s_cap, teacher_logit_scale=t_scale, teacher_softcap=t_cap,
+        **kind_params)
 
 
-def _trainer_base():
-    return require("transformers", "transformers").Trainer
+def _build_trainer_class() -> type:
+    base = require("transformers", "transformers").Trainer
 
+    class FkDistillationTrainer(base):
+        __doc__ = _DOC
 
-class _LazyTrainerMeta(type):
-    """Builds the real subclass of ``transformers.Trainer`` on first use, so importing this
-    module does not import transformers."""
+        def __init__(self, *args, teacher_model: nn.Module, kind: str = "kl",
+                     temperature: float = 1.0, ce_weight: float = 0.0,
+                     kind_params: Mapping[str, float] | None = None,
+                     chunk_size: int | None = None, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.teacher_model = teacher_model.eval().requires_grad_(False)
+            self.teacher_model.to(self.args.device)
+            self.kind, self.temperature, self.ce_weight = kind, temperature, ce_weight
+            self.kind_params, self.chunk_size = dict(kind_params or {}), chunk_size
+            # compute_loss divides by num_items_in_batch itself: have the Trainer count it and
+            # not divide again by the accumulation steps.
+            self.model_accepts_loss_kwargs = True
 
-    _cls = None
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = distillation_loss(
+                model, self.teacher_model, inputs, kind=self.kind,
+                temperature=self.temperature, ce_weight=self.ce_weight,
+                num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
+                **self.kind_params)
+            if (self.model.training and self.args.average_tokens_across_devices
+                    and num_items_in_batch is not None):
+                # num_items_in_batch counts every process's tokens; DDP averages grads.
+                loss = loss * self.accelerator.num_processes
+            if not return_outputs:
+                return loss
+            # The evaluation loop reads the predictions from the outputs (prediction_step takes
+            # the logits from them): the student's own forward, the only place its (B, T, V)
+            # logits are formed, and only when predictions are asked for.
+            outputs = model(**{k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS})
+            return loss, outputs
 
-    def _real(cls):
-        if cls._cls is None:
-            base = _trainer_base()
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            if not prediction_loss_only or "labels" not in inputs:
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            # Loss only (evaluate() without compute_metrics): no logits at all.
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach().mean(), None, None
 
-            class FkDistillationTrainer(base):
-                __doc__ = _DOC
-
-                def __init__(self, *args, teacher_model: nn.Module, kind: str = "kl",
-                             temperature: float = 1.0, ce_weight: float = 0.0,
-                             kind_params: Mapping[str, float] | None = None,
-                             chunk_size: int | None = None, **kwargs) -> None:
-                    super().__init__(*args, **kwargs)
-                    self.teacher_model = teacher_model.eval().requires_grad_(False)
-                    self.teacher_model.to(self.args.device)
-                    self.kind, self.temperature, self.ce_weight = kind, temperature, ce_weight
-                    self.kind_params, self.chunk_size = dict(kind_params or {}), chunk_size
-                    # compute_loss divides by num_items_in_batch itself: have the Trainer count
-                    # it and not divide again by the accumulation steps.
-                    self.model_accepts_loss_kwargs = True
-
-                def compute_loss(self, model, inputs, return_outputs=False,
-                                 num_items_in_batch=None):
-                    loss = distillation_loss(
-                        model, self.teacher_model, inputs, kind=self.kind,
-                        temperature=self.temperature, ce_weight=self.ce_weight,
-                        num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
-                        **self.kind_params)
-                    if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                        # num_items_in_batch counts every process's tokens; DDP averages grads.
-                        loss = loss * self.accelerator.num_processes
-                    return (loss, None) if return_outputs else loss
-
-            cls._cls = FkDistillationTrainer
-        return cls._cls
-
-    def __call__(cls, *args, **kwargs):
-        return cls._real()(*args, **kwargs)
-
-    def __instancecheck__(cls, obj):
-        return isinstance(obj, cls._real())
+    FkDistillationTrainer.__module__ = __name__
+    return FkDistillationTrainer
 
 
 _DOC = """A ``transformers.Trainer`` that distils a frozen ``teacher_model`` into ``model``.
 
     ``FkDistillationTrainer(model=student, teacher_model=teacher, args=TrainingArguments(...),
     train_dataset=..., kind="kl", temperature=1.0, ce_weight=0.0, kind_params={"beta": 0.5})``.
-    Its ``compute_loss`` is :func:`distillation_loss` with the Trainer's ``num_items_in_batch``.
+    Its ``compute_loss`` is :func:`distillation_loss` with the Trainer's ``num_items_in_batch``;
+    ``evaluate()`` and ``predict()`` report the same loss (with the student's logits as the
+    predictions unless ``prediction_loss_only``). A real subclass of ``transformers.Trainer``,
+    built when first looked up (so importing this module does not import transformers): subclass
+    it and override ``compute_loss`` & co. as with any Trainer.
     """
 
+_BUILT: dict[str, type] = {}
 
-class FkDistillationTrainer(metaclass=_LazyTrainerMeta):
-    __doc__ = _DOC
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the class is made on first access (from ... import FkDistillationTrainer).
+    if name == "FkDistillationTrainer":
+        if name not in _BUILT:
+            _BUILT[name] = _build_trainer_class()
+        return _BUILT[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,8 +21,6 @@ What ``apply_fk_to_trl(logprobs=True)`` covers in TRL 1.16:
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
@@ -346,47 +344,38 @@ _LOGPROB_NAMES = {
 def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool = True) -> Patch:
     """Point TRL at fdiv_kernels; returns a :class:`Patch` whose ``undo()`` restores TRL.
 
-    - ``gkd``: ``GKDTrainer.generalized_jsd_loss`` (a staticmethod, called through ``self``).
+    - ``gkd``: ``GKDTrainer.generalized_jsd_loss`` (a staticmethod, called through ``self``, so
+      subclasses see it). ``trl.experimental`` is not imported for it: if GKD is not loaded yet,
+      the swap is made when ``trl.experimental.gkd.gkd_trainer`` is first imported.
     - ``logprobs``: ``selective_log_softmax``, ``entropy_from_logits`` and
-      ``selective_log_softmax_and_entropy`` in ``trl.trainer.utils`` and in every loaded ``trl``
-      module that imported them by name (DPO/ORPO/CPO/SDPO/...); modules imported later take the
-      patched names from ``trl.trainer.utils``. Also TRL's ``ChunkedLogProbFunction`` under every
-      name a loaded ``trl`` module holds it (``trl.trainer.utils._ChunkedLogProbFunction``, which
+      ``selective_log_softmax_and_entropy`` wherever a loaded module holds TRL's functions (
+      ``trl.trainer.utils``, the trainers that imported them by name: DPO/ORPO/CPO/SDPO/..., and
+      the user's ``from trl.trainer.utils import ...``); modules imported later copy the patched
+      names from ``trl.trainer.utils``. Also TRL's ``ChunkedLogProbFunction`` under every name a
+      loaded module holds it (``trl.trainer.utils._ChunkedLogProbFunction``, which
       ``add_fused_lm_head`` calls, and ``trl.kernels``), so the fused-head trainers (DPO, GRPO,
       RLOO, KTO, SFT) run on ``fk.fused_linear_token_logprobs``.
     - ``distillation``: ``_chunked_divergence_loss`` (DistillationTrainer's loss from hidden
-      states, called by its global name) in ``trl.trainer.distillation_trainer`` and any loaded
-      ``trl`` module holding it, to :func:`chunked_divergence_loss`.
+      states, called by its global name) wherever a loaded module holds it, to
+      :func:`chunked_divergence_loss`.
 
-    Idempotent: a second call changes nothing (and its handle undoes nothing). Edits no file.
+    ``undo()`` restores every rebinding, those in modules imported while the patch was active
+    included. Idempotent: a second call changes nothing (and its handle undoes nothing). Edits no
+    file.
     """
     require("trl", "trl")
     patch = Patch()
     if gkd:
-        gkd_mod = require("trl.experimental.gkd.gkd_trainer", "trl")
-        patch.set(gkd_mod.GKDTrainer, "generalized_jsd_loss", staticmethod(generalized_jsd_loss))
+        patch.after_import("trl.experimental.gkd.gkd_trainer", lambda mod: patch.set(
+            mod.GKDTrainer, "generalized_jsd_loss", staticmethod(generalized_jsd_loss)))
     if logprobs:
         utils = require("trl.trainer.utils", "trl")
-        originals = {name: getattr(utils, name) for name in _LOGPROB_NAMES
-                     if getattr(utils, name, None) is not None}
-        trl_chunked = _trl_chunked_logprob()
-        for mod_name, mod in list(sys.modules.items()):
-            if mod is None or not (mod_name == "trl" or mod_name.startswith("trl.")):
-                continue
-            for name, original in originals.items():
-                if mod.__dict__.get(name) is original:
-                    patch.set(mod, name, _LOGPROB_NAMES[name])
-            # Under any name: trl.trainer.utils calls it as ``_ChunkedLogProbFunction``.
-            for name, value in list(mod.__dict__.items()):
-                if value is trl_chunked:
-                    patch.set(mod, name, ChunkedLogProbFunction)
+        for name, replacement in _LOGPROB_NAMES.items():
+            original = getattr(utils, name, None)
+            if original is not None and original is not replacement:
+                patch.set_everywhere(original, replacement)
+        # Under any name: trl.trainer.utils calls it as ``_ChunkedLogProbFunction``.
+        patch.set_everywhere(_trl_chunked_logprob(), ChunkedLogProbFunction)
     if distillation:
-        original = _trl_chunked_divergence()
-        dist = require("trl.trainer.distillation_trainer", "trl")
-        patch.set(dist, "_chunked_divergence_loss", chunked_divergence_loss)
-        for mod_name, mod in list(sys.modules.items()):
-            if mod is not None and (mod_name == "trl" or mod_name.startswith("trl.")):
-                for name, value in list(mod.__dict__.items()):
-                    if value is original:
-                        patch.set(mod, name, chunked_divergence_loss)
+        patch.set_everywhere(_trl_chunked_divergence(), chunked_divergence_loss)
     return patch
