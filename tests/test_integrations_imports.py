@@ -26,7 +26,7 @@ def test_core_imports_no_integration_and_no_host():
 def test_missing_host_names_its_pip_package(monkeypatch, module, call, pip_name):
     import fdiv_kernels.integrations.hf as hf
 
-    monkeypatch.setattr(hf.FkDistillationTrainer, "_cls", None)   # forget a built subclass
+    monkeypatch.setattr(hf, "_BUILT", {})                # forget a built subclass
     monkeypatch.setitem(sys.modules, module, None)      # import of module now fails
     with pytest.raises(ImportError, match=f"pip install {pip_name}"):
         call()

@@ -117,9 +117,9 @@ def _build_trainer_class() -> type:
                 temperature=self.temperature, ce_weight=self.ce_weight,
                 num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
                 **self.kind_params)
-            if (self.model.training and self.args.average_tokens_across_devices
-                    and num_items_in_batch is not None):
-                # num_items_in_batch counts every process's tokens; DDP averages grads.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts every process's tokens; DDP averages grads (the
+                # Trainer's own compute_loss scales the same way).
                 loss = loss * self.accelerator.num_processes
             if not return_outputs:
                 return loss
@@ -132,10 +132,13 @@ def _build_trainer_class() -> type:
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             if not prediction_loss_only or "labels" not in inputs:
                 return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-            # Loss only (evaluate() without compute_metrics): no logits at all.
+            # Loss only (evaluate() without compute_metrics): no logits at all. The count is the
+            # one the Trainer's own prediction_step passes.
             inputs = self._prepare_inputs(inputs)
+            count = getattr(self, "_get_num_items_in_batch", None)
+            nib = count([inputs], self.args.device) if count is not None else None
             with torch.no_grad(), self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs)
+                loss = self.compute_loss(model, inputs, num_items_in_batch=nib)
             return loss.detach().mean(), None, None
 
     FkDistillationTrainer.__module__ = __name__
