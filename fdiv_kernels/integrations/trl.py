@@ -170,6 +170,12 @@ def _trl_chunked_divergence():
     return _TRL_ORIGINALS["divergence"]
 
 
+def _trl_out_dtype(logits: Tensor) -> torch.dtype:
+    """What TRL 1.16's fused log-prob/entropy kernel returns (its path for one index per row on
+    the GPU): float32 for 16-bit and fp32 logits; float64 stays float64 (its torch path)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def selective_log_softmax(
     logits: Tensor,
     index: Tensor,
@@ -181,7 +187,9 @@ def selective_log_softmax(
     ``index`` is (...) (one token per row) or (..., K) (K tokens per row: one log-sum-exp per
     row, then a gather of the K logits); both are ``fk.token_logprobs``, one pass over the
     logits, no log_softmax. Rows where ``row_mask == 0`` give 0. The result has ``index``'s
-    shape and the logits' dtype, as TRL's; it is computed in fp32.
+    shape and is computed in fp32; its dtype is TRL's on the GPU on every device: float32 for
+    16-bit logits with one index per row (TRL's fused kernel; TRL's CPU path returns the logits'
+    dtype there), the logits' dtype with K indices per row (TRL's torch path everywhere).
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
@@ -190,18 +198,20 @@ def selective_log_softmax(
     else:
         raise ValueError(f"index must have shape (...) or (..., K) for logits "
                          f"{tuple(logits.shape)}, got {tuple(index.shape)}")
-    out = out.to(logits.dtype)
+    one_per_row = index.dim() == logits.dim() - 1
+    out = out.to(_trl_out_dtype(logits) if one_per_row else logits.dtype)
     if row_mask is not None:
         out = out.masked_fill(row_mask == 0, 0.0)
     return out
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
-    """TRL's ``entropy_from_logits``: -sum q log q per row, in the logits' dtype (``fk.entropy``).
+    """TRL's ``entropy_from_logits``: -sum q log q per row (``fk.entropy``), float32 for 16-bit
+    logits as TRL's GPU kernel returns it (TRL's CPU path returns the logits' dtype).
 
     ``chunk_size`` is accepted for the signature; the fused op never holds more than a row.
     """
-    return fk.entropy(logits).to(logits.dtype)
+    return fk.entropy(logits).to(_trl_out_dtype(logits))
 
 
 def selective_log_softmax_and_entropy(
@@ -213,14 +223,16 @@ def selective_log_softmax_and_entropy(
 ) -> tuple[Tensor, Tensor]:
     r"""TRL's ``selective_log_softmax_and_entropy`` on logits: one ``fk.softmax_stats`` pass.
 
-    Returns (log q[index], H(q)) per row with q = softmax(logits / T), both in the logits' dtype
-    and 0 where ``row_mask == 0``. Gradients flow through both (the entropy's too, unless
-    ``entropy_requires_grad=False``). ``index`` is (...), one token per row.
+    Returns (log q[index], H(q)) per row with q = softmax(logits / T), both float32 for 16-bit
+    logits (TRL's GPU kernel; its CPU path returns the logits' dtype) and 0 where ``row_mask ==
+    0``. Gradients flow through both (the entropy's too, unless ``entropy_requires_grad=False``).
+    ``index`` is (...), one token per row.
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     stats = fk.softmax_stats(logits, index, temperature=temperature)
-    logprobs, ent = stats.label_logprob.to(logits.dtype), stats.entropy.to(logits.dtype)
+    dtype = _trl_out_dtype(logits)
+    logprobs, ent = stats.label_logprob.to(dtype), stats.entropy.to(dtype)
     if not entropy_requires_grad:
         ent = ent.detach()
     if row_mask is not None:
