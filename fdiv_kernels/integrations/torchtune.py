@@ -9,7 +9,8 @@ Same constructors and calls as ``torchtune.modules.loss`` (torchtune 0.6.1,
 - logits are (N, V) or (B, T, V) and ``labels`` any shape with as many elements as rows; the loss
   is summed over rows whose label is not ``ignore_index`` and divided by their count (0 when
   none), or only summed with ``normalize=False``; the loss is float32;
-- the chunked-output variants take lists of (B, T / n, V) chunks and ``labels`` (B, T).
+- the chunked-output variants take lists of (B, T_i, V) chunks and ``labels`` (B, T), split by
+  the chunks' widths (so both ``.chunk`` (0.6.1) and ``.tensor_split`` (later) chunkings work).
 
 One difference: where the student has a -inf logit and the teacher gives that entry mass,
 torchtune drops the term (its ``inf_mask``) while fk returns the true value, +inf.
@@ -105,12 +106,18 @@ class _Chunked(nn.Module):
 
     def forward(self, student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor],
                 labels: Tensor) -> Tensor:
-        label_chunks = labels.chunk(self.num_output_chunks, dim=1)
-        if not (len(student_logits) == len(teacher_logits) == len(label_chunks)):
+        if len(student_logits) != len(teacher_logits):
+            raise ValueError(f"student_logits and teacher_logits must hold as many chunks, got "
+                             f"{len(student_logits)} and {len(teacher_logits)}")
+        # The labels follow the given chunks' widths, whichever split made them: torchtune 0.6
+        # chunks with .chunk, later versions with .tensor_split (widths differ when T % n != 0).
+        widths = [c.shape[1] if c.dim() == 3 else -1 for c in student_logits]
+        if -1 in widths or sum(widths) != labels.shape[-1]:
             raise ValueError(
-                f"student_logits and teacher_logits must be lists of {len(label_chunks)} chunks "
-                f"(labels chunked {self.num_output_chunks} ways on dim 1), got "
-                f"{len(student_logits)} and {len(teacher_logits)}")
+                f"student_logits and teacher_logits must be chunks (B, T_i, V) of the labels' "
+                f"(B, T) = {tuple(labels.shape)} along dim 1, got chunks of shapes "
+                f"{[tuple(c.shape) for c in student_logits]}")
+        label_chunks = labels.split(widths, dim=1)
         total = 0.0
         for kind, w in zip(self.kinds, self._weights()):
             for s, t, lab in zip(student_logits, teacher_logits, label_chunks):
