@@ -59,6 +59,36 @@ def test_generalized_jsd_loss_matches_gkd(beta, temperature):
                 torch.testing.assert_close(gt, rgt, rtol=1e-5, atol=1e-6, msg=where)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_gold_generalized_jsd_loss_matches_gold(beta):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gold = pytest.importorskip("trl.experimental.gold.gold_trainer").GOLDTrainer
+    s, t, labels = _inputs(seed=4)
+    for reduction in REDUCTIONS:
+        for nib in (None, 37):
+            kw = dict(labels=labels, beta=beta, temperature=1.5, reduction=reduction,
+                      num_items_in_batch=nib)
+            ref = _run(gold.generalized_jsd_loss, s, t, **kw)
+            out = _run(fk_trl.gold_generalized_jsd_loss, s, t, **kw)
+            for a, b in zip(out, ref):
+                torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6,
+                                           msg=f"{reduction} {nib}")
+    # Probabilities in: TRL's own function runs (fk's kernels renormalize logits).
+    p, q = s.softmax(-1), t.softmax(-1)
+    torch.testing.assert_close(
+        fk_trl.gold_generalized_jsd_loss(p, q, labels, beta=beta, logits_are_probs=True),
+        gold.generalized_jsd_loss(p, q, labels, beta=beta, logits_are_probs=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch = fk_trl.apply_fk_to_trl(gkd=False, distillation=False, logprobs=False)
+    try:
+        assert gold.generalized_jsd_loss is fk_trl.gold_generalized_jsd_loss
+    finally:
+        patch.undo()
+    assert gold.generalized_jsd_loss is not fk_trl.gold_generalized_jsd_loss
+
+
 def test_generalized_jsd_all_masked_is_zero_with_zero_grads():
     s, t, labels = _inputs()
     labels[:] = -100

@@ -29,7 +29,8 @@ from fdiv_kernels.integrations._patching import Patch, require
 
 __all__ = [
     "ChunkedLogProbFunction", "apply_fk_to_trl", "chunked_divergence_loss", "entropy_from_logits",
-    "generalized_jsd_loss", "selective_log_softmax", "selective_log_softmax_and_entropy",
+    "generalized_jsd_loss", "gold_generalized_jsd_loss", "selective_log_softmax",
+    "selective_log_softmax_and_entropy",
 ]
 
 IGNORE_INDEX = -100  # hard-coded in TRL's GKD loss
@@ -82,6 +83,44 @@ def generalized_jsd_loss(
         count = per_row.new_tensor(per_row.numel()) if kept is None else kept.sum()
         return total / (count * student_logits.shape[-1])
     return per_row if kept is None else per_row[kept]
+
+
+def gold_generalized_jsd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    logits_are_probs: bool = False,
+    num_items_in_batch: int | float | Tensor | None = None,
+) -> Tensor:
+    r"""``GOLDTrainer.generalized_jsd_loss`` (``trl.experimental.gold``): GKD's loss with one more
+    argument; on logits it is :func:`generalized_jsd_loss` (same numbers, same reductions).
+
+    ``logits_are_probs=True`` (probabilities, read by TRL as log(max(p, 1e-8)) and used without
+    renormalizing) runs TRL's own function: fk's kernels take logits and renormalize them.
+    """
+    if logits_are_probs:
+        return _trl_gold()(student_logits, teacher_logits, labels, beta, temperature,
+                                     reduction, logits_are_probs, num_items_in_batch)
+    return generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
+                                reduction, num_items_in_batch)
+
+
+def _trl_gold():
+    """TRL's own GOLD loss: saved when patched, else read from the (unpatched) class."""
+    if "gold" not in _TRL_ORIGINALS:
+        mod = require("trl.experimental.gold.gold_trainer", "trl")
+        _TRL_ORIGINALS["gold"] = mod.GOLDTrainer.__dict__["generalized_jsd_loss"].__func__
+    return _TRL_ORIGINALS["gold"]
+
+
+def _patch_gold(patch: Patch, mod) -> None:
+    current = mod.GOLDTrainer.__dict__["generalized_jsd_loss"]
+    if getattr(current, "__func__", None) is not gold_generalized_jsd_loss:
+        _TRL_ORIGINALS.setdefault("gold", current.__func__)
+    patch.set(mod.GOLDTrainer, "generalized_jsd_loss", staticmethod(gold_generalized_jsd_loss))
 
 
 def chunked_divergence_loss(
@@ -353,12 +392,15 @@ _LOGPROB_NAMES = {
 }
 
 
-def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool = True) -> Patch:
+def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool = True,
+                    gold: bool = True) -> Patch:
     """Point TRL at fdiv_kernels; returns a :class:`Patch` whose ``undo()`` restores TRL.
 
     - ``gkd``: ``GKDTrainer.generalized_jsd_loss`` (a staticmethod, called through ``self``, so
       subclasses see it). ``trl.experimental`` is not imported for it: if GKD is not loaded yet,
       the swap is made when ``trl.experimental.gkd.gkd_trainer`` is first imported.
+    - ``gold``: ``GOLDTrainer.generalized_jsd_loss`` (``trl.experimental.gold``), to
+      :func:`gold_generalized_jsd_loss`, when that module is imported (as GKD's).
     - ``logprobs``: ``selective_log_softmax``, ``entropy_from_logits`` and
       ``selective_log_softmax_and_entropy`` wherever a loaded module holds TRL's functions (
       ``trl.trainer.utils``, the trainers that imported them by name: DPO/ORPO/CPO/SDPO/..., and
@@ -380,6 +422,8 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
     if gkd:
         patch.after_import("trl.experimental.gkd.gkd_trainer", lambda mod: patch.set(
             mod.GKDTrainer, "generalized_jsd_loss", staticmethod(generalized_jsd_loss)))
+    if gold:
+        patch.after_import("trl.experimental.gold.gold_trainer", lambda mod: _patch_gold(patch, mod))
     if logprobs:
         utils = require("trl.trainer.utils", "trl")
         for name, replacement in _LOGPROB_NAMES.items():
