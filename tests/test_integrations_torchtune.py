@@ -122,6 +122,37 @@ def test_chunked_variants_match_torchtune(n, split):
         fk_tt.ForwardKLWithChunkedOutputLoss(n)(sc + sc[:1], tc + tc[:1], labels)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_hidden_state_losses_match_torchtune_chunked(normalize):
+    """The hidden-state classes against torchtune's chunked losses on the logits they avoid."""
+    g = torch.Generator().manual_seed(7)
+    hs, ht = torch.randn(3, 10, 24, generator=g), torch.randn(3, 10, 40, generator=g)
+    ws, wt = torch.randn(151, 24, generator=g) * 0.4, torch.randn(151, 40, generator=g) * 0.3
+    labels = torch.randint(0, 151, (3, 10), generator=g)
+    labels[torch.rand(3, 10, generator=g) < 0.3] = -100
+    labels[0] = -100
+    cases = [(fk_tt.ForwardKLWithHiddenStatesLoss(), tt_forward_kl),
+             (fk_tt.ReverseKLWithHiddenStatesLoss(chunk_size=7), tt_reverse_kl),
+             (fk_tt.SymmetricKLWithHiddenStatesLoss(0.3),
+              lambda *a: tt_symmetric(*a, ratio=0.3))]
+    for ours, ref in cases:
+        a = [x.clone().requires_grad_(True) for x in (hs, ws)]
+        b = [x.clone().requires_grad_(True) for x in (hs, ws)]
+        out = ours(a[0], a[1], ht, wt, labels, normalize)
+        s_chunks = [c @ b[1].t() for c in b[0].tensor_split(4, dim=1)]
+        t_chunks = [c @ wt.t() for c in ht.tensor_split(4, dim=1)]
+        if normalize:
+            r = tt_chunked(ref, s_chunks, t_chunks, labels, 4, "tensor_split")
+        else:
+            r = ref(torch.cat(s_chunks, 1).reshape(-1, 151),
+                    torch.cat(t_chunks, 1).reshape(-1, 151), labels.reshape(-1), False)
+        torch.testing.assert_close(out, r, rtol=1e-5, atol=1e-6)
+        out.backward()
+        r.backward()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_ratio():
     with pytest.raises(ValueError, match="sym_kd_ratio"):
         fk_tt.SymmetricKLLoss(1.5)

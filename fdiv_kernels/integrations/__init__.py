@@ -7,6 +7,7 @@ that needs it is called, so ``import fdiv_kernels.integrations.trl`` works witho
                                          log-prob + entropy, apply_fk_to_trl()
     fdiv_kernels.integrations.liger      Liger-Kernel's JSD / KL / TVD / fused-linear JSD modules,
                                          apply_fk_to_liger()
-    fdiv_kernels.integrations.torchtune  torchtune's KD losses (forward/reverse/symmetric KL)
+    fdiv_kernels.integrations.torchtune  torchtune's KD losses (forward/reverse/symmetric KL), also
+                                         from hidden states
     fdiv_kernels.integrations.hf         logit distillation in a transformers Trainer
 """

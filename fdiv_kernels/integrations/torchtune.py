@@ -26,8 +26,9 @@ from torch import Tensor, nn
 import fdiv_kernels as fk
 
 __all__ = [
-    "ForwardKLLoss", "ForwardKLWithChunkedOutputLoss", "ReverseKLLoss",
-    "ReverseKLWithChunkedOutputLoss", "SymmetricKLLoss", "SymmetricKLWithChunkedOutputLoss",
+    "ForwardKLLoss", "ForwardKLWithChunkedOutputLoss", "ForwardKLWithHiddenStatesLoss",
+    "ReverseKLLoss", "ReverseKLWithChunkedOutputLoss", "ReverseKLWithHiddenStatesLoss",
+    "SymmetricKLLoss", "SymmetricKLWithChunkedOutputLoss", "SymmetricKLWithHiddenStatesLoss",
 ]
 
 
@@ -148,6 +149,83 @@ class SymmetricKLWithChunkedOutputLoss(_Chunked):
     def __init__(self, num_output_chunks: int = 8, sym_kd_ratio: float = 0.5,
                  ignore_index: int = -100) -> None:
         super().__init__(num_output_chunks, ignore_index)
+        if sym_kd_ratio < 0.0 or sym_kd_ratio > 1.0:
+            raise ValueError("sym_kd_ratio must be in the range [0, 1]")
+        self.sym_kd_ratio = sym_kd_ratio
+
+    def _weights(self) -> tuple[float, ...]:
+        return (self.sym_kd_ratio, 1.0 - self.sym_kd_ratio)
+
+
+class _HiddenStates(nn.Module):
+    kinds: tuple[str, ...] = ()
+
+    def __init__(self, ignore_index: int = -100, chunk_size: int | None = None) -> None:
+        super().__init__()
+        self.ignore_index, self.chunk_size = ignore_index, chunk_size
+
+    def _weights(self) -> tuple[float, ...]:
+        return (1.0,)
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                teacher_weight: Tensor, labels: Tensor, normalize: bool = True) -> Tensor:
+        hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+        ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+        wt = teacher_weight.detach()
+        flat = labels.reshape(-1)
+        if flat.numel() != hs.shape[0]:
+            raise ValueError(f"labels must hold one label per row of the hidden states "
+                             f"({hs.shape[0]}), got {tuple(labels.shape)}")
+        kept = flat != self.ignore_index
+        total = 0.0
+        for kind, w in zip(self.kinds, self._weights()):
+            part = fk.fused_linear_divergence(
+                hs, student_weight, ht, wt, "reverse_kl" if kind == "reverse" else "kl",
+                labels=flat, ignore_index=self.ignore_index, reduction="sum",
+                chunk_size=self.chunk_size)
+            if kind == "forward":
+                # torchtune's forward KL is the cross-entropy to the teacher: + H(p) per kept row,
+                # from the teacher's hidden states in chunks (its logits never formed either).
+                with torch.no_grad():
+                    _, ent = fk.fused_linear_token_logprobs(
+                        ht, wt, flat, ignore_index=self.ignore_index, return_entropy=True,
+                        chunk_size=self.chunk_size)
+                part = part + torch.where(kept, ent.to(part.dtype), 0.0).sum()
+            total = total + w * part
+        return _normalized(total, kept.sum(), normalize)
+
+
+class ForwardKLWithHiddenStatesLoss(_HiddenStates):
+    r"""torchtune's ``ForwardKLWithChunkedOutputLoss`` from hidden states: the same loss without
+    the (N, V) logits of either model (``fk.fused_linear_divergence``).
+
+    ``loss(student_hidden (B, T, H_s), student_weight (V, H_s), teacher_hidden (B, T, H_t),
+    teacher_weight (V, H_t), labels (B, T), normalize=True)``: per kept row -sum_j p_j log q_j,
+    p = softmax(h_t W_t^T), q = softmax(h_s W_s^T), summed over rows whose label is not
+    ``ignore_index`` / their count (0 when none), float32. The output projections are the
+    models' ``output`` weights (torchtune's have no bias). Gradients reach the student's hidden
+    states and weight; the teacher gets none (the recipes run it under no_grad).
+    """
+
+    kinds = ("forward",)
+
+
+class ReverseKLWithHiddenStatesLoss(_HiddenStates):
+    """torchtune's ``ReverseKLWithChunkedOutputLoss`` (KL(q||p)) from hidden states; arguments
+    as :class:`ForwardKLWithHiddenStatesLoss`."""
+
+    kinds = ("reverse",)
+
+
+class SymmetricKLWithHiddenStatesLoss(_HiddenStates):
+    """torchtune's ``SymmetricKLWithChunkedOutputLoss`` (r forward + (1 - r) reverse) from hidden
+    states; arguments as :class:`ForwardKLWithHiddenStatesLoss`."""
+
+    kinds = ("forward", "reverse")
+
+    def __init__(self, sym_kd_ratio: float = 0.5, ignore_index: int = -100,
+                 chunk_size: int | None = None) -> None:
+        super().__init__(ignore_index, chunk_size)
         if sym_kd_ratio < 0.0 or sym_kd_ratio > 1.0:
             raise ValueError("sym_kd_ratio must be in the range [0, 1]")
         self.sym_kd_ratio = sym_kd_ratio
