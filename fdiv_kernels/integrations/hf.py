@@ -3,6 +3,8 @@
 ``distillation_loss`` runs both models' decoders to their last hidden states and takes the
 divergence through ``fk.fused_linear_divergence`` on the lm heads, so neither model's (B, T, V)
 logits exist. ``FkDistillationTrainer`` is a ``Trainer`` whose ``compute_loss`` is that loss.
+``sparse_distillation_loss`` / ``FkTopKDistillationTrainer`` do the same from an offline teacher's
+top-k ids and log-probs carried by the dataset (``fk.fused_linear_sparse_divergence``).
 
 Gradient accumulation and data parallelism: the loss is the sum over kept tokens divided by
 ``num_items_in_batch``, the Trainer's count of label tokens over the whole accumulation window
@@ -20,7 +22,10 @@ from torch import Tensor, nn
 import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import require
 
-__all__ = ["FkDistillationTrainer", "distillation_loss"]
+__all__ = [
+    "FkDistillationTrainer", "FkTopKDistillationTrainer", "distillation_loss", "logit_transform",
+    "sparse_distillation_loss",
+]
 
 _NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
 
@@ -92,31 +97,62 @@ def distillation_loss(
         **kind_params)
 
 
-def _build_trainer_class() -> type:
+def sparse_distillation_loss(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    kind: str = "kl",
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+    **kind_params: float,
+) -> Tensor:
+    r"""Distillation from an offline (or served) teacher's top-k: (1 - w) D + w CE per label token.
+
+    ``inputs`` is a causal-LM batch with ``labels`` (unshifted, -100 ignored) and the teacher's
+    ``teacher_ids`` / ``teacher_logprobs`` (B, T, K) aligned with the positions (entry t is the
+    teacher's next-token distribution after position t, as its logits would be; the last
+    position is unused), optionally ``teacher_mask`` (B, T, K) bool, True on real entries (else
+    entries whose log-prob is -inf are padding). D is ``fk.sparse_divergence``'s ``kind`` with
+    ``tail`` ("bucket", "renormalize", "none") on the student's hidden states through its lm head
+    (``fk.fused_linear_sparse_divergence``: no (B, T, V) logits); the student's logit transform is
+    read from its config. Divides by ``num_items_in_batch`` when given, else by the kept tokens.
+    """
+    labels = inputs["labels"]
+    hs, ws, bs = _hidden_and_head(model, {k: v for k, v in inputs.items()
+                                          if not k.startswith("teacher_")})
+    ids, lps = inputs["teacher_ids"][:, :-1], inputs["teacher_logprobs"][:, :-1]
+    mask = inputs.get("teacher_mask")
+    mask = lps > float("-inf") if mask is None else mask[:, :-1].bool()
+    scale, cap = logit_transform(model)
+    return fk.fused_linear_sparse_divergence(
+        hs[:, :-1], ws, ids, lps.to(torch.float32), kind, tail=tail, temperature=temperature,
+        support_mask=mask, student_bias=bs, labels=labels[:, 1:], reduction="mean",
+        ce_weight=ce_weight, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
+        student_logit_scale=scale, student_softcap=cap, **kind_params)
+
+
+def _build_trainer_classes() -> dict[str, type]:
     base = require("transformers", "transformers").Trainer
 
-    class FkDistillationTrainer(base):
-        __doc__ = _DOC
+    class _FkTrainer(base):
+        """What both trainers share: the loss divides by the Trainer's token count, evaluation
+        and prediction, the student's logits formed only for predictions."""
 
-        def __init__(self, *args, teacher_model: nn.Module, kind: str = "kl",
-                     temperature: float = 1.0, ce_weight: float = 0.0,
-                     kind_params: Mapping[str, float] | None = None,
-                     chunk_size: int | None = None, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.teacher_model = teacher_model.eval().requires_grad_(False)
-            self.teacher_model.to(self.args.device)
+        def _init_loss(self, kind, temperature, ce_weight, kind_params, chunk_size) -> None:
             self.kind, self.temperature, self.ce_weight = kind, temperature, ce_weight
             self.kind_params, self.chunk_size = dict(kind_params or {}), chunk_size
             # compute_loss divides by num_items_in_batch itself: have the Trainer count it and
             # not divide again by the accumulation steps.
             self.model_accepts_loss_kwargs = True
 
+        def _distillation_loss(self, model, inputs, num_items_in_batch) -> Tensor:
+            raise NotImplementedError
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = distillation_loss(
-                model, self.teacher_model, inputs, kind=self.kind,
-                temperature=self.temperature, ce_weight=self.ce_weight,
-                num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
-                **self.kind_params)
+            loss = self._distillation_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # num_items_in_batch counts every process's tokens; DDP averages grads (the
                 # Trainer's own compute_loss scales the same way).
@@ -126,7 +162,8 @@ def _build_trainer_class() -> type:
             # The evaluation loop reads the predictions from the outputs (prediction_step takes
             # the logits from them): the student's own forward, the only place its (B, T, V)
             # logits are formed, and only when predictions are asked for.
-            outputs = model(**{k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS})
+            outputs = model(**{k: v for k, v in inputs.items()
+                               if k not in _NOT_MODEL_INPUTS and not k.startswith("teacher_")})
             return loss, outputs
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -141,8 +178,47 @@ def _build_trainer_class() -> type:
                 loss = self.compute_loss(model, inputs, num_items_in_batch=nib)
             return loss.detach().mean(), None, None
 
-    FkDistillationTrainer.__module__ = __name__
-    return FkDistillationTrainer
+    class FkDistillationTrainer(_FkTrainer):
+        __doc__ = _DOC
+
+        def __init__(self, *args, teacher_model: nn.Module, kind: str = "kl",
+                     temperature: float = 1.0, ce_weight: float = 0.0,
+                     kind_params: Mapping[str, float] | None = None,
+                     chunk_size: int | None = None, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.teacher_model = teacher_model.eval().requires_grad_(False)
+            self.teacher_model.to(self.args.device)
+            self._init_loss(kind, temperature, ce_weight, kind_params, chunk_size)
+
+        def _distillation_loss(self, model, inputs, num_items_in_batch):
+            return distillation_loss(
+                model, self.teacher_model, inputs, kind=self.kind,
+                temperature=self.temperature, ce_weight=self.ce_weight,
+                num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
+                **self.kind_params)
+
+    class FkTopKDistillationTrainer(_FkTrainer):
+        __doc__ = _TOPK_DOC
+
+        def __init__(self, *args, kind: str = "kl", tail: str = "bucket",
+                     temperature: float = 1.0, ce_weight: float = 0.0,
+                     kind_params: Mapping[str, float] | None = None,
+                     chunk_size: int | None = None, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.tail = tail
+            self._init_loss(kind, temperature, ce_weight, kind_params, chunk_size)
+
+        def _distillation_loss(self, model, inputs, num_items_in_batch):
+            return sparse_distillation_loss(
+                model, inputs, kind=self.kind, tail=self.tail, temperature=self.temperature,
+                ce_weight=self.ce_weight, num_items_in_batch=num_items_in_batch,
+                chunk_size=self.chunk_size, **self.kind_params)
+
+    classes = {"FkDistillationTrainer": FkDistillationTrainer,
+               "FkTopKDistillationTrainer": FkTopKDistillationTrainer}
+    for cls in (_FkTrainer, *classes.values()):
+        cls.__module__ = __name__
+    return classes
 
 
 _DOC = """A ``transformers.Trainer`` that distils a frozen ``teacher_model`` into ``model``.
@@ -156,13 +232,24 @@ _DOC = """A ``transformers.Trainer`` that distils a frozen ``teacher_model`` int
     it and override ``compute_loss`` & co. as with any Trainer.
     """
 
+_TOPK_DOC = """A ``transformers.Trainer`` that distils an offline (or served) teacher's top-k into
+    ``model``: the dataset carries ``teacher_ids`` and ``teacher_logprobs`` (T, K) per example
+    (optionally ``teacher_mask``), no teacher model runs.
+
+    ``FkTopKDistillationTrainer(model=student, args=TrainingArguments(...,
+    remove_unused_columns=False), train_dataset=..., kind="kl", tail="bucket", temperature=1.0,
+    ce_weight=0.0, kind_params=None)``. Its ``compute_loss`` is :func:`sparse_distillation_loss`
+    with the Trainer's ``num_items_in_batch``; evaluation, prediction and subclassing as
+    ``FkDistillationTrainer``.
+    """
+
 _BUILT: dict[str, type] = {}
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: the class is made on first access (from ... import FkDistillationTrainer).
-    if name == "FkDistillationTrainer":
+    # PEP 562: the classes are made on first access (from ... import FkDistillationTrainer).
+    if name in ("FkDistillationTrainer", "FkTopKDistillationTrainer"):
         if name not in _BUILT:
-            _BUILT[name] = _build_trainer_class()
+            _BUILT.update(_build_trainer_classes())
         return _BUILT[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
