@@ -71,6 +71,13 @@ def test_jsd_keeps_liger_contract_on_log_prob_leaves(beta, dtype):
                       lambda x: x.log_softmax(-1))[:2])
 
 
+def test_jsd_all_rows_ignored_is_zero():
+    s, t = _logits()
+    out, g, _ = _leaf_run(fk_liger.LigerJSD(0.5), s.log_softmax(-1), t.log_softmax(-1),
+                          torch.full((13,), -100))
+    assert out.item() == 0.0 and torch.count_nonzero(g) == 0
+
+
 def test_jsd_gradient_is_not_projected():
     """The defect this guards: reading log-probs as logits projects the gradient onto the
     simplex (its row sums vanish); Liger's does not."""

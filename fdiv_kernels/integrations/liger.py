@@ -120,9 +120,10 @@ class LigerJSD(nn.Module):
     (BT, V) log-probabilities used as they are (as Liger: nothing renormalized): beta KL(P||M) +
     (1-beta) KL(Q||M), M = beta P + (1-beta) Q (beta=0 is KL(P||Q), beta=1 is KL(Q||P)); summed
     over rows whose label is not ``ignore_index`` and divided by their count (by BT without
-    labels). Returned in ``log_q``'s dtype; the gradient w.r.t. ``log_q`` is the terms' own
-    derivative (not projected onto the simplex) and ``log_p`` gets none, as in Liger. Exact torch
-    in fp32 chunks of rows (no fk kernel reads log-probabilities without renormalizing them).
+    labels; 0 when no row is kept). Returned in ``log_q``'s dtype; the gradient w.r.t. ``log_q``
+    is the terms' own derivative (not projected onto the simplex) and ``log_p`` gets none, as in
+    Liger. Exact torch in fp32 chunks of rows (no fk kernel reads log-probabilities without
+    renormalizing them).
     """
 
     def __init__(self, beta: float = 0.5, ignore_index: int = -100) -> None:
@@ -134,7 +135,8 @@ class LigerJSD(nn.Module):
         v = log_q.shape[-1]
         x, y = log_q.reshape(-1, v), log_p.reshape(-1, v)
         kept = _kept_rows(shift_labels, x.shape[0], self.ignore_index, "shift_labels")
-        count = x.shape[0] if kept is None else kept.sum()
+        # No kept row gives 0 (Liger's suite expects it), not 0 / 0.
+        count = x.shape[0] if kept is None else kept.sum().clamp_min(1)
         loss = _TermsAndGrad.apply(x, y, kept, _jsd_terms(float(self.beta)), count, "mean")
         return loss.to(log_q.dtype)
 
