@@ -57,13 +57,15 @@ def generalized_jsd_loss(
     - ``"batchmean"``: sum / max(kept rows, 1) with labels, else sum / ``student_logits.size(0)``
       (the batch size of a (B, T, V) input, not B*T, as TRL divides);
     - ``"sum"``: the sum; ``"mean"``: sum / (kept rows * V), NaN when no row is kept, as in TRL;
-    - anything else: TRL returns the (rows, V) element tensor, which this cannot give without
-      materializing it; it returns the per-row divergences instead (TRL's ``.sum(-1)``): shape
-      (...) without labels, (kept rows,) with them.
+    - anything else (``"none"``): TRL's (rows, V) element tensor, which only exists
+      materialized: TRL's own function runs (the elements are its contract).
 
     The loss is float32 (TRL's is in the logits' dtype, so under bf16 this one is the more
     accurate); gradients reach both logits in their dtypes.
     """
+    if num_items_in_batch is None and reduction not in ("batchmean", "sum", "mean"):
+        return _trl_gkd()(student_logits, teacher_logits, labels, beta, temperature, reduction,
+                          num_items_in_batch)
     per_row = fk.divergence(student_logits, teacher_logits, "js", beta=float(beta),
                             temperature=temperature, labels=labels, ignore_index=IGNORE_INDEX,
                             reduction="none")
@@ -79,10 +81,8 @@ def generalized_jsd_loss(
         return total / kept.sum().clamp_min(1)
     if reduction == "sum":
         return total
-    if reduction == "mean":
-        count = per_row.new_tensor(per_row.numel()) if kept is None else kept.sum()
-        return total / (count * student_logits.shape[-1])
-    return per_row if kept is None else per_row[kept]
+    count = per_row.new_tensor(per_row.numel()) if kept is None else kept.sum()   # "mean"
+    return total / (count * student_logits.shape[-1])
 
 
 def gold_generalized_jsd_loss(
@@ -106,6 +106,21 @@ def gold_generalized_jsd_loss(
                                      reduction, logits_are_probs, num_items_in_batch)
     return generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
                                 reduction, num_items_in_batch)
+
+
+def _trl_gkd():
+    """TRL's own GKD loss: saved when patched, else read from the (unpatched) class."""
+    if "gkd" not in _TRL_ORIGINALS:
+        mod = require("trl.experimental.gkd.gkd_trainer", "trl")
+        _TRL_ORIGINALS["gkd"] = mod.GKDTrainer.__dict__["generalized_jsd_loss"].__func__
+    return _TRL_ORIGINALS["gkd"]
+
+
+def _patch_gkd(patch: Patch, mod) -> None:
+    current = mod.GKDTrainer.__dict__["generalized_jsd_loss"]
+    if getattr(current, "__func__", None) is not generalized_jsd_loss:
+        _TRL_ORIGINALS.setdefault("gkd", current.__func__)
+    patch.set(mod.GKDTrainer, "generalized_jsd_loss", staticmethod(generalized_jsd_loss))
 
 
 def _trl_gold():
@@ -420,8 +435,7 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
     require("trl", "trl")
     patch = Patch()
     if gkd:
-        patch.after_import("trl.experimental.gkd.gkd_trainer", lambda mod: patch.set(
-            mod.GKDTrainer, "generalized_jsd_loss", staticmethod(generalized_jsd_loss)))
+        patch.after_import("trl.experimental.gkd.gkd_trainer", lambda mod: _patch_gkd(patch, mod))
     if gold:
         patch.after_import("trl.experimental.gold.gold_trainer", lambda mod: _patch_gold(patch, mod))
     if logprobs:
