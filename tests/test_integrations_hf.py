@@ -208,7 +208,7 @@ def test_trainer_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert max(g.abs().max().item() for g in big.values()) > 1e-4
 
 
-# ---- offline teacher: top-k ids and log-probs in the dataset --------------------------------------
+# ---- offline teacher: top-k ids and log-probs in the dataset -------------------------------------
 
 
 def _topk_rows(n=4, length=12, vocab=96, k=5, seed=2):

@@ -61,14 +61,15 @@ def test_jsd_keeps_liger_contract_on_log_prob_leaves(beta, dtype):
         ours = _leaf_run(fk_liger.LigerJSD(beta), log_q, log_p, labels)
         theirs = _leaf_run(jsd.LigerJSD(beta), log_q, log_p, labels)
         assert ours[0].dtype == theirs[0].dtype == dtype and ours[2] is None
-        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-5)
+        tol = ({"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32
+               else {"rtol": 2e-2, "atol": 1e-5})
         torch.testing.assert_close(ours[0], theirs[0], **tol)
         torch.testing.assert_close(ours[1], theirs[1], **tol)
         # Through a log_softmax the drop-in still agrees with Liger (and with fk's logits path).
-        _close(_grads(lambda a, b: fk_liger.LigerJSD(beta)(a, b, labels), s.float(), t.float(),
-                      lambda x: x.log_softmax(-1))[:2],
-               _grads(lambda a, b: jsd.LigerJSD(beta)(a, b, labels), s.float(), t.float(),
-                      lambda x: x.log_softmax(-1))[:2])
+        _close(_grads(lambda a, b, lab=labels: fk_liger.LigerJSD(beta)(a, b, lab), s.float(),
+                      t.float(), lambda x: x.log_softmax(-1))[:2],
+               _grads(lambda a, b, lab=labels: jsd.LigerJSD(beta)(a, b, lab), s.float(),
+                      t.float(), lambda x: x.log_softmax(-1))[:2])
 
 
 def test_jsd_all_rows_ignored_is_zero():
@@ -129,8 +130,8 @@ def test_tvd_matches_liger_suite_on_any_tensor(reduction):
     w = torch.rand(s.shape, generator=torch.Generator().manual_seed(6))
     for labels in (None, _labels(13, 203, seed=2)):
         ours = _leaf_run(fk_liger.LigerTVDLoss(reduction), s, t, labels, weight=w)
-        theirs = _leaf_run(lambda a, b: _liger_suite_tvd(a, b.detach(), labels, reduction), s, t,
-                           weight=w)
+        theirs = _leaf_run(lambda a, b, lab=labels: _liger_suite_tvd(a, b.detach(), lab, reduction),
+                           s, t, weight=w)
         assert ours[0].shape == theirs[0].shape and ours[0].dtype == torch.float32
         _close(ours, theirs)
 

@@ -1,5 +1,6 @@
 """integrations.trl.chunked_divergence_loss against TRL 1.16's own ``_chunked_divergence_loss``
-(the DistillationTrainer's generalized JSD from hidden states); docs/hosts/trl.md states the conventions held."""
+(the DistillationTrainer's generalized JSD from hidden states); docs/hosts/trl.md states the
+conventions held."""
 
 import inspect
 import os

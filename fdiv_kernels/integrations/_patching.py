@@ -7,7 +7,8 @@ import importlib.abc
 import importlib.util
 import sys
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 _MISSING = object()
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import require
 
-__all__ = [
+__all__ = [  # noqa: F822 (the two trainers come from the module __getattr__)
     "FkDistillationTrainer", "FkTopKDistillationTrainer", "distillation_loss", "logit_transform",
     "sparse_distillation_loss",
 ]

@@ -437,7 +437,8 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
     if gkd:
         patch.after_import("trl.experimental.gkd.gkd_trainer", lambda mod: _patch_gkd(patch, mod))
     if gold:
-        patch.after_import("trl.experimental.gold.gold_trainer", lambda mod: _patch_gold(patch, mod))
+        patch.after_import("trl.experimental.gold.gold_trainer",
+                           lambda mod: _patch_gold(patch, mod))
     if logprobs:
         utils = require("trl.trainer.utils", "trl")
         for name, replacement in _LOGPROB_NAMES.items():
