@@ -6,8 +6,8 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
-from types import ModuleType
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 _MISSING = object()
