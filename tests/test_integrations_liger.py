@@ -235,6 +235,17 @@ def test_apply_fk_to_liger_reaches_names_imported_before_it():
         sys.modules.pop("fk_test_late", None)
 
 
+def test_undo_leaves_modules_that_hold_the_drop_in_itself():
+    """Code that imported fdiv_kernels' class on purpose keeps it after undo()."""
+    pytest.importorskip("liger_kernel.chunked_loss")
+    mine = _script(LigerFusedLinearJSDLoss=fk_liger.LigerFusedLinearJSDLoss)
+    try:
+        fk_liger.apply_fk_to_liger().undo()
+        assert mine.LigerFusedLinearJSDLoss is fk_liger.LigerFusedLinearJSDLoss
+    finally:
+        sys.modules.pop("fk_test_user_script", None)
+
+
 def test_apply_fk_to_liger_refuses_a_subclass_it_cannot_reach():
     cl = pytest.importorskip("liger_kernel.chunked_loss")
 

@@ -39,7 +39,7 @@ class Patch:
 
     def __init__(self) -> None:
         self._done: list[tuple[Any, str, Any]] = []
-        self._swept: list[tuple[Any, Any]] = []
+        self._swept: list[tuple[Any, Any, set[str], set[tuple[int, str]]]] = []
         self._hooks: list[_AfterImport] = []
 
     def set(self, owner: Any, name: str, value: Any) -> None:
@@ -56,15 +56,21 @@ class Patch:
         the user's own scripts included (``from host import f`` before the patch).
 
         ``undo()`` then also restores the names bound to ``value`` in modules imported while the
-        patch was active (they copied the patched name from the host's module).
+        patch was active (they copied the patched name from the host's module), under the names
+        the host's object had; names that held ``value`` before the patch (code importing the
+        fdiv_kernels object itself) are left alone.
         """
         before = len(self._done)
+        names, kept = set(), set()
         for mod in loaded_modules():
             for name, bound in list(mod.__dict__.items()):
                 if bound is original:
+                    names.add(name)
                     self.set(mod, name, value)
+                elif bound is value:
+                    kept.add((id(mod), name))
         if len(self._done) > before:
-            self._swept.append((original, value))
+            self._swept.append((original, value, names, kept))
 
     def after_import(self, module: str, callback: Callable[[ModuleType], None]) -> None:
         """``callback(module)`` now if ``module`` is loaded, else when it is first imported (the
@@ -95,10 +101,10 @@ class Patch:
             else:
                 setattr(owner, name, old)
         self._done.clear()
-        for original, value in self._swept:
+        for original, value, names, kept in self._swept:
             for mod in loaded_modules():
                 for name, bound in list(mod.__dict__.items()):
-                    if bound is value:
+                    if bound is value and name in names and (id(mod), name) not in kept:
                         setattr(mod, name, original)
         self._swept.clear()
 
