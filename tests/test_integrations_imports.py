@@ -9,7 +9,10 @@ import pytest
 def test_core_imports_no_integration_and_no_host():
     code = ("import sys, fdiv_kernels; bad = [m for m in sys.modules if m.startswith("
             "('fdiv_kernels.integrations', 'trl', 'transformers', 'liger_kernel'))]; "
-            "assert not bad, bad")
+            "assert not bad, bad; "
+            # The HF module too: its trainers are built on first access (module __getattr__).
+            "import fdiv_kernels.integrations.hf as h; assert 'transformers' not in sys.modules; "
+            "h.FkDistillationTrainer; assert 'transformers' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
