@@ -89,6 +89,30 @@ def test_gold_generalized_jsd_loss_matches_gold(beta):
     assert gold.generalized_jsd_loss is not fk_trl.gold_generalized_jsd_loss
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_topk_self_distillation_matches_sdpo(alpha, add_tail):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdpo = pytest.importorskip("trl.experimental.sdpo.loss_utils")
+    s, t, _ = _inputs(seed=5)
+    kw = dict(distillation_topk=7, distillation_alpha=alpha, distillation_add_tail=add_tail)
+    fn = lambda a, b: sdpo.compute_topk_self_distillation_loss(a, b, **kw)  # noqa: E731
+    ref = _run(fn, s, t)
+    out = _run(lambda a, b: fk_trl.compute_topk_self_distillation_loss(a, b, **kw), s, t)
+    for a, b, what in zip(out, ref, ("loss", "student grad", "teacher grad")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what)
+    original = sdpo.compute_topk_self_distillation_loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch = fk_trl.apply_fk_to_trl(gkd=False, gold=False, distillation=False, logprobs=False)
+    try:
+        assert sdpo.compute_topk_self_distillation_loss is fk_trl.compute_topk_self_distillation_loss
+    finally:
+        patch.undo()
+    assert sdpo.compute_topk_self_distillation_loss is original
+
+
 def test_generalized_jsd_all_masked_is_zero_with_zero_grads():
     s, t, labels = _inputs()
     labels[:] = -100

@@ -28,7 +28,8 @@ import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, require
 
 __all__ = [
-    "ChunkedLogProbFunction", "apply_fk_to_trl", "chunked_divergence_loss", "entropy_from_logits",
+    "ChunkedLogProbFunction", "apply_fk_to_trl", "chunked_divergence_loss",
+    "compute_topk_self_distillation_loss", "entropy_from_logits",
     "generalized_jsd_loss", "gold_generalized_jsd_loss", "selective_log_softmax",
     "selective_log_softmax_and_entropy",
 ]
@@ -136,6 +137,32 @@ def _patch_gold(patch: Patch, mod) -> None:
     if getattr(current, "__func__", None) is not gold_generalized_jsd_loss:
         _TRL_ORIGINALS.setdefault("gold", current.__func__)
     patch.set(mod.GOLDTrainer, "generalized_jsd_loss", staticmethod(gold_generalized_jsd_loss))
+
+
+def compute_topk_self_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    distillation_topk: int,
+    distillation_alpha: float,
+    distillation_add_tail: bool,
+) -> Tensor:
+    r"""TRL's ``compute_topk_self_distillation_loss`` (``trl.experimental.sdpo.loss_utils``, used by
+    the SDPO and SDFT trainers) on ``fk.sparse_divergence``: same arguments, same per-row values.
+
+    The support is the student's top-k ids; the teacher's log-probs there come from
+    ``fk.token_logprobs`` (no (N, V) log_softmax of the teacher). alpha is the generalized JSD's
+    beta (0: KL(teacher || student), 1: KL(student || teacher)); ``distillation_add_tail`` keeps
+    the off-support mass as one outcome (tail "bucket"), else both are renormalized on the support.
+    Returns the (...) per-row divergences in float32; gradients reach both logits.
+    """
+    k = int(distillation_topk)
+    ids = student_logits.detach().topk(k, dim=-1).indices
+    teacher_lp = fk.token_logprobs(teacher_logits, ids)
+    return fk.sparse_divergence(student_logits, ids, teacher_lp, "js",
+                                beta=float(distillation_alpha),
+                                tail="bucket" if distillation_add_tail else "renormalize",
+                                reduction="none")
 
 
 def chunked_divergence_loss(
@@ -408,7 +435,7 @@ _LOGPROB_NAMES = {
 
 
 def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool = True,
-                    gold: bool = True) -> Patch:
+                    gold: bool = True, sdpo: bool = True) -> Patch:
     """Point TRL at fdiv_kernels; returns a :class:`Patch` whose ``undo()`` restores TRL.
 
     - ``gkd``: ``GKDTrainer.generalized_jsd_loss`` (a staticmethod, called through ``self``, so
@@ -416,6 +443,8 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
       the swap is made when ``trl.experimental.gkd.gkd_trainer`` is first imported.
     - ``gold``: ``GOLDTrainer.generalized_jsd_loss`` (``trl.experimental.gold``), to
       :func:`gold_generalized_jsd_loss`, when that module is imported (as GKD's).
+    - ``sdpo``: ``compute_topk_self_distillation_loss`` (``trl.experimental.sdpo.loss_utils``,
+      called by SDPO and SDFT), to :func:`compute_topk_self_distillation_loss`, when imported.
     - ``logprobs``: ``selective_log_softmax``, ``entropy_from_logits`` and
       ``selective_log_softmax_and_entropy`` wherever a loaded module holds TRL's functions (
       ``trl.trainer.utils``, the trainers that imported them by name: DPO/ORPO/CPO/SDPO/..., and
@@ -439,6 +468,9 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
     if gold:
         patch.after_import("trl.experimental.gold.gold_trainer",
                            lambda mod: _patch_gold(patch, mod))
+    if sdpo:
+        patch.after_import("trl.experimental.sdpo.loss_utils", lambda mod: patch.set_everywhere(
+            mod.compute_topk_self_distillation_loss, compute_topk_self_distillation_loss))
     if logprobs:
         utils = require("trl.trainer.utils", "trl")
         for name, replacement in _LOGPROB_NAMES.items():
