@@ -237,7 +237,9 @@ with warnings.catch_warnings(record=True) as seen:
     warnings.simplefilter("always")
     patch = fk_trl.apply_fk_to_trl()
 assert not [w for w in seen if "experimental" in str(w.message)], [str(w.message) for w in seen]
-assert "trl.experimental.gkd" not in sys.modules, "GKD imported by the patch"
+loaded = [m for m in ("trl.experimental.gkd", "trl.experimental.gold", "trl.experimental.sdpo")
+          if m in sys.modules]
+assert not loaded, f"imported by the patch: {loaded}"
 assert mine is original               # a local name; module-level names are reached (below)
 from trl.experimental.gkd import GKDTrainer                      # the user's import, after
 assert GKDTrainer.generalized_jsd_loss is fk_trl.generalized_jsd_loss
