@@ -96,7 +96,7 @@ def test_topk_self_distillation_matches_sdpo(alpha, add_tail):
         warnings.simplefilter("ignore")
         sdpo = pytest.importorskip("trl.experimental.sdpo.loss_utils")
     s, t, _ = _inputs(seed=5)
-    kw = dict(distillation_topk=7, distillation_alpha=alpha, distillation_add_tail=add_tail)
+    kw = {"distillation_topk": 7, "distillation_alpha": alpha, "distillation_add_tail": add_tail}
     fn = lambda a, b: sdpo.compute_topk_self_distillation_loss(a, b, **kw)  # noqa: E731
     ref = _run(fn, s, t)
     out = _run(lambda a, b: fk_trl.compute_topk_self_distillation_loss(a, b, **kw), s, t)
