@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -13,6 +14,7 @@ def _main(name):
     spec = importlib.util.spec_from_file_location(f"example_{name}",
                                                   os.path.join(EXAMPLES, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod        # loaded as a script is: a module in sys.modules
     spec.loader.exec_module(mod)
     return mod.main
 
@@ -37,3 +39,20 @@ def test_gkd_trl_smoke():
     out = _main("gkd_trl")(["--smoke"])
     assert len(out["losses"]) == 2
     assert any("generalized_jsd_loss" in t for t in out["patched"])
+
+
+def test_liger_jsd_smoke():
+    pytest.importorskip("liger_kernel.chunked_loss")
+    out = _main("liger_jsd")(["--smoke"])
+    assert any("LigerFusedLinearJSDLoss" in t for t in out["patched"])
+    assert any(t.startswith("example_liger_jsd.") for t in out["patched"])   # the script's import
+    assert len(out["plain"]) == len(out["swapped"]) == 3
+    # Same models, same data: Liger's and fk's losses agree step by step.
+    assert out["plain"] == pytest.approx(out["swapped"], rel=1e-4)
+
+
+def test_torchtune_kd_smoke():
+    out = _main("torchtune_kd")(["--smoke"])
+    assert len(out["swapped"]) == 3 and len(set(out["swapped"])) == 3
+    if out["plain"] is not None:
+        assert out["plain"] == pytest.approx(out["swapped"], rel=1e-4)

@@ -9,7 +9,10 @@ import pytest
 def test_core_imports_no_integration_and_no_host():
     code = ("import sys, fdiv_kernels; bad = [m for m in sys.modules if m.startswith("
             "('fdiv_kernels.integrations', 'trl', 'transformers', 'liger_kernel'))]; "
-            "assert not bad, bad")
+            "assert not bad, bad; "
+            # The HF module too: its trainers are built on first access (module __getattr__).
+            "import fdiv_kernels.integrations.hf as h; assert 'transformers' not in sys.modules; "
+            "h.FkDistillationTrainer; assert 'transformers' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -26,7 +29,7 @@ def test_core_imports_no_integration_and_no_host():
 def test_missing_host_names_its_pip_package(monkeypatch, module, call, pip_name):
     import fdiv_kernels.integrations.hf as hf
 
-    monkeypatch.setattr(hf.FkDistillationTrainer, "_cls", None)   # forget a built subclass
+    monkeypatch.setattr(hf, "_BUILT", {})                # forget a built subclass
     monkeypatch.setitem(sys.modules, module, None)      # import of module now fails
     with pytest.raises(ImportError, match=f"pip install {pip_name}"):
         call()

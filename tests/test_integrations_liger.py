@@ -1,8 +1,9 @@
-"""fdiv_kernels.integrations.liger against liger-kernel 0.8.5: its own modules where they run on
-the CPU (LigerJSD and the fused-linear JSDs under the Triton interpreter, the chunked
-LigerFusedLinearJSDLoss in torch), else its formulas transcribed below with the source named."""
+"""fdiv_kernels.integrations.liger against liger-kernel 0.8.5's own modules, run on the CPU (its
+Triton kernels under the interpreter, the chunked LigerFusedLinearJSDLoss in torch). The
+contract the tests hold is docs/hosts/liger.md's."""
 
 import sys
+import types
 
 import pytest
 import torch
@@ -33,67 +34,116 @@ def _grads(loss_fn, s, t, transform):
 
 def _close(a, b):
     for x, y in zip(a, b):
-        torch.testing.assert_close(x.float(), y.float(), rtol=1e-5, atol=1e-6)
+        if x is None or y is None:
+            assert x is None and y is None
+        else:
+            torch.testing.assert_close(x.float(), y.float(), rtol=1e-5, atol=1e-6)
 
 
+def _leaf_run(module, x, y, *rest, weight=None):
+    """Liger's contract: x and y are leaves used as they are; the loss (times a weight when
+    "none" returns elements) backpropagates to x, and y gets no gradient."""
+    x = x.clone().requires_grad_(True)
+    y = y.clone().requires_grad_(True)
+    out = module(x, y, *rest)
+    (out * weight if weight is not None and out.dim() else out).sum().backward()
+    return out.detach(), x.grad, y.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_jsd_matches_liger_kernel(beta):
+def test_jsd_keeps_liger_contract_on_log_prob_leaves(beta, dtype):
     jsd = pytest.importorskip("liger_kernel.transformers.jsd")
+    s, t = _logits(dtype=dtype)
+    # Log-probabilities made once, then leaves: the gradient is the terms' own, not projected.
+    log_q, log_p = s.float().log_softmax(-1).to(dtype), t.float().log_softmax(-1).to(dtype)
+    for labels in (None, _labels(13, 203)):
+        ours = _leaf_run(fk_liger.LigerJSD(beta), log_q, log_p, labels)
+        theirs = _leaf_run(jsd.LigerJSD(beta), log_q, log_p, labels)
+        assert ours[0].dtype == theirs[0].dtype == dtype and ours[2] is None
+        tol = ({"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32
+               else {"rtol": 2e-2, "atol": 1e-5})
+        torch.testing.assert_close(ours[0], theirs[0], **tol)
+        torch.testing.assert_close(ours[1], theirs[1], **tol)
+        # Through a log_softmax the drop-in still agrees with Liger (and with fk's logits path).
+        _close(_grads(lambda a, b, lab=labels: fk_liger.LigerJSD(beta)(a, b, lab), s.float(),
+                      t.float(), lambda x: x.log_softmax(-1))[:2],
+               _grads(lambda a, b, lab=labels: jsd.LigerJSD(beta)(a, b, lab), s.float(),
+                      t.float(), lambda x: x.log_softmax(-1))[:2])
+
+
+def test_jsd_all_rows_ignored_is_zero():
     s, t = _logits()
-    lab = _labels(13, 203)
-    lsm = lambda x: x.log_softmax(-1)  # noqa: E731
-    for labels in (None, lab):
-        ours = _grads(lambda a, b: fk_liger.LigerJSD(beta)(a, b, labels), s, t, lsm)
-        theirs = _grads(lambda a, b: jsd.LigerJSD(beta)(a, b, labels), s, t, lsm)
-        _close(ours[:2], theirs[:2])       # Liger gives no gradient to the teacher
+    out, g, _ = _leaf_run(fk_liger.LigerJSD(0.5), s.log_softmax(-1), t.log_softmax(-1),
+                          torch.full((13,), -100))
+    assert out.item() == 0.0 and torch.count_nonzero(g) == 0
 
 
-# liger_kernel/ops/kl_div.py (0.8.5): element y_true * (log(max(y_true, eps)) - y_pred), or
-# exp(y_true) * (y_true - y_pred) with log_target; "batchmean" / BT, "mean" / (BT V), "sum".
-def _liger_kl(y_pred, y_true, reduction, log_target, eps=1e-10):
-    el = (torch.exp(y_true) * (y_true - y_pred) if log_target
-          else y_true * (torch.log(torch.clamp(y_true, min=eps)) - y_pred))
-    if reduction == "none":
-        return el.sum(-1)                   # the shim's documented per-row form
-    total = el.sum()
-    return {"sum": total, "batchmean": total / y_pred.shape[0],
-            "mean": total / y_pred.numel()}[reduction]
+def test_jsd_gradient_is_not_projected():
+    """The defect this guards: reading log-probs as logits projects the gradient onto the
+    simplex (its row sums vanish); Liger's does not."""
+    s, t = _logits()
+    log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)
+    _, g, _ = _leaf_run(fk_liger.LigerJSD(0.5), log_q, log_p)
+    assert g.sum(-1).abs().min() > 1e-4
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("log_target", [False, True])
-def test_kldiv_matches_liger_formula(reduction, log_target):
+def test_kldiv_matches_torch_kldivloss_as_liger(reduction, log_target):
+    """Liger's KL kernel does not run under the Triton interpreter; its contract is
+    nn.KLDivLoss's (its parent class, and its own suite's reference) with the target given no
+    gradient, so torch's module is the reference here."""
     s, t = _logits(seed=1)
-    target = (lambda x: x.log_softmax(-1)) if log_target else (lambda x: x.softmax(-1))
-    ours = _grads(lambda a, b: fk_liger.LigerKLDIVLoss(reduction=reduction, log_target=log_target)(
-        a.log_softmax(-1), target(b)), s, t, lambda x: x)
-    theirs = _grads(lambda a, b: _liger_kl(a.log_softmax(-1), target(b), reduction, log_target),
-                    s, t, lambda x: x)
+    y_pred = s.log_softmax(-1)
+    # Targets not renormalized (as nn.KLDivLoss): a scaled distribution keeps its scale.
+    y_true = t.log_softmax(-1) - 0.3 if log_target else t.softmax(-1) * 0.7
+    w = torch.rand(y_pred.shape, generator=torch.Generator().manual_seed(5))
+    ours = _leaf_run(fk_liger.LigerKLDIVLoss(reduction=reduction, log_target=log_target),
+                     y_pred, y_true, weight=w)
+    ref = torch.nn.KLDivLoss(reduction=reduction, log_target=log_target)
+    theirs = _leaf_run(lambda a, b: ref(a, b.detach()), y_pred, y_true, weight=w)
+    assert ours[0].shape == theirs[0].shape and ours[0].dtype == torch.float32
     _close(ours, theirs)
 
 
-# liger_kernel/ops/tvd.py (0.8.5): per element 0.5 |p - q|, ignored rows 0; "batchmean" / kept
-# rows, "mean" / (kept rows * V), "sum".
-def _liger_tvd(p, q, labels, reduction, ignore_index=-100):
-    rows = 0.5 * (p - q).abs().sum(-1)
-    kept = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
-    rows = rows * kept
-    if reduction == "none":
-        return rows
-    n = kept.sum()
-    return {"sum": rows.sum(), "batchmean": rows.sum() / n,
-            "mean": rows.sum() / (n * p.shape[-1])}[reduction]
+def _liger_suite_tvd(p, q, labels, reduction, ignore_index=-100):
+    """``TorchTVDLoss`` of Liger's own suite (test/transformers/test_tvd.py, 0.8.5), the
+    reference its kernel is held to: Liger's kernel does not run under the Triton interpreter
+    (``scale.to`` on a Python float), so this is the one TVD reference the CPU can run."""
+    tvd = torch.abs(p - q) / 2.0
+    n = p.size(0)
+    if labels is not None:
+        tvd = torch.where(labels.unsqueeze(1) != ignore_index, tvd, torch.zeros_like(tvd))
+        n = (labels != ignore_index).sum().item()
+    if reduction == "mean":
+        return torch.sum(tvd) / (n * p.size(1))
+    if reduction == "sum":
+        return torch.sum(tvd)
+    return tvd if reduction == "none" else torch.sum(tvd) / n
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
-def test_tvd_matches_liger_formula(reduction):
+def test_tvd_matches_liger_suite_on_any_tensor(reduction):
     s, t = _logits(seed=2)
-    lab = _labels(13, 203, seed=2)
-    for labels in (None, lab):
-        sm = lambda x: x.softmax(-1)  # noqa: E731
-        ours = _grads(lambda a, b: fk_liger.LigerTVDLoss(reduction)(a, b, labels), s, t, sm)
-        theirs = _grads(lambda a, b: _liger_tvd(a, b, labels, reduction), s, t, sm)
+    t = t.softmax(-1)                       # Liger's own suite: randn against probabilities
+    w = torch.rand(s.shape, generator=torch.Generator().manual_seed(6))
+    for labels in (None, _labels(13, 203, seed=2)):
+        ours = _leaf_run(fk_liger.LigerTVDLoss(reduction), s, t, labels, weight=w)
+        theirs = _leaf_run(lambda a, b, lab=labels: _liger_suite_tvd(a, b.detach(), lab, reduction),
+                           s, t, weight=w)
+        assert ours[0].shape == theirs[0].shape and ours[0].dtype == torch.float32
         _close(ours, theirs)
+
+
+def test_log_prob_modules_refuse_mismatched_inputs():
+    s, t = _logits()
+    with pytest.raises(ValueError, match="one shape"):
+        fk_liger.LigerJSD()(s, t[:, :-1])
+    with pytest.raises(ValueError, match="shift_labels"):
+        fk_liger.LigerTVDLoss()(s, t, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction"):
+        fk_liger.LigerTVDLoss("avg")
 
 
 def _hidden(n=37, hs=24, ht=40, v=211, seed=3):
@@ -152,3 +202,60 @@ def test_apply_fk_to_liger_rebinds_and_undoes():
     finally:
         patch.undo()
     assert (lt.LigerJSD, cl.LigerFusedLinearJSDLoss) == orig
+
+
+def _script(**names):
+    """A loaded module standing for a user's training script."""
+    mod = types.ModuleType("fk_test_user_script")
+    mod.__dict__.update(names)
+    sys.modules[mod.__name__] = mod
+    return mod
+
+
+def test_apply_fk_to_liger_reaches_names_imported_before_it():
+    cl = pytest.importorskip("liger_kernel.chunked_loss")
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # the usual script style
+
+    script = _script(LigerFusedLinearJSDLoss=LigerFusedLinearJSDLoss, JSD=LigerFusedLinearJSDLoss)
+    try:
+        patch = fk_liger.apply_fk_to_liger()
+        try:
+            assert script.LigerFusedLinearJSDLoss is fk_liger.LigerFusedLinearJSDLoss
+            assert script.JSD is fk_liger.LigerFusedLinearJSDLoss         # under any name
+            # A module imported while the patch is active copies the patched name ...
+            late = _script(LigerFusedLinearJSDLoss=cl.LigerFusedLinearJSDLoss)
+            late.__name__ = "fk_test_late"
+            sys.modules["fk_test_late"] = late
+        finally:
+            patch.undo()
+        assert script.LigerFusedLinearJSDLoss is LigerFusedLinearJSDLoss is script.JSD
+        assert late.LigerFusedLinearJSDLoss is LigerFusedLinearJSDLoss  # ... and undo reaches it
+    finally:
+        sys.modules.pop("fk_test_user_script", None)
+        sys.modules.pop("fk_test_late", None)
+
+
+def test_undo_leaves_modules_that_hold_the_drop_in_itself():
+    """Code that imported fdiv_kernels' class on purpose keeps it after undo()."""
+    pytest.importorskip("liger_kernel.chunked_loss")
+    mine = _script(LigerFusedLinearJSDLoss=fk_liger.LigerFusedLinearJSDLoss)
+    try:
+        fk_liger.apply_fk_to_liger().undo()
+        assert mine.LigerFusedLinearJSDLoss is fk_liger.LigerFusedLinearJSDLoss
+    finally:
+        sys.modules.pop("fk_test_user_script", None)
+
+
+def test_apply_fk_to_liger_refuses_a_subclass_it_cannot_reach():
+    cl = pytest.importorskip("liger_kernel.chunked_loss")
+
+    class MyJSD(cl.LigerFusedLinearJSDLoss):
+        pass
+
+    _script(MyJSD=MyJSD)
+    try:
+        with pytest.raises(RuntimeError, match="MyJSD"):
+            fk_liger.apply_fk_to_liger()
+        assert cl.LigerFusedLinearJSDLoss is not fk_liger.LigerFusedLinearJSDLoss  # nothing done
+    finally:
+        sys.modules.pop("fk_test_user_script", None)

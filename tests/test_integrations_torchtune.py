@@ -44,11 +44,12 @@ def tt_symmetric(s, t, labels, normalize=True, ratio=0.5):
         s, t, labels, normalize)
 
 
-def tt_chunked(fn, s_chunks, t_chunks, labels, n):
-    # ForwardKLWithChunkedOutputLoss.forward: per-chunk unnormalized sums over the global count.
+def tt_chunked(fn, s_chunks, t_chunks, labels, n, split="chunk"):
+    # ForwardKLWithChunkedOutputLoss.forward: per-chunk unnormalized sums over the global count;
+    # torchtune 0.6.1 chunks the labels with .chunk, later versions with .tensor_split.
     mask = (labels != -100).int()
     total = 0.0
-    for s, t, lab in zip(s_chunks, t_chunks, labels.chunk(n, dim=1)):
+    for s, t, lab in zip(s_chunks, t_chunks, getattr(labels, split)(n, dim=1)):
         total += fn(s.reshape(-1, s.size(-1)), t.reshape(-1, t.size(-1)), lab.reshape(-1), False)
     if torch.sum(mask.view(-1), dim=0) == 0:
         return torch.tensor(0.0)
@@ -103,20 +104,53 @@ def test_all_masked_is_zero():
         assert cls()(s, t, labels).item() == 0.0
 
 
-@pytest.mark.parametrize("n", [1, 2, 5])
-def test_chunked_variants_match_torchtune(n):
+@pytest.mark.parametrize("split", ["chunk", "tensor_split"])
+@pytest.mark.parametrize("n", [1, 2, 4, 5])
+def test_chunked_variants_match_torchtune(n, split):
+    # T = 10: with n = 4, .chunk gives widths (3, 3, 3, 1) and .tensor_split (3, 3, 2, 2).
     s, t, labels = _inputs(t=10, seed=1)
-    sc, tc = list(s.chunk(n, dim=1)), list(t.chunk(n, dim=1))
+    sc, tc = list(getattr(s, split)(n, dim=1)), list(getattr(t, split)(n, dim=1))
+    ref = lambda fn: tt_chunked(fn, sc, tc, labels, n, split)  # noqa: E731
     torch.testing.assert_close(fk_tt.ForwardKLWithChunkedOutputLoss(n)(sc, tc, labels),
-                               tt_chunked(tt_forward_kl, sc, tc, labels, n), rtol=1e-5, atol=1e-6)
+                               ref(tt_forward_kl), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fk_tt.ReverseKLWithChunkedOutputLoss(n)(sc, tc, labels),
-                               tt_chunked(tt_reverse_kl, sc, tc, labels, n), rtol=1e-5, atol=1e-6)
+                               ref(tt_reverse_kl), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
         fk_tt.SymmetricKLWithChunkedOutputLoss(n, sym_kd_ratio=0.25)(sc, tc, labels),
-        tt_chunked(lambda *a: tt_symmetric(*a, ratio=0.25), sc, tc, labels, n),
-        rtol=1e-5, atol=1e-6)
+        ref(lambda *a: tt_symmetric(*a, ratio=0.25)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="chunks"):
         fk_tt.ForwardKLWithChunkedOutputLoss(n)(sc + sc[:1], tc + tc[:1], labels)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_hidden_state_losses_match_torchtune_chunked(normalize):
+    """The hidden-state classes against torchtune's chunked losses on the logits they avoid."""
+    g = torch.Generator().manual_seed(7)
+    hs, ht = torch.randn(3, 10, 24, generator=g), torch.randn(3, 10, 40, generator=g)
+    ws, wt = torch.randn(151, 24, generator=g) * 0.4, torch.randn(151, 40, generator=g) * 0.3
+    labels = torch.randint(0, 151, (3, 10), generator=g)
+    labels[torch.rand(3, 10, generator=g) < 0.3] = -100
+    labels[0] = -100
+    cases = [(fk_tt.ForwardKLWithHiddenStatesLoss(), tt_forward_kl),
+             (fk_tt.ReverseKLWithHiddenStatesLoss(chunk_size=7), tt_reverse_kl),
+             (fk_tt.SymmetricKLWithHiddenStatesLoss(0.3),
+              lambda *a: tt_symmetric(*a, ratio=0.3))]
+    for ours, ref in cases:
+        a = [x.clone().requires_grad_(True) for x in (hs, ws)]
+        b = [x.clone().requires_grad_(True) for x in (hs, ws)]
+        out = ours(a[0], a[1], ht, wt, labels, normalize)
+        s_chunks = [c @ b[1].t() for c in b[0].tensor_split(4, dim=1)]
+        t_chunks = [c @ wt.t() for c in ht.tensor_split(4, dim=1)]
+        if normalize:
+            r = tt_chunked(ref, s_chunks, t_chunks, labels, 4, "tensor_split")
+        else:
+            r = ref(torch.cat(s_chunks, 1).reshape(-1, 151),
+                    torch.cat(t_chunks, 1).reshape(-1, 151), labels.reshape(-1), False)
+        torch.testing.assert_close(out, r, rtol=1e-5, atol=1e-6)
+        out.backward()
+        r.backward()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_ratio():

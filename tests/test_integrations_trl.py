@@ -59,6 +59,60 @@ def test_generalized_jsd_loss_matches_gkd(beta, temperature):
                 torch.testing.assert_close(gt, rgt, rtol=1e-5, atol=1e-6, msg=where)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_gold_generalized_jsd_loss_matches_gold(beta):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gold = pytest.importorskip("trl.experimental.gold.gold_trainer").GOLDTrainer
+    s, t, labels = _inputs(seed=4)
+    for reduction in REDUCTIONS:
+        for nib in (None, 37):
+            kw = dict(labels=labels, beta=beta, temperature=1.5, reduction=reduction,
+                      num_items_in_batch=nib)
+            ref = _run(gold.generalized_jsd_loss, s, t, **kw)
+            out = _run(fk_trl.gold_generalized_jsd_loss, s, t, **kw)
+            for a, b in zip(out, ref):
+                torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6,
+                                           msg=f"{reduction} {nib}")
+    # Probabilities in: TRL's own function runs (fk's kernels renormalize logits).
+    p, q = s.softmax(-1), t.softmax(-1)
+    torch.testing.assert_close(
+        fk_trl.gold_generalized_jsd_loss(p, q, labels, beta=beta, logits_are_probs=True),
+        gold.generalized_jsd_loss(p, q, labels, beta=beta, logits_are_probs=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch = fk_trl.apply_fk_to_trl(gkd=False, distillation=False, logprobs=False)
+    try:
+        assert gold.generalized_jsd_loss is fk_trl.gold_generalized_jsd_loss
+    finally:
+        patch.undo()
+    assert gold.generalized_jsd_loss is not fk_trl.gold_generalized_jsd_loss
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_topk_self_distillation_matches_sdpo(alpha, add_tail):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdpo = pytest.importorskip("trl.experimental.sdpo.loss_utils")
+    s, t, _ = _inputs(seed=5)
+    kw = {"distillation_topk": 7, "distillation_alpha": alpha, "distillation_add_tail": add_tail}
+    fn = lambda a, b: sdpo.compute_topk_self_distillation_loss(a, b, **kw)  # noqa: E731
+    ref = _run(fn, s, t)
+    out = _run(lambda a, b: fk_trl.compute_topk_self_distillation_loss(a, b, **kw), s, t)
+    for a, b, what in zip(out, ref, ("loss", "student grad", "teacher grad")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what)
+    original = sdpo.compute_topk_self_distillation_loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch = fk_trl.apply_fk_to_trl(gkd=False, gold=False, distillation=False, logprobs=False)
+    try:
+        assert sdpo.compute_topk_self_distillation_loss is fk_trl.compute_topk_self_distillation_loss
+    finally:
+        patch.undo()
+    assert sdpo.compute_topk_self_distillation_loss is original
+
+
 def test_generalized_jsd_all_masked_is_zero_with_zero_grads():
     s, t, labels = _inputs()
     labels[:] = -100
@@ -92,7 +146,10 @@ def test_selective_log_softmax_matches_trl(dtype, k):
         b = logits.clone().requires_grad_(True)
         out = fk_trl.selective_log_softmax(a, index, temperature=temperature, row_mask=mask)
         ref = trl_utils.selective_log_softmax(b, index, temperature=temperature, row_mask=mask)
-        assert out.dtype == ref.dtype == dtype and out.shape == ref.shape
+        # TRL's CPU path keeps the logits' dtype; its GPU kernel (one index per row) returns
+        # float32, which the drop-in returns on every device. K indices: TRL's torch path.
+        assert ref.dtype == dtype and out.shape == ref.shape
+        assert out.dtype == (torch.float32 if k is None else dtype)
         w = torch.rand(shape, generator=g)
         (out.float() * w).sum().backward()
         (ref.float() * w).sum().backward()
@@ -127,6 +184,22 @@ def test_logprobs_and_entropy_match_trl():
                                trl_utils.entropy_from_logits(logits), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_logits_give_float32_as_trls_gpu_kernel(dtype):
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 7, 131, generator=g) * 2).to(dtype)
+    index = torch.randint(0, 131, (2, 7), generator=g)
+    exact = trl_utils.selective_log_softmax(logits.double(), index)
+    lp = fk_trl.selective_log_softmax(logits, index)
+    lp2, ent = fk_trl.selective_log_softmax_and_entropy(logits, index)
+    ent2 = fk_trl.entropy_from_logits(logits)
+    assert lp.dtype == lp2.dtype == ent.dtype == ent2.dtype == torch.float32
+    # fp32 values, not 16-bit ones in a float32 container.
+    torch.testing.assert_close(lp.double(), exact, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent.double(), trl_utils.entropy_from_logits(logits.double()),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_apply_fk_to_trl_rebinds_idempotent_and_undoes():
     import trl.trainer.dpo_trainer  # noqa: F401  (a trainer module that imported the names)
 
@@ -150,6 +223,53 @@ def test_apply_fk_to_trl_rebinds_idempotent_and_undoes():
         patch.undo()
     assert GKD.__dict__["generalized_jsd_loss"] is orig_gkd
     assert all(m.selective_log_softmax is orig_sls for m in holders)
+
+
+_FRESH_PROCESS = """
+import sys, warnings
+import trl.trainer.utils as u
+from trl.trainer.utils import selective_log_softmax as mine     # a script's import, before
+from fdiv_kernels.integrations import trl as fk_trl
+original = u.selective_log_softmax
+
+# Defaults: nothing experimental is imported for GKD, and TRL's warning is not printed.
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    patch = fk_trl.apply_fk_to_trl()
+assert not [w for w in seen if "experimental" in str(w.message)], [str(w.message) for w in seen]
+loaded = [m for m in ("trl.experimental.gkd", "trl.experimental.gold", "trl.experimental.sdpo")
+          if m in sys.modules]
+assert not loaded, f"imported by the patch: {loaded}"
+assert mine is original               # a local name; module-level names are reached (below)
+from trl.experimental.gkd import GKDTrainer                      # the user's import, after
+assert GKDTrainer.generalized_jsd_loss is fk_trl.generalized_jsd_loss
+import trl.experimental.orpo.orpo_trainer as orpo                 # imported while patched
+import trl.experimental.cpo.cpo_trainer as cpo
+assert orpo.selective_log_softmax is cpo.selective_log_softmax is fk_trl.selective_log_softmax
+patch.undo()
+assert GKDTrainer.generalized_jsd_loss is not fk_trl.generalized_jsd_loss
+assert orpo.selective_log_softmax is cpo.selective_log_softmax is original
+assert u.selective_log_softmax is original
+
+import __main__
+__main__.sls = original                       # a script's module-level from-import
+patch = fk_trl.apply_fk_to_trl(gkd=False)
+assert __main__.sls is fk_trl.selective_log_softmax
+patch.undo()
+assert __main__.sls is original
+"""
+
+
+def test_patch_imports_only_what_it_needs_and_undo_reaches_later_modules():
+    """In a fresh process, where trl.experimental is not loaded yet: the defaults import no GKD
+    and print no experimental warning (GKD is patched when the user imports it); modules imported
+    while the patch is active (ORPO, CPO) are restored by undo(); a script's own module-level
+    binding is reached."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRL_EXPERIMENTAL_SILENCE"}
+    subprocess.run([sys.executable, "-c", _FRESH_PROCESS], check=True, env=env)
 
 
 # ---- Trainer level: TRL's GKDTrainer, three steps, with and without the patch --------------------

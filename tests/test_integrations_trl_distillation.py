@@ -1,5 +1,6 @@
 """integrations.trl.chunked_divergence_loss against TRL 1.16's own ``_chunked_divergence_loss``
-(the DistillationTrainer's generalized JSD from hidden states), HOSTS.md section 1.2."""
+(the DistillationTrainer's generalized JSD from hidden states); docs/hosts/trl.md states the
+conventions held."""
 
 import inspect
 import os
@@ -49,7 +50,7 @@ def _run(fn, hs, ht, ws, wt, bs, bt, mask, beta, **kw):
 
 
 def _close(a, b, what):
-    """1e-5 relative (HOSTS.md's acceptance test), in the norm: a gradient element of h_s sums V
+    """1e-5 relative (docs/hosts/trl.md), in the norm: a gradient element of h_s sums V
     products, so its fp32 rounding is set by the row's largest terms, not by the element; each
     element is also held to 1e-4 of the largest magnitude."""
     a, b = a.double(), b.double()

@@ -3,10 +3,16 @@
 The core package never imports this one, and each module imports its host only when a function
 that needs it is called, so ``import fdiv_kernels.integrations.trl`` works without TRL installed:
 
-    fdiv_kernels.integrations.trl        TRL: GKD's generalized_jsd_loss, selective_log_softmax,
-                                         log-prob + entropy, apply_fk_to_trl()
+    fdiv_kernels.integrations.trl        TRL: GKD's / GOLD's generalized_jsd_loss, SDPO's top-k
+                                         loss, the DistillationTrainer's loss from hidden
+                                         states, selective_log_softmax, log-prob + entropy,
+                                         the fused LM head's kernel, apply_fk_to_trl()
     fdiv_kernels.integrations.liger      Liger-Kernel's JSD / KL / TVD / fused-linear JSD modules,
                                          apply_fk_to_liger()
-    fdiv_kernels.integrations.torchtune  torchtune's KD losses (forward/reverse/symmetric KL)
-    fdiv_kernels.integrations.hf         logit distillation in a transformers Trainer
+    fdiv_kernels.integrations.torchtune  torchtune's KD losses (forward/reverse/symmetric KL), also
+                                         from hidden states
+    fdiv_kernels.integrations.hf         distillation in a transformers Trainer: from a teacher
+                                         model, or from a dataset's top-k teacher log-probs
+
+Each host's swap, what it is tested for and the host conventions relied on: docs/hosts/*.md.
 """

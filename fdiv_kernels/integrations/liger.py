@@ -1,14 +1,14 @@
 """Liger-Kernel's distillation modules with their signatures, on fdiv_kernels (CPU and GPU).
 
-Each class takes what Liger's takes (log-probabilities for JSD and KL, probabilities for TVD,
-hidden states and lm-head weights for the fused-linear JSDs) and reduces as Liger does
+Each class takes what Liger's takes (log-probabilities for JSD and KL, any tensors for TVD,
+hidden states and lm-head weights for the fused-linear JSDs) and keeps Liger's contract
 (liger-kernel 0.8.5, ``src/liger_kernel/transformers/{jsd,kl_div,tvd,fused_linear_jsd}.py`` and
-``chunked_loss/jsd_loss.py``). Two deliberate differences, both documented per class:
-
-- a ``"none"`` reduction returns per-row values (Liger returns the (BT, V) element tensor);
-- the gradient w.r.t. a log-probability input is projected onto the simplex (the input is read as
-  logits, and log_softmax is idempotent), so it differs from Liger's by a per-row constant that
-  the upstream log_softmax removes: gradients w.r.t. the logits the caller started from are equal.
+``chunked_loss/jsd_loss.py``): the log-prob modules use their inputs as they are (the gradient is
+the element terms' own, not projected onto the simplex), give the target no gradient, and return
+the (BT, V) elements for ``reduction="none"``. No fk kernel reads log-probabilities without
+renormalizing them, so those three are small exact torch functions here (fp32, chunked rows, the
+gradient formed in the forward as Liger's kernels do, on every device, no Triton needed); the
+fused-linear JSDs run on ``fk.fused_linear_divergence``.
 
 ``apply_fk_to_liger()`` rebinds these classes where Liger exports them (and where TRL imported
 them), so code written against Liger runs unchanged, on every backend, without Triton.
@@ -17,12 +17,13 @@ them), so code written against Liger runs unchanged, on every backend, without T
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 import fdiv_kernels as fk
-from fdiv_kernels.integrations._patching import Patch, require
+from fdiv_kernels.integrations._patching import Patch, loaded_modules, require
 
 __all__ = [
     "LigerFusedLinearJSD", "LigerFusedLinearJSDLoss", "LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss",
@@ -30,19 +31,99 @@ __all__ = [
 ]
 
 
-def _log_of_probs(p: Tensor) -> Tensor:
-    # Probabilities as logits. The clamp keeps zero-probability entries finite so their gradient is
-    # 0 rather than 0 * inf = NaN; e^log(tiny) is below every other term of a row.
-    return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+_REDUCTIONS = ("none", "sum", "mean", "batchmean")
+# fp32 elements per chunk of rows in the log-prob losses (16 MiB per temporary).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+class _TermsAndGrad(torch.autograd.Function):
+    """An elementwise loss over (N, V) and its gradient w.r.t. the first input, formed together
+    in fp32, a chunk of rows at a time, as Liger's kernels do: the gradient is the element
+    terms' own derivative (inputs used as they are, nothing renormalized), the second input gets
+    none (Liger's backward returns None for it), and what is saved is the (N, V) gradient in the
+    input's dtype (Liger keeps the same).
+
+    ``terms(x, y) -> (elements, d elements / d x)`` on fp32 chunks; ``kept`` (N,) bool or None;
+    ``divisor`` a tensor or number the reduced loss and gradient are divided by; ``reduction``
+    "none" returns the (N, V) fp32 elements (ignored rows 0), else their sum / divisor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, kept, terms, divisor, reduction):
+        n, v = x.shape
+        dt = torch.promote_types(x.dtype, torch.float32)
+        grad = torch.empty_like(x)
+        out = x.new_zeros((n, v) if reduction == "none" else (), dtype=dt)
+        step = max(1, _CHUNK_ELEMENTS // max(v, 1))
+        for lo in range(0, n, step):
+            rows = slice(lo, min(n, lo + step))
+            el, g = terms(x[rows].to(dt), y[rows].to(dt))
+            if kept is not None:
+                keep = kept[rows, None]
+                el, g = torch.where(keep, el, 0.0), torch.where(keep, g, 0.0)
+            if reduction == "none":
+                out[rows] = el
+            else:
+                out += el.sum()
+            grad[rows] = g if reduction == "none" else g / divisor
+        if reduction != "none":
+            out = out / divisor
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None, None, None, None
+
+
+def _where_positive(weight: Tensor, value: Tensor) -> Tensor:
+    # weight * value with 0 where weight is 0 (0 * -inf = 0, as the math has it).
+    return torch.where(weight > 0, weight * value, 0.0)
+
+
+def _jsd_terms(beta: float):
+    def terms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        # x = log Q (student), y = log P (teacher); Liger's _jsd_kernel element terms and dX.
+        if beta == 0.0:
+            p = y.exp()
+            return _where_positive(p, y - x), -p
+        if beta == 1.0:
+            q = x.exp()
+            el = _where_positive(q, x - y)
+            return el, el + q
+        p, q = y.exp(), x.exp()
+        log_m = torch.log(beta * p + (1 - beta) * q)
+        qx = _where_positive((1 - beta) * q, x - log_m)
+        return _where_positive(beta * p, y - log_m) + qx, qx
+    return terms
+
+
+def _check_pair(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} and {b_name} must have one shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+
+
+def _kept_rows(labels: Tensor | None, n: int, ignore_index: int, name: str) -> Tensor | None:
+    if labels is None:
+        return None
+    if labels.numel() != n:
+        raise ValueError(f"{name} must hold one label per row ({n}), got {tuple(labels.shape)}")
+    return labels.reshape(-1) != ignore_index
 
 
 class LigerJSD(nn.Module):
     r"""``LigerJSD(beta=0.5, ignore_index=-100)(log_q, log_p, shift_labels=None)``.
 
     Generalized JSD between the teacher's P = exp(log_p) and the student's Q = exp(log_q), both
-    (BT, V) log-probabilities: beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q (beta=0
-    is KL(P||Q), beta=1 is KL(Q||P)); summed over rows whose label is not ``ignore_index`` and
-    divided by their count (by BT without labels). Returned in ``log_q``'s dtype, as Liger's.
+    (BT, V) log-probabilities used as they are (as Liger: nothing renormalized): beta KL(P||M) +
+    (1-beta) KL(Q||M), M = beta P + (1-beta) Q (beta=0 is KL(P||Q), beta=1 is KL(Q||P)); summed
+    over rows whose label is not ``ignore_index`` and divided by their count (by BT without
+    labels; 0 when no row is kept). Returned in ``log_q``'s dtype; the gradient w.r.t. ``log_q``
+    is the terms' own derivative (not projected onto the simplex) and ``log_p`` gets none, as in
+    Liger. Exact torch in fp32 chunks of rows (no fk kernel reads log-probabilities without
+    renormalizing them).
     """
 
     def __init__(self, beta: float = 0.5, ignore_index: int = -100) -> None:
@@ -50,19 +131,25 @@ class LigerJSD(nn.Module):
         self.beta, self.ignore_index = beta, ignore_index
 
     def forward(self, log_q: Tensor, log_p: Tensor, shift_labels: Tensor | None = None) -> Tensor:
-        loss = fk.divergence(log_q, log_p, "js", beta=float(self.beta), labels=shift_labels,
-                             ignore_index=self.ignore_index, reduction="mean")
+        _check_pair("log_q", log_q, "log_p", log_p)
+        v = log_q.shape[-1]
+        x, y = log_q.reshape(-1, v), log_p.reshape(-1, v)
+        kept = _kept_rows(shift_labels, x.shape[0], self.ignore_index, "shift_labels")
+        # No kept row gives 0 (Liger's suite expects it), not 0 / 0.
+        count = x.shape[0] if kept is None else kept.sum().clamp_min(1)
+        loss = _TermsAndGrad.apply(x, y, kept, _jsd_terms(float(self.beta)), count, "mean")
         return loss.to(log_q.dtype)
 
 
 class LigerKLDIVLoss(nn.KLDivLoss):
     r"""``LigerKLDIVLoss(eps=1e-10, reduction="mean", log_target=False)(y_pred, y_true)``: KL(P||Q).
 
-    ``y_pred`` = log Q (log-probabilities), ``y_true`` = P (or log P with ``log_target=True``),
-    (BT, V). Element terms P (log P - log Q), as ``nn.KLDivLoss``; reduction "batchmean" = sum / BT,
-    "sum", "mean" = sum / (BT V) (nn.KLDivLoss's default, which Liger inherits), "none" = per-row
-    sums (BT,) here (Liger: the (BT, V) elements). ``eps`` is accepted for the signature: the fused
-    op takes 0 log 0 = 0 exactly.
+    ``y_pred`` = log Q, ``y_true`` = P (or log P with ``log_target=True``), used as they are (as
+    ``nn.KLDivLoss`` and Liger: nothing renormalized). Element terms P (log max(P, eps) - log Q),
+    or exp(y_true) (y_true - y_pred) with ``log_target``; reduction "batchmean" = sum / rows,
+    "sum", "mean" = sum / (rows V) (nn.KLDivLoss's default, which Liger inherits), "none" = the
+    fp32 elements in ``y_pred``'s shape. The gradient w.r.t. ``y_pred`` is -P; ``y_true`` gets
+    none, as in Liger. Exact torch in fp32 chunks of rows.
     """
 
     def __init__(self, eps: float = 1e-10, *args, **kwargs) -> None:
@@ -70,42 +157,53 @@ class LigerKLDIVLoss(nn.KLDivLoss):
         self.eps = eps
 
     def forward(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
-        log_p = y_true if self.log_target else _log_of_probs(y_true)
-        rows = fk.divergence(y_pred, log_p, "kl", reduction="none").reshape(-1)
-        if self.reduction == "none":
-            return rows
-        total = rows.sum()
-        if self.reduction == "sum":
-            return total
-        if self.reduction == "batchmean":
-            return total / y_pred.shape[0]
-        return total / y_pred.numel()
+        _check_pair("y_pred", y_pred, "y_true", y_true)
+        if self.reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
+        v = y_pred.shape[-1]
+        x, y = y_pred.reshape(-1, v), y_true.reshape(-1, v)
+        eps, log_target = self.eps, self.log_target
+
+        def terms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            if log_target:
+                p = y.exp()
+                return p * (y - x), -p
+            return y * (torch.log(y.clamp_min(eps)) - x), -y
+
+        divisor = {"batchmean": x.shape[0], "mean": x.numel()}.get(self.reduction, 1)
+        out = _TermsAndGrad.apply(x, y, None, terms, divisor, self.reduction)
+        return out.reshape(y_pred.shape) if self.reduction == "none" else out
 
 
 class LigerTVDLoss(nn.Module):
     r"""``LigerTVDLoss(reduction="batchmean", ignore_index=-100)(p, q, shift_labels=None)``.
 
-    Total variation 1/2 sum |p - q| between two (BT, V) probability tensors, over rows whose label
-    is not ``ignore_index``; "batchmean" / "mean" divide by the kept rows (times V for "mean"),
-    "sum" sums, "none" gives per-row values (Liger: elements). Gradient to ``p`` (and ``q`` if it
-    requires grad).
+    Total variation, elementwise 1/2 |p - q| on any two (BT, V) tensors (as Liger: they need not
+    be distributions), over rows whose label is not ``ignore_index``; "batchmean" / "mean"
+    divide the sum by the kept rows (times V for "mean"; a loss of 0 when no row is kept),
+    "sum" sums, "none" returns the fp32 elements (ignored rows 0). The gradient w.r.t. ``p``
+    is +-1/2 (-1/2 where p == q, as Liger's kernel); ``q`` gets none, as in Liger. Exact torch.
     """
 
     def __init__(self, reduction: str = "batchmean", ignore_index: int = -100) -> None:
         super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, p: Tensor, q: Tensor, shift_labels: Tensor | None = None) -> Tensor:
-        rows = fk.divergence(_log_of_probs(p), _log_of_probs(q), "tv", labels=shift_labels,
-                             ignore_index=self.ignore_index, reduction="none")
-        if self.reduction == "none":
-            return rows
-        total = rows.sum()
-        if self.reduction == "sum":
-            return total
-        kept = (rows.new_tensor(rows.numel()) if shift_labels is None
-                else (shift_labels != self.ignore_index).sum())
-        return total / (kept * (p.shape[-1] if self.reduction == "mean" else 1))
+        _check_pair("p", p, "q", q)
+        v = p.shape[-1]
+        x, y = p.reshape(-1, v), q.reshape(-1, v)
+        kept = _kept_rows(shift_labels, x.shape[0], self.ignore_index, "shift_labels")
+        rows = x.shape[0] if kept is None else kept.sum().clamp_min(1)
+        divisor = {"batchmean": rows, "mean": rows * v}.get(self.reduction, 1)
+
+        def terms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            return 0.5 * (x - y).abs(), torch.where(x > y, 0.5, -0.5)
+
+        out = _TermsAndGrad.apply(x, y, kept, terms, divisor, self.reduction)
+        return out.reshape(p.shape) if self.reduction == "none" else out
 
 
 class LigerFusedLinearJSD(nn.Module):
@@ -184,6 +282,12 @@ class LigerFusedLinearJSDLoss(nn.Module):
         return loss, soft, hard
 
 
+_EXPORTS = (
+    ("liger_kernel.transformers", "LigerJSD"), ("liger_kernel.transformers", "LigerKLDIVLoss"),
+    ("liger_kernel.transformers", "LigerTVDLoss"),
+    ("liger_kernel.transformers", "LigerFusedLinearJSD"),
+    ("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss"),
+)
 _CLASSES = {
     "LigerJSD": LigerJSD, "LigerKLDIVLoss": LigerKLDIVLoss, "LigerTVDLoss": LigerTVDLoss,
     "LigerFusedLinearJSD": LigerFusedLinearJSD, "LigerFusedLinearJSDLoss": LigerFusedLinearJSDLoss,
@@ -191,29 +295,35 @@ _CLASSES = {
 
 
 def apply_fk_to_liger() -> Patch:
-    """Rebind Liger's five distillation classes to these, in every loaded ``liger_kernel`` and
-    ``trl`` module that holds Liger's originals (``liger_kernel.transformers``,
-    ``liger_kernel.chunked_loss``, their submodules, and TRL modules that imported them).
+    """Rebind Liger's distillation classes to these wherever a loaded module holds them, under
+    any name: ``liger_kernel.transformers``, ``liger_kernel.chunked_loss``, their submodules, TRL
+    modules that imported them, and the user's own ``from liger_kernel.chunked_loss import
+    LigerFusedLinearJSDLoss`` made before the call.
 
-    Returns a :class:`Patch`; ``undo()`` restores Liger. Idempotent; edits no file.
+    What a rebinding cannot reach is refused loudly: a subclass of a Liger class defined before
+    the call (it keeps Liger's base) raises ``RuntimeError`` naming it; apply the patch before
+    defining it. (Instances made before the call stay Liger's.) Returns a :class:`Patch`;
+    ``undo()`` restores Liger, modules imported meanwhile included. Idempotent; edits no file.
     """
     require("liger_kernel.transformers", "liger-kernel")
     require("liger_kernel.chunked_loss", "liger-kernel")
     originals = {}
-    for mod_name, cls_name in (
-        ("liger_kernel.transformers", "LigerJSD"), ("liger_kernel.transformers", "LigerKLDIVLoss"),
-        ("liger_kernel.transformers", "LigerTVDLoss"),
-        ("liger_kernel.transformers", "LigerFusedLinearJSD"),
-        ("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss"),
-    ):
+    for mod_name, cls_name in _EXPORTS:
         obj = getattr(sys.modules[mod_name], cls_name, None)
         if obj is not None and obj is not _CLASSES[cls_name]:
             originals[cls_name] = obj
+    hosts = tuple(originals.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # a module's deprecated objects warn when touched
+        stuck = sorted({f"{v.__module__}.{v.__qualname__}" for mod in loaded_modules()
+                        for v in list(mod.__dict__.values())
+                        if isinstance(v, type) and v not in hosts and issubclass(v, hosts)
+                        and not v.__module__.startswith("liger_kernel")})
+    if hosts and stuck:
+        raise RuntimeError(
+            f"apply_fk_to_liger() cannot reach {', '.join(stuck)}: subclassed from Liger's class "
+            "before the patch, it keeps Liger's base; call apply_fk_to_liger() before defining it")
     patch = Patch()
-    for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not mod_name.startswith(("liger_kernel", "trl")):
-            continue
-        for cls_name, original in originals.items():
-            if mod.__dict__.get(cls_name) is original:
-                patch.set(mod, cls_name, _CLASSES[cls_name])
+    for cls_name, original in originals.items():
+        patch.set_everywhere(original, _CLASSES[cls_name])
     return patch

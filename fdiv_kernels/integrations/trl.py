@@ -21,8 +21,6 @@ What ``apply_fk_to_trl(logprobs=True)`` covers in TRL 1.16:
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
@@ -30,8 +28,10 @@ import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, require
 
 __all__ = [
-    "ChunkedLogProbFunction", "apply_fk_to_trl", "chunked_divergence_loss", "entropy_from_logits",
-    "generalized_jsd_loss", "selective_log_softmax", "selective_log_softmax_and_entropy",
+    "ChunkedLogProbFunction", "apply_fk_to_trl", "chunked_divergence_loss",
+    "compute_topk_self_distillation_loss", "entropy_from_logits",
+    "generalized_jsd_loss", "gold_generalized_jsd_loss", "selective_log_softmax",
+    "selective_log_softmax_and_entropy",
 ]
 
 IGNORE_INDEX = -100  # hard-coded in TRL's GKD loss
@@ -58,13 +58,15 @@ def generalized_jsd_loss(
     - ``"batchmean"``: sum / max(kept rows, 1) with labels, else sum / ``student_logits.size(0)``
       (the batch size of a (B, T, V) input, not B*T, as TRL divides);
     - ``"sum"``: the sum; ``"mean"``: sum / (kept rows * V), NaN when no row is kept, as in TRL;
-    - anything else: TRL returns the (rows, V) element tensor, which this cannot give without
-      materializing it; it returns the per-row divergences instead (TRL's ``.sum(-1)``): shape
-      (...) without labels, (kept rows,) with them.
+    - anything else (``"none"``): TRL's (rows, V) element tensor, which only exists
+      materialized: TRL's own function runs (the elements are its contract).
 
     The loss is float32 (TRL's is in the logits' dtype, so under bf16 this one is the more
     accurate); gradients reach both logits in their dtypes.
     """
+    if num_items_in_batch is None and reduction not in ("batchmean", "sum", "mean"):
+        return _trl_gkd()(student_logits, teacher_logits, labels, beta, temperature, reduction,
+                          num_items_in_batch)
     per_row = fk.divergence(student_logits, teacher_logits, "js", beta=float(beta),
                             temperature=temperature, labels=labels, ignore_index=IGNORE_INDEX,
                             reduction="none")
@@ -80,10 +82,87 @@ def generalized_jsd_loss(
         return total / kept.sum().clamp_min(1)
     if reduction == "sum":
         return total
-    if reduction == "mean":
-        count = per_row.new_tensor(per_row.numel()) if kept is None else kept.sum()
-        return total / (count * student_logits.shape[-1])
-    return per_row if kept is None else per_row[kept]
+    count = per_row.new_tensor(per_row.numel()) if kept is None else kept.sum()   # "mean"
+    return total / (count * student_logits.shape[-1])
+
+
+def gold_generalized_jsd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    logits_are_probs: bool = False,
+    num_items_in_batch: int | float | Tensor | None = None,
+) -> Tensor:
+    r"""``GOLDTrainer.generalized_jsd_loss`` (``trl.experimental.gold``): GKD's loss with one more
+    argument; on logits it is :func:`generalized_jsd_loss` (same numbers, same reductions).
+
+    ``logits_are_probs=True`` (probabilities, read by TRL as log(max(p, 1e-8)) and used without
+    renormalizing) runs TRL's own function: fk's kernels take logits and renormalize them.
+    """
+    if logits_are_probs:
+        return _trl_gold()(student_logits, teacher_logits, labels, beta, temperature,
+                                     reduction, logits_are_probs, num_items_in_batch)
+    return generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
+                                reduction, num_items_in_batch)
+
+
+def _trl_gkd():
+    """TRL's own GKD loss: saved when patched, else read from the (unpatched) class."""
+    if "gkd" not in _TRL_ORIGINALS:
+        mod = require("trl.experimental.gkd.gkd_trainer", "trl")
+        _TRL_ORIGINALS["gkd"] = mod.GKDTrainer.__dict__["generalized_jsd_loss"].__func__
+    return _TRL_ORIGINALS["gkd"]
+
+
+def _patch_gkd(patch: Patch, mod) -> None:
+    current = mod.GKDTrainer.__dict__["generalized_jsd_loss"]
+    if getattr(current, "__func__", None) is not generalized_jsd_loss:
+        _TRL_ORIGINALS.setdefault("gkd", current.__func__)
+    patch.set(mod.GKDTrainer, "generalized_jsd_loss", staticmethod(generalized_jsd_loss))
+
+
+def _trl_gold():
+    """TRL's own GOLD loss: saved when patched, else read from the (unpatched) class."""
+    if "gold" not in _TRL_ORIGINALS:
+        mod = require("trl.experimental.gold.gold_trainer", "trl")
+        _TRL_ORIGINALS["gold"] = mod.GOLDTrainer.__dict__["generalized_jsd_loss"].__func__
+    return _TRL_ORIGINALS["gold"]
+
+
+def _patch_gold(patch: Patch, mod) -> None:
+    current = mod.GOLDTrainer.__dict__["generalized_jsd_loss"]
+    if getattr(current, "__func__", None) is not gold_generalized_jsd_loss:
+        _TRL_ORIGINALS.setdefault("gold", current.__func__)
+    patch.set(mod.GOLDTrainer, "generalized_jsd_loss", staticmethod(gold_generalized_jsd_loss))
+
+
+def compute_topk_self_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    distillation_topk: int,
+    distillation_alpha: float,
+    distillation_add_tail: bool,
+) -> Tensor:
+    r"""TRL's ``compute_topk_self_distillation_loss`` (``trl.experimental.sdpo.loss_utils``, used by
+    the SDPO and SDFT trainers) on ``fk.sparse_divergence``: same arguments, same per-row values.
+
+    The support is the student's top-k ids; the teacher's log-probs there come from
+    ``fk.token_logprobs`` (no (N, V) log_softmax of the teacher). alpha is the generalized JSD's
+    beta (0: KL(teacher || student), 1: KL(student || teacher)); ``distillation_add_tail`` keeps
+    the off-support mass as one outcome (tail "bucket"), else both are renormalized on the support.
+    Returns the (...) per-row divergences in float32; gradients reach both logits.
+    """
+    k = int(distillation_topk)
+    ids = student_logits.detach().topk(k, dim=-1).indices
+    teacher_lp = fk.token_logprobs(teacher_logits, ids)
+    return fk.sparse_divergence(student_logits, ids, teacher_lp, "js",
+                                beta=float(distillation_alpha),
+                                tail="bucket" if distillation_add_tail else "renormalize",
+                                reduction="none")
 
 
 def chunked_divergence_loss(
@@ -172,6 +251,12 @@ def _trl_chunked_divergence():
     return _TRL_ORIGINALS["divergence"]
 
 
+def _trl_out_dtype(logits: Tensor) -> torch.dtype:
+    """What TRL 1.16's fused log-prob/entropy kernel returns (its path for one index per row on
+    the GPU): float32 for 16-bit and fp32 logits; float64 stays float64 (its torch path)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def selective_log_softmax(
     logits: Tensor,
     index: Tensor,
@@ -183,7 +268,9 @@ def selective_log_softmax(
     ``index`` is (...) (one token per row) or (..., K) (K tokens per row: one log-sum-exp per
     row, then a gather of the K logits); both are ``fk.token_logprobs``, one pass over the
     logits, no log_softmax. Rows where ``row_mask == 0`` give 0. The result has ``index``'s
-    shape and the logits' dtype, as TRL's; it is computed in fp32.
+    shape and is computed in fp32; its dtype is TRL's on the GPU on every device: float32 for
+    16-bit logits with one index per row (TRL's fused kernel; TRL's CPU path returns the logits'
+    dtype there), the logits' dtype with K indices per row (TRL's torch path everywhere).
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
@@ -192,18 +279,20 @@ def selective_log_softmax(
     else:
         raise ValueError(f"index must have shape (...) or (..., K) for logits "
                          f"{tuple(logits.shape)}, got {tuple(index.shape)}")
-    out = out.to(logits.dtype)
+    one_per_row = index.dim() == logits.dim() - 1
+    out = out.to(_trl_out_dtype(logits) if one_per_row else logits.dtype)
     if row_mask is not None:
         out = out.masked_fill(row_mask == 0, 0.0)
     return out
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
-    """TRL's ``entropy_from_logits``: -sum q log q per row, in the logits' dtype (``fk.entropy``).
+    """TRL's ``entropy_from_logits``: -sum q log q per row (``fk.entropy``), float32 for 16-bit
+    logits as TRL's GPU kernel returns it (TRL's CPU path returns the logits' dtype).
 
     ``chunk_size`` is accepted for the signature; the fused op never holds more than a row.
     """
-    return fk.entropy(logits).to(logits.dtype)
+    return fk.entropy(logits).to(_trl_out_dtype(logits))
 
 
 def selective_log_softmax_and_entropy(
@@ -215,14 +304,16 @@ def selective_log_softmax_and_entropy(
 ) -> tuple[Tensor, Tensor]:
     r"""TRL's ``selective_log_softmax_and_entropy`` on logits: one ``fk.softmax_stats`` pass.
 
-    Returns (log q[index], H(q)) per row with q = softmax(logits / T), both in the logits' dtype
-    and 0 where ``row_mask == 0``. Gradients flow through both (the entropy's too, unless
-    ``entropy_requires_grad=False``). ``index`` is (...), one token per row.
+    Returns (log q[index], H(q)) per row with q = softmax(logits / T), both float32 for 16-bit
+    logits (TRL's GPU kernel; its CPU path returns the logits' dtype) and 0 where ``row_mask ==
+    0``. Gradients flow through both (the entropy's too, unless ``entropy_requires_grad=False``).
+    ``index`` is (...), one token per row.
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     stats = fk.softmax_stats(logits, index, temperature=temperature)
-    logprobs, ent = stats.label_logprob.to(logits.dtype), stats.entropy.to(logits.dtype)
+    dtype = _trl_out_dtype(logits)
+    logprobs, ent = stats.label_logprob.to(dtype), stats.entropy.to(dtype)
     if not entropy_requires_grad:
         ent = ent.detach()
     if row_mask is not None:
@@ -343,50 +434,51 @@ _LOGPROB_NAMES = {
 }
 
 
-def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool = True) -> Patch:
+def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool = True,
+                    gold: bool = True, sdpo: bool = True) -> Patch:
     """Point TRL at fdiv_kernels; returns a :class:`Patch` whose ``undo()`` restores TRL.
 
-    - ``gkd``: ``GKDTrainer.generalized_jsd_loss`` (a staticmethod, called through ``self``).
+    - ``gkd``: ``GKDTrainer.generalized_jsd_loss`` (a staticmethod, called through ``self``, so
+      subclasses see it). ``trl.experimental`` is not imported for it: if GKD is not loaded yet,
+      the swap is made when ``trl.experimental.gkd.gkd_trainer`` is first imported.
+    - ``gold``: ``GOLDTrainer.generalized_jsd_loss`` (``trl.experimental.gold``), to
+      :func:`gold_generalized_jsd_loss`, when that module is imported (as GKD's).
+    - ``sdpo``: ``compute_topk_self_distillation_loss`` (``trl.experimental.sdpo.loss_utils``,
+      called by SDPO and SDFT), to :func:`compute_topk_self_distillation_loss`, when imported.
     - ``logprobs``: ``selective_log_softmax``, ``entropy_from_logits`` and
-      ``selective_log_softmax_and_entropy`` in ``trl.trainer.utils`` and in every loaded ``trl``
-      module that imported them by name (DPO/ORPO/CPO/SDPO/...); modules imported later take the
-      patched names from ``trl.trainer.utils``. Also TRL's ``ChunkedLogProbFunction`` under every
-      name a loaded ``trl`` module holds it (``trl.trainer.utils._ChunkedLogProbFunction``, which
+      ``selective_log_softmax_and_entropy`` wherever a loaded module holds TRL's functions (
+      ``trl.trainer.utils``, the trainers that imported them by name: DPO/ORPO/CPO/SDPO/..., and
+      the user's ``from trl.trainer.utils import ...``); modules imported later copy the patched
+      names from ``trl.trainer.utils``. Also TRL's ``ChunkedLogProbFunction`` under every name a
+      loaded module holds it (``trl.trainer.utils._ChunkedLogProbFunction``, which
       ``add_fused_lm_head`` calls, and ``trl.kernels``), so the fused-head trainers (DPO, GRPO,
       RLOO, KTO, SFT) run on ``fk.fused_linear_token_logprobs``.
     - ``distillation``: ``_chunked_divergence_loss`` (DistillationTrainer's loss from hidden
-      states, called by its global name) in ``trl.trainer.distillation_trainer`` and any loaded
-      ``trl`` module holding it, to :func:`chunked_divergence_loss`.
+      states, called by its global name) wherever a loaded module holds it, to
+      :func:`chunked_divergence_loss`.
 
-    Idempotent: a second call changes nothing (and its handle undoes nothing). Edits no file.
+    ``undo()`` restores every rebinding, those in modules imported while the patch was active
+    included. Idempotent: a second call changes nothing (and its handle undoes nothing). Edits no
+    file.
     """
     require("trl", "trl")
     patch = Patch()
     if gkd:
-        gkd_mod = require("trl.experimental.gkd.gkd_trainer", "trl")
-        patch.set(gkd_mod.GKDTrainer, "generalized_jsd_loss", staticmethod(generalized_jsd_loss))
+        patch.after_import("trl.experimental.gkd.gkd_trainer", lambda mod: _patch_gkd(patch, mod))
+    if gold:
+        patch.after_import("trl.experimental.gold.gold_trainer",
+                           lambda mod: _patch_gold(patch, mod))
+    if sdpo:
+        patch.after_import("trl.experimental.sdpo.loss_utils", lambda mod: patch.set_everywhere(
+            mod.compute_topk_self_distillation_loss, compute_topk_self_distillation_loss))
     if logprobs:
         utils = require("trl.trainer.utils", "trl")
-        originals = {name: getattr(utils, name) for name in _LOGPROB_NAMES
-                     if getattr(utils, name, None) is not None}
-        trl_chunked = _trl_chunked_logprob()
-        for mod_name, mod in list(sys.modules.items()):
-            if mod is None or not (mod_name == "trl" or mod_name.startswith("trl.")):
-                continue
-            for name, original in originals.items():
-                if mod.__dict__.get(name) is original:
-                    patch.set(mod, name, _LOGPROB_NAMES[name])
-            # Under any name: trl.trainer.utils calls it as ``_ChunkedLogProbFunction``.
-            for name, value in list(mod.__dict__.items()):
-                if value is trl_chunked:
-                    patch.set(mod, name, ChunkedLogProbFunction)
+        for name, replacement in _LOGPROB_NAMES.items():
+            original = getattr(utils, name, None)
+            if original is not None and original is not replacement:
+                patch.set_everywhere(original, replacement)
+        # Under any name: trl.trainer.utils calls it as ``_ChunkedLogProbFunction``.
+        patch.set_everywhere(_trl_chunked_logprob(), ChunkedLogProbFunction)
     if distillation:
-        original = _trl_chunked_divergence()
-        dist = require("trl.trainer.distillation_trainer", "trl")
-        patch.set(dist, "_chunked_divergence_loss", chunked_divergence_loss)
-        for mod_name, mod in list(sys.modules.items()):
-            if mod is not None and (mod_name == "trl" or mod_name.startswith("trl.")):
-                for name, value in list(mod.__dict__.items()):
-                    if value is original:
-                        patch.set(mod, name, chunked_divergence_loss)
+        patch.set_everywhere(_trl_chunked_divergence(), chunked_divergence_loss)
     return patch
