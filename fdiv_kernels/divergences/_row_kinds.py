@@ -1,5 +1,6 @@
 """The kinds that are functions of a few per-row sums, not sums of element terms: Renyi and
-Cauchy-Schwarz (``ROW_DIVERGENCES`` in ``fdiv_kernels.kinds._registry``), as ``fk.divergence`` runs them.
+Cauchy-Schwarz (``ROW_DIVERGENCES`` in ``fdiv_kernels.kinds._registry``), as ``fk.divergence``
+runs them.
 
 Both are written with one row op, ``fdiv::lse_combination_fwd_<backend>`` (csrc/cpu/
 lse_combination.cpp, triton_kernels/lse_combination.py, the torch backend's statement):
@@ -43,7 +44,6 @@ alpha -> 0 limit (-log q(supp p)).
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
