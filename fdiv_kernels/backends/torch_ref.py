@@ -6,6 +6,8 @@ against, next to the independent float64 reference in tests/.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -218,7 +220,7 @@ def sparse_divergence_fwd_torch(
     alpha = teacher_alpha if teacher_alpha > 0 else None
     # The teacher side in float64 (1 - sum p stays exact when S holds nearly all the mass).
     raw = teacher.to(torch.float64)
-    lp_k, lp_tail = prepare_teacher(raw, support, tail, alpha)
+    lp_k, lp_tail = prepare_teacher(raw, support, tail, alpha, V)
     loss = student.new_empty(N, dtype=ctype)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = student.new_zeros(N, K, dtype=ctype) if grad_teacher else student.new_empty(0)
@@ -248,6 +250,12 @@ def sparse_divergence_fwd_torch(
             lq_tail = torch.logsumexp(a_off, dim=-1) - lse
             del a_off
             tt, ht, kt = element_terms(spec, lp_tail[rows].to(ctype), lq_tail)
+            # No student tail (q_tail = 0): a teacher tail within the slack is rounding, dropped
+            # (the backward, mass_slack = inf, drops it whenever q_tail = 0: its gradient is
+            # only used when the loss is finite).
+            forgive = (lq_tail == neg_inf) & (
+                lp_tail[rows] <= (math.log(mass_slack) if mass_slack > 0 else neg_inf))
+            tt, ht, kt = (torch.where(forgive, torch.zeros_like(x), x) for x in (tt, ht, kt))
             row = row + tt
         if tail != TAIL_RENORMALIZE:
             row = row + (lse - lse)  # NaN logits: NaN loss
@@ -257,7 +265,7 @@ def sparse_divergence_fwd_torch(
             stats[rows, 1] = _zero_where(keep, lq_tail)
         if grad_teacher:
             g_raw = teacher_vjp(raw[rows], sup, tail, alpha, torch.where(sup, k, 0.0).double(),
-                                kt.double())
+                                kt.double(), V)
             gt[rows] = _zero_where(keep, g_raw.to(ctype))
         if not grad_student:
             continue
