@@ -78,6 +78,35 @@ FDIV_INLINE T mix(T ca, T a, T cb, T b) {
   return x == kNegInf || y == kNegInf ? kNegInf : x + y;
 }
 
+// The mix of a term: with both coefficients >= 0 the plain sum already gives -inf where it
+// must (and never +inf), and vectorizes as before; mix() only for a negative coefficient.
+template <bool kNeg, class T>
+FDIV_INLINE T mix_of(T ca, T a, T cb, T b) {
+  if constexpr (kNeg) return mix(ca, a, cb, b);
+  else return times(ca, a) + times(cb, b);
+}
+
+// One term's shift (its max, 0 when all -inf) and log-sum: the max pass, then the sum pass.
+template <bool kNeg, class T>
+FDIV_INLINE void term_stats(const T* a, const T* b, int64_t n, double ca, double cb,
+                            double& shift, double& log_sum) {
+  double m = -std::numeric_limits<double>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j)
+    m = std::max(m, mix_of<kNeg>(ca, double(a[j]), cb, double(b[j])));
+  const double sh = shift_of(m);
+  shift = sh;
+  if (sh == std::numeric_limits<double>::infinity()) {  // a +inf entry: lse = +inf
+    log_sum = 0;
+    return;
+  }
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j)
+    sum += exp_nonpositive(mix_of<kNeg>(ca, double(a[j]), cb, double(b[j])) - sh);
+  log_sum = std::log(sum);
+}
+
 // dst = transform(src) / T, in the compute type: the shared transform with 1 / T folded in.
 template <class T>
 void transform_row(T* dst, const T* src, int64_t n, const Transform& tr) {
@@ -102,27 +131,16 @@ struct RowStats {
 // are formed in double too (a + b rounded to float is off by eps |a + b|).
 template <class T>
 FDIV_INLINE RowStats row_stats(const T* a, const T* b, int64_t n, const Coeffs& c) {
-  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   RowStats r{};
   int nan = 0;
 #pragma omp simd reduction(| : nan)
   for (int64_t j = 0; j < n; ++j) nan |= int(a[j] != a[j]) | int(b[j] != b[j]);
   for (int k = 0; k < kTerms; ++k) {
     const double ca = c.ca[k], cb = c.cb[k];
-    double m = kNegInf;
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j) m = std::max(m, mix(ca, double(a[j]), cb, double(b[j])));
-    const double sh = shift_of(m);
-    r.shift[k] = sh;
-    if (sh == std::numeric_limits<double>::infinity()) {  // a +inf entry: lse = +inf
-      r.log_sum[k] = 0;
-      continue;
-    }
-    double sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j)
-      sum += exp_nonpositive(mix(ca, double(a[j]), cb, double(b[j])) - sh);
-    r.log_sum[k] = std::log(sum);
+    if (ca >= 0 && cb >= 0)
+      term_stats<false>(a, b, n, ca, cb, r.shift[k], r.log_sum[k]);
+    else
+      term_stats<true>(a, b, n, ca, cb, r.shift[k], r.log_sum[k]);
   }
   // The shifts, which carry the large magnitudes, combine first (for Cauchy-Schwarz they cancel
   // exactly on identical rows); then the small log-sums. A term with no mass (lse = -inf, e.g.
@@ -163,8 +181,7 @@ void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStat
               const Coeffs& c, const std::array<double, kTerms>& cx, const Transform& tr) {
   std::fill(g, g + n, T(0));
   if (c.wide_grad()) {
-    // Exponents, exps and the sum in double, rounded once. A dead term becomes (0, 0, w 0) at
-    // shift 0, so the loop has no branch: w exp(0) = 0.
+    // Exponents, exps and the sum in double, rounded once. A dead term has w = 0 (skipped).
     std::array<double, kTerms> w{}, ca{}, cb{}, off{};
     for (int k = 0; k < kTerms; ++k) {
       const double wk = c.w[k] * cx[k];
@@ -174,13 +191,23 @@ void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStat
       cb[k] = c.cb[k];
       off[k] = r.shift[k] + r.log_sum[k];
     }
+    // In blocks of a double accumulator on the stack, term by term (loops that vectorize).
+    constexpr int64_t kAcc = 256;
+    double acc[kAcc];
+    for (int64_t j0 = 0; j0 < n; j0 += kAcc) {
+      const int64_t len = std::min(kAcc, n - j0);
+      const T* aj = a + j0;
+      const T* bj = b + j0;
+      std::fill(acc, acc + len, 0.0);
+      for (int k = 0; k < kTerms; ++k) {
+        if (w[k] == 0) continue;
+        const double wk = w[k], cak = ca[k], cbk = cb[k], ok = off[k];
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      double gj = 0;
-      for (int k = 0; k < kTerms; ++k)
-        gj += w[k] * exp_nonpositive(std::min(0.0, mix(ca[k], double(a[j]), cb[k],
-                                                       double(b[j])) - off[k]));
-      g[j] = T(gj);
+        for (int64_t j = 0; j < len; ++j)
+          acc[j] += wk * exp_nonpositive(
+                             std::min(0.0, mix(cak, double(aj[j]), cbk, double(bj[j])) - ok));
+      }
+      for (int64_t j = 0; j < len; ++j) g[j0 + j] = T(acc[j]);
     }
     chain_rule(g, x, n, tr);
     return;

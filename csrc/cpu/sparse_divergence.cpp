@@ -181,6 +181,18 @@ class IdSet {
 
 // ---- steps 2 and 4: the row passes (T = compute type) -----------------------------------------
 
+// sum over unmarked columns of exp(m1 b - lse): the common case, one loop.
+template <class T>
+FDIV_INLINE double off_support_sum(const T* b, const uint8_t* mark, T m1, T lse, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = vexp(b[j] * m1 - lse);
+    s += mark[j] ? T(0) : e;
+  }
+  return double(s);
+}
+
 // The unmarked columns of m1 b folded into an online log-sum-exp, block by block (max, then the
 // exps against it): exact however far below the row's normalizer they sit.
 template <class T>
@@ -274,8 +286,11 @@ FDIV_INLINE double support_sum(const T* lq, const bool* sup, T m, int64_t K) {
   ATTR void cap_entry(const T* x, T* out, const LogitTransform<T>& f, int64_t n) {          \
     transform_block(out, x, n, f);                                                            \
   }                                                                                           \
-  ATTR void off_entry(const T* x, const uint8_t* mark, T scale, int64_t n,                   \
-                      OnlineSoftmax<T>& acc) {                                                \
+  ATTR double off_entry(const T* x, const uint8_t* mark, T scale, T lse, int64_t n) {         \
+    return off_support_sum(x, mark, scale, lse, n);                                           \
+  }                                                                                           \
+  ATTR void off_lse_entry(const T* x, const uint8_t* mark, T scale, int64_t n,               \
+                          OnlineSoftmax<T>& acc) {                                            \
     off_support_lse(x, mark, scale, n, acc);                                                  \
   }                                                                                           \
   ATTR void grad_entry(const T* b, T* out, T m1, T lse, T c, T inv_cap, bool cap,            \
@@ -474,11 +489,21 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
         } else {
           for (int64_t k = 0; k < K; ++k)
             if (sr[k]) mark[size_t(idr[k])] = 1;
-          OnlineSoftmax<T> off;
+          double off = 0;
           rd.blocks(n, [&](const T* b, int64_t j0, int64_t len) {
-            off_entry(b, mark.data() + j0, m1, len, off);
+            off += off_entry(b, mark.data() + j0, m1, L, len);
           });
-          lq_tail = off.lse() - lse;
+          lq_tail = std::log(off);
+          // Below ~2^-100 the exps against L may have underflowed (all of them past a gap of
+          // ~104 in float): the tail's log-mass from the off-support log-sum-exp instead, one
+          // more read of the row, exact at any gap.
+          if (!(off > 0x1p-100)) {
+            OnlineSoftmax<T> acc;
+            rd.blocks(n, [&](const T* b, int64_t j0, int64_t len) {
+              off_lse_entry(b, mark.data() + j0, m1, len, acc);
+            });
+            lq_tail = acc.lse() - lse;
+          }
           for (int64_t k = 0; k < K; ++k)
             if (sr[k]) mark[size_t(idr[k])] = 0;
         }
