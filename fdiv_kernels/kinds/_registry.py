@@ -138,9 +138,8 @@ NO_BASE = -1
 
 
 def _positive_finite(name: str) -> Callable[[float], str | None]:
-    # Renyi's order: alpha <= 0 is excluded. At alpha = 0 the Amari alpha kind the Renyi rows are
-    # computed from folds into reverse KL, which is not Renyi's alpha -> 0 limit
-    # (-log q(supp p)); negative orders are not divergences.
+    # Renyi's order: alpha <= 0 is excluded. Renyi's alpha -> 0 limit is -log q(supp p), not a
+    # smooth divergence, and negative orders are not divergences.
     return lambda v: (None if math.isfinite(v) and v > 0.0
                       else f"{name} must be a finite real > 0 for kind='renyi', got {v}")
 
