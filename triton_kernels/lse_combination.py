@@ -6,7 +6,8 @@ With a = student / T, b = teacher / T (after the optional logit transforms) and 
     D = sum_k w_k lse(ca_k a + cb_k b)
     dD/da = sum_k w_k ca_k softmax(ca_k a + cb_k b),   dD/db = sum_k w_k cb_k softmax(...)
 
-(Cauchy-Schwarz and Renyi: ``fdiv_kernels.divergences._row_kinds``). One program per row: one pass folds the
+(Cauchy-Schwarz and Renyi: ``fdiv_kernels.divergences._row_kinds``). One program per row: one pass
+folds the
 three online log-sum-exps (``online_softmax``) in float64, one writes the gradients in float32
 (in float64 under WIDE_GRAD, see ``wide_grad``). The sums pass is float64 throughout: the terms
 cancel as p -> q. A zero coefficient drops its input, also against a -inf logit; a -inf from a
@@ -44,6 +45,17 @@ def _grad_term(g, a, b, ca, cb, wc, m, ls, live):
     # nothing.
     e = tl.exp((_mix(a, b, ca, cb) - m) - ls)
     return g + tl.where(live & (wc != 0), wc * e, 0.0)
+
+
+@triton.jit
+def _side_grad(a, b, ca0, cb0, ca1, cb1, ca2, cb2, k0, k1, k2, g0, l0, live0, g1, l1, live1,
+               g2, l2, live2, gty: tl.constexpr, BLOCK: tl.constexpr):
+    # One side's sum_k k_k softmax_k over a block (k_k = w_k ca_k for the student, w_k cb_k for
+    # the teacher).
+    g = tl.zeros([BLOCK], gty)
+    g = _grad_term(g, a, b, ca0, cb0, k0, g0, l0, live0)
+    g = _grad_term(g, a, b, ca1, cb1, k1, g1, l1, live1)
+    return _grad_term(g, a, b, ca2, cb2, k2, g2, l2, live2)
 
 
 @triton.jit
@@ -110,17 +122,15 @@ def _lse_combination_fwd_kernel(
                 a = a.to(gty)
                 b = b.to(gty)
                 if GRAD_S:
-                    g = tl.zeros([BLOCK], gty)
-                    g = _grad_term(g, a, b, ca0, cb0, w0 * ca0, g0, l0, live0)
-                    g = _grad_term(g, a, b, ca1, cb1, w1 * ca1, g1, l1, live1)
-                    g = _grad_term(g, a, b, ca2, cb2, w2 * ca2, g2, l2, live2)
+                    g = _side_grad(a, b, ca0, cb0, ca1, cb1, ca2, cb2, w0 * ca0, w1 * ca1,
+                                   w2 * ca2, g0, l0, live0, g1, l1, live1, g2, l2, live2, gty,
+                                   BLOCK)
                     g = chain(g.to(tl.float32), th_a, s_kd, S_CAP)
                     tl.store(gs_row + cols, g.to(gs_row.dtype.element_ty), mask=in_row)
                 if GRAD_T:
-                    g = tl.zeros([BLOCK], gty)
-                    g = _grad_term(g, a, b, ca0, cb0, w0 * cb0, g0, l0, live0)
-                    g = _grad_term(g, a, b, ca1, cb1, w1 * cb1, g1, l1, live1)
-                    g = _grad_term(g, a, b, ca2, cb2, w2 * cb2, g2, l2, live2)
+                    g = _side_grad(a, b, ca0, cb0, ca1, cb1, ca2, cb2, w0 * cb0, w1 * cb1,
+                                   w2 * cb2, g0, l0, live0, g1, l1, live1, g2, l2, live2, gty,
+                                   BLOCK)
                     g = chain(g.to(tl.float32), th_b, t_kd, T_CAP)
                     tl.store(gt_row + cols, g.to(gt_row.dtype.element_ty), mask=in_row)
     else:

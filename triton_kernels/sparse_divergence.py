@@ -20,7 +20,8 @@ L_off = L + lq_tail the off-support log-sum-exp, whose exps are at most 1 there.
 A support covering all V ids leaves no outcome for the teacher's tail: its mass deficit is rounding
 (empty tail; the check asks for a mass of 1 within the slack), and a tail the student gives no mass
 (q_tail = 0) is dropped when the teacher's is within the slack (``_sparse_divergence``).
-The math: ``fdiv_kernels/divergences/_sparse.py``; tail ids: ``fdiv_kernels/divergences/_sparse_tails.py``.
+The math: ``fdiv_kernels/divergences/_sparse.py``; tail ids:
+``fdiv_kernels/divergences/_sparse_tails.py``.
 """
 
 import math
