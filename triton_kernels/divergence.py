@@ -257,7 +257,8 @@ def divergence_fwd(student, teacher, valid, base, swap, param, inv_temperature,
         gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
         float(param), *_mix_logs(base, param), s_k1, s_c2, s_kd, t_k1, t_c2, t_kd,
         BASE=base, SWAP=bool(swap), **_generator(base), GRAD_S=bool(grad_student),
-        GRAD_T=bool(grad_teacher), S_CAP=bool(student_softcap), T_CAP=bool(teacher_softcap), BLOCK=block, num_warps=warps,
+        GRAD_T=bool(grad_teacher), S_CAP=bool(student_softcap), T_CAP=bool(teacher_softcap),
+        BLOCK=block, num_warps=warps,
     )
     return loss, gs, gt, ent
 
