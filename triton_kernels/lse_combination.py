@@ -59,6 +59,13 @@ def _side_grad(a, b, ca0, cb0, ca1, cb1, ca2, cb2, k0, k1, k2, g0, l0, live0, g1
 
 
 @triton.jit
+def _store_side_grad(g_row, cols, in_row, th, kd, g, CAP: tl.constexpr):
+    # The side's gradient through its logit transform, in its dtype.
+    g = chain(g.to(tl.float32), th, kd, CAP)
+    tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
 def _lse_combination_fwd_kernel(
     s_ptr, t_ptr, valid_ptr, loss_ptr, gs_ptr, gt_ptr,
     V, stride_s, stride_t, stride_gs, stride_gt,
@@ -122,17 +129,13 @@ def _lse_combination_fwd_kernel(
                 a = a.to(gty)
                 b = b.to(gty)
                 if GRAD_S:
-                    g = _side_grad(a, b, ca0, cb0, ca1, cb1, ca2, cb2, w0 * ca0, w1 * ca1,
-                                   w2 * ca2, g0, l0, live0, g1, l1, live1, g2, l2, live2, gty,
-                                   BLOCK)
-                    g = chain(g.to(tl.float32), th_a, s_kd, S_CAP)
-                    tl.store(gs_row + cols, g.to(gs_row.dtype.element_ty), mask=in_row)
-                if GRAD_T:
-                    g = _side_grad(a, b, ca0, cb0, ca1, cb1, ca2, cb2, w0 * cb0, w1 * cb1,
-                                   w2 * cb2, g0, l0, live0, g1, l1, live1, g2, l2, live2, gty,
-                                   BLOCK)
-                    g = chain(g.to(tl.float32), th_b, t_kd, T_CAP)
-                    tl.store(gt_row + cols, g.to(gt_row.dtype.element_ty), mask=in_row)
+                    _store_side_grad(gs_row, cols, in_row, th_a, s_kd, _side_grad(
+                        a, b, ca0, cb0, ca1, cb1, ca2, cb2, w0 * ca0, w1 * ca1, w2 * ca2, g0, l0,
+                        live0, g1, l1, live1, g2, l2, live2, gty, BLOCK), S_CAP)
+                if GRAD_T:  # the teacher's coefficients: w_k cb_k
+                    _store_side_grad(gt_row, cols, in_row, th_b, t_kd, _side_grad(
+                        a, b, ca0, cb0, ca1, cb1, ca2, cb2, w0 * cb0, w1 * cb1, w2 * cb2, g0, l0,
+                        live0, g1, l1, live1, g2, l2, live2, gty, BLOCK), T_CAP)
     else:
         tl.store(loss_ptr + row, 0.0)
         for off in range(0, V, BLOCK):
