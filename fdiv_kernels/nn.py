@@ -43,6 +43,8 @@ class FDivergenceLoss(_KindLoss):
         ignore_index: rows whose label equals it add nothing and get zero gradient.
         reduction: "none", "sum" or "mean" (over kept rows, or / ``num_items_in_batch``).
         backend: "auto", "triton", "cuda", "cpu" or "torch".
+        vocab_size: the tokenizer's size for vocabularies padded to different widths (only the
+            first ``vocab_size`` columns take part); None: the widths must agree.
 
     Called as ``crit(student_logits, teacher_logits, labels=None, num_items_in_batch=None)``:
     logits (..., V) and optional labels (...), as in :func:`fk.divergence`; returns the loss.
@@ -89,6 +91,8 @@ class FusedLinearDivergenceLoss(_KindLoss):
         ignore_index: rows whose label equals it add nothing and get zero gradient.
         reduction: "none", "sum" or "mean" (over kept rows, or / ``num_items_in_batch``).
         backend: "auto", "triton", "cuda", "cpu" or "torch".
+        vocab_size: the tokenizer's size for vocabularies padded to different widths (only the
+            first ``vocab_size`` columns take part); None: the widths must agree.
         ce_weight: w in (1 - w) D + w CE(student, labels) (labels required when w > 0).
         chunk_size: rows per chunk (default: from a memory budget).
     """
@@ -194,6 +198,8 @@ class SparseDivergenceLoss(_KindLoss):
         ignore_index: rows whose label equals it add nothing and get zero gradient.
         reduction: "none", "sum" or "mean" (over kept rows, or / ``num_items_in_batch``).
         backend: "auto", "triton", "cuda", "cpu" or "torch".
+        vocab_size: the tokenizer's size for vocabularies padded to different widths (only the
+            first ``vocab_size`` columns take part); None: the widths must agree.
         tail: "bucket", "renormalize" or "none": the mass outside the teacher's support.
         teacher_temperature: the temperature the teacher's log-probs were produced at (None:
             ``temperature``).

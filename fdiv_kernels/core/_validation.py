@@ -46,7 +46,7 @@ def check_vocab_size(vocab_size: object, widths: dict[str, int]) -> int | None:
         if len(set(widths.values())) > 1:
             given = ", ".join(f"{name} has {w}" for name, w in widths.items())
             raise ValueError(
-                f"vocabulary widths differ ({given}): pass vocab_size= (the tokenizer's size) "
+                f"vocabulary sizes differ ({given}): pass vocab_size= (the tokenizer's size) "
                 "so that only the first vocab_size columns take part and the padding columns "
                 "are excluded"
             )

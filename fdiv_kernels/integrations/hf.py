@@ -31,7 +31,7 @@ _NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
 
 
 def logit_transform(model: nn.Module) -> tuple[float, float | None]:
-    """(logit scale, softcap) a causal LM applies to ``lm_head(h)``, read from its config.
+    """(logit scale, softcap) a causal LM ``model`` applies to ``lm_head(h)``, read from its config.
 
     Gemma 2 / 3: ``final_logit_softcapping`` c (z <- c tanh(z / c)); Cohere: ``logit_scale`` s
     (z <- s z); Granite: ``logits_scaling`` d (z <- z / d, a scale of 1 / d). Multimodal configs
@@ -119,6 +119,15 @@ def sparse_distillation_loss(
     ``tail`` ("bucket", "renormalize", "none") on the student's hidden states through its lm head
     (``fk.fused_linear_sparse_divergence``: no (B, T, V) logits); the student's logit transform is
     read from its config. Divides by ``num_items_in_batch`` when given, else by the kept tokens.
+
+    Args:
+        model: the student (a causal LM whose last hidden states and lm head are read).
+        inputs: the batch, as above.
+        kind, tail, kind_params: the divergence (``fk.sparse_divergence``'s kind and tail).
+        temperature: T of the student's softmax (the teacher's log-probs are used as stored).
+        ce_weight: w, the weight of the cross-entropy on the labels.
+        num_items_in_batch: the Trainer's token count for the mean, or None.
+        chunk_size: rows per chunk of the fused form (default: from a memory budget).
     """
     labels = inputs["labels"]
     hs, ws, bs = _hidden_and_head(model, {k: v for k, v in inputs.items()
@@ -229,7 +238,8 @@ _DOC = """A ``transformers.Trainer`` that distils a frozen ``teacher_model`` int
     ``evaluate()`` and ``predict()`` report the same loss (with the student's logits as the
     predictions unless ``prediction_loss_only``). A real subclass of ``transformers.Trainer``,
     built when first looked up (so importing this module does not import transformers): subclass
-    it and override ``compute_loss`` & co. as with any Trainer.
+    it and override ``compute_loss`` & co. as with any Trainer. ``chunk_size``: rows per chunk of
+    the fused form (default: from a memory budget).
     """
 
 _TOPK_DOC = """A ``transformers.Trainer`` that distils an offline (or served) teacher's top-k into
@@ -240,7 +250,7 @@ _TOPK_DOC = """A ``transformers.Trainer`` that distils an offline (or served) te
     remove_unused_columns=False), train_dataset=..., kind="kl", tail="bucket", temperature=1.0,
     ce_weight=0.0, kind_params=None)``. Its ``compute_loss`` is :func:`sparse_distillation_loss`
     with the Trainer's ``num_items_in_batch``; evaluation, prediction and subclassing as
-    ``FkDistillationTrainer``.
+    ``FkDistillationTrainer``. ``chunk_size``: rows per chunk of the fused form.
     """
 
 _BUILT: dict[str, type] = {}

@@ -219,7 +219,8 @@ class ReverseKLWithHiddenStatesLoss(_HiddenStates):
 
 class SymmetricKLWithHiddenStatesLoss(_HiddenStates):
     """torchtune's ``SymmetricKLWithChunkedOutputLoss`` (r forward + (1 - r) reverse) from hidden
-    states; arguments as :class:`ForwardKLWithHiddenStatesLoss`."""
+    states, r = ``sym_kd_ratio`` in [0, 1]; ``ignore_index`` and ``chunk_size`` (rows per chunk
+    of the fused form) and the call as :class:`ForwardKLWithHiddenStatesLoss`."""
 
     kinds = ("forward", "reverse")
 

@@ -99,12 +99,14 @@ def gold_generalized_jsd_loss(
     r"""``GOLDTrainer.generalized_jsd_loss`` (``trl.experimental.gold``): GKD's loss with one more
     argument; on logits it is :func:`generalized_jsd_loss` (same numbers, same reductions).
 
+    ``student_logits``, ``teacher_logits``, ``labels``, ``beta``, ``temperature``,
+    ``reduction`` and ``num_items_in_batch`` as in :func:`generalized_jsd_loss`.
     ``logits_are_probs=True`` (probabilities, read by TRL as log(max(p, 1e-8)) and used without
     renormalizing) runs TRL's own function: fk's kernels take logits and renormalize them.
     """
     if logits_are_probs:
         return _trl_jsd("gold")(student_logits, teacher_logits, labels, beta, temperature,
-                                     reduction, logits_are_probs, num_items_in_batch)
+                                reduction, logits_are_probs, num_items_in_batch)
     return generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
                                 reduction, num_items_in_batch)
 
@@ -142,7 +144,9 @@ def compute_topk_self_distillation_loss(
     r"""TRL's ``compute_topk_self_distillation_loss`` (``trl.experimental.sdpo.loss_utils``, used by
     the SDPO and SDFT trainers) on ``fk.sparse_divergence``: same arguments, same per-row values.
 
-    The support is the student's top-k ids; the teacher's log-probs there come from
+    ``student_logits`` / ``teacher_logits``: (..., V); ``distillation_topk``: k;
+    ``distillation_alpha``: the JSD's beta (below). The support is the student's top-k ids; the
+    teacher's log-probs there come from
     ``fk.token_logprobs`` (no (N, V) log_softmax of the teacher). alpha is the generalized JSD's
     beta (0: KL(teacher || student), 1: KL(student || teacher)); ``distillation_add_tail`` keeps
     the off-support mass as one outcome (tail "bucket"), else both are renormalized on the support.
