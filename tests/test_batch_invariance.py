@@ -161,3 +161,67 @@ def test_vocab_parallel_one_rank(op):
         return getattr(fkd, f"vocab_parallel_{op}")(xs[0])
 
     _assert_invariant(make, fn, seed=60)
+
+
+# ---- the fused forms, batch_invariant=True ------------------------------------------------------
+
+FH = 64  # wide enough that BLAS picks different kernels for 1 and 33 rows (the default differs)
+FUSED_BACKENDS = ["cpu", "torch"]
+# (rows, the row's position, chunk_size): alone, odd and larger batches, the row in the first,
+# a middle or the last (padded) chunk of a fixed 5-row chunk, ignored neighbours packed away.
+FUSED_PLACEMENTS = [(1, 0, None), (7, 3, None), (33, 32, None), (33, 0, 5), (33, 17, 5),
+                    (7, 6, 5)]
+W_S = logits((V, FH), torch.float32, seed=70, scale=0.3)
+W_T = logits((V, FH), torch.float32, seed=71, scale=0.3)
+H_ROW = logits((FH,), torch.float32, seed=72)
+HT_ROW = logits((FH,), torch.float32, seed=73)
+
+
+def _hidden(row, n, pos, seed):
+    h = logits((n, FH), torch.float32, seed=seed)
+    h[pos] = row
+    return h.requires_grad_(True)
+
+
+def _fused_row(form, backend, n, pos, chunk, invariant):
+    """The row's outputs and hidden-state gradients in one placement."""
+    lab = _labels(n, pos, 4)
+    hs, ht = _hidden(H_ROW, n, pos, 74 + n), _hidden(HT_ROW, n, pos, 75 + n)
+    kw = {"chunk_size": chunk, "backend": backend, "batch_invariant": invariant}
+    if form == "token_logprobs":
+        outs = fk.fused_linear_token_logprobs(hs, W_S, lab, return_entropy=True, **kw)
+        leaves = (hs,)
+    elif form == "divergence":
+        outs = (fk.fused_linear_divergence(hs, W_S, ht, W_T, "js", beta=0.3, labels=lab,
+                                           reduction="none", ce_weight=0.2, **kw),)
+        leaves = (hs, ht)
+    else:
+        g = torch.Generator().manual_seed(n)
+        ids = torch.stack([torch.randperm(V, generator=g)[:5] for _ in range(n)])
+        lp = torch.log_softmax(logits((n, 5), torch.float32, seed=n), -1) - 0.3
+        ids[pos], lp[pos] = torch.tensor([4, 0, 17, 30, 9]), torch.linspace(-1, -3, 5)
+        outs = (fk.fused_linear_sparse_divergence(hs, W_S, ids, lp, "reverse_kl", labels=lab,
+                                                  reduction="none", **kw),)
+        leaves = (hs,)
+    total = sum((o * _upstream(n, pos, o)).sum() for o in outs)
+    grads = torch.autograd.grad(total, leaves)
+    return [o.detach()[pos] for o in outs] + [g[pos] for g in grads]
+
+
+@pytest.mark.parametrize("form", ["token_logprobs", "divergence", "sparse_divergence"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fused_batch_invariant(form, backend):
+    first = None
+    for n, pos, chunk in FUSED_PLACEMENTS:
+        got = _fused_row(form, backend, n, pos, chunk, True)
+        first = first or got
+        for a, b in zip(first, got):
+            assert torch.equal(a, b), f"n={n}, pos={pos}, chunk={chunk}: the row changed"
+
+
+def test_fused_default_is_not_batch_invariant():
+    """Why the flag exists: by default the GEMM shape follows the row count, and the row's
+    hidden-state gradient changes in its last bits (this also shows the test above can fail)."""
+    a = _fused_row("token_logprobs", "cpu", 1, 0, None, False)
+    b = _fused_row("token_logprobs", "cpu", 33, 32, None, False)
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))
