@@ -30,12 +30,16 @@ from fdiv_kernels.core import _validation as V
 # Bytes of fp32 (chunk, V) buffers per chunk (about four live at once: two logits, padding or a
 # CE gradient, the divergence gradient). GPUs get more so the chunk GEMMs stay efficient.
 CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
-# batch_invariant=True: the most rows of one fixed GEMM block (padding a 1-row batch up to the
-# block is the cost, so the block is capped), and the row tile every block is a multiple of: a
-# block of 5 rows runs its last row in a BLAS edge tile and changes it with the row's position
-# (measured); 48 is a multiple of every BLAS/cuBLAS row tile (4, 6, 8, 12, 16, 24).
-INVARIANT_BLOCK_MAX = 240
-INVARIANT_ROW_TILE = 48
+# batch_invariant=True: one fixed GEMM block per form, vocabulary and device. It is the form's
+# budget chunk rounded down to a power of two (a power-of-two batch then fills whole blocks: at
+# N=1024 a 1008-row cap padded the log-prob form to 1440 rows, 1.38x the default), at most
+# INVARIANT_BLOCK_MAX rows (a small vocabulary's budget chunk is huge, and a short batch is padded
+# up to the block). A block, or a user's chunk_size, is a whole number of INVARIANT_ROW_TILE
+# rows: with 5 or 6 rows MKL runs the last rows in an edge tile and a row's result changes with
+# its position in the block (measured; 16 covers the 4-, 8- and 16-row tiles of CPU and GPU
+# GEMM kernels).
+INVARIANT_BLOCK_MAX = 1024
+INVARIANT_ROW_TILE = 16
 
 
 def default_chunk_size(n: int, vocab: int, device: torch.device, budget: int | None = None,
@@ -226,9 +230,9 @@ def rows(lead: torch.Size, device: torch.device, acc: torch.dtype, *, labels: ob
 
 def invariant_block(chunk_of: Callable[[int], int]) -> int:
     """The chunk of batch-invariant mode: the form's budget chunk for an unbounded row count (so
-    it depends on the vocabulary and device only), capped, a whole number of row tiles."""
+    it depends on the vocabulary and device only), capped, a power of two of whole row tiles."""
     block = min(INVARIANT_BLOCK_MAX, chunk_of(1 << 40))
-    return max(INVARIANT_ROW_TILE, block - block % INVARIANT_ROW_TILE)
+    return max(INVARIANT_ROW_TILE, 1 << (block.bit_length() - 1))
 
 
 def chunks(n: int, chunk: int) -> Iterator[slice]:
