@@ -36,6 +36,21 @@ if missing:
 print(f"sdist: {len(names)} files, the C++ sources and headers, CUDA sources, Triton kernels")
 PY
 
+# The wheel holds the product only: the package (with its C++ extension and Triton kernels), no
+# developer tooling (tools/: the Triton compile checker, the spot-check and bench scripts).
+python - "$wheel" <<'PY'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+tooling = [n for n in names if "triton_compile_check" in n or n.startswith("tools/")]
+need = ["fdiv_kernels/core/_ops.py", "fdiv_kernels/fused_linear/_engine.py",
+        "fdiv_kernels/triton_kernels/divergence.py"]
+missing = [n for n in need if n not in names]
+if tops != {"fdiv_kernels"} or tooling or missing or not any(n.endswith(".so") for n in names):
+    sys.exit(f"wheel content: top-level {sorted(tops)}, tooling {tooling}, missing {missing}")
+print(f"wheel: {len(names)} files, only fdiv_kernels (with _C and triton_kernels), no tooling")
+PY
+
 # A clean environment outside the tree; --system-site-packages keeps the installed torch (and the
 # test tools) instead of downloading another, and the wheel goes in without dependencies.
 work=$(mktemp -d)

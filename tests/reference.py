@@ -6,6 +6,8 @@ log-space element terms the kernels use; gradients come from autograd through it
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.special import xlogy
@@ -57,12 +59,12 @@ def _rows(kind: str, p: Tensor, q: Tensor, param: float | None) -> Tensor:
         return -xlogy(p, q).sum(-1)
     if kind == "renyi":
         a = 0.5 if param is None else param
-        # sum p^a q^(1-a) over p > 0 (0^a = 0 for a > 0), in float64 straight from the
-        # definition: near a = 1 the log of S ~ 1 is exact to ~1e-16 absolute, /(a-1) ~ 1e-12.
+        # log sum p^a q^(1-a) over p > 0 (0^a = 0 for a > 0), in float64 from the definition,
+        # as a log-sum-exp so that S far outside float64 (a = 50) stays finite: near a = 1 the
+        # log of S ~ 1 is exact to ~1e-16 absolute, /(a-1) ~ 1e-12.
         pos = p > 0
-        w = torch.where(pos, torch.exp(a * torch.log(torch.where(pos, p, 1))
-                                       + (1 - a) * torch.log(q)), 0)
-        return torch.log(w.sum(-1)) / (a - 1)
+        x = a * torch.log(torch.where(pos, p, 1)) + (1 - a) * torch.log(q)
+        return torch.logsumexp(torch.where(pos, x, -math.inf), -1) / (a - 1)
     if kind == "cauchy_schwarz":
         return (-torch.log((p * q).sum(-1)) + 0.5 * torch.log((p * p).sum(-1))
                 + 0.5 * torch.log((q * q).sum(-1)))
@@ -162,13 +164,15 @@ def _elementwise(kind: str, p: Tensor, q: Tensor, param: float | None) -> Tensor
 def sparse_divergence_rows(
     student: Tensor, ids: Tensor, teacher_logprobs: Tensor, kind: str, param: float | None = None,
     *, tail: str = "bucket", temperature: float = 1.0, teacher_temperature: float | None = None,
-    support: Tensor | None = None,
+    support: Tensor | None = None, slack: float = 0.0,
 ) -> Tensor:
     """Per-row divergence against a sparse teacher, in probability space, from the definitions:
     q = softmax(student / T) over all V gathered at ``ids``; p = exp(teacher_logprobs);
     re-tempered p^(T_t/T) / Z when ``teacher_temperature`` differs; "bucket" appends
-    (1 - sum p, 1 - sum q), "renormalize" divides both by their sums, "none" takes them as they
-    are. Padding entries (``support`` False) are left out."""
+    (1 - sum p, the sum of q off the support), "renormalize" divides both by their sums, "none"
+    takes them as they are. Padding entries (``support`` False) are left out. Under "bucket" a
+    support covering all V ids has no tail outcome (1 - sum p is rounding: 0), and a teacher
+    tail of at most ``slack`` is 0 where the student's is 0."""
     dt = torch.promote_types(student.dtype, torch.float64)
     mask = torch.ones_like(ids, dtype=torch.bool) if support is None else support
     q_all = torch.softmax(student.to(dt) / temperature, dim=-1)
@@ -178,6 +182,13 @@ def sparse_divergence_rows(
     q = torch.where(mask, q_all.gather(-1, torch.where(mask, ids, 0)), 0 * one)
     p = torch.where(mask, teacher_logprobs.to(dt).exp(), 0 * one)
     rest = 1 - p.sum(-1, keepdim=True)
+    # The student's tail summed over the columns off the support (exact for any gap, unlike
+    # 1 - sum_S q), and the two conventions for a tail that is only rounding.
+    on_s = torch.zeros(q_all.shape, dtype=torch.int64).scatter_add(
+        -1, torch.where(mask, ids, 0), mask.to(torch.int64)) > 0
+    q_off = torch.where(on_s, 0 * one, q_all).sum(-1, keepdim=True)
+    covered = on_s.all(-1, keepdim=True)
+    rest = torch.where(covered | ((q_off == 0) & (rest <= slack)), 0 * one, rest)
     if teacher_temperature is not None and teacher_temperature != temperature:
         a = teacher_temperature / temperature
         pa = torch.where(mask, torch.where(mask, p, one) ** a, 0 * one)
@@ -194,8 +205,11 @@ def sparse_divergence_rows(
     q = torch.where(mask, q, one)
     rows = torch.where(mask, _elementwise(kind, p, q, param), 0 * one).sum(-1)
     if tail == "bucket":
-        q_rest = 1 - torch.where(mask, q, 0 * one).sum(-1, keepdim=True)
-        rows = rows + _elementwise(kind, rest.clamp(min=0), q_rest, param).squeeze(-1)
+        # No tail on either side: no outcome (p = q = 1 in the unused branch keeps grads finite).
+        empty = (rest <= 0) & (q_off == 0)
+        tail_term = _elementwise(kind, torch.where(empty, one, rest.clamp(min=0)),
+                                 torch.where(empty, one, q_off), param)
+        rows = rows + torch.where(empty, 0 * one, tail_term).squeeze(-1)
     return rows
 
 

@@ -235,8 +235,8 @@ def _sparse_divergence_bwd(dev, backend):
 
 
 def _lse_combination_fwd(dev, backend):
-    # Cauchy-Schwarz's terms, and Renyi's (alpha = 0.3) log-sum-exp route with the logit
-    # transforms (scale, softcap) on.
+    # Cauchy-Schwarz's terms, and Renyi's (alpha = 0.3; alpha = 2: a negative coefficient and
+    # the float64 gradient pass) with the logit transforms (scale, softcap) on.
     from fdiv_kernels.divergences._row_kinds import CAUCHY_SCHWARZ_COEFFS, renyi_coeffs
 
     s, t, valid, _, _, _ = _divergence_args(dev)
@@ -244,7 +244,8 @@ def _lse_combination_fwd(dev, backend):
     return [(s, t, valid, cs, 0.5, 1.0, 0.0, 1.0, 0.0, True, True),
             (s, t, valid, renyi, 0.5, 1.3, 4.0, 0.8, 0.0, True, False),
             (s, t, valid, cs, 1.0, 1.0, 0.0, 1.0, 3.0, False, True),
-            (s, t, valid, cs, 1.0, 1.0, 0.0, 1.0, 0.0, False, False)]
+            (s, t, valid, cs, 1.0, 1.0, 0.0, 1.0, 0.0, False, False),
+            (s, t, valid, list(renyi_coeffs(2.0)), 1.0, 1.0, 0.0, 1.0, 0.0, True, True)]
 
 
 SAMPLES = {

@@ -18,7 +18,8 @@ without editing this file; a ``*_kernel`` of ``triton_kernels/`` that no launch 
 Identical launches are compiled once: 940 distinct launches today. Compiling all of them for
 both targets (``--all``, about 0.9 CPU s per compile: some 28 CPU minutes, 14 min on 2 idle cores)
 is too slow for CI, so by default a covering subset (97 today: 194 compiles, about 170 CPU s,
-1.5 min on 2 idle cores) is compiled for both targets: variants taken largest tiles first (the most registers), each kept if
+1.5 min on 2 idle cores) is compiled for both targets: variants taken largest tiles first (the
+most registers), each kept if
 it brings a value not yet compiled for its kernel (a kind, a dtype, a flag, a block size, a warp
 count...), so every value of every axis is compiled at least once per kernel, every kind at its
 largest block. Per compiled variant it reports registers per thread, local memory (spilled

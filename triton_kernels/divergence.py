@@ -141,8 +141,8 @@ def _divergence_fwd_kernel(
         # KL's student gradient is q - p: no need to know a row sum first.
         MERGED: tl.constexpr = BASE == KL and not SWAP and GRAD_S and not GRAD_T
         loss, H, K, qlq = _row_sums(s_row, t_row, gs_row, V, m_q, ls_q, m_p, ls_p, param, log_w,
-                                    log_1mw, s_k1, s_c2, s_kd, t_k1, t_c2, BASE, SWAP, F, F_PRIME, MERGED,
-                                    S_CAP, T_CAP, BLOCK)
+                                    log_1mw, s_k1, s_c2, s_kd, t_k1, t_c2, BASE, SWAP, F, F_PRIME,
+                                    MERGED, S_CAP, T_CAP, BLOCK)
         # lse - lse is 0, or NaN when a row held NaN: NaN in, NaN out.
         lse_q = m_q + ls_q
         lse_p = m_p + ls_p
@@ -256,8 +256,9 @@ def divergence_fwd(student, teacher, valid, base, swap, param, inv_temperature,
         V, student.stride(0), teacher.stride(0),
         gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
         float(param), *_mix_logs(base, param), s_k1, s_c2, s_kd, t_k1, t_c2, t_kd,
-        BASE=base, SWAP=bool(swap), **_generator(base), GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher),
-        S_CAP=bool(student_softcap), T_CAP=bool(teacher_softcap), BLOCK=block, num_warps=warps,
+        BASE=base, SWAP=bool(swap), **_generator(base), GRAD_S=bool(grad_student),
+        GRAD_T=bool(grad_teacher), S_CAP=bool(student_softcap), T_CAP=bool(teacher_softcap),
+        BLOCK=block, num_warps=warps,
     )
     return loss, gs, gt, ent
 
@@ -293,8 +294,8 @@ def divergence_grads(student, teacher, valid, lse_s, lse_t, sums, base, swap, pa
         V, student.stride(0), teacher.stride(0),
         gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
         float(param), *_mix_logs(base, param), float(inv_temperature),
-        BASE=base, SWAP=bool(swap), **_generator(base), GRAD_S=bool(grad_student), GRAD_T=bool(grad_teacher),
-        BLOCK=block, num_warps=warps,
+        BASE=base, SWAP=bool(swap), **_generator(base), GRAD_S=bool(grad_student),
+        GRAD_T=bool(grad_teacher), BLOCK=block, num_warps=warps,
     )
     return gs, gt
 

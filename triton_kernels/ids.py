@@ -1,4 +1,5 @@
-"""The ids of ``fdiv_kernels.core._ids`` as ``tl.constexpr`` globals, which ``@triton.jit`` code may read
+"""The ids of ``fdiv_kernels.core._ids`` as ``tl.constexpr`` globals, which ``@triton.jit`` code may
+read
 (Triton's compiler rejects any other global; the interpreter does not, so only a real compile
 catches it). Import the names themselves: ``from fdiv_kernels.triton_kernels.ids import KL``.
 """

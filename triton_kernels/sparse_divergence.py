@@ -12,9 +12,16 @@ One program per row, everything O(K) inside the kernel (no torch op around it):
   4. the dense gradient (q_j times a row coefficient times f'(x_j) / T, zeros under
      "renormalize"), then, after a barrier, the K support entries overwritten with their own value.
 Under "bucket" the student tail is log1mexp(LSE_S lq) while the support holds less than half the
-mass; otherwise the off-support exps are summed directly in a second read of the row (membership
-by comparing each column block against the K ids), so a vanishing tail stays exact.
-The math: ``fdiv_kernels/divergences/_sparse.py``; tail ids: ``fdiv_kernels/divergences/_sparse_tails.py``.
+mass; otherwise its log-mass is the online log-sum-exp of the off-support logits, in a second read
+of the row (membership by comparing each column block against the K ids), so a vanishing tail
+stays exact at any gap (no exp of the gap is formed: e^-110 underflows float32). Off S the
+gradient q_j (-H) + h_tail Q_S q_j / q_tail is written as exp(a_j - L_off) (h_tail Q_S - H q_tail),
+L_off = L + lq_tail the off-support log-sum-exp, whose exps are at most 1 there.
+A support covering all V ids leaves no outcome for the teacher's tail: its mass deficit is rounding
+(empty tail; the check asks for a mass of 1 within the slack), and a tail the student gives no mass
+(q_tail = 0) is dropped when the teacher's is within the slack (``_sparse_divergence``).
+The math: ``fdiv_kernels/divergences/_sparse.py``; tail ids:
+``fdiv_kernels/divergences/_sparse_tails.py``.
 """
 
 import math
@@ -70,7 +77,8 @@ def _sparse_divergence_fwd_kernel(
     # sizes and strides (rows contiguous)
     V, K, stride_x, stride_gs,
     # scalars; k1, c2, kd: the student transform's (logit_transform.transform_scalars, 1 / T in)
-    param, log_w, log_1mw, alpha, log_max_mass, k1, c2, kd,
+    # log_min_mass: log(1 - slack) (a covering support); log_slack: log(slack)
+    param, log_w, log_1mw, alpha, log_max_mass, log_min_mass, log_slack, k1, c2, kd,
     # features
     BASE: tl.constexpr, SWAP: tl.constexpr, TAIL: tl.constexpr, GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, OFF_BLOCK: tl.constexpr,
@@ -115,9 +123,14 @@ def _sparse_divergence_fwd_kernel(
         fin_tail = neg_inf64
         z = tl.zeros([], tl.float64)
         if TAIL == TAIL_BUCKET:
+            # A support covering every id: the tail has no outcome; mass 1 within the slack.
+            covered = tl.sum(sup.to(tl.int32), 0) == V
             if not BWD:
                 code = tl.maximum(code, tl.where(mass_t > log_max_mass, ERR_MASS, 0))
-            raw_tail = tl.where(mass_t >= 0.0, neg_inf64, _log1mexp64(tl.minimum(mass_t, 0.0)))
+                low = covered & (mass_t < log_min_mass)
+                code = tl.maximum(code, tl.where(low, ERR_MASS, 0))
+            raw_tail = tl.where((mass_t >= 0.0) | covered, neg_inf64,
+                                _log1mexp64(tl.minimum(mass_t, 0.0)))
             fin_tail = raw_tail
             if RETEMPER:
                 z = _masked_lse64(a_t * raw, sup, a_t * raw_tail)
@@ -160,7 +173,7 @@ def _sparse_divergence_fwd_kernel(
         H = tl.sum(h, 0)
         c_sup = H
         c_tail = 0.0
-        inv_qt = 0.0
+        ref_off = lse
         kt = tl.zeros([], tl.float32)
         if TAIL == TAIL_BUCKET:
             m_q = tl.max(lq, 0)
@@ -171,24 +184,34 @@ def _sparse_divergence_fwd_kernel(
             elif mass < -0.6931471805599453:
                 lq_tail = tl.log(1.0 - tl.exp(mass))
             else:
-                off = tl.zeros([OFF_BLOCK], tl.float32)
+                # The off-support log-sum-exp, online: its exps never underflow as a whole.
+                m_off = tl.full([], float("-inf"), tl.float32)
+                s_off = tl.zeros([], tl.float32)
                 for o in range(0, V, OFF_BLOCK):
                     cols = o + tl.arange(0, OFF_BLOCK)
                     a, _ = load_logits(x_row, cols, V, k1, c2, CAP)
-                    e = tl.where(cols < V, tl.exp(a - lse), 0.0)
                     hit = (cols[:, None] == ids[None, :]) & sup[None, :]
                     on_s = tl.max(hit.to(tl.int32), 1) > 0
-                    off += tl.where(on_s, 0.0, e)
-                lq_tail = tl.log(tl.sum(off, 0))
+                    m_off, s_off = online_update(
+                        m_off, s_off, tl.where(on_s | (cols >= V), float("-inf"), a))
+                lq_tail = (m_off + tl.log(s_off)) - lse
             tt, ht, kt = element_terms(fin_tail.to(tl.float32), lq_tail, param, log_w, log_1mw,
                                        BASE, SWAP)
+            # No student tail: a teacher tail within the slack is rounding (the backward, which
+            # only sees q_tail = 0, drops it too: its gradient is only used when finite).
+            forgive = lq_tail == float("-inf")
+            if not BWD:
+                forgive = forgive & (fin_tail <= log_slack)
+            tt = tl.where(forgive, 0.0, tt)
+            ht = tl.where(forgive, 0.0, ht)
+            kt = tl.where(forgive, 0.0, kt)
             loss += tt
             c_sup = H + ht
-            # Off S: h_tail Q_S q_j / q_tail with the ratio clamped to 1; dropped when the tail
-            # is empty or too small for 1 / q_tail to be finite.
-            use = (ht != 0.0) & (lq_tail > -80.0)
-            c_tail = tl.where(use, ht * tl.exp(mass), 0.0)
-            inv_qt = tl.where(use, tl.exp(-tl.maximum(lq_tail, -80.0)), 0.0)
+            # Off S: q_j (-H) + h_tail Q_S q_j / q_tail = exp(a_j - L_off) (h_tail Q_S - H q_tail)
+            # with L_off = L + lq_tail (no 1 / q_tail formed); no tail gradient: -H q_j.
+            use = (ht != 0.0) & (lq_tail > float("-inf"))
+            c_tail = tl.where(use, ht * tl.exp(mass) - H * tl.exp(lq_tail), -H)
+            ref_off = tl.where(use, lse + lq_tail, lse)
             if not BWD:
                 tl.store(stats_ptr + row * 2 + 1, lq_tail)
         else:
@@ -227,10 +250,11 @@ def _sparse_divergence_fwd_kernel(
                     g = tl.zeros([BLOCK], tl.float32)
                 else:
                     a, th = load_logits(x_row, cols, V, k1, c2, CAP)
-                    q = tl.exp(a - lse)
-                    g = -H * q
                     if TAIL == TAIL_BUCKET:
-                        g += c_tail * tl.minimum(q * inv_qt, 1.0)
+                        # Clamped at 1: the support columns (overwritten below) may exceed it.
+                        g = c_tail * tl.exp(tl.minimum(a - ref_off, 0.0))
+                    else:
+                        g = -H * tl.exp(a - lse)
                     g = chain(g, th, gm, CAP)
                 tl.store(gs_row + cols, g.to(gs_ptr.dtype.element_ty), mask=cols < V)
             # The support entries overwrite the dense values other threads just stored.
@@ -282,7 +306,8 @@ def sparse_divergence_fwd(student, ids, teacher, support, valid, base, swap, par
         raise ValueError("teacher_ids must not repeat an id within a row (on the support)")
     if code == ERR_MASS.value:
         raise ValueError(f"teacher_logprobs: under tail='bucket' the teacher mass on the support "
-                         f"must be at most 1 (+{mass_slack} rounding)")
+                         f"must be at most 1 (+{mass_slack} rounding), and 1 (-+{mass_slack}) "
+                         f"where the support covers all {V} ids")
     return loss, gs, gt, stats
 
 
@@ -311,6 +336,8 @@ def _launch(student, ids, teacher, support, valid, loss, gs, gt, stats, grad_los
         V, K, student.stride(0), gs.stride(0) if grad_student else 0,
         float(param), *_mix_logs(base, param), float(teacher_alpha),
         math.log1p(mass_slack) if mass_slack < float("inf") else float("inf"),
+        math.log1p(-mass_slack) if mass_slack < 1 else float("-inf"),
+        math.log(mass_slack) if mass_slack > 0 else float("-inf"),
         *transform_scalars(float(logit_scale), float(softcap), float(inv_temperature)),
         BASE=base, SWAP=bool(swap), TAIL=int(tail), GRAD_S=bool(grad_student),
         GRAD_T=bool(grad_teacher), BLOCK=block, BLOCK_K=triton.next_power_of_2(K),

@@ -1,15 +1,19 @@
 // CPU row divergences that are weighted sums of three log-sum-exps, with their logit gradients.
 //
 // With a = student / T and b = teacher / T (after the optional logit transforms) and three
-// terms k = 0, 1, 2 given by (ca_k, cb_k, w_k), ca_k, cb_k >= 0:
+// terms k = 0, 1, 2 given by finite (ca_k, cb_k, w_k):
 //   D = sum_k w_k lse(ca_k a + cb_k b),
 //   dD/da = sum_k w_k ca_k softmax(ca_k a + cb_k b),  dD/db = sum_k w_k cb_k softmax(...).
-// Cauchy-Schwarz is (2, 0, 1/2), (0, 2, 1/2), (1, 1, -1); Renyi far from alpha = 1 is
+// Cauchy-Schwarz is (2, 0, 1/2), (0, 2, 1/2), (1, 1, -1); Renyi (alpha != 1) is
 // (1-alpha, alpha, 1/(alpha-1)), (1, 0, 1), (0, 1, alpha/(1-alpha)) (fdiv_kernels/divergences/_row_kinds.py
 // states both, and why). One row at a time (rows over torch's thread pool): the transformed pair
 // goes to a per-thread buffer (16-bit rows are widened there); one pass finds the three maxima,
 // one the three sums (block sums in the compute type, accumulated in double: the terms cancel as
-// p -> q), one writes the gradients. A coefficient 0 contributes 0, also against a -inf logit.
+// p -> q), one writes the gradients (in double when wide_grad(): a coefficient below 0 or above 2,
+// or a weighted one above 1 in magnitude, as Renyi's teacher side alpha / (alpha - 1) (r - p),
+// whose float terms would cancel). A coefficient 0 contributes 0, also against a -inf logit; a
+// -inf from a positive coefficient beats the +inf of a negative one (that outcome has no mass),
+// and a term with a +inf entry has lse = +inf (D = +inf), left out of the gradient.
 //
 // Logit transforms, per input, in this order (0 softcap = none):
 //   z <- z * scale;  z <- cap * tanh(z / cap);  a = z / T,
@@ -45,6 +49,14 @@ struct Transform {
 
 struct Coeffs {
   std::array<double, kTerms> ca, cb, w;
+  // The gradient pass in double (triton_kernels/lse_combination.py: wide_grad).
+  bool wide_grad() const {
+    for (int k = 0; k < kTerms; ++k)
+      if (!(ca[k] >= 0 && ca[k] <= 2 && cb[k] >= 0 && cb[k] <= 2) ||
+          std::abs(w[k] * ca[k]) > 1 || std::abs(w[k] * cb[k]) > 1)
+        return true;
+    return false;
+  }
 };
 
 template <class T>
@@ -56,6 +68,43 @@ FDIV_INLINE T shift_of(T m) {  // an all -inf term is shifted by 0: exp(-inf - 0
 template <class T>
 FDIV_INLINE T times(T c, T x) {
   return c == T(0) ? T(0) : c * x;
+}
+
+// ca a + cb b; -inf from either side wins over the +inf of a negative coefficient.
+template <class T>
+FDIV_INLINE T mix(T ca, T a, T cb, T b) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const T x = times(ca, a), y = times(cb, b);
+  return x == kNegInf || y == kNegInf ? kNegInf : x + y;
+}
+
+// The mix of a term: with both coefficients >= 0 the plain sum already gives -inf where it
+// must (and never +inf), and vectorizes as before; mix() only for a negative coefficient.
+template <bool kNeg, class T>
+FDIV_INLINE T mix_of(T ca, T a, T cb, T b) {
+  if constexpr (kNeg) return mix(ca, a, cb, b);
+  else return times(ca, a) + times(cb, b);
+}
+
+// One term's shift (its max, 0 when all -inf) and log-sum: the max pass, then the sum pass.
+template <bool kNeg, class T>
+FDIV_INLINE void term_stats(const T* a, const T* b, int64_t n, double ca, double cb,
+                            double& shift, double& log_sum) {
+  double m = -std::numeric_limits<double>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j)
+    m = std::max(m, mix_of<kNeg>(ca, double(a[j]), cb, double(b[j])));
+  const double sh = shift_of(m);
+  shift = sh;
+  if (sh == std::numeric_limits<double>::infinity()) {  // a +inf entry: lse = +inf
+    log_sum = 0;
+    return;
+  }
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j)
+    sum += exp_nonpositive(mix_of<kNeg>(ca, double(a[j]), cb, double(b[j])) - sh);
+  log_sum = std::log(sum);
 }
 
 // The input's transform with 1 / T folded in (the chain rule's factor too).
@@ -82,24 +131,16 @@ struct RowStats {
 // are formed in double too (a + b rounded to float is off by eps |a + b|).
 template <class T>
 FDIV_INLINE RowStats row_stats(const T* a, const T* b, int64_t n, const Coeffs& c) {
-  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   RowStats r{};
   int nan = 0;
 #pragma omp simd reduction(| : nan)
   for (int64_t j = 0; j < n; ++j) nan |= int(a[j] != a[j]) | int(b[j] != b[j]);
   for (int k = 0; k < kTerms; ++k) {
     const double ca = c.ca[k], cb = c.cb[k];
-    double m = kNegInf;
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j)
-      m = std::max(m, times(ca, double(a[j])) + times(cb, double(b[j])));
-    const double sh = shift_of(m);
-    double sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j)
-      sum += exp_nonpositive((times(ca, double(a[j])) + times(cb, double(b[j]))) - sh);
-    r.shift[k] = sh;
-    r.log_sum[k] = std::log(sum);
+    if (ca >= 0 && cb >= 0)
+      term_stats<false>(a, b, n, ca, cb, r.shift[k], r.log_sum[k]);
+    else
+      term_stats<true>(a, b, n, ca, cb, r.shift[k], r.log_sum[k]);
   }
   // The shifts, which carry the large magnitudes, combine first (for Cauchy-Schwarz they cancel
   // exactly on identical rows); then the small log-sums. A term with no mass (lse = -inf, e.g.
@@ -127,15 +168,53 @@ FDIV_INLINE RowStats stats(const double* a, const double* b, int64_t n, const Co
   return stats_double(a, b, n, c);
 }
 
+// Whether term k enters the gradient: a weight, and a finite lse (no mass: -inf; +inf entries).
+FDIV_INLINE bool grad_term_live(const RowStats& r, int k, double wk) {
+  return wk != 0 && r.log_sum[k] != -std::numeric_limits<double>::infinity() &&
+         r.shift[k] != std::numeric_limits<double>::infinity();
+}
+
 // g = sum_k w_k c_k softmax_k (c = ca for the student, cb for the teacher), then the chain rule
 // of x's transform. A term with no mass (log_sum = -inf) is left out rather than NaN.
 template <class T>
 void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStats& r,
               const Coeffs& c, const std::array<double, kTerms>& cx, const Transform& tr) {
   std::fill(g, g + n, T(0));
+  if (c.wide_grad()) {
+    // Exponents, exps and the sum in double, rounded once. A dead term has w = 0 (skipped).
+    std::array<double, kTerms> w{}, ca{}, cb{}, off{};
+    for (int k = 0; k < kTerms; ++k) {
+      const double wk = c.w[k] * cx[k];
+      if (!grad_term_live(r, k, wk)) continue;
+      w[k] = wk;
+      ca[k] = c.ca[k];
+      cb[k] = c.cb[k];
+      off[k] = r.shift[k] + r.log_sum[k];
+    }
+    // In blocks of a double accumulator on the stack, term by term (loops that vectorize).
+    constexpr int64_t kAcc = 256;
+    double acc[kAcc];
+    for (int64_t j0 = 0; j0 < n; j0 += kAcc) {
+      const int64_t len = std::min(kAcc, n - j0);
+      const T* aj = a + j0;
+      const T* bj = b + j0;
+      std::fill(acc, acc + len, 0.0);
+      for (int k = 0; k < kTerms; ++k) {
+        if (w[k] == 0) continue;
+        const double wk = w[k], cak = ca[k], cbk = cb[k], ok = off[k];
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j)
+          acc[j] += wk * exp_nonpositive(
+                             std::min(0.0, mix(cak, double(aj[j]), cbk, double(bj[j])) - ok));
+      }
+      for (int64_t j = 0; j < len; ++j) g[j0 + j] = T(acc[j]);
+    }
+    chain_rule(g, x, n, tr);
+    return;
+  }
   for (int k = 0; k < kTerms; ++k) {
     const double wk = c.w[k] * cx[k];
-    if (wk == 0 || r.log_sum[k] == -std::numeric_limits<double>::infinity()) continue;
+    if (!grad_term_live(r, k, wk)) continue;
     const T w = T(wk), ca = T(c.ca[k]), cb = T(c.cb[k]), sh = T(r.shift[k]), ls = T(r.log_sum[k]);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j)
@@ -197,10 +276,9 @@ Coeffs checked_coeffs(at::ArrayRef<double> coeffs) {
     c.ca[k] = coeffs[3 * k];
     c.cb[k] = coeffs[3 * k + 1];
     c.w[k] = coeffs[3 * k + 2];
-    TORCH_CHECK_VALUE(c.ca[k] >= 0 && c.cb[k] >= 0 && std::isfinite(c.ca[k]) &&
-                          std::isfinite(c.cb[k]) && std::isfinite(c.w[k]),
-                      "coeffs: the input coefficients must be finite and >= 0 and the weights "
-                      "finite, got term ", k, " = (", c.ca[k], ", ", c.cb[k], ", ", c.w[k], ")");
+    TORCH_CHECK_VALUE(std::isfinite(c.ca[k]) && std::isfinite(c.cb[k]) && std::isfinite(c.w[k]),
+                      "coeffs must be finite, got term ", k, " = (", c.ca[k], ", ", c.cb[k],
+                      ", ", c.w[k], ")");
   }
   return c;
 }

@@ -17,8 +17,13 @@
 //      f'(z_j) / T, then the K support entries overwritten with their own value.
 // Under "bucket" the student tail q_tail = sum over the columns off S. When the support holds
 // less than half the mass, 1 - sum_S q (log1mexp) is accurate; otherwise a second read of the
-// row sums the off-support exps directly (a per-thread mark array flags S), so a tail of 1e-20
-// is still exact rather than lost to the rounding of 1 - sum_S q.
+// row takes the online log-sum-exp of the off-support logits (a per-thread mark array flags S),
+// so a tail of e^-110 is still exact rather than lost to the rounding of 1 - sum_S q or to the
+// underflow of its exps. Off S the gradient q_j (-H) + h_tail Q_S q_j / q_tail is written as
+// exp(a_j - L_off) (h_tail Q_S - H q_tail), L_off = L + lq_tail: no 1 / q_tail is formed.
+// A support covering all V ids leaves no outcome for the teacher's tail (its mass deficit is
+// rounding: an empty tail, and the check asks for a mass of 1 within the slack); a student tail
+// of 0 drops a teacher tail within the slack (fdiv_kernels/_sparse_divergence.py).
 // The backward launch redoes steps 0 (range only), 1 and 3 from the forward's per-row (L,
 // lq_tail) and writes step 4 scaled by the incoming gradient: one read and one write of the row.
 #include <ATen/ATen.h>
@@ -102,13 +107,14 @@ struct TeacherRow {
   double a = 1.0;              // the power the entries are raised to (re-tempering)
   bool renorm = false;         // entries (and tail) renormalized after the power
 
+  // covered: S holds every id of the row, so no outcome is left for the tail.
   void prepare(const double* raw, const bool* sup, int64_t K, int tail_mode, double alpha,
-               double* out) {
+               bool covered, double* out) {
     mass = masked_lse(raw, sup, K, 1.0);
     a = alpha > 0 ? alpha : 1.0;
     double z = 0.0;
     if (tail_mode == TAIL_BUCKET) {
-      raw_tail = mass >= 0.0 ? kNegInfD : log1mexp(mass);
+      raw_tail = mass >= 0.0 || covered ? kNegInfD : log1mexp(mass);
       renorm = alpha > 0;
       if (renorm) z = masked_lse(raw, sup, K, a, a * raw_tail);
       tail = renorm ? (z == kNegInfD ? kNegInfD : a * raw_tail - z) : raw_tail;
@@ -174,7 +180,7 @@ class IdSet {
 
 // ---- steps 2 and 4: the row passes (T = compute type) -----------------------------------------
 
-// sum over unmarked columns of exp(m1 b - lse).
+// sum over unmarked columns of exp(m1 b - lse): the common case, one loop.
 template <class T>
 FDIV_INLINE double off_support_sum(const T* b, const uint8_t* mark, T m1, T lse, int64_t n) {
   T s = 0;
@@ -184,6 +190,31 @@ FDIV_INLINE double off_support_sum(const T* b, const uint8_t* mark, T m1, T lse,
     s += mark[j] ? T(0) : e;
   }
   return double(s);
+}
+
+// The unmarked columns of m1 b folded into an online log-sum-exp, block by block (max, then the
+// exps against it): exact however far below the row's normalizer they sit.
+template <class T>
+FDIV_INLINE void off_support_lse(const T* b, const uint8_t* mark, T m1, int64_t n,
+                                 OnlineSoftmax<T>& acc) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t len = std::min(kBlock, n - j0);
+    const T* bb = b + j0;
+    const uint8_t* mb = mark + j0;
+    T bm = kNegInf;
+#pragma omp simd reduction(max : bm)
+    for (int64_t j = 0; j < len; ++j) bm = std::max(bm, mb[j] ? kNegInf : bb[j] * m1);
+    const T m = acc.rebase(bm);
+    if (m == kNegInf) continue;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < len; ++j) {
+      const T e = vexp(bb[j] * m1 - m);
+      s += mb[j] ? T(0) : e;
+    }
+    acc.add(double(s));
+  }
 }
 
 // out[j] = c q_j f'_j, q_j = exp(m1 b_j - lse), with f'_j = 1 - (b_j / cap)^2 under a softcap
@@ -253,6 +284,10 @@ FDIV_INLINE double support_sum(const T* lq, const bool* sup, T m, int64_t K) {
   }                                                                                           \
   ATTR double off_entry(const T* x, const uint8_t* mark, T scale, T lse, int64_t n) {         \
     return off_support_sum(x, mark, scale, lse, n);                                           \
+  }                                                                                           \
+  ATTR void off_lse_entry(const T* x, const uint8_t* mark, T scale, int64_t n,               \
+                          OnlineSoftmax<T>& acc) {                                            \
+    off_support_lse(x, mark, scale, n, acc);                                                  \
   }                                                                                           \
   ATTR void grad_entry(const T* b, T* out, T m1, T lse, T c, T inv_cap, bool cap,            \
                        int64_t n) {                                                           \
@@ -371,10 +406,16 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
       // 1. the teacher.
       for (int64_t k = 0; k < K; ++k) raw[k] = sr[k] ? lpp[i * K + k] : 0.0;
       TeacherRow tr;
-      tr.prepare(raw.data(), sr, K, A.tail, A.alpha, fin.data());
-      TORCH_CHECK_VALUE(bwd || !bucket || !(tr.mass > std::log1p(A.mass_slack)),
+      int64_t n_sup = 0;
+      for (int64_t k = 0; k < K; ++k) n_sup += sr[k] ? 1 : 0;
+      const bool covered = bucket && n_sup == n;  // the ids are distinct (checked above)
+      tr.prepare(raw.data(), sr, K, A.tail, A.alpha, covered, fin.data());
+      TORCH_CHECK_VALUE(bwd || !bucket ||
+                            (!(tr.mass > std::log1p(A.mass_slack)) &&
+                             !(covered && tr.mass < std::log1p(-A.mass_slack))),
                         "teacher_logprobs: under tail='bucket' the teacher mass on the support "
-                        "must be at most 1 (+", A.mass_slack, " rounding), got ",
+                        "must be at most 1 (+", A.mass_slack, " rounding), and 1 (-+",
+                        A.mass_slack, ") where the support covers all ", n, " ids, got ",
                         std::exp(tr.mass), " (row ", i, ")");
       const RowReader<scalar_t, T> rd{xr, buf.data(), cap, xf};
       // 2. the normalizer: over the row, or over S when renormalizing.
@@ -430,13 +471,29 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
             off += off_entry(b, mark.data() + j0, m1, L, len);
           });
           lq_tail = std::log(off);
+          // Below ~2^-100 the exps against L may have underflowed (all of them past a gap of
+          // ~104 in float): the tail's log-mass from the off-support log-sum-exp instead, one
+          // more read of the row, exact at any gap.
+          if (!(off > 0x1p-100)) {
+            OnlineSoftmax<T> acc;
+            rd.blocks(n, [&](const T* b, int64_t j0, int64_t len) {
+              off_lse_entry(b, mark.data() + j0, m1, len, acc);
+            });
+            lq_tail = acc.lse() - lse;
+          }
           for (int64_t k = 0; k < K; ++k)
             if (sr[k]) mark[size_t(idr[k])] = 0;
         }
         const Terms3<T> e = terms(A.base, consts, A.swap, T(tr.tail), T(lq_tail));
-        loss_i += double(e.t);
-        h_tail = double(e.h);
-        kd_tail = double(e.k);
+        // No student tail: a teacher tail within the slack is rounding, dropped (the backward,
+        // which sees only q_tail = 0, drops it too: its gradient is used only when finite).
+        const bool forgive =
+            lq_tail == kNegInfD && (bwd || tr.tail <= std::log(A.mass_slack));
+        if (!forgive) {
+          loss_i += double(e.t);
+          h_tail = double(e.h);
+          kd_tail = double(e.k);
+        }
       }
       if (!renorm) loss_i += double(L - L);  // NaN logits: NaN loss
       if (lossp) {
@@ -453,12 +510,16 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
       const double rs = gl ? double(gl[i]) : 1.0;
       // 4. the dense gradient, then the support entries. Off S the gradient is q_j times one
       // coefficient: -H, plus under "bucket" the tail's h_tail Q_S / q_tail (d lq_tail / d a_j =
-      // q_j Q_S / q_tail there; q_j <= q_tail off S, so the term stays below h_tail Q_S),
-      // dropped when the tail is empty or too small for 1 / q_tail to be finite.
+      // q_j Q_S / q_tail there), taken as exp(a_j - L_off) (h_tail Q_S - H q_tail) with
+      // L_off = L + lq_tail (q_j / q_tail <= 1 off S; on S, overwritten below, it may overflow).
       double c = -H, c_sup = H;
+      T ref = L;
       if (bucket) {
         c_sup = H + h_tail;
-        if (h_tail != 0 && lq_tail > -80.0) c += h_tail * std::exp(mass - lq_tail);
+        if (h_tail != 0 && lq_tail > kNegInfD) {
+          c = h_tail * std::exp(mass) - H * std::exp(lq_tail);
+          ref = T(lse + lq_tail);
+        }
       }
       c *= rs * double(gm);
       if (renorm) {
@@ -467,9 +528,9 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
         T* obuf = need_buf ? buf.data() + kBlock : nullptr;
         rd.blocks(n, [&](const T* b, int64_t j0, int64_t len) {
           if constexpr (kWide) {
-            grad_entry(b, gr + j0, m1, L, T(c), inv_cap, cap, len);
+            grad_entry(b, gr + j0, m1, ref, T(c), inv_cap, cap, len);
           } else {
-            grad_entry(b, obuf, m1, L, T(c), inv_cap, cap, len);
+            grad_entry(b, obuf, m1, ref, T(c), inv_cap, cap, len);
             narrow_block(gr + j0, obuf, len);
           }
         });

@@ -206,7 +206,7 @@ def sparse_divergence_fwd_torch(
     alpha = teacher_alpha if teacher_alpha > 0 else None
     # The teacher side in float64 (1 - sum p stays exact when S holds nearly all the mass).
     raw = teacher.to(torch.float64)
-    lp_k, lp_tail = prepare_teacher(raw, support, tail, alpha)
+    lp_k, lp_tail = prepare_teacher(raw, support, tail, alpha, V)
     loss = student.new_empty(N, dtype=ctype)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = student.new_zeros(N, K, dtype=ctype) if grad_teacher else student.new_empty(0)
@@ -236,6 +236,12 @@ def sparse_divergence_fwd_torch(
             lq_tail = torch.logsumexp(a_off, dim=-1) - lse
             del a_off
             tt, ht, kt = element_terms(spec, lp_tail[rows].to(ctype), lq_tail)
+            # No student tail (q_tail = 0): a teacher tail within the slack is rounding, dropped
+            # (the backward, mass_slack = inf, drops it whenever q_tail = 0: its gradient is
+            # only used when the loss is finite).
+            forgive = (lq_tail == neg_inf) & (
+                lp_tail[rows] <= (math.log(mass_slack) if mass_slack > 0 else neg_inf))
+            tt, ht, kt = (torch.where(forgive, torch.zeros_like(x), x) for x in (tt, ht, kt))
             row = row + tt
         if tail != TAIL_RENORMALIZE:
             row = row + (lse - lse)  # NaN logits: NaN loss
@@ -245,7 +251,7 @@ def sparse_divergence_fwd_torch(
             stats[rows, 1] = _zero_where(keep, lq_tail)
         if grad_teacher:
             g_raw = teacher_vjp(raw[rows], sup, tail, alpha, torch.where(sup, k, 0.0).double(),
-                                kt.double())
+                                kt.double(), V)
             gt[rows] = _zero_where(keep, g_raw.to(ctype))
         if not grad_student:
             continue
@@ -293,9 +299,10 @@ def _scaled_logits(z: Tensor, scale: float, softcap: float,
 
 
 def _softmax_or_zero(x: Tensor, lse: Tensor) -> Tensor:
-    """exp(x - lse) row-wise; 0 on rows whose lse is -inf (no mass: nothing to differentiate)."""
-    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
-    dead = (lse == -math.inf)[:, None]
+    """exp(x - lse) row-wise; 0 on rows whose lse is infinite (no mass, or an infinite term:
+    nothing finite to differentiate)."""
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    dead = torch.isinf(lse)[:, None]
     return torch.where(dead, torch.zeros_like(x), torch.exp(x - safe[:, None]))
 
 
@@ -309,9 +316,8 @@ def lse_combination_fwd_torch(
     if len(coeffs) != 9:
         raise ValueError(f"coeffs must hold 9 numbers (ca, cb, w per term), got {len(coeffs)}")
     terms = [tuple(float(c) for c in coeffs[i:i + 3]) for i in (0, 3, 6)]
-    if any(not (ca >= 0 and cb >= 0 and math.isfinite(ca + cb + w)) for ca, cb, w in terms):
-        raise ValueError(f"coeffs: the input coefficients must be finite and >= 0 and the "
-                         f"weights finite, got {terms}")
+    if any(not math.isfinite(ca + cb + w) for ca, cb, w in terms):
+        raise ValueError(f"coeffs must be finite, got {terms}")
     ctype = loss_dtype(student.dtype)
     wide = torch.promote_types(ctype, torch.float64)
     N, V = student.shape
@@ -324,10 +330,16 @@ def lse_combination_fwd_torch(
         b, db = _scaled_logits(teacher[rows].to(wide), teacher_scale, teacher_softcap,
                                inv_temperature)
         xs = [_mix(a, b, ca, cb) for ca, cb, _ in terms]
-        lses = [torch.logsumexp(x, -1) for x in xs]
-        # The maxima first, then the log-sums (as the kernels: exact 0 on identical CS rows).
-        shifts = [torch.where(x.amax(-1) == -math.inf, 0.0, x.amax(-1)) for x in xs]
-        logs = [torch.log(torch.exp(x - m[:, None]).sum(-1)) for x, m in zip(xs, shifts)]
+        # The maxima first, then the log-sums (as the kernels: exact 0 on identical CS rows). A
+        # term with a +inf entry (a negative coefficient on a -inf logit) has lse = +inf: its
+        # shift is +inf and its log-sum 0 (not inf - inf).
+        maxes = [x.amax(-1) for x in xs]
+        shifts = [torch.where(m == -math.inf, 0.0, m) for m in maxes]
+        logs = [torch.where(m == math.inf, 0.0,
+                            torch.log(torch.exp(x - torch.where(m == math.inf, 0.0, m)[:, None])
+                                      .sum(-1)))
+                for x, m in zip(xs, shifts)]
+        lses = [m + ls for m, ls in zip(shifts, logs)]
         row = sum(w * m for (_, _, w), m in zip(terms, shifts))
         row = row + sum(w * ls for (_, _, w), ls in zip(terms, logs))
         keep = valid[rows]
@@ -345,8 +357,12 @@ def lse_combination_fwd_torch(
 
 
 def _mix(a: Tensor, b: Tensor, ca: float, cb: float) -> Tensor:
-    """ca a + cb b, a zero coefficient dropping its input (0 * -inf would be NaN)."""
-    return (ca * a if ca else torch.zeros_like(a)) + (cb * b if cb else torch.zeros_like(b))
+    """ca a + cb b, a zero coefficient dropping its input (0 * -inf would be NaN). A -inf from
+    either side wins: a positive coefficient on a -inf logit (that outcome has no mass: p^alpha
+    q^(1-alpha) = 0 at p = 0 whatever q) beats the +inf of a negative one."""
+    x = (ca * a if ca else torch.zeros_like(a))
+    y = (cb * b if cb else torch.zeros_like(b))
+    return torch.where((x == -math.inf) | (y == -math.inf), -math.inf, x + y)
 
 
 register(SoftmaxOps(

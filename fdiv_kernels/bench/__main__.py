@@ -65,7 +65,8 @@ def _list(choices):
         items = [x for x in text.split(",") if x]
         bad = [x for x in items if x not in choices]
         if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma list of {sorted(choices)}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of {sorted(choices)}, got {text!r}")
         return items
     return parse
 
@@ -182,7 +183,8 @@ def main(argv=None) -> int:
     # --quick is a smoke run: 5 repeats per provider, not 2 s of them.
     rows = run_cases(cases, interleave=args.interleave, case_cap_s=args.case_cap,
                      budget_s=0.0 if args.quick else 2.0)
-    command = "python -m fdiv_kernels.bench " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m fdiv_kernels.bench " + " ".join(map(shlex.quote, given))
     meta = metadata(device, command)
     absent = absent_providers(device, args.ops, peers, args.backends, args.quick)
     meta["absent"] = absent

@@ -91,7 +91,8 @@ def divergence_cases(kinds, shapes, dtype, device, modes, peers=("eager", "compi
                 if "compile" in peers:
                     compiled = torch.compile(pipeline, dynamic=False)
                     case.providers["torch-compile"] = _runner(compiled, shape, dtype, device, mode)
-                liger = _liger_pipeline(kind) if device.type == "cuda" and "liger" in peers else None
+                on_gpu = device.type == "cuda"
+                liger = _liger_pipeline(kind) if on_gpu and "liger" in peers else None
                 if liger is not None:
                     case.providers["liger"] = _runner(liger, shape, dtype, device, mode)
                 cases.append(case)

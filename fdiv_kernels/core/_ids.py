@@ -5,7 +5,8 @@ only globals a ``@triton.jit`` body may read), ``csrc/common/ids.h`` holds the s
 C++, and ``tests/test_ids.py`` parses that header and checks that the two agree.
 """
 
-# Divergence base kernels (``fdiv_kernels.kinds._registry``): each kind is a base id plus a swap flag.
+# Divergence base kernels (``fdiv_kernels.kinds._registry``): each kind is a base id plus a swap
+# flag.
 KL = 0
 JS = 1
 TV = 2

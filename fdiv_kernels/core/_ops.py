@@ -170,4 +170,5 @@ def select_ops(requested: str, x: Tensor, op: str, base: int | None = None,
     return ops_for(_dispatch.select(requested, x, op, base, transforms))
 
 
-__all__ = ["OPS", "SCHEMAS", "define", "SoftmaxOps", "ops_for", "overload", "qualname", "records", "register", "select_ops"]
+__all__ = ["OPS", "SCHEMAS", "SoftmaxOps", "define", "ops_for", "overload", "qualname", "records",
+           "register", "select_ops"]

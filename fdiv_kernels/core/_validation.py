@@ -86,7 +86,8 @@ def check_real(name: str, value: object, *, positive: bool = False) -> float:
     # Comparisons, not math.isfinite: they also trace on a symbolic float (torch.compile with
     # dynamic=True); NaN fails both.
     if not -math.inf < v < math.inf or (positive and v <= 0):
-        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {v}")
+        what = "a finite positive" if positive else "a finite"
+        raise ValueError(f"{name} must be {what} number, got {v}")
     return v
 
 

@@ -160,8 +160,7 @@ def divergence(
     s = student_logits.to(dtype).reshape(-1, vocab).contiguous()
     t = teacher_logits.to(dtype).reshape(-1, vocab).contiguous()
     row_kind = spec.kind in (_row_kinds.RENYI, _row_kinds.CAUCHY_SCHWARZ)
-    # The row kinds run their row op (every backend with it also has divergence_fwd, which
-    # renyi uses too): fdiv_kernels.divergences._row_kinds.
+    # The row kinds run their row op: fdiv_kernels.divergences._row_kinds.
     ops = select_ops(backend, s, "lse_combination_fwd" if row_kind else "divergence_fwd",
                      spec.base, transforms)
     if not isinstance(inplace_backward, bool):
@@ -176,16 +175,16 @@ def divergence(
         # Inside forward() grad mode is always off: ask here whether any gradient can be wanted,
         # so that no_grad / inference_mode calls never compute or allocate the (N, V) gradients.
         rows = ent = None
-        if spec.kind != _row_kinds.CAUCHY_SCHWARZ:  # renyi: from the alpha rows (base ALPHA), too
+        if not row_kind:
             rows, ent = DivergenceFunction.apply(
                 s, t, keep, spec.base, spec.swap, spec.param, inv_t, transforms, ops,
                 inplace_backward, torch.is_grad_enabled(),
             )
         if row_kind:
             rows = _row_kinds.row_kind_rows(spec.kind, spec.param, s, t, keep, inv_t, ops,
-                                            inplace_backward, rows, transforms=transforms)
+                                            inplace_backward, transforms=transforms)
         if ent is None and return_stats:
-            # cauchy_schwarz's row op has no entropy output: one more read of the student rows.
+            # The row op has no entropy output: one more read of the student rows.
             ent = entropy(s.detach(), temperature, logit_scale=transforms[0],
                           softcap=transforms[1] or None, backend=ops.name)
             ent = torch.where(keep, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))

@@ -19,8 +19,11 @@ where term, h = d term / d lq and k = d term / d lp are the element terms of the
                dD/da_j = q_j (-H + h_tail Q_S / q_tail)                for j off S
 
 (d lq_tail / d a_j is -q_j on S and q_j Q_S / q_tail off S, where q_j <= q_tail: off S the
-gradient is q_j times one coefficient per row, the inner loop of a softmax backward; the tail
-term is dropped when q_tail < e^-80, where 1 / q_tail would overflow). The teacher gradient is k_i
+gradient is one coefficient per row times exp(a_j - L_off), L_off = L + lq_tail the off-support
+log-sum-exp, as (h_tail Q_S - H q_tail) exp(a_j - L_off): the inner loop of a softmax backward,
+with no 1 / q_tail formed, so a tail of e^-110 keeps its gradient). Under "bucket" a teacher
+tail is 0 where S covers all V ids (no outcome is left for it; its mass deficit must be within
+the slack) and, within the slack, where the student's tail is 0. The teacher gradient is k_i
 on the entries and k_tail on the tail, carried back through ``prepare_teacher`` by
 ``teacher_vjp`` (closed form).
 

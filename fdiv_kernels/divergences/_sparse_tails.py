@@ -49,7 +49,8 @@ def check_teacher(ids: Tensor, lp: Tensor, support: Tensor, vocab: int, tail: in
                   mass_slack: float) -> None:
     """The value checks every backend's forward makes (the kernels per row, without a host
     sync on the CPU): ids in [0, V) and distinct on the support, and under "bucket" a teacher
-    mass on S of at most 1 + ``mass_slack``. ValueError naming the argument."""
+    mass on S of at most 1 + ``mass_slack`` (and at least 1 - ``mass_slack`` where S covers all
+    V ids: no outcome is left for the tail). ValueError naming the argument."""
     if ids.numel() == 0:
         return
     bad = support & ((ids < 0) | (ids >= vocab))
@@ -65,20 +66,31 @@ def check_teacher(ids: Tensor, lp: Tensor, support: Tensor, vocab: int, tail: in
     if tail == TAIL_BUCKET:
         mass = _masked_lse(lp.to(torch.float64), support)
         over = mass > math.log1p(mass_slack)
+        if mass_slack < 1:
+            over |= _covered(support, vocab) & (mass < math.log1p(-mass_slack))
         if bool(over.any()):
             raise ValueError(
                 f"teacher_logprobs: under tail='bucket' the teacher mass on the support must be "
-                f"at most 1 (+{mass_slack} rounding), got {float(mass[over][0].exp()):.6g}"
+                f"at most 1 (+{mass_slack} rounding), and 1 (-+{mass_slack}) where the support "
+                f"covers all {vocab} ids, got {float(mass[over][0].exp()):.6g}"
             )
 
 
-def prepare_teacher(lp: Tensor, support: Tensor, tail: int, alpha: float | None
-                    ) -> tuple[Tensor, Tensor]:
+def _covered(support: Tensor, vocab: int | None) -> Tensor:
+    """Rows whose support holds all ``vocab`` ids (distinct, checked): no outcome for a tail."""
+    if vocab is None:
+        return torch.zeros(support.shape[:-1], dtype=torch.bool, device=support.device)
+    return support.sum(-1) == vocab
+
+
+def prepare_teacher(lp: Tensor, support: Tensor, tail: int, alpha: float | None,
+                    vocab: int | None = None) -> tuple[Tensor, Tensor]:
     """(log p' over the K entries, log p'_tail) as the kernels use them, differentiably.
 
     ``alpha = T_teacher / T`` re-tempers (None: not re-tempered). Padding entries get -inf. With
     ``"bucket"`` the tail is 1 - sum_S p, taken as log1mexp(LSE_S log p) (a mass above 1 within
-    rounding gives an empty tail); re-tempering then acts on all K + 1 outcomes (as DistillKit's
+    rounding gives an empty tail, and so does a support covering all ``vocab`` ids, where a mass
+    below 1 is rounding); re-tempering then acts on all K + 1 outcomes (as DistillKit's
     SYMMETRIC_UNIFORM: p'_o = p_o^alpha / sum p^alpha). ``"renormalize"`` renormalizes over S, and
     so does ``"none"`` when re-tempering (as axolotl does); plain ``"none"`` uses log p as given.
     """
@@ -88,6 +100,7 @@ def prepare_teacher(lp: Tensor, support: Tensor, tail: int, alpha: float | None
     if tail == TAIL_BUCKET:
         mass = _masked_lse(lp, support)
         lp_tail = log1mexp(mass.clamp(max=0.0))
+        lp_tail = torch.where(_covered(support, vocab), float("-inf"), lp_tail)
         if alpha is None:
             return lp, lp_tail
         z = torch.logaddexp(_masked_lse(alpha * lp, support), alpha * lp_tail)
@@ -100,7 +113,7 @@ def prepare_teacher(lp: Tensor, support: Tensor, tail: int, alpha: float | None
 
 
 def teacher_vjp(lp: Tensor, support: Tensor, tail: int, alpha: float | None, k: Tensor,
-                k_tail: Tensor) -> Tensor:
+                k_tail: Tensor, vocab: int | None = None) -> Tensor:
     """d loss / d raw log-probs from ``k`` = d loss / d (final log-probs) (N, K) and ``k_tail``
     (N,), the transpose of :func:`prepare_teacher`'s Jacobian in closed form:
 
@@ -111,7 +124,7 @@ def teacher_vjp(lp: Tensor, support: Tensor, tail: int, alpha: float | None, k: 
     zero = torch.zeros_like(k)
     k = torch.where(support, k, zero)
     lp = torch.where(support, lp, torch.full_like(lp, float("-inf")))
-    fin, fin_tail = prepare_teacher(lp, support, tail, alpha)
+    fin, fin_tail = prepare_teacher(lp, support, tail, alpha, vocab)
     bucket = tail == TAIL_BUCKET
     renorm = (bucket and alpha is not None) or (not bucket and (
         tail == TAIL_RENORMALIZE or alpha is not None))
@@ -123,6 +136,7 @@ def teacher_vjp(lp: Tensor, support: Tensor, tail: int, alpha: float | None, k: 
         g_tail = a * (k_tail - fin_tail.exp() * total)
     if bucket:
         raw_tail = log1mexp(_masked_lse(lp, support).clamp(max=0.0))
+        raw_tail = torch.where(_covered(support, vocab), float("-inf"), raw_tail)
         through = torch.isfinite(raw_tail) & (g_tail != 0)
         ratio = (lp - torch.where(through, raw_tail, torch.zeros_like(raw_tail))[:, None]).exp()
         g = g - torch.where(through, g_tail, torch.zeros_like(g_tail))[:, None] * ratio

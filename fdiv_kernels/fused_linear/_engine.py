@@ -52,7 +52,7 @@ def default_chunk_size(n: int, vocab: int, device: torch.device, budget: int | N
 
 
 def gemm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with an fp32 (fp64 for fp64) result: rounding logits to bf16 costs gradient accuracy."""
+    """a @ b with an fp32 (fp64 for fp64) result: bf16 logits would cost gradient accuracy."""
     if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
         return a @ b
     if a.is_cuda:  # 16-bit operands, fp32 accumulation and output
@@ -62,7 +62,7 @@ def gemm_f32(a: Tensor, b: Tensor) -> Tensor:
 
 
 def operand(w: Tensor) -> Tensor:
-    """The weight as the GEMMs use it: CPU 16-bit weights are widened once per call, not per chunk."""
+    """The weight as the GEMMs use it: CPU 16-bit weights are widened once per call."""
     return w.float() if w.dtype in (torch.float16, torch.bfloat16) and not w.is_cuda else w
 
 
@@ -370,6 +370,6 @@ def run(heads: dict[str, Head], n: int, chunk: int, step: Step, *,
 
 
 __all__ = ["Grads", "Head", "Rows", "accumulate", "check_ce_weight", "check_chunk_size",
-           "check_bias", "check_devices", "check_head", "check_label_range", "check_weight", "chunks",
-           "default_chunk_size", "gemm_f32", "invariant_block", "kept_rows", "operand", "padded",
-           "rows", "run"]
+           "check_bias", "check_devices", "check_head", "check_label_range", "check_weight",
+           "chunks", "default_chunk_size", "gemm_f32", "invariant_block", "kept_rows", "operand",
+           "padded", "rows", "run"]

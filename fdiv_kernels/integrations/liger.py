@@ -105,6 +105,16 @@ def _check_pair(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
                          f"{tuple(b.shape)}")
 
 
+def _pair_rows(a_name: str, a: Tensor, b_name: str, b: Tensor, labels: Tensor | None,
+               ignore_index: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The pair as (BT, V) rows and the mask of rows whose ``shift_labels`` are kept (None:
+    every row)."""
+    _check_pair(a_name, a, b_name, b)
+    v = a.shape[-1]
+    x, y = a.reshape(-1, v), b.reshape(-1, v)
+    return x, y, _kept_rows(labels, x.shape[0], ignore_index, "shift_labels")
+
+
 def _kept_rows(labels: Tensor | None, n: int, ignore_index: int, name: str) -> Tensor | None:
     if labels is None:
         return None
@@ -131,10 +141,7 @@ class LigerJSD(nn.Module):
         self.beta, self.ignore_index = beta, ignore_index
 
     def forward(self, log_q: Tensor, log_p: Tensor, shift_labels: Tensor | None = None) -> Tensor:
-        _check_pair("log_q", log_q, "log_p", log_p)
-        v = log_q.shape[-1]
-        x, y = log_q.reshape(-1, v), log_p.reshape(-1, v)
-        kept = _kept_rows(shift_labels, x.shape[0], self.ignore_index, "shift_labels")
+        x, y, kept = _pair_rows("log_q", log_q, "log_p", log_p, shift_labels, self.ignore_index)
         # No kept row gives 0 (Liger's suite expects it), not 0 / 0.
         count = x.shape[0] if kept is None else kept.sum().clamp_min(1)
         loss = _TermsAndGrad.apply(x, y, kept, _jsd_terms(float(self.beta)), count, "mean")
@@ -192,10 +199,8 @@ class LigerTVDLoss(nn.Module):
         self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, p: Tensor, q: Tensor, shift_labels: Tensor | None = None) -> Tensor:
-        _check_pair("p", p, "q", q)
-        v = p.shape[-1]
-        x, y = p.reshape(-1, v), q.reshape(-1, v)
-        kept = _kept_rows(shift_labels, x.shape[0], self.ignore_index, "shift_labels")
+        x, y, kept = _pair_rows("p", p, "q", q, shift_labels, self.ignore_index)
+        v = x.shape[-1]
         rows = x.shape[0] if kept is None else kept.sum().clamp_min(1)
         divisor = {"batchmean": rows, "mean": rows * v}.get(self.reduction, 1)
 

@@ -65,8 +65,8 @@ def generalized_jsd_loss(
     accurate); gradients reach both logits in their dtypes.
     """
     if num_items_in_batch is None and reduction not in ("batchmean", "sum", "mean"):
-        return _trl_gkd()(student_logits, teacher_logits, labels, beta, temperature, reduction,
-                          num_items_in_batch)
+        return _trl_jsd("gkd")(student_logits, teacher_logits, labels, beta, temperature,
+                               reduction, num_items_in_batch)
     per_row = fk.divergence(student_logits, teacher_logits, "js", beta=float(beta),
                             temperature=temperature, labels=labels, ignore_index=IGNORE_INDEX,
                             reduction="none")
@@ -103,40 +103,32 @@ def gold_generalized_jsd_loss(
     renormalizing) runs TRL's own function: fk's kernels take logits and renormalize them.
     """
     if logits_are_probs:
-        return _trl_gold()(student_logits, teacher_logits, labels, beta, temperature,
+        return _trl_jsd("gold")(student_logits, teacher_logits, labels, beta, temperature,
                                      reduction, logits_are_probs, num_items_in_batch)
     return generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
                                 reduction, num_items_in_batch)
 
 
-def _trl_gkd():
-    """TRL's own GKD loss: saved when patched, else read from the (unpatched) class."""
-    if "gkd" not in _TRL_ORIGINALS:
-        mod = require("trl.experimental.gkd.gkd_trainer", "trl")
-        _TRL_ORIGINALS["gkd"] = mod.GKDTrainer.__dict__["generalized_jsd_loss"].__func__
-    return _TRL_ORIGINALS["gkd"]
+# The trainers whose generalized_jsd_loss staticmethod the patch rebinds: module, class.
+_JSD_TRAINERS = {"gkd": ("trl.experimental.gkd.gkd_trainer", "GKDTrainer"),
+                 "gold": ("trl.experimental.gold.gold_trainer", "GOLDTrainer")}
 
 
-def _patch_gkd(patch: Patch, mod) -> None:
-    current = mod.GKDTrainer.__dict__["generalized_jsd_loss"]
-    if getattr(current, "__func__", None) is not generalized_jsd_loss:
-        _TRL_ORIGINALS.setdefault("gkd", current.__func__)
-    patch.set(mod.GKDTrainer, "generalized_jsd_loss", staticmethod(generalized_jsd_loss))
+def _trl_jsd(which: str):
+    """TRL's own GKD / GOLD loss: saved when patched, else read from the (unpatched) class."""
+    if which not in _TRL_ORIGINALS:
+        module, cls = _JSD_TRAINERS[which]
+        mod = require(module, "trl")
+        _TRL_ORIGINALS[which] = getattr(mod, cls).__dict__["generalized_jsd_loss"].__func__
+    return _TRL_ORIGINALS[which]
 
 
-def _trl_gold():
-    """TRL's own GOLD loss: saved when patched, else read from the (unpatched) class."""
-    if "gold" not in _TRL_ORIGINALS:
-        mod = require("trl.experimental.gold.gold_trainer", "trl")
-        _TRL_ORIGINALS["gold"] = mod.GOLDTrainer.__dict__["generalized_jsd_loss"].__func__
-    return _TRL_ORIGINALS["gold"]
-
-
-def _patch_gold(patch: Patch, mod) -> None:
-    current = mod.GOLDTrainer.__dict__["generalized_jsd_loss"]
-    if getattr(current, "__func__", None) is not gold_generalized_jsd_loss:
-        _TRL_ORIGINALS.setdefault("gold", current.__func__)
-    patch.set(mod.GOLDTrainer, "generalized_jsd_loss", staticmethod(gold_generalized_jsd_loss))
+def _patch_jsd(which: str, ours, patch: Patch, mod) -> None:
+    cls = getattr(mod, _JSD_TRAINERS[which][1])
+    current = cls.__dict__["generalized_jsd_loss"]
+    if getattr(current, "__func__", None) is not ours:
+        _TRL_ORIGINALS.setdefault(which, current.__func__)
+    patch.set(cls, "generalized_jsd_loss", staticmethod(ours))
 
 
 def compute_topk_self_distillation_loss(
@@ -464,10 +456,11 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
     require("trl", "trl")
     patch = Patch()
     if gkd:
-        patch.after_import("trl.experimental.gkd.gkd_trainer", lambda mod: _patch_gkd(patch, mod))
+        patch.after_import(_JSD_TRAINERS["gkd"][0],
+                           lambda mod: _patch_jsd("gkd", generalized_jsd_loss, patch, mod))
     if gold:
-        patch.after_import("trl.experimental.gold.gold_trainer",
-                           lambda mod: _patch_gold(patch, mod))
+        patch.after_import(_JSD_TRAINERS["gold"][0],
+                           lambda mod: _patch_jsd("gold", gold_generalized_jsd_loss, patch, mod))
     if sdpo:
         patch.after_import("trl.experimental.sdpo.loss_utils", lambda mod: patch.set_everywhere(
             mod.compute_topk_self_distillation_loss, compute_topk_self_distillation_loss))

@@ -1,8 +1,8 @@
 """The registry of user-defined f-divergences (``fk.register_divergence``) and their element terms.
 
 D_f(p || q) = sum_i q_i f(p_i / q_i) for a convex generator f with f(1) = 0. In log space, with
-r = p / q = exp(lp - lq), the element terms the kernels need (``fdiv_kernels.kinds._registry``) follow from
-f and f' alone::
+r = p / q = exp(lp - lq), the element terms the kernels need (``fdiv_kernels.kinds._registry``)
+follow from f and f' alone::
 
     term = q f(r),   h = d term / d lq = q (f(r) - r f'(r)),   k = d term / d lp = p f'(r).
 
@@ -14,7 +14,8 @@ p = q = 0 adds nothing.
 
 Each custom kind gets a base id from ``CUSTOM_BASE`` up: the torch backend evaluates it with the
 user's torch functions; the C++ kernels cannot (they compile their kinds in), which the dispatch
-reports (each backend's record declares which of its ops take custom kinds); the Triton divergence kernels take it when registered with
+reports (each backend's record declares which of its ops take custom kinds); the Triton
+divergence kernels take it when registered with
 ``@triton.jit`` versions of f and f' (passed to the kernels as constexprs, element terms in fp32
 with the same zero conventions: ``triton_kernels/divergence_terms.custom_terms``); the Triton
 sparse-teacher kernels do not.
@@ -23,7 +24,6 @@ sparse-teacher kernels do not.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch

@@ -10,8 +10,8 @@ because, with q = softmax(a) and p = softmax(b),
 
     dD/da_j = h_j - q_j * sum_i h_i,      dD/db_j = k_j - p_j * sum_i k_i.
 
-``swap`` evaluates the base kind with (p, q) exchanged and exchanges (h, k) back, which turns KL into
-reverse KL and skew KL into skew reverse KL for free.
+``swap`` evaluates the base kind with (p, q) exchanged and exchanges (h, k) back, which turns KL
+into reverse KL and skew KL into skew reverse KL for free.
 
 Adding a divergence: one ``Divergence`` entry here and one element function per kernel language
 (``_terms`` below for the torch backend, ``triton_kernels/divergence_terms.py``,
@@ -20,7 +20,8 @@ Adding a divergence: one ``Divergence`` entry here and one element function per 
 Two more tables sit beside ``DIVERGENCES``:
 
 * ``ROW_DIVERGENCES``: kinds that are not sums of element terms but functions of a few per-row
-  sums (Renyi, Cauchy-Schwarz), computed by ``fk.divergence`` alone (``fdiv_kernels.divergences._row_kinds``);
+  sums (Renyi, Cauchy-Schwarz), computed by ``fk.divergence`` alone
+  (``fdiv_kernels.divergences._row_kinds``);
   every other op rejects them with a ValueError from ``resolve``.
 * custom kinds from ``fk.register_divergence`` (``fdiv_kernels.kinds._custom``): element-term
   kinds whose terms come from a user's f-divergence generator, with base ids from
@@ -39,7 +40,8 @@ from torch import Tensor
 from fdiv_kernels.core._ids import ALPHA, CHI2, HELLINGER, JEFFREYS, JS, KL, SKEW_KL, SOFT_CE, TV
 
 
-# Base ids of custom kinds start here, far above the built-in ones (fdiv_kernels.core._ids.NUM_BASES);
+# Base ids of custom kinds start here, far above the built-in ones
+# (fdiv_kernels.core._ids.NUM_BASES);
 # no C++ kernel takes them; the Triton divergence kernels do given the kind's Triton generator.
 CUSTOM_BASE = 1024
 
@@ -136,15 +138,15 @@ NO_BASE = -1
 
 
 def _positive_finite(name: str) -> Callable[[float], str | None]:
-    # Renyi's order: alpha <= 0 is excluded. At alpha = 0 the Amari alpha kind the Renyi rows are
-    # computed from folds into reverse KL, which is not Renyi's alpha -> 0 limit
-    # (-log q(supp p)); negative orders are not divergences.
+    # Renyi's order: alpha <= 0 is excluded. Renyi's alpha -> 0 limit is -log q(supp p), not a
+    # smooth divergence, and negative orders are not divergences.
     return lambda v: (None if math.isfinite(v) and v > 0.0
                       else f"{name} must be a finite real > 0 for kind='renyi', got {v}")
 
 
 # Kinds that are functions of a few per-row sums, not sums of element terms; fk.divergence only
-# (fdiv_kernels.divergences._row_kinds). ``base`` is the element kernel they are computed from, if any.
+# (fdiv_kernels.divergences._row_kinds). ``base`` is the element kernel they are computed from,
+# if any.
 ROW_DIVERGENCES: dict[str, Divergence] = {
     d.name: d
     for d in [

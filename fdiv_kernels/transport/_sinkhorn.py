@@ -97,7 +97,8 @@ def sinkhorn(
     point clouds ``x`` (B, n, d), ``y`` (B, m, d) with ``cost_fn`` one of "sqeuclidean"
     (|x - y|^2, as ``ot.dist``; the default), "euclidean", "l1", "dot" (-<x, y>), "cosine"
     (1 - cos): then the cost is computed on the fly, never held beyond a (B, rows, m) chunk.
-    ``a`` (B, n), ``b`` (B, m): non-negative weights, uniform by default; zero weights exclude points exactly.
+    ``a`` (B, n), ``b`` (B, m): non-negative weights, uniform by default; zero weights exclude
+    points exactly.
     Balanced OT (reach=None) needs each to sum to 1; ``reach`` rho (a number, or a pair for
     (a, b), None on one side keeps it hard) relaxes the marginals by rho KL(P 1 | a).
 
