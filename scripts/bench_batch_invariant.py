@@ -26,7 +26,8 @@ def divergence(bi):
     fk.fused_linear_divergence(hs, ws, ht, wt, "kl", batch_invariant=bi).backward()
 
 
-for name, fn in (("fused_linear_token_logprobs", logprobs), ("fused_linear_divergence", divergence)):
+FORMS = (("fused_linear_token_logprobs", logprobs), ("fused_linear_divergence", divergence))
+for name, fn in FORMS:
     times = {False: [], True: []}
     fn(False), fn(True)  # warm-up
     for _ in range(REPS):

@@ -198,7 +198,8 @@ def fused_linear_sparse_divergence(
     args = {"spec": spec, "inv_t": inv_t, "tail": tail_id, "ids": plan.take(ids),
             "mask": plan.take(mask) if mask.numel() else mask, "valid": keep,
             "labels": plan.labels, "ignore_index": int(ignore_index), "ce_weight": ce_w,
-            "chunk": plan.chunk, "fixed": plan.fixed, "ops": ops, "alpha": a, "slack": mass_slack(lp.dtype),
+            "chunk": plan.chunk, "fixed": plan.fixed, "ops": ops, "alpha": a,
+            "slack": mass_slack(lp.dtype),
             "transform": transform}
     # The teacher log-probs go through the packing gather too, so their gradient (an (N, K)
     # input of the graph) comes back scattered, exactly 0 on dropped rows.
