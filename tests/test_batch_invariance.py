@@ -225,3 +225,9 @@ def test_fused_default_is_not_batch_invariant():
     a = _fused_row("token_logprobs", "cpu", 1, 0, None, False)
     b = _fused_row("token_logprobs", "cpu", 33, 32, None, False)
     assert not all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_fused_batch_invariant_must_be_a_bool():
+    h, lab = logits((3, FH), torch.float32, seed=1), torch.tensor([1, 2, 3])
+    with pytest.raises(TypeError, match="batch_invariant"):
+        fk.fused_linear_token_logprobs(h, W_S, lab, batch_invariant=1)
