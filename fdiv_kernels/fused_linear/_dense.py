@@ -81,7 +81,8 @@ def _run(a: dict, heads: dict[str, E.Head], row_weights: Tensor) -> tuple[Tensor
             out["t"] = gzt.mul_(w_rows * (1.0 - ce_w))
         return out
 
-    grads = E.run(heads, n, a["chunk"], step, keep=valid if a["mask"] else None, acc=acc)
+    grads = E.run(heads, n, a["chunk"], step, keep=valid if a["mask"] else None, acc=acc,
+                  fixed=a["fixed"])
     return loss, grads
 
 
@@ -141,6 +142,7 @@ def fused_linear_divergence(
     teacher_logit_scale: float = 1.0, teacher_softcap: float | None = None,
     return_stats: bool = False,
     vocab_size: int | None = None,
+    batch_invariant: bool = False,
 ) -> Tensor | tuple[Tensor, DivergenceStats]:
     r"""D(softmax(teacher_hidden W_t^T + b_t) || softmax(student_hidden W_s^T + b_s)) per row,
     without the (N, V) logits.
@@ -165,6 +167,10 @@ def fused_linear_divergence(
     uses the student's transformed logits at T = 1 (the model's logits). With ``return_stats``
     the result is (loss, :class:`DivergenceStats`), the entropy from the same per-chunk call, and
     loss = (1 - ce_weight) soft_loss + ce_weight hard_loss.
+    ``batch_invariant=True``: every chunk GEMM runs at one fixed row block (the last chunk
+    zero-padded, the block independent of the row count), so a row's loss terms and hidden-state
+    gradient are bit-identical whatever the batch, the row's position, packing or chunking (the
+    padding is the cost; docs/numerics.md).
     """
     hs, ws, _ = E.check_head("student_hidden", student_hidden, "student_weight", student_weight,
                              "student_bias", None)
@@ -194,7 +200,7 @@ def fused_linear_divergence(
     acc = torch.promote_types(hs.dtype, torch.float32)
     plan = E.rows(hs.shape[:-1], hs.device, acc, labels=labels, ignore_index=ignore_index,
                   reduction=reduction, num_items_in_batch=num_items_in_batch,
-                  chunk_size=chunk_size, vocab=wt.shape[0])
+                  chunk_size=chunk_size, vocab=wt.shape[0], batch_invariant=batch_invariant)
     if ce_w:
         E.check_label_range(plan.labels, ws.shape[0], ignore_index)
     probe = torch.empty(0, dtype=torch.float32, device=hs.device)
@@ -208,7 +214,7 @@ def fused_linear_divergence(
     keep = plan.keep_mask()
     args = {"spec": spec, "inv_t": inv_t, "valid": keep, "mask": plan.valid is not None,
             "labels": plan.labels, "ignore_index": int(ignore_index), "ce_weight": ce_w,
-            "chunk": plan.chunk, "ops": ops, "xform": xform}
+            "chunk": plan.chunk, "ops": ops, "xform": xform, "fixed": plan.fixed}
     if return_stats:
         side = {k: hs.new_zeros(plan.count, dtype=acc) for k in ("ent", "div", "ce")}
         args["side"] = side

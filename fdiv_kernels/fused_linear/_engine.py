@@ -30,6 +30,16 @@ from fdiv_kernels.core import _validation as V
 # Bytes of fp32 (chunk, V) buffers per chunk (about four live at once: two logits, padding or a
 # CE gradient, the divergence gradient). GPUs get more so the chunk GEMMs stay efficient.
 CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
+# batch_invariant=True: one fixed GEMM block per form, vocabulary and device. It is the form's
+# budget chunk rounded down to a power of two (a power-of-two batch then fills whole blocks: at
+# N=1024 a 1008-row cap padded the log-prob form to 1440 rows, 1.38x the default), at most
+# INVARIANT_BLOCK_MAX rows (a small vocabulary's budget chunk is huge, and a short batch is padded
+# up to the block). A block, or a user's chunk_size, is a whole number of INVARIANT_ROW_TILE
+# rows: with 5 or 6 rows MKL runs the last rows in an edge tile and a row's result changes with
+# its position in the block (measured; 16 covers the 4-, 8- and 16-row tiles of CPU and GPU
+# GEMM kernels).
+INVARIANT_BLOCK_MAX = 1024
+INVARIANT_ROW_TILE = 16
 
 
 def default_chunk_size(n: int, vocab: int, device: torch.device, budget: int | None = None,
@@ -130,7 +140,8 @@ class Rows:
     every row that runs is kept (a mask is left only under ``torch.compile``, where rows are not
     packed). ``labels``: flat int64 labels of the rows that run (None without labels).
     ``weights``: fp32 (fp64) per-row weights, kept / denominator for "mean", kept for "sum" and
-    "none". ``chunk``: rows per chunk.
+    "none". ``chunk``: rows per chunk. ``fixed``: batch-invariant mode, every chunk GEMM runs at
+    ``chunk`` rows (the last one padded), ``chunk`` independent of the row count.
     """
 
     lead: torch.Size
@@ -141,6 +152,7 @@ class Rows:
     weights: Tensor
     reduction: str
     chunk: int
+    fixed: bool = False
 
     @property
     def count(self) -> int:
@@ -180,9 +192,12 @@ def kept_rows(valid: Tensor | None) -> Tensor | None:
 def rows(lead: torch.Size, device: torch.device, acc: torch.dtype, *, labels: object,
          ignore_index: object, reduction: object, num_items_in_batch: object,
          chunk_size: object, vocab: int, pack: bool = True,
-         chunk_of: Callable[[int], int] | None = None) -> Rows:
+         chunk_of: Callable[[int], int] | None = None, batch_invariant: object = False) -> Rows:
     """Check the row arguments shared by every form and plan the rows: mask, packing, weights,
-    chunks. ``chunk_of(n_rows)`` gives the default chunk for the rows that run."""
+    chunks. ``chunk_of(n_rows)`` gives the default chunk for the rows that run.
+    ``batch_invariant``: plan one fixed GEMM block (``invariant_block``) whatever the row count."""
+    if not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
     reduction = V.check_reduction(reduction)
     denom = V.check_num_items(num_items_in_batch)
     chunk = check_chunk_size(chunk_size)
@@ -206,9 +221,18 @@ def rows(lead: torch.Size, device: torch.device, acc: torch.dtype, *, labels: ob
             flat_labels = flat_labels.index_select(0, kept)
     count = weights.shape[0]
     if chunk is None:
-        chunk = (chunk_of or (lambda m: default_chunk_size(m, vocab, device)))(count)
+        chunk_of = chunk_of or (lambda m: default_chunk_size(m, vocab, device))
+        chunk = invariant_block(chunk_of) if batch_invariant else chunk_of(count)
     return Rows(lead=lead, n=n, kept=kept, valid=valid if kept is None else None,
-                labels=flat_labels, weights=weights, reduction=reduction, chunk=max(1, chunk))
+                labels=flat_labels, weights=weights, reduction=reduction, chunk=max(1, chunk),
+                fixed=batch_invariant)
+
+
+def invariant_block(chunk_of: Callable[[int], int]) -> int:
+    """The chunk of batch-invariant mode: the form's budget chunk for an unbounded row count (so
+    it depends on the vocabulary and device only), capped, a power of two of whole row tiles."""
+    block = min(INVARIANT_BLOCK_MAX, chunk_of(1 << 40))
+    return max(INVARIANT_ROW_TILE, 1 << (block.bit_length() - 1))
 
 
 def chunks(n: int, chunk: int) -> Iterator[slice]:
@@ -264,11 +288,19 @@ def new_grads(head: Head, acc: torch.dtype, zero_hidden: bool = False) -> Grads:
                  else None)
 
 
+def padded(x: Tensor, block: int | None) -> Tensor:
+    """``x`` with zero rows appended up to ``block`` rows (batch-invariant mode), else ``x``."""
+    if block is None or x.shape[0] == block:
+        return x
+    return torch.cat([x, x.new_zeros((block - x.shape[0], *x.shape[1:]))])
+
+
 def accumulate(gz: Tensor, h: Tensor, w: Tensor, grads: Grads, rows: slice,
-               keep: Tensor | None) -> None:
-    """Add a chunk's dh, dW, db (from its fp32 d loss / d z) into the accumulators."""
+               keep: Tensor | None, block: int | None = None) -> None:
+    """Add a chunk's dh, dW, db (from its fp32 d loss / d z) into the accumulators. ``block``:
+    run the dh GEMM at that many rows (zero-padded), as batch-invariant mode asks."""
     if grads.h is not None:
-        grads.h[rows] = gemm_f32(gz, w)
+        grads.h[rows] = gemm_f32(padded(gz, block), w)[: gz.shape[0]]
     if grads.w is not None:
         if keep is not None:
             # Ignored rows are inert: their gz is 0, but 0 * a NaN hidden state would be NaN.
@@ -286,20 +318,26 @@ Step = Callable[[slice, dict], "dict[str, Tensor] | None"]
 
 def run(heads: dict[str, Head], n: int, chunk: int, step: Step, *,
         keep: Tensor | None = None, acc: torch.dtype = torch.float32,
-        reuse_logits: tuple[str, ...] = (), zero_hidden: bool = False) -> dict[str, Grads]:
+        reuse_logits: tuple[str, ...] = (), zero_hidden: bool = False,
+        fixed: bool = False) -> dict[str, Grads]:
     """The chunk loop: for each chunk of ``chunk`` rows, the logits of every head (fp32, autocast
     off), ``step(rows, logits)`` -> {head: row-weighted d loss / d z}, accumulated into the
     heads' wanted gradients. ``keep``: the mask of inert rows' hidden states (only when rows
     were not packed). ``reuse_logits``: heads whose chunk logits go into one buffer for the whole
-    loop (fp32 operands only), which ``step`` must not keep past its call.
+    loop (fp32 operands only), which ``step`` must not keep past its call. ``fixed``
+    (batch-invariant mode): every GEMM that yields a row's result (the logits, dh) runs at exactly
+    ``chunk`` rows rounded up to whole row tiles (``INVARIANT_ROW_TILE``), zero-padded, so the
+    BLAS kernel and its reduction order are the same for every row whatever the row count, the
+    row's chunk or its place in it; ``step`` still sees only the real rows.
     """
+    block = -(-chunk // INVARIANT_ROW_TILE) * INVARIANT_ROW_TILE if fixed else None
     grads = {name: new_grads(head, acc, zero_hidden) for name, head in heads.items()}
     w_ops = {name: operand(head.weight) for name, head in heads.items()}
     bufs = {}
     for name in reuse_logits:
         h, w = heads[name].hidden, w_ops[name]
         if n and h.dtype == w.dtype and w.dtype in (torch.float32, torch.float64):
-            bufs[name] = h.new_empty(min(n, chunk), w.shape[0], dtype=acc)
+            bufs[name] = h.new_empty(block or min(n, chunk), w.shape[0], dtype=acc)
     for rows in chunks(n, chunk):
         # Autocast off: it would run these GEMMs in bf16/fp16 and round the logits, breaking the
         # fp32-logits contract (the gradients' accuracy); gemm_f32 picks the precision itself.
@@ -307,11 +345,12 @@ def run(heads: dict[str, Head], n: int, chunk: int, step: Step, *,
                                              enabled=False):
             z = {}
             for name, head in heads.items():
-                hr = head.hidden[rows]
+                m = rows.stop - rows.start
+                hr = padded(head.hidden[rows], block)
                 if name in bufs:
-                    out = torch.mm(hr, w_ops[name].t(), out=bufs[name][: rows.stop - rows.start])
+                    out = torch.mm(hr, w_ops[name].t(), out=bufs[name][: hr.shape[0]])[:m]
                 else:
-                    out = gemm_f32(hr, w_ops[name].t())
+                    out = gemm_f32(hr, w_ops[name].t())[:m]
                 if head.bias is not None:
                     out = out.add_(head.bias.to(out.dtype)) if name in bufs else (
                         out + head.bias.to(out.dtype))
@@ -325,12 +364,12 @@ def run(heads: dict[str, Head], n: int, chunk: int, step: Step, *,
                     continue
                 head = heads[name]
                 accumulate(gz, head.hidden[rows], w_ops[name], grads[name], rows,
-                           keep[rows] if keep is not None else None)
+                           keep[rows] if keep is not None else None, block)
             del dz
     return grads
 
 
 __all__ = ["Grads", "Head", "Rows", "accumulate", "check_ce_weight", "check_chunk_size",
            "check_bias", "check_devices", "check_head", "check_label_range", "check_weight",
-           "chunks",
-           "default_chunk_size", "gemm_f32", "kept_rows", "operand", "rows", "run"]
+           "chunks", "default_chunk_size", "gemm_f32", "invariant_block", "kept_rows", "operand",
+           "padded", "rows", "run"]

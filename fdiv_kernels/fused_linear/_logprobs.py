@@ -53,7 +53,7 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
             if args["entropy"]:
                 ent[rows] = c_ent
 
-        E.run({"s": E.Head(h, w, b)}, n, args["chunk"], step, acc=acc)
+        E.run({"s": E.Head(h, w, b)}, n, args["chunk"], step, acc=acc, fixed=args["fixed"])
         ctx.save_for_backward(h, w, b, labels, lse, ent)
         ctx.args = args
         if not args["entropy"]:
@@ -85,7 +85,8 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
         # state would be NaN in dW).
         keep = (labels != a["ignore_index"]) if g_ent is None else None
         head = E.Head(h, w, b, *ctx.needs_input_grad[:3])
-        grads = E.run({"s": head}, h.shape[0], a["chunk"], step, keep=keep, acc=acc)
+        grads = E.run({"s": head}, h.shape[0], a["chunk"], step, keep=keep, acc=acc,
+                       fixed=a["fixed"])
         return (*grads["s"].out(head), None, None)
 
 
@@ -103,6 +104,7 @@ def fused_linear_token_logprobs(
     chunk_size: int | None = None,
     backend: str = "auto",
     vocab_size: int | None = None,
+    batch_invariant: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""log softmax(z / T)[label] per row, z = softcap(logit_scale (hidden W^T + b)), without the
     (N, V) logits.
@@ -123,6 +125,11 @@ def fused_linear_token_logprobs(
         vocab_size: the tokenizer's size when ``weight`` is padded to more rows: only the first
             ``vocab_size`` rows take part (labels must be below it); the padding rows get
             exactly zero gradient. None: every row takes part.
+        batch_invariant: every chunk GEMM runs at one fixed row block (the last chunk
+            zero-padded, the block independent of the row count), so a row's results are
+            bit-identical whatever the batch it comes in, its position, packing or chunking
+            (for RL log-probs that must match the rollout's). Costs the padding; see
+            docs/numerics.md.
 
     Returns:
         logprob (float32, float64 for float64 inputs) of the leading shape, or
@@ -147,12 +154,13 @@ def fused_linear_token_logprobs(
     # Every row's entropy is an output: rows are packed only when no entropy is asked for.
     plan = E.rows(h.shape[:-1], h.device, acc, labels=labels, ignore_index=ignore_index,
                   reduction="none", num_items_in_batch=None, chunk_size=chunk_size, vocab=vocab,
-                  pack=not return_entropy, chunk_of=lambda m: _default_chunk(m, vocab, h.device))
+                  pack=not return_entropy, chunk_of=lambda m: _default_chunk(m, vocab, h.device),
+                  batch_invariant=batch_invariant)
     E.check_label_range(plan.labels, vocab, ignore_index)
     probe = torch.empty(0, dtype=acc, device=h.device)
     ops = select_ops(backend, probe, "softmax_stats_fwd", transforms=(scale, cap))
     args = {"inv_t": inv_t, "scale": scale, "cap": cap, "ignore_index": int(ignore_index),
-            "entropy": return_entropy, "chunk": plan.chunk, "ops": ops}
+            "entropy": return_entropy, "chunk": plan.chunk, "ops": ops, "fixed": plan.fixed}
     lp, ent = FusedLinearTokenLogprobsFunction.apply(
         plan.take(h.reshape(plan.n, h.shape[-1])), weight, bias, plan.labels, args
     )

@@ -73,7 +73,7 @@ def _run(a: dict, head: E.Head, lp: Tensor, row_weights: Tensor, grad_t: bool
     # per chunk is freed into glibc's heap (chunks under its 32 MiB mmap threshold) and the
     # heap's fragments stay resident: 142-174 MiB peak instead of 65 MiB at N=1024, V=32000.
     grads = E.run({"s": head}, n, a["chunk"], step, keep=valid if valid.numel() else None,
-                  acc=acc, reuse_logits=("s",))
+                  acc=acc, reuse_logits=("s",), fixed=a["fixed"])
     return loss, grads, gt_all
 
 
@@ -140,6 +140,7 @@ def fused_linear_sparse_divergence(
     student_logit_scale: float = 1.0, student_softcap: float | None = None,
     backend: str = "auto",
     vocab_size: int | None = None,
+    batch_invariant: bool = False,
 ) -> Tensor:
     r""":func:`fk.sparse_divergence` of the student logits z = student_hidden W^T + b, without the
     (N, V) logits.
@@ -156,6 +157,10 @@ def fused_linear_sparse_divergence(
     by the backward, once (a second backward through the same graph raises).
     ``vocab_size``: the tokenizer's size when ``student_weight`` is padded to more rows (only
     the first ``vocab_size`` rows take part, their padding rows get exactly zero gradient).
+    ``batch_invariant=True``: every chunk GEMM runs at one fixed row block (the last chunk
+    zero-padded, the block independent of the row count), so a row's loss terms and hidden-state
+    gradient are bit-identical whatever the batch, the row's position, packing or chunking (the
+    padding is the cost; docs/numerics.md).
     """
     hs, ws, bs = E.check_head("student_hidden", student_hidden, "student_weight",
                               student_weight, "student_bias", student_bias)
@@ -178,7 +183,8 @@ def fused_linear_sparse_divergence(
                   chunk_size=chunk_size, vocab=vocab,
                   chunk_of=lambda m: (max(1, min(m, CPU_CHUNK_BYTES // (4 * max(vocab, 1))))
                                       if hs.device.type == "cpu"
-                                      else E.default_chunk_size(m, vocab, hs.device)))
+                                      else E.default_chunk_size(m, vocab, hs.device)),
+                  batch_invariant=batch_invariant)
     if ce_w:
         E.check_label_range(plan.labels, vocab, ignore_index)
     probe = torch.empty(0, dtype=torch.float32, device=hs.device)
@@ -192,7 +198,8 @@ def fused_linear_sparse_divergence(
     args = {"spec": spec, "inv_t": inv_t, "tail": tail_id, "ids": plan.take(ids),
             "mask": plan.take(mask) if mask.numel() else mask, "valid": keep,
             "labels": plan.labels, "ignore_index": int(ignore_index), "ce_weight": ce_w,
-            "chunk": plan.chunk, "ops": ops, "alpha": a, "slack": mass_slack(lp.dtype),
+            "chunk": plan.chunk, "fixed": plan.fixed, "ops": ops, "alpha": a,
+            "slack": mass_slack(lp.dtype),
             "transform": transform}
     # The teacher log-probs go through the packing gather too, so their gradient (an (N, K)
     # input of the graph) comes back scattered, exactly 0 on dropped rows.
