@@ -136,8 +136,9 @@ def vocab_parallel_divergence(
     of the local shards. ``labels`` (global ids, the full leading shape on every rank) only mask
     rows, so ``vocab_start`` is not needed here; it is accepted so one shard description fits
     every op (when given, the ranks' layouts ride in the LSE all_gather and must tile [0, V)
-    exactly once, else a ValueError on every rank). Other arguments as :func:`fdiv_kernels.divergence`; ``inplace_backward`` has no
-    effect with more than one rank (the backward always writes a fresh gradient).
+    exactly once, else a ValueError on every rank). Other arguments as
+    :func:`fdiv_kernels.divergence`; ``inplace_backward`` has no effect with more than one rank
+    (the backward always writes a fresh gradient).
 
     Per row, with q = softmax(a / T) and p = softmax(b / T) over the whole vocabulary:
 
