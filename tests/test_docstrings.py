@@ -17,8 +17,6 @@ MODULES = ["fdiv_kernels", "fdiv_kernels.nn", "fdiv_kernels.losses", "fdiv_kerne
 
 # Arguments a docstring does not name yet (documented only in prose, or not at all).
 KNOWN_MISSING = {
-    "fdiv_kernels.divergence": {"kind"},
-    "fdiv_kernels.entropy": {"temperature", "backend"},
     "fdiv_kernels.fused_linear_divergence": {
         "student_weight", "teacher_weight", "beta", "alpha", "lam", "student_bias",
         "teacher_bias", "backend", "teacher_logit_scale", "teacher_softcap"},
@@ -26,35 +24,6 @@ KNOWN_MISSING = {
         "teacher_ids", "kind", "tail", "beta", "alpha", "lam", "temperature",
         "teacher_temperature", "support_mask", "ignore_index", "num_items_in_batch", "backend"},
     "fdiv_kernels.fused_linear_token_logprobs": {"backend"},
-    "fdiv_kernels.logsumexp": {"backend"},
-    "fdiv_kernels.softmax_stats": {"labels", "temperature", "backend"},
-    "fdiv_kernels.token_logprobs": {"temperature", "ignore_index", "backend"},
-    "fdiv_kernels.distributed.Collective": {"op", "nbytes"},
-    "fdiv_kernels.distributed.VocabParallelFusedLinearDivergenceFunction": {"__doc__"},
-    "fdiv_kernels.distributed.vocab_parallel_divergence": {
-        "student_shard", "teacher_shard", "kind", "beta", "lam", "temperature", "ignore_index",
-        "reduction", "num_items_in_batch", "backend"},
-    "fdiv_kernels.distributed.vocab_parallel_entropy": {"logits_shard", "temperature", "backend"},
-    "fdiv_kernels.distributed.vocab_parallel_fused_linear_divergence": {
-        "student_hidden", "student_weight_shard", "teacher_hidden", "teacher_weight_shard", "kind",
-        "beta", "alpha", "lam", "temperature", "student_bias_shard", "teacher_bias_shard",
-        "ignore_index", "chunk_size", "num_items_in_batch", "backend"},
-    "fdiv_kernels.distributed.vocab_parallel_logsumexp": {"logits_shard", "backend"},
-    "fdiv_kernels.distributed.vocab_parallel_token_logprobs": {
-        "logits_shard", "temperature", "ignore_index", "backend"},
-    "fdiv_kernels.integrations.trl.chunked_divergence_loss": {
-        "student_hidden_states", "teacher_hidden_states", "student_lm_head_weight",
-        "teacher_lm_head_weight", "student_lm_head_bias", "teacher_lm_head_bias",
-        "student_logit_scale", "teacher_logit_scale", "student_final_logit_softcapping",
-        "teacher_final_logit_softcapping", "temperature"},
-    "fdiv_kernels.integrations.trl.generalized_jsd_loss": {
-        "teacher_logits", "temperature", "reduction"},
-    "fdiv_kernels.integrations.trl.selective_log_softmax": {"temperature"},
-    "fdiv_kernels.integrations.trl.selective_log_softmax_and_entropy": {"temperature"},
-    "fdiv_kernels.integrations.hf.distillation_loss": {"model", "teacher_model", "chunk_size"},
-    **{f"fdiv_kernels.integrations.torchtune.{c}": {
-        "ignore_index", "student_logits", "teacher_logits", "labels", "normalize"}
-       for c in ("ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss")},
 }
 
 

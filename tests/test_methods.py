@@ -146,3 +146,72 @@ def test_fdpo_alpha_is_one_minus_the_papers(a_paper):
     _close(fk.losses.fdpo_loss(pc, pr, rc, rr, divergence="js", beta=beta), js)
     dpo = -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
     _close(fk.losses.fdpo_loss(pc, pr, rc, rr, divergence="reverse_kl", beta=beta), dpo)
+
+
+def test_sequencematch_chi2_from_logits_as_q_values(backend):
+    # SequenceMatch-chi2 (IQ-Learn's chi2 objective with the logits as Q): Q(s, a) = raw logit
+    # of the taken token, V(s) = log sum_a exp Q(s, a) (fk.logsumexp), V = 0 after the last
+    # position, implicit reward r = Q(s, a) - gamma V(s'), phi(r) = r - r^2 / (4 alpha); loss =
+    # -mean_data phi(r) + mean_mix (V(s) - gamma V(s')).
+    gamma, a = 0.98, 0.5
+    data, mix = logits((2, 6, 11), F64, seed=11), logits((3, 6, 11), F64, seed=12)
+    g = torch.Generator().manual_seed(13)
+    tokens = torch.randint(0, 11, (2, 6), generator=g)
+
+    def v_next(v):  # V(s') per position, 0 at the end of the sequence
+        return torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], 1)
+
+    v_d = fk.logsumexp(data, -1, backend=backend)
+    v_m = fk.logsumexp(mix, -1, backend=backend)
+    r = data.gather(-1, tokens[..., None])[..., 0] - gamma * v_next(v_d)
+    ours = -(r - r**2 / (4 * a)).mean() + (v_m - gamma * v_next(v_m)).mean()
+
+    v_d64, v_m64 = data.exp().sum(-1).log(), mix.exp().sum(-1).log()  # written out
+    q_sa = torch.stack([data[b, i, tokens[b, i]] for b in range(2) for i in range(6)])
+    r64 = q_sa.reshape(2, 6) - gamma * v_next(v_d64)
+    _close(ours, -(r64 - r64**2 / (4 * a)).mean() + (v_m64 - gamma * v_next(v_m64)).mean())
+    # The reward is not log pi: r = log pi(a|s) + V(s) - gamma V(s').
+    lp = fk.token_logprobs(data, tokens, backend=backend)
+    _close(r, lp + v_d - gamma * v_next(v_d))
+
+
+def test_contrastive_decoding_js_between_expert_and_amateurs(backend):
+    # DoLa: the premature (amateur) layer is the one whose next-token distribution is furthest
+    # from the final (expert) layer's in JSD = 1/2 KL(p||m) + 1/2 KL(q||m), m = (p + q) / 2.
+    expert = logits((4, 29), F64, seed=21)
+    amateurs = logits((3, 4, 29), F64, seed=22)      # 3 candidate layers, 4 positions
+    ours = torch.stack([fk.divergence(a, expert, "js", beta=0.5, reduction="none",
+                                      backend=backend) for a in amateurs])
+    p, qs = torch.softmax(expert, -1), torch.softmax(amateurs, -1)
+    m = (p + qs) / 2
+    ref = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (qs * (qs / m).log()).sum(-1)
+    _close(ours, ref)
+    # DoLa's code: F.kl_div(log x, m) is KL(m||x), then a mean over the vocabulary.
+    dola_code = 0.5 * ((m * (m / p).log()).mean(-1) + (m * (m / qs).log()).mean(-1))
+    assert not torch.allclose(ours / 29, dola_code)
+    # The contrast: log p - log q_j of each position's chosen layer, from per-row lse.
+    j = ours.argmax(0)
+    amateur = amateurs[j, torch.arange(4)]
+    score = ((expert - fk.logsumexp(expert, -1, backend=backend)[:, None])
+             - (amateur - fk.logsumexp(amateur, -1, backend=backend)[:, None]))
+    _close(score, p.log() - qs[j, torch.arange(4)].log())
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0])
+def test_label_dro_kl_is_temperature_scaled_ce(backend, margin):
+    # LDR-KL (Zhu, Ying & Yang, ICML 2023): max over label weights w in the simplex of
+    # sum_k w_k (c [k != y] + f_k - f_y) - lam KL(w || uniform)
+    #   = lam log (1/K sum_k exp((c [k != y] + f_k - f_y) / lam)).
+    lam, k = 0.7, 13
+    f = logits((6, k), F64, seed=31)
+    y = torch.tensor([0, 3, 12, 5, 7, 3])
+    shifted = f + margin * (1 - F.one_hot(y, k).to(F64))
+    ours = -lam * fk.token_logprobs(shifted, y, temperature=lam, backend=backend) \
+        - lam * math.log(k)
+    delta = margin * (torch.arange(k)[None] != y[:, None]).to(F64)
+    ref = lam * ((delta + f - f.gather(1, y[:, None])) / lam).exp().mean(-1).log()
+    _close(ours, ref)
+    # The worst-case weights are softmax((c [k != y] + f) / lam).
+    w = torch.softmax(shifted / lam, -1)
+    obj = (w * (delta + f - f.gather(1, y[:, None]))).sum(-1) - lam * (w * (w * k).log()).sum(-1)
+    _close(obj, ref)

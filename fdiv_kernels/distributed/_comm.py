@@ -23,7 +23,13 @@ FUNCTIONAL = False
 
 @dataclass(frozen=True)
 class Collective:
-    """One collective as issued by this rank: its kind, the shape and bytes this rank sends."""
+    """One collective as issued by this rank: its kind, the shape and bytes this rank sends.
+
+    Args:
+        op: the collective's name, e.g. "all_gather" or "all_reduce".
+        shape: the shape of the tensor this rank sends.
+        nbytes: the bytes this rank sends (numel times element size).
+    """
 
     op: str
     shape: tuple[int, ...]

@@ -104,6 +104,13 @@ def _run(a: dict, heads: dict[str, E.Head], row_weights: Tensor,
 
 
 class VocabParallelFusedLinearDivergenceFunction(torch.autograd.Function):
+    """The autograd op behind :func:`vocab_parallel_fused_linear_divergence` (call that).
+
+    For a scalar reduction the forward forms the gradients chunk by chunk and the backward only
+    scales them; for ``reduction="none"`` it saves the per-row LSEs and partial sums and the
+    backward recomputes the chunks from them, with no collective but the dh all_reduce.
+    """
+
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, args, row_weights, reduction):
         needs = tuple(ctx.needs_input_grad[:6])
@@ -177,6 +184,27 @@ def vocab_parallel_fused_linear_divergence(
     ``vocab_start`` (this rank's first id) is required; the chunk's all_gather then carries 5
     floats a row (adding the student's T = 1 LSE, the owned label logit, an owner flag), and a
     label no rank owns gives NaN. One rank: exactly ``fk.fused_linear_divergence``.
+
+    Args:
+        student_hidden, teacher_hidden: (..., H_s) and (..., H_t) hidden states, the full rows
+            on every rank, with the same leading shape.
+        student_weight_shard, teacher_weight_shard: this rank's (V_r, H_s) and (V_r, H_t) rows
+            of each lm head (the same V_r for both).
+        kind: the divergence, as :func:`fdiv_kernels.divergence`.
+        group: the tensor-parallel process group (None: the default group).
+        beta, alpha, lam: the kind's parameter, as :func:`fdiv_kernels.divergence`.
+        temperature: T > 0, applied to both models' logits.
+        student_bias_shard, teacher_bias_shard: optional (V_r,) slices of the heads' biases.
+        labels: optional global ids of the leading shape: rows equal to ``ignore_index`` add
+            nothing; with ``ce_weight`` also the cross-entropy targets.
+        ignore_index: label value of ignored rows.
+        reduction: "none", "sum" or "mean", as :func:`fdiv_kernels.divergence`.
+        ce_weight: w in [0, 1], the weight of the student's cross-entropy (see above).
+        vocab_start: this rank's first vocabulary id (required with ``ce_weight``).
+        chunk_size: rows per chunk (None: from a memory budget, as the plain op).
+        num_items_in_batch: the divisor of ``"mean"`` when given.
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
+        reduce_hidden_grad: sum the hidden-state gradient over the ranks here (see above).
     """
     world, _ = _comm.world(group)
     common = dict(beta=beta, alpha=alpha, lam=lam, temperature=temperature, labels=labels,

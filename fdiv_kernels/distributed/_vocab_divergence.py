@@ -135,10 +135,10 @@ def vocab_parallel_divergence(
     ``fk.divergence`` of the concatenated logits, the same on every rank; the gradients are those
     of the local shards. ``labels`` (global ids, the full leading shape on every rank) only mask
     rows, so ``vocab_start`` is not needed here; it is accepted so one shard description fits
-    (when given, the ranks' layouts ride in the LSE all_gather and must tile [0, V) exactly
-    once, else a ValueError on every rank)
-    every op. Other arguments as :func:`fdiv_kernels.divergence`; ``inplace_backward`` has no
-    effect with more than one rank (the backward always writes a fresh gradient).
+    every op (when given, the ranks' layouts ride in the LSE all_gather and must tile [0, V)
+    exactly once, else a ValueError on every rank). Other arguments as
+    :func:`fdiv_kernels.divergence`; ``inplace_backward`` has no effect with more than one rank
+    (the backward always writes a fresh gradient).
 
     Per row, with q = softmax(a / T) and p = softmax(b / T) over the whole vocabulary:
 
@@ -155,6 +155,21 @@ def vocab_parallel_divergence(
 
     DTensor inputs placed ``Shard(-1)`` are accepted: the group and offset come from the DTensor
     and the result is a replicated DTensor.
+
+    Args:
+        student_shard, teacher_shard: this rank's (..., V_r) columns of the student and teacher
+            logits (or DTensors placed ``Shard(-1)``).
+        kind: the divergence, as :func:`fdiv_kernels.divergence`.
+        group: the process group the vocabulary is split over (None: the default group).
+        vocab_start: this rank's first vocabulary id (optional, see above).
+        beta, alpha, lam: the kind's parameter, as :func:`fdiv_kernels.divergence`.
+        temperature: T > 0, applied to both models' logits.
+        labels: optional ids of the leading shape; rows equal to ``ignore_index`` add nothing.
+        ignore_index: label value of ignored rows.
+        reduction: "none", "sum" or "mean", as :func:`fdiv_kernels.divergence`.
+        num_items_in_batch: the divisor of ``"mean"`` when given.
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
+        inplace_backward: as :func:`fdiv_kernels.divergence` (one rank only).
     """
     student_shard, teacher_shard, info = _shards.unwrap_pair(student_shard, teacher_shard)
     group, vocab_start = _shards.resolve_group(group, info, vocab_start)

@@ -148,6 +148,11 @@ def vocab_parallel_logsumexp(
     Collectives per forward: one all_gather of N floats per rank; none in the backward (each
     rank writes softmax(x)_j g for its own columns). The result has the logits' dtype, the
     leading shape, and is the same on every rank. One rank: exactly ``fk.logsumexp(x, -1)``.
+
+    Args:
+        logits_shard: this rank's (..., V_r) columns x (or a DTensor placed ``Shard(-1)``).
+        group: the process group the vocabulary is split over (None: the default group).
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
     """
     x, info, group, _, world = _setup("logits_shard", logits_shard, group, None, backend)
     if world == 1:
@@ -166,6 +171,12 @@ def vocab_parallel_entropy(
     Each rank sends its shard's (lse_r, H_r); with w_r = exp(lse_r - L) (the shard's mass),
     H = sum_r w_r (H_r + L - lse_r). Collectives per forward: one all_gather of 2N floats per
     rank; none in the backward. One rank: exactly ``fk.entropy``.
+
+    Args:
+        logits_shard: this rank's (..., V_r) columns x (or a DTensor placed ``Shard(-1)``).
+        temperature: T > 0.
+        group: the process group the vocabulary is split over (None: the default group).
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
     """
     x, info, group, _, world = _setup("logits_shard", logits_shard, group, None, backend)
     if world == 1:
@@ -191,6 +202,15 @@ def vocab_parallel_token_logprobs(
     flag); none in the backward. One rank: exactly ``fk.token_logprobs``. The ranks' layouts
     ride in that all_gather: shards that do not tile [0, V) exactly once (a wrong ``vocab_start``)
     raise a ValueError on every rank.
+
+    Args:
+        logits_shard: this rank's (..., V_r) columns x (or a DTensor placed ``Shard(-1)``).
+        labels: global ids of the leading shape (...).
+        temperature: T > 0.
+        ignore_index: label value of rows that give 0 and zero gradient.
+        group: the process group the vocabulary is split over (None: the default group).
+        vocab_start: this rank's first vocabulary id.
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
     """
     x, info, group, vocab_start, world = _setup("logits_shard", logits_shard, group, vocab_start,
                                                 backend)

@@ -99,6 +99,8 @@ def divergence(
     a -inf logit becomes -c (so it gets probability ~e^(-2c/T) relative to a logit at +c, not 0).
 
     Args:
+        kind: one of the names in the table (or a registered kind); ``beta`` / ``alpha`` /
+            ``lam`` are its parameter, and a parameter the kind does not take raises ValueError.
         temperature: T > 0 with 1/T finite in the compute dtype: T >= 2.94e-39 (float32, also
             for 16-bit inputs) or 5.6e-309 (float64); smaller raises ValueError. Logits / T must
             also be finite (else NaN, never a wrong finite number).

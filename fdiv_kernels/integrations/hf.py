@@ -81,6 +81,14 @@ def distillation_loss(
     Divides by ``num_items_in_batch`` when given (the Trainer's token count, a tensor), else by
     the kept tokens of this batch. The teacher runs under ``no_grad``. Each model's logits are
     transformed as its own forward transforms them (softcap, scale: :func:`logit_transform`).
+
+    Args:
+        model: the student causal LM (decoder and output embeddings; it gets the gradients).
+        teacher_model: the teacher, a causal LM with the same vocabulary.
+        inputs: the batch as the Trainer passes it (``input_ids``, ``attention_mask``,
+            ``labels``, ...).
+        chunk_size: rows per chunk of the fused op (None: from a memory budget); no (N, V)
+            logits are materialized for either model.
     """
     labels = inputs["labels"]
     hs, ws, bs = _hidden_and_head(model, inputs)

@@ -52,7 +52,14 @@ def _normalized(total: Tensor, count: Tensor, normalize: bool = True) -> Tensor:
 
 
 class ForwardKLLoss(nn.Module):
-    r"""torchtune's ``ForwardKLLoss``: -sum_j p_j log q_j per row (cross-entropy to the teacher)."""
+    r"""torchtune's ``ForwardKLLoss``: -sum_j p_j log q_j per row (cross-entropy to the teacher).
+
+    Args:
+        ignore_index: label value of rows that add nothing (and do not count).
+        student_logits, teacher_logits: (..., V) logits of the two models (``forward``).
+        labels: ids of the leading shape, used only to mask rows.
+        normalize: divide by the number of kept rows (torchtune's default), else the sum.
+    """
 
     def __init__(self, ignore_index: int = -100) -> None:
         super().__init__()
@@ -65,7 +72,14 @@ class ForwardKLLoss(nn.Module):
 
 
 class ReverseKLLoss(nn.Module):
-    r"""torchtune's ``ReverseKLLoss``: KL(q||p) = sum_j q_j (log q_j - log p_j) per row."""
+    r"""torchtune's ``ReverseKLLoss``: KL(q||p) = sum_j q_j (log q_j - log p_j) per row.
+
+    Args:
+        ignore_index: label value of rows that add nothing (and do not count).
+        student_logits, teacher_logits: (..., V) logits of the two models (``forward``).
+        labels: ids of the leading shape, used only to mask rows.
+        normalize: divide by the number of kept rows (torchtune's default), else the sum.
+    """
 
     def __init__(self, ignore_index: int = -100) -> None:
         super().__init__()
@@ -78,7 +92,14 @@ class ReverseKLLoss(nn.Module):
 
 
 class SymmetricKLLoss(nn.Module):
-    r"""torchtune's ``SymmetricKLLoss``: r ForwardKL + (1 - r) ReverseKL, r = ``sym_kd_ratio``."""
+    r"""torchtune's ``SymmetricKLLoss``: r ForwardKL + (1 - r) ReverseKL, r = ``sym_kd_ratio``.
+
+    Args:
+        ignore_index: label value of rows that add nothing (and do not count).
+        student_logits, teacher_logits: (..., V) logits of the two models (``forward``).
+        labels: ids of the leading shape, used only to mask rows.
+        normalize: divide by the number of kept rows (torchtune's default), else the sum.
+    """
 
     def __init__(self, sym_kd_ratio: float = 0.5, ignore_index: int = -100) -> None:
         super().__init__()

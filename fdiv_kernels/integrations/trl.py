@@ -63,6 +63,14 @@ def generalized_jsd_loss(
 
     The loss is float32 (TRL's is in the logits' dtype, so under bf16 this one is the more
     accurate); gradients reach both logits in their dtypes.
+
+    Args:
+        student_logits, teacher_logits: (..., V) logits of the two models.
+        labels: optional ids of the leading shape; rows equal to -100 are dropped.
+        beta: the mixture weight of the teacher in m (TRL's ``beta``).
+        temperature: T > 0, applied to both models' logits.
+        reduction: "batchmean", "sum", "mean" or "none", as listed above.
+        num_items_in_batch: the divisor when given (takes precedence over ``reduction``).
     """
     if num_items_in_batch is None and reduction not in ("batchmean", "sum", "mean"):
         return _trl_jsd("gkd")(student_logits, teacher_logits, labels, beta, temperature,
@@ -197,6 +205,20 @@ def chunked_divergence_loss(
     the call (fk computes the gradients in the forward, as TRL's helper requires), and a fully
     masked batch returns a zero that is part of the graph (zero, not None, gradients).
     Non-positive scales or softcaps, which fk does not take, run TRL's own function.
+
+    Args:
+        student_hidden_states, teacher_hidden_states: (..., H_s) and (..., H_t) final hidden
+            states, the same leading shape.
+        student_lm_head_weight, teacher_lm_head_weight: (V, H_s) and (V, H_t) lm heads (plain
+            tensors or FSDP2 DTensors).
+        completion_mask: the leading shape; positions where it is 0 are dropped.
+        beta: the mixture weight of the teacher in m.
+        num_items_in_batch: the divisor of the loss when given.
+        student_lm_head_bias, teacher_lm_head_bias: optional (V,) biases.
+        student_logit_scale, teacher_logit_scale: each model's logit scale (Cohere's).
+        student_final_logit_softcapping, teacher_final_logit_softcapping: each model's softcap c
+            (Gemma-2/3's), or None.
+        temperature: T > 0, applied to both models' logits after the transforms.
     """
     ws, wt = student_lm_head_weight, teacher_lm_head_weight
     bs, bt = student_lm_head_bias, teacher_lm_head_bias
@@ -267,6 +289,7 @@ def selective_log_softmax(
     shape and is computed in fp32; its dtype is TRL's on the GPU on every device: float32 for
     16-bit logits with one index per row (TRL's fused kernel; TRL's CPU path returns the logits'
     dtype there), the logits' dtype with K indices per row (TRL's torch path everywhere).
+    ``temperature`` is T > 0 (else ValueError).
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
@@ -303,7 +326,7 @@ def selective_log_softmax_and_entropy(
     Returns (log q[index], H(q)) per row with q = softmax(logits / T), both float32 for 16-bit
     logits (TRL's GPU kernel; its CPU path returns the logits' dtype) and 0 where ``row_mask ==
     0``. Gradients flow through both (the entropy's too, unless ``entropy_requires_grad=False``).
-    ``index`` is (...), one token per row.
+    ``index`` is (...), one token per row; ``temperature`` is T > 0 (else ValueError).
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")

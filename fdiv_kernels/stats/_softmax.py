@@ -100,6 +100,13 @@ def softmax_stats(
     then with a ``softcap`` c: z = c tanh(z / c) (a -inf logit becomes the finite -c); the
     gradient is chained through them. ``logit_scale`` must be finite and positive, ``softcap``
     None or finite and positive.
+
+    Args:
+        logits: (..., V) floating-point logits.
+        labels: optional integer tensor of the leading shape (...); gives ``label_logprob``.
+        temperature: T > 0 (1/T must be finite in the compute dtype).
+        ignore_index: label value of rows whose ``label_logprob`` is 0 with no gradient.
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
     """
     x, lead = _rows("logits", logits)
     inv_t = V.check_temperature(temperature, x.dtype)
@@ -132,6 +139,13 @@ def token_logprobs(
     then the result is (..., K), z[label_k] / T - lse with one lse per row; ignored entries
     give 0 and no gradient. z = logits, or the transformed logits with ``logit_scale`` /
     ``softcap`` (see :func:`softmax_stats`), fused in with their gradient.
+
+    Args:
+        logits: (..., V) floating-point logits.
+        labels: integer tensor (...) or (..., K) of vocabulary ids.
+        temperature: T > 0 (1/T must be finite in the compute dtype).
+        ignore_index: label value whose entries give 0 and zero gradient.
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
     """
     x, lead = _rows("logits", logits)
     inv_t = V.check_temperature(temperature, x.dtype)
@@ -176,6 +190,11 @@ def entropy(
 
     z = logits, or the transformed logits with ``logit_scale`` / ``softcap`` (see
     :func:`softmax_stats`).
+
+    Args:
+        logits: (..., V) floating-point logits; the result has the leading shape (...).
+        temperature: T > 0 (1/T must be finite in the compute dtype).
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
     """
     x, lead = _rows("logits", logits)
     inv_t = V.check_temperature(temperature, x.dtype)
@@ -201,6 +220,12 @@ def logsumexp(
     The gradient, softmax(x) * g, is recomputed from the saved lse, never stored. With
     ``logit_scale`` / ``softcap``, log sum exp(z) of the transformed z (see
     :func:`softmax_stats`), with its gradient.
+
+    Args:
+        x: floating-point tensor.
+        dim: the dim or dims reduced.
+        keepdim: keep the reduced dims with size 1.
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
