@@ -16,15 +16,7 @@ MODULES = ["fdiv_kernels", "fdiv_kernels.nn", "fdiv_kernels.losses", "fdiv_kerne
            "fdiv_kernels.integrations.liger", "fdiv_kernels.integrations.torchtune"]
 
 # Arguments a docstring does not name yet (documented only in prose, or not at all).
-KNOWN_MISSING = {
-    "fdiv_kernels.fused_linear_divergence": {
-        "student_weight", "teacher_weight", "beta", "alpha", "lam", "student_bias",
-        "teacher_bias", "backend", "teacher_logit_scale", "teacher_softcap"},
-    "fdiv_kernels.fused_linear_sparse_divergence": {
-        "teacher_ids", "kind", "tail", "beta", "alpha", "lam", "temperature",
-        "teacher_temperature", "support_mask", "ignore_index", "num_items_in_batch", "backend"},
-    "fdiv_kernels.fused_linear_token_logprobs": {"backend"},
-}
+KNOWN_MISSING: dict[str, set[str]] = {}
 
 
 def public_objects():

@@ -171,6 +171,15 @@ def fused_linear_divergence(
     zero-padded, the block independent of the row count), so a row's loss terms and hidden-state
     gradient are bit-identical whatever the batch, the row's position, packing or chunking (the
     padding is the cost; docs/numerics.md).
+
+    Args:
+        student_hidden, teacher_hidden: (..., H_s) and (..., H_t) hidden states, one leading shape.
+        student_weight, teacher_weight: the lm heads, (V, H_s) and (V, H_t).
+        student_bias, teacher_bias: (V,) or None.
+        kind, beta, alpha, lam: the divergence and its parameter, as in :func:`fk.divergence`.
+        student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap: each model's
+            logit transform (scale, then softcap c: z <- c tanh(z / c); None: no cap).
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
     """
     hs, ws, _ = E.check_head("student_hidden", student_hidden, "student_weight", student_weight,
                              "student_bias", None)

@@ -122,6 +122,7 @@ def fused_linear_token_logprobs(
         return_entropy: also return the per-row entropy (differentiable as well: its gradient,
             -q (log q + H) / T, flows into hidden, weight and bias).
         chunk_size: rows per chunk (default from a memory budget); memory is O(chunk V).
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
         vocab_size: the tokenizer's size when ``weight`` is padded to more rows: only the first
             ``vocab_size`` rows take part (labels must be below it); the padding rows get
             exactly zero gradient. None: every row takes part.

@@ -161,6 +161,18 @@ def fused_linear_sparse_divergence(
     zero-padded, the block independent of the row count), so a row's loss terms and hidden-state
     gradient are bit-identical whatever the batch, the row's position, packing or chunking (the
     padding is the cost; docs/numerics.md).
+
+    Args:
+        teacher_ids, teacher_logprobs, support_mask: the teacher's top-k ids (..., K), their
+            log-probs (..., K) and the mask of real entries (None: all real), as in
+            :func:`fk.sparse_divergence`.
+        kind, tail, beta, alpha, lam: the divergence, the handling of the mass off the support
+            ("bucket", "renormalize", "none") and the kind's parameter.
+        temperature, teacher_temperature: T of the student's softmax; the temperature the
+            teacher's log-probs were produced at (re-tempered when it differs; None: T).
+        labels, ignore_index: rows whose label is ``ignore_index`` add nothing.
+        reduction, num_items_in_batch: "none", "sum" or "mean" (over kept rows, or / the count).
+        backend: "auto", "triton", "cuda", "cpu" or "torch".
     """
     hs, ws, bs = E.check_head("student_hidden", student_hidden, "student_weight",
                               student_weight, "student_bias", student_bias)
