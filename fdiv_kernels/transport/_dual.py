@@ -87,7 +87,10 @@ def implicit_adjoint(x, y, cost, a, b, f, g, eps, kind, rho_a, rho_b, uf, ug,
     dg = c1 + (0 if rho_b <= 0 else eps * b * torch.exp(-g / rho_b) / rho_b)
     diag = torch.cat([df, dg], -1)
     mask = torch.cat([ra, rb], -1)
-    inv = torch.where(mask & (diag > 0), 1 / diag.clamp_min(1e-300), torch.zeros_like(diag))
+    # The smallest normal number of the dtype: 1e-300 is 0 in float32, and x / 0 is NaN once CG
+    # has converged (rz = 0) or the upstream gradient lies along the gauge direction.
+    tiny = torch.finfo(f.dtype).tiny
+    inv = torch.where(mask & (diag > 0), 1 / diag.clamp_min(tiny), torch.zeros_like(diag))
     n = f.shape[1]
 
     def K(v):
@@ -104,17 +107,21 @@ def implicit_adjoint(x, y, cost, a, b, f, g, eps, kind, rho_a, rho_b, uf, ug,
     z = inv * r
     p = z.clone()
     rz = (r * z).sum(-1, keepdim=True)
-    stop = (u * u).sum(-1, keepdim=True) * cg_tol**2
+    # A relative tolerance the dtype can reach: below ~eps the residual is rounding, and CG on it
+    # drifts until p K p underflows (NaN in float32 at cg_tol = 1e-10).
+    tol = max(cg_tol, 8 * torch.finfo(f.dtype).eps)
+    stop = (u * u).sum(-1, keepdim=True) * tol**2
     for _ in range(cg_iter):
         kp = K(p)
-        alpha = rz / (p * kp).sum(-1, keepdim=True).clamp_min(1e-300)
-        alpha = torch.where(rz > stop, alpha, torch.zeros_like(alpha))
+        pkp = (p * kp).sum(-1, keepdim=True)
+        go = (rz > stop) & (pkp > 0)
+        alpha = torch.where(go, rz / pkp.clamp_min(tiny), torch.zeros_like(rz))
         lam = lam + alpha * p
         r = r - alpha * kp
         z = inv * r
         rz_new = (r * z).sum(-1, keepdim=True)
-        p = z + (rz_new / rz.clamp_min(1e-300)) * p
-        rz = rz_new
+        p = z + torch.where(go, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz)) * p
+        rz = torch.where(go, rz_new, torch.zeros_like(rz))
         # Eager: stop once every problem converged (a host sync). Compiled: no data-dependent
         # branch; the remaining iterations leave lam unchanged (alpha is 0 past convergence).
         if not torch.compiler.is_compiling() and not bool((rz > stop).any()):
