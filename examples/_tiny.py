@@ -29,3 +29,15 @@ def random_batches(n: int, batch: int, length: int, vocab: int, prompt: int, see
         labels = ids.clone()
         labels[:, :prompt] = -100
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def steps_and_vocab(doc: str, argv: list[str] | None) -> tuple[int, int]:
+    """The examples' command line: ``--steps N`` (default 20) or ``--smoke`` (3 tiny steps, what CI
+    runs); returns (steps, vocabulary size)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="3 tiny steps (CI)")
+    args = ap.parse_args(argv)
+    return (3, 128) if args.smoke else (args.steps, 1024)

@@ -10,14 +10,13 @@ binding too. Tiny random Qwen2 models: nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import random_batches, tiny_causal_lm  # noqa: E402
+from _tiny import random_batches, steps_and_vocab, tiny_causal_lm  # noqa: E402
 
 from fdiv_kernels.integrations.liger import apply_fk_to_liger  # noqa: E402
 
@@ -45,11 +44,7 @@ def train(steps: int, vocab: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true", help="3 tiny steps (CI)")
-    args = ap.parse_args(argv)
-    steps, vocab = (3, 128) if args.smoke else (args.steps, 1024)
+    steps, vocab = steps_and_vocab(__doc__, argv)
     global LigerFusedLinearJSDLoss
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # the script's own binding
 

@@ -11,14 +11,13 @@ Tiny random Qwen2 models: nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import random_batches, tiny_causal_lm  # noqa: E402
+from _tiny import random_batches, steps_and_vocab, tiny_causal_lm  # noqa: E402
 
 from fdiv_kernels.integrations import torchtune as fk_tt  # noqa: E402
 
@@ -48,11 +47,7 @@ def train(loss_cls, steps: int, vocab: int, chunks: int = 4) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true", help="3 tiny steps (CI)")
-    args = ap.parse_args(argv)
-    steps, vocab = (3, 128) if args.smoke else (args.steps, 1024)
+    steps, vocab = steps_and_vocab(__doc__, argv)
     swapped = train(fk_tt.ForwardKLWithChunkedOutputLoss, steps, vocab)
     try:
         from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
