@@ -95,6 +95,10 @@ class FusedLinearDivergenceLoss(_KindLoss):
             first ``vocab_size`` columns take part); None: the widths must agree.
         ce_weight: w in (1 - w) D + w CE(student, labels) (labels required when w > 0).
         chunk_size: rows per chunk (default: from a memory budget).
+        student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap: each model's
+            logit transforms (z -> s z, then c tanh(z / c)), fused in.
+        batch_invariant: every chunk GEMM runs at one fixed row block, so a row's loss does not
+            depend on the batch it came in (see :func:`fk.fused_linear_divergence`).
     """
 
     def __init__(
@@ -108,10 +112,17 @@ class FusedLinearDivergenceLoss(_KindLoss):
         chunk_size: int | None = None,
         backend: str = "auto",
         vocab_size: int | None = None,
+        student_logit_scale: float = 1.0, student_softcap: float | None = None,
+        teacher_logit_scale: float = 1.0, teacher_softcap: float | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         super().__init__(kind, beta, alpha, lam, temperature=temperature,
                          ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight,
-                         chunk_size=chunk_size, backend=backend, vocab_size=vocab_size)
+                         chunk_size=chunk_size, backend=backend, vocab_size=vocab_size,
+                         student_logit_scale=student_logit_scale,
+                         student_softcap=student_softcap,
+                         teacher_logit_scale=teacher_logit_scale,
+                         teacher_softcap=teacher_softcap, batch_invariant=batch_invariant)
 
     def forward(
         self,

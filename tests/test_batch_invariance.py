@@ -231,3 +231,26 @@ def test_fused_batch_invariant_must_be_a_bool():
     h, lab = logits((3, FH), torch.float32, seed=1), torch.tensor([1, 2, 3])
     with pytest.raises(TypeError, match="batch_invariant"):
         fk.fused_linear_token_logprobs(h, W_S, lab, batch_invariant=1)
+
+
+def test_module_takes_batch_invariant_and_transforms():
+    """``fk.nn.FusedLinearDivergenceLoss`` passes ``batch_invariant`` and the logit transforms
+    through: the row is invariant through the module, and it equals the functional op."""
+    def row(n, pos):
+        hs, ht = _hidden(H_ROW, n, pos, 80 + n), _hidden(HT_ROW, n, pos, 81 + n)
+        crit = fk.nn.FusedLinearDivergenceLoss("js", beta=0.3, reduction="none", backend="cpu",
+                                               batch_invariant=True, student_softcap=3.0,
+                                               teacher_logit_scale=0.7)
+        out = crit(hs, W_S, ht, W_T)
+        ref = fk.fused_linear_divergence(hs, W_S, ht, W_T, "js", beta=0.3, reduction="none",
+                                         backend="cpu", batch_invariant=True,
+                                         student_softcap=3.0, teacher_logit_scale=0.7)
+        plain = fk.fused_linear_divergence(hs, W_S, ht, W_T, "js", beta=0.3, reduction="none",
+                                           backend="cpu", batch_invariant=True)
+        assert torch.equal(out, ref) and not torch.equal(out, plain)
+        (g,) = torch.autograd.grad((out * _upstream(n, pos, out)).sum(), (hs,))
+        return out.detach()[pos], g[pos]
+
+    first = row(1, 0)
+    for n, pos in [(7, 3), (33, 32)]:
+        assert all(torch.equal(a, b) for a, b in zip(first, row(n, pos)))
