@@ -1,7 +1,8 @@
 """Numbers the kernels must get right at the edges of float32, against float64 references on every
 backend: a sparse teacher's "bucket" tail when the student's tail underflows (any gap, any
 temperature) or when the support covers the whole vocabulary (rounding below a mass of 1), and
-Renyi above alpha = 1 (log S from log-sum-exps: S itself overflows float32 from a gap of ~90)."""
+Renyi above alpha = 1 (log S from log-sum-exps: S itself overflows float32 from a gap of ~90), and
+Amari alpha at large |alpha| (q e^(alpha d) finite where e^(alpha d) alone overflows)."""
 
 import math
 
@@ -16,6 +17,7 @@ import fdiv_kernels as fk
 SPARSE_BACKENDS = available_backends("sparse_divergence_fwd")
 ROW_BACKENDS = available_backends("lse_combination_fwd")
 ROW_F64_BACKENDS = available_backends("lse_combination_fwd", torch.float64)
+DENSE_BACKENDS = available_backends("divergence_fwd")
 PARAM_NAME = {"js": "beta", "alpha": "alpha"}
 
 # ---- sparse "bucket": a student tail below float32's exp range -------------------------------
@@ -206,3 +208,26 @@ def test_renyi_infinite_logits(a, backend):
     else:
         assert_close(out[2:], divergence_with_grads(s[2:, 1:], t[2:, 1:], "renyi", a)[0],
                      LOSS_TOL[torch.float32], "q = 0 < p below alpha = 1")
+
+
+# ---- Amari alpha: e^(alpha d) overflows float32 where q e^(alpha d) does not ---------------------
+
+
+@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("a", [5.0, 8.0, -6.0])
+def test_alpha_large_magnitude(a, backend):
+    """One entry with lq ~ -99 and d = lp - lq such that alpha d ~ 95 (for alpha < 0 the same with
+    p and q exchanged, (alpha - 1) d ~ 95): e^(alpha d) is past float32's 88.7, so q expm1(alpha
+    d) was inf * (tiny q) = inf, a loss of +inf where float64 gives a finite number."""
+    g = torch.Generator().manual_seed(11)
+    s, t = torch.randn(4, 37, generator=g), torch.randn(4, 37, generator=g)
+    tiny, gap = -99.0 + torch.rand(4, generator=g), 95.0 / (a if a > 0 else 1.0 - a)
+    s[:, 3], t[:, 3] = (tiny, tiny + gap) if a > 0 else (tiny + gap, tiny)
+    s_, t_ = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    out = fk.divergence(s_, t_, "alpha", alpha=a, reduction="none", backend=backend)
+    out.sum().backward()
+    ref, rgs, rgt = divergence_with_grads(s, t, "alpha", a)
+    assert torch.isfinite(ref).all() and ref.max() < 1e30  # the float32 truth is finite
+    assert_close(out, ref, (1e-4, 0.0), "loss")
+    assert_close(s_.grad, rgs, grad_tol((1e-4, 1e-6), rgs), "student grad")
+    assert_close(t_.grad, rgt, grad_tol((1e-4, 1e-6), rgt), "teacher grad")

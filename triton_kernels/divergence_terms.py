@@ -83,8 +83,11 @@ def _base_terms(lp, lq, param, log_w, log_1mw, BASE: tl.constexpr):
         k = 2.0 * (r - p)
     elif BASE == ALPHA:  # Amari alpha, in the expm1 form of _kinds._terms (accurate near 0 and 1)
         d = lp - lq
-        h = _nz(q, -q * _expm1(param * d)) / param
-        k = _nz(p, -p * _expm1((param - 1.0) * d)) / (1.0 - param)
+        x = param * d
+        y = (param - 1.0) * d
+        # past 80, v expm1(x) = e^(lv + x) - v: e^x alone overflows fp32 where q e^x need not
+        h = _nz(q, -tl.where(x > 80.0, tl.exp(lq + x) - q, q * _expm1(x))) / param
+        k = _nz(p, -tl.where(y > 80.0, tl.exp(lp + y) - p, p * _expm1(y))) / (1.0 - param)
         t = tl.where(param >= 0.5, (q - p + k) / param, (p - q + h) / (1.0 - param))
     elif BASE == SKEW_KL:  # skew KL: KL(p || lam p + (1-lam) q)
         lm = _log_mix(lp, lq, log_w, log_1mw)

@@ -118,13 +118,17 @@ struct Terms<ALPHA> {
   // continuously into reverse / forward KL. The loss (a p + (1-a) q - w) / (a (1-a)) is regrouped
   // as (q - p + k) / a (a >= 1/2) or (p - q + h) / (1-a) (a < 1/2): the q - p terms sum to 0,
   // divided by the larger factor. (1 - sum w) / (a (1-a)) cancelled as 1 / (a (1-a)).
-  // A vanishing p or q gives the limits: expm1(-inf) = -1, expm1(+inf) = +inf.
+  // A vanishing p or q gives the limits: expm1(-inf) = -1, expm1(+inf) = +inf. Past x = 80,
+  // q expm1(x) is e^(lq + x) - q: e^x alone overflows float32 at 88.7 while q e^x (|a| large, q
+  // tiny) can be far inside the range.
   template <class M, class T>
   FDIV_HD static Elem<T> eval(const KindConsts<T>& c, T lp, T lq, T p, T q) {
     const T d = lp - lq;
-    const T eq = M::expm1(c.w * d), ep = M::expm1(-c.w1 * d);
-    const T h = q > T(0) ? -q * eq * c.inv_w : T(0);
-    const T k = p > T(0) ? -p * ep * c.inv_w1 : T(0);
+    const T x = c.w * d, y = -c.w1 * d;
+    const T qe = x > T(80) ? M::exp(lq + x) - q : q * M::expm1(x);
+    const T pe = y > T(80) ? M::exp(lp + y) - p : p * M::expm1(y);
+    const T h = q > T(0) ? -qe * c.inv_w : T(0);
+    const T k = p > T(0) ? -pe * c.inv_w1 : T(0);
     const T t = c.w >= T(0.5) ? (q - p + k) * c.inv_w : (p - q + h) * c.inv_w1;
     return {t, h, k};
   }

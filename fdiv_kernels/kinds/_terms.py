@@ -16,6 +16,11 @@ from fdiv_kernels.core._ids import ALPHA, CHI2, HELLINGER, JEFFREYS, JS, KL, SKE
 from fdiv_kernels.kinds._custom import custom_terms
 from fdiv_kernels.kinds._registry import CUSTOM_BASE, KernelSpec
 
+def _times_expm1(lv: Tensor, v: Tensor, x: Tensor) -> Tensor:
+    """v expm1(x), with v = exp(lv), finite wherever the product is."""
+    return torch.where(x > 80, torch.exp(lv + x) - v, v * torch.expm1(x))
+
+
 def _nz(x: Tensor, value: Tensor) -> Tensor:
     """``value`` where x != 0, else 0: the 0 log 0 = 0 convention (a NaN x stays NaN)."""
     return torch.where(x == 0, torch.zeros_like(value), value)
@@ -59,9 +64,11 @@ def _terms(base: int, param: float, lp: Tensor, lq: Tensor) -> tuple[Tensor, Ten
         # k move continuously into reverse / forward KL's. The loss (a p + b q - w) / (a b) is
         # regrouped as (q - p + k) / a (a >= 1/2) or (p - q + h) / b (a < 1/2): the q - p terms
         # sum to 0, divided by the larger of a, b; 1 - sum w / (a b) would cancel as 1 / (a b).
+        # Past x = 80, v expm1(x) is e^(lv + x) - v: e^x alone overflows float32 at 88.7 while
+        # q e^x (|a| large, q tiny) can be far inside the range.
         d = lp - lq
-        h = _nz(q, -q * torch.expm1(a * d)) / a
-        k = _nz(p, -p * torch.expm1(-b * d)) / b
+        h = _nz(q, -_times_expm1(lq, q, a * d)) / a
+        k = _nz(p, -_times_expm1(lp, p, -b * d)) / b
         t = (q - p + k) / a if a >= 0.5 else (p - q + h) / b
         return t, h, k
     if base == SKEW_KL:
