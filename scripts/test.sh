@@ -18,4 +18,4 @@ python -m pip install -q --no-build-isolation -e ".[test]"
 python -m pip install -q -c scripts/constraints.txt -r scripts/requirements-integrations.txt
 python -m fdiv_kernels.info
 # Kernels run under the Triton interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1).
-python -m pytest tests -q -p no:cacheprovider "$@"
+python -m pytest tests -q -p no:cacheprovider --durations=25 "$@"
