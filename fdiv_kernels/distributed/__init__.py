@@ -15,6 +15,10 @@ from fdiv_kernels.distributed._vocab_divergence import (
     VocabParallelDivergenceFunction,
     vocab_parallel_divergence,
 )
+from fdiv_kernels.distributed._vocab_sparse import (
+    VocabParallelSparseDivergenceFunction,
+    vocab_parallel_sparse_divergence,
+)
 from fdiv_kernels.distributed._vocab_stats import (
     VocabParallelStatsFunction,
     vocab_parallel_entropy,
@@ -27,4 +31,5 @@ __all__ = [
     "VocabParallelStatsFunction", "count_collectives", "loss_parallel", "vocab_parallel_divergence",
     "vocab_parallel_entropy", "vocab_parallel_fused_linear_divergence",
     "vocab_parallel_logsumexp", "vocab_parallel_token_logprobs",
+    "VocabParallelSparseDivergenceFunction", "vocab_parallel_sparse_divergence",
 ]

@@ -1,0 +1,190 @@
+"""Sharded sparse teachers on 1-4 gloo processes (CPU) against the single-process ops:
+``vocab_parallel_sparse_divergence``, its fused lm-head form, ``vocab_parallel_topk_logprobs``,
+and ``vocab_size=`` / ``batch_invariant=True`` on the vocab-parallel ops.
+
+Every rank builds the same full inputs from a seed, takes its columns (or weight rows), runs the
+sharded op and compares the value and its slice of the gradients with the single-process op on the
+full inputs. All cases of one world size run in one forked group of processes (start-up is the
+cost), each reported back as its own pytest item.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import socket
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from helpers import assert_close
+from reference import logits
+
+import fdiv_kernels as fk
+import fdiv_kernels.distributed as fkd
+
+LEAD, VOCAB, K, REAL = (2, 3), 29, 5, 24  # REAL: the vocab_size of the padded cases
+N = LEAD[0] * LEAD[1]
+# Uneven shards; world 3 has an empty shard, world 4 a last shard that is only padding columns
+# in the padded cases (and one that straddles REAL in world 2 and 3).
+CUTS = {1: [0, 29], 2: [0, 11, 29], 3: [0, 13, 13, 29], 4: [0, 3, 13, 24, 29]}
+LABELS = torch.tensor([[1, -100, 3], [4, 5, 6]])  # row 1 ignored
+KINDS = [("kl", {}), ("reverse_kl", {}), ("js", {"beta": 0.3}), ("skew_reverse_kl", {"lam": 0.2}),
+         ("tv", {})]
+TAILS = ("none", "renormalize", "bucket")
+TOL = (2e-5, 2e-6)
+
+CASES: dict[str, tuple] = {}
+
+
+def case(*worlds):
+    def register(fn):
+        CASES[fn.__name__] = (fn, worlds)
+        return fn
+    return register
+
+
+def cols(rank: int, world: int) -> slice:
+    return slice(CUTS[world][rank], CUTS[world][rank + 1])
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_(True)
+
+
+def teacher(seed: int, vocab: int = VOCAB, mass: float = 0.8):
+    """(ids, log-probs, support mask) with a padding entry in row 0 (its id a repeat, its
+    log-prob garbage): the mask is what makes it padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:K] for _ in range(N)]).reshape(*LEAD, K)
+    lp = torch.log_softmax(logits((*LEAD, K), seed=seed + 1), -1) + math.log(mass)
+    mask = torch.ones(*LEAD, K, dtype=torch.bool)
+    mask[0, 0, -1] = False
+    ids[0, 0, -1] = ids[0, 0, 0]
+    lp[0, 0, -1] = 5.0
+    return ids, lp, mask
+
+
+class Checks:
+    """Failures recorded and raised at the end of a case: a rank stopping at its first failure
+    would desynchronize the collectives of the others."""
+
+    def __init__(self):
+        self.failures: list[str] = []
+
+    def close(self, actual, expected, tol, what):
+        try:
+            assert_close(actual, expected, tol, what)
+        except AssertionError as e:
+            self.failures.append(str(e))
+
+    def true(self, cond, what):
+        if not cond:
+            self.failures.append(what)
+
+    def done(self):
+        assert not self.failures, "\n".join(self.failures[:5])
+
+
+# ------------------------------------------------------------------------------------------
+# Cases (run inside the spawned ranks)
+# ------------------------------------------------------------------------------------------
+
+
+@case(1, 2, 3, 4)
+def sparse_every_tail(rank, world, ck):
+    """Value, student gradient (this rank's columns, 0 on padding columns) and teacher
+    gradient against fk.sparse_divergence on the full logits, for every tail, a few kinds,
+    re-tempering, a softcap, an ignored row, a padding entry and a padded vocabulary; one
+    all_gather forward and nothing backward."""
+    weights = 1.0 + 0.25 * logits(LEAD, seed=7)  # an upstream per-row gradient
+    c = cols(rank, world)
+    for i, (kind, kw) in enumerate(KINDS):
+        for tail in TAILS:
+            for padded in (False, True):
+                vocab = REAL if padded else VOCAB
+                s = logits((*LEAD, VOCAB), seed=100 + i)
+                ids, lp, mask = teacher(200 + i, vocab)
+                extra = dict(tail=tail, support_mask=mask, labels=LABELS, reduction="none", **kw)
+                if i % 2:
+                    extra.update(temperature=2.0, teacher_temperature=1.0)
+                if i == 2:
+                    extra.update(student_softcap=3.0, student_logit_scale=0.7)
+                ss, lps = leaf(s[..., c]), leaf(lp)
+                what = f"{kind} {tail} padded={padded} rank {rank}/{world}"
+                with fkd.count_collectives() as fwd:
+                    out = fkd.vocab_parallel_sparse_divergence(
+                        ss, ids, lps, kind, vocab_start=c.start,
+                        vocab_size=REAL if padded else None, **extra)
+                with fkd.count_collectives() as bwd:
+                    (out * weights).sum().backward()
+                full, lpf = leaf(s[..., :vocab]), leaf(lp)
+                ref = fk.sparse_divergence(full, ids, lpf, kind, **extra)
+                (ref * weights).sum().backward()
+                ck.close(out, ref, TOL, what + " loss")
+                ref_grad = torch.zeros(*LEAD, VOCAB)
+                ref_grad[..., :vocab] = full.grad
+                ck.close(ss.grad, ref_grad[..., c], TOL, what + " student grad")
+                ck.close(lps.grad, lpf.grad, TOL, what + " teacher grad")
+                ck.true(bwd == [], f"{what}: backward collectives {bwd}")
+                want = [("all_gather", (K + 1, N + 2))] if world > 1 else []
+                ck.true([(x.op, x.shape) for x in fwd] == want, f"{what}: forward {fwd}")
+
+
+# ------------------------------------------------------------------------------------------
+# The harness: one forked group of processes per world size, results per case.
+# ------------------------------------------------------------------------------------------
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        for name, (fn, worlds) in CASES.items():
+            if world not in worlds:
+                continue
+            try:
+                ck = Checks()
+                fn(rank, world, ck)
+                ck.done()
+                results[name] = None
+            except Exception:  # reported per case by the parent
+                results[name] = traceback.format_exc()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+_RESULTS: dict[int, list[dict]] = {}
+
+
+def _run_world(world: int) -> list[dict]:
+    if world not in _RESULTS:
+        with socket.socket() as sock:  # a free port on the loopback only
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with tempfile.TemporaryDirectory() as out_dir:
+            # fork: the ranks inherit the imported modules (spawn re-imports torch per rank).
+            mp.start_processes(_worker, args=(world, port, out_dir), nprocs=world,
+                               start_method="fork")
+            _RESULTS[world] = []
+            for r in range(world):
+                with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+                    _RESULTS[world].append(json.load(f))
+    return _RESULTS[world]
+
+
+@pytest.mark.parametrize("world,name", [(w, n) for n, (_, ws) in CASES.items() for w in ws])
+def test_sharded_sparse(world, name):
+    for rank, results in enumerate(_run_world(world)):
+        assert name in results, f"rank {rank} did not run {name}"
+        assert results[name] is None, f"rank {rank}/{world}:\n{results[name]}"
