@@ -137,6 +137,90 @@ def sparse_every_tail(rank, world, ck):
                 ck.true([(x.op, x.shape) for x in fwd] == want, f"{what}: forward {fwd}")
 
 
+H = 4
+
+
+def head(seed: int):
+    h = logits((*LEAD, H), seed=seed, scale=1.0)
+    w = logits((VOCAB, H), seed=seed + 1, scale=1.0)
+    b = logits((VOCAB,), seed=seed + 2, scale=0.5)
+    return h, w, b
+
+
+@case(1, 2, 3, 4)
+def fused_sparse(rank, world, ck):
+    """The lm-head form against fk.fused_linear_sparse_divergence on the full head: loss, dh,
+    this rank's dW / db rows (0 on padding rows), d teacher log-probs, per reduction; chunks of
+    4 rows (2 chunks); one all_gather per chunk and the dh all_reduce, nothing in a scalar
+    reduction's backward."""
+    c = cols(rank, world)
+    for i, (kind, kw) in enumerate([("kl", {}), ("skew_reverse_kl", {"lam": 0.2})]):
+        for tail in TAILS:
+            for reduction in ("mean", "none"):
+                padded = (i + len(tail)) % 2 == 1
+                vocab = REAL if padded else VOCAB
+                h, w, b = head(300 + i)
+                ids, lp, mask = teacher(400 + i, vocab)
+                extra = dict(tail=tail, support_mask=mask, labels=LABELS, reduction=reduction,
+                             chunk_size=4, temperature=1.5, **kw)
+                hh, ww, bb, lps = leaf(h), leaf(w[c]), leaf(b[c]), leaf(lp)
+                what = f"{kind} {tail} {reduction} padded={padded} rank {rank}/{world}"
+                up = 1.0 + 0.25 * logits(LEAD, seed=8) if reduction == "none" else 1.0
+                with fkd.count_collectives() as fwd:
+                    out = fkd.vocab_parallel_fused_linear_sparse_divergence(
+                        hh, ww, ids, lps, kind, student_bias_shard=bb, vocab_start=c.start,
+                        vocab_size=REAL if padded else None, **extra)
+                with fkd.count_collectives() as bwd:
+                    (out * up).sum().backward()
+                rh, rw, rb, rlp = leaf(h), leaf(w[:vocab]), leaf(b[:vocab]), leaf(lp)
+                ref = fk.fused_linear_sparse_divergence(rh, rw, ids, rlp, kind, student_bias=rb,
+                                                        **extra)
+                (ref * up).sum().backward()
+                ck.close(out, ref, TOL, what + " loss")
+                ck.close(hh.grad, rh.grad, TOL, what + " dh")
+                ck.close(lps.grad, rlp.grad, TOL, what + " d teacher")
+                gw, gb = torch.zeros(VOCAB, H), torch.zeros(VOCAB)
+                gw[:vocab], gb[:vocab] = rw.grad, rb.grad
+                ck.close(ww.grad, gw[c], TOL, what + " dW")
+                ck.close(bb.grad, gb[c], TOL, what + " db")
+                if world == 1:
+                    continue
+                gathers = [("all_gather", (K + 1, 4 + 2)), ("all_gather", (K + 1, N - 4))]
+                dh = [("all_reduce", (N, H))]
+                got_f = [(x.op, x.shape) for x in fwd]
+                got_b = [(x.op, x.shape) for x in bwd]
+                if reduction == "none":
+                    ck.true(got_f == gathers and got_b == dh, f"{what}: {got_f} / {got_b}")
+                else:
+                    ck.true(got_f == gathers + dh and got_b == [], f"{what}: {got_f} / {got_b}")
+
+
+@case(2, 3)
+def fused_sparse_batch_invariant(rank, world, ck):
+    """batch_invariant=True: a row's loss and dh are bit-identical whether it runs with the
+    whole batch or with a slice of it (and close to the single-process op)."""
+    c = cols(rank, world)
+    h, w, b = head(500)
+    ids, lp, mask = teacher(600)
+    flat = dict(reduction="none", batch_invariant=True, vocab_start=c.start,
+                student_bias_shard=b[c])
+    rows = slice(1, 4)
+    outs = []
+    for sl in (slice(0, N), rows):
+        hh = leaf(h.reshape(N, H)[sl])
+        out = fkd.vocab_parallel_fused_linear_sparse_divergence(
+            hh, w[c], ids.reshape(N, K)[sl], lp.reshape(N, K)[sl],
+            support_mask=mask.reshape(N, K)[sl], **flat)
+        out.sum().backward()
+        outs.append((out.detach(), hh.grad))
+    (full, gfull), (part, gpart) = outs
+    ck.true(torch.equal(full[rows], part), f"loss rows differ: {full[rows]} vs {part}")
+    ck.true(torch.equal(gfull[rows], gpart), "dh rows differ")
+    ref = fk.fused_linear_sparse_divergence(h, w, ids, lp, support_mask=mask, student_bias=b,
+                                            reduction="none")
+    ck.close(full, ref.reshape(N), TOL, "batch-invariant loss vs single process")
+
+
 # ------------------------------------------------------------------------------------------
 # The harness: one forked group of processes per world size, results per case.
 # ------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ from fdiv_kernels.distributed._fused_linear_tp import (
     VocabParallelFusedLinearDivergenceFunction,
     vocab_parallel_fused_linear_divergence,
 )
+from fdiv_kernels.distributed._fused_linear_sparse_tp import (
+    VocabParallelFusedLinearSparseDivergenceFunction,
+    vocab_parallel_fused_linear_sparse_divergence,
+)
 from fdiv_kernels.distributed._loss_parallel import loss_parallel
 from fdiv_kernels.distributed._vocab_divergence import (
     VocabParallelDivergenceFunction,
@@ -32,4 +36,6 @@ __all__ = [
     "vocab_parallel_entropy", "vocab_parallel_fused_linear_divergence",
     "vocab_parallel_logsumexp", "vocab_parallel_token_logprobs",
     "VocabParallelSparseDivergenceFunction", "vocab_parallel_sparse_divergence",
+    "VocabParallelFusedLinearSparseDivergenceFunction",
+    "vocab_parallel_fused_linear_sparse_divergence",
 ]
