@@ -221,6 +221,54 @@ def fused_sparse_batch_invariant(rank, world, ck):
     ck.close(full, ref.reshape(N), TOL, "batch-invariant loss vs single process")
 
 
+def topk_reference(x, k, T, scale, cap, top_p):
+    """log_softmax(f(x) / T) in float64, its k best sorted (ties by the lower id), and the
+    top_p prefix."""
+    z = x.double() * scale
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    lp = torch.log_softmax(z / T, -1)
+    order = lp.argsort(dim=-1, descending=True, stable=True)[..., :k]  # stable: lower id first
+    top = lp.gather(-1, order)
+    p = top.exp()
+    return order, top, (p.cumsum(-1) - p) < (top_p or 1.0)
+
+
+@case(1, 2, 3, 4)
+def topk_logprobs(rank, world, ck):
+    """Global ids (int32, exact, ties by the lower id across shards), log-probs and the top_p
+    mask against log_softmax(x).topk on the full row; one all_gather of 2k + 1 float64 a row."""
+    c = cols(rank, world)
+    x = logits((*LEAD, VOCAB), seed=700)
+    x[0, 1] = x[0, 1].round()  # many ties, across shards
+    x[1, 2, 2:] = float("-inf")  # fewer finite entries than k
+    for padded in (False, True):
+        vocab = REAL if padded else VOCAB
+        for T, scale, cap, top_p in [(1.0, 1.0, None, None), (0.7, 1.3, 4.0, 0.9),
+                                     (2.0, 1.0, None, 0.5)]:
+            what = f"T={T} cap={cap} top_p={top_p} padded={padded} rank {rank}/{world}"
+            with fkd.count_collectives() as fwd:
+                out = fkd.vocab_parallel_topk_logprobs(
+                    x[..., c], K, temperature=T, logit_scale=scale, softcap=cap, top_p=top_p,
+                    vocab_start=c.start, vocab_size=REAL if padded else None)
+            ids, lp, mask = topk_reference(x[..., :vocab], K, T, scale, cap, top_p)
+            ck.true(out[0].dtype == torch.int32 and torch.equal(out[0].long(), ids),
+                    f"{what}: ids {out[0].tolist()} vs {ids.tolist()}")
+            ck.close(out[1], lp, TOL, what + " log-probs")
+            ck.true(len(out) == (2 if top_p is None else 3), what + ": outputs")
+            if top_p is not None:
+                ck.true(torch.equal(out[2], mask), f"{what}: mask {out[2]} vs {mask}")
+            want = [("all_gather", (2 * K + 1, N + 2), 8 * (2 * K + 1) * (N + 2))]
+            got = [(x.op, x.shape, x.nbytes) for x in fwd]
+            ck.true(got == (want if world > 1 else []), f"{what}: collectives {got}")
+    # The produced teacher goes straight into the sharded sparse loss.
+    ids, lp = fkd.vocab_parallel_topk_logprobs(x[..., c] * 0.5, K, vocab_start=c.start)
+    s = leaf(x[..., c])
+    out = fkd.vocab_parallel_sparse_divergence(s, ids, lp, vocab_start=c.start)
+    ref = fk.sparse_divergence(x, ids, lp)
+    ck.close(out, ref, TOL, "topk -> sparse divergence")
+
+
 # ------------------------------------------------------------------------------------------
 # The harness: one forked group of processes per world size, results per case.
 # ------------------------------------------------------------------------------------------

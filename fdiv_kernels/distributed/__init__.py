@@ -23,6 +23,7 @@ from fdiv_kernels.distributed._vocab_sparse import (
     VocabParallelSparseDivergenceFunction,
     vocab_parallel_sparse_divergence,
 )
+from fdiv_kernels.distributed._vocab_topk import vocab_parallel_topk_logprobs
 from fdiv_kernels.distributed._vocab_stats import (
     VocabParallelStatsFunction,
     vocab_parallel_entropy,
@@ -37,5 +38,5 @@ __all__ = [
     "vocab_parallel_logsumexp", "vocab_parallel_token_logprobs",
     "VocabParallelSparseDivergenceFunction", "vocab_parallel_sparse_divergence",
     "VocabParallelFusedLinearSparseDivergenceFunction",
-    "vocab_parallel_fused_linear_sparse_divergence",
+    "vocab_parallel_fused_linear_sparse_divergence", "vocab_parallel_topk_logprobs",
 ]

@@ -98,16 +98,7 @@ def local_pieces(z: Tensor, sup: Support, transform, inv_t: float, tail: int) ->
 def exchange(pieces: Tensor, support: Tensor, group, world: int, layout: tuple[int, int] | None):
     """The one forward collective: all_gather of the (K + 1, n) pieces (and this rank's layout,
     checked to tile [0, V)); returns the compact rows (n, K + 1), L_off (n,) and V."""
-    if layout is not None:
-        extra = pieces.new_tensor([float(layout[0]), float(layout[1])]).expand(pieces.shape[0], 2)
-        pieces = torch.cat([pieces, extra], 1)
-    g = _comm.all_gather(pieces, group, world)  # (world, K + 1, n [+ 2])
-    vocab = None
-    if layout is not None:
-        ranks = [(int(s), int(w)) for s, w in g[:, 0, -2:].tolist()]
-        _shards.check_layout(ranks)
-        vocab = sum(w for _, w in ranks)
-        g = g[..., :-2]
+    g, vocab = _shards.gather_rows_vocab(pieces, group, world, layout)  # (world, K + 1, n)
     l_off = torch.logsumexp(g[:, 0], dim=0)
     a_s = g[:, 1:].sum(0).t()  # exactly one rank sent each real entry's value, the others 0
     a_s = torch.where(support, a_s, torch.full_like(a_s, float("-inf")))
