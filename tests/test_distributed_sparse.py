@@ -269,6 +269,96 @@ def topk_logprobs(rank, world, ck):
     ck.close(out, ref, TOL, "topk -> sparse divergence")
 
 
+@case(1, 2, 3, 4)
+def vocab_size_dense_ops(rank, world, ck):
+    """vocab_size= on the dense vocab-parallel ops: equal to the single-process op on the first
+    REAL columns (rows of the heads), exactly zero gradient on the padding (which on world 4 is
+    a whole shard); a vocab_size past the shards' total raises on every rank."""
+    c = cols(rank, world)
+    up = 1.0 + 0.25 * logits(LEAD, seed=9)
+    s, t = logits((*LEAD, VOCAB), seed=800), logits((*LEAD, VOCAB), seed=801)
+    cut = dict(vocab_start=c.start, vocab_size=REAL)
+
+    def pad(g):  # the single-process gradient of the first REAL columns, widened with zeros
+        out = torch.zeros(*g.shape[:-1], VOCAB, dtype=g.dtype)
+        out[..., :REAL] = g
+        return out[..., c]
+
+    ss, tt = leaf(s[..., c]), leaf(t[..., c])
+    out = fkd.vocab_parallel_divergence(ss, tt, "js", beta=0.3, labels=LABELS, reduction="none",
+                                        temperature=1.5, **cut)
+    (out * up).sum().backward()
+    rs, rt = leaf(s[..., :REAL]), leaf(t[..., :REAL])
+    ref = fk.divergence(rs, rt, "js", beta=0.3, labels=LABELS, reduction="none", temperature=1.5)
+    (ref * up).sum().backward()
+    ck.close(out, ref, TOL, "divergence")
+    ck.close(ss.grad, pad(rs.grad), TOL, "divergence d student")
+    ck.close(tt.grad, pad(rt.grad), TOL, "divergence d teacher")
+    stats = [
+        ("token_logprobs", lambda x: fkd.vocab_parallel_token_logprobs(x, LABELS, 1.5, **cut),
+         lambda x: fk.token_logprobs(x, LABELS, 1.5)),
+        ("entropy", lambda x: fkd.vocab_parallel_entropy(x, 1.5, **cut),
+         lambda x: fk.entropy(x, 1.5)),
+        ("logsumexp", lambda x: fkd.vocab_parallel_logsumexp(x, **cut),
+         lambda x: fk.logsumexp(x, -1)),
+    ]
+    for name, op, single in stats:
+        ss, rs = leaf(s[..., c]), leaf(s[..., :REAL])
+        (op(ss) * up).sum().backward()
+        ref = single(rs)
+        (ref * up).sum().backward()
+        ck.close(op(s[..., c]), ref, TOL, name)
+        ck.close(ss.grad, pad(rs.grad), TOL, name + " grad")
+    h, w, b = head(810)
+    ht, wt, _ = head(820)
+    hh, ww, bb, wwt = leaf(h), leaf(w[c]), leaf(b[c]), leaf(wt[c])
+    out = fkd.vocab_parallel_fused_linear_divergence(
+        hh, ww, ht, wwt, "kl", student_bias_shard=bb, chunk_size=4, labels=LABELS, **cut)
+    out.backward()
+    rh, rw, rb, rwt = leaf(h), leaf(w[:REAL]), leaf(b[:REAL]), leaf(wt[:REAL])
+    fk.fused_linear_divergence(rh, rw, ht, rwt, "kl", student_bias=rb, chunk_size=4,
+                               labels=LABELS).backward()
+    ck.close(hh.grad, rh.grad, TOL, "fused dh")
+    ck.close(ww.grad, pad(rw.grad.t()).t(), TOL, "fused dW")
+    ck.close(wwt.grad, pad(rwt.grad.t()).t(), TOL, "fused dW teacher")
+    ck.close(bb.grad, pad(rb.grad), TOL, "fused db")
+    if world > 1:
+        try:  # every rank raises, from the layouts its all_gather carries
+            fkd.vocab_parallel_divergence(s[..., c], t[..., c], vocab_start=c.start,
+                                          vocab_size=VOCAB + 1)
+            ck.true(False, "vocab_size past the shards must raise")
+        except ValueError as e:
+            ck.true("vocab_size" in str(e), str(e))
+
+
+def _fused_dense_row(c, n, pos, invariant):
+    """One row's loss and dh under vocab_parallel_fused_linear_divergence at n rows."""
+    fh = 64  # wide enough that BLAS picks different kernels for 1 and 33 rows
+    w, wt = logits((VOCAB, fh), seed=900, scale=0.3), logits((VOCAB, fh), seed=901, scale=0.3)
+    hs, ht = logits((n, fh), seed=902 + n), logits((n, fh), seed=903 + n)
+    hs[pos], ht[pos] = logits((fh,), seed=904), logits((fh,), seed=905)
+    hs = hs.requires_grad_(True)
+    out = fkd.vocab_parallel_fused_linear_divergence(
+        hs, w[c], ht, wt[c], "js", beta=0.3, reduction="none", vocab_start=c.start,
+        batch_invariant=invariant)
+    (dh,) = torch.autograd.grad(out.sum(), hs)
+    return out.detach()[pos], dh[pos]
+
+
+@case(2, 3)
+def fused_dense_batch_invariant(rank, world, ck):
+    """batch_invariant=True on the vocab-parallel fused divergence: the row's loss and dh are
+    bit-identical alone, among 33 rows (last) and among 7 (middle)."""
+    c = cols(rank, world)
+    first = _fused_dense_row(c, 1, 0, True)
+    for n, pos in ((33, 32), (7, 3)):
+        got = _fused_dense_row(c, n, pos, True)
+        ck.true(all(torch.equal(x, y) for x, y in zip(first, got)), f"n={n}: the row changed")
+    # Why the flag exists (and that the check above can fail): by default it changes.
+    a, b = _fused_dense_row(c, 1, 0, False), _fused_dense_row(c, 33, 32, False)
+    ck.true(not all(torch.equal(x, y) for x, y in zip(a, b)), "default: no change seen")
+
+
 # ------------------------------------------------------------------------------------------
 # The harness: one forked group of processes per world size, results per case.
 # ------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from fdiv_kernels.distributed._vocab_sparse import (
     exchange,
     local_grad,
     local_pieces,
-    resolve_width,
     setup,
 )
 from fdiv_kernels.fused_linear import _engine as E
@@ -220,7 +219,7 @@ def vocab_parallel_fused_linear_sparse_divergence(
     hs, ws, bs = E.check_head("student_hidden", student_hidden, "student_weight_shard",
                               student_weight_shard, "student_bias_shard", student_bias_shard)
     E.check_devices(hs, ws, bs)
-    start, width = resolve_width("student_weight_shard", ws.shape[0], vocab_start, vocab_size,
+    start, width = _shards.resolve_width("student_weight_shard", ws.shape[0], vocab_start, vocab_size,
                                  world)
     ws, bs = ws[:width], (bs[:width] if bs is not None else None)  # views: padding rows get 0
     lead = hs.shape[:-1]

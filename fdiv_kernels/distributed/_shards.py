@@ -38,6 +38,20 @@ def check_vocab_start(vocab_start: object) -> int | None:
     return int(vocab_start)
 
 
+def resolve_width(name: str, width: int, vocab_start: int | None, vocab_size: object,
+                  world: int) -> tuple[int, int]:
+    """(vocab_start, the number of this shard's columns below ``vocab_size``)."""
+    if world > 1 and vocab_start is None:
+        raise ValueError("vocab_start is required with more than one rank: the first global "
+                         f"vocabulary id of this rank's {name}")
+    start = vocab_start or 0
+    if vocab_size is None:
+        return start, width
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    return start, max(0, min(width, vocab_size - start))
+
+
 def pick_backend(requested: str, x: Tensor, ops: tuple[str, ...]) -> str:
     """One backend that has every op in ``ops`` (auto skips those lacking a phase op)."""
     probe = x.new_empty(1)  # select looks at device and dtype only; the shard may be empty

@@ -170,20 +170,6 @@ def check_global(ids: Tensor, lp: Tensor, mask: Tensor, vocab: int, cfg: dict) -
     check_teacher(ids, lp, support, vocab, cfg["tail"], cfg["slack"])
 
 
-def resolve_width(name: str, width: int, vocab_start: int | None, vocab_size: object,
-                  world: int) -> tuple[int, int]:
-    """(vocab_start, the number of this shard's columns below ``vocab_size``)."""
-    if world > 1 and vocab_start is None:
-        raise ValueError("vocab_start is required with more than one rank: the first global "
-                         f"vocabulary id of this rank's {name}")
-    start = vocab_start or 0
-    if vocab_size is None:
-        return start, width
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
-    return start, max(0, min(width, vocab_size - start))
-
-
 class VocabParallelSparseDivergenceFunction(torch.autograd.Function):
     """Per-row sparse divergence of vocabulary-sharded student logits, replicated on every rank.
 
@@ -304,7 +290,7 @@ def vocab_parallel_sparse_divergence(
             num_items_in_batch=num_items_in_batch, student_logit_scale=student_logit_scale,
             student_softcap=student_softcap, backend=backend, vocab_size=vocab_size)
     _shards.check_shard("student_shard", student_shard)
-    start, width = resolve_width("student_shard", student_shard.shape[-1], vocab_start,
+    start, width = _shards.resolve_width("student_shard", student_shard.shape[-1], vocab_start,
                                  vocab_size, world)
     lead = student_shard.shape[:-1]
     ids, lp, mask, valid, cfg = setup(

@@ -15,7 +15,6 @@ from torch import Tensor
 from fdiv_kernels.core import _validation as V
 from fdiv_kernels.core._transforms import check_logit_transform, transform_logits
 from fdiv_kernels.distributed import _comm, _shards
-from fdiv_kernels.distributed._vocab_sparse import resolve_width
 
 # The id of a missing candidate (a shard narrower than k): above every real id, so it sorts
 # after any real candidate of equal (-inf) value. Ids travel in float64: exact below 2^53.
@@ -128,7 +127,7 @@ def vocab_parallel_topk_logprobs(
         raise TypeError(f"ids_dtype must be torch.int32 or torch.int64, got {ids_dtype}")
     if logprobs_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise TypeError(f"logprobs_dtype must be a floating point dtype, got {logprobs_dtype}")
-    start, width = resolve_width("logits_shard", logits_shard.shape[-1], vocab_start,
+    start, width = _shards.resolve_width("logits_shard", logits_shard.shape[-1], vocab_start,
                                  vocab_size, world)
     lead = logits_shard.shape[:-1]
     with torch.no_grad():
