@@ -137,6 +137,79 @@ def sparse_every_tail(rank, world, ck):
                 ck.true([(x.op, x.shape) for x in fwd] == want, f"{what}: forward {fwd}")
 
 
+@case(2, 4)
+def sparse_reductions_dtypes_and_grads(rank, world, ck):
+    """Scalar reductions (with num_items_in_batch), bf16 logits, float64 on the torch backend,
+    and only one of the two gradients wanted."""
+    c = cols(rank, world)
+    ids, lp, mask = teacher(250)
+    s = logits((*LEAD, VOCAB), seed=251)
+    for what, dtype, kw in [("mean", torch.float32, dict(reduction="mean")),
+                            ("sum", torch.float32, dict(reduction="sum")),
+                            ("items", torch.float32, dict(num_items_in_batch=7)),
+                            ("bf16", torch.bfloat16, dict(reduction="mean")),
+                            ("fp64 torch", torch.float64, dict(backend="torch", tail="none"))]:
+        x = s.to(dtype)
+        tol = (2e-2, 2e-3) if dtype == torch.bfloat16 else TOL
+        for grads in ((True, True), (True, False), (False, True)):
+            ss = x[..., c].clone().requires_grad_(grads[0])
+            lps = lp.clone().requires_grad_(grads[1])
+            out = fkd.vocab_parallel_sparse_divergence(ss, ids, lps, "js", support_mask=mask,
+                                                       labels=LABELS, vocab_start=c.start, **kw)
+            full, lpf = leaf(x), leaf(lp)
+            ref = fk.sparse_divergence(full, ids, lpf, "js", support_mask=mask, labels=LABELS,
+                                       **kw)
+            ref.backward()
+            ck.close(out, ref, tol, f"{what} {grads} loss")
+            out.backward()
+            if grads[0]:
+                ck.close(ss.grad, full.grad[..., c], tol, f"{what} {grads} d student")
+            if grads[1]:
+                ck.close(lps.grad, lpf.grad, tol, f"{what} {grads} d teacher")
+
+
+@case(2, 3)
+def sparse_errors_on_every_rank(rank, world, ck):
+    """A wrong vocab_start (the last rank shifted by one) raises the layout error on every rank,
+    from the one all_gather the ops make anyway; so do ids out of range, a repeated id, too much
+    bucket mass (the same checks as the single-process op); vocab_start=None raises first."""
+    c = cols(rank, world)
+    x = logits((*LEAD, VOCAB), seed=260)
+    h, w, _ = head(261)
+    ids, lp, mask = teacher(262)
+    wrong = c.start + (1 if rank == world - 1 else 0)
+    bad_id, repeat, heavy = ids.clone(), ids.clone(), lp.clone()
+    bad_id[1, 1, 0] = VOCAB
+    repeat[1, 1, 0] = repeat[1, 1, 1]
+    heavy[1, 1] = heavy[1, 1] + 1.0
+    calls = [
+        ("sparse", "do not tile", lambda: fkd.vocab_parallel_sparse_divergence(
+            x[..., c], ids, lp, support_mask=mask, vocab_start=wrong)),
+        ("fused sparse", "do not tile", lambda: fkd.vocab_parallel_fused_linear_sparse_divergence(
+            h, w[c], ids, lp, support_mask=mask, vocab_start=wrong)),
+        ("topk", "do not tile", lambda: fkd.vocab_parallel_topk_logprobs(
+            x[..., c], K, vocab_start=wrong)),
+        ("id range", "teacher_ids must be in", lambda: fkd.vocab_parallel_sparse_divergence(
+            x[..., c], bad_id, lp, support_mask=mask, vocab_start=c.start)),
+        ("repeat", "must not repeat", lambda: fkd.vocab_parallel_sparse_divergence(
+            x[..., c], repeat, lp, support_mask=mask, vocab_start=c.start)),
+        ("mass", "mass", lambda: fkd.vocab_parallel_fused_linear_sparse_divergence(
+            h, w[c], ids, heavy, support_mask=mask, vocab_start=c.start, chunk_size=2)),
+        ("no vocab_start", "vocab_start is required", lambda:
+            fkd.vocab_parallel_sparse_divergence(x[..., c], ids, lp, support_mask=mask)),
+        ("topk k > V", "more than the vocabulary", lambda: fkd.vocab_parallel_topk_logprobs(
+            x[..., c], VOCAB + 1, vocab_start=c.start)),
+    ]
+    for name, match, call in calls:
+        try:
+            call()
+            ck.true(False, f"{name}: must raise")
+        except ValueError as e:
+            ck.true(match in str(e), f"{name}: {e}")
+            if match == "do not tile":
+                ck.true(f"rank {world - 1}" in str(e), f"{name}: {e}")
+
+
 H = 4
 
 

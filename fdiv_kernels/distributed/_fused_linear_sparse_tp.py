@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fdiv_kernels.core import _validation as V
 from fdiv_kernels.distributed import _comm, _shards
 from fdiv_kernels.distributed._vocab_sparse import (
     Support,
@@ -219,8 +218,8 @@ def vocab_parallel_fused_linear_sparse_divergence(
     hs, ws, bs = E.check_head("student_hidden", student_hidden, "student_weight_shard",
                               student_weight_shard, "student_bias_shard", student_bias_shard)
     E.check_devices(hs, ws, bs)
-    start, width = _shards.resolve_width("student_weight_shard", ws.shape[0], vocab_start, vocab_size,
-                                 world)
+    start, width = _shards.resolve_width("student_weight_shard", ws.shape[0], vocab_start,
+                                         vocab_size, world)
     ws, bs = ws[:width], (bs[:width] if bs is not None else None)  # views: padding rows get 0
     lead = hs.shape[:-1]
     ids, lp, mask, _, cfg = setup(

@@ -1,4 +1,4 @@
-r"""``vocab_parallel_sparse_divergence``: fk.sparse_divergence with the student's vocabulary sharded.
+r"""``vocab_parallel_sparse_divergence``: fk.sparse_divergence, the student's vocabulary sharded.
 
 The sparse loss of a row depends on the student's row only through K + 1 numbers: its scaled
 logits a_i on the K support entries and the log-sum-exp of everything off the support,

@@ -115,7 +115,9 @@ def vocab_parallel_topk_logprobs(
     # When the single-process fk.topk_logprobs lands, _local_topk becomes its call on the shard.
     world, _ = _comm.world(group)
     vocab_start = _shards.check_vocab_start(vocab_start)
-    _shards.check_shard("logits_shard", logits_shard)
+    V.check_float_rows("logits_shard", logits_shard)
+    if world > 1:  # one rank takes zero rows (as the single-process ops)
+        _shards.check_shard("logits_shard", logits_shard)
     k = _check_k(k)
     inv_t = V.check_temperature(temperature, logits_shard.dtype)
     transform = check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
