@@ -141,9 +141,13 @@ def sparse_every_tail(rank, world, ck):
 def sparse_reductions_dtypes_and_grads(rank, world, ck):
     """Scalar reductions (with num_items_in_batch), bf16 logits, float64 on the torch backend,
     and only one of the two gradients wanted."""
+    from fdiv_kernels.distributed import _vocab_sparse
+
     c = cols(rank, world)
     ids, lp, mask = teacher(250)
     s = logits((*LEAD, VOCAB), seed=251)
+    # Steps of one or two rows through the unfused op's local passes (forward and backward).
+    saved, _vocab_sparse.CHUNK_ELEMENTS = _vocab_sparse.CHUNK_ELEMENTS, 20
     for what, dtype, kw in [("mean", torch.float32, dict(reduction="mean")),
                             ("sum", torch.float32, dict(reduction="sum")),
                             ("items", torch.float32, dict(num_items_in_batch=7)),
@@ -166,6 +170,7 @@ def sparse_reductions_dtypes_and_grads(rank, world, ck):
                 ck.close(ss.grad, full.grad[..., c], tol, f"{what} {grads} d student")
             if grads[1]:
                 ck.close(lps.grad, lpf.grad, tol, f"{what} {grads} d teacher")
+    _vocab_sparse.CHUNK_ELEMENTS = saved
 
 
 @case(2, 3)
@@ -200,6 +205,15 @@ def sparse_errors_on_every_rank(rank, world, ck):
         ("topk k > V", "more than the vocabulary", lambda: fkd.vocab_parallel_topk_logprobs(
             x[..., c], VOCAB + 1, vocab_start=c.start)),
     ]
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dt = distribute_tensor(x, init_device_mesh("cpu", (world,)), [Shard(-1)])
+    try:
+        fkd.vocab_parallel_sparse_divergence(dt, ids, lp, support_mask=mask)
+        ck.true(False, "a DTensor must raise")
+    except TypeError as e:
+        ck.true("to_local" in str(e), str(e))
     for name, match, call in calls:
         try:
             call()

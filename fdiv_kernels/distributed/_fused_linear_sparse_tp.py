@@ -23,6 +23,7 @@ from fdiv_kernels.distributed._vocab_sparse import (
     exchange,
     local_grad,
     local_pieces,
+    no_dtensor,
     setup,
 )
 from fdiv_kernels.fused_linear import _engine as E
@@ -201,6 +202,7 @@ def vocab_parallel_fused_linear_sparse_divergence(
         group: the tensor-parallel process group (None: the default group).
         reduce_hidden_grad: sum the hidden-state gradient over the ranks here (see above).
     """
+    no_dtensor("student_weight_shard", student_weight_shard)
     world, _ = _comm.world(group)
     vocab_start = _shards.check_vocab_start(vocab_start)
     if not isinstance(reduce_hidden_grad, bool):

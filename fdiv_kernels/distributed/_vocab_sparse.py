@@ -46,6 +46,20 @@ from fdiv_kernels.distributed import _comm, _shards
 from fdiv_kernels.kinds._registry import KernelSpec, resolve
 
 NO_TRANSFORM = (1.0, 0.0)
+# Rows per step of the unfused op: its (rows, V_r) fp32 temporaries stay near this many elements.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def row_chunks(n: int, width: int):
+    rows = max(1, CHUNK_ELEMENTS // max(width, 1))
+    for lo in range(0, n, rows):
+        yield slice(lo, min(n, lo + rows))
+
+
+def no_dtensor(name: str, x: object) -> None:
+    if _shards.is_dtensor(x):
+        raise TypeError(f"{name} must be the local shard (x.to_local(), with vocab_start= its "
+                        "offset), not a DTensor")
 
 
 class Support:
@@ -181,7 +195,9 @@ class VocabParallelSparseDivergenceFunction(torch.autograd.Function):
     def forward(ctx, z, lp, ids, mask, keep, cfg, group, world, layout):
         grad_s, grad_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         sup = Support(ids, mask, layout[0], z.shape[1])
-        pieces = local_pieces(z, sup, cfg["transform"], cfg["inv_t"], cfg["tail"])
+        pieces = torch.cat([local_pieces(z[r], sup.rows(r), cfg["transform"], cfg["inv_t"],
+                                         cfg["tail"])
+                            for r in row_chunks(z.shape[0], z.shape[1])], 1)
         c, l_off, vocab = exchange(pieces, sup_mask(mask, ids), group, world,
                                    layout if cfg["check_layout"] else None)
         if vocab is not None:
@@ -202,8 +218,12 @@ class VocabParallelSparseDivergenceFunction(torch.autograd.Function):
         d_z = d_lp = None
         if dc is not None:
             sup = Support(ids, mask, ctx.start, z.shape[1])
-            d_z = local_grad(z, sup, dc * g[:, None].to(dc.dtype), l_off, keep_mask(keep, z),
-                             ctx.cfg["transform"], ctx.cfg["inv_t"])
+            dc = dc * g[:, None].to(dc.dtype)
+            keep = keep_mask(keep, z)
+            d_z = torch.empty_like(z)
+            for r in row_chunks(z.shape[0], z.shape[1]):
+                d_z[r] = local_grad(z[r], sup.rows(r), dc[r], l_off[r], keep[r],
+                                    ctx.cfg["transform"], ctx.cfg["inv_t"])
         if gt is not None:
             d_lp = (gt * g[:, None].to(gt.dtype)).to(ctx.lp_dtype)
         return d_z, d_lp, *([None] * 7)
@@ -279,6 +299,7 @@ def vocab_parallel_sparse_divergence(
         vocab_start: this rank's first global vocabulary id (required with several ranks).
         group: the process group the vocabulary is split over (None: the default group).
     """
+    no_dtensor("student_shard", student_shard)
     world, _ = _comm.world(group)
     vocab_start = _shards.check_vocab_start(vocab_start)
     if world == 1:

@@ -15,6 +15,7 @@ from torch import Tensor
 from fdiv_kernels.core import _validation as V
 from fdiv_kernels.core._transforms import check_logit_transform, transform_logits
 from fdiv_kernels.distributed import _comm, _shards
+from fdiv_kernels.distributed._vocab_sparse import no_dtensor
 
 # The id of a missing candidate (a shard narrower than k): above every real id, so it sorts
 # after any real candidate of equal (-inf) value. Ids travel in float64: exact below 2^53.
@@ -113,6 +114,7 @@ def vocab_parallel_topk_logprobs(
         (ids, logprobs), or (ids, logprobs, support_mask) when ``top_p`` is given.
     """
     # When the single-process fk.topk_logprobs lands, _local_topk becomes its call on the shard.
+    no_dtensor("logits_shard", logits_shard)
     world, _ = _comm.world(group)
     vocab_start = _shards.check_vocab_start(vocab_start)
     V.check_float_rows("logits_shard", logits_shard)
