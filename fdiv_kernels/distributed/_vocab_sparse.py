@@ -198,8 +198,7 @@ class VocabParallelSparseDivergenceFunction(torch.autograd.Function):
         pieces = torch.cat([local_pieces(z[r], sup.rows(r), cfg["transform"], cfg["inv_t"],
                                          cfg["tail"])
                             for r in row_chunks(z.shape[0], z.shape[1])], 1)
-        c, l_off, vocab = exchange(pieces, sup_mask(mask, ids), group, world,
-                                   layout if cfg["check_layout"] else None)
+        c, l_off, vocab = exchange(pieces, sup_mask(mask, ids), group, world, layout)
         if vocab is not None:
             check_global(ids, lp, mask, vocab, cfg)
         loss, dc, gt = compact_forward(c, lp, mask, keep, cfg, grad_s, grad_t)
@@ -319,7 +318,7 @@ def vocab_parallel_sparse_divergence(
         beta, alpha, lam, temperature, teacher_temperature, student_logit_scale,
         student_softcap, backend, labels, ignore_index)
     reduction = V.check_reduction(reduction)
-    cfg["check_layout"], cfg["vocab_size"] = True, vocab_size
+    cfg["vocab_size"] = vocab_size
     # A view: the columns at or past vocab_size get exactly zero gradient through the slice.
     z = _shards.rows(student_shard[..., :width])
     keep = valid.reshape(-1) if valid is not None else torch.empty(0, dtype=torch.bool,
