@@ -55,7 +55,8 @@ def _run(a: dict, head: E.Head, lp: Tensor | None, row_weights: Tensor, grad_t: 
         z = z["s"]
         sup = sup_all.rows(rows)
         if saved is None:
-            pieces = local_pieces(z, sup, cfg["transform"], cfg["inv_t"], cfg["tail"])
+            pieces = local_pieces(z, sup, cfg["transform"], cfg["inv_t"], cfg["tail"],
+                                  scratch=True)
             c, l_off, vocab = exchange(pieces, real[rows], a["group"], a["world"], layout.pop()
                                        if layout else None)
             if vocab is not None:  # the first chunk: the global vocabulary is known now
@@ -71,11 +72,13 @@ def _run(a: dict, head: E.Head, lp: Tensor | None, row_weights: Tensor, grad_t: 
             dc, l_off = saved[0][rows], saved[1][rows]
         if not grad_s or sup.width == 0:
             return None
+        # Written into the chunk's logits buffer: the engine reads dz before the next GEMM.
         dz = local_grad(z, sup, dc * row_weights[rows, None], l_off, keep[rows],
-                        cfg["transform"], cfg["inv_t"])
+                        cfg["transform"], cfg["inv_t"], scratch=True)
         return {"s": dz}  # dh here is this rank's partial dz_r W_r
 
-    grads = E.run({"s": head}, n, a["chunk"], step, acc=acc, zero_hidden=True, fixed=a["fixed"])
+    grads = E.run({"s": head}, n, a["chunk"], step, acc=acc, zero_hidden=True, fixed=a["fixed"],
+                  reuse_logits=("s",))
     if a["reduce_hidden_grad"] and grads["s"].h is not None:
         grads["s"].h = _comm.all_reduce_sum(grads["s"].h, a["group"])
     return loss, grads["s"], gt_all, (dc_all, l_off_all)

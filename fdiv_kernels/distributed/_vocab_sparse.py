@@ -87,15 +87,21 @@ class Support:
 
 
 def scaled(z: Tensor, transform: tuple[float, float], inv_t: float):
-    """(a, da/dz) with a = f(z) / T in the loss dtype (f: the logit transform)."""
-    f, df = transform_logits(z.to(V.loss_dtype(z.dtype)), *transform)
-    return f * inv_t, df * inv_t
+    """(a, da/dz) with a = f(z) / T in the loss dtype (f: the logit transform); ``a`` is ``z``
+    itself when f and T change nothing."""
+    z = z.to(V.loss_dtype(z.dtype))
+    if transform == NO_TRANSFORM:
+        return (z if inv_t == 1.0 else z * inv_t), inv_t
+    f, df = transform_logits(z, *transform)
+    return f.mul_(inv_t), df * inv_t
 
 
-def local_pieces(z: Tensor, sup: Support, transform, inv_t: float, tail: int) -> Tensor:
+def local_pieces(z: Tensor, sup: Support, transform, inv_t: float, tail: int,
+                 scratch: bool = False) -> Tensor:
     """(K + 1, n): this shard's off-support LSE of a (row 0; -inf under "renormalize", which
     does not use it) and a on the owned support entries (0 elsewhere, so a sum over ranks is
-    exact)."""
+    exact). ``scratch``: ``z`` may be written (it is restored before returning), saving a
+    (n, V_r) copy."""
     n, K = sup.owned.shape
     a, _ = scaled(z, transform, inv_t)
     out = a.new_zeros((K + 1, n))
@@ -104,8 +110,17 @@ def local_pieces(z: Tensor, sup: Support, transform, inv_t: float, tail: int) ->
         out[1:] = torch.where(sup.owned, picked, torch.zeros_like(picked)).t()
     if tail == TAIL_RENORMALIZE or sup.width == 0:
         out[0] = float("-inf")
-    else:
+    elif a is z and not scratch:
         out[0] = torch.logsumexp(a.masked_fill(sup.column_mask(), float("-inf")), dim=-1)
+    else:
+        # The owned support columns set to -inf in place for the off-support LSE, then put back
+        # (only needed where a is z itself): K stores a row instead of a (n, V_r) copy.
+        r, i = sup.owned.nonzero(as_tuple=True)
+        c = sup.cols[r, i]
+        a[r, c] = float("-inf")
+        out[0] = torch.logsumexp(a, dim=-1)
+        if a is z:
+            a[r, c] = picked[r, i]
     return out
 
 
@@ -133,21 +148,27 @@ def compact_forward(c: Tensor, lp: Tensor, mask: Tensor, keep: Tensor, cfg: dict
 
 
 def local_grad(z: Tensor, sup: Support, dc: Tensor, l_off: Tensor, keep: Tensor,
-               transform, inv_t: float) -> Tensor:
+               transform, inv_t: float, scratch: bool = False) -> Tensor:
     """d loss / d z of this shard from the compact gradient dc (already row-scaled): dc_i on the
-    owned support columns, dc_off exp(a_j - L_off) off the support. No collective."""
+    owned support columns, dc_off exp(a_j - L_off) off the support. No collective.
+    ``scratch``: the gradient may be written into ``z`` (a buffer the caller discards)."""
     if sup.width == 0:
         return torch.zeros_like(z)
-    a, da = scaled(z, transform, inv_t)
     coef = dc[:, -1:]
-    # a_j <= L_off (a term of it); the clamp keeps rounding from making the ratio exceed 1,
-    # and rows without off-support gradient (coef 0: no mass there, or "renormalize") get 0.
-    g = torch.where(coef != 0, coef * torch.exp((a - l_off[:, None]).clamp(max=0.0)),
-                    torch.zeros_like(a))
+    # a_j <= L_off (a term of it): the clamp keeps rounding from making the ratio exceed 1. A
+    # row with no off-support mass (L_off = -inf, all its a_j -inf) has coef 0 and gets 0.
+    shift = torch.where(l_off > float("-inf"), l_off, torch.zeros_like(l_off))[:, None]
+    if transform == NO_TRANSFORM and z.dtype == V.loss_dtype(z.dtype):
+        da = inv_t
+        g = z if scratch else torch.empty_like(z)
+        g = torch.mul(z, inv_t, out=g) if inv_t != 1.0 else (g.copy_(z) if g is not z else g)
+    else:
+        g, da = scaled(z, transform, inv_t)
+    g.sub_(shift).clamp_(max=0.0).exp_().mul_(coef)
     r, i = sup.owned.nonzero(as_tuple=True)
     g[r, sup.cols[r, i]] = dc[r, i].to(g.dtype)
-    g = g * da
-    return torch.where(keep[:, None], g, torch.zeros_like(g)).to(z.dtype)
+    g.mul_(da)
+    return g.masked_fill_(~keep[:, None], 0.0).to(z.dtype)
 
 
 def setup(student_like: Tensor, lead, teacher_ids, teacher_logprobs, support_mask, tail, kind,
