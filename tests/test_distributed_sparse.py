@@ -36,6 +36,7 @@ N = LEAD[0] * LEAD[1]
 CUTS = {1: [0, 29], 2: [0, 11, 29], 3: [0, 13, 13, 29], 4: [0, 3, 13, 24, 29]}
 LABELS = torch.tensor([[1, -100, 3], [4, 5, 6]])  # row 1 ignored
 KINDS = [("kl", {}), ("reverse_kl", {}), ("js", {"beta": 0.3}), ("skew_reverse_kl", {"lam": 0.2}),
+         ("alpha", {"alpha": 2.5}), ("chi2", {}),
          ("tv", {})]
 TAILS = ("none", "renormalize", "bucket")
 TOL = (2e-5, 2e-6)
