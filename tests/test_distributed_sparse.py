@@ -275,6 +275,13 @@ def fused_sparse(rank, world, ck):
                 gw[:vocab], gb[:vocab] = rw.grad, rb.grad
                 ck.close(ww.grad, gw[c], TOL, what + " dW")
                 ck.close(bb.grad, gb[c], TOL, what + " db")
+                if tail == "bucket":  # the teacher's gradient alone (no head gradient wanted)
+                    lpo = leaf(lp)
+                    only = fkd.vocab_parallel_fused_linear_sparse_divergence(
+                        h, w[c], ids, lpo, kind, student_bias_shard=b[c], vocab_start=c.start,
+                        vocab_size=REAL if padded else None, **extra)
+                    (only * up).sum().backward()
+                    ck.close(lpo.grad, rlp.grad, TOL, what + " d teacher alone")
                 if world == 1:
                     continue
                 gathers = [("all_gather", (K + 1, 4 + 2)), ("all_gather", (K + 1, N - 4))]
