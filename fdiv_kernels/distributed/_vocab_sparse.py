@@ -78,6 +78,18 @@ class Support:
         out.owned, out.cols, out.width = self.owned[rows], self.cols[rows], self.width
         return out
 
+    def put_(self, x: Tensor, values: Tensor) -> Tensor:
+        """x[r, col(r, i)] = values[r, i] on the owned entries, in place, without a host sync
+        (no nonzero()): the other entries of a row write the row's first owned entry's value to
+        its column (or column 0's own value in a row with none), so duplicate writes agree."""
+        first = self.owned.to(torch.uint8).argmax(1, keepdim=True)  # 0 when the row owns none
+        has = self.owned.any(1, keepdim=True)
+        idx = torch.where(self.owned, self.cols,
+                          torch.where(has, self.cols.gather(1, first), 0))
+        values = values.to(x.dtype)
+        fill = torch.where(has, values.gather(1, first), x[:, :1])
+        return x.scatter_(1, idx, torch.where(self.owned, values, fill))
+
     def column_mask(self) -> Tensor:
         """(n, width) bool: the owned support columns (a dummy column takes the others)."""
         n = self.owned.shape[0]
@@ -115,12 +127,10 @@ def local_pieces(z: Tensor, sup: Support, transform, inv_t: float, tail: int,
     else:
         # The owned support columns set to -inf in place for the off-support LSE, then put back
         # (only needed where a is z itself): K stores a row instead of a (n, V_r) copy.
-        r, i = sup.owned.nonzero(as_tuple=True)
-        c = sup.cols[r, i]
-        a[r, c] = float("-inf")
+        sup.put_(a, torch.full_like(picked, float("-inf")))
         out[0] = torch.logsumexp(a, dim=-1)
         if a is z:
-            a[r, c] = picked[r, i]
+            sup.put_(a, picked)
     return out
 
 
@@ -165,8 +175,7 @@ def local_grad(z: Tensor, sup: Support, dc: Tensor, l_off: Tensor, keep: Tensor,
     else:
         g, da = scaled(z, transform, inv_t)
     g.sub_(shift).clamp_(max=0.0).exp_().mul_(coef)
-    r, i = sup.owned.nonzero(as_tuple=True)
-    g[r, sup.cols[r, i]] = dc[r, i].to(g.dtype)
+    sup.put_(g, dc[:, :-1])
     g.mul_(da)
     return g.masked_fill_(~keep[:, None], 0.0).to(z.dtype)
 
