@@ -41,6 +41,11 @@ def _zero_row_calls():
         "vocab_parallel_logsumexp": lambda: fkd.vocab_parallel_logsumexp(s),
         "vocab_parallel_fused_linear_divergence":
             lambda: fkd.vocab_parallel_fused_linear_divergence(h, w, ht, wt, "kl"),
+        "vocab_parallel_sparse_divergence":
+            lambda: fkd.vocab_parallel_sparse_divergence(s, ids, lp, "kl"),
+        "vocab_parallel_fused_linear_sparse_divergence":
+            lambda: fkd.vocab_parallel_fused_linear_sparse_divergence(h, w, ids, lp, "kl"),
+        "vocab_parallel_topk_logprobs": lambda: fkd.vocab_parallel_topk_logprobs(s, K)[1],
         "nn.FDivergenceLoss": lambda: fk.nn.FDivergenceLoss("js")(s, t),
         "nn.FusedLinearDivergenceLoss": lambda: fk.nn.FusedLinearDivergenceLoss("kl")(h, w, ht, wt),
         "nn.SparseDivergenceLoss": lambda: fk.nn.SparseDivergenceLoss("kl")(s, ids, lp),

@@ -10,11 +10,20 @@ from fdiv_kernels.distributed._fused_linear_tp import (
     VocabParallelFusedLinearDivergenceFunction,
     vocab_parallel_fused_linear_divergence,
 )
+from fdiv_kernels.distributed._fused_linear_sparse_tp import (
+    VocabParallelFusedLinearSparseDivergenceFunction,
+    vocab_parallel_fused_linear_sparse_divergence,
+)
 from fdiv_kernels.distributed._loss_parallel import loss_parallel
 from fdiv_kernels.distributed._vocab_divergence import (
     VocabParallelDivergenceFunction,
     vocab_parallel_divergence,
 )
+from fdiv_kernels.distributed._vocab_sparse import (
+    VocabParallelSparseDivergenceFunction,
+    vocab_parallel_sparse_divergence,
+)
+from fdiv_kernels.distributed._vocab_topk import vocab_parallel_topk_logprobs
 from fdiv_kernels.distributed._vocab_stats import (
     VocabParallelStatsFunction,
     vocab_parallel_entropy,
@@ -27,4 +36,7 @@ __all__ = [
     "VocabParallelStatsFunction", "count_collectives", "loss_parallel", "vocab_parallel_divergence",
     "vocab_parallel_entropy", "vocab_parallel_fused_linear_divergence",
     "vocab_parallel_logsumexp", "vocab_parallel_token_logprobs",
+    "VocabParallelSparseDivergenceFunction", "vocab_parallel_sparse_divergence",
+    "VocabParallelFusedLinearSparseDivergenceFunction",
+    "vocab_parallel_fused_linear_sparse_divergence", "vocab_parallel_topk_logprobs",
 ]

@@ -94,7 +94,7 @@ def _run(a: dict, heads: dict[str, E.Head], row_weights: Tensor,
         return {"s": None if gzs is None else gzs.mul_(w_rows),
                 "t": None if gzt is None else gzt.mul_(w_rows)}
 
-    grads = E.run(heads, n, a["chunk"], step, acc=acc, zero_hidden=True)
+    grads = E.run(heads, n, a["chunk"], step, acc=acc, zero_hidden=True, fixed=a["fixed"])
     if a["reduce_hidden_grad"]:
         for g in grads.values():
             if g.h is not None:
@@ -164,6 +164,8 @@ def vocab_parallel_fused_linear_divergence(
     num_items_in_batch: int | float | Tensor | None = None,
     backend: str = "auto",
     reduce_hidden_grad: bool = True,
+    vocab_size: int | None = None,
+    batch_invariant: bool = False,
 ) -> Tensor:
     r"""``fk.fused_linear_divergence`` with both lm heads column-parallel over ``group``.
 
@@ -205,12 +207,20 @@ def vocab_parallel_fused_linear_divergence(
         num_items_in_batch: the divisor of ``"mean"`` when given.
         backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
         reduce_hidden_grad: sum the hidden-state gradient over the ranks here (see above).
+        vocab_size: the tokenizer's size when the heads are padded: only global rows below it
+            take part (each rank cuts its shards there; the padding rows get exactly zero
+            gradient); needs ``vocab_start`` with several ranks. Both shards still share one
+            partition.
+        batch_invariant: every chunk GEMM runs at one fixed row block (the engine's
+            batch-invariant mode, as ``fk.fused_linear_divergence``): a row's loss and gradients
+            are bit-identical whatever the batch, its position or the chunking.
     """
     world, _ = _comm.world(group)
     common = dict(beta=beta, alpha=alpha, lam=lam, temperature=temperature, labels=labels,
                   ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight,
                   chunk_size=chunk_size,
-                  num_items_in_batch=num_items_in_batch, backend=backend)
+                  num_items_in_batch=num_items_in_batch, backend=backend,
+                  batch_invariant=batch_invariant)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got "
                         f"{type(reduce_hidden_grad).__name__}")
@@ -218,7 +228,8 @@ def vocab_parallel_fused_linear_divergence(
     if world == 1:
         return fused_linear_divergence(student_hidden, student_weight_shard, teacher_hidden,
                                        teacher_weight_shard, kind, student_bias=student_bias_shard,
-                                       teacher_bias=teacher_bias_shard, **common)
+                                       teacher_bias=teacher_bias_shard, vocab_size=vocab_size,
+                                       **common)
     hs, ws, bs = E.check_head("student_hidden", student_hidden, "student_weight_shard",
                               student_weight_shard, "student_bias_shard", student_bias_shard)
     ht, wt, bt = E.check_head("teacher_hidden", teacher_hidden, "teacher_weight_shard",
@@ -230,6 +241,15 @@ def vocab_parallel_fused_linear_divergence(
         raise ValueError(f"student and teacher weight shards must cover the same vocabulary "
                          f"columns, got V_r={ws.shape[0]} and V_r={wt.shape[0]}")
     E.check_devices(hs, ht, ws, wt, bs, bt)
+    layout = None if vocab_start is None else (vocab_start, ws.shape[0])
+    if vocab_size is not None:
+        # Views: the rows at or past vocab_size get exactly zero gradient through the slice.
+        vocab_start, width = _shards.resolve_width("student_weight_shard", ws.shape[0],
+                                                   vocab_start, vocab_size, world)
+        ws, wt = ws[:width], wt[:width]
+        bs = bs[:width] if bs is not None else None
+        bt = bt[:width] if bt is not None else None
+        layout = (vocab_start, width, vocab_size)
     spec = resolve(kind, beta, alpha, lam)
     inv_t = V.check_temperature(temperature, torch.promote_types(hs.dtype, ws.dtype))
     ce_w = E.check_ce_weight(ce_weight, labels)
@@ -241,7 +261,8 @@ def vocab_parallel_fused_linear_divergence(
     # labels a rank was given.
     plan = E.rows(hs.shape[:-1], hs.device, acc, labels=labels, ignore_index=ignore_index,
                   reduction=reduction, num_items_in_batch=num_items_in_batch,
-                  chunk_size=chunk_size, vocab=max(ws.shape[0], 1), pack=False)
+                  chunk_size=chunk_size, vocab=max(ws.shape[0], 1), pack=False,
+                  batch_invariant=batch_invariant)
     n = plan.n
     keep = plan.keep_mask()
     local_labels = torch.full((n,), -1, dtype=torch.long, device=hs.device)
@@ -254,8 +275,9 @@ def vocab_parallel_fused_linear_divergence(
     args = {"spec": spec, "inv_t": inv_t, "valid": keep, "labels": local_labels,
             "ce_weight": ce_w, "chunk": plan.chunk, "backend": name,
             "group": group, "world": world, "reduce_hidden_grad": reduce_hidden_grad,
+            "fixed": plan.fixed,
             # Checked in the first chunk's all_gather (popped there: once per call).
-            "layout": None if vocab_start is None else (vocab_start, ws.shape[0])}
+            "layout": layout}
     out = VocabParallelFusedLinearDivergenceFunction.apply(
         hs.reshape(n, hs.shape[-1]), ws, bs, ht.reshape(n, ht.shape[-1]), wt, bt, args,
         plan.weights, plan.reduction,

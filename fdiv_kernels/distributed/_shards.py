@@ -38,6 +38,20 @@ def check_vocab_start(vocab_start: object) -> int | None:
     return int(vocab_start)
 
 
+def resolve_width(name: str, width: int, vocab_start: int | None, vocab_size: object,
+                  world: int) -> tuple[int, int]:
+    """(vocab_start, the number of this shard's columns below ``vocab_size``)."""
+    if world > 1 and vocab_start is None:
+        raise ValueError("vocab_start is required with more than one rank: the first global "
+                         f"vocabulary id of this rank's {name}")
+    start = vocab_start or 0
+    if vocab_size is None:
+        return start, width
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    return start, max(0, min(width, vocab_size - start))
+
+
 def pick_backend(requested: str, x: Tensor, ops: tuple[str, ...]) -> str:
     """One backend that has every op in ``ops`` (auto skips those lacking a phase op)."""
     probe = x.new_empty(1)  # select looks at device and dtype only; the shard may be empty
@@ -122,16 +136,29 @@ def resolve_group(group, info: DTensorShard | None, vocab_start):
     return info.group, info.vocab_start
 
 
-def gather_rows(pieces: Tensor, group, world: int, layout: tuple[int, int] | None) -> Tensor:
+def gather_rows(pieces: Tensor, group, world: int, layout: tuple[int, ...] | None) -> Tensor:
     """``all_gather`` of a (P, N) tensor of per-row numbers -> (world, P, N). With ``layout``
     (this rank's vocab_start, width) the ranks' layouts ride in the same collective (two more
-    numbers per piece) and are checked to tile the vocabulary exactly once, on every rank."""
+    numbers per piece) and are checked to tile the vocabulary exactly once, on every rank; a
+    third number, the ``vocab_size`` the shards were cut to, is checked against their total."""
+    g, total = gather_rows_vocab(pieces, group, world, None if layout is None else layout[:2])
+    if layout is not None and len(layout) > 2 and layout[2] is not None and total != layout[2]:
+        raise ValueError(f"vocab_size={layout[2]} is more than the {total} columns the shards "
+                         "hold")
+    return g
+
+
+def gather_rows_vocab(pieces: Tensor, group, world: int, layout: tuple[int, int] | None
+                      ) -> tuple[Tensor, int | None]:
+    """:func:`gather_rows`, also returning the vocabulary the checked layouts tile (None
+    without ``layout``)."""
     if layout is None:
-        return _comm.all_gather(pieces, group, world)
+        return _comm.all_gather(pieces, group, world), None
     extra = pieces.new_tensor([float(layout[0]), float(layout[1])]).expand(pieces.shape[0], 2)
     g = _comm.all_gather(torch.cat([pieces, extra], 1), group, world)
-    check_layout([(int(s), int(w)) for s, w in g[:, 0, -2:].tolist()])
-    return g[..., :-2]
+    ranks = [(int(s), int(w)) for s, w in g[:, 0, -2:].tolist()]
+    check_layout(ranks)
+    return g[..., :-2], sum(w for _, w in ranks)
 
 
 def check_layout(layout: list[tuple[int, int]]) -> None:

@@ -127,6 +127,7 @@ def vocab_parallel_divergence(
     labels: Tensor | None = None, ignore_index: int = -100,
     reduction: str = "mean", num_items_in_batch: int | float | Tensor | None = None,
     backend: str = "auto", inplace_backward: bool = True,
+    vocab_size: int | None = None,
 ) -> Tensor:
     r"""``fk.divergence`` of logits whose vocabulary is split across the ranks of ``group``.
 
@@ -170,6 +171,10 @@ def vocab_parallel_divergence(
         num_items_in_batch: the divisor of ``"mean"`` when given.
         backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
         inplace_backward: as :func:`fdiv_kernels.divergence` (one rank only).
+        vocab_size: the tokenizer's size when the vocabulary is padded: only global columns
+            below it take part (each rank cuts its shard there; the padding columns, on the
+            last ranks, get exactly zero gradient). Needs ``vocab_start`` with several ranks;
+            the shards' layouts are then checked to tile [0, vocab_size) exactly.
     """
     student_shard, teacher_shard, info = _shards.unwrap_pair(student_shard, teacher_shard)
     group, vocab_start = _shards.resolve_group(group, info, vocab_start)
@@ -179,7 +184,13 @@ def vocab_parallel_divergence(
                   num_items_in_batch=num_items_in_batch, backend=backend,
                   inplace_backward=inplace_backward)
     if world == 1:
-        return _shards.rewrap(divergence(student_shard, teacher_shard, kind, **common), info)
+        return _shards.rewrap(divergence(student_shard, teacher_shard, kind,
+                                         vocab_size=vocab_size, **common), info)
+    if vocab_size is not None:
+        # Views: the columns at or past vocab_size get exactly zero gradient through the slice.
+        vocab_start, width = _shards.resolve_width("student_shard", student_shard.shape[-1],
+                                           vocab_start, vocab_size, world)
+        student_shard, teacher_shard = student_shard[..., :width], teacher_shard[..., :width]
 
     _shards.check_shard("student_shard", student_shard)
     _shards.check_shard("teacher_shard", teacher_shard)
@@ -199,6 +210,8 @@ def vocab_parallel_divergence(
                                                       device=s.device)
     # With a vocab_start the ranks' layouts ride in the LSE all_gather and are checked there.
     layout = None if vocab_start is None or info is not None else (vocab_start, s.shape[-1])
+    if vocab_size is not None:  # also the total of the cut shards, checked against vocab_size
+        layout = (vocab_start, s.shape[-1], vocab_size)
     loss = VocabParallelDivergenceFunction.apply(s, t, keep, spec, inv_t, name, group, world,
                                                  layout)
     return _shards.rewrap(V.reduce_rows(loss, valid, reduction, lead, num_items_in_batch), info)

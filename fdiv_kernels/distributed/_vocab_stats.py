@@ -127,6 +127,17 @@ def _setup(name, x, group, vocab_start, backend):
     return x, info, group, vocab_start, world
 
 
+def _cut(x, info, vocab_start, vocab_size, world):
+    """The shard's columns below ``vocab_size`` (a view: the rest get exactly zero gradient) and
+    the layout its all_gather checks: (vocab_start, width[, vocab_size]) or None."""
+    if vocab_size is None:
+        layout = None if vocab_start is None or info is not None else (vocab_start, x.shape[-1])
+        return x, layout
+    start, width = _shards.resolve_width("logits_shard", x.shape[-1], vocab_start, vocab_size,
+                                         world)
+    return x[..., :width], (start, width, vocab_size)
+
+
 def _apply(x, which, local_labels, keep, inv_t, backend, group, world, lead, layout=None):
     rows = _shards.rows(x)
     name = _shards.pick_backend(backend, rows, ("softmax_stats_fwd", "softmax_stats_bwd"))
@@ -142,6 +153,7 @@ def _apply(x, which, local_labels, keep, inv_t, backend, group, world, lead, lay
 
 def vocab_parallel_logsumexp(
     logits_shard: Tensor, *, group: dist.ProcessGroup | None = None, backend: str = "auto",
+    vocab_start: int | None = None, vocab_size: int | None = None,
 ) -> Tensor:
     r"""log sum_j exp(x_j) over the last dim of logits sharded across ``group``'s ranks.
 
@@ -153,18 +165,25 @@ def vocab_parallel_logsumexp(
         logits_shard: this rank's (..., V_r) columns x (or a DTensor placed ``Shard(-1)``).
         group: the process group the vocabulary is split over (None: the default group).
         backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
+        vocab_start: this rank's first global vocabulary id (optional; when given the ranks'
+            layouts ride in the all_gather and must tile [0, V) exactly once).
+        vocab_size: the tokenizer's size when the vocabulary is padded: only global columns
+            below it take part (padding columns get exactly zero gradient); needs
+            ``vocab_start`` with several ranks.
     """
-    x, info, group, _, world = _setup("logits_shard", logits_shard, group, None, backend)
+    x, info, group, vocab_start, world = _setup("logits_shard", logits_shard, group,
+                                                vocab_start, backend)
+    x, layout = _cut(x, info, vocab_start, vocab_size, world)
     if world == 1:
         return _shards.rewrap(logsumexp(x, -1, backend=backend), info)
     _shards.check_shard("logits_shard", x)
-    out = _apply(x, LSE, None, None, 1.0, backend, group, world, x.shape[:-1])
+    out = _apply(x, LSE, None, None, 1.0, backend, group, world, x.shape[:-1], layout)
     return _shards.rewrap(out.to(x.dtype), info)
 
 
 def vocab_parallel_entropy(
     logits_shard: Tensor, temperature: float = 1.0, *, group: dist.ProcessGroup | None = None,
-    backend: str = "auto",
+    backend: str = "auto", vocab_start: int | None = None, vocab_size: int | None = None,
 ) -> Tensor:
     r"""Per-row entropy of softmax(x / T) over a vocabulary sharded across ``group``'s ranks.
 
@@ -177,20 +196,26 @@ def vocab_parallel_entropy(
         temperature: T > 0.
         group: the process group the vocabulary is split over (None: the default group).
         backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
+        vocab_start: this rank's first global vocabulary id (optional, as
+            :func:`vocab_parallel_logsumexp`).
+        vocab_size: only global columns below it take part (as
+            :func:`vocab_parallel_logsumexp`).
     """
-    x, info, group, _, world = _setup("logits_shard", logits_shard, group, None, backend)
+    x, info, group, vocab_start, world = _setup("logits_shard", logits_shard, group,
+                                                vocab_start, backend)
+    x, layout = _cut(x, info, vocab_start, vocab_size, world)
     if world == 1:
         return _shards.rewrap(entropy(x, temperature, backend=backend), info)
     _shards.check_shard("logits_shard", x)
     inv_t = 1.0 / V.check_real("temperature", temperature, positive=True)
     return _shards.rewrap(_apply(x, ENTROPY, None, None, inv_t, backend, group, world,
-                                 x.shape[:-1]), info)
+                                 x.shape[:-1], layout), info)
 
 
 def vocab_parallel_token_logprobs(
     logits_shard: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100, *,
     group: dist.ProcessGroup | None = None, vocab_start: int | None = None,
-    backend: str = "auto",
+    backend: str = "auto", vocab_size: int | None = None,
 ) -> Tensor:
     r"""log softmax(x / T)[label] per row, the vocabulary sharded across ``group``'s ranks.
 
@@ -211,9 +236,13 @@ def vocab_parallel_token_logprobs(
         group: the process group the vocabulary is split over (None: the default group).
         vocab_start: this rank's first vocabulary id.
         backend: "auto", "triton", "cuda", "cpu" or "torch" (``FDIV_BACKEND`` overrides "auto").
+        vocab_size: the tokenizer's size when the vocabulary is padded: only global columns
+            below it take part (padding columns get exactly zero gradient; a label at or past
+            it is owned by no rank: NaN).
     """
     x, info, group, vocab_start, world = _setup("logits_shard", logits_shard, group, vocab_start,
                                                 backend)
+    x, cut_layout = _cut(x, info, vocab_start, vocab_size, world)
     if world == 1:
         return _shards.rewrap(token_logprobs(x, labels, temperature, ignore_index,
                                              backend=backend), info)
@@ -231,5 +260,7 @@ def vocab_parallel_token_logprobs(
     local = torch.where(owned, flat, torch.full_like(flat, -1))
     # Checked in the op's all_gather (a DTensor's own offsets need no check).
     layout = (vocab_start, x.shape[-1]) if info is None else None
+    if vocab_size is not None:
+        layout = cut_layout
     return _shards.rewrap(_apply(x, LOGPROB, local, keep, inv_t, backend, group, world, lead,
                                  layout), info)

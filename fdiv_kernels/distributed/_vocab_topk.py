@@ -1,0 +1,162 @@
+r"""``vocab_parallel_topk_logprobs``: the teacher's top-k log-probs from vocabulary-sharded logits.
+
+The global top k of a row is among the union of the shards' top k, and log softmax needs only the
+row's global LSE; so each rank sends its k best (scaled logit, global id) pairs and its shard's
+LSE, one all_gather of 2k + 1 numbers a row, and every rank merges the same candidates to the same
+answer. Exact: no candidate outside a shard's top k can be in the global top k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fdiv_kernels.core import _validation as V
+from fdiv_kernels.core._transforms import check_logit_transform, transform_logits
+from fdiv_kernels.distributed import _comm, _shards
+from fdiv_kernels.distributed._vocab_sparse import no_dtensor
+
+# The id of a missing candidate (a shard narrower than k): above every real id, so it sorts
+# after any real candidate of equal (-inf) value. Ids travel in float64: exact below 2^53.
+_NO_ID = float(1 << 52)
+
+
+def _check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return k
+
+
+def _order(vals: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best (value, id) pairs of each row: value descending, ties by the lower id."""
+    by_id = ids.argsort(dim=-1, stable=True)
+    vals, ids = vals.gather(-1, by_id), ids.gather(-1, by_id)
+    by_val = vals.argsort(dim=-1, descending=True, stable=True)[:, :k]
+    return vals.gather(-1, by_val), ids.gather(-1, by_val)
+
+
+def _local_topk(x: Tensor, k: int, inv_t: float, transform: tuple[float, float], start: int):
+    """(LSE (n,), the shard's k best scaled logits (n, k), their global ids (n, k) as float64).
+
+    A private torch statement (transform, stable sort, LSE); the single-process
+    ``fk.topk_logprobs`` kernel replaces it when it lands.
+    """
+    n, width = x.shape
+    f, _ = transform_logits(x.to(V.loss_dtype(x.dtype)), *transform)
+    a = (f * inv_t).double()
+    vals = a.new_full((n, k), float("-inf"))
+    ids = a.new_full((n, k), _NO_ID)
+    if width == 0:
+        return vals[:, 0].clone(), vals, ids
+    m = min(k, width)
+    local = torch.arange(width, device=x.device, dtype=torch.float64).expand(n, width)
+    top_v, top_i = _order(a, local + start, m)
+    vals[:, :m], ids[:, :m] = top_v, top_i
+    return torch.logsumexp(a, dim=-1), vals, ids
+
+
+def top_p_mask(lp: Tensor, top_p: float) -> Tensor:
+    """True on the smallest prefix of the (descending) top-k entries whose mass reaches top_p:
+    an entry is kept while the mass before it is below top_p (the first is always kept)."""
+    p = lp.double().exp()
+    before = torch.cumsum(p, dim=-1) - p
+    return before < top_p
+
+
+def vocab_parallel_topk_logprobs(
+    logits_shard: Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    top_p: float | None = None,
+    ids_dtype: torch.dtype = torch.int32,
+    logprobs_dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
+    vocab_start: int | None = None,
+    group: dist.ProcessGroup | None = None,
+):
+    r"""The top ``k`` log-probs of softmax(f(x) / T) per row, from logits sharded by vocabulary.
+
+    f is the logit transform (x -> s x, then c tanh(x / c) under a softcap). Each rank passes its
+    (..., V_r) columns [vocab_start, vocab_start + V_r) (uneven or empty shards allowed); every
+    rank returns the same global result:
+
+        ids (..., k) global ids, log-probs (..., k) = a_id - L, sorted by log-prob descending,
+        ties by the lower id; with ``top_p`` also support_mask (..., k), True = a real entry:
+        the smallest prefix whose mass reaches ``top_p`` (an entry is kept while the mass
+        before it is below top_p), the rest False (padding; their ids and log-probs are still
+        the next candidates).
+
+    Per row, each rank sends its shard's LSE l_r and its k best (a, global id) pairs (fewer
+    columns than k: the rest -inf): one all_gather of 2k + 1 float64 numbers (+ 2 for the layout
+    check). Then L = LSE_r l_r, and the global top k of the W k candidates is exact (a shard's
+    (k+1)-th entry is below k entries of its own). No gradient (the teacher's side).
+    ``vocab_size``: only global columns below it take part. With one rank (or no process group)
+    the same computation without a collective.
+
+    Args:
+        logits_shard: this rank's (..., V_r) columns of the logits.
+        k: entries per row, 1 <= k <= V.
+        temperature: T > 0.
+        logit_scale, softcap: the logit transform (as the student's in
+            :func:`fk.sparse_divergence`).
+        top_p: None, or the nucleus mass in (0, 1] that sets support_mask (returned then).
+        ids_dtype: int32 (the default, what offline stores keep) or int64.
+        logprobs_dtype: float32, bfloat16, float16 or float64.
+        vocab_size: the tokenizer's size when the vocabulary is padded.
+        vocab_start: this rank's first global vocabulary id (required with several ranks).
+        group: the process group the vocabulary is split over (None: the default group).
+
+    Returns:
+        (ids, logprobs), or (ids, logprobs, support_mask) when ``top_p`` is given.
+    """
+    # When the single-process fk.topk_logprobs lands, _local_topk becomes its call on the shard.
+    no_dtensor("logits_shard", logits_shard)
+    world, _ = _comm.world(group)
+    vocab_start = _shards.check_vocab_start(vocab_start)
+    V.check_float_rows("logits_shard", logits_shard)
+    if world > 1:  # one rank takes zero rows (as the single-process ops)
+        _shards.check_shard("logits_shard", logits_shard)
+    k = _check_k(k)
+    inv_t = V.check_temperature(temperature, logits_shard.dtype)
+    transform = check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
+    if top_p is not None:
+        top_p = V.check_real("top_p", top_p, positive=True)
+        if top_p > 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if ids_dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids_dtype must be torch.int32 or torch.int64, got {ids_dtype}")
+    if logprobs_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"logprobs_dtype must be a floating point dtype, got {logprobs_dtype}")
+    start, width = _shards.resolve_width("logits_shard", logits_shard.shape[-1], vocab_start,
+                                 vocab_size, world)
+    lead = logits_shard.shape[:-1]
+    with torch.no_grad():
+        x = _shards.rows(logits_shard.detach()[..., :width])
+        lse, vals, ids = _local_topk(x, k, inv_t, transform, start)
+        if world == 1:
+            total, L, cand_v, cand_i = width, lse, vals, ids
+        else:
+            pieces = torch.cat([lse[None], vals.t(), ids.t()])  # (2k + 1, n)
+            g, total = _shards.gather_rows_vocab(pieces, group, world, (start, width))
+            L = torch.logsumexp(g[:, 0], dim=0)
+            cand_v = g[:, 1:k + 1].permute(2, 0, 1).reshape(x.shape[0], -1)  # (n, W k)
+            cand_i = g[:, k + 1:].permute(2, 0, 1).reshape(x.shape[0], -1)
+        if vocab_size is not None and total != vocab_size:
+            raise ValueError(f"vocab_size={vocab_size} is more than the {total} columns the "
+                             "shards hold")
+        if k > total:
+            raise ValueError(f"k={k} is more than the vocabulary V={total}")
+        top_v, top_i = _order(cand_v, cand_i, k)
+        lp = top_v - L[:, None]
+        out_ids = top_i.to(torch.int64).to(ids_dtype).reshape(*lead, k)
+        out_lp = lp.to(logprobs_dtype).reshape(*lead, k)
+        if top_p is None:
+            return out_ids, out_lp
+        return out_ids, out_lp, top_p_mask(lp, top_p).reshape(*lead, k)
+
+
+__all__ = ["vocab_parallel_topk_logprobs"]
