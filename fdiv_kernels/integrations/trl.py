@@ -21,17 +21,20 @@ What ``apply_fk_to_trl(logprobs=True)`` covers in TRL 1.16:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, require
+from fdiv_kernels.integrations.hf import logit_transform
 
 __all__ = [
     "ChunkedLogProbFunction", "apply_fk_to_trl", "chunked_divergence_loss",
     "chunked_sparse_jsd_loss", "compute_topk_self_distillation_loss", "entropy_from_logits",
-    "generalized_jsd_loss", "gold_generalized_jsd_loss", "selective_log_softmax",
-    "selective_log_softmax_and_entropy", "server_forward_kl_loss",
+    "generalized_jsd_loss", "gkd_compute_loss", "gold_generalized_jsd_loss",
+    "selective_log_softmax", "selective_log_softmax_and_entropy", "server_forward_kl_loss", "tokenizer_vocab_size",
 ]
 
 IGNORE_INDEX = -100  # hard-coded in TRL's GKD loss
@@ -117,6 +120,103 @@ def gold_generalized_jsd_loss(
                                 reduction, logits_are_probs, num_items_in_batch)
     return generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
                                 reduction, num_items_in_batch)
+
+
+def tokenizer_vocab_size(processing_class, *widths: int) -> int | None:
+    """The ``vocab_size=`` to hand fk: ``len(processing_class)`` (the tokenizer's entries, added
+    tokens included) when some lm head is padded wider than it, else None (no padding to
+    exclude). Heads of different widths with no tokenizer size known raise a ValueError naming
+    the widths and ``vocab_size``; a head narrower than the tokenizer raises too."""
+    tok = getattr(processing_class, "tokenizer", processing_class)   # processors wrap one
+    try:
+        size = len(tok) if tok is not None else None
+    except TypeError:
+        size = None
+    if size is None:
+        if len(set(widths)) > 1:
+            raise ValueError(
+                f"the lm heads have different widths {tuple(widths)} and no tokenizer size is "
+                "known: pass the tokenizer as processing_class (its len() is used as "
+                "vocab_size=, the padding columns are excluded) or use heads of one width")
+        return None
+    if size > min(widths):
+        raise ValueError(f"the tokenizer has {size} entries but an lm head has only "
+                         f"{min(widths)} rows (widths {tuple(widths)}): resize the embeddings")
+    return size if size < max(widths) else None
+
+
+def gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    r"""``GKDTrainer.compute_loss`` on the models' hidden states and lm heads
+    (``fk.fused_linear_divergence(..., "js")``): neither model's (B, T, V) logits are formed.
+
+    The same loss as TRL's ``compute_loss`` with :func:`generalized_jsd_loss` (beta =
+    ``self.beta``, T = 1 as TRL calls it, labels shifted by one, sum / ``num_items_in_batch`` or
+    the mean over kept tokens); each model's softcap / logit scale is read from its config. The
+    padding columns of lm heads wider than the tokenizer (``len(self.processing_class)``) are
+    excluded (``vocab_size=``). Under mixed precision (``bf16=True``, GKDConfig's default) the
+    decoders run under the trainer's autocast as in TRL, and the logits are formed in fp32 where
+    TRL rounds them to bf16: the loss then differs from TRL's by that rounding (fk's is the more
+    accurate); in fp32 it is TRL's to ~1e-6. TRL's own ``compute_loss`` runs where this path cannot serve:
+    ``return_outputs=True`` (evaluation reads the logits), a ``generalized_jsd_loss`` other than
+    fk's (a subclass's own loss), or a model without ``get_decoder`` /
+    ``get_output_embeddings`` (e.g. wrapped by DDP).
+    """
+    fused_ok = not return_outputs and type(self).generalized_jsd_loss is generalized_jsd_loss
+    teacher = getattr(self, "teacher_model", None)
+    for m in (model, teacher):
+        fused_ok = fused_ok and all(hasattr(m, a) for a in ("get_decoder",
+                                                            "get_output_embeddings"))
+    if not fused_ok:
+        return _trl_gkd_compute_loss()(self, model, inputs, return_outputs, num_items_in_batch)
+    batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    # The decoders run under the autocast Accelerate wraps the models' forward in (bf16 / fp16
+    # mixed precision); the heads' logits are then formed in fp32 by fk.
+    accelerator = getattr(self, "accelerator", None)
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    teacher.eval()
+    with autocast():
+        hs, ws, bs = _decoder_hidden_and_head(model, batch)
+        with torch.no_grad():
+            ht, wt, bt = _decoder_hidden_and_head(teacher, batch)
+    vocab = tokenizer_vocab_size(getattr(self, "processing_class", None), ws.shape[0],
+                                 wt.shape[0])
+    (s_scale, s_cap), (t_scale, t_cap) = logit_transform(model), logit_transform(teacher)
+    nib = num_items_in_batch
+    if isinstance(nib, Tensor):
+        nib = nib.to(hs.device)
+    with torch.autocast(hs.device.type, enabled=False):
+        return fk.fused_linear_divergence(
+            hs[:, :-1], ws, ht[:, :-1].detach(), wt.detach(), "js", beta=float(self.beta),
+            student_bias=bs, teacher_bias=None if bt is None else bt.detach(),
+            labels=inputs["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="mean",
+            num_items_in_batch=nib, student_logit_scale=s_scale, student_softcap=s_cap,
+            teacher_logit_scale=t_scale, teacher_softcap=t_cap, vocab_size=vocab)
+
+
+def _decoder_hidden_and_head(model, batch) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(last hidden states, lm-head weight, lm-head bias) of a causal LM, without its logits."""
+    head = model.get_output_embeddings()
+    out = model.get_decoder()(**batch)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden, head.weight, getattr(head, "bias", None)
+
+
+def _trl_gkd_compute_loss():
+    """TRL's own ``GKDTrainer.compute_loss``: saved when patched, else read from the class."""
+    if "gkd_compute_loss" not in _TRL_ORIGINALS:
+        mod = require(_JSD_TRAINERS["gkd"][0], "trl")
+        current = getattr(mod, _JSD_TRAINERS["gkd"][1]).__dict__["compute_loss"]
+        if current is gkd_compute_loss:
+            raise RuntimeError("TRL's GKDTrainer.compute_loss was rebound before it was saved")
+        _TRL_ORIGINALS["gkd_compute_loss"] = current
+    return _TRL_ORIGINALS["gkd_compute_loss"]
+
+
+def _patch_gkd_compute_loss(patch: Patch, mod) -> None:
+    cls = getattr(mod, _JSD_TRAINERS["gkd"][1])
+    if cls.__dict__["compute_loss"] is not gkd_compute_loss:
+        _trl_gkd_compute_loss()
+    patch.set(cls, "compute_loss", gkd_compute_loss)
 
 
 # The trainers whose generalized_jsd_loss staticmethod the patch rebinds: module, class.
@@ -586,12 +686,15 @@ _LOGPROB_NAMES = {
 
 def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool = True,
                     gold: bool = True, sdpo: bool = True, server: bool = True,
-                    async_distillation: bool = True) -> Patch:
+                    async_distillation: bool = True, gkd_fused: bool = True) -> Patch:
     """Point TRL at fdiv_kernels; returns a :class:`Patch` whose ``undo()`` restores TRL.
 
     - ``gkd``: ``GKDTrainer.generalized_jsd_loss`` (a staticmethod, called through ``self``, so
       subclasses see it). ``trl.experimental`` is not imported for it: if GKD is not loaded yet,
       the swap is made when ``trl.experimental.gkd.gkd_trainer`` is first imported.
+    - ``gkd_fused`` (with ``gkd``): ``GKDTrainer.compute_loss`` too, to
+      :func:`gkd_compute_loss`: the loss from both models' hidden states and lm heads, no
+      (B, T, V) logits (TRL's own runs for evaluation and for a subclass's own loss).
     - ``gold``: ``GOLDTrainer.generalized_jsd_loss`` (``trl.experimental.gold``), to
       :func:`gold_generalized_jsd_loss`, when that module is imported (as GKD's).
     - ``sdpo``: ``compute_topk_self_distillation_loss`` (``trl.experimental.sdpo.loss_utils``,
@@ -624,6 +727,9 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
     if gkd:
         patch.after_import(_JSD_TRAINERS["gkd"][0],
                            lambda mod: _patch_jsd("gkd", generalized_jsd_loss, patch, mod))
+        if gkd_fused:
+            patch.after_import(_JSD_TRAINERS["gkd"][0],
+                               lambda mod: _patch_gkd_compute_loss(patch, mod))
     if gold:
         patch.after_import(_JSD_TRAINERS["gold"][0],
                            lambda mod: _patch_jsd("gold", gold_generalized_jsd_loss, patch, mod))
