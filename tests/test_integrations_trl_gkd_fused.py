@@ -108,9 +108,11 @@ def test_padded_heads_of_different_widths_with_one_tokenizer():
     # Without a tokenizer size the widths cannot be reconciled: a clear error.
     with pytest.raises(ValueError, match=r"different widths \(100, 104\).*vocab_size"):
         fk_trl.gkd_compute_loss(_host(student, teacher, 0.4, None), student, batch)
-    # A tokenizer larger than a head is a model that needs its embeddings resized.
-    with pytest.raises(ValueError, match="resize"):
+    # A tokenizer larger than a head cannot reconcile different widths either.
+    with pytest.raises(ValueError, match=r"different widths \(100, 104\).*tokenizer has 101"):
         fk_trl.tokenizer_vocab_size(tiny_tokenizer(101), 100, 104)
+    assert fk_trl.tokenizer_vocab_size(tiny_tokenizer(101), 100, 100) is None   # used whole
+    assert fk_trl.tokenizer_vocab_size(tok, 100, 104) == V
     assert fk_trl.tokenizer_vocab_size(tok, V, V) is None          # nothing padded
     assert fk_trl.tokenizer_vocab_size(None, V, V) is None
 

@@ -28,13 +28,13 @@ from torch import Tensor
 
 import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, require
-from fdiv_kernels.integrations.hf import logit_transform
+from fdiv_kernels.integrations.hf import logit_transform, tokenizer_vocab_size
 
 __all__ = [
     "ChunkedLogProbFunction", "apply_fk_to_trl", "chunked_divergence_loss",
     "chunked_sparse_jsd_loss", "compute_topk_self_distillation_loss", "entropy_from_logits",
     "generalized_jsd_loss", "gkd_compute_loss", "gold_generalized_jsd_loss",
-    "selective_log_softmax", "selective_log_softmax_and_entropy", "server_forward_kl_loss", "tokenizer_vocab_size",
+    "selective_log_softmax", "selective_log_softmax_and_entropy", "server_forward_kl_loss",
 ]
 
 IGNORE_INDEX = -100  # hard-coded in TRL's GKD loss
@@ -120,29 +120,6 @@ def gold_generalized_jsd_loss(
                                 reduction, logits_are_probs, num_items_in_batch)
     return generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
                                 reduction, num_items_in_batch)
-
-
-def tokenizer_vocab_size(processing_class, *widths: int) -> int | None:
-    """The ``vocab_size=`` to hand fk: ``len(processing_class)`` (the tokenizer's entries, added
-    tokens included) when some lm head is padded wider than it, else None (no padding to
-    exclude). Heads of different widths with no tokenizer size known raise a ValueError naming
-    the widths and ``vocab_size``; a head narrower than the tokenizer raises too."""
-    tok = getattr(processing_class, "tokenizer", processing_class)   # processors wrap one
-    try:
-        size = len(tok) if tok is not None else None
-    except TypeError:
-        size = None
-    if size is None:
-        if len(set(widths)) > 1:
-            raise ValueError(
-                f"the lm heads have different widths {tuple(widths)} and no tokenizer size is "
-                "known: pass the tokenizer as processing_class (its len() is used as "
-                "vocab_size=, the padding columns are excluded) or use heads of one width")
-        return None
-    if size > min(widths):
-        raise ValueError(f"the tokenizer has {size} entries but an lm head has only "
-                         f"{min(widths)} rows (widths {tuple(widths)}): resize the embeddings")
-    return size if size < max(widths) else None
 
 
 def gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
