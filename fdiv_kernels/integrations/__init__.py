@@ -16,6 +16,7 @@ that needs it is called, so ``import fdiv_kernels.integrations.trl`` works witho
                                          from hidden states
     fdiv_kernels.integrations.axolotl    axolotl's KD plugin: its top-k forward KL,
                                          apply_fk_to_axolotl()
+    fdiv_kernels.integrations.verl       verl's FSDP top-k forward KL, apply_fk_to_verl()
     fdiv_kernels.integrations.hf         distillation in a transformers Trainer: from a teacher
                                          model, or from a dataset's top-k teacher log-probs
 
