@@ -3,7 +3,6 @@ heads through fk.fused_linear_divergence, no (B, T, V) logits) against plain TRL
 random Llama pair; and padded vocabularies (lm heads wider than the tokenizer)."""
 
 import os
-import types
 import warnings
 
 import pytest
@@ -77,8 +76,8 @@ def test_fused_path_forms_no_logits_and_falls_back_where_it_must():
     fk_trl.gkd_compute_loss(_host(student, teacher), student, batch)
     assert calls == []                          # neither lm head ran: no (B, T, V) logits
     # Evaluation reads the logits: TRL's own compute_loss runs and returns them.
-    loss, out = fk_trl.gkd_compute_loss(_host(student, teacher), student, batch,
-                                        return_outputs=True)
+    _, out = fk_trl.gkd_compute_loss(_host(student, teacher), student, batch,
+                                     return_outputs=True)
     assert out.logits.shape == (3, 11, V) and len(calls) == 2
     # A subclass's own generalized_jsd_loss is honoured (TRL's path, which calls it).
     this = _host(student, teacher)
