@@ -1,8 +1,9 @@
 """Liger-Kernel's distillation modules with their signatures, on fdiv_kernels (CPU and GPU).
 
 Each class takes what Liger's takes (log-probabilities for JSD and KL, any tensors for TVD,
-hidden states and lm-head weights for the fused-linear JSDs) and keeps Liger's contract
-(liger-kernel 0.8.5, ``src/liger_kernel/transformers/{jsd,kl_div,tvd,fused_linear_jsd}.py`` and
+hidden states and lm-head weights for the fused-linear JSDs, logits for the per-row CE + TVD)
+and keeps Liger's contract (liger-kernel 0.8.5,
+``src/liger_kernel/transformers/{jsd,kl_div,tvd,fused_linear_jsd,fused_ce_tvd}.py`` and
 ``chunked_loss/jsd_loss.py``): the log-prob modules use their inputs as they are (the gradient is
 the element terms' own, not projected onto the simplex), give the target no gradient, and return
 the (BT, V) elements for ``reduction="none"``. No fk kernel reads log-probabilities without
@@ -26,7 +27,7 @@ import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, loaded_modules, require
 
 __all__ = [
-    "LigerFusedLinearJSD", "LigerFusedLinearJSDLoss", "LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss",
+    "LigerFusedCETVDLoss", "LigerFusedLinearJSD", "LigerFusedLinearJSDLoss", "LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss",
     "apply_fk_to_liger",
 ]
 
@@ -287,15 +288,42 @@ class LigerFusedLinearJSDLoss(nn.Module):
         return loss, soft, hard
 
 
+class LigerFusedCETVDLoss(nn.Module):
+    r"""Liger's ``LigerFusedCETVDLoss`` (``liger_kernel.transformers``): per row the cross-entropy
+    of the student's logits at ``target`` and the total variation distance to the teacher's
+    softmax, both (BT,) float32 and unreduced (the caller masks, weights and normalizes).
+
+    ``forward(student_logits (BT, V), teacher_logits (BT, V), target (BT,))`` returns
+    ``(ce, tvd)`` with ce = lse(z_s) - z_s[target] and tvd = 1/2 sum_v |p_v - q_v|; rows whose
+    target is ``ignore_index`` give 0 in both and no gradient. Gradients reach the student's
+    logits only (the teacher's are read, as in Liger). ``fk.token_logprobs`` and
+    ``fk.divergence(kind="tv")``: no softmax of either model is formed.
+    """
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor,
+                target: Tensor) -> tuple[Tensor, Tensor]:
+        keep = target != self.ignore_index
+        tvd = fk.divergence(student_logits, teacher_logits.detach(), "tv", labels=target,
+                            ignore_index=self.ignore_index, reduction="none")
+        ce = -fk.token_logprobs(student_logits, target.masked_fill(~keep, 0))
+        return ce.float().masked_fill(~keep, 0.0), tvd.float()
+
+
 _EXPORTS = (
     ("liger_kernel.transformers", "LigerJSD"), ("liger_kernel.transformers", "LigerKLDIVLoss"),
     ("liger_kernel.transformers", "LigerTVDLoss"),
     ("liger_kernel.transformers", "LigerFusedLinearJSD"),
+    ("liger_kernel.transformers", "LigerFusedCETVDLoss"),
     ("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss"),
 )
 _CLASSES = {
     "LigerJSD": LigerJSD, "LigerKLDIVLoss": LigerKLDIVLoss, "LigerTVDLoss": LigerTVDLoss,
     "LigerFusedLinearJSD": LigerFusedLinearJSD, "LigerFusedLinearJSDLoss": LigerFusedLinearJSDLoss,
+    "LigerFusedCETVDLoss": LigerFusedCETVDLoss,
 }
 
 
