@@ -27,8 +27,8 @@ import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, loaded_modules, require
 
 __all__ = [
-    "LigerFusedCETVDLoss", "LigerFusedLinearJSD", "LigerFusedLinearJSDLoss", "LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss",
-    "apply_fk_to_liger",
+    "LigerFusedCETVDLoss", "LigerFusedLinearJSD", "LigerFusedLinearJSDLoss",
+    "LigerFusedLinearKLDivLoss", "LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss", "apply_fk_to_liger",
 ]
 
 
@@ -313,17 +313,64 @@ class LigerFusedCETVDLoss(nn.Module):
         return ce.float().masked_fill(~keep, 0.0), tvd.float()
 
 
+class LigerFusedLinearKLDivLoss(nn.Module):
+    r"""Liger's ``LigerFusedLinearKLDivLoss`` (``liger_kernel.transformers``): KL(target ||
+    softmax(student_input W^T / T)) against a dense teacher distribution given as data, the
+    student's (BT, V) logits never formed.
+
+    ``forward(student_input (BT, H), student_weight (V, H), target (BT, V) probabilities,
+    shift_labels (BT,) or None)``; per row sum_v Q_v (log max(Q_v, eps) - log q_v) (Q used as
+    given, not renormalized; entries Q_v = 0 add 0); rows whose label is ``ignore_index`` add
+    nothing; ``reduction`` "batchmean" (/ kept rows), "mean" (/ kept rows x V) or "sum"
+    ("none" raises ValueError, as in Liger); 0 when no row is kept. The target gets no
+    gradient. ``fk.fused_linear_sparse_divergence`` with the whole vocabulary as the support
+    (tail "none"); ``accum_dtype`` is accepted (fk accumulates the weight gradient in fp32).
+    """
+
+    def __init__(self, reduction: str | None = "batchmean", ignore_index: int = -100,
+                 temperature: float = 1.0, eps: float = 1e-10,
+                 accum_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if temperature == 0:
+            raise ValueError("temperature cannot be 0")
+        self.reduction, self.ignore_index, self.temperature = reduction, ignore_index, temperature
+        self.eps, self.accum_dtype = eps, accum_dtype
+
+    def forward(self, student_input: Tensor, student_weight: Tensor, target: Tensor,
+                shift_labels: Tensor | None = None) -> Tensor:
+        if self.reduction not in ("batchmean", "mean", "sum"):
+            raise ValueError(f"reduction must be one of ('batchmean', 'mean', 'sum'), got "
+                             f"{self.reduction!r}")
+        q = target.detach()
+        rows, vocab = q.shape
+        # The whole vocabulary as the support: an expanded view, no (BT, V) index copy here.
+        ids = torch.arange(vocab, device=q.device).expand(rows, vocab)
+        loss = fk.fused_linear_sparse_divergence(
+            student_input, student_weight, ids, q.float().clamp_min(self.eps).log(), "kl",
+            tail="none", temperature=float(self.temperature), support_mask=q > 0,
+            labels=shift_labels, ignore_index=self.ignore_index,
+            reduction="mean" if self.reduction == "batchmean" else "sum")
+        if self.reduction == "mean":
+            kept = rows if shift_labels is None else (shift_labels != self.ignore_index).sum()
+            loss = loss / (kept * vocab) if rows else loss
+            if isinstance(kept, Tensor):
+                loss = torch.where(kept > 0, loss, torch.zeros_like(loss))
+        return loss
+
+
 _EXPORTS = (
     ("liger_kernel.transformers", "LigerJSD"), ("liger_kernel.transformers", "LigerKLDIVLoss"),
     ("liger_kernel.transformers", "LigerTVDLoss"),
     ("liger_kernel.transformers", "LigerFusedLinearJSD"),
     ("liger_kernel.transformers", "LigerFusedCETVDLoss"),
+    ("liger_kernel.transformers", "LigerFusedLinearKLDivLoss"),
     ("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss"),
 )
 _CLASSES = {
     "LigerJSD": LigerJSD, "LigerKLDIVLoss": LigerKLDIVLoss, "LigerTVDLoss": LigerTVDLoss,
     "LigerFusedLinearJSD": LigerFusedLinearJSD, "LigerFusedLinearJSDLoss": LigerFusedLinearJSDLoss,
     "LigerFusedCETVDLoss": LigerFusedCETVDLoss,
+    "LigerFusedLinearKLDivLoss": LigerFusedLinearKLDivLoss,
 }
 
 
