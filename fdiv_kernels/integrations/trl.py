@@ -133,12 +133,15 @@ def gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_bat
     excluded (``vocab_size=``). Under mixed precision (``bf16=True``, GKDConfig's default) the
     decoders run under the trainer's autocast as in TRL, and the logits are formed in fp32 where
     TRL rounds them to bf16: the loss then differs from TRL's by that rounding (fk's is the more
-    accurate); in fp32 it is TRL's to ~1e-6. TRL's own ``compute_loss`` runs where this path cannot serve:
+    accurate); in fp32 it is TRL's to ~1e-6. TRL's own ``compute_loss`` runs where this path
+    cannot serve:
     ``return_outputs=True`` (evaluation reads the logits), a ``generalized_jsd_loss`` other than
-    fk's (a subclass's own loss), or a model without ``get_decoder`` /
-    ``get_output_embeddings`` (e.g. wrapped by DDP).
+    fk's (a subclass's own loss), DeepSpeed, or a model without ``get_decoder`` /
+    ``get_output_embeddings`` (e.g. wrapped by DDP or FSDP).
     """
-    fused_ok = not return_outputs and type(self).generalized_jsd_loss is generalized_jsd_loss
+    fused_ok = (not return_outputs and type(self).generalized_jsd_loss is generalized_jsd_loss
+                # ZeRO-3 partitions the heads and gathers them in the engines' own forward.
+                and not getattr(self, "is_deepspeed_enabled", False))
     teacher = getattr(self, "teacher_model", None)
     for m in (model, teacher):
         fused_ok = fused_ok and all(hasattr(m, a) for a in ("get_decoder",
