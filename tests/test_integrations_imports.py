@@ -49,7 +49,10 @@ def test_host_modules_import_no_host():
 def test_missing_host_names_its_pip_package(monkeypatch, module, call, pip_name):
     import fdiv_kernels.integrations.hf as hf
 
+    import fdiv_kernels.integrations.axolotl as ax
+
     monkeypatch.setattr(hf, "_BUILT", {})                # forget a built subclass
+    monkeypatch.setattr(ax, "_ORIGINALS", {})           # and a host function found before
     monkeypatch.setitem(sys.modules, module, None)      # import of module now fails
     with pytest.raises(ImportError, match=f"pip install {pip_name}"):
         call()
