@@ -1,7 +1,8 @@
-"""TRL's GKD trainer for a few steps with its loss on fdiv_kernels (``apply_fk_to_trl()``).
+"""TRL's GKD trainer for a few steps, plain and on fdiv_kernels (``apply_fk_to_trl()``: the loss
+from both models' hidden states and lm heads, no (B, T, V) logits); prints both runs' losses.
 
-    python examples/gkd_trl.py                      # 10 steps
-    python examples/gkd_trl.py --smoke              # 2 steps (what CI runs)
+    python examples/gkd_trl.py                      # 20 steps
+    python examples/gkd_trl.py --smoke              # 3 steps (what CI runs)
 
 Tiny randomly initialized Qwen2 teacher and student and a word-level tokenizer built in place:
 nothing is downloaded. ``lmbda=0`` trains on the dataset's completions (no on-policy sampling),
@@ -10,7 +11,6 @@ which keeps the run deterministic; GKD's on-policy mode works the same with a ch
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -20,7 +20,7 @@ import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import random_batches, tiny_causal_lm  # noqa: E402
+from _tiny import random_batches, steps_and_vocab, tiny_causal_lm  # noqa: E402
 
 from fdiv_kernels.integrations.trl import apply_fk_to_trl  # noqa: E402
 
@@ -36,29 +36,25 @@ def word_tokenizer(vocab: int):
                                    unk_token="<unk>")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--beta", type=float, default=0.5, help="GKD's JSD beta")
-    ap.add_argument("--smoke", action="store_true", help="2 tiny steps (CI)")
-    args = ap.parse_args(argv)
-    steps, vocab = (2, 128) if args.smoke else (args.steps, 1024)
-
+def train(steps: int, vocab: int, swapped: bool) -> tuple[list[float], list[str]]:
+    """GKD for ``steps`` steps, TRL as installed or with ``apply_fk_to_trl()``; its losses and
+    what the patch rebound."""
     from datasets import Dataset
 
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     rows = [{k: v[0].tolist() for k, v in b.items()}
-            for b in random_batches(16, 1, 24, vocab, prompt=8)]
+            for b in random_batches(4 * steps, 1, 24, vocab, prompt=8)]
 
     def collate(batch):
         return {k: torch.tensor([r[k] for r in batch]) for k in batch[0]}
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # host packages' own deprecation warnings
-        patch = apply_fk_to_trl()
-    patched = patch.targets             # undo() below empties the handle
-    print("patched:", ", ".join(patched))
+    patch = None
+    if swapped:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # host packages' own deprecation warnings
+            patch = apply_fk_to_trl()
+    patched = patch.targets if patch is not None else []   # undo() below empties the handle
     losses = []
 
     class LoggedGKD(GKDTrainer):
@@ -69,10 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         with tempfile.TemporaryDirectory() as out:
+            # fp32: GKDConfig's default bf16 rounds TRL's logits to bf16 (fk forms them in fp32
+            # from the hidden states), which would make the two runs differ by that rounding.
             cfg = GKDConfig(output_dir=out, per_device_train_batch_size=4, max_steps=steps,
-                            lmbda=0.0, beta=args.beta, learning_rate=5e-3, logging_steps=1,
+                            lmbda=0.0, beta=0.5, learning_rate=5e-3, logging_steps=1,
                             report_to=[], use_cpu=True, save_strategy="no", seed=0,
-                            max_length=24, disable_tqdm=args.smoke)
+                            max_length=24, disable_tqdm=True, bf16=False, log_level="error")
             trainer = LoggedGKD(
                 model=tiny_causal_lm(2, hidden=32, layers=1, vocab=vocab),
                 teacher_model=tiny_causal_lm(1, hidden=64, layers=2, vocab=vocab, peaked=8.0),
@@ -80,9 +78,19 @@ def main(argv: list[str] | None = None) -> dict:
                 processing_class=word_tokenizer(vocab))
             trainer.train()
     finally:
-        patch.undo()
-    print(f"GKD (fk loss): {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    return {"losses": losses, "patched": patched}
+        if patch is not None:
+            patch.undo()
+    return losses, patched
+
+
+def main(argv: list[str] | None = None) -> dict:
+    steps, vocab = steps_and_vocab(__doc__, argv)
+    plain, _ = train(steps, vocab, swapped=False)
+    swapped, patched = train(steps, vocab, swapped=True)
+    print("patched:", ", ".join(patched))
+    for i, (a, b) in enumerate(zip(plain, swapped)):
+        print(f"step {i}: trl {a:.6f}  fk {b:.6f}")
+    return {"plain": plain, "swapped": swapped, "losses": swapped, "patched": patched}
 
 
 if __name__ == "__main__":

@@ -255,3 +255,59 @@ def test_topk_trainer_trains_and_evaluates(tmp_path):
     assert before == pytest.approx(expected.item(), rel=1e-5)
     trainer.train()
     assert trainer.evaluate()["eval_loss"] < before
+
+
+def test_trainers_exclude_padded_head_columns_with_the_tokenizer_size(tmp_path):
+    """Student head 100 rows, teacher 104, one tokenizer of 96: the trainer hands fk
+    ``vocab_size=len(tokenizer)``; the loss is the eager one on logits sliced to the tokenizer
+    by hand, the padding rows of the head get exactly zero gradient; no tokenizer: an error
+    naming both widths and vocab_size."""
+    from datasets import Dataset
+
+    from tiny_lm import tiny_tokenizer
+
+    student, teacher = tiny_lm(0, vocab=100), tiny_lm(1, hidden=48, layers=2, vocab=104)
+    batch = _batch()
+
+    def trainer(tok):
+        return fk_hf.FkDistillationTrainer(
+            model=student, teacher_model=teacher, args=_args(tmp_path), data_collator=collate,
+            train_dataset=Dataset.from_list(lm_batches(4, 12, 96)), processing_class=tok,
+            kind="js", kind_params={"beta": 0.5}, ce_weight=0.1)
+
+    tr = trainer(tiny_tokenizer(96))
+    loss = tr.compute_loss(student, batch)
+    loss.backward()
+    grad = student.lm_head.weight.grad.clone()
+    student.zero_grad()
+    s = student(input_ids=batch["input_ids"]).logits[:, :-1, :96]
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"]).logits[:, :-1, :96]
+    labels = batch["labels"][:, 1:]
+    div = fk.divergence(s, t, "js", beta=0.5, labels=labels, reduction="none",
+                        inplace_backward=False)
+    ce = torch.nn.functional.cross_entropy(s.reshape(-1, 96), labels.reshape(-1),
+                                           reduction="none").reshape(labels.shape)
+    eager = (0.9 * div + 0.1 * ce).sum() / (labels != -100).sum()
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, student.lm_head.weight.grad, rtol=1e-4, atol=1e-7)
+    assert torch.all(grad[96:] == 0) and grad[:96].abs().max() > 0
+    with pytest.raises(ValueError, match=r"different widths \(100, 104\).*vocab_size"):
+        trainer(None).compute_loss(student, batch)
+
+    # The top-k trainer: the student's head padded to 100 rows, the tokenizer's 96.
+    rows = _topk_rows()
+    topk = fk_hf.FkTopKDistillationTrainer(
+        model=student, args=_args(tmp_path), data_collator=collate,
+        train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(96), kind="kl")
+    b = collate(rows)
+    student.zero_grad()
+    loss = topk.compute_loss(student, b)
+    loss.backward()
+    assert torch.all(student.lm_head.weight.grad[96:] == 0)
+    s = student(input_ids=b["input_ids"]).logits[:, :-1, :96]
+    lps = b["teacher_logprobs"][:, :-1]
+    eager = fk.sparse_divergence(s, b["teacher_ids"][:, :-1], lps, "kl",
+                                 support_mask=lps > float("-inf"), labels=b["labels"][:, 1:])
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-7)

@@ -189,19 +189,81 @@ def test_chunked_fused_linear_jsd_loss_matches_liger(weights):
     _close(parts, [r.detach() for r in ref])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ce_tvd_matches_liger(dtype):
+    """LigerFusedCETVDLoss (liger_kernel.transformers; its Triton kernel under the interpreter):
+    the two unreduced per-row terms and the student gradient of a weighted sum of both."""
+    ct = pytest.importorskip("liger_kernel.transformers.fused_ce_tvd")
+    g = torch.Generator().manual_seed(7)
+    s = (torch.randn(37, 211, generator=g) * 1.5).to(dtype)
+    t = (torch.randn(37, 211, generator=g) * 1.5).to(dtype)
+    s[3, :50] = float("-inf")                          # a row with masked-out vocabulary
+    y = torch.randint(50, 211, (37,), generator=g)
+    y[[0, 5, 6]] = -100
+    w_ce, w_tvd = torch.rand(37, generator=g), torch.rand(37, generator=g)
+
+    def run(cls):
+        z = s.clone().requires_grad_(True)
+        ce, tvd = cls()(z, t, y)
+        ((ce * w_ce).sum() + (tvd * w_tvd).sum()).backward()
+        return ce.detach(), tvd.detach(), z.grad
+
+    ref, ours = run(ct.LigerFusedCETVDLoss), run(fk_liger.LigerFusedCETVDLoss)
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}   # the grad's dtype
+    for name, o, r in zip(("ce", "tvd", "grad"), ours, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape, name
+        torch.testing.assert_close(o, r, **(tol if name == "grad" else {}), msg=name)
+    assert torch.all(ours[0][[0, 5, 6]] == 0) and torch.all(ours[2][[0, 5, 6]] == 0)
+    kept = y != -100
+    assert ref[1][kept].min() > 0.05 and ref[1][kept].max() < 0.95
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum"])
+@pytest.mark.parametrize("labels", [True, False])
+def test_fused_linear_kl_div_matches_liger(reduction, labels):
+    """LigerFusedLinearKLDivLoss (liger_kernel.transformers; its Triton kernel under the
+    interpreter): a dense teacher distribution as data, zeros in it, ignored rows; loss and
+    the gradients of hidden states and weight."""
+    kd = pytest.importorskip("liger_kernel.transformers.fused_linear_kl_div")
+    g = torch.Generator().manual_seed(8)
+    h, w = torch.randn(21, 16, generator=g), torch.randn(173, 16, generator=g) * 0.5
+    q = torch.randn(21, 173, generator=g).mul(2).softmax(-1)
+    q[0, :40] = 0                                         # a sparse teacher row
+    q[0] /= q[0].sum()
+    y = torch.randint(0, 173, (21,), generator=g) if labels else None
+    if labels:
+        y[[2, 9]] = -100
+
+    def run(cls):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = cls(reduction=reduction, temperature=1.7)(hh, ww, q, y)
+        (out * 1.3).backward()
+        return out.detach(), hh.grad, ww.grad
+
+    ref, ours = run(kd.LigerFusedLinearKLDivLoss), run(fk_liger.LigerFusedLinearKLDivLoss)
+    for name, o, r in zip(("loss", "dh", "dw"), ours, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape, name
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-7, msg=name)
+    assert ref[0] > 1e-3
+    with pytest.raises(ValueError, match="reduction"):
+        fk_liger.LigerFusedLinearKLDivLoss(reduction="none")(h, w, q)
+
+
 def test_apply_fk_to_liger_rebinds_and_undoes():
     lt = pytest.importorskip("liger_kernel.transformers")
     cl = pytest.importorskip("liger_kernel.chunked_loss")
-    orig = lt.LigerJSD, cl.LigerFusedLinearJSDLoss
+    orig = lt.LigerJSD, cl.LigerFusedLinearJSDLoss, lt.LigerFusedCETVDLoss
     patch = fk_liger.apply_fk_to_liger()
     try:
         assert lt.LigerJSD is fk_liger.LigerJSD
+        assert lt.LigerFusedCETVDLoss is fk_liger.LigerFusedCETVDLoss
+        assert lt.LigerFusedLinearKLDivLoss is fk_liger.LigerFusedLinearKLDivLoss
         assert cl.LigerFusedLinearJSDLoss is fk_liger.LigerFusedLinearJSDLoss
         assert sys.modules["liger_kernel.transformers.jsd"].LigerJSD is fk_liger.LigerJSD
         assert fk_liger.apply_fk_to_liger().targets == []
     finally:
         patch.undo()
-    assert (lt.LigerJSD, cl.LigerFusedLinearJSDLoss) == orig
+    assert (lt.LigerJSD, cl.LigerFusedLinearJSDLoss, lt.LigerFusedCETVDLoss) == orig
 
 
 def _script(**names):

@@ -298,7 +298,9 @@ def _gkd_losses(tmp_path, patched: bool) -> list:
     if patched:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            patch = fk_trl.apply_fk_to_trl()
+            # The loss swap alone (GKDConfig's default bf16 autocast rounds both paths' logits
+            # alike); the fused compute_loss: tests/test_integrations_trl_gkd_fused.py.
+            patch = fk_trl.apply_fk_to_trl(gkd_fused=False)
     try:
         trainer = Recording(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                             data_collator=collate, processing_class=tiny_tokenizer(96))

@@ -101,11 +101,16 @@ class Patch:
             else:
                 setattr(owner, name, old)
         self._done.clear()
-        for original, value, names, kept in self._swept:
-            for mod in loaded_modules():
-                for name, bound in list(mod.__dict__.items()):
-                    if bound is value and name in names and (id(mod), name) not in kept:
-                        setattr(mod, name, original)
+        for mod in loaded_modules():
+            for name, bound in list(mod.__dict__.items()):
+                # A host may hold copies of one function in several modules (TRL's SDPO and SDFT
+                # loss utilities), all swapped to one value: restore the copy from the nearest
+                # package.
+                found = [o for o, v, names, kept in self._swept
+                         if bound is v and name in names and (id(mod), name) not in kept]
+                if found:
+                    setattr(mod, name, max(found, key=lambda o: _shared_prefix(
+                        getattr(o, "__module__", "") or "", getattr(mod, "__name__", "") or "")))
         self._swept.clear()
 
     def __enter__(self) -> "Patch":
@@ -116,6 +121,16 @@ class Patch:
 
     def __repr__(self) -> str:
         return f"Patch({self.targets})"
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    """How many leading dotted parts two module names share."""
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

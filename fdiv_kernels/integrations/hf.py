@@ -24,7 +24,7 @@ from fdiv_kernels.integrations._patching import require
 
 __all__ = [  # noqa: F822 (the two trainers come from the module __getattr__)
     "FkDistillationTrainer", "FkTopKDistillationTrainer", "distillation_loss", "logit_transform",
-    "sparse_distillation_loss",
+    "sparse_distillation_loss", "tokenizer_vocab_size",
 ]
 
 _NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
@@ -51,6 +51,32 @@ def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     return scale, None if softcap is None else float(softcap)
 
 
+def tokenizer_vocab_size(processing_class: Any, *widths: int) -> int | None:
+    """The ``vocab_size=`` to hand fk for lm heads of these ``widths`` (rows).
+
+    ``len(processing_class)`` (the tokenizer's entries, added tokens included; a processor's
+    ``.tokenizer``) when some head is padded wider than it, so the padding columns are excluded;
+    None when nothing is padded, or when the tokenizer is larger than a head (a model whose
+    embeddings were not resized: its heads are used whole, as the host uses them). Heads of
+    different widths that no tokenizer size reconciles raise a ValueError naming the widths and
+    ``vocab_size``.
+    """
+    tok = getattr(processing_class, "tokenizer", processing_class)   # processors wrap one
+    try:
+        size = len(tok) if tok is not None else None
+    except TypeError:
+        size = None
+    if size is not None and size <= min(widths):
+        return size if size < max(widths) else None
+    if len(set(widths)) > 1:
+        known = "no tokenizer size is known" if size is None else f"the tokenizer has {size}"
+        raise ValueError(
+            f"the lm heads have different widths {tuple(widths)} and {known}: pass the "
+            "tokenizer as processing_class (its len() is used as vocab_size=, the padding "
+            "columns are excluded) or use heads of one width")
+    return None
+
+
 def _hidden_and_head(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Tensor, Tensor,
                                                                          Tensor | None]:
     """(last hidden states, lm-head weight, lm-head bias) of a causal LM, without its logits."""
@@ -71,6 +97,7 @@ def distillation_loss(
     ce_weight: float = 0.0,
     num_items_in_batch: int | Tensor | None = None,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
     **kind_params: float,
 ) -> Tensor:
     r"""(1 - w) D(p_teacher || q_student) + w CE(student, labels), averaged over label tokens.
@@ -89,6 +116,9 @@ def distillation_loss(
             ``labels``, ...).
         chunk_size: rows per chunk of the fused op (None: from a memory budget); no (N, V)
             logits are materialized for either model.
+        vocab_size: the tokenizer's size when an lm head is padded wider (Qwen's 152064 rows
+            for 151936 tokens): only the first ``vocab_size`` columns take part, and the two
+            heads may then differ in width. Heads of different widths need it (ValueError).
     """
     labels = inputs["labels"]
     hs, ws, bs = _hidden_and_head(model, inputs)
@@ -102,7 +132,7 @@ def distillation_loss(
         labels=labels[:, 1:], reduction="mean", ce_weight=ce_weight, chunk_size=chunk_size,
         num_items_in_batch=num_items_in_batch, student_logit_scale=s_scale,
         student_softcap=s_cap, teacher_logit_scale=t_scale, teacher_softcap=t_cap,
-        **kind_params)
+        vocab_size=vocab_size, **kind_params)
 
 
 def sparse_distillation_loss(
@@ -115,6 +145,7 @@ def sparse_distillation_loss(
     ce_weight: float = 0.0,
     num_items_in_batch: int | Tensor | None = None,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
     **kind_params: float,
 ) -> Tensor:
     r"""Distillation from an offline (or served) teacher's top-k: (1 - w) D + w CE per label token.
@@ -136,6 +167,8 @@ def sparse_distillation_loss(
         ce_weight: w, the weight of the cross-entropy on the labels.
         num_items_in_batch: the Trainer's token count for the mean, or None.
         chunk_size: rows per chunk of the fused form (default: from a memory budget).
+        vocab_size: the tokenizer's size when the lm head is padded wider: the padding columns
+            take no part (teacher ids must be below it).
     """
     labels = inputs["labels"]
     hs, ws, bs = _hidden_and_head(model, {k: v for k, v in inputs.items()
@@ -148,7 +181,7 @@ def sparse_distillation_loss(
         hs[:, :-1], ws, ids, lps.to(torch.float32), kind, tail=tail, temperature=temperature,
         support_mask=mask, student_bias=bs, labels=labels[:, 1:], reduction="mean",
         ce_weight=ce_weight, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
-        student_logit_scale=scale, student_softcap=cap, **kind_params)
+        student_logit_scale=scale, student_softcap=cap, vocab_size=vocab_size, **kind_params)
 
 
 def _build_trainer_classes() -> dict[str, type]:
@@ -208,11 +241,14 @@ def _build_trainer_classes() -> dict[str, type]:
             self._init_loss(kind, temperature, ce_weight, kind_params, chunk_size)
 
         def _distillation_loss(self, model, inputs, num_items_in_batch):
+            vocab = tokenizer_vocab_size(
+                self.processing_class, model.get_output_embeddings().weight.shape[0],
+                self.teacher_model.get_output_embeddings().weight.shape[0])
             return distillation_loss(
                 model, self.teacher_model, inputs, kind=self.kind,
                 temperature=self.temperature, ce_weight=self.ce_weight,
                 num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
-                **self.kind_params)
+                vocab_size=vocab, **self.kind_params)
 
     class FkTopKDistillationTrainer(_FkTrainer):
         __doc__ = _TOPK_DOC
@@ -226,10 +262,12 @@ def _build_trainer_classes() -> dict[str, type]:
             self._init_loss(kind, temperature, ce_weight, kind_params, chunk_size)
 
         def _distillation_loss(self, model, inputs, num_items_in_batch):
+            vocab = tokenizer_vocab_size(self.processing_class,
+                                         model.get_output_embeddings().weight.shape[0])
             return sparse_distillation_loss(
                 model, inputs, kind=self.kind, tail=self.tail, temperature=self.temperature,
                 ce_weight=self.ce_weight, num_items_in_batch=num_items_in_batch,
-                chunk_size=self.chunk_size, **self.kind_params)
+                chunk_size=self.chunk_size, vocab_size=vocab, **self.kind_params)
 
     classes = {"FkDistillationTrainer": FkDistillationTrainer,
                "FkTopKDistillationTrainer": FkTopKDistillationTrainer}
@@ -244,7 +282,9 @@ _DOC = """A ``transformers.Trainer`` that distils a frozen ``teacher_model`` int
     train_dataset=..., kind="kl", temperature=1.0, ce_weight=0.0, kind_params={"beta": 0.5})``.
     Its ``compute_loss`` is :func:`distillation_loss` with the Trainer's ``num_items_in_batch``;
     ``evaluate()`` and ``predict()`` report the same loss (with the student's logits as the
-    predictions unless ``prediction_loss_only``). A real subclass of ``transformers.Trainer``,
+    predictions unless ``prediction_loss_only``). Lm heads padded wider than the tokenizer
+    (``processing_class``) have their padding columns excluded (``vocab_size=len(tokenizer)``),
+    so the two heads may differ in width. A real subclass of ``transformers.Trainer``,
     built when first looked up (so importing this module does not import transformers): subclass
     it and override ``compute_loss`` & co. as with any Trainer. ``chunk_size``: rows per chunk of
     the fused form (default: from a memory budget).

@@ -1,8 +1,9 @@
 """Liger-Kernel's distillation modules with their signatures, on fdiv_kernels (CPU and GPU).
 
 Each class takes what Liger's takes (log-probabilities for JSD and KL, any tensors for TVD,
-hidden states and lm-head weights for the fused-linear JSDs) and keeps Liger's contract
-(liger-kernel 0.8.5, ``src/liger_kernel/transformers/{jsd,kl_div,tvd,fused_linear_jsd}.py`` and
+hidden states and lm-head weights for the fused-linear JSDs, logits for the per-row CE + TVD)
+and keeps Liger's contract (liger-kernel 0.8.5,
+``src/liger_kernel/transformers/{jsd,kl_div,tvd,fused_linear_jsd,fused_ce_tvd}.py`` and
 ``chunked_loss/jsd_loss.py``): the log-prob modules use their inputs as they are (the gradient is
 the element terms' own, not projected onto the simplex), give the target no gradient, and return
 the (BT, V) elements for ``reduction="none"``. No fk kernel reads log-probabilities without
@@ -26,8 +27,8 @@ import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, loaded_modules, require
 
 __all__ = [
-    "LigerFusedLinearJSD", "LigerFusedLinearJSDLoss", "LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss",
-    "apply_fk_to_liger",
+    "LigerFusedCETVDLoss", "LigerFusedLinearJSD", "LigerFusedLinearJSDLoss",
+    "LigerFusedLinearKLDivLoss", "LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss", "apply_fk_to_liger",
 ]
 
 
@@ -287,15 +288,89 @@ class LigerFusedLinearJSDLoss(nn.Module):
         return loss, soft, hard
 
 
+class LigerFusedCETVDLoss(nn.Module):
+    r"""Liger's ``LigerFusedCETVDLoss`` (``liger_kernel.transformers``): per row the cross-entropy
+    of the student's logits at ``target`` and the total variation distance to the teacher's
+    softmax, both (BT,) float32 and unreduced (the caller masks, weights and normalizes).
+
+    ``forward(student_logits (BT, V), teacher_logits (BT, V), target (BT,))`` returns
+    ``(ce, tvd)`` with ce = lse(z_s) - z_s[target] and tvd = 1/2 sum_v |p_v - q_v|; rows whose
+    target is ``ignore_index`` give 0 in both and no gradient. Gradients reach the student's
+    logits only (the teacher's are read, as in Liger). ``fk.token_logprobs`` and
+    ``fk.divergence(kind="tv")``: no softmax of either model is formed.
+    """
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor,
+                target: Tensor) -> tuple[Tensor, Tensor]:
+        keep = target != self.ignore_index
+        tvd = fk.divergence(student_logits, teacher_logits.detach(), "tv", labels=target,
+                            ignore_index=self.ignore_index, reduction="none")
+        ce = -fk.token_logprobs(student_logits, target.masked_fill(~keep, 0))
+        return ce.float().masked_fill(~keep, 0.0), tvd.float()
+
+
+class LigerFusedLinearKLDivLoss(nn.Module):
+    r"""Liger's ``LigerFusedLinearKLDivLoss`` (``liger_kernel.transformers``): KL(target ||
+    softmax(student_input W^T / T)) against a dense teacher distribution given as data, the
+    student's (BT, V) logits never formed.
+
+    ``forward(student_input (BT, H), student_weight (V, H), target (BT, V) probabilities,
+    shift_labels (BT,) or None)``; per row sum_v Q_v (log max(Q_v, eps) - log q_v) (Q used as
+    given, not renormalized; entries Q_v = 0 add 0); rows whose label is ``ignore_index`` add
+    nothing; ``reduction`` "batchmean" (/ kept rows), "mean" (/ kept rows x V) or "sum"
+    ("none" raises ValueError, as in Liger); 0 when no row is kept. The target gets no
+    gradient. ``fk.fused_linear_sparse_divergence`` with the whole vocabulary as the support
+    (tail "none"); ``accum_dtype`` is accepted (fk accumulates the weight gradient in fp32).
+    """
+
+    def __init__(self, reduction: str | None = "batchmean", ignore_index: int = -100,
+                 temperature: float = 1.0, eps: float = 1e-10,
+                 accum_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if temperature == 0:
+            raise ValueError("temperature cannot be 0")
+        self.reduction, self.ignore_index, self.temperature = reduction, ignore_index, temperature
+        self.eps, self.accum_dtype = eps, accum_dtype
+
+    def forward(self, student_input: Tensor, student_weight: Tensor, target: Tensor,
+                shift_labels: Tensor | None = None) -> Tensor:
+        if self.reduction not in ("batchmean", "mean", "sum"):
+            raise ValueError(f"reduction must be one of ('batchmean', 'mean', 'sum'), got "
+                             f"{self.reduction!r}")
+        q = target.detach()
+        rows, vocab = q.shape
+        # The whole vocabulary as the support: an expanded view, no (BT, V) index copy here.
+        ids = torch.arange(vocab, device=q.device).expand(rows, vocab)
+        loss = fk.fused_linear_sparse_divergence(
+            student_input, student_weight, ids, q.float().clamp_min(self.eps).log(), "kl",
+            tail="none", temperature=float(self.temperature), support_mask=q > 0,
+            labels=shift_labels, ignore_index=self.ignore_index,
+            reduction="mean" if self.reduction == "batchmean" else "sum")
+        if self.reduction == "mean":
+            kept = rows if shift_labels is None else (shift_labels != self.ignore_index).sum()
+            loss = loss / (kept * vocab) if rows else loss
+            if isinstance(kept, Tensor):
+                loss = torch.where(kept > 0, loss, torch.zeros_like(loss))
+        return loss
+
+
 _EXPORTS = (
     ("liger_kernel.transformers", "LigerJSD"), ("liger_kernel.transformers", "LigerKLDIVLoss"),
     ("liger_kernel.transformers", "LigerTVDLoss"),
     ("liger_kernel.transformers", "LigerFusedLinearJSD"),
+    ("liger_kernel.transformers", "LigerFusedCETVDLoss"),
+    ("liger_kernel.transformers", "LigerFusedLinearKLDivLoss"),
     ("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss"),
 )
 _CLASSES = {
     "LigerJSD": LigerJSD, "LigerKLDIVLoss": LigerKLDIVLoss, "LigerTVDLoss": LigerTVDLoss,
     "LigerFusedLinearJSD": LigerFusedLinearJSD, "LigerFusedLinearJSDLoss": LigerFusedLinearJSDLoss,
+    "LigerFusedCETVDLoss": LigerFusedCETVDLoss,
+    "LigerFusedLinearKLDivLoss": LigerFusedLinearKLDivLoss,
 }
 
 

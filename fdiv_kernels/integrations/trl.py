@@ -21,17 +21,20 @@ What ``apply_fk_to_trl(logprobs=True)`` covers in TRL 1.16:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 import fdiv_kernels as fk
 from fdiv_kernels.integrations._patching import Patch, require
+from fdiv_kernels.integrations.hf import logit_transform, tokenizer_vocab_size
 
 __all__ = [
     "ChunkedLogProbFunction", "apply_fk_to_trl", "chunked_divergence_loss",
-    "compute_topk_self_distillation_loss", "entropy_from_logits",
-    "generalized_jsd_loss", "gold_generalized_jsd_loss", "selective_log_softmax",
-    "selective_log_softmax_and_entropy",
+    "chunked_sparse_jsd_loss", "compute_topk_self_distillation_loss", "entropy_from_logits",
+    "generalized_jsd_loss", "gkd_compute_loss", "gold_generalized_jsd_loss",
+    "selective_log_softmax", "selective_log_softmax_and_entropy", "server_forward_kl_loss",
 ]
 
 IGNORE_INDEX = -100  # hard-coded in TRL's GKD loss
@@ -119,6 +122,83 @@ def gold_generalized_jsd_loss(
                                 reduction, num_items_in_batch)
 
 
+def gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    r"""``GKDTrainer.compute_loss`` on the models' hidden states and lm heads
+    (``fk.fused_linear_divergence(..., "js")``): neither model's (B, T, V) logits are formed.
+
+    The same loss as TRL's ``compute_loss`` with :func:`generalized_jsd_loss` (beta =
+    ``self.beta``, T = 1 as TRL calls it, labels shifted by one, sum / ``num_items_in_batch`` or
+    the mean over kept tokens); each model's softcap / logit scale is read from its config. The
+    padding columns of lm heads wider than the tokenizer (``len(self.processing_class)``) are
+    excluded (``vocab_size=``). Under mixed precision (``bf16=True``, GKDConfig's default) the
+    decoders run under the trainer's autocast as in TRL, and the logits are formed in fp32 where
+    TRL rounds them to bf16: the loss then differs from TRL's by that rounding (fk's is the more
+    accurate); in fp32 it is TRL's to ~1e-6. TRL's own ``compute_loss`` runs where this path
+    cannot serve:
+    ``return_outputs=True`` (evaluation reads the logits), a ``generalized_jsd_loss`` other than
+    fk's (a subclass's own loss), DeepSpeed, or a model without ``get_decoder`` /
+    ``get_output_embeddings`` (e.g. wrapped by DDP or FSDP).
+    """
+    fused_ok = (not return_outputs and type(self).generalized_jsd_loss is generalized_jsd_loss
+                # ZeRO-3 partitions the heads and gathers them in the engines' own forward.
+                and not getattr(self, "is_deepspeed_enabled", False))
+    teacher = getattr(self, "teacher_model", None)
+    for m in (model, teacher):
+        fused_ok = fused_ok and all(hasattr(m, a) for a in ("get_decoder",
+                                                            "get_output_embeddings"))
+    if not fused_ok:
+        return _trl_gkd_compute_loss()(self, model, inputs, return_outputs, num_items_in_batch)
+    batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    # The decoders run under the autocast Accelerate wraps the models' forward in (bf16 / fp16
+    # mixed precision); the heads' logits are then formed in fp32 by fk.
+    accelerator = getattr(self, "accelerator", None)
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    teacher.eval()
+    with autocast():
+        hs, ws, bs = _decoder_hidden_and_head(model, batch)
+        with torch.no_grad():
+            ht, wt, bt = _decoder_hidden_and_head(teacher, batch)
+    vocab = tokenizer_vocab_size(getattr(self, "processing_class", None), ws.shape[0],
+                                 wt.shape[0])
+    (s_scale, s_cap), (t_scale, t_cap) = logit_transform(model), logit_transform(teacher)
+    nib = num_items_in_batch
+    if isinstance(nib, Tensor):
+        nib = nib.to(hs.device)
+    with torch.autocast(hs.device.type, enabled=False):
+        return fk.fused_linear_divergence(
+            hs[:, :-1], ws, ht[:, :-1].detach(), wt.detach(), "js", beta=float(self.beta),
+            student_bias=bs, teacher_bias=None if bt is None else bt.detach(),
+            labels=inputs["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="mean",
+            num_items_in_batch=nib, student_logit_scale=s_scale, student_softcap=s_cap,
+            teacher_logit_scale=t_scale, teacher_softcap=t_cap, vocab_size=vocab)
+
+
+def _decoder_hidden_and_head(model, batch) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(last hidden states, lm-head weight, lm-head bias) of a causal LM, without its logits."""
+    head = model.get_output_embeddings()
+    out = model.get_decoder()(**batch)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden, head.weight, getattr(head, "bias", None)
+
+
+def _trl_gkd_compute_loss():
+    """TRL's own ``GKDTrainer.compute_loss``: saved when patched, else read from the class."""
+    if "gkd_compute_loss" not in _TRL_ORIGINALS:
+        mod = require(_JSD_TRAINERS["gkd"][0], "trl")
+        current = getattr(mod, _JSD_TRAINERS["gkd"][1]).__dict__["compute_loss"]
+        if current is gkd_compute_loss:
+            raise RuntimeError("TRL's GKDTrainer.compute_loss was rebound before it was saved")
+        _TRL_ORIGINALS["gkd_compute_loss"] = current
+    return _TRL_ORIGINALS["gkd_compute_loss"]
+
+
+def _patch_gkd_compute_loss(patch: Patch, mod) -> None:
+    cls = getattr(mod, _JSD_TRAINERS["gkd"][1])
+    if cls.__dict__["compute_loss"] is not gkd_compute_loss:
+        _trl_gkd_compute_loss()
+    patch.set(cls, "compute_loss", gkd_compute_loss)
+
+
 # The trainers whose generalized_jsd_loss staticmethod the patch rebinds: module, class.
 _JSD_TRAINERS = {"gkd": ("trl.experimental.gkd.gkd_trainer", "GKDTrainer"),
                  "gold": ("trl.experimental.gold.gold_trainer", "GOLDTrainer")}
@@ -167,6 +247,137 @@ def compute_topk_self_distillation_loss(
                                 beta=float(distillation_alpha),
                                 tail="bucket" if distillation_add_tail else "renormalize",
                                 reduction="none")
+
+
+def server_forward_kl_loss(
+    self,
+    teacher_result: dict[str, Tensor],
+    student_log_probs: Tensor,
+    labels: Tensor,
+) -> Tensor:
+    r"""``ServerDistillationTrainer._compute_server_forward_kl_loss`` (TRL 1.16,
+    ``trl.experimental.server_distillation``; IW-OPD has the same method) on
+    ``fk.sparse_divergence``: a method with TRL's arguments, the same loss.
+
+    ``teacher_result["topk_token_ids"]`` / ``["topk_logprobs"]`` (B, T, K): the served teacher's
+    top-k, padding entries at -inf (TRL's ``valid = logprobs > -inf`` is fk's ``support_mask``).
+    ``student_log_probs`` (B, T, V): the student's log_softmax(logits / T) (fk renormalizes it,
+    which changes nothing in value, and the gradient through TRL's log_softmax is the same).
+    ``labels`` (B, T): -100 drops a position. Forward KL(teacher || student) over the support,
+    with the tail as one more outcome when ``self.loss_add_tail`` (tail "bucket"), else both
+    renormalized on the support; TRL's batchmean over the kept positions (a kept position with
+    no real entry adds 0 and is counted, as in TRL). The student's (B, T, K) gathers, masks and
+    tail tensors are not formed; float32 result.
+    """
+    lp = teacher_result["topk_logprobs"]
+    valid = lp > float("-inf")
+    return fk.sparse_divergence(
+        student_log_probs, teacher_result["topk_token_ids"], lp.masked_fill(~valid, 0.0), "kl",
+        support_mask=valid, tail="bucket" if self.loss_add_tail else "renormalize",
+        labels=labels, ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+def chunked_sparse_jsd_loss(
+    hidden_valid: Tensor,
+    lm_head_weight: Tensor,
+    lm_head_bias: Tensor | None,
+    logit_scale: float,
+    final_logit_softcapping: float | None,
+    target_ids: Tensor,
+    teacher_target_logps: Tensor,
+    valid_candidate_mask: Tensor,
+    beta: float,
+    temperature: float,
+    add_tail_bucket: bool,
+    teacher_id_idx: Tensor | None,
+    num_teachers: int,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""TRL 1.16's ``_chunked_jsd_loss`` (``trl.experimental.async_distillation``, the asynchronous
+    distillation trainer's loss from hidden states and a served sparse teacher) on
+    ``fk.fused_linear_sparse_divergence(..., "js")``: same arguments, the same five results.
+
+    z = c tanh(s (h W^T + b) / c) / T (s = ``logit_scale``, c = ``final_logit_softcapping``);
+    per row, the generalized JSD (beta as TRL's: 0 is KL(teacher || student), 1 the reverse)
+    between the student's softmax and the teacher's log-probs (as given, not re-tempered) on the
+    candidates ``target_ids`` where ``valid_candidate_mask`` (negative ids clamped to 0 as TRL
+    does), with the tail as one more outcome when ``add_tail_bucket``, else both renormalized on
+    the candidates. Returns ``(loss, jsd_sum, entropy_sum, teacher_entropy_sum,
+    per_teacher_stats)``: the sum of the per-row JSDs (with gradients to hidden, weight and
+    bias), the same sum detached, the sum of the student's full entropies, the sum of the
+    teacher's entropies over the (tailed) support, and per teacher index (``teacher_id_idx``)
+    [count, JSD sum, teacher entropy sum] (zeros without it), all as TRL's.
+
+    No (chunk, V) logits are kept for the backward (TRL recomputes them under checkpoint): the
+    gradients are formed in the forward. The student entropy (a metric, detached) is one more
+    no-grad pass of ``fk.fused_linear_token_logprobs``. ``chunk_size`` is accepted; fk chunks rows
+    by its own memory budget. Non-positive scales or softcaps run TRL's own function.
+    """
+    cap, scale = final_logit_softcapping, float(logit_scale)
+    if scale <= 0 or (cap is not None and cap <= 0):
+        return _trl_async_jsd()(hidden_valid, lm_head_weight, lm_head_bias, logit_scale, cap,
+                                target_ids, teacher_target_logps, valid_candidate_mask, beta,
+                                temperature, add_tail_bucket, teacher_id_idx, num_teachers,
+                                chunk_size)
+    ids = target_ids.clamp_min(0)
+    mask = valid_candidate_mask.bool()
+    t_lp = teacher_target_logps.masked_fill(~mask, 0.0)
+    tail = "bucket" if add_tail_bucket else "renormalize"
+    per_teacher = teacher_id_idx is not None
+    with torch.autocast(hidden_valid.device.type, enabled=False):
+        out = fk.fused_linear_sparse_divergence(
+            hidden_valid, lm_head_weight, ids, t_lp, "js", beta=float(beta), tail=tail,
+            temperature=temperature, support_mask=mask, student_bias=lm_head_bias,
+            reduction="none" if per_teacher else "sum", student_logit_scale=scale,
+            student_softcap=cap)
+        loss = out.sum() if per_teacher else out
+        with torch.no_grad():
+            _, entropy = fk.fused_linear_token_logprobs(
+                hidden_valid.detach(), lm_head_weight.detach(), ids[:, 0],
+                bias=None if lm_head_bias is None else lm_head_bias.detach(),
+                temperature=temperature, logit_scale=scale, softcap=cap, return_entropy=True)
+    with torch.no_grad():
+        t_ent = _sparse_entropy(t_lp, mask, add_tail_bucket)
+        stats = loss.new_zeros(3 * num_teachers)
+        if per_teacher:
+            row = out.detach()
+            stats = torch.stack([v for i in range(num_teachers) for v in (
+                (teacher_id_idx == i).sum().float(), row[teacher_id_idx == i].sum(),
+                t_ent[teacher_id_idx == i].sum())])
+    return loss, loss.detach().clone(), entropy.sum(), t_ent.sum(), stats
+
+
+def _sparse_entropy(logps: Tensor, mask: Tensor, add_tail: bool) -> Tensor:
+    """Per-row -sum p log p of the teacher's entries (and the tail 1 - sum p when ``add_tail``),
+    renormalized on them otherwise: TRL's ``teacher_entropy`` metric."""
+    lp = logps.float().masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(lp, -1, keepdim=True)
+    if add_tail:
+        # TRL's _add_tail_bucket: log(1 - sum p), the sum kept below 1.
+        lp = torch.cat([lp, torch.log(-torch.expm1(lse.clamp(max=-1e-7)))], -1)
+    else:
+        lp = lp - lse
+    p = lp.exp()
+    return torch.nan_to_num(-(p * lp.masked_fill(p == 0, 0.0)).sum(-1), nan=0.0)
+
+
+def _trl_async_jsd():
+    """TRL's own ``_chunked_jsd_loss``, found once (before any rebinding) and kept."""
+    if "async" not in _TRL_ORIGINALS:
+        mod = require(_ASYNC_MODULE, "trl")
+        if mod._chunked_jsd_loss is chunked_sparse_jsd_loss:
+            raise RuntimeError("TRL's _chunked_jsd_loss was rebound before it was saved")
+        _TRL_ORIGINALS["async"] = mod._chunked_jsd_loss
+    return _TRL_ORIGINALS["async"]
+
+
+_ASYNC_MODULE = "trl.experimental.async_distillation.async_distillation_trainer"
+# The trainers whose _compute_server_forward_kl_loss method the patch rebinds: module, class.
+_SERVER_TRAINERS = (
+    ("trl.experimental.server_distillation.server_distillation_trainer",
+     "ServerDistillationTrainer"),
+    ("trl.experimental.iw_opd.iw_opd_trainer", "IWOPDTrainer"),
+)
 
 
 def chunked_divergence_loss(
@@ -454,16 +665,21 @@ _LOGPROB_NAMES = {
 
 
 def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool = True,
-                    gold: bool = True, sdpo: bool = True) -> Patch:
+                    gold: bool = True, sdpo: bool = True, server: bool = True,
+                    async_distillation: bool = True, gkd_fused: bool = True) -> Patch:
     """Point TRL at fdiv_kernels; returns a :class:`Patch` whose ``undo()`` restores TRL.
 
     - ``gkd``: ``GKDTrainer.generalized_jsd_loss`` (a staticmethod, called through ``self``, so
       subclasses see it). ``trl.experimental`` is not imported for it: if GKD is not loaded yet,
       the swap is made when ``trl.experimental.gkd.gkd_trainer`` is first imported.
+    - ``gkd_fused`` (with ``gkd``): ``GKDTrainer.compute_loss`` too, to
+      :func:`gkd_compute_loss`: the loss from both models' hidden states and lm heads, no
+      (B, T, V) logits (TRL's own runs for evaluation and for a subclass's own loss).
     - ``gold``: ``GOLDTrainer.generalized_jsd_loss`` (``trl.experimental.gold``), to
       :func:`gold_generalized_jsd_loss`, when that module is imported (as GKD's).
     - ``sdpo``: ``compute_topk_self_distillation_loss`` (``trl.experimental.sdpo.loss_utils``,
-      called by SDPO and SDFT), to :func:`compute_topk_self_distillation_loss`, when imported.
+      called by SDPO, and SDFT's copy in ``trl.experimental.sdft.loss_utils``), to
+      :func:`compute_topk_self_distillation_loss`, when imported.
     - ``logprobs``: ``selective_log_softmax``, ``entropy_from_logits`` and
       ``selective_log_softmax_and_entropy`` wherever a loaded module holds TRL's functions (
       ``trl.trainer.utils``, the trainers that imported them by name: DPO/ORPO/CPO/SDPO/..., and
@@ -475,6 +691,12 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
     - ``distillation``: ``_chunked_divergence_loss`` (DistillationTrainer's loss from hidden
       states, called by its global name) wherever a loaded module holds it, to
       :func:`chunked_divergence_loss`.
+    - ``server``: the served teacher's top-k forward KL, the ``_compute_server_forward_kl_loss``
+      method of ``ServerDistillationTrainer`` (``trl.experimental.server_distillation``) and of
+      ``IWOPDTrainer`` (``trl.experimental.iw_opd``), to :func:`server_forward_kl_loss`, when
+      each module is imported.
+    - ``async_distillation``: ``_chunked_jsd_loss`` (``trl.experimental.async_distillation``,
+      called by its global name) to :func:`chunked_sparse_jsd_loss`, when that module is imported.
 
     ``undo()`` restores every rebinding, those in modules imported while the patch was active
     included. Idempotent: a second call changes nothing (and its handle undoes nothing). Edits no
@@ -485,12 +707,17 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
     if gkd:
         patch.after_import(_JSD_TRAINERS["gkd"][0],
                            lambda mod: _patch_jsd("gkd", generalized_jsd_loss, patch, mod))
+        if gkd_fused:
+            patch.after_import(_JSD_TRAINERS["gkd"][0],
+                               lambda mod: _patch_gkd_compute_loss(patch, mod))
     if gold:
         patch.after_import(_JSD_TRAINERS["gold"][0],
                            lambda mod: _patch_jsd("gold", gold_generalized_jsd_loss, patch, mod))
     if sdpo:
-        patch.after_import("trl.experimental.sdpo.loss_utils", lambda mod: patch.set_everywhere(
-            mod.compute_topk_self_distillation_loss, compute_topk_self_distillation_loss))
+        # SDFT has its own copy of the function (trl.experimental.sdft.loss_utils).
+        for module in ("trl.experimental.sdpo.loss_utils", "trl.experimental.sdft.loss_utils"):
+            patch.after_import(module, lambda mod: patch.set_everywhere(
+                mod.compute_topk_self_distillation_loss, compute_topk_self_distillation_loss))
     if logprobs:
         utils = require("trl.trainer.utils", "trl")
         for name, replacement in _LOGPROB_NAMES.items():
@@ -501,4 +728,11 @@ def apply_fk_to_trl(gkd: bool = True, distillation: bool = True, logprobs: bool 
         patch.set_everywhere(_trl_chunked_logprob(), ChunkedLogProbFunction)
     if distillation:
         patch.set_everywhere(_trl_chunked_divergence(), chunked_divergence_loss)
+    if server:
+        for module, cls in _SERVER_TRAINERS:
+            patch.after_import(module, lambda mod, cls=cls: patch.set(
+                getattr(mod, cls), "_compute_server_forward_kl_loss", server_forward_kl_loss))
+    if async_distillation:
+        patch.after_import(_ASYNC_MODULE, lambda mod: patch.set_everywhere(
+            _trl_async_jsd(), chunked_sparse_jsd_loss))
     return patch
