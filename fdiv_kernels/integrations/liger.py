@@ -324,7 +324,8 @@ class LigerFusedLinearKLDivLoss(nn.Module):
     nothing; ``reduction`` "batchmean" (/ kept rows), "mean" (/ kept rows x V) or "sum"
     ("none" raises ValueError, as in Liger); 0 when no row is kept. The target gets no
     gradient. ``fk.fused_linear_sparse_divergence`` with the whole vocabulary as the support
-    (tail "none"); ``accum_dtype`` is accepted (fk accumulates the weight gradient in fp32).
+    (tail "none"); ``temperature`` T as Liger's (nonzero); ``accum_dtype`` is accepted (fk
+    accumulates the weight gradient in fp32).
     """
 
     def __init__(self, reduction: str | None = "batchmean", ignore_index: int = -100,

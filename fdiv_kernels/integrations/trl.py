@@ -125,6 +125,7 @@ def gold_generalized_jsd_loss(
 def gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
     r"""``GKDTrainer.compute_loss`` on the models' hidden states and lm heads
     (``fk.fused_linear_divergence(..., "js")``): neither model's (B, T, V) logits are formed.
+    ``inputs`` is the trainer's batch (``input_ids``, ``attention_mask``, ``labels``), as TRL's.
 
     The same loss as TRL's ``compute_loss`` with :func:`generalized_jsd_loss` (beta =
     ``self.beta``, T = 1 as TRL calls it, labels shifted by one, sum / ``num_items_in_batch`` or
@@ -297,16 +298,19 @@ def chunked_sparse_jsd_loss(
     distillation trainer's loss from hidden states and a served sparse teacher) on
     ``fk.fused_linear_sparse_divergence(..., "js")``: same arguments, the same five results.
 
-    z = c tanh(s (h W^T + b) / c) / T (s = ``logit_scale``, c = ``final_logit_softcapping``);
-    per row, the generalized JSD (beta as TRL's: 0 is KL(teacher || student), 1 the reverse)
-    between the student's softmax and the teacher's log-probs (as given, not re-tempered) on the
+    z = c tanh(s (h W^T + b) / c) / T (h = ``hidden_valid``, the kept rows' hidden states; W =
+    ``lm_head_weight``, b = ``lm_head_bias`` or None; s = ``logit_scale``, c =
+    ``final_logit_softcapping``, T = ``temperature``); per row, the generalized JSD (beta as TRL's: 0 is KL(teacher || student), 1 the reverse)
+    between the student's softmax and the teacher's log-probs ``teacher_target_logps`` (as
+    given, not re-tempered) on the
     candidates ``target_ids`` where ``valid_candidate_mask`` (negative ids clamped to 0 as TRL
     does), with the tail as one more outcome when ``add_tail_bucket``, else both renormalized on
     the candidates. Returns ``(loss, jsd_sum, entropy_sum, teacher_entropy_sum,
     per_teacher_stats)``: the sum of the per-row JSDs (with gradients to hidden, weight and
     bias), the same sum detached, the sum of the student's full entropies, the sum of the
     teacher's entropies over the (tailed) support, and per teacher index (``teacher_id_idx``)
-    [count, JSD sum, teacher entropy sum] (zeros without it), all as TRL's.
+    [count, JSD sum, teacher entropy sum] for each of ``num_teachers`` (zeros without it), all
+    as TRL's.
 
     No (chunk, V) logits are kept for the backward (TRL recomputes them under checkpoint): the
     gradients are formed in the forward. The student entropy (a metric, detached) is one more
