@@ -1,0 +1,185 @@
+// CPU top-k of each row's transformed logits with the row's log-sum-exp, in one read of the row
+// (fk.topk_logprobs, the teacher's side of top-k distillation).
+//
+// Per row, a = f(x) / T (the logit transform, cpu/logit_transform.h, with 1 / T folded in) is
+// formed a block at a time; each block feeds the online log-sum-exp (cpu/online_softmax.h) and a
+// heap of the k best (value, id) seen so far, worst on top. Ranking: larger value first, then the
+// lower id; a NaN ranks as -inf (its row's log-sum is NaN anyway). Ids arrive in increasing order,
+// so an element enters a full heap only when strictly above the heap's worst value, and a block
+// is first screened in 64-element strides by a vectorized max against that threshold: after the
+// first few thousand columns almost every stride is skipped, and the row costs about one pass of
+// the log-sum-exp.
+// Outputs: ids (N, k) int64 and values (N, k) of a in the compute type, best first, and stats
+// (N, 2) = (m, log s), m = max a, s = sum exp(a - m); log-probs are (a - m) - log s.
+// The statement of record is topk_logprobs_fwd_torch in fdiv_kernels/backends/torch_ref.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "common/checks.h"
+#include "cpu/convert.h"
+#include "cpu/logit_transform.h"
+#include "cpu/online_softmax.h"
+#include "cpu/vec_math.h"
+
+namespace fdiv_kernels {
+namespace {
+
+// Columns per screening stride: one vectorized max, then a scalar look only when it beats the
+// heap's threshold.
+constexpr int64_t kStride = 64;
+
+template <class T>
+struct Entry {
+  T v;
+  int64_t id;
+};
+
+// a better than b: larger value, then lower id. As the heap's "less", the heap's top is the worst.
+template <class T>
+FDIV_INLINE bool better(const Entry<T>& a, const Entry<T>& b) {
+  return a.v > b.v || (a.v == b.v && a.id < b.id);
+}
+
+template <class T>
+struct TopK {
+  std::vector<Entry<T>> heap;
+  int64_t k;
+  T thr = -std::numeric_limits<T>::infinity();  // the worst value kept, once full
+
+  explicit TopK(int64_t k_) : k(k_) { heap.reserve(size_t(k_)); }
+
+  void clear() {
+    heap.clear();
+    thr = -std::numeric_limits<T>::infinity();
+  }
+
+  FDIV_INLINE bool full() const { return int64_t(heap.size()) == k; }
+
+  // Offer column `id` with value v (ids offered in increasing order).
+  FDIV_INLINE void offer(T v, int64_t id) {
+    if (v != v) v = -std::numeric_limits<T>::infinity();  // NaN ranks last
+    if (!full()) {
+      heap.push_back({v, id});
+      std::push_heap(heap.begin(), heap.end(), better<T>);
+      if (full()) thr = heap.front().v;
+      return;
+    }
+    if (!(v > thr)) return;  // a tie loses: its id is larger than every id kept
+    std::pop_heap(heap.begin(), heap.end(), better<T>);
+    heap.back() = {v, id};
+    std::push_heap(heap.begin(), heap.end(), better<T>);
+    thr = heap.front().v;
+  }
+};
+
+// Offer a[0, n) (columns c0 + j) to the heap, screening kStride columns at a time.
+template <class T>
+FDIV_INLINE void offer_block(const T* a, int64_t n, int64_t c0, TopK<T>& top) {
+  int64_t j = 0;
+  while (j < n && !top.full()) {
+    top.offer(a[j], c0 + j);
+    ++j;
+  }
+  for (; j < n; j += kStride) {
+    const int64_t len = std::min(kStride, n - j);
+    T bm = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : bm)
+    for (int64_t t = 0; t < len; ++t) bm = std::max(bm, a[j + t]);
+    if (!(bm > top.thr)) continue;  // NaN-free max at or below the worst kept: nothing enters
+    for (int64_t t = 0; t < len; ++t)
+      if (a[j + t] > top.thr) top.offer(a[j + t], c0 + j + t);
+  }
+}
+
+// One row: online lse over blocks of a, the heap beside it; buf kBlock T (or unused).
+template <class scalar_t, class T>
+FDIV_INLINE void topk_row(const scalar_t* x, int64_t n, T inv_t, const LogitTransform<T>& xf,
+                          TopK<T>& top, OnlineSoftmax<T>& acc, T* buf) {
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t len = std::min(kBlock, n - j0);
+    const T* a = load_block(buf, x + j0, len, xf, inv_t);
+    online_lse<T>(a, T(1), len, acc);
+    offer_block(a, len, j0, top);
+  }
+}
+
+// The per-ISA entry points: plain functions, one per storage dtype (see softmax_stats.cpp).
+#define FDIV_TOPK_ENTRY(scalar_t, T, ATTR)                                                     \
+  ATTR void topk_entry(const scalar_t* x, int64_t n, T inv_t, const LogitTransform<T>& xf,     \
+                       TopK<T>& top, OnlineSoftmax<T>& acc, T* buf) {                          \
+    topk_row(x, n, inv_t, xf, top, acc, buf);                                                  \
+  }
+FDIV_TOPK_ENTRY(float, float, FDIV_CLONES)
+FDIV_TOPK_ENTRY(at::BFloat16, float, FDIV_CLONES)
+FDIV_TOPK_ENTRY(at::Half, float, FDIV_CLONES)
+FDIV_TOPK_ENTRY(double, double, )
+#undef FDIV_TOPK_ENTRY
+
+template <class scalar_t, class T>
+void run_topk(const at::Tensor& x, int64_t k, T inv_t, const LogitTransform<T>& xf,
+              at::Tensor& ids, at::Tensor& values, at::Tensor& stats) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  int64_t* ip = ids.mutable_data_ptr<int64_t>();
+  T* vp = values.mutable_data_ptr<T>();
+  T* sp = stats.mutable_data_ptr<T>();
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    // The row buffer is needed unless the row is already a in T (fp32/fp64, identity, T = 1).
+    std::vector<T> buf(size_t(kBlock));
+    TopK<T> top(k);
+    for (int64_t i = begin; i < end; ++i) {
+      top.clear();
+      OnlineSoftmax<T> acc;
+      topk_entry(xp + i * n, n, inv_t, xf, top, acc, buf.data());
+      std::sort_heap(top.heap.begin(), top.heap.end(), better<T>);  // best first
+      for (int64_t t = 0; t < k; ++t) {
+        ip[i * k + t] = top.heap[size_t(t)].id;
+        vp[i * k + t] = top.heap[size_t(t)].v;
+      }
+      // An all -inf row: no mass (log s = -inf); a +inf max: NaN, as log_softmax.
+      double log_s = std::log(acc.s);
+      if (acc.m == std::numeric_limits<T>::infinity()) log_s = kNaN;
+      // A NaN logit: NaN statistics, also on a row whose other logits are all -inf.
+      sp[2 * i] = std::isnan(log_s) ? T(kNaN) : acc.m;
+      sp[2 * i + 1] = T(log_s);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_logprobs_fwd_cpu(
+    const at::Tensor& x_in, int64_t k, double inv_temperature, double scale, double softcap) {
+  check_logits(x_in, "x", kCpuTarget);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale != 0.0, "scale must be finite and nonzero, got ",
+                    scale);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0,
+                    "softcap must be finite and >= 0 (0: no softcap), got ", softcap);
+  TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0.0,
+                    "inv_temperature must be finite and positive, got ", inv_temperature);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  TORCH_CHECK_VALUE(k >= 1 && k <= n, "k must be in [1, V] = [1, ", n, "], got ", k);
+  const auto dt = x.scalar_type();
+  const auto opts = x.options().dtype(stats_dtype(dt));
+  at::Tensor ids = at::empty({rows, k}, x.options().dtype(at::kLong));
+  at::Tensor values = at::empty({rows, k}, opts);
+  at::Tensor stats = at::empty({rows, 2}, opts);
+  if (rows == 0) return {ids, values, stats};
+  dispatch_logits(dt, [&]<class S, class T>() {
+    run_topk<S, T>(x, k, T(inv_temperature), {T(scale), T(softcap)}, ids, values, stats);
+  });
+  return {ids, values, stats};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fdiv, CPU, m) { m.impl("topk_logprobs_fwd_cpu", &topk_logprobs_fwd_cpu); }
+
+}  // namespace fdiv_kernels
