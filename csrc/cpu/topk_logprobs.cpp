@@ -133,7 +133,7 @@ void run_topk(const at::Tensor& x, int64_t k, T inv_t, const LogitTransform<T>& 
   constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     // The row buffer is needed unless the row is already a in T (fp32/fp64, identity, T = 1).
-    std::vector<T> buf(size_t(kBlock));
+    std::vector<T> buf(static_cast<size_t>(kBlock));
     TopK<T> top(k);
     for (int64_t i = begin; i < end; ++i) {
       top.clear();
