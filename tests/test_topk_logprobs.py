@@ -291,3 +291,16 @@ def test_fused_is_forward_only():
     assert out.ids.shape == (3, 4)
     with pytest.raises(ValueError, match="k must be in"):
         fk.fused_linear_topk_logprobs(h.detach(), w, 41)
+
+
+def test_bench_interleaved_runner():
+    """python -m fdiv_kernels.bench.topk_logprobs: every provider gets a fastest round, a median
+    ratio to the op it is compared with (1 for ours) and a peak, on a tiny shape."""
+    from fdiv_kernels.bench.topk_logprobs import interleaved
+
+    if "cpu" not in BACKENDS:
+        pytest.skip("the runner times the C++ backend")
+    res = interleaved(n=8, v=300, k=4, h=8, reps=2)
+    assert len(res) == 4
+    assert res["fk.topk_logprobs"]["ratio"] == res["fk.fused_linear_topk_logprobs"]["ratio"] == 1
+    assert all(r["min"] > 0 and r["ratio"] > 0 for r in res.values())

@@ -97,7 +97,8 @@ def interleaved(n: int = 1024, v: int = 128256, k: int = 64, h: int = 256,
                                                                                  backend="cpu"),
         "eager (h @ W.T) log_softmax.topk": lambda: eager_topk_logprobs(hs @ ws.t(), k),
     }
-    ours_of = {name: (names := list(fns))[2 * (i // 2)] for i, name in enumerate(fns)}
+    names = list(fns)
+    ours_of = {name: names[2 * (i // 2)] for i, name in enumerate(names)}  # each pair: ours first
     rounds = []
     with torch.no_grad():
         for rep in range(reps + 1):  # the first round warms up
