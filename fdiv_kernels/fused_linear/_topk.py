@@ -162,6 +162,7 @@ def fused_linear_topk_logprobs(
                     z = z + bias[v0:v1].to(z.dtype)
                 t_ids, t_v, t_stats = ops.topk_logprobs_fwd(z.contiguous(), min(k, v1 - v0),
                                                             inv_t, scale, cap)
+                del z  # before the next tile's GEMM: one (chunk, tile) buffer alive, not two
                 run_v, run_i = _merge(run_v, run_i, t_v, t_ids + v0, k)
                 ms.append(t_stats[:, 0])
                 log_ss.append(t_stats[:, 1])
