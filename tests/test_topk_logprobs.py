@@ -304,3 +304,16 @@ def test_bench_interleaved_runner():
     assert len(res) == 4
     assert res["fk.topk_logprobs"]["ratio"] == res["fk.fused_linear_topk_logprobs"]["ratio"] == 1
     assert all(r["min"] > 0 and r["ratio"] > 0 for r in res.values())
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("k", [64, 3000])
+def test_rows_longer_than_a_cpu_block(backend, k):
+    """V = 9001 spans three of the C++ kernel's 4096-column blocks; k = 3000 fills its 2k
+    candidate buffer across block boundaries before the first cut. Sorted-ascending rows make
+    every element a new best (the worst case of the running top-k); ties at the threshold too."""
+    x = logits((3, 9001), seed=21)
+    x[1] = torch.linspace(-5, 5, 9001)
+    x[2, ::2] = 1.0  # 4501 ties of the largest value
+    out = fk.topk_logprobs(x, k, backend=backend)
+    _check(out, x, k, exact_ids=True)

@@ -60,7 +60,7 @@ def _topk_logprobs_fwd_kernel(
             new_v = tl.full([KP], float("-inf"), tl.float32)
             new_i = tl.zeros([KP], tl.int32)
             new_ok = slot < 0
-            for t in range(0, K):
+            for t in range(K):
                 rk = tl.where(run_ok, run_v, float("-inf"))
                 bk = tl.where(blk_ok, key, float("-inf"))
                 mx = tl.maximum(tl.max(rk, 0), tl.max(bk, 0))
