@@ -98,6 +98,14 @@ TORCH_LIBRARY_FRAGMENT(fdiv, m) {
       "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
 }
 
+// fk.topk_logprobs (csrc/cpu/topk_logprobs.cpp): each row's k largest transformed logits (ids,
+// values) and its (max, log-sum), one read of the row.
+TORCH_LIBRARY_FRAGMENT(fdiv, m) {
+  m.def(
+      "topk_logprobs_fwd_cpu(Tensor x, int k, float inv_temperature, float scale, "
+      "float softcap) -> (Tensor ids, Tensor values, Tensor stats)");
+}
+
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {

@@ -250,3 +250,26 @@ def transform_logits(x: Tensor, scale: float = 1.0, softcap: float | None = None
     z = c tanh(z / c) under a softcap c (float64 or wider; differentiable)."""
     z = x.to(torch.promote_types(x.dtype, torch.float64)) * scale
     return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+# ---- the teacher's side: top-k log-probs ------------------------------------------------------
+
+
+def topk_logprobs_rows(x: Tensor, k: int, temperature: float = 1.0, scale: float = 1.0,
+                       softcap: float | None = None, top_p: float | None = None):
+    """(ids int64, log-probs float64, support mask or None) of each row's k most probable ids:
+    log_softmax of a = transform(x) / T, sorted descending with ties to the lower id (a stable
+    sort); ``top_p`` keeps the smallest prefix whose mass reaches it (every entry of nonzero
+    probability at top_p = 1), entries of zero probability never. Rows need a finite logit."""
+    a = transform_logits(x, scale, softcap) / temperature
+    lp = torch.log_softmax(a, dim=-1)
+    vals, ids = torch.sort(lp, dim=-1, descending=True, stable=True)
+    vals, ids = vals[..., :k], ids[..., :k]
+    if top_p is None:
+        return ids, vals, None
+    p = vals.exp()
+    mass_before = torch.cumsum(p, dim=-1) - p
+    keep = vals > -math.inf
+    if top_p < 1:
+        keep = keep & (mass_before < top_p)
+    return ids, vals, keep

@@ -35,6 +35,10 @@ def _zero_row_calls():
         "fused_linear_sparse_divergence":
             lambda: fk.fused_linear_sparse_divergence(h, w, ids, lp, "kl"),
         "fused_linear_token_logprobs": lambda: fk.fused_linear_token_logprobs(h, w, lab),
+        "topk_logprobs": lambda: fk.topk_logprobs(s, K).logprobs,
+        # Forward-only (a teacher's): detached inputs.
+        "fused_linear_topk_logprobs":
+            lambda: fk.fused_linear_topk_logprobs(h.detach(), w.detach(), K).logprobs,
         "vocab_parallel_divergence": lambda: fkd.vocab_parallel_divergence(s, t, "js"),
         "vocab_parallel_token_logprobs": lambda: fkd.vocab_parallel_token_logprobs(s, lab),
         "vocab_parallel_entropy": lambda: fkd.vocab_parallel_entropy(s),
@@ -60,7 +64,7 @@ def test_every_public_op_is_walked():
     """The walk below covers every public function that takes rows (a new op must join it)."""
     row_ops = {"divergence", "sparse_divergence", "token_logprobs", "entropy", "logsumexp",
                "softmax_stats", "fused_linear_divergence", "fused_linear_sparse_divergence",
-               "fused_linear_token_logprobs"}
+               "fused_linear_token_logprobs", "topk_logprobs", "fused_linear_topk_logprobs"}
     public = {n for n in fk.__all__ if callable(getattr(fk, n)) and n[0].islower()}
     assert row_ops <= set(ZERO_ROW)
     assert public - {"describe", "not_supported_reasons", "register_divergence",

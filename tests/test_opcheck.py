@@ -248,6 +248,15 @@ def _lse_combination_fwd(dev, backend):
             (s, t, valid, list(renyi_coeffs(2.0)), 1.0, 1.0, 0.0, 1.0, 0.0, True, True)]
 
 
+def _topk_logprobs_fwd(dev, backend):
+    # Ties (a repeated value) and an all -inf row, beside plain rows; k = 1, a middle k, k = V.
+    x = logits((3, 40), seed=41).to(dev)
+    x[0, 5] = x[0, 9]
+    x[2] = float("-inf")
+    return [(x, 1, 1.0, 1.0, 0.0), (x, 7, 0.5, 1.0, 0.0), (x, 40, 1.0, 1.0, 0.0),
+            (x, 7, 0.5, 0.0625, 2.0)]
+
+
 SAMPLES = {
     "lse_combination_fwd": _lse_combination_fwd,
     "divergence_fwd": _divergence_fwd,
@@ -266,6 +275,7 @@ SAMPLES = {
     "sinkhorn_unrolled_bwd": _sinkhorn_unrolled_bwd,
     "sparse_divergence_fwd": _sparse_divergence_fwd,
     "sparse_divergence_bwd": _sparse_divergence_bwd,
+    "topk_logprobs_fwd": _topk_logprobs_fwd,
 }
 
 # Ops that fail a check today, with the reason; strict, so a fix shows up as an XPASS failure.

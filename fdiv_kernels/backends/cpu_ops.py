@@ -22,4 +22,5 @@ register(SoftmaxOps(
     sparse_divergence_bwd=fdiv.sparse_divergence_bwd_cpu,
     softmax_stats_fwd=fdiv.softmax_stats_fwd_cpu,
     softmax_stats_bwd=fdiv.softmax_stats_bwd_cpu,
+    topk_logprobs_fwd=fdiv.topk_logprobs_fwd_cpu,
 ))

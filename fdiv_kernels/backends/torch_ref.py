@@ -365,6 +365,35 @@ def _mix(a: Tensor, b: Tensor, ca: float, cb: float) -> Tensor:
     return torch.where((x == -math.inf) | (y == -math.inf), -math.inf, x + y)
 
 
+# ---- the teacher's side: fk.topk_logprobs ----------------------------------------------------
+
+
+def topk_logprobs_fwd_torch(
+    x: Tensor, k: int, inv_temperature: float, scale: float, softcap: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The statement of ``fdiv::topk_logprobs_fwd_<backend>``: per row of a = transform(x) / T,
+    the k largest a (descending, ties: lower id first; a NaN ranks as -inf) with their ids, and
+    (m, log s), m = max a, s = sum exp(a - m) (log-probs are (a_i - m) - log s)."""
+    ctype = loss_dtype(x.dtype)
+    N, V = x.shape
+    ids = x.new_empty(N, k, dtype=torch.int64)
+    values = x.new_empty(N, k, dtype=ctype)
+    stats = x.new_empty(N, 2, dtype=ctype)
+    neg_inf = float("-inf")
+    for rows in _chunks(N, V):
+        a = transform_logits(x[rows].to(ctype), scale, softcap)[0] * inv_temperature
+        key = torch.where(torch.isnan(a), neg_inf, a)
+        # A stable sort keeps equal values in id order: the lower id first, on every device.
+        top, idx = torch.sort(key, dim=-1, descending=True, stable=True)
+        ids[rows], values[rows] = idx[:, :k], top[:, :k]
+        m = a.amax(-1)
+        log_s = torch.log(torch.exp(a - torch.where(torch.isinf(m), 0.0, m)[:, None]).sum(-1))
+        # An all -inf row: no mass, log s = -inf; a +inf logit: NaN (as log_softmax).
+        log_s = torch.where(m == neg_inf, neg_inf, torch.where(m == -neg_inf, math.nan, log_s))
+        stats[rows, 0], stats[rows, 1] = m, log_s
+    return ids, values, stats
+
+
 register(SoftmaxOps(
     "torch",
     divergence_fwd=define("divergence_fwd", "torch", divergence_fwd_torch),
@@ -375,6 +404,7 @@ register(SoftmaxOps(
     sparse_divergence_bwd=define("sparse_divergence_bwd", "torch", sparse_divergence_bwd_torch),
     softmax_stats_fwd=define("softmax_stats_fwd", "torch", softmax_stats_fwd_torch),
     softmax_stats_bwd=define("softmax_stats_bwd", "torch", softmax_stats_bwd_torch),
+    topk_logprobs_fwd=define("topk_logprobs_fwd", "torch", topk_logprobs_fwd_torch),
     custom_kind_ops=("divergence_fwd", "divergence_partials", "divergence_grads",
                      "sparse_divergence_fwd", "sparse_divergence_bwd"),
 ))

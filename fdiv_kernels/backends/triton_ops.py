@@ -27,6 +27,7 @@ from fdiv_kernels.triton_kernels.sparse_divergence import (
     sparse_divergence_bwd,
     sparse_divergence_fwd,
 )
+from fdiv_kernels.triton_kernels.topk_logprobs import topk_logprobs_fwd
 
 
 def _on(x: Tensor):
@@ -61,6 +62,7 @@ register(SoftmaxOps(
     sparse_divergence_bwd=_op("sparse_divergence_bwd", _sparse_bwd),
     softmax_stats_fwd=_op("softmax_stats_fwd", softmax_stats_fwd),
     softmax_stats_bwd=_op("softmax_stats_bwd", softmax_stats_bwd),
+    topk_logprobs_fwd=_op("topk_logprobs_fwd", topk_logprobs_fwd),
     # The dense divergence kernels take a custom kind's @triton.jit generator as constexprs; the
     # sparse-teacher kernels compile their kinds in.
     custom_kind_ops=("divergence_fwd", "divergence_partials", "divergence_grads"),

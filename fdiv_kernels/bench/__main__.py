@@ -29,6 +29,7 @@ from fdiv_kernels.bench.sinkhorn import QUICK_SHAPES as SINKHORN_QUICK
 from fdiv_kernels.bench.sinkhorn import sinkhorn_cases
 from fdiv_kernels.bench.softmax_stats import softmax_stats_cases
 from fdiv_kernels.bench.sparse_divergence import fused_linear_sparse_cases, sparse_divergence_cases
+from fdiv_kernels.bench.topk_logprobs import fused_linear_topk_cases, topk_logprobs_cases
 from fdiv_kernels.core._dispatch import BACKENDS
 from fdiv_kernels.kinds._registry import DIVERGENCES
 
@@ -41,11 +42,15 @@ FUSED_SHAPES = {"cpu": [(1024, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
 # Token log-probs from hidden states: the CPU target is stated at N=4096, H=256, V=32000.
 LOGPROBS_SHAPES = {"cpu": [(4096, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
 OPS = ("divergence", "softmax_stats", "fused_linear", "fused_linear_masked",
-       "fused_linear_logprobs", "sinkhorn", "sinkd", "sparse_divergence")
+       "fused_linear_logprobs", "sinkhorn", "sinkd", "sparse_divergence", "topk_logprobs")
 # Sparse teacher: (N, V) with K = 64 ids per row, and the fused form at (N, H, V); the CPU targets
 # are stated at N=1024, V=128256 and N=1024, H=256, V=32000.
 SPARSE_SHAPES = {"cpu": [(1024, 128256)], "cuda": [(8192, 128256)]}
 SPARSE_K = 64
+# The teacher's side (fk.topk_logprobs, K = SPARSE_K) at (N, V), and its fused form at (N, H, V);
+# the CPU targets are stated at 1024 x 128256, K = 64.
+TOPK_SHAPES = {"cpu": [(1024, 128256)], "cuda": [(8192, 128256)]}
+TOPK_FUSED_SHAPES = {"cpu": [(1024, 256, 128256)], "cuda": [(8192, 4096, 128256)]}
 QUICK_SHAPES = [(4, 1000)]
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
@@ -178,6 +183,12 @@ def main(argv=None) -> int:
                                          args.backends)
         fl_shapes = [(4, 16, 1000)] if args.quick else FUSED_SHAPES[device.type]
         cases += fused_linear_sparse_cases(fl_shapes, k, dtype, device, peers, args.backends)
+    if "topk_logprobs" in args.ops:
+        k = 8 if args.quick else SPARSE_K
+        cases += topk_logprobs_cases(shapes_for(TOPK_SHAPES), k, dtype, device, peers,
+                                     args.backends)
+        tf_shapes = [(4, 16, 1000)] if args.quick else TOPK_FUSED_SHAPES[device.type]
+        cases += fused_linear_topk_cases(tf_shapes, k, dtype, device, peers, args.backends)
     print(f"measuring copy bandwidth on {device} ...", file=sys.stderr, flush=True)
     copy_bandwidth_gbps(str(device))
     # --quick is a smoke run: 5 repeats per provider, not 2 s of them.

@@ -236,7 +236,8 @@ FAMILIES = {"divergence": "divergence", "logsumexp": "softmax_stats",
             "token_logprobs": "softmax_stats", "entropy": "softmax_stats",
             "softmax_stats": "softmax_stats", "fused_linear": "fused_linear",
             "fused_linear_logprobs": "fused_linear", "sparse_divergence": "sparse",
-            "fused_linear_sparse": "sparse", "sinkhorn": "sinkhorn", "sinkd": "sinkhorn"}
+            "fused_linear_sparse": "sparse", "sinkhorn": "sinkhorn", "sinkd": "sinkhorn",
+            "topk_logprobs": "sparse", "fused_linear_topk_logprobs": "sparse"}
 
 
 def family(op: str) -> str:

@@ -64,6 +64,13 @@ def fake_softmax_stats_bwd(x: Tensor, *args) -> Tensor:
     return torch.empty_like(x)
 
 
+def fake_topk_logprobs_fwd(x: Tensor, k: int, *args) -> tuple[Tensor, Tensor, Tensor]:
+    ctype = loss_dtype(x.dtype)
+    n = x.shape[0]
+    return (x.new_empty(n, k, dtype=torch.int64), x.new_empty(n, k, dtype=ctype),
+            x.new_empty(n, 2, dtype=ctype))
+
+
 # The fake of each op of the record, by field name (fdiv_kernels.core._ops.SoftmaxOps).
 FAKES = {
     "divergence_fwd": fake_divergence_fwd,
@@ -74,4 +81,5 @@ FAKES = {
     "sparse_divergence_bwd": fake_sparse_divergence_bwd,
     "softmax_stats_fwd": fake_softmax_stats_fwd,
     "softmax_stats_bwd": fake_softmax_stats_bwd,
+    "topk_logprobs_fwd": fake_topk_logprobs_fwd,
 }

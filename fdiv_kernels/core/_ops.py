@@ -16,6 +16,7 @@ Signatures (every backend's op of a field takes the same arguments; the fakes in
     lse_combination_fwd: the row kinds' weighted log-sum-exps (``divergences._row_kinds``)
     sparse_divergence_fwd / _bwd: the top-k teacher (``divergences._sparse``)
     softmax_stats_fwd / _bwd: lse, entropy, label log-prob (``stats._softmax``)
+    topk_logprobs_fwd: a row's top-k transformed logits and (max, log-sum) (``stats._topk``)
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ SCHEMAS = {
         "(Tensor x, Tensor? labels, Tensor lse, Tensor entropy, Tensor? g_lse, "
         "Tensor? g_entropy, Tensor? g_logprob, int ignore_index, float inv_temperature, "
         "float scale, float softcap) -> Tensor",
+    "topk_logprobs_fwd":
+        "(Tensor x, int k, float inv_temperature, float scale, float softcap) "
+        "-> (Tensor ids, Tensor values, Tensor stats)",
 }
 # The ops a record may fill, in the order of the fields below.
 OPS = tuple(SCHEMAS)
@@ -98,6 +102,7 @@ class SoftmaxOps:
     sparse_divergence_bwd: Optional[Callable] = None
     softmax_stats_fwd: Optional[Callable] = None
     softmax_stats_bwd: Optional[Callable] = None
+    topk_logprobs_fwd: Optional[Callable] = None
     fuses_transforms: bool = True
     custom_kind_ops: tuple[str, ...] = ()
     custom_kinds_need_jit: bool = False
