@@ -330,7 +330,12 @@ def topk_reference(x, k, T, scale, cap, top_p):
     order = lp.argsort(dim=-1, descending=True, stable=True)[..., :k]  # stable: lower id first
     top = lp.gather(-1, order)
     p = top.exp()
-    return order, top, (p.cumsum(-1) - p) < (top_p or 1.0)
+    if top_p is None:
+        return order, top, None
+    # fk.topk_logprobs' mask: the nucleus prefix, never an entry of zero probability; masked
+    # entries hold id -1 and log-prob -inf.
+    mask = ((p.cumsum(-1) - p) < top_p) & (top > float("-inf"))
+    return torch.where(mask, order, -1), top.masked_fill(~mask, float("-inf")), mask
 
 
 @case(1, 2, 3, 4)
@@ -354,14 +359,14 @@ def topk_logprobs(rank, world, ck):
             ck.true(out[0].dtype == torch.int32 and torch.equal(out[0].long(), ids),
                     f"{what}: ids {out[0].tolist()} vs {ids.tolist()}")
             ck.close(out[1], lp, TOL, what + " log-probs")
-            ck.true(len(out) == (2 if top_p is None else 3), what + ": outputs")
+            ck.true((out.support_mask is None) == (top_p is None), what + ": support_mask")
             if top_p is not None:
                 ck.true(torch.equal(out[2], mask), f"{what}: mask {out[2]} vs {mask}")
             want = [("all_gather", (2 * K + 1, N + 2), 8 * (2 * K + 1) * (N + 2))]
             got = [(x.op, x.shape, x.nbytes) for x in fwd]
             ck.true(got == (want if world > 1 else []), f"{what}: collectives {got}")
     # The produced teacher goes straight into the sharded sparse loss.
-    ids, lp = fkd.vocab_parallel_topk_logprobs(x[..., c] * 0.5, K, vocab_start=c.start)
+    ids, lp, _ = fkd.vocab_parallel_topk_logprobs(x[..., c] * 0.5, K, vocab_start=c.start)
     s = leaf(x[..., c])
     out = fkd.vocab_parallel_sparse_divergence(s, ids, lp, vocab_start=c.start)
     ref = fk.sparse_divergence(x, ids, lp)

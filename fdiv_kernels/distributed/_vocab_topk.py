@@ -13,9 +13,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fdiv_kernels.core import _validation as V
-from fdiv_kernels.core._transforms import check_logit_transform, transform_logits
+from fdiv_kernels.core._ops import select_ops
 from fdiv_kernels.distributed import _comm, _shards
 from fdiv_kernels.distributed._vocab_sparse import no_dtensor
+from fdiv_kernels.stats._topk import (
+    TopKLogprobs,
+    check_out_dtypes,
+    check_scale,
+    check_top_p,
+    finish,
+)
 
 # The id of a missing candidate (a shard narrower than k): above every real id, so it sorts
 # after any real candidate of equal (-inf) value. Ids travel in float64: exact below 2^53.
@@ -36,32 +43,26 @@ def _order(vals: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals.gather(-1, by_val), ids.gather(-1, by_val)
 
 
-def _local_topk(x: Tensor, k: int, inv_t: float, transform: tuple[float, float], start: int):
-    """(LSE (n,), the shard's k best scaled logits (n, k), their global ids (n, k) as float64).
+def _local_topk(x: Tensor, k: int, inv_t: float, transform: tuple[float, float], start: int,
+                backend: str):
+    """(the shard's LSE (n,), its k best scaled logits (n, k), their global ids (n, k)), float64.
 
-    A private torch statement (transform, stable sort, LSE); the single-process
-    ``fk.topk_logprobs`` kernel replaces it when it lands.
+    The single-process kernel (``fdiv::topk_logprobs_fwd``, one pass over the shard) gives the
+    shard's min(k, V_r) best and its (max, log-sum); a shard narrower than k pads with -inf.
     """
     n, width = x.shape
-    f, _ = transform_logits(x.to(V.loss_dtype(x.dtype)), *transform)
-    a = (f * inv_t).double()
-    vals = a.new_full((n, k), float("-inf"))
-    ids = a.new_full((n, k), _NO_ID)
+    vals = x.new_full((n, k), float("-inf"), dtype=torch.float64)
+    ids = torch.full_like(vals, _NO_ID)
     if width == 0:
         return vals[:, 0].clone(), vals, ids
     m = min(k, width)
-    local = torch.arange(width, device=x.device, dtype=torch.float64).expand(n, width)
-    top_v, top_i = _order(a, local + start, m)
-    vals[:, :m], ids[:, :m] = top_v, top_i
-    return torch.logsumexp(a, dim=-1), vals, ids
-
-
-def top_p_mask(lp: Tensor, top_p: float) -> Tensor:
-    """True on the smallest prefix of the (descending) top-k entries whose mass reaches top_p:
-    an entry is kept while the mass before it is below top_p (the first is always kept)."""
-    p = lp.double().exp()
-    before = torch.cumsum(p, dim=-1) - p
-    return before < top_p
+    ops = select_ops(backend, x, "topk_logprobs_fwd", transforms=transform)
+    top_i, top_v, stats = ops.topk_logprobs_fwd(x, m, inv_t, *transform)
+    vals[:, :m], ids[:, :m] = top_v.double(), (top_i + start).double()
+    mx, log_s = stats[:, 0].double(), stats[:, 1].double()
+    # A shard of -inf only: no mass (max - inf; + log s would be NaN).
+    lse = torch.where(mx == float("-inf"), mx, mx + log_s)
+    return lse, vals, ids
 
 
 def vocab_parallel_topk_logprobs(
@@ -69,15 +70,16 @@ def vocab_parallel_topk_logprobs(
     k: int,
     *,
     temperature: float = 1.0,
-    logit_scale: float = 1.0,
+    logit_scale: float | None = None,
     softcap: float | None = None,
     top_p: float | None = None,
     ids_dtype: torch.dtype = torch.int32,
-    logprobs_dtype: torch.dtype = torch.float32,
+    logprobs_dtype: torch.dtype | None = None,
     vocab_size: int | None = None,
     vocab_start: int | None = None,
     group: dist.ProcessGroup | None = None,
-):
+    backend: str = "auto",
+) -> TopKLogprobs:
     r"""The top ``k`` log-probs of softmax(f(x) / T) per row, from logits sharded by vocabulary.
 
     f is the logit transform (x -> s x, then c tanh(x / c) under a softcap). Each rank passes its
@@ -87,11 +89,12 @@ def vocab_parallel_topk_logprobs(
         ids (..., k) global ids, log-probs (..., k) = a_id - L, sorted by log-prob descending,
         ties by the lower id; with ``top_p`` also support_mask (..., k), True = a real entry:
         the smallest prefix whose mass reaches ``top_p`` (an entry is kept while the mass
-        before it is below top_p), the rest False (padding; their ids and log-probs are still
-        the next candidates).
+        before it is below top_p), the rest masked as :func:`fk.topk_logprobs` masks them
+        (id -1, log-prob -inf).
 
-    Per row, each rank sends its shard's LSE l_r and its k best (a, global id) pairs (fewer
-    columns than k: the rest -inf): one all_gather of 2k + 1 float64 numbers (+ 2 for the layout
+    Per row, each rank finds its shard's LSE l_r and its k best (a, global id) pairs in one
+    pass (the kernel of :func:`fk.topk_logprobs`; fewer columns than k: the rest -inf) and
+    sends them: one all_gather of 2k + 1 float64 numbers (+ 2 for the layout
     check). Then L = LSE_r l_r, and the global top k of the W k candidates is exact (a shard's
     (k+1)-th entry is below k entries of its own). No gradient (the teacher's side).
     ``vocab_size``: only global columns below it take part. With one rank (or no process group)
@@ -102,18 +105,20 @@ def vocab_parallel_topk_logprobs(
         k: entries per row, 1 <= k <= V.
         temperature: T > 0.
         logit_scale, softcap: the logit transform (as the student's in
-            :func:`fk.sparse_divergence`).
-        top_p: None, or the nucleus mass in (0, 1] that sets support_mask (returned then).
+            :func:`fk.sparse_divergence`; None: none).
+        top_p: None, or the nucleus mass in (0, 1] that sets support_mask.
         ids_dtype: int32 (the default, what offline stores keep) or int64.
-        logprobs_dtype: float32, bfloat16, float16 or float64.
+        logprobs_dtype: float32, bfloat16, float16 or float64; None: float32 (float64 for
+            float64 logits).
         vocab_size: the tokenizer's size when the vocabulary is padded.
         vocab_start: this rank's first global vocabulary id (required with several ranks).
         group: the process group the vocabulary is split over (None: the default group).
+        backend: the local kernel's backend ("auto", "triton", "cpu" or "torch").
 
     Returns:
-        (ids, logprobs), or (ids, logprobs, support_mask) when ``top_p`` is given.
+        :class:`fk.TopKLogprobs` (ids, logprobs, support_mask), support_mask None without
+        ``top_p``.
     """
-    # When the single-process fk.topk_logprobs lands, _local_topk becomes its call on the shard.
     no_dtensor("logits_shard", logits_shard)
     world, _ = _comm.world(group)
     vocab_start = _shards.check_vocab_start(vocab_start)
@@ -122,21 +127,16 @@ def vocab_parallel_topk_logprobs(
         _shards.check_shard("logits_shard", logits_shard)
     k = _check_k(k)
     inv_t = V.check_temperature(temperature, logits_shard.dtype)
-    transform = check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
-    if top_p is not None:
-        top_p = V.check_real("top_p", top_p, positive=True)
-        if top_p > 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if ids_dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"ids_dtype must be torch.int32 or torch.int64, got {ids_dtype}")
-    if logprobs_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise TypeError(f"logprobs_dtype must be a floating point dtype, got {logprobs_dtype}")
+    transform = check_scale(logit_scale, softcap)
+    top_p = check_top_p(top_p)
+    ids_dtype, lp_dtype = check_out_dtypes(ids_dtype, logprobs_dtype,
+                                           V.loss_dtype(logits_shard.dtype))
     start, width = _shards.resolve_width("logits_shard", logits_shard.shape[-1], vocab_start,
                                  vocab_size, world)
     lead = logits_shard.shape[:-1]
     with torch.no_grad():
-        x = _shards.rows(logits_shard.detach()[..., :width])
-        lse, vals, ids = _local_topk(x, k, inv_t, transform, start)
+        x = _shards.rows(logits_shard.detach()[..., :width]).contiguous()
+        lse, vals, ids = _local_topk(x, k, inv_t, transform, start, backend)
         if world == 1:
             total, L, cand_v, cand_i = width, lse, vals, ids
         else:
@@ -151,12 +151,8 @@ def vocab_parallel_topk_logprobs(
         if k > total:
             raise ValueError(f"k={k} is more than the vocabulary V={total}")
         top_v, top_i = _order(cand_v, cand_i, k)
-        lp = top_v - L[:, None]
-        out_ids = top_i.to(torch.int64).to(ids_dtype).reshape(*lead, k)
-        out_lp = lp.to(logprobs_dtype).reshape(*lead, k)
-        if top_p is None:
-            return out_ids, out_lp
-        return out_ids, out_lp, top_p_mask(lp, top_p).reshape(*lead, k)
+        lp = torch.where(L[:, None] == float("-inf"), top_v, top_v - L[:, None])
+        return finish(top_i.to(torch.int64), lp, lead, top_p, ids_dtype, lp_dtype)
 
 
 __all__ = ["vocab_parallel_topk_logprobs"]
