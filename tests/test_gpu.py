@@ -23,6 +23,7 @@ from reference import (
     softmax_stats_rows,
     sparse_divergence_with_grads,
     sparse_teacher,
+    topk_logprobs_rows,
 )
 
 import fdiv_kernels as fk
@@ -38,6 +39,7 @@ def gpu_backends(op: str) -> list[str]:
 DIV_BACKENDS = gpu_backends("divergence_fwd")
 STATS_BACKENDS = gpu_backends("softmax_stats_fwd")
 SPARSE_BACKENDS = gpu_backends("sparse_divergence_fwd")
+TOPK_BACKENDS = gpu_backends("topk_logprobs_fwd")
 # (rows, V): V = 1, odd small V, and V past one CTA's share of a 16-CTA cluster (not a multiple).
 SHAPES = [(1, 1), (3, 17), (2, 3, 129), (1, 128256 + 37), (4, 262144 - 5)]
 
@@ -315,3 +317,36 @@ def test_sparse_divergence_on_gpu_matches_reference(backend, tail, dtype, shape,
         assert_close(loss.cpu(), ref, LOSS_TOL[dtype], f"{backend} {kind} loss")
         assert_close(sd.grad.cpu(), gs, GRAD_TOL[dtype], f"{backend} {kind} student grad")
         assert_close(lpd.grad.cpu(), gt, GRAD_TOL[torch.float32], f"{backend} {kind} teacher grad")
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,k", [((1, 1), 1), ((3, 129), 7), ((2, 128256 + 37), 64),
+                                     ((4, 262144 - 5), 100)], ids=str)
+def test_topk_logprobs_on_gpu_matches_reference(backend, dtype, shape, k):
+    """The teacher's top-k on the GPU kernel: the k log-probs (sorted) against float64, the ids
+    where they sit (a near-tie may order two ids either way after rounding), int32 ids, the
+    top_p mask, and the fused form from hidden states."""
+    seed = zlib.crc32(repr((dtype, shape, k)).encode())
+    x = logits(shape, dtype, seed=seed)
+    for T, cap, top_p in [(1.0, None, None), (0.7, 5.0, 0.9)]:
+        _, ref_lp, _ = topk_logprobs_rows(x.double(), k, T, 1.0, cap, top_p)
+        out = fk.topk_logprobs(x.to(DEV), k, temperature=T, softcap=cap, top_p=top_p,
+                               backend=backend)
+        assert out.ids.dtype == torch.int32
+        full = torch.log_softmax(topk_transform(x.double(), cap) / T, -1)
+        real = out.support_mask.cpu() if top_p is not None else torch.ones(*shape[:-1], k,
+                                                                          dtype=torch.bool)
+        got = out.logprobs.cpu().double()
+        assert_close(got[real], ref_lp[real], LOSS_TOL[torch.float32], f"{backend} log-probs")
+        at_ids = full.gather(-1, out.ids.cpu().long().clamp_min(0))
+        assert_close(got[real], at_ids[real], LOSS_TOL[torch.float32], f"{backend} ids")
+    h = logits((37, 64), dtype, seed=seed + 1).to(DEV)
+    w = logits((shape[-1], 64), dtype, seed=seed + 2, scale=0.2).to(DEV)
+    fused = fk.fused_linear_topk_logprobs(h, w, k, backend=backend)
+    want = fk.topk_logprobs(h.float() @ w.float().T, k, backend=backend)
+    assert_close(fused.logprobs.cpu(), want.logprobs.cpu(), (1e-4, 1e-4), f"{backend} fused")
+
+
+def topk_transform(x, cap):
+    return x if cap is None else cap * torch.tanh(x / cap)
