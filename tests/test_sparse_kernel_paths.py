@@ -80,7 +80,7 @@ def test_fused_chunks_from_the_budget():
     otherwise), then equal chunks; never 0 rows, never more rows than there are."""
     v = 32000
     one = CPU_CHUNK_BYTES // (4 * v)
-    assert cpu_chunk_rows(1024, v, 1) == 256  # 1024 rows at a 262-row budget: 4 x 256
+    assert cpu_chunk_rows(1024, v, 1, 32 << 20) == 256  # at a 262-row budget: 4 x 256
     assert cpu_chunk_rows(100, v, 1) == 100
     assert cpu_chunk_rows(1024, v, 2) <= one // 2
     assert cpu_chunk_rows(5, 10**9, 2) == 1

@@ -27,12 +27,13 @@ from fdiv_kernels.kinds._registry import resolve
 # (the logits, reused, and the kernel's gradient). The rows come from the budget, not a fixed
 # small chunk: every chunk re-reads W for its logits and dh GEMMs and re-writes the fp32 dW
 # accumulator, and a GEMM of a few dozen rows runs far below the GEMM rate. At N=1024, H=256,
-# V=32000 (fp32, 2 threads) 256-row chunks in place ran at 1.3x+ eager's speed with a peak of
-# 0.2x eager's (bench/results/2026-12-07-cpu-2t-sparse-forms.md); the earlier 8 MiB buffers
-# (65 rows, two buffers) ran at 0.65-0.9x. glibc keeps freed blocks under its mmap threshold
-# (at most 32 MiB) resident, so two 16 MiB buffers cost more than their size (111 MiB peak at
-# 128 rows against 65 MiB for one 32 MiB buffer).
-CPU_CHUNK_BYTES = 32 << 20
+# V=32000 (fp32, 2 shared threads, interleaved, speed against eager / peak against eager's):
+# 256-row chunks in place 1.28x / 0.17x, 342 rows (this budget: 3 equal chunks) 1.38x / 0.20x,
+# 512 rows 1.56x / 0.26x; the earlier 8 MiB budget (65 rows, two buffers) 0.73x / 0.17x
+# (bench/results/2026-12-07-cpu-2t-sparse-forms.md). glibc keeps freed blocks under its mmap
+# threshold (at most 32 MiB) resident, so two 16 MiB buffers cost more than their size (111 MiB
+# peak at 128 rows against 65 MiB for one 32 MiB buffer).
+CPU_CHUNK_BYTES = 48 << 20
 
 
 def _run(a: dict, head: E.Head, lp: Tensor, row_weights: Tensor, grad_t: bool
@@ -97,8 +98,8 @@ def in_place_gradient(ops: SoftmaxOps, ce_weight: float) -> bool:
 
 def cpu_chunk_rows(m: int, vocab: int, buffers: int, budget: int = CPU_CHUNK_BYTES) -> int:
     """Rows per chunk on the CPU: ``buffers`` fp32 (chunk, vocab) buffers within ``budget``
-    bytes, the m rows then split into equal chunks (1024 rows at a 262-row budget: 4 x 256, not
-    3 x 262 + 238)."""
+    bytes, the m rows then split into equal chunks (1024 rows at a 393-row budget: 3 x 342, not
+    2 x 393 + 238)."""
     cap = max(1, budget // (buffers * 4 * max(vocab, 1)))
     if m <= cap:
         return max(1, m)
@@ -180,7 +181,7 @@ def fused_linear_sparse_divergence(
     (the cross-entropy part, with ``ce_weight``, sees the transformed logits too).
     Logits are formed in fp32; gradients (hidden, weight, bias, and ``teacher_logprobs`` when it
     requires grad) accumulate in fp32 and return in each input's dtype. ``chunk_size`` rows are
-    processed at a time (default: from a memory budget, 32 MiB of (chunk, V) fp32 buffers on the
+    processed at a time (default: from a memory budget, 48 MiB of (chunk, V) fp32 buffers on the
     CPU, one buffer when the kernel writes the gradient over the logits and two with
     ``ce_weight``, then equal chunks). With a scalar reduction the gradients are computed in the
     forward and handed out by the backward, once (a second backward through the same graph
