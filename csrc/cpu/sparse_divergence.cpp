@@ -224,7 +224,8 @@ FDIV_INLINE void lse_and_off_support(const T* x, const uint8_t* mark, T scale, i
     T shift;  // e[j] = exp(scale x[j] - shift)
     lse_blocks<true>(x + j0, scale, len, acc, e, &shift);
     if (acc.m == kNegInf) continue;  // nothing finite yet: e is 0
-    if (acc.m != before) off *= std::exp(static_cast<double>(before) - static_cast<double>(acc.m));
+    if (acc.m != before)
+      off *= std::exp(static_cast<double>(before) - static_cast<double>(acc.m));
     const uint8_t* mb = mark + j0;
     T bo = 0;
 #pragma omp simd reduction(+ : bo)
