@@ -80,6 +80,12 @@ TORCH_LIBRARY_FRAGMENT(fdiv, m) {
       "float teacher_alpha, float mass_slack, float logit_scale, float softcap, "
       "bool grad_student, bool grad_teacher) "
       "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor stats)");
+  // The forward writing the student gradient over the student logits (the fused form's chunk).
+  m.def(
+      "sparse_divergence_fwd_inplace_cpu(Tensor(a!) student, Tensor ids, Tensor teacher, "
+      "Tensor support, Tensor valid, int kind, bool swap, float param, float inv_temperature, "
+      "int tail, float teacher_alpha, float mass_slack, float logit_scale, float softcap, "
+      "bool grad_teacher) -> (Tensor loss, Tensor grad_teacher, Tensor stats)");
   m.def(
       "sparse_divergence_bwd_cpu(Tensor student, Tensor ids, Tensor teacher, Tensor support, "
       "Tensor valid, Tensor stats, Tensor grad_loss, int kind, bool swap, float param, "

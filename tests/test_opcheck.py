@@ -225,6 +225,11 @@ def _sparse_divergence_fwd(dev, backend):
     return out + [plain[:3] + (empty, empty) + plain[5:]]
 
 
+def _sparse_divergence_fwd_inplace(dev, backend):
+    # The forward's samples without grad_student (the gradient overwrites the student).
+    return [args[:14] + args[15:] for args in _sparse_divergence_fwd(dev, backend)]
+
+
 def _sparse_divergence_bwd(dev, backend):
     out = []
     for args in _sparse_divergence_fwd(dev, backend):
@@ -274,6 +279,7 @@ SAMPLES = {
     "sinkhorn_unrolled_fwd": _sinkhorn_unrolled_fwd,
     "sinkhorn_unrolled_bwd": _sinkhorn_unrolled_bwd,
     "sparse_divergence_fwd": _sparse_divergence_fwd,
+    "sparse_divergence_fwd_inplace": _sparse_divergence_fwd_inplace,
     "sparse_divergence_bwd": _sparse_divergence_bwd,
     "topk_logprobs_fwd": _topk_logprobs_fwd,
 }

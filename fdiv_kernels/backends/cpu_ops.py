@@ -19,6 +19,7 @@ register(SoftmaxOps(
     divergence_fwd=fdiv.divergence_fwd_cpu,
     lse_combination_fwd=fdiv.lse_combination_fwd_cpu,
     sparse_divergence_fwd=fdiv.sparse_divergence_fwd_cpu,
+    sparse_divergence_fwd_inplace=fdiv.sparse_divergence_fwd_inplace_cpu,
     sparse_divergence_bwd=fdiv.sparse_divergence_bwd_cpu,
     softmax_stats_fwd=fdiv.softmax_stats_fwd_cpu,
     softmax_stats_bwd=fdiv.softmax_stats_bwd_cpu,

@@ -44,8 +44,8 @@ LOGPROBS_SHAPES = {"cpu": [(4096, 256, 32000)], "cuda": [(8192, 4096, 128256)]}
 OPS = ("divergence", "softmax_stats", "fused_linear", "fused_linear_masked",
        "fused_linear_logprobs", "sinkhorn", "sinkd", "sparse_divergence", "topk_logprobs")
 # Sparse teacher: (N, V) with K = 64 ids per row, and the fused form at (N, H, V); the CPU targets
-# are stated at N=1024, V=128256 and N=1024, H=256, V=32000.
-SPARSE_SHAPES = {"cpu": [(1024, 128256)], "cuda": [(8192, 128256)]}
+# are stated at N=64 and 1024, V=128256 and N=1024, H=256, V=32000.
+SPARSE_SHAPES = {"cpu": [(64, 128256), (1024, 128256)], "cuda": [(8192, 128256)]}
 SPARSE_K = 64
 # The teacher's side (fk.topk_logprobs, K = SPARSE_K) at (N, V), and its fused form at (N, H, V);
 # the CPU targets are stated at 1024 x 128256, K = 64.

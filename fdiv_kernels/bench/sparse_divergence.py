@@ -32,22 +32,31 @@ def eager_sparse_kl(logits, ids, lp, tail="bucket"):
 
 
 def sparse_divergence_cases(shapes, k, dtype, device, peers=("eager",), backends=None,
-                            tails=("bucket",)):
+                            tails=("bucket",), supports=("random", "own-topk")):
+    """``supports``: "random", K ids drawn at random (the support holds a sliver of the
+    student's mass); "own-topk", a peaked student (about 98% of its mass on K columns per
+    row, as a trained LM's) and its own top-k ids (self-distillation, or a teacher close to the
+    student), where the "bucket" tail is taken from the off-support columns."""
     cases = []
     probe = torch.empty(1, dtype=dtype, device=device)
     es = probe.element_size()
     ours = our_backends("sparse_divergence_fwd", probe, backends)
     for n, v in shapes:
-        for tail in tails:
+        for tail, support in ((t, s) for t in tails for s in supports):
             # read x (LSE), read x + write dx (gradient); the K-wide teacher is negligible.
-            case = Case(f"sparse_divergence:kl:{tail}", "full", (n, v, k), dtype, device,
-                        3 * n * v * es)
+            name = f"sparse_divergence:kl:{tail}" + (":own-topk" if support != "random"
+                                                      else "")
+            case = Case(name, "full", (n, v, k), dtype, device, 3 * n * v * es)
 
-            def setup(fn, n=n, v=v):
+            def setup(fn, n=n, v=v, support=support):
                 def make():
                     g = torch.Generator().manual_seed(0)
-                    x = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=dtype)
+                    x = torch.randn(n, v, generator=g) * 2
                     ids, lp = _teacher(n, v, k, device, g)
+                    if support != "random":
+                        x.scatter_add_(-1, ids.cpu(), torch.full(ids.shape, 12.0))
+                        ids = x.topk(k, dim=-1).indices.to(device)
+                    x = x.to(device=device, dtype=dtype)
                     labels = ids[:, 0].contiguous()
                     x.requires_grad_(True)
 

@@ -49,6 +49,12 @@ def fake_sparse_divergence_fwd(student: Tensor, ids: Tensor, *args) -> tuple[Ten
     return _rows(student), gs, gt, student.new_empty(student.shape[0], 2, dtype=ctype)
 
 
+def fake_sparse_divergence_fwd_inplace(student: Tensor, ids: Tensor, *args
+                                       ) -> tuple[Tensor, ...]:
+    loss, _, gt, stats = fake_sparse_divergence_fwd(student, ids, *args, False, args[-1])
+    return loss, gt, stats
+
+
 def fake_sparse_divergence_bwd(student: Tensor, *args) -> Tensor:
     return torch.empty_like(student)
 
@@ -78,6 +84,7 @@ FAKES = {
     "divergence_grads": fake_divergence_grads,
     "lse_combination_fwd": fake_lse_combination_fwd,
     "sparse_divergence_fwd": fake_sparse_divergence_fwd,
+    "sparse_divergence_fwd_inplace": fake_sparse_divergence_fwd_inplace,
     "sparse_divergence_bwd": fake_sparse_divergence_bwd,
     "softmax_stats_fwd": fake_softmax_stats_fwd,
     "softmax_stats_bwd": fake_softmax_stats_bwd,

@@ -15,6 +15,8 @@ Signatures (every backend's op of a field takes the same arguments; the fakes in
     divergence_partials / divergence_grads: the phases of a vocabulary-sharded divergence
     lse_combination_fwd: the row kinds' weighted log-sum-exps (``divergences._row_kinds``)
     sparse_divergence_fwd / _bwd: the top-k teacher (``divergences._sparse``)
+    sparse_divergence_fwd_inplace: the forward with the student gradient written over the
+        student logits (the fused form's chunk buffer; optional, cpu only)
     softmax_stats_fwd / _bwd: lse, entropy, label log-prob (``stats._softmax``)
     topk_logprobs_fwd: a row's top-k transformed logits and (max, log-sum) (``stats._topk``)
 """
@@ -57,6 +59,11 @@ SCHEMAS = {
         "float mass_slack, float logit_scale, float softcap, bool grad_student, "
         "bool grad_teacher) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher, "
         "Tensor stats)",
+    "sparse_divergence_fwd_inplace":
+        "(Tensor(a!) student, Tensor ids, Tensor teacher, Tensor support, Tensor valid, "
+        "int kind, bool swap, float param, float inv_temperature, int tail, "
+        "float teacher_alpha, float mass_slack, float logit_scale, float softcap, "
+        "bool grad_teacher) -> (Tensor loss, Tensor grad_teacher, Tensor stats)",
     "sparse_divergence_bwd":
         "(Tensor student, Tensor ids, Tensor teacher, Tensor support, Tensor valid, "
         "Tensor stats, Tensor grad_loss, int kind, bool swap, float param, "
@@ -99,6 +106,7 @@ class SoftmaxOps:
     divergence_grads: Optional[Callable] = None
     lse_combination_fwd: Optional[Callable] = None
     sparse_divergence_fwd: Optional[Callable] = None
+    sparse_divergence_fwd_inplace: Optional[Callable] = None
     sparse_divergence_bwd: Optional[Callable] = None
     softmax_stats_fwd: Optional[Callable] = None
     softmax_stats_bwd: Optional[Callable] = None

@@ -22,12 +22,18 @@ from fdiv_kernels.fused_linear import _engine as E
 from fdiv_kernels.fused_linear._dense import _cross_entropy
 from fdiv_kernels.kinds._registry import resolve
 
-# CPU rows per chunk: two (chunk, V) fp32 buffers of at most this size (the logits, reused, and
-# the kernel's gradient). glibc keeps freed blocks under its mmap threshold resident, so larger
-# chunks cost more than their size: at N=1024, H=256, V=32000 the peak was 113-142 MiB with
-# 16 MiB buffers (131 rows), 72-80 MiB with 8 MiB (64 rows, 1.2x the time), against 376 MiB for
-# eager (fused ``bench/results/2026-12-02-cpu-2t-sparse-divergence-v2.md``).
-CPU_CHUNK_BYTES = 8 << 20
+# CPU memory budget of one chunk's (chunk, V) fp32 buffers, all of them together: one when the
+# kernel writes the gradient over the chunk's logits (the cpu backend, no ce_weight), else two
+# (the logits, reused, and the kernel's gradient). The rows come from the budget, not a fixed
+# small chunk: every chunk re-reads W for its logits and dh GEMMs and re-writes the fp32 dW
+# accumulator, and a GEMM of a few dozen rows runs far below the GEMM rate. At N=1024, H=256,
+# V=32000 (fp32, 2 shared threads, interleaved, speed against eager / peak against eager's):
+# 256-row chunks in place 1.28x / 0.17x, 342 rows (this budget: 3 equal chunks) 1.38x / 0.20x,
+# 512 rows 1.56x / 0.26x; the earlier 8 MiB budget (65 rows, two buffers) 0.73x / 0.17x
+# (bench/results/2026-12-07-cpu-2t-sparse-forms.md). glibc keeps freed blocks under its mmap
+# threshold (at most 32 MiB) resident, so two 16 MiB buffers cost more than their size (111 MiB
+# peak at 128 rows against 65 MiB for one 32 MiB buffer).
+CPU_CHUNK_BYTES = 48 << 20
 
 
 def _run(a: dict, head: E.Head, lp: Tensor, row_weights: Tensor, grad_t: bool
@@ -44,12 +50,18 @@ def _run(a: dict, head: E.Head, lp: Tensor, row_weights: Tensor, grad_t: bool
     mask, valid = a["mask"], a["valid"]
     loss = hs.new_empty(n, dtype=acc)
 
+    in_place = grad_s and in_place_gradient(ops, ce_w)
+
     def step(rows: slice, z: dict) -> dict:
         z = z["s"]
-        div, gz, gt, _ = ops.sparse_divergence_fwd(
-            z, a["ids"][rows], lp[rows], mask[rows] if mask.numel() else mask,
-            valid[rows] if valid.numel() else valid, spec.base, spec.swap, spec.param,
-            a["inv_t"], a["tail"], a["alpha"], a["slack"], scale, cap, grad_s, grad_t)
+        teacher = (a["ids"][rows], lp[rows], mask[rows] if mask.numel() else mask,
+                   valid[rows] if valid.numel() else valid, spec.base, spec.swap, spec.param,
+                   a["inv_t"], a["tail"], a["alpha"], a["slack"], scale, cap)
+        if in_place:  # the chunk's logits (the engine's buffer) become its gradient
+            div, gt, _ = ops.sparse_divergence_fwd_inplace(z, *teacher, grad_t)
+            gz = z
+        else:
+            div, gz, gt, _ = ops.sparse_divergence_fwd(z, *teacher, grad_s, grad_t)
         w_rows = row_weights[rows, None]
         loss[rows] = div
         gce = None
@@ -75,6 +87,23 @@ def _run(a: dict, head: E.Head, lp: Tensor, row_weights: Tensor, grad_t: bool
     grads = E.run({"s": head}, n, a["chunk"], step, keep=valid if valid.numel() else None,
                   acc=acc, reuse_logits=("s",), fixed=a["fixed"])
     return loss, grads, gt_all
+
+
+def in_place_gradient(ops: SoftmaxOps, ce_weight: float) -> bool:
+    """Whether the kernel can write the student gradient over the chunk's logits: the backend
+    has the in-place op and nothing reads the logits after it (the cross-entropy part does)."""
+    return (ops.sparse_divergence_fwd_inplace is not None and not ce_weight
+            and not torch.compiler.is_compiling())
+
+
+def cpu_chunk_rows(m: int, vocab: int, buffers: int, budget: int = CPU_CHUNK_BYTES) -> int:
+    """Rows per chunk on the CPU: ``buffers`` fp32 (chunk, vocab) buffers within ``budget``
+    bytes, the m rows then split into equal chunks (1024 rows at a 393-row budget: 3 x 342, not
+    2 x 393 + 238)."""
+    cap = max(1, budget // (buffers * 4 * max(vocab, 1)))
+    if m <= cap:
+        return max(1, m)
+    return -(-m // -(-m // cap))
 
 
 class FusedLinearSparseDivergenceFunction(torch.autograd.Function):
@@ -152,9 +181,11 @@ def fused_linear_sparse_divergence(
     (the cross-entropy part, with ``ce_weight``, sees the transformed logits too).
     Logits are formed in fp32; gradients (hidden, weight, bias, and ``teacher_logprobs`` when it
     requires grad) accumulate in fp32 and return in each input's dtype. ``chunk_size`` rows are
-    processed at a time (default: from a memory budget, two (chunk, V) fp32 buffers of 8 MiB on
-    the CPU). With a scalar reduction the gradients are computed in the forward and handed out
-    by the backward, once (a second backward through the same graph raises).
+    processed at a time (default: from a memory budget, 48 MiB of (chunk, V) fp32 buffers on the
+    CPU, one buffer when the kernel writes the gradient over the logits and two with
+    ``ce_weight``, then equal chunks). With a scalar reduction the gradients are computed in the
+    forward and handed out by the backward, once (a second backward through the same graph
+    raises).
     ``vocab_size``: the tokenizer's size when ``student_weight`` is padded to more rows (only
     the first ``vocab_size`` rows take part, their padding rows get exactly zero gradient).
     ``batch_invariant=True``: every chunk GEMM runs at one fixed row block (the last chunk
@@ -190,17 +221,18 @@ def fused_linear_sparse_divergence(
                                       "student_softcap", student_softcap)
     ce_w = E.check_ce_weight(ce_weight, labels)
     acc = torch.promote_types(hs.dtype, torch.float32)
+    probe = torch.empty(0, dtype=torch.float32, device=hs.device)
+    ops = select_ops(backend, probe, "sparse_divergence_fwd", spec.base, transform)
+    buffers = 1 if in_place_gradient(ops, ce_w) else 2
     plan = E.rows(lead, hs.device, acc, labels=labels, ignore_index=ignore_index,
                   reduction=reduction, num_items_in_batch=num_items_in_batch,
                   chunk_size=chunk_size, vocab=vocab,
-                  chunk_of=lambda m: (max(1, min(m, CPU_CHUNK_BYTES // (4 * max(vocab, 1))))
+                  chunk_of=lambda m: (cpu_chunk_rows(m, vocab, buffers)
                                       if hs.device.type == "cpu"
                                       else E.default_chunk_size(m, vocab, hs.device)),
                   batch_invariant=batch_invariant)
     if ce_w:
         E.check_label_range(plan.labels, vocab, ignore_index)
-    probe = torch.empty(0, dtype=torch.float32, device=hs.device)
-    ops = select_ops(backend, probe, "sparse_divergence_fwd", spec.base, transform)
     if ce_w and not ops.provides("softmax_stats_fwd"):
         raise ValueError(f"ce_weight > 0 needs the softmax statistics op, which the {ops.name} "
                          "backend lacks")
