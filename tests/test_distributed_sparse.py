@@ -468,6 +468,36 @@ def fused_dense_batch_invariant(rank, world, ck):
 # ------------------------------------------------------------------------------------------
 
 
+@case(3, 4)
+def fused_default_chunks_agree(rank, world, ck):
+    """Without chunk_size each rank's budget chunk follows its shard width (world 3 has an empty
+    shard): the fused TP forms agree on the smallest, so their per-chunk collectives pair up.
+    A budget of ~40 elements per chunk makes the widths' chunks differ here."""
+    import fdiv_kernels.distributed._fused_linear_sparse_tp as sparse_tp
+    import fdiv_kernels.fused_linear._engine as engine
+
+    c = cols(rank, world)
+    h, w, b = head(900)
+    ids, lp, mask = teacher(901)
+    budget = lambda m, vocab, *rest: max(1, min(m, 40 // max(vocab, 1)))  # noqa: E731
+    saved = (sparse_tp.cpu_chunk_rows, engine.default_chunk_size)
+    sparse_tp.cpu_chunk_rows, engine.default_chunk_size = budget, budget
+    try:
+        out = fkd.vocab_parallel_fused_linear_sparse_divergence(
+            leaf(h), leaf(w[c]), ids, lp, "js", support_mask=mask, vocab_start=c.start,
+            reduction="none")
+        dense = fkd.vocab_parallel_fused_linear_divergence(
+            leaf(h), leaf(w[c]), leaf(h), leaf(w[c].flip(1)), "js", vocab_start=c.start,
+            reduction="none")
+    finally:
+        sparse_tp.cpu_chunk_rows, engine.default_chunk_size = saved
+    ref = fk.fused_linear_sparse_divergence(h, w, ids, lp, "js", support_mask=mask,
+                                            reduction="none")
+    ref_dense = fk.fused_linear_divergence(h, w, h, w.flip(1), "js", reduction="none")
+    ck.close(out, ref, TOL, "fused sparse, default chunks")
+    ck.close(dense, ref_dense, TOL, "fused dense, default chunks")
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -27,7 +27,7 @@ from fdiv_kernels.distributed._vocab_sparse import (
     setup,
 )
 from fdiv_kernels.fused_linear import _engine as E
-from fdiv_kernels.fused_linear._sparse import CPU_CHUNK_BYTES, fused_linear_sparse_divergence
+from fdiv_kernels.fused_linear._sparse import cpu_chunk_rows, fused_linear_sparse_divergence
 
 
 def _run(a: dict, head: E.Head, lp: Tensor | None, row_weights: Tensor, grad_t: bool,
@@ -177,8 +177,9 @@ def vocab_parallel_fused_linear_sparse_divergence(
     column, dc_off exp(a_j - L_off) f'/T elsewhere, and dW += dz^T h, db += sum dz,
     dh += dz W_r.
 
-    Collectives per forward: one all_gather of (K + 1) c floats per chunk of c rows (+ 2 for the
-    layout in the first), then, for a scalar reduction with ``reduce_hidden_grad``, one
+    Collectives per forward: without ``chunk_size``, one all_gather of one number first (the
+    ranks take the smallest of their budget chunks, which follow each shard's width); one
+    all_gather of (K + 1) c floats per chunk of c rows (+ 2 for the layout in the first), then, for a scalar reduction with ``reduce_hidden_grad``, one
     all_reduce of the (N, H) hidden gradient. Backward: none for scalar reductions; with
     ``reduction="none"`` the chunks are recomputed from the saved compact gradients (K + 2 floats
     a row) and only the dh all_reduce runs there. One rank: exactly the single-process op.
@@ -237,10 +238,11 @@ def vocab_parallel_fused_linear_sparse_divergence(
     plan = E.rows(lead, hs.device, acc, labels=labels, ignore_index=ignore_index,
                   reduction=reduction, num_items_in_batch=num_items_in_batch,
                   chunk_size=chunk_size, vocab=max(width, 1), pack=False,
-                  chunk_of=lambda m: (max(1, min(m, CPU_CHUNK_BYTES // (4 * max(width, 1))))
+                  chunk_of=lambda m: (cpu_chunk_rows(m, max(width, 1), 2)
                                       if hs.device.type == "cpu"
                                       else E.default_chunk_size(m, width, hs.device)),
                   batch_invariant=batch_invariant)
+    plan = _shards.agree_chunk(plan, chunk_size, group, world)
     args = {"cfg": cfg, "ids": ids, "mask": mask, "keep": plan.keep_mask(),
             "support": Support(ids, mask, start, width), "chunk": plan.chunk,
             "fixed": plan.fixed, "group": group, "world": world,

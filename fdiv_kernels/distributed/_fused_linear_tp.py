@@ -176,7 +176,9 @@ def vocab_parallel_fused_linear_divergence(
     ``reduce_hidden_grad=True`` the full gradient (summed over ranks here); with False this
     rank's partial z_r-gradient times W_r, for a caller whose region op sums it in backward.
 
-    Collectives per forward, per chunk of c rows: an all_gather of 2c floats and an all_reduce of
+    Collectives per forward: without ``chunk_size``, one all_gather of one number first (the
+    ranks take the smallest of their budget chunks, which follow each shard's width); per chunk
+    of c rows, an all_gather of 2c floats and an all_reduce of
     1-3 c floats (as :func:`vocab_parallel_divergence`), then, for a scalar ``reduction`` with
     ``reduce_hidden_grad``, one all_reduce of the (N, H) hidden gradient of each model that needs
     one. Backward: none for scalar reductions (the gradients are formed in the forward); with
@@ -263,6 +265,7 @@ def vocab_parallel_fused_linear_divergence(
                   reduction=reduction, num_items_in_batch=num_items_in_batch,
                   chunk_size=chunk_size, vocab=max(ws.shape[0], 1), pack=False,
                   batch_invariant=batch_invariant)
+    plan = _shards.agree_chunk(plan, chunk_size, group, world)
     n = plan.n
     keep = plan.keep_mask()
     local_labels = torch.full((n,), -1, dtype=torch.long, device=hs.device)

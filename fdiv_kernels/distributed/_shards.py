@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -173,3 +174,15 @@ def check_layout(layout: list[tuple[int, int]]) -> None:
                              f"id {min(start, expected)}): {ranges}; check each rank's "
                              "vocab_start")
         expected = start + width
+
+
+def agree_chunk(plan, chunk_size: object, group, world: int):
+    """The fused TP forms' row plan with one chunk for every rank. Their collectives pair up only
+    if every rank runs the same chunks, but the budget's chunk follows this rank's shard width
+    (uneven or empty shards differ): without a ``chunk_size``, the smallest over the ranks (one
+    all_gather of one number; none with one rank or a given ``chunk_size``)."""
+    if world == 1 or chunk_size is not None:
+        return plan
+    mine = torch.tensor([plan.chunk], dtype=torch.int64, device=plan.weights.device)
+    chunk = int(_comm.all_gather(mine, group, world).min())
+    return dataclasses.replace(plan, chunk=chunk)
