@@ -202,10 +202,12 @@ def test_no_grad_saves_nothing():
     assert not out.logprobs.requires_grad
 
 
+@pytest.mark.parametrize("backend", available_backends("sparse_divergence_fwd"))
 @pytest.mark.parametrize("tail", ["bucket", "renormalize", "none"])
-def test_sparse_divergence_takes_the_outputs_as_they_are(tail):
-    """int32 ids, fp16 log-probs and the top_p mask go straight into fk.sparse_divergence: the
-    same loss (and student gradient) as with int64 / fp32 copies."""
+def test_sparse_divergence_takes_the_outputs_as_they_are(tail, backend):
+    """int32 ids, fp16 log-probs and the top_p mask go straight into fk.sparse_divergence (the
+    cpu and triton kernels read them in those dtypes): the same loss (and student gradient) as
+    with int64 / fp32 copies."""
     teacher = logits((2, 3, 120), seed=13, scale=3.0)
     out = fk.topk_logprobs(teacher, 16, top_p=0.95, temperature=2.0,
                            logprobs_dtype=torch.float16)
@@ -213,11 +215,11 @@ def test_sparse_divergence_takes_the_outputs_as_they_are(tail):
     student = logits((2, 3, 120), seed=14)
     labels = torch.tensor([[1, -100, 3], [4, 5, -100]])
     s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
-    loss = fk.sparse_divergence(s1, out.ids, out.logprobs, "kl", tail=tail,
+    loss = fk.sparse_divergence(s1, out.ids, out.logprobs, "kl", tail=tail, backend=backend,
                                 support_mask=out.support_mask, labels=labels, temperature=2.0)
     ref = fk.sparse_divergence(s2, out.ids.long(), out.logprobs.float(), "kl", tail=tail,
                                support_mask=out.support_mask.clone(), labels=labels,
-                               temperature=2.0)
+                               temperature=2.0, backend=backend)
     torch.testing.assert_close(loss, ref)
     loss.backward()
     ref.backward()
@@ -317,3 +319,21 @@ def test_rows_longer_than_a_cpu_block(backend, k):
     x[2, ::2] = 1.0  # 4501 ties of the largest value
     out = fk.topk_logprobs(x, k, backend=backend)
     _check(out, x, k, exact_ids=True)
+
+
+@pytest.mark.skipif("cpu" not in available_backends("sparse_divergence_fwd"),
+                    reason="needs the C++ extension")
+def test_cpu_kernel_reads_int32_ids_and_fp16_logprobs():
+    """The C++ op itself takes the stored dtypes (nothing converts them before it)."""
+    student = logits((3, 50), seed=16)
+    out = fk.topk_logprobs(logits((3, 50), seed=17), 6, logprobs_dtype=torch.float16)
+    empty = torch.empty(0, dtype=torch.bool)
+    from fdiv_kernels.core._ids import KL, TAIL_BUCKET
+
+    args = (KL, False, 0.0, 1.0, TAIL_BUCKET, 0.0, 1e-2, 1.0, 0.0, True, True)
+    got = torch.ops.fdiv.sparse_divergence_fwd_cpu(student, out.ids, out.logprobs, empty, empty,
+                                                   *args)
+    want = torch.ops.fdiv.sparse_divergence_fwd_cpu(student, out.ids.long(),
+                                                    out.logprobs.double(), empty, empty, *args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.to(a.dtype))

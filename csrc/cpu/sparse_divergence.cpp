@@ -221,7 +221,7 @@ FDIV_INLINE void lse_and_off_support(const T* x, const uint8_t* mark, T scale, i
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const int64_t len = std::min(kBlock, n - j0);
     const T before = acc.m;
-    T shift;  // e[j] = exp(scale x[j] - shift)
+    T shift = T(0);  // e[j] = exp(scale x[j] - shift); always written (len >= 1)
     lse_blocks<true>(x + j0, scale, len, acc, e, &shift);
     if (acc.m == kNegInf) continue;  // nothing finite yet: e is 0
     if (acc.m != before)
@@ -359,6 +359,29 @@ struct Args {
   const at::Tensor* grad_loss = nullptr;
 };
 
+// The teacher's (N, K) ids and log-probs in the dtypes offline stores keep them (int32 / int64
+// ids; fp16, bf16, fp32 or fp64 log-probs), read element by element into the row's int64 / double
+// buffers: O(K) a row, no converted copy of the inputs.
+struct TeacherInputs {
+  const void* ids;
+  bool ids32;
+  const void* lp;
+  at::ScalarType lp_type;
+
+  int64_t id(int64_t j) const {
+    return ids32 ? int64_t(static_cast<const int32_t*>(ids)[j])
+                 : static_cast<const int64_t*>(ids)[j];
+  }
+  double logprob(int64_t j) const {
+    switch (lp_type) {
+      case at::kDouble: return static_cast<const double*>(lp)[j];
+      case at::kFloat: return double(static_cast<const float*>(lp)[j]);
+      case at::kHalf: return double(float(static_cast<const at::Half*>(lp)[j]));
+      default: return double(float(static_cast<const at::BFloat16*>(lp)[j]));
+    }
+  }
+};
+
 template <class scalar_t, class T>
 void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
          const at::Tensor& support, const at::Tensor& valid, const Args& A, at::Tensor& loss,
@@ -367,8 +390,8 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t rows = x.size(0), n = x.size(1), K = ids.size(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const int64_t* idp = ids.const_data_ptr<int64_t>();
-  const double* lpp = lp.const_data_ptr<double>();
+  const TeacherInputs teacher{ids.const_data_ptr(), ids.scalar_type() == at::kInt,
+                              lp.const_data_ptr(), lp.scalar_type()};
   // Empty support / valid tensors: every entry real, every row kept.
   const bool* sp = support.numel() ? support.const_data_ptr<bool>() : nullptr;
   const bool* vp = valid.numel() ? valid.const_data_ptr<bool>() : nullptr;
@@ -398,10 +421,12 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
     const size_t nk = static_cast<size_t>(K);
     std::vector<T> lq(nk), h(nk), xs(nk);
     std::vector<double> raw(nk), fin(nk), kd(nk), gd(nk);
+    std::vector<int64_t> row_ids(nk);
     const std::vector<uint8_t> ones(sp ? 0 : size_t(K), 1);
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* xr = xp + i * n;
-      const int64_t* idr = idp + i * K;
+      for (int64_t k = 0; k < K; ++k) row_ids[size_t(k)] = teacher.id(i * K + k);
+      const int64_t* idr = row_ids.data();
       const bool* sr = sp ? sp + i * K : reinterpret_cast<const bool*>(ones.data());
       scalar_t* gr = gsp ? gsp + i * n : nullptr;
       T* gtr = gtp ? gtp + i * K : nullptr;
@@ -424,7 +449,7 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
       }
       if (!bwd) seen.clear();
       // 1. the teacher.
-      for (int64_t k = 0; k < K; ++k) raw[k] = sr[k] ? lpp[i * K + k] : 0.0;
+      for (int64_t k = 0; k < K; ++k) raw[k] = sr[k] ? teacher.logprob(i * K + k) : 0.0;
       TeacherRow tr;
       int64_t n_sup = 0;
       for (int64_t k = 0; k < K; ++k) n_sup += sr[k] ? 1 : 0;
@@ -582,7 +607,7 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
 void dispatch(const at::Tensor& x, const at::Tensor& id, const at::Tensor& teacher,
               const at::Tensor& sup, const at::Tensor& val, const Args& A, at::Tensor& loss,
               at::Tensor& gs, at::Tensor& gt, at::Tensor& stats) {
-  const at::Tensor lp = teacher.to(at::kDouble).contiguous();
+  const at::Tensor lp = teacher.contiguous();
   dispatch_logits(x.scalar_type(), [&]<class S, class T>() {
     run<S, T>(x, id, lp, sup, val, A, loss, gs, gt, stats);
   });
@@ -600,7 +625,8 @@ void check_inputs(const at::Tensor& student, const at::Tensor& ids, const at::Te
   const int64_t N = student.size(0);
   TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == N, "ids must be (", N, ", K), got ",
                     ids.sizes());
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                   "ids must be int64 or int32, got ", ids.scalar_type());
   TORCH_CHECK_TYPE(is_float(student.scalar_type()),
                    "student must be float32, float64, bfloat16 or float16, got ",
                    student.scalar_type());

@@ -198,6 +198,7 @@ def sparse_divergence_fwd_torch(
     ctype = loss_dtype(student.dtype)
     N, V = student.shape
     K = ids.shape[1]
+    ids = ids.long()  # torch's gather / scatter index in int64 (the spec may copy int32 ids)
     if support.numel() == 0:
         support = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     if valid.numel() == 0:

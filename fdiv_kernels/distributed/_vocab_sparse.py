@@ -67,7 +67,7 @@ class Support:
     the id (a real entry inside [vocab_start, vocab_start + width)) and its local column."""
 
     def __init__(self, ids: Tensor, mask: Tensor, vocab_start: int, width: int):
-        local = ids - vocab_start
+        local = ids.long() - vocab_start  # int64 columns for gather / scatter
         real = mask if mask.numel() else torch.ones_like(ids, dtype=torch.bool)
         self.owned = real & (local >= 0) & (local < width)
         self.cols = torch.where(self.owned, local, torch.zeros_like(local))

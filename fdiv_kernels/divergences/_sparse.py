@@ -151,7 +151,8 @@ def check_sparse_teacher(
             raise ValueError(f"{name} must be on the student's device {device}, got {t.device}")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {sorted(TAILS)}, got {tail!r}")
-    return (ids.reshape(n, k).to(torch.int64).contiguous(),
+    # int32 / int64 ids and 16-bit log-probs go to the kernels as they are (no (N, K) copy).
+    return (ids.reshape(n, k).contiguous(),
             teacher_logprobs.reshape(n, k).contiguous(), mask, TAILS[tail])
 
 
