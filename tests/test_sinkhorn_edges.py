@@ -233,11 +233,13 @@ def test_autocast_keeps_full_precision(backend):
                       backend="torch")
     with torch.autocast("cpu", torch.bfloat16):
         r = fk.sinkhorn(x=x, y=y, epsilon=0.2, tol=1e-6, max_iter=2000, backend=backend)
-        d = fk.sinkhorn_divergence(x, y, epsilon=0.2, backend=backend)
+        # The divergence only against itself outside autocast: 40 iterations are enough (three
+        # solves each, slow in the Triton interpreter).
+        d = fk.sinkhorn_divergence(x, y, epsilon=0.2, tol=1e-4, max_iter=40, backend=backend)
     assert r.value.dtype == torch.float32
     assert_close(r.value, ref.value, (2e-5, 1e-6), "value under autocast")
-    assert_close(d, fk.sinkhorn_divergence(x, y, epsilon=0.2, backend=backend), (1e-6, 1e-7),
-                 "divergence under autocast")
+    plain = fk.sinkhorn_divergence(x, y, epsilon=0.2, tol=1e-4, max_iter=40, backend=backend)
+    assert_close(d, plain, (1e-6, 1e-7), "divergence under autocast")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
