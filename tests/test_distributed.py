@@ -3,26 +3,19 @@
 Every rank builds the same full logits from a seed, takes its columns, runs the vocab-parallel
 op, and compares values and its slice of the gradients with the plain op on the full logits.
 Process start-up is the cost, so all cases of one world size run in ONE forked group of
-processes (``_run_world``), each case reported back as its own pytest item.
+processes (``spawned_ranks.Cases``), each case reported back as its own pytest item.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import socket
-import tempfile
-import traceback
-
 import pytest
+import spawned_ranks
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import GRAD_TOL, LOSS_TOL
-
-from helpers import assert_close, grad_tol
+from helpers import grad_tol
 from reference import divergence_with_grads, logits
+from spawned_ranks import Cases
 
 import fdiv_kernels as fk
 import fdiv_kernels.distributed as fkd
@@ -44,14 +37,8 @@ CUTS = {1: [0, 48], 2: [0, 17, 48], 3: [0, 20, 20, 48], 4: [0, 3, 20, 41, 48]}
 LABELS = torch.tensor([[0, 5, 18, 25], [40, 45, -100, -100]])
 LABELS_PADDED = torch.tensor([[0, 5, 18, 25], [40, 2, -100, -100]])  # no label on padding
 
-CASES: dict[str, tuple] = {}
-
-
-def case(*worlds):
-    def register(fn):
-        CASES[fn.__name__] = (fn, worlds)
-        return fn
-    return register
+CASES = Cases(lambda: Checks())  # the subclass below
+case = CASES.case
 
 
 def full_pair(pad: bool, seed: int = 0):
@@ -78,31 +65,14 @@ def leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_(True)
 
 
-class Checks:
-    """Comparisons that record failures and raise at the end of a case: a rank that stopped at
-    its first failure would desynchronize the collectives of the others."""
-
-    def __init__(self):
-        self.failures: list[str] = []
-
-    def close(self, actual, expected, tol, what):
-        try:
-            assert_close(actual, expected, tol, what)
-        except AssertionError as e:
-            self.failures.append(str(e))
-
-    def true(self, cond, what):
-        if not cond:
-            self.failures.append(what)
+class Checks(spawned_ranks.Checks):
+    """The shared checks plus the collectives a case issued."""
 
     def collectives(self, log, world, expected, what=""):
         """``expected``: [(op, shape)] of fp32 when world > 1, nothing otherwise."""
         got = [(c.op, c.shape, c.nbytes) for c in log]
         want = [(op, shape, 4 * torch.Size(shape).numel()) for op, shape in expected]
         self.true(got == (want if world > 1 else []), f"{what}: collectives {got}, expected {want}")
-
-    def done(self):
-        assert not self.failures, "\n".join(self.failures[:5])
 
 
 # ------------------------------------------------------------------------------------------
@@ -529,52 +499,9 @@ def data_parallel_num_items_in_batch(rank, world, ck):
 # ------------------------------------------------------------------------------------------
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        for name, (fn, worlds) in CASES.items():
-            if world not in worlds:
-                continue
-            try:
-                ck = Checks()
-                fn(rank, world, ck)
-                ck.done()
-                results[name] = None
-            except Exception:  # reported per case by the parent
-                results[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-
-
-_RESULTS: dict[int, list[dict]] = {}
-
-
-def _run_world(world: int) -> list[dict]:
-    if world not in _RESULTS:
-        with socket.socket() as sock:  # a free port on the loopback only
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        with tempfile.TemporaryDirectory() as out_dir:
-            # fork: the ranks inherit the imported modules (spawn re-imports torch per rank).
-            mp.start_processes(_worker, args=(world, port, out_dir), nprocs=world,
-                               start_method="fork")
-            _RESULTS[world] = []
-            for r in range(world):
-                with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-                    _RESULTS[world].append(json.load(f))
-    return _RESULTS[world]
-
-
-@pytest.mark.parametrize("world,name", [(w, n) for n, (_, ws) in CASES.items() for w in ws])
+@pytest.mark.parametrize("world,name", CASES.params())
 def test_vocab_parallel(world, name):
-    for rank, results in enumerate(_run_world(world)):
-        assert name in results, f"rank {rank} did not run {name}"
-        assert results[name] is None, f"rank {rank}/{world}:\n{results[name]}"
+    CASES.check(world, name)
 
 
 # ------------------------------------------------------------------------------------------

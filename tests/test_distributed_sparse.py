@@ -10,21 +10,12 @@ cost), each reported back as its own pytest item.
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import os
-import socket
-import tempfile
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from helpers import assert_close
 from reference import logits
+from spawned_ranks import Cases
 
 import fdiv_kernels as fk
 import fdiv_kernels.distributed as fkd
@@ -41,14 +32,8 @@ KINDS = [("kl", {}), ("reverse_kl", {}), ("js", {"beta": 0.3}), ("skew_reverse_k
 TAILS = ("none", "renormalize", "bucket")
 TOL = (2e-5, 2e-6)
 
-CASES: dict[str, tuple] = {}
-
-
-def case(*worlds):
-    def register(fn):
-        CASES[fn.__name__] = (fn, worlds)
-        return fn
-    return register
+CASES = Cases()
+case = CASES.case
 
 
 def cols(rank: int, world: int) -> slice:
@@ -70,27 +55,6 @@ def teacher(seed: int, vocab: int = VOCAB, mass: float = 0.8):
     ids[0, 0, -1] = ids[0, 0, 0]
     lp[0, 0, -1] = 5.0
     return ids, lp, mask
-
-
-class Checks:
-    """Failures recorded and raised at the end of a case: a rank stopping at its first failure
-    would desynchronize the collectives of the others."""
-
-    def __init__(self):
-        self.failures: list[str] = []
-
-    def close(self, actual, expected, tol, what):
-        try:
-            assert_close(actual, expected, tol, what)
-        except AssertionError as e:
-            self.failures.append(str(e))
-
-    def true(self, cond, what):
-        if not cond:
-            self.failures.append(what)
-
-    def done(self):
-        assert not self.failures, "\n".join(self.failures[:5])
 
 
 # ------------------------------------------------------------------------------------------
@@ -498,49 +462,6 @@ def fused_default_chunks_agree(rank, world, ck):
     ck.close(dense, ref_dense, TOL, "fused dense, default chunks")
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        for name, (fn, worlds) in CASES.items():
-            if world not in worlds:
-                continue
-            try:
-                ck = Checks()
-                fn(rank, world, ck)
-                ck.done()
-                results[name] = None
-            except Exception:  # reported per case by the parent
-                results[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-
-
-_RESULTS: dict[int, list[dict]] = {}
-
-
-def _run_world(world: int) -> list[dict]:
-    if world not in _RESULTS:
-        with socket.socket() as sock:  # a free port on the loopback only
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        with tempfile.TemporaryDirectory() as out_dir:
-            # fork: the ranks inherit the imported modules (spawn re-imports torch per rank).
-            mp.start_processes(_worker, args=(world, port, out_dir), nprocs=world,
-                               start_method="fork")
-            _RESULTS[world] = []
-            for r in range(world):
-                with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-                    _RESULTS[world].append(json.load(f))
-    return _RESULTS[world]
-
-
-@pytest.mark.parametrize("world,name", [(w, n) for n, (_, ws) in CASES.items() for w in ws])
+@pytest.mark.parametrize("world,name", CASES.params())
 def test_sharded_sparse(world, name):
-    for rank, results in enumerate(_run_world(world)):
-        assert name in results, f"rank {rank} did not run {name}"
-        assert results[name] is None, f"rank {rank}/{world}:\n{results[name]}"
+    CASES.check(world, name)
