@@ -17,7 +17,7 @@
 //      f'(z_j) / T, then the K support entries overwritten with their own value.
 // Under "bucket" the student tail q_tail = sum over the columns off S. When the support holds
 // less than half the mass, 1 - sum_S q (log1mexp) is accurate; otherwise it is the sum of the
-// off-support exps, taken in step 2's read of the row (a per-thread mark array flags S), and
+// off-support exps, taken apart in step 2's read of the row, and
 // when that sum underflows a second read takes the online log-sum-exp of the off-support
 // logits, so a tail of e^-110 is still exact rather than lost to the rounding of 1 - sum_S q or
 // to the underflow of its exps. Off S the gradient q_j (-H) + h_tail Q_S q_j / q_tail is written as
@@ -206,32 +206,90 @@ FDIV_INLINE void off_support_lse(const T* b, const uint8_t* mark, T m1, int64_t 
   }
 }
 
-// The online log-sum-exp of online_lse (online_softmax.h: lse_blocks on the same blocks, so the
-// same L to the bit) with the exps of the unmarked columns summed into `off`, relative to the
-// running max: the "bucket" tail's off-support mass, off / acc.s, from the one read of the row
-// that the normalizer makes anyway. Each block's exps are kept in `e` (kBlock T, in L1) and
-// summed under the mask by a second loop with no exp. (Taken by a second read of the row when
-// the support holds half the mass or more, the forward read the row twice: 2.2x the forward
-// time at 64 x 128256 with a support holding 98% of the mass, the case of a teacher close to
-// the student and of the student's own top-k.)
+// exp(scale xb[j] - m) over j in [a, b): added to s, the largest scale xb[j] folded into bm.
 template <class T>
-FDIV_INLINE void lse_and_off_support(const T* x, const uint8_t* mark, T scale, int64_t n,
-                                     OnlineSoftmax<T>& acc, double& off, T* e) {
+FDIV_INLINE void exp_stretch(const T* xb, int64_t a, int64_t b, T scale, T m, T& s, T& bm) {
+  T ls = 0, lm = bm;
+#pragma omp simd reduction(max : lm) reduction(+ : ls)
+  for (int64_t j = a; j < b; ++j) {
+    const T xj = xb[j] * scale;
+    lm = std::max(lm, xj);
+    ls += vexp(xj - m);
+  }
+  s += ls;
+  bm = lm;
+}
+
+// One block's exps against m, off the support (into off) and on it (into on, one column at a
+// time), with the block's max: the block in stretches between its support columns cols[0:nc)
+// (ascending), so no per-column mask is read.
+template <class T>
+FDIV_INLINE void split_block(const T* xb, int64_t len, const int64_t* cols, int64_t nc,
+                             int64_t col0, T scale, T m, T& off, T& on, T& bm) {
+  off = on = T(0);
+  bm = -std::numeric_limits<T>::infinity();
+  int64_t a = 0;
+  for (int64_t r = 0; r < nc; ++r) {
+    const int64_t c = cols[r] - col0;
+    exp_stretch(xb, a, c, scale, m, off, bm);
+    const T xc = xb[c] * scale;
+    bm = std::max(bm, xc);
+    on += vexp(xc - m);
+    a = c + 1;
+  }
+  exp_stretch(xb, a, len, scale, m, off, bm);
+}
+
+// The online log-sum-exp of the row (online_lse's blocks and slack) with the exps of the
+// off-support columns summed apart into `off`, relative to the running max: the "bucket" tail's
+// off-support mass, off / acc.s, from the one read of the row that the normalizer makes anyway.
+// sid: the support ids, ascending, over the whole row; this stretch of it starts at column
+// `base`. Each block runs as vector loops between its support columns (about K / 32 of them at
+// 128k columns) with those columns summed one by one: no per-column mask is read and no exps are
+// stored. (A mask array read beside the exps cost a quarter of the normalizer's time at 64 x
+// 128256; a second read of the row, 2.2x the forward time with a support holding 98% of the mass,
+// the case of a teacher close to the student and of the student's own top-k.) The normalizer
+// sums the same exps as online_lse in another order: equal to it up to rounding, not to the bit.
+template <class T>
+FDIV_INLINE void lse_and_off_support(const T* x, const int64_t* sid, int64_t n_sid, int64_t base,
+                                     T scale, int64_t n, OnlineSoftmax<T>& acc, double& off) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr T kSlack = T(64);  // as lse_blocks: a block may exceed the running max by this
+  int64_t p = 0;
+  while (p < n_sid && sid[p] < base) ++p;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const int64_t len = std::min(kBlock, n - j0);
+    const T* xb = x + j0;
+    int64_t q = p;  // sid[p:q): this block's support columns
+    while (q < n_sid && sid[q] < base + j0 + len) ++q;
     const T before = acc.m;
-    T shift = T(0);  // e[j] = exp(scale x[j] - shift); always written (len >= 1)
-    lse_blocks<true>(x + j0, scale, len, acc, e, &shift);
-    if (acc.m == kNegInf) continue;  // nothing finite yet: e is 0
-    if (acc.m != before)
-      off *= std::exp(static_cast<double>(before) - static_cast<double>(acc.m));
-    const uint8_t* mb = mark + j0;
-    T bo = 0;
-#pragma omp simd reduction(+ : bo)
-    for (int64_t j = 0; j < len; ++j) bo += mb[j] ? T(0) : e[j];
-    off += static_cast<double>(bo) *
-           std::exp(static_cast<double>(shift) - static_cast<double>(acc.m));
+    T m = before, bo = 0, bs = 0, bm = kNegInf;
+    bool done = false;
+    if (m != kNegInf) {
+      split_block(xb, len, sid + p, q - p, base + j0, scale, m, bo, bs, bm);
+      done = !(bm > m + kSlack);
+    } else {
+#pragma omp simd reduction(max : bm)
+      for (int64_t j = 0; j < len; ++j) bm = std::max(bm, xb[j] * scale);
+    }
+    if (!done) {
+      // The first block with a finite value, or one far above the running max: against its max.
+      m = acc.rebase(bm);
+      if (m == kNegInf) {  // all -inf so far: only a NaN matters
+        for (int64_t j = 0; j < len; ++j)
+          if (xb[j] != xb[j]) acc.poison();
+        p = q;
+        continue;
+      }
+      T unused;
+      split_block(xb, len, sid + p, q - p, base + j0, scale, m, bo, bs, unused);
+    }
+    acc.add(static_cast<double>(bo) + static_cast<double>(bs));
+    acc.rebase(bm);
+    const double to_m = static_cast<double>(acc.m);
+    if (before != kNegInf && acc.m != before) off *= std::exp(static_cast<double>(before) - to_m);
+    off += static_cast<double>(bo) * std::exp(static_cast<double>(m) - to_m);
+    p = q;
   }
 }
 
@@ -300,9 +358,9 @@ FDIV_INLINE double support_sum(const T* lq, const bool* sup, T m, int64_t K) {
   ATTR void lse_entry(const T* x, T scale, int64_t n, OnlineSoftmax<T>& acc) {                \
     online_lse(x, scale, n, acc);                                                             \
   }                                                                                           \
-  ATTR void lse_off_entry(const T* x, const uint8_t* mark, T scale, int64_t n,               \
-                          OnlineSoftmax<T>& acc, double& off, T* e) {                         \
-    lse_and_off_support(x, mark, scale, n, acc, off, e);                                      \
+  ATTR void lse_off_entry(const T* x, const int64_t* sid, int64_t n_sid, int64_t base,     \
+                          T scale, int64_t n, OnlineSoftmax<T>& acc, double& off) {           \
+    lse_and_off_support(x, sid, n_sid, base, scale, n, acc, off);                             \
   }                                                                                           \
   ATTR void off_lse_entry(const T* x, const uint8_t* mark, T scale, int64_t n,               \
                           OnlineSoftmax<T>& acc) {                                            \
@@ -414,9 +472,11 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(need_buf ? size_t(2 * kBlock) : 0);
-    // Flags S for the "bucket" tail's row pass (forward only, set and cleared around it).
-    std::vector<uint8_t> mark(bucket && !bwd ? size_t(n) : 0, 0);
-    std::vector<T> ebuf(bucket && !bwd ? size_t(kBlock) : 0);  // one block's exps
+    // The "bucket" forward's support ids, ascending; the mark array flags S for the rare
+    // second read of the row (sized on first use, set and cleared around it).
+    std::vector<int64_t> sid;
+    sid.reserve(size_t(K));
+    std::vector<uint8_t> mark;
     IdSet seen(K);
     const size_t nk = static_cast<size_t>(K);
     std::vector<T> lq(nk), h(nk), xs(nk);
@@ -467,16 +527,19 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
       // off-support mass in the same read (relative to the normalizer: off / sum).
       double lse = 0, off_rel = 0;
       const bool fwd_bucket = bucket && !bwd;
-      if (fwd_bucket)
+      if (fwd_bucket) {
+        sid.clear();
         for (int64_t k = 0; k < K; ++k)
-          if (sr[k]) mark[size_t(idr[k])] = 1;
+          if (sr[k]) sid.push_back(idr[k]);
+        std::sort(sid.begin(), sid.end());
+      }
       if (bwd) {
         lse = double(stat_in[2 * i]);
       } else if (fwd_bucket) {
         OnlineSoftmax<T> acc;
         double off = 0;
         rd.blocks(n, [&](const T* b, int64_t j0, int64_t len) {
-          lse_off_entry(b, mark.data() + j0, m1, len, acc, off, ebuf.data());
+          lse_off_entry(b, sid.data(), int64_t(sid.size()), j0, m1, len, acc, off);
         });
         lse = acc.lse();
         off_rel = off / acc.s;
@@ -527,10 +590,13 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
           // past a gap of ~104 in float): the tail's log-mass from the off-support
           // log-sum-exp instead, one more read of the row, exact at any gap.
           if (!(off_rel > 0x1p-100)) {
+            if (mark.empty()) mark.assign(size_t(n), 0);
+            for (const int64_t id : sid) mark[size_t(id)] = 1;
             OnlineSoftmax<T> acc;
             rd.blocks(n, [&](const T* b, int64_t j0, int64_t len) {
               off_lse_entry(b, mark.data() + j0, m1, len, acc);
             });
+            for (const int64_t id : sid) mark[size_t(id)] = 0;
             lq_tail = acc.lse() - lse;
           }
         }
@@ -545,9 +611,6 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
           kd_tail = double(e.k);
         }
       }
-      if (fwd_bucket)
-        for (int64_t k = 0; k < K; ++k)
-          if (sr[k]) mark[size_t(idr[k])] = 0;
       if (!renorm) loss_i += double(L - L);  // NaN logits: NaN loss
       if (lossp) {
         lossp[i] = T(loss_i);
