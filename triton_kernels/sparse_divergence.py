@@ -396,3 +396,24 @@ def launch_variants(widths=(1000, 128256, 262144),
                                 yield {"kind": name, "tail": tail_name, "grads": mode, "K": K,
                                        "retemper": retemper, "softcap": cap, "masks": masks,
                                        "dtype": str(dt).removeprefix("torch."), "V": V}, call
+    # The dtypes offline stores keep (int32 ids, fp16 / bf16 log-probs, fk.topk_logprobs'
+    # outputs), which the launchers pass on as they are: one kind, every tail, both launches.
+    for tail_name, tail in tails.items():
+        for mode in ("s+t", "bwd"):
+            for lp_dt in (torch.float16, torch.bfloat16):
+                def call(tail=tail, mode=mode, lp_dt=lp_dt):
+                    s = torch.randn(1, 128256, dtype=torch.bfloat16)
+                    ids = torch.arange(64, dtype=torch.int32)[None]
+                    lp = torch.full((1, 64), -64.0, dtype=lp_dt)
+                    none = torch.ones(0, dtype=torch.bool)
+                    base, swap, param = _ids.KL, False, 0.0
+                    if mode == "bwd":
+                        sparse_divergence_bwd(s, ids, lp, none, none, torch.zeros(1, 2),
+                                              torch.ones(1), base, swap, param, 1.0, tail, 0.0,
+                                              1.0, 0.0)
+                    else:
+                        sparse_divergence_fwd(s, ids, lp, none, none, base, swap, param, 1.0,
+                                              tail, 0.0, 1e-4, 1.0, 0.0, True, True)
+                yield {"kind": "kl", "tail": tail_name, "grads": mode, "K": 64,
+                       "store": f"int32 ids, {str(lp_dt).removeprefix('torch.')} log-probs",
+                       "dtype": "bfloat16", "V": 128256}, call
