@@ -156,6 +156,8 @@ def sparse_errors_on_every_rank(rank, world, ck):
     bad_id[1, 1, 0] = VOCAB
     repeat[1, 1, 0] = repeat[1, 1, 1]
     heavy[1, 1] = heavy[1, 1] + 1.0
+    empty = lp.clone()
+    empty[1, 1] = float("-inf")  # nothing to renormalize
     calls = [
         ("sparse", "do not tile", lambda: fkd.vocab_parallel_sparse_divergence(
             x[..., c], ids, lp, support_mask=mask, vocab_start=wrong)),
@@ -173,6 +175,8 @@ def sparse_errors_on_every_rank(rank, world, ck):
             fkd.vocab_parallel_sparse_divergence(x[..., c], ids, lp, support_mask=mask)),
         ("topk k > V", "more than the vocabulary", lambda: fkd.vocab_parallel_topk_logprobs(
             x[..., c], VOCAB + 1, vocab_start=c.start)),
+        ("no mass", "needs some mass", lambda: fkd.vocab_parallel_sparse_divergence(
+            x[..., c], ids, empty, support_mask=mask, tail="renormalize", vocab_start=c.start)),
     ]
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -191,6 +195,49 @@ def sparse_errors_on_every_rank(rank, world, ck):
             ck.true(match in str(e), f"{name}: {e}")
             if match == "do not tile":
                 ck.true(f"rank {world - 1}" in str(e), f"{name}: {e}")
+
+
+@case(2, 3)
+def sparse_ignored_rows_and_nan_off_support(rank, world, ck):
+    """An ignored row's teacher is not read (out-of-range and repeated ids, a mass above 1), as
+    in the single-process op, for the plain and the fused form; under "renormalize" a NaN logit
+    off the support gets gradient 0 and leaves the loss finite, as there."""
+    c = cols(rank, world)
+    s = logits((*LEAD, VOCAB), seed=270)
+    h, w, _ = head(273)
+    ids, lp, mask = teacher(271)
+    bad_ids, bad_lp = ids.clone(), lp.clone()
+    bad_ids[0, 1] = torch.tensor([VOCAB + 5, 0, 0, -3, 1])  # row (0, 1): ignored by LABELS
+    bad_lp[0, 1] = 0.0
+    kw = dict(support_mask=mask, labels=LABELS, reduction="none")
+    for tail in TAILS:
+        ss = leaf(s[..., c])
+        out = fkd.vocab_parallel_sparse_divergence(ss, bad_ids, bad_lp, tail=tail,
+                                                   vocab_start=c.start, **kw)
+        out.sum().backward()
+        full = leaf(s)
+        ref = fk.sparse_divergence(full, ids, lp, tail=tail, **kw)
+        ref.sum().backward()
+        ck.close(out, ref, TOL, f"{tail} ignored row: loss")
+        ck.close(ss.grad, full.grad[..., c], TOL, f"{tail} ignored row: grad")
+        fused = fkd.vocab_parallel_fused_linear_sparse_divergence(
+            h, w[c], bad_ids, bad_lp, tail=tail, vocab_start=c.start, **kw)
+        ck.close(fused, fk.fused_linear_sparse_divergence(h, w, ids, lp, tail=tail, **kw), TOL,
+                 f"{tail} ignored row: fused loss")
+    off = [j for j in range(VOCAB) if j not in ids[1, 0].tolist()][world]
+    s_nan = s.clone()
+    s_nan[1, 0, off] = float("nan")
+    ss = leaf(s_nan[..., c])
+    out = fkd.vocab_parallel_sparse_divergence(ss, ids, lp, tail="renormalize",
+                                               vocab_start=c.start, **kw)
+    out.sum().backward()
+    full = leaf(s_nan)
+    ref = fk.sparse_divergence(full, ids, lp, tail="renormalize", **kw)
+    ref.sum().backward()
+    ck.true(bool(torch.isfinite(out).all()), f"NaN off the support: loss {out}")
+    ck.close(out, ref, TOL, "NaN off the support: loss")
+    ck.true(bool(torch.isfinite(ss.grad).all()), "NaN off the support: a NaN gradient")
+    ck.close(ss.grad, full.grad[..., c], TOL, "NaN off the support: grad")
 
 
 H = 4
@@ -305,7 +352,8 @@ def topk_reference(x, k, T, scale, cap, top_p):
 @case(1, 2, 3, 4)
 def topk_logprobs(rank, world, ck):
     """Global ids (int32, exact, ties by the lower id across shards), log-probs and the top_p
-    mask against log_softmax(x).topk on the full row; one all_gather of 2k + 1 float64 a row."""
+    mask against log_softmax(x).topk on the full row; one all_gather of 2k + 2 float64 a row.
+    Logits of 1e30 (a log-prob (a - M) - log S, not a - LSE, which keeps no digit of log S)."""
     c = cols(rank, world)
     x = logits((*LEAD, VOCAB), seed=700)
     x[0, 1] = x[0, 1].round()  # many ties, across shards
@@ -326,7 +374,7 @@ def topk_logprobs(rank, world, ck):
             ck.true((out.support_mask is None) == (top_p is None), what + ": support_mask")
             if top_p is not None:
                 ck.true(torch.equal(out[2], mask), f"{what}: mask {out[2]} vs {mask}")
-            want = [("all_gather", (2 * K + 1, N + 2), 8 * (2 * K + 1) * (N + 2))]
+            want = [("all_gather", (2 * K + 2, N + 2), 8 * (2 * K + 2) * (N + 2))]
             got = [(x.op, x.shape, x.nbytes) for x in fwd]
             ck.true(got == (want if world > 1 else []), f"{what}: collectives {got}")
     # The produced teacher goes straight into the sharded sparse loss.
@@ -335,6 +383,14 @@ def topk_logprobs(rank, world, ck):
     out = fkd.vocab_parallel_sparse_divergence(s, ids, lp, vocab_start=c.start)
     ref = fk.sparse_divergence(x, ids, lp)
     ck.close(out, ref, TOL, "topk -> sparse divergence")
+    # Huge logits: two tied maxima of 1e30 (on rank 0 and the last rank) hold all the mass.
+    big = torch.zeros(N, VOCAB)
+    big[:, 0] = big[:, VOCAB - 1] = 1e30
+    out = fkd.vocab_parallel_topk_logprobs(big[:, c], 3, vocab_start=c.start)
+    want = torch.tensor([-math.log(2), -math.log(2), -1e30]).expand(N, 3)
+    ck.true(torch.equal(out.ids[:, :2].long(), torch.tensor([0, VOCAB - 1]).expand(N, 2)),
+            f"1e30: ids {out.ids}")
+    ck.close(out.logprobs, want, TOL, "1e30: log-probs")
 
 
 @case(1, 2, 3, 4)

@@ -165,6 +165,53 @@ def test_ignored_rows_and_reductions(backend):
     assert zero.item() == 0 and (s_.grad == 0).all()
 
 
+def test_ignored_rows_are_not_read(backend):
+    """An ignored row's teacher may hold anything (out-of-range or repeated ids, a mass above 1,
+    all -inf log-probs): no error, and the kept rows' loss and gradients are those with the row
+    left out; its gradient is 0."""
+    s = logits((3, 70), seed=30)
+    ids, lp = sparse_teacher((3, 70), 5, seed=31)
+    lp = lp.float()
+    labels = torch.tensor([5, -100, 7])
+    bad_ids = ids.clone()
+    bad_ids[1] = torch.tensor([3, 3, 70, -1, 10**6])
+    for tail in TAILS:
+        for bad_lp in (torch.zeros(5), torch.full((5,), float("-inf"))):
+            lp_bad = lp.clone()
+            lp_bad[1] = bad_lp
+            s_ = s.clone().requires_grad_(True)
+            out = fk.sparse_divergence(s_, bad_ids, lp_bad, "kl", tail=tail, labels=labels,
+                                       reduction="none", backend=backend)
+            out.sum().backward()
+            ref = fk.sparse_divergence(s[[0, 2]], ids[[0, 2]], lp[[0, 2]], "kl", tail=tail,
+                                       reduction="none", backend="torch")
+            assert_close(out[[0, 2]], ref, LOSS_TOL[torch.float32], f"{tail} kept rows")
+            assert out[1].item() == 0 and (s_.grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("tail,teacher_t", [("renormalize", None), ("none", 2.0)])
+def test_teacher_with_no_mass_to_renormalize(tail, teacher_t, backend):
+    """Renormalizing a teacher whose real entries are all -inf is 0 / 0: a ValueError naming
+    teacher_logprobs on every backend (it was 0 on the kernels and NaN on torch). A support of
+    padding only is an empty teacher (loss 0), and "bucket" puts all its mass in the tail."""
+    s = logits((2, 40), seed=32)
+    ids, lp = sparse_teacher((2, 40), 4, seed=33)
+    lp = lp.float()
+    lp[1] = float("-inf")
+    kw = {"tail": tail, "teacher_temperature": teacher_t, "backend": backend}
+    with pytest.raises(ValueError, match="teacher_logprobs.*row 1|teacher_logprobs.*a row"):
+        fk.sparse_divergence(s, ids, lp, "kl", **kw)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1] = False
+    out = fk.sparse_divergence(s, ids, lp, "kl", support_mask=mask, reduction="none", **kw)
+    assert out[1].item() == 0 and torch.isfinite(out[0])
+    bucket = fk.sparse_divergence(s, ids, lp, "kl", tail="bucket", reduction="none",
+                                  backend=backend)
+    # KL with all teacher mass in the tail: 0 - log q_tail.
+    q_tail = 1 - torch.softmax(s[1].double(), -1)[ids[1]].sum()
+    assert_close(bucket[1], -torch.log(q_tail), LOSS_TOL[torch.float32], "bucket")
+
+
 def test_padding_ids_may_repeat(backend):
     """Padding entries carry arbitrary ids (axolotl pads with 0..K-1, colliding with real ids):
     they neither count nor overwrite a real entry's gradient."""

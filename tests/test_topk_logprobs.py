@@ -131,6 +131,18 @@ def test_output_dtypes(ids_dtype, lp_dtype):
     assert torch.equal(out.logprobs, ref.logprobs.to(lp_dtype))  # rounded once, at the end
 
 
+def test_top_p_masks_what_the_store_rounds_to_zero(backend_cfg):
+    """An entry whose log-prob is below fp16's range is -inf once stored in fp16: masked like any
+    entry of zero probability (id -1), so the mask and TRL's logprobs > -inf agree."""
+    x = torch.tensor([[0.0, -70000.0, -1.0, -2.0]])
+    out = fk.topk_logprobs(x, 4, top_p=1.0, logprobs_dtype=torch.float16, backend=backend_cfg)
+    assert torch.equal(out.support_mask, out.logprobs > float("-inf"))
+    assert out.support_mask.tolist() == [[True, True, True, False]]
+    assert out.ids.tolist() == [[0, 2, 3, -1]]
+    wide = fk.topk_logprobs(x, 4, top_p=1.0, backend=backend_cfg)  # fp32 keeps it
+    assert wide.support_mask.all()
+
+
 def test_float64_logits_compute_in_float64():
     x = logits((3, 50), torch.float64, seed=7)
     out = fk.topk_logprobs(x, 8, backend="cpu" if "cpu" in BACKENDS else "torch")
@@ -281,6 +293,20 @@ def test_fused_ties_and_defaults():
     ref = topk_logprobs_rows((h @ w.T).double(), 30)
     assert torch.equal(out.ids.long(), ref[0])
     assert torch.equal(fk.fused_linear_topk_logprobs(h, w, 30).ids, out.ids)
+
+
+def test_fused_mixed_float64_operands_compute_in_float64():
+    """float64 hidden states with an fp32 head: the float64 product (the result is float64, so
+    its digits must be), not the fp32 GEMM's; a bad vocab_chunk_size is named as such."""
+    h = logits((4, 16), torch.float64, seed=21)
+    w = logits((100, 16), seed=22)
+    with torch.no_grad():
+        out = fk.fused_linear_topk_logprobs(h, w, 5, backend="torch")
+    _, lp, _ = topk_logprobs_rows(h @ w.double().T, 5)
+    assert out.logprobs.dtype == torch.float64
+    torch.testing.assert_close(out.logprobs, lp, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="vocab_chunk_size"):
+        fk.fused_linear_topk_logprobs(h, w, 3, vocab_chunk_size=0)
 
 
 def test_fused_is_forward_only():

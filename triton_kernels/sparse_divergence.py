@@ -46,9 +46,10 @@ MAX_BLOCK = 8192  # 16-bit elements per loop iteration (half for fp32); tests lo
 OFF_BLOCK = 64  # columns per membership test (OFF_BLOCK x BLOCK_K compares)
 
 # Error codes of step 0 (the highest seen in the launch wins; the launcher raises the ValueError).
-ERR_MASS = tl.constexpr(1)
-ERR_DUPLICATE = tl.constexpr(2)
-ERR_RANGE = tl.constexpr(3)
+ERR_NO_MASS = tl.constexpr(1)
+ERR_MASS = tl.constexpr(2)
+ERR_DUPLICATE = tl.constexpr(3)
+ERR_RANGE = tl.constexpr(4)
 
 
 @triton.jit
@@ -137,6 +138,9 @@ def _sparse_divergence_fwd_kernel(
                 fin_tail = tl.where(z == float("-inf"), neg_inf64, a_t * raw_tail - z)
         elif RETEMPER or TAIL == TAIL_RENORMALIZE:
             z = _masked_lse64(a_t * raw, sup, neg_inf64)
+            if not BWD:  # renormalizing all -inf log-probs on a non-empty S is 0 / 0
+                none = (tl.sum(sup.to(tl.int32), 0) > 0) & (z == float("-inf"))
+                code = tl.maximum(code, tl.where(none, ERR_NO_MASS, 0))
         # An empty support renormalized (z = -inf) has no entries, not NaN ones.
         z_ok = z > float("-inf")
         fin = tl.where(sup, tl.where(z_ok, a_t * raw - z, float("-inf")), float("-inf"))
@@ -308,6 +312,10 @@ def sparse_divergence_fwd(student, ids, teacher, support, valid, base, swap, par
         raise ValueError(f"teacher_logprobs: under tail='bucket' the teacher mass on the support "
                          f"must be at most 1 (+{mass_slack} rounding), and 1 (-+{mass_slack}) "
                          f"where the support covers all {V} ids")
+    if code == ERR_NO_MASS.value:
+        raise ValueError("teacher_logprobs: renormalized over the support (tail='renormalize', "
+                         "or tail='none' with a teacher_temperature), a row's teacher needs some "
+                         "mass there; a row has every log-prob on its support -inf")
     return loss, gs, gt, stats
 
 

@@ -107,13 +107,14 @@ struct TeacherRow {
   double tail = kNegInfD;      // the final tail log-prob
   double a = 1.0;              // the power the entries are raised to (re-tempering)
   bool renorm = false;         // entries (and tail) renormalized after the power
+  double z = 0.0;              // the log normalizer of that renormalization
 
   // covered: S holds every id of the row, so no outcome is left for the tail.
   void prepare(const double* raw, const bool* sup, int64_t K, int tail_mode, double alpha,
                bool covered, double* out) {
     mass = masked_lse(raw, sup, K, 1.0);
     a = alpha > 0 ? alpha : 1.0;
-    double z = 0.0;
+    z = 0.0;
     if (tail_mode == TAIL_BUCKET) {
       raw_tail = mass >= 0.0 || covered ? kNegInfD : log1mexp(mass);
       renorm = alpha > 0;
@@ -522,6 +523,12 @@ void run(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& lp,
                         "must be at most 1 (+", A.mass_slack, " rounding), and 1 (-+",
                         A.mass_slack, ") where the support covers all ", n, " ids, got ",
                         std::exp(tr.mass), " (row ", i, ")");
+      // Renormalizing over S needs some teacher mass there (all -inf would be 0 / 0); under
+      // "bucket" the tail then holds it all.
+      TORCH_CHECK_VALUE(bwd || bucket || !tr.renorm || n_sup == 0 || tr.z > kNegInfD,
+                        "teacher_logprobs: renormalized over the support (tail='renormalize', or "
+                        "tail='none' with a teacher_temperature), a row's teacher needs some mass "
+                        "there; row ", i, " has every log-prob on its support -inf");
       const RowReader<scalar_t, T> rd{xr, buf.data(), cap, xf};
       // 2. the normalizer: over the row, or over S when renormalizing; under "bucket" the
       // off-support mass in the same read (relative to the normalizer: off / sum).

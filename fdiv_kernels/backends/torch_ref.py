@@ -18,6 +18,7 @@ from fdiv_kernels.core._validation import loss_dtype
 from fdiv_kernels.kinds._registry import KernelSpec
 from fdiv_kernels.divergences._sparse_tails import (
     TAIL_BUCKET,
+    TAIL_NONE,
     TAIL_RENORMALIZE,
     check_teacher,
     prepare_teacher,
@@ -203,8 +204,12 @@ def sparse_divergence_fwd_torch(
         support = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     if valid.numel() == 0:
         valid = torch.ones(N, dtype=torch.bool, device=student.device)
-    check_teacher(ids, teacher, support, V, tail, mass_slack)
+    # Ignored rows are not read (as the kernels skip them): their ids may hold anything.
+    support = support & valid[:, None]
     alpha = teacher_alpha if teacher_alpha > 0 else None
+    renormalized = tail == TAIL_RENORMALIZE or (tail == TAIL_NONE and alpha is not None)
+    check_teacher(ids, teacher, support, V, tail, mass_slack, keep=valid,
+                  renormalized=renormalized)
     # The teacher side in float64 (1 - sum p stays exact when S holds nearly all the mass).
     raw = teacher.to(torch.float64)
     lp_k, lp_tail = prepare_teacher(raw, support, tail, alpha, V)

@@ -26,6 +26,7 @@ from fdiv_kernels.distributed._vocab_sparse import (
     no_dtensor,
     setup,
 )
+from fdiv_kernels.divergences._sparse_tails import TAIL_RENORMALIZE
 from fdiv_kernels.fused_linear import _engine as E
 from fdiv_kernels.fused_linear._sparse import cpu_chunk_rows, fused_linear_sparse_divergence
 
@@ -60,7 +61,7 @@ def _run(a: dict, head: E.Head, lp: Tensor | None, row_weights: Tensor, grad_t: 
             c, l_off, vocab = exchange(pieces, real[rows], a["group"], a["world"], layout.pop()
                                        if layout else None)
             if vocab is not None:  # the first chunk: the global vocabulary is known now
-                check_global(a["ids"], lp, mask, vocab, cfg)
+                check_global(a["ids"], lp, mask, keep, vocab, cfg)
             loss[rows], dc, gt = compact_forward(
                 c, lp[rows], mask[rows] if mask.numel() else mask, keep[rows], cfg, want_dc,
                 grad_t)
@@ -74,7 +75,8 @@ def _run(a: dict, head: E.Head, lp: Tensor | None, row_weights: Tensor, grad_t: 
             return None
         # Written into the chunk's logits buffer: the engine reads dz before the next GEMM.
         dz = local_grad(z, sup, dc * row_weights[rows, None], l_off, keep[rows],
-                        cfg["transform"], cfg["inv_t"], scratch=True)
+                        cfg["transform"], cfg["inv_t"], scratch=True,
+                        off_support=cfg["tail"] != TAIL_RENORMALIZE)
         return {"s": dz}  # dh here is this rank's partial dz_r W_r
 
     grads = E.run({"s": head}, n, a["chunk"], step, acc=acc, zero_hidden=True, fixed=a["fixed"],

@@ -41,7 +41,7 @@ from fdiv_kernels.divergences._sparse import (
     sparse_divergence,
     teacher_alpha,
 )
-from fdiv_kernels.divergences._sparse_tails import TAIL_RENORMALIZE, check_teacher
+from fdiv_kernels.divergences._sparse_tails import TAIL_NONE, TAIL_RENORMALIZE, check_teacher
 from fdiv_kernels.distributed import _comm, _shards
 from fdiv_kernels.kinds._registry import KernelSpec, resolve
 
@@ -158,10 +158,12 @@ def compact_forward(c: Tensor, lp: Tensor, mask: Tensor, keep: Tensor, cfg: dict
 
 
 def local_grad(z: Tensor, sup: Support, dc: Tensor, l_off: Tensor, keep: Tensor,
-               transform, inv_t: float, scratch: bool = False) -> Tensor:
+               transform, inv_t: float, scratch: bool = False, off_support: bool = True) -> Tensor:
     """d loss / d z of this shard from the compact gradient dc (already row-scaled): dc_i on the
     owned support columns, dc_off exp(a_j - L_off) off the support. No collective.
-    ``scratch``: the gradient may be written into ``z`` (a buffer the caller discards)."""
+    ``scratch``: the gradient may be written into ``z`` (a buffer the caller discards).
+    ``off_support`` False ("renormalize"): exactly 0 off the support, as the single-process
+    kernel writes it (0 exp(a_j - L_off) would be NaN at a NaN logit there)."""
     if sup.width == 0:
         return torch.zeros_like(z)
     coef = dc[:, -1:]
@@ -174,7 +176,10 @@ def local_grad(z: Tensor, sup: Support, dc: Tensor, l_off: Tensor, keep: Tensor,
         g = torch.mul(z, inv_t, out=g) if inv_t != 1.0 else (g.copy_(z) if g is not z else g)
     else:
         g, da = scaled(z, transform, inv_t)
-    g.sub_(shift).clamp_(max=0.0).exp_().mul_(coef)
+    if off_support:
+        g.sub_(shift).clamp_(max=0.0).exp_().mul_(coef)
+    else:
+        g.zero_()
     sup.put_(g, dc[:, :-1])
     g.mul_(da)
     return g.masked_fill_(~keep[:, None], 0.0).to(z.dtype)
@@ -200,10 +205,12 @@ def setup(student_like: Tensor, lead, teacher_ids, teacher_logprobs, support_mas
     return ids, lp, mask, valid, cfg
 
 
-def check_global(ids: Tensor, lp: Tensor, mask: Tensor, vocab: int, cfg: dict) -> None:
+def check_global(ids: Tensor, lp: Tensor, mask: Tensor, keep: Tensor, vocab: int,
+                 cfg: dict) -> None:
     """The single-process value checks against the global vocabulary (ids in range and distinct,
-    the bucket mass), the same on every rank (the teacher is replicated). ``vocab``: the width
-    the shards tile (after the ``vocab_size`` cut)."""
+    the bucket mass, some mass to renormalize), on the kept rows, the same on every rank (the
+    teacher is replicated). ``vocab``: the width the shards tile (after the ``vocab_size``
+    cut)."""
     want = cfg.get("vocab_size")
     if want is not None and want != vocab:
         raise ValueError(f"vocab_size={want} is more than the {vocab} columns the shards hold")
@@ -211,7 +218,10 @@ def check_global(ids: Tensor, lp: Tensor, mask: Tensor, vocab: int, cfg: dict) -
         raise ValueError(f"teacher_ids has K={ids.shape[1]} ids per row, more than the "
                          f"vocabulary V={vocab}")
     support = mask if mask.numel() else torch.ones_like(ids, dtype=torch.bool)
-    check_teacher(ids, lp, support, vocab, cfg["tail"], cfg["slack"])
+    renormalized = cfg["tail"] == TAIL_RENORMALIZE or (cfg["tail"] == TAIL_NONE
+                                                       and cfg["alpha"] > 0)
+    check_teacher(ids, lp, support, vocab, cfg["tail"], cfg["slack"], keep=keep,
+                  renormalized=renormalized)
 
 
 class VocabParallelSparseDivergenceFunction(torch.autograd.Function):
@@ -230,7 +240,7 @@ class VocabParallelSparseDivergenceFunction(torch.autograd.Function):
                             for r in row_chunks(z.shape[0], z.shape[1])], 1)
         c, l_off, vocab = exchange(pieces, sup_mask(mask, ids), group, world, layout)
         if vocab is not None:
-            check_global(ids, lp, mask, vocab, cfg)
+            check_global(ids, lp, mask, keep, vocab, cfg)
         loss, dc, gt = compact_forward(c, lp, mask, keep, cfg, grad_s, grad_t)
         ctx.save_for_backward(z, ids, mask, keep, l_off, dc if grad_s else None,
                               gt if grad_t else None)
@@ -252,7 +262,8 @@ class VocabParallelSparseDivergenceFunction(torch.autograd.Function):
             d_z = torch.empty_like(z)
             for r in row_chunks(z.shape[0], z.shape[1]):
                 d_z[r] = local_grad(z[r], sup.rows(r), dc[r], l_off[r], keep[r],
-                                    ctx.cfg["transform"], ctx.cfg["inv_t"])
+                                    ctx.cfg["transform"], ctx.cfg["inv_t"],
+                                    off_support=ctx.cfg["tail"] != TAIL_RENORMALIZE)
         if gt is not None:
             d_lp = (gt * g[:, None].to(gt.dtype)).to(ctx.lp_dtype)
         return d_z, d_lp, *([None] * 7)

@@ -2,8 +2,10 @@ r"""``vocab_parallel_topk_logprobs``: the teacher's top-k log-probs from vocabul
 
 The global top k of a row is among the union of the shards' top k, and log softmax needs only the
 row's global LSE; so each rank sends its k best (scaled logit, global id) pairs and its shard's
-LSE, one all_gather of 2k + 1 numbers a row, and every rank merges the same candidates to the same
-answer. Exact: no candidate outside a shard's top k can be in the global top k.
+(max, log-sum), one all_gather of 2k + 2 numbers a row, and every rank merges the same candidates
+to the same answer. Exact: no candidate outside a shard's top k can be in the global top k. The
+max and the log-sum stay apart (a log-prob is (a - M) - log S): folded into one LSE first, a
+logit of 1e30 would leave no digit of log S (l = 1e30 + 0.69 is 1e30 in float64).
 """
 
 from __future__ import annotations
@@ -45,24 +47,35 @@ def _order(vals: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _local_topk(x: Tensor, k: int, inv_t: float, transform: tuple[float, float], start: int,
                 backend: str):
-    """(the shard's LSE (n,), its k best scaled logits (n, k), their global ids (n, k)), float64.
+    """(the shard's (max, log-sum) (2, n), its k best scaled logits (n, k), their global ids
+    (n, k)), float64.
 
     The single-process kernel (``fdiv::topk_logprobs_fwd``, one pass over the shard) gives the
     shard's min(k, V_r) best and its (max, log-sum); a shard narrower than k pads with -inf.
+    A shard with no mass has (max, log-sum) = (-inf, -inf).
     """
     n, width = x.shape
     vals = x.new_full((n, k), float("-inf"), dtype=torch.float64)
     ids = torch.full_like(vals, _NO_ID)
     if width == 0:
-        return vals[:, 0].clone(), vals, ids
+        return vals[:, :1].t().expand(2, n).clone(), vals, ids
     m = min(k, width)
     ops = select_ops(backend, x, "topk_logprobs_fwd", transforms=transform)
     top_i, top_v, stats = ops.topk_logprobs_fwd(x, m, inv_t, *transform)
     vals[:, :m], ids[:, :m] = top_v.double(), (top_i + start).double()
     mx, log_s = stats[:, 0].double(), stats[:, 1].double()
-    # A shard of -inf only: no mass (max - inf; + log s would be NaN).
-    lse = torch.where(mx == float("-inf"), mx, mx + log_s)
-    return lse, vals, ids
+    log_s = torch.where(mx == float("-inf"), mx, log_s)  # a shard of -inf only: no mass
+    return torch.stack([mx, log_s]), vals, ids
+
+
+def _merge_stats(stats: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, log S) of a row from the shards' (max m_r, log-sum log s_r), (W, 2, n): M = max m_r,
+    S = sum_r s_r exp(m_r - M). A row with no mass anywhere: (-inf, -inf)."""
+    mx, log_s = stats[:, 0], stats[:, 1]
+    M = mx.max(dim=0).values
+    shift = torch.where(M == float("-inf"), torch.zeros_like(M), M)
+    log_S = torch.logsumexp(mx - shift + log_s, dim=0)  # -inf terms: the shards with no mass
+    return M, log_S
 
 
 def vocab_parallel_topk_logprobs(
@@ -94,9 +107,10 @@ def vocab_parallel_topk_logprobs(
 
     Per row, each rank finds its shard's LSE l_r and its k best (a, global id) pairs in one
     pass (the kernel of :func:`fk.topk_logprobs`; fewer columns than k: the rest -inf) and
-    sends them: one all_gather of 2k + 1 float64 numbers (+ 2 for the layout
-    check). Then L = LSE_r l_r, and the global top k of the W k candidates is exact (a shard's
-    (k+1)-th entry is below k entries of its own). No gradient (the teacher's side).
+    sends them with its (max m_r, log-sum log s_r): one all_gather of 2k + 2 float64 numbers
+    (+ 2 for the layout check). Then M = max_r m_r, S = sum_r s_r exp(m_r - M), each log-prob
+    is (a - M) - log S (exact for logits of any size), and the global top k of the W k
+    candidates is exact (a shard's (k+1)-th entry is below k entries of its own). No gradient (the teacher's side).
     ``vocab_size``: only global columns below it take part. With one rank (or no process group)
     the same computation without a collective.
 
@@ -136,22 +150,25 @@ def vocab_parallel_topk_logprobs(
     lead = logits_shard.shape[:-1]
     with torch.no_grad():
         x = _shards.rows(logits_shard.detach()[..., :width]).contiguous()
-        lse, vals, ids = _local_topk(x, k, inv_t, transform, start, backend)
+        stats, vals, ids = _local_topk(x, k, inv_t, transform, start, backend)
         if world == 1:
-            total, L, cand_v, cand_i = width, lse, vals, ids
+            total, cand_v, cand_i = width, vals, ids
+            M, log_S = _merge_stats(stats[None])
         else:
-            pieces = torch.cat([lse[None], vals.t(), ids.t()])  # (2k + 1, n)
+            pieces = torch.cat([stats, vals.t(), ids.t()])  # (2k + 2, n)
             g, total = _shards.gather_rows_vocab(pieces, group, world, (start, width))
-            L = torch.logsumexp(g[:, 0], dim=0)
-            cand_v = g[:, 1:k + 1].permute(2, 0, 1).reshape(x.shape[0], -1)  # (n, W k)
-            cand_i = g[:, k + 1:].permute(2, 0, 1).reshape(x.shape[0], -1)
+            M, log_S = _merge_stats(g[:, :2])
+            cand_v = g[:, 2:k + 2].permute(2, 0, 1).reshape(x.shape[0], -1)  # (n, W k)
+            cand_i = g[:, k + 2:].permute(2, 0, 1).reshape(x.shape[0], -1)
         if vocab_size is not None and total != vocab_size:
             raise ValueError(f"vocab_size={vocab_size} is more than the {total} columns the "
                              "shards hold")
         if k > total:
             raise ValueError(f"k={k} is more than the vocabulary V={total}")
         top_v, top_i = _order(cand_v, cand_i, k)
-        lp = torch.where(L[:, None] == float("-inf"), top_v, top_v - L[:, None])
+        # No mass in the row: its (all -inf) values as they are, not -inf - -inf.
+        dead = (M == float("-inf"))[:, None]
+        lp = torch.where(dead, top_v, (top_v - M[:, None]) - log_S[:, None])
         return finish(top_i.to(torch.int64), lp, lead, top_p, ids_dtype, lp_dtype)
 
 

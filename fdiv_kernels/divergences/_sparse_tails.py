@@ -46,13 +46,19 @@ def _masked_lse(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def check_teacher(ids: Tensor, lp: Tensor, support: Tensor, vocab: int, tail: int,
-                  mass_slack: float) -> None:
+                  mass_slack: float, *, renormalized: bool = False,
+                  keep: Tensor | None = None) -> None:
     """The value checks every backend's forward makes (the kernels per row, without a host
-    sync on the CPU): ids in [0, V) and distinct on the support, and under "bucket" a teacher
+    sync on the CPU): ids in [0, V) and distinct on the support; under "bucket" a teacher
     mass on S of at most 1 + ``mass_slack`` (and at least 1 - ``mass_slack`` where S covers all
-    V ids: no outcome is left for the tail). ValueError naming the argument."""
+    V ids: no outcome is left for the tail); when the teacher is ``renormalized`` over S
+    ("renormalize", or "none" re-tempered), some mass on a non-empty S (renormalizing all -inf
+    log-probs is 0 / 0). Rows not in ``keep`` (ignored rows, (N,) bool) are not read.
+    ValueError naming the argument."""
     if ids.numel() == 0:
         return
+    if keep is not None and keep.numel():
+        support = support & keep.reshape(-1, 1)
     bad = support & ((ids < 0) | (ids >= vocab))
     if bool(bad.any()):
         raise ValueError(f"teacher_ids must be in [0, {vocab}) on the support, got "
@@ -73,6 +79,14 @@ def check_teacher(ids: Tensor, lp: Tensor, support: Tensor, vocab: int, tail: in
                 f"teacher_logprobs: under tail='bucket' the teacher mass on the support must be "
                 f"at most 1 (+{mass_slack} rounding), and 1 (-+{mass_slack}) where the support "
                 f"covers all {vocab} ids, got {float(mass[over][0].exp()):.6g}"
+            )
+    if renormalized:
+        none = support.any(-1) & (_masked_lse(lp.to(torch.float64), support) == float("-inf"))
+        if bool(none.any()):
+            raise ValueError(
+                "teacher_logprobs: renormalized over the support (tail='renormalize', or "
+                "tail='none' with a teacher_temperature), a row's teacher needs some mass there; "
+                f"row {int(none.nonzero()[0, 0])} has every log-prob on its support -inf"
             )
 
 

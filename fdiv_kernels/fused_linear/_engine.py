@@ -55,6 +55,8 @@ def gemm_f32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b with an fp32 (fp64 for fp64) result: bf16 logits would cost gradient accuracy."""
     if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
         return a @ b
+    if torch.float64 in (a.dtype, b.dtype):  # mixed with fp64: the fp64 result, not fp32's
+        return a.double() @ b.double()
     if a.is_cuda:  # 16-bit operands, fp32 accumulation and output
         low = b.dtype if b.dtype in (torch.float16, torch.bfloat16) else a.dtype
         return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
@@ -103,11 +105,11 @@ def check_devices(*tensors: Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def check_chunk_size(chunk_size: object) -> int | None:
+def check_chunk_size(chunk_size: object, name: str = "chunk_size") -> int | None:
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise ValueError(f"{name} must be a positive int or None, got {chunk_size!r}")
     return chunk_size
 
 

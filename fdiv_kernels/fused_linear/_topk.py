@@ -131,7 +131,7 @@ def fused_linear_topk_logprobs(
     top_p = check_top_p(top_p)
     ids_dtype, lp_dtype = check_out_dtypes(ids_dtype, logprobs_dtype, acc)
     chunk = E.check_chunk_size(chunk_size)
-    tile = E.check_chunk_size(vocab_chunk_size) if vocab_chunk_size is not None else None
+    tile = E.check_chunk_size(vocab_chunk_size, "vocab_chunk_size")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (h, weight, bias)):
         raise RuntimeError("fused_linear_topk_logprobs is forward-only: call it under "

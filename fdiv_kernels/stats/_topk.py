@@ -111,7 +111,8 @@ def finish(ids: Tensor, lp: Tensor, lead: torch.Size, top_p: float | None,
         # The smallest prefix whose mass reaches top_p: an entry stays while the mass ahead of
         # it is below top_p (the first always does). top_p = 1 keeps every entry of nonzero
         # probability, whatever rounding the cumulative sum collects. A NaN entry stays visible.
-        keep = lp.detach() != -math.inf
+        # Zero probability as stored: a log-prob below fp16's range is -inf there, so masked.
+        keep = lp.detach().to(lp_dtype) != -math.inf
         if top_p < 1.0:
             keep = keep & ~(before >= top_p)
         mask = keep
