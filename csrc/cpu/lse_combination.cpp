@@ -115,7 +115,7 @@ LogitTransform<T> logit_transform(const Transform& tr) {
 
 // g[j] *= d(transformed)/d(raw) at j: scale (1 - (z / cap)^2) / T, z = a T from the row a.
 template <class T>
-void chain_rule(T* g, const T* a, int64_t n, const Transform& tr) {
+FDIV_INLINE void chain_rule(T* g, const T* a, int64_t n, const Transform& tr) {
   chain_block(g, a, n, logit_transform<T>(tr), T(tr.inv_t));
 }
 
@@ -177,8 +177,9 @@ FDIV_INLINE bool grad_term_live(const RowStats& r, int k, double wk) {
 // g = sum_k w_k c_k softmax_k (c = ca for the student, cb for the teacher), then the chain rule
 // of x's transform. A term with no mass (log_sum = -inf) is left out rather than NaN.
 template <class T>
-void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStats& r,
-              const Coeffs& c, const std::array<double, kTerms>& cx, const Transform& tr) {
+FDIV_INLINE void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStats& r,
+                          const Coeffs& c, const std::array<double, kTerms>& cx,
+                          const Transform& tr) {
   std::fill(g, g + n, T(0));
   if (c.wide_grad()) {
     // Exponents, exps and the sum in double, rounded once. A dead term has w = 0 (skipped).
@@ -223,6 +224,29 @@ void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStat
   chain_rule(g, x, n, tr);
 }
 
+// Per-ISA clones of the gradient pass too: its exps (in double for wide_grad(), Renyi with alpha
+// > 1) are most of the op's time, and the baseline ISA runs them two doubles at a time.
+FDIV_CLONES void grad_float(float* g, const float* x, const float* a, const float* b, int64_t n,
+                            const RowStats& r, const Coeffs& c,
+                            const std::array<double, kTerms>& cx, const Transform& tr) {
+  row_grad(g, x, a, b, n, r, c, cx, tr);
+}
+void grad_double(double* g, const double* x, const double* a, const double* b, int64_t n,
+                 const RowStats& r, const Coeffs& c, const std::array<double, kTerms>& cx,
+                 const Transform& tr) {
+  row_grad(g, x, a, b, n, r, c, cx, tr);
+}
+FDIV_INLINE void grad(float* g, const float* x, const float* a, const float* b, int64_t n,
+                      const RowStats& r, const Coeffs& c, const std::array<double, kTerms>& cx,
+                      const Transform& tr) {
+  grad_float(g, x, a, b, n, r, c, cx, tr);
+}
+FDIV_INLINE void grad(double* g, const double* x, const double* a, const double* b, int64_t n,
+                      const RowStats& r, const Coeffs& c, const std::array<double, kTerms>& cx,
+                      const Transform& tr) {
+  grad_double(g, x, a, b, n, r, c, cx, tr);
+}
+
 template <class scalar_t, class T>
 void run(const PairRows<scalar_t, T>& io, const Coeffs& c, const Transform& ts,
          const Transform& tt) {
@@ -246,15 +270,15 @@ void run(const PairRows<scalar_t, T>& io, const Coeffs& c, const Transform& ts,
       const RowStats r = stats(a, b, n, c);
       io.loss[i] = T(r.loss);
       if constexpr (kWide) {
-        if (gsr) row_grad(gsr, a, a, b, n, r, c, c.ca, ts);
-        if (gtr) row_grad(gtr, b, a, b, n, r, c, c.cb, tt);
+        if (gsr) grad(gsr, a, a, b, n, r, c, c.ca, ts);
+        if (gtr) grad(gtr, b, a, b, n, r, c, c.cb, tt);
       } else {
         if (gsr) {
-          row_grad(g16, a, a, b, n, r, c, c.ca, ts);
+          grad(g16, a, a, b, n, r, c, c.ca, ts);
           narrow_block(gsr, g16, n);
         }
         if (gtr) {
-          row_grad(g16, b, a, b, n, r, c, c.cb, tt);
+          grad(g16, b, a, b, n, r, c, c.cb, tt);
           narrow_block(gtr, g16, n);
         }
       }
