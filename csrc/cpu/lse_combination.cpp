@@ -174,6 +174,32 @@ FDIV_INLINE bool grad_term_live(const RowStats& r, int k, double wk) {
          r.shift[k] != std::numeric_limits<double>::infinity();
 }
 
+// acc[j] += w exp(mix(ca a_j, cb b_j) - off), the mix and its exp in double (<= 0: a term's
+// log-softmax). A zero coefficient drops its input at compile time (ZA, ZB): decided per element,
+// the condition kept GCC from vectorizing the loop at all.
+template <bool ZA, bool ZB, class T>
+FDIV_INLINE void add_term(double* __restrict acc, const T* __restrict a, const T* __restrict b,
+                          int64_t len, double w, double ca, double cb, double off) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    double x = 0, y = 0;
+    if constexpr (!ZA) x = ca * double(a[j]);
+    if constexpr (!ZB) y = cb * double(b[j]);
+    const double m = (x == kNegInf) | (y == kNegInf) ? kNegInf : x + y;  // as mix()
+    acc[j] += w * exp_nonpositive(std::min(0.0, m - off));
+  }
+}
+
+template <class T>
+FDIV_INLINE void add_term(double* acc, const T* a, const T* b, int64_t len, double w, double ca,
+                          double cb, double off) {
+  if (ca == 0 && cb == 0) add_term<true, true>(acc, a, b, len, w, ca, cb, off);
+  else if (ca == 0) add_term<true, false>(acc, a, b, len, w, ca, cb, off);
+  else if (cb == 0) add_term<false, true>(acc, a, b, len, w, ca, cb, off);
+  else add_term<false, false>(acc, a, b, len, w, ca, cb, off);
+}
+
 // g = sum_k w_k c_k softmax_k (c = ca for the student, cb for the teacher), then the chain rule
 // of x's transform. A term with no mass (log_sum = -inf) is left out rather than NaN.
 template <class T>
@@ -200,14 +226,8 @@ FDIV_INLINE void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, c
       const T* aj = a + j0;
       const T* bj = b + j0;
       std::fill(acc, acc + len, 0.0);
-      for (int k = 0; k < kTerms; ++k) {
-        if (w[k] == 0) continue;
-        const double wk = w[k], cak = ca[k], cbk = cb[k], ok = off[k];
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j)
-          acc[j] += wk * exp_nonpositive(
-                             std::min(0.0, mix(cak, double(aj[j]), cbk, double(bj[j])) - ok));
-      }
+      for (int k = 0; k < kTerms; ++k)
+        if (w[k] != 0) add_term(acc, aj, bj, len, w[k], ca[k], cb[k], off[k]);
       for (int64_t j = 0; j < len; ++j) g[j0 + j] = T(acc[j]);
     }
     chain_rule(g, x, n, tr);
