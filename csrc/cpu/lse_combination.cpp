@@ -115,7 +115,7 @@ LogitTransform<T> logit_transform(const Transform& tr) {
 
 // g[j] *= d(transformed)/d(raw) at j: scale (1 - (z / cap)^2) / T, z = a T from the row a.
 template <class T>
-void chain_rule(T* g, const T* a, int64_t n, const Transform& tr) {
+FDIV_INLINE void chain_rule(T* g, const T* a, int64_t n, const Transform& tr) {
   chain_block(g, a, n, logit_transform<T>(tr), T(tr.inv_t));
 }
 
@@ -174,11 +174,38 @@ FDIV_INLINE bool grad_term_live(const RowStats& r, int k, double wk) {
          r.shift[k] != std::numeric_limits<double>::infinity();
 }
 
+// acc[j] += w exp(mix(ca a_j, cb b_j) - off), the mix and its exp in double (<= 0: a term's
+// log-softmax). A zero coefficient drops its input at compile time (ZA, ZB): decided per element,
+// the condition kept GCC from vectorizing the loop at all.
+template <bool ZA, bool ZB, class T>
+FDIV_INLINE void add_term(double* __restrict acc, const T* __restrict a, const T* __restrict b,
+                          int64_t len, double w, double ca, double cb, double off) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    double x = 0, y = 0;
+    if constexpr (!ZA) x = ca * double(a[j]);
+    if constexpr (!ZB) y = cb * double(b[j]);
+    const double m = (x == kNegInf) | (y == kNegInf) ? kNegInf : x + y;  // as mix()
+    acc[j] += w * exp_nonpositive(std::min(0.0, m - off));
+  }
+}
+
+template <class T>
+FDIV_INLINE void add_term(double* acc, const T* a, const T* b, int64_t len, double w, double ca,
+                          double cb, double off) {
+  if (ca == 0 && cb == 0) add_term<true, true>(acc, a, b, len, w, ca, cb, off);
+  else if (ca == 0) add_term<true, false>(acc, a, b, len, w, ca, cb, off);
+  else if (cb == 0) add_term<false, true>(acc, a, b, len, w, ca, cb, off);
+  else add_term<false, false>(acc, a, b, len, w, ca, cb, off);
+}
+
 // g = sum_k w_k c_k softmax_k (c = ca for the student, cb for the teacher), then the chain rule
 // of x's transform. A term with no mass (log_sum = -inf) is left out rather than NaN.
 template <class T>
-void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStats& r,
-              const Coeffs& c, const std::array<double, kTerms>& cx, const Transform& tr) {
+FDIV_INLINE void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStats& r,
+                          const Coeffs& c, const std::array<double, kTerms>& cx,
+                          const Transform& tr) {
   std::fill(g, g + n, T(0));
   if (c.wide_grad()) {
     // Exponents, exps and the sum in double, rounded once. A dead term has w = 0 (skipped).
@@ -199,14 +226,8 @@ void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStat
       const T* aj = a + j0;
       const T* bj = b + j0;
       std::fill(acc, acc + len, 0.0);
-      for (int k = 0; k < kTerms; ++k) {
-        if (w[k] == 0) continue;
-        const double wk = w[k], cak = ca[k], cbk = cb[k], ok = off[k];
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j)
-          acc[j] += wk * exp_nonpositive(
-                             std::min(0.0, mix(cak, double(aj[j]), cbk, double(bj[j])) - ok));
-      }
+      for (int k = 0; k < kTerms; ++k)
+        if (w[k] != 0) add_term(acc, aj, bj, len, w[k], ca[k], cb[k], off[k]);
       for (int64_t j = 0; j < len; ++j) g[j0 + j] = T(acc[j]);
     }
     chain_rule(g, x, n, tr);
@@ -221,6 +242,29 @@ void row_grad(T* g, const T* x, const T* a, const T* b, int64_t n, const RowStat
       g[j] += w * vexp(((times(ca, a[j]) + times(cb, b[j])) - sh) - ls);
   }
   chain_rule(g, x, n, tr);
+}
+
+// Per-ISA clones of the gradient pass too: its exps (in double for wide_grad(), Renyi with alpha
+// > 1) are most of the op's time, and the baseline ISA runs them two doubles at a time.
+FDIV_CLONES void grad_float(float* g, const float* x, const float* a, const float* b, int64_t n,
+                            const RowStats& r, const Coeffs& c,
+                            const std::array<double, kTerms>& cx, const Transform& tr) {
+  row_grad(g, x, a, b, n, r, c, cx, tr);
+}
+void grad_double(double* g, const double* x, const double* a, const double* b, int64_t n,
+                 const RowStats& r, const Coeffs& c, const std::array<double, kTerms>& cx,
+                 const Transform& tr) {
+  row_grad(g, x, a, b, n, r, c, cx, tr);
+}
+FDIV_INLINE void grad(float* g, const float* x, const float* a, const float* b, int64_t n,
+                      const RowStats& r, const Coeffs& c, const std::array<double, kTerms>& cx,
+                      const Transform& tr) {
+  grad_float(g, x, a, b, n, r, c, cx, tr);
+}
+FDIV_INLINE void grad(double* g, const double* x, const double* a, const double* b, int64_t n,
+                      const RowStats& r, const Coeffs& c, const std::array<double, kTerms>& cx,
+                      const Transform& tr) {
+  grad_double(g, x, a, b, n, r, c, cx, tr);
 }
 
 template <class scalar_t, class T>
@@ -246,15 +290,15 @@ void run(const PairRows<scalar_t, T>& io, const Coeffs& c, const Transform& ts,
       const RowStats r = stats(a, b, n, c);
       io.loss[i] = T(r.loss);
       if constexpr (kWide) {
-        if (gsr) row_grad(gsr, a, a, b, n, r, c, c.ca, ts);
-        if (gtr) row_grad(gtr, b, a, b, n, r, c, c.cb, tt);
+        if (gsr) grad(gsr, a, a, b, n, r, c, c.ca, ts);
+        if (gtr) grad(gtr, b, a, b, n, r, c, c.cb, tt);
       } else {
         if (gsr) {
-          row_grad(g16, a, a, b, n, r, c, c.ca, ts);
+          grad(g16, a, a, b, n, r, c, c.ca, ts);
           narrow_block(gsr, g16, n);
         }
         if (gtr) {
-          row_grad(g16, b, a, b, n, r, c, c.cb, tt);
+          grad(g16, b, a, b, n, r, c, c.cb, tt);
           narrow_block(gtr, g16, n);
         }
       }
