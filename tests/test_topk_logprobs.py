@@ -143,6 +143,24 @@ def test_top_p_masks_what_the_store_rounds_to_zero(backend_cfg):
     assert wide.support_mask.all()
 
 
+def test_vocab_parallel_checks_k_as_the_op_does():
+    """vocab_parallel_topk_logprobs (one process, no group) takes what fk.topk_logprobs takes
+    for k (a numpy integer) and raises the same error types (a float: TypeError)."""
+    import numpy as np
+
+    import fdiv_kernels.distributed as fkd
+
+    x = logits((3, 50), seed=9)
+    ref = fk.topk_logprobs(x, 4)
+    out = fkd.vocab_parallel_topk_logprobs(x, np.int64(4))
+    assert torch.equal(out.ids, ref.ids)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=1e-6, atol=1e-6)
+    for bad, err in ((2.0, TypeError), (True, TypeError), (0, ValueError), (51, ValueError)):
+        for op in (fk.topk_logprobs, fkd.vocab_parallel_topk_logprobs):
+            with pytest.raises(err, match="k"):
+                op(x, bad)
+
+
 def test_float64_logits_compute_in_float64():
     x = logits((3, 50), torch.float64, seed=7)
     out = fk.topk_logprobs(x, 8, backend="cpu" if "cpu" in BACKENDS else "torch")

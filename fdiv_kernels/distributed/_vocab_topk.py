@@ -10,6 +10,8 @@ logit of 1e30 would leave no digit of log S (l = 1e30 + 0.69 is 1e30 in float64)
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -32,9 +34,13 @@ _NO_ID = float(1 << 52)
 
 
 def _check_k(k: object) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    return k
+    """k's type and sign, checked as fk.topk_logprobs checks them (k <= V once the shards' total
+    is known)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be a positive int, got {k}")
+    return int(k)
 
 
 def _order(vals: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
