@@ -51,6 +51,29 @@ def test_bench_json_and_png_paths(tmp_path):
     assert not (tmp_path / "run.json").exists()
 
 
+def test_bench_row_kinds_and_kind_parameters(tmp_path):
+    """--kinds takes the row kinds and name=value parameters; each row's eager peer computes the
+    same value as fk.divergence (checked here on the case's own inputs)."""
+    import torch
+
+    import fdiv_kernels as fk
+    from fdiv_kernels.bench.divergence import kind_params, torch_pipeline
+
+    kinds = "renyi=2,cauchy_schwarz,js=0.3"
+    assert bench.main(["--quick", "--ops", "divergence", "--kinds", kinds, "--backends", "cpu",
+                       "--peers", "eager", "--no-save", "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {f"divergence:{k}" for k in kinds.split(",")}
+    assert all(r["error"] is None for r in rows)
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 300, generator=g) * 2, torch.randn(4, 300, generator=g) * 2
+    for kind in kinds.split(","):
+        name, params = kind_params(kind)
+        torch.testing.assert_close(torch_pipeline(kind)(s, t),
+                                   fk.divergence(s, t, name, backend="torch", **params),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_case_cap_bounds_a_slow_provider():
     import time
 
@@ -93,7 +116,8 @@ def test_run_name_and_charts_from_a_saved_run(tmp_path):
 def test_bench_rejects_bad_arguments(capsys):
     import pytest
 
-    for argv in (["--kinds", "nope"], ["--shapes", "12"], ["--modes", "bwd"]):
+    for argv in (["--kinds", "nope"], ["--kinds", "kl=2"], ["--kinds", "renyi=x"],
+                 ["--shapes", "12"], ["--modes", "bwd"]):
         with pytest.raises(SystemExit):
             bench.main(argv)
 

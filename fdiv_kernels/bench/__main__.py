@@ -31,7 +31,7 @@ from fdiv_kernels.bench.softmax_stats import softmax_stats_cases
 from fdiv_kernels.bench.sparse_divergence import fused_linear_sparse_cases, sparse_divergence_cases
 from fdiv_kernels.bench.topk_logprobs import fused_linear_topk_cases, topk_logprobs_cases
 from fdiv_kernels.core._dispatch import BACKENDS
-from fdiv_kernels.kinds._registry import DIVERGENCES
+from fdiv_kernels.kinds._registry import DIVERGENCES, ROW_DIVERGENCES
 
 DEFAULT_SHAPES = {"cpu": [(64, 128256), (256, 32000)],
                   "cuda": [(8192, 32000), (8192, 128256), (8192, 262144)]}
@@ -76,13 +76,38 @@ def _list(choices):
     return parse
 
 
+def _kinds(text: str) -> list[str]:
+    """Comma-separated kinds, each ``name`` or ``name=value`` (the kind's parameter: renyi=2)."""
+    kinds = {**DIVERGENCES, **ROW_DIVERGENCES}
+    items = [x for x in text.split(",") if x]
+    for item in items:
+        name, eq, value = item.partition("=")
+        if name not in kinds:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of {sorted(kinds)} (each optionally =value, its "
+                f"parameter), got {text!r}")
+        if eq:
+            if kinds[name].param is None:
+                raise argparse.ArgumentTypeError(f"kind {name!r} takes no parameter, got {item!r}")
+            try:
+                float(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{name}'s {kinds[name].param} must be a number, got {item!r}") from None
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma list of kinds, got {text!r}")
+    return items
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fdiv_kernels.bench", description=__doc__)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--ops", type=_list(OPS), default=list(OPS),
                    help="op families, comma separated (default: all)")
-    p.add_argument("--kinds", type=_list(DIVERGENCES), default=["js", "kl"],
-                   help="divergence kinds, comma separated (default: js,kl)")
+    p.add_argument("--kinds", type=_kinds, default=["js", "kl"],
+                   help="divergence kinds, comma separated, each optionally =its parameter "
+                        "(renyi=2, js=0.3); the row kinds renyi and cauchy_schwarz included "
+                        "(default: js,kl)")
     p.add_argument("--shapes", type=_shape, nargs="+", default=None, help="NxV shapes")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--modes", type=_list({"fwd", "full"}), default=["full"],
