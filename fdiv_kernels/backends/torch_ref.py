@@ -13,12 +13,12 @@ from torch import Tensor
 
 from fdiv_kernels.transport import _ops_torch as _sinkhorn_torch  # noqa: F401  (fdiv::sinkhorn_*_torch)
 from fdiv_kernels.core._ops import SoftmaxOps, define, register
+from fdiv_kernels.core._rows import row_chunks
 from fdiv_kernels.core._transforms import transform_logits
 from fdiv_kernels.core._validation import loss_dtype
 from fdiv_kernels.kinds._registry import KernelSpec
 from fdiv_kernels.divergences._sparse_tails import (
     TAIL_BUCKET,
-    TAIL_NONE,
     TAIL_RENORMALIZE,
     check_teacher,
     prepare_teacher,
@@ -28,12 +28,6 @@ from fdiv_kernels.kinds._terms import element_terms
 
 # Rows per chunk: the chunk's (rows, V) temporaries are the only memory beyond the outputs.
 CHUNK_ELEMENTS = 1 << 22
-
-
-def _chunks(n: int, v: int):
-    rows = max(1, CHUNK_ELEMENTS // max(v, 1))
-    for lo in range(0, n, rows):
-        yield slice(lo, min(n, lo + rows))
 
 
 def _zero_where(keep: Tensor, x: Tensor) -> Tensor:
@@ -52,7 +46,7 @@ def divergence_fwd_torch(
     ent = student.new_empty(N, dtype=ctype)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
-    for rows in _chunks(N, V):
+    for rows in row_chunks(N, V, CHUNK_ELEMENTS):
         a, da = transform_logits(student[rows].to(ctype), student_scale, student_softcap)
         b, db = transform_logits(teacher[rows].to(ctype), teacher_scale, teacher_softcap)
         lq = torch.log_softmax(a * inv_temperature, dim=-1)
@@ -88,7 +82,7 @@ def divergence_partials_torch(
     spec = KernelSpec("", base, swap, param)
     N, V = student.shape
     sums = student.new_empty(N, 3, dtype=loss_dtype(student.dtype))
-    for rows in _chunks(N, V):
+    for rows in row_chunks(N, V, CHUNK_ELEMENTS):
         _, _, terms = _phase_terms(spec, student, teacher, lse_student, lse_teacher,
                                    inv_temperature, rows)
         sums[rows] = _zero_where(valid[rows], torch.stack([x.sum(-1) for x in terms], -1))
@@ -104,7 +98,7 @@ def divergence_grads_torch(
     N, V = student.shape
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
-    for rows in _chunks(N, V):
+    for rows in row_chunks(N, V, CHUNK_ELEMENTS):
         lp, lq, (_, h, k) = _phase_terms(spec, student, teacher, lse_student, lse_teacher,
                                          inv_temperature, rows)
         keep = valid[rows]
@@ -126,7 +120,7 @@ def softmax_stats_fwd_torch(
     lse = x.new_empty(N, dtype=ctype)
     ent = x.new_empty(N if entropy else 0, dtype=ctype)
     lp = x.new_empty(N if labels is not None else 0, dtype=ctype)
-    for rows in _chunks(N, V):
+    for rows in row_chunks(N, V, CHUNK_ELEMENTS):
         a = transform_logits(x[rows].to(ctype), scale, softcap)[0] * inv_temperature
         lse[rows] = torch.logsumexp(a, dim=-1)
         if entropy:
@@ -150,7 +144,7 @@ def softmax_stats_bwd_torch(
     ctype = loss_dtype(x.dtype)
     N, V = x.shape
     dx = torch.empty_like(x)
-    for rows in _chunks(N, V):
+    for rows in row_chunks(N, V, CHUNK_ELEMENTS):
         z, dz = transform_logits(x[rows].to(ctype), scale, softcap)
         a = z * inv_temperature
         la = a - lse[rows, None]
@@ -207,9 +201,8 @@ def sparse_divergence_fwd_torch(
     # Ignored rows are not read (as the kernels skip them): their ids may hold anything.
     support = support & valid[:, None]
     alpha = teacher_alpha if teacher_alpha > 0 else None
-    renormalized = tail == TAIL_RENORMALIZE or (tail == TAIL_NONE and alpha is not None)
     check_teacher(ids, teacher, support, V, tail, mass_slack, keep=valid,
-                  renormalized=renormalized)
+                  retempered=alpha is not None)
     # The teacher side in float64 (1 - sum p stays exact when S holds nearly all the mass).
     raw = teacher.to(torch.float64)
     lp_k, lp_tail = prepare_teacher(raw, support, tail, alpha, V)
@@ -218,7 +211,7 @@ def sparse_divergence_fwd_torch(
     gt = student.new_zeros(N, K, dtype=ctype) if grad_teacher else student.new_empty(0)
     stats = student.new_zeros(N, 2, dtype=ctype)
     neg_inf = float("-inf")
-    for rows in _chunks(N, V):
+    for rows in row_chunks(N, V, CHUNK_ELEMENTS):
         f, df = transform_logits(student[rows].to(ctype), logit_scale, softcap)
         a = f * inv_temperature
         sup = support[rows]
@@ -330,7 +323,7 @@ def lse_combination_fwd_torch(
     loss = student.new_empty(N, dtype=ctype)
     gs = torch.empty_like(student) if grad_student else student.new_empty(0)
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0)
-    for rows in _chunks(N, V):
+    for rows in row_chunks(N, V, CHUNK_ELEMENTS):
         a, da = _scaled_logits(student[rows].to(wide), student_scale, student_softcap,
                                inv_temperature)
         b, db = _scaled_logits(teacher[rows].to(wide), teacher_scale, teacher_softcap,
@@ -386,7 +379,7 @@ def topk_logprobs_fwd_torch(
     values = x.new_empty(N, k, dtype=ctype)
     stats = x.new_empty(N, 2, dtype=ctype)
     neg_inf = float("-inf")
-    for rows in _chunks(N, V):
+    for rows in row_chunks(N, V, CHUNK_ELEMENTS):
         a = transform_logits(x[rows].to(ctype), scale, softcap)[0] * inv_temperature
         key = torch.where(torch.isnan(a), neg_inf, a)
         # A stable sort keeps equal values in id order: the lower id first, on every device.

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fdiv_kernels.core._rows import row_chunks
+
 
 # Elements per chunk of the CPU mixed-dtype row scale. torch's CPU mul_ of a 16-bit tensor by a
 # float32 one materializes float32 copies of its operands (two (N, V) fp32 temporaries: 19 MiB
@@ -29,9 +31,8 @@ def scale_rows_(grad: Tensor, row_scale: Tensor) -> None:
     if grad.device.type != "cpu" or grad.dtype == row_scale.dtype or grad.dim() != 2:
         grad.mul_(scale)
         return
-    rows = max(1, SCALE_CHUNK_ELEMENTS // max(grad.shape[1], 1))
-    for lo in range(0, grad.shape[0], rows):
-        grad[lo:lo + rows].mul_(scale[lo:lo + rows])
+    for r in row_chunks(*grad.shape, SCALE_CHUNK_ELEMENTS):
+        grad[r].mul_(scale[r])
 
 
 @scale_rows_.register_fake

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from fdiv_kernels.core import _validation as V
 from fdiv_kernels.core._ops import SoftmaxOps, select_ops
+from fdiv_kernels.core._rows import row_chunks
 from fdiv_kernels.core._transforms import check_logit_transform, transform_logits
 from fdiv_kernels.divergences._sparse import (
     check_sparse_teacher,
@@ -41,19 +42,13 @@ from fdiv_kernels.divergences._sparse import (
     sparse_divergence,
     teacher_alpha,
 )
-from fdiv_kernels.divergences._sparse_tails import TAIL_NONE, TAIL_RENORMALIZE, check_teacher
+from fdiv_kernels.divergences._sparse_tails import TAIL_RENORMALIZE, check_teacher
 from fdiv_kernels.distributed import _comm, _shards
 from fdiv_kernels.kinds._registry import KernelSpec, resolve
 
 NO_TRANSFORM = (1.0, 0.0)
 # Rows per step of the unfused op: its (rows, V_r) fp32 temporaries stay near this many elements.
 CHUNK_ELEMENTS = 1 << 22
-
-
-def row_chunks(n: int, width: int):
-    rows = max(1, CHUNK_ELEMENTS // max(width, 1))
-    for lo in range(0, n, rows):
-        yield slice(lo, min(n, lo + rows))
 
 
 def no_dtensor(name: str, x: object) -> None:
@@ -218,10 +213,8 @@ def check_global(ids: Tensor, lp: Tensor, mask: Tensor, keep: Tensor, vocab: int
         raise ValueError(f"teacher_ids has K={ids.shape[1]} ids per row, more than the "
                          f"vocabulary V={vocab}")
     support = mask if mask.numel() else torch.ones_like(ids, dtype=torch.bool)
-    renormalized = cfg["tail"] == TAIL_RENORMALIZE or (cfg["tail"] == TAIL_NONE
-                                                       and cfg["alpha"] > 0)
     check_teacher(ids, lp, support, vocab, cfg["tail"], cfg["slack"], keep=keep,
-                  renormalized=renormalized)
+                  retempered=cfg["alpha"] > 0)
 
 
 class VocabParallelSparseDivergenceFunction(torch.autograd.Function):
@@ -237,7 +230,7 @@ class VocabParallelSparseDivergenceFunction(torch.autograd.Function):
         sup = Support(ids, mask, layout[0], z.shape[1])
         pieces = torch.cat([local_pieces(z[r], sup.rows(r), cfg["transform"], cfg["inv_t"],
                                          cfg["tail"])
-                            for r in row_chunks(z.shape[0], z.shape[1])], 1)
+                            for r in row_chunks(*z.shape, CHUNK_ELEMENTS)], 1)
         c, l_off, vocab = exchange(pieces, sup_mask(mask, ids), group, world, layout)
         if vocab is not None:
             check_global(ids, lp, mask, keep, vocab, cfg)
@@ -260,7 +253,7 @@ class VocabParallelSparseDivergenceFunction(torch.autograd.Function):
             dc = dc * g[:, None].to(dc.dtype)
             keep = keep_mask(keep, z)
             d_z = torch.empty_like(z)
-            for r in row_chunks(z.shape[0], z.shape[1]):
+            for r in row_chunks(*z.shape, CHUNK_ELEMENTS):
                 d_z[r] = local_grad(z[r], sup.rows(r), dc[r], l_off[r], keep[r],
                                     ctx.cfg["transform"], ctx.cfg["inv_t"],
                                     off_support=ctx.cfg["tail"] != TAIL_RENORMALIZE)

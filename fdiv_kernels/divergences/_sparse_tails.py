@@ -46,14 +46,14 @@ def _masked_lse(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def check_teacher(ids: Tensor, lp: Tensor, support: Tensor, vocab: int, tail: int,
-                  mass_slack: float, *, renormalized: bool = False,
+                  mass_slack: float, *, retempered: bool = False,
                   keep: Tensor | None = None) -> None:
     """The value checks every backend's forward makes (the kernels per row, without a host
     sync on the CPU): ids in [0, V) and distinct on the support; under "bucket" a teacher
     mass on S of at most 1 + ``mass_slack`` (and at least 1 - ``mass_slack`` where S covers all
-    V ids: no outcome is left for the tail); when the teacher is ``renormalized`` over S
-    ("renormalize", or "none" re-tempered), some mass on a non-empty S (renormalizing all -inf
-    log-probs is 0 / 0). Rows not in ``keep`` (ignored rows, (N,) bool) are not read.
+    V ids: no outcome is left for the tail); when the teacher is renormalized over S
+    ("renormalize", or "none" when ``retempered``, as prepare_teacher does), some mass on a
+    non-empty S (renormalizing all -inf log-probs is 0 / 0). Rows not in ``keep`` (ignored rows, (N,) bool) are not read.
     ValueError naming the argument."""
     if ids.numel() == 0:
         return
@@ -80,7 +80,7 @@ def check_teacher(ids: Tensor, lp: Tensor, support: Tensor, vocab: int, tail: in
                 f"at most 1 (+{mass_slack} rounding), and 1 (-+{mass_slack}) where the support "
                 f"covers all {vocab} ids, got {float(mass[over][0].exp()):.6g}"
             )
-    if renormalized:
+    if tail == TAIL_RENORMALIZE or (tail == TAIL_NONE and retempered):
         none = support.any(-1) & (_masked_lse(lp.to(torch.float64), support) == float("-inf"))
         if bool(none.any()):
             raise ValueError(

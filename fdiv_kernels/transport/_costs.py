@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fdiv_kernels.core._ids import COSINE, DOT, EUCLIDEAN, L1, SQEUCLIDEAN
+from fdiv_kernels.core._rows import row_chunks
 
 # The cost kinds, ids shared with the C++ and Triton kernels (fdiv_kernels/_ids.py).
 COST_KINDS = {"sqeuclidean": SQEUCLIDEAN, "euclidean": EUCLIDEAN, "l1": L1, "dot": DOT,
@@ -42,12 +43,6 @@ def pairwise_cost(x: Tensor, y: Tensor, kind: int) -> Tensor:
     raise ValueError(f"unknown cost kind {kind}")
 
 
-def row_chunks(n: int, per_row: int):
-    rows = max(1, CHUNK_ELEMENTS // max(per_row, 1))
-    for lo in range(0, n, rows):
-        yield slice(lo, min(n, lo + rows))
-
-
 def cost_rows(x: Optional[Tensor], y: Optional[Tensor], cost: Optional[Tensor], rows: slice,
               kind: int, ctype: torch.dtype, transpose: bool = False) -> Tensor:
     """Rows ``rows`` of the (B, n, m) cost (of its transpose when ``transpose``), in ``ctype``."""
@@ -71,6 +66,6 @@ def max_finite_cost(x: Optional[Tensor], y: Optional[Tensor], cost: Optional[Ten
             return finite_max(cost.to(ctype))
         B, n = x.shape[:2]
         out = torch.zeros(B, dtype=ctype, device=x.device)
-        for rows in row_chunks(n, B * y.shape[1]):
+        for rows in row_chunks(n, B * y.shape[1], CHUNK_ELEMENTS):
             out = torch.maximum(out, finite_max(cost_rows(x, y, None, rows, kind, ctype)))
         return out

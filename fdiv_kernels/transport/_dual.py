@@ -10,7 +10,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from fdiv_kernels.transport._costs import cost_rows, pairwise_cost, row_chunks
+from fdiv_kernels.core._rows import row_chunks
+from fdiv_kernels.transport._costs import CHUNK_ELEMENTS, cost_rows, pairwise_cost
 
 
 def phi(f: Tensor, rho: float) -> Tensor:
@@ -35,7 +36,7 @@ def plan_totals(x, y, cost, a, b, f, g, eps, kind) -> tuple[Tensor, Tensor]:
     B, n = f.shape
     total = f.new_zeros(B)
     lin = f.new_zeros(B)
-    for rows in row_chunks(n, B * g.shape[1]):
+    for rows in row_chunks(n, B * g.shape[1], CHUNK_ELEMENTS):
         p, c = plan_rows(x, y, cost, a, b, f, g, rows, eps, kind, ctype)
         total += p.sum((1, 2))
         lin += (p * c).sum((1, 2))
@@ -53,7 +54,7 @@ def plan_apply(x, y, cost, a, b, f, g, eps, kind, vf, vg):
     B, n = f.shape
     pv, ptv = torch.zeros_like(f), torch.zeros_like(g)
     r1, c1 = torch.zeros_like(f), torch.zeros_like(g)
-    for rows in row_chunks(n, B * g.shape[1]):
+    for rows in row_chunks(n, B * g.shape[1], CHUNK_ELEMENTS):
         p, _ = plan_rows(x, y, cost, a, b, f, g, rows, eps, kind, ctype)
         pv[:, rows] = torch.bmm(p, vg[:, :, None])[..., 0]
         ptv += torch.bmm(vf[:, None, rows], p)[:, 0]
@@ -173,7 +174,7 @@ def dual_grads(x, y, cost, a, b, f, g, eps, kind, rho_a, rho_b, g_value, lam_f, 
                               + (lam_g * bb * dphi(g, rho_b)).sum())
         acc(separable, sep_idx)
     B, n = f.shape
-    for rows in row_chunks(n, B * g.shape[1]):
+    for rows in row_chunks(n, B * g.shape[1], CHUNK_ELEMENTS):
         def plan_term(xx, yy, cc, aa, bb, rows=rows):
             xr = xx[:, rows] if xx is not None else None
             cr = cc[:, rows] if cc is not None else None

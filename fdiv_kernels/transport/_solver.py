@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from fdiv_kernels.transport._costs import cost_rows, row_chunks
+from fdiv_kernels.core._rows import row_chunks
+from fdiv_kernels.transport._costs import CHUNK_ELEMENTS, cost_rows
 
 # Iterations between marginal-error checks where each check costs a host sync (the per-update
 # loop); whole-solve kernels check every iteration, the row LSE being at hand.
@@ -55,7 +56,7 @@ def lse_torch(x: Optional[Tensor], y: Optional[Tensor], cost: Optional[Tensor], 
     B, m = h.shape
     n = (cost.shape[2] if transpose else cost.shape[1]) if cost is not None else x.shape[1]
     out = h.new_empty(B, n)
-    for rows in row_chunks(n, B * m):
+    for rows in row_chunks(n, B * m, CHUNK_ELEMENTS):
         c = cost_rows(x, y, cost, rows, kind, h.dtype, transpose)
         out[:, rows] = torch.logsumexp(h[:, None, :] - c * eps_inv[:, None, None], dim=-1)
     return out
